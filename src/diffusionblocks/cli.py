@@ -1,0 +1,202 @@
+"""The `diffusionblocks` command: train, sample."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import ConfigError, RunConfig, apply_overrides, load_config
+
+logger = logging.getLogger("diffusionblocks")
+
+# Fields that may change when a run is resumed: how long and how it trains, how it samples; not what it is.
+RESUMABLE_SECTIONS = ("train.steps_per_block", "train.log_every", "train.checkpoint_every", "sample.")
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device name (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def _check_data_matches(cfg: RunConfig, data) -> None:
+    m = cfg.model
+    C, H = data.train.num_channels, data.train.image_size
+    if (C, H) != (m.in_channels, m.image_size):
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r} has {C}-channel {H}x{H} images but the model expects "
+                          f"model.in_channels={m.in_channels}, model.image_size={m.image_size}")
+    if m.num_classes not in (0, data.train.num_classes):
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r} has {data.train.num_classes} classes "
+                          f"but model.num_classes={m.num_classes}")
+
+
+def _resolve_train_config(args: argparse.Namespace) -> RunConfig:
+    if args.resume is not None:
+        if args.config is not None:
+            raise ConfigError("--resume continues a run with its own config.json; do not pass --config too")
+        cfg = checkpoint.read_config(args.resume)
+        bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(RESUMABLE_SECTIONS)]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} would change what the resumed run is; only "
+                              f"{', '.join(RESUMABLE_SECTIONS)} may change on --resume")
+        return apply_overrides(cfg, args.overrides)
+    cfg = load_config(args.config) if args.config is not None else RunConfig()
+    return apply_overrides(cfg, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .data import load_image_data
+    from .generate import class_labels_evenly, generate
+    from .plotting import plot_losses, save_image_grid
+    from .train import train
+
+    t_start = time.perf_counter()
+    # Everything that can be wrong is checked before any training time is spent.
+    cfg = _resolve_train_config(args)
+    device = _device(args.device)
+    data = load_image_data(cfg.data)
+    _check_data_matches(cfg, data)
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        for b in range(cfg.blocks.num_blocks):
+            checkpoint.block_step(run_dir, b)  # raises on a corrupt weights file
+            from .train import init_block_state
+            init_block_state(cfg, b, torch.device("cpu"), run_dir)  # raises on a corrupt or mismatched state
+    elif args.out is not None:
+        run_dir = Path(args.out)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"run directory {str(run_dir)!r} already exists and is not empty; "
+                              f"use --resume {run_dir} to continue it, or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = checkpoint.new_run_dir(args.runs_root, f"{cfg.name}-B{cfg.blocks.num_blocks}")
+    checkpoint.save_config(run_dir, cfg)
+    logger.info("run directory: %s", run_dir)
+    logger.info("%s: %d train / %d held-out images; B=%d blocks of %s layers, %s schedule, %d steps per block, "
+                "device %s", cfg.data.dataset, len(data.train), len(data.test), cfg.blocks.num_blocks,
+                list(cfg.layer_split()), cfg.train.schedule, cfg.train.steps_per_block, device)
+
+    states = train(cfg, data.train, run_dir, device=device, progress=not args.no_progress)
+
+    summary = {"blocks": [{"block": b, "steps": s.step, "train_time_s": s.train_time_s,
+                           "steps_per_s": s.step / s.train_time_s if s.train_time_s > 0 else None}
+                          for b, s in sorted(states.items())]}
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", cfg.blocks.num_blocks,
+                title=f"{cfg.name}, B={cfg.blocks.num_blocks}")
+    model, _ = checkpoint.from_pretrained(run_dir, device)
+    m, s = cfg.model, cfg.sample
+    k = max(m.num_classes, 1)
+    labels = class_labels_evenly(k * s.samples_per_class, k)
+    images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
+                      num_classes=m.num_classes, steps=s.steps, sampler=s.sampler, guidance=s.guidance,
+                      grid=s.grid, rho=s.rho, seed=cfg.train.seed, device=device)
+    save_image_grid(images, run_dir / "samples.png", nrow=s.samples_per_class)
+    summary["wall_time_s"] = time.perf_counter() - t_start
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for row in summary["blocks"]:
+        logger.info("block %d: %d steps in %.1f s (%.1f steps/s)", row["block"], row["steps"], row["train_time_s"],
+                    row["steps_per_s"] or 0.0)
+    logger.info("wrote %s (samples.png: one row per class, loss.png, metrics.jsonl) in %.1f s",
+                run_dir, summary["wall_time_s"])
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .generate import class_labels_evenly, generate
+    from .plotting import save_image_grid
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".npz"):
+        raise ConfigError(f"--out {args.out!r} must end in .png or .npz")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"--out {args.out!r} already exists; pass --overwrite to replace it")
+    if args.num < 1:
+        raise ConfigError(f"--num must be at least 1, got {args.num}")
+    device = _device(args.device)
+    model, cfg = checkpoint.from_pretrained(args.run, device)
+    m, s = cfg.model, cfg.sample
+    steps = s.steps if args.steps is None else args.steps
+    if steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {steps}")
+    if args.class_ is not None:
+        if m.num_classes == 0:
+            raise ConfigError("--class given but the model is unconditional (model.num_classes=0)")
+        if not 0 <= args.class_ < m.num_classes:
+            raise ConfigError(f"--class {args.class_} is out of range: the model has classes 0..{m.num_classes - 1}")
+        labels = torch.full((args.num,), args.class_, dtype=torch.long)
+    else:
+        labels = class_labels_evenly(args.num, max(m.num_classes, 1))
+    images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
+                      num_classes=m.num_classes, steps=steps, sampler=args.sampler or s.sampler,
+                      guidance=s.guidance if args.guidance is None else args.guidance, grid=args.grid or s.grid,
+                      rho=s.rho, seed=args.seed, device=device, progress=not args.no_progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".npz":
+        np.savez(out, images=images.numpy().astype(np.float32), labels=labels.numpy().astype(np.int64))
+    else:
+        nrow = args.num // max(m.num_classes, 1) if args.class_ is None and args.num % max(m.num_classes, 1) == 0 \
+            else min(args.num, 10)
+        save_image_grid(images, out, nrow=max(nrow, 1))
+    logger.info("wrote %d samples to %s", args.num, out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusionblocks", description="DiffusionBlocks: train a network block by "
+                                     "block as chained diffusion denoisers, and sample from it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (no arguments: class-conditional DiT on the 8x8 digits, B=3)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="override single config fields, e.g. blocks.num_blocks=2 train.lr=3e-4")
+    p.add_argument("--config", help="JSON config file (see presets/); missing fields take the defaults")
+    p.add_argument("--out", help="run directory to create (must not exist or be empty)")
+    p.add_argument("--runs-root", default="runs", help="where a new numbered run directory goes when --out is not given")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample images from a trained run",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--num", type=int, default=100, help="number of samples")
+    p.add_argument("--class", dest="class_", type=int, help="class of every sample (default: classes covered evenly)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the run's sample.steps)")
+    p.add_argument("--sampler", choices=["euler", "heun", "dpmpp_2m"], help="default: the run's sample.sampler")
+    p.add_argument("--grid", choices=["quantile", "karras"], help="sigma grid (default: the run's sample.grid)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses the noise of seed (seed, i)")
+    p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
+    p.add_argument("--out", required=True, help="output: .png grid, or .npz with images (N,C,H,W in [-1,1]) and labels")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as e:
+        print(f"diffusionblocks {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with `diffusionblocks train --resume RUN`", file=sys.stderr)
+        return 130
+    return 0

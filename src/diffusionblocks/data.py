@@ -1,0 +1,530 @@
+"""Image datasets and deterministic batch sampling.
+
+Three datasets are supported, all returned as float32 tensors N x C x H x W scaled to [-1, 1]
+with int64 labels:
+
+* ``digits``: scikit-learn's embedded 8x8 digits (1,797 images, no files needed).
+* ``mnist``: the standard IDX files (plain or ``.gz``) in ``data.root``.
+* ``cifar10``: the CIFAR-10 "python version" batches in ``data.root``.
+
+Every train/test split is made by a fixed permutation, so it is the same on every machine and run.
+Randomness during training comes only from :func:`derive_seed`, a pure function of
+(seed, stream, step, purpose...), so a resumed or parallel run draws exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+_SPLIT_SEED = 0                   # Seed of the fixed permutations that split a file set into train/test.
+_DIGITS_TEST = 297                # Default held-out digits images (1,500 remain for training).
+_TEST_SPLIT_HOLDOUT = 2000        # Default held-out images when training on a test file set (split="test").
+_DOWNLOAD_TIMEOUT_S = 60.0
+
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+_MNIST_FILES = {  # name -> md5 of the standard .gz file (checked on download only)
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+_IDX_IMAGES_MAGIC = 0x00000803    # unsigned byte, 3 dimensions
+_IDX_LABELS_MAGIC = 0x00000801    # unsigned byte, 1 dimension
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+_CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+_CIFAR10_DIR = "cifar-10-batches-py"
+_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR10_TEST = "test_batch"
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds
+
+
+def derive_seed(*parts: int | str) -> int:
+    """Returns a well-mixed seed in [0, 2**63) that depends only on `parts` (ints and strings).
+
+    The same parts give the same seed on every machine, process and Python version (strings are
+    encoded by their UTF-8 bytes, never by the salted ``hash()``); different parts give unrelated
+    seeds. Each part is encoded with a type tag and its length before hashing with
+    ``numpy.random.SeedSequence``, so e.g. ``(1, 23)``, ``(12, 3)``, ``(123,)`` and ``("1",)`` all differ.
+    Use one string part to name the purpose, e.g. ``derive_seed(seed, block, step, "noise")``.
+    """
+    words: list[int] = [len(parts)]
+    for part in parts:
+        if isinstance(part, str):
+            tag, payload = 2, part.encode("utf-8")
+        elif isinstance(part, (int, np.integer)) and not isinstance(part, bool):
+            value = int(part)
+            tag = 0 if value >= 0 else 1
+            payload = abs(value).to_bytes((abs(value).bit_length() + 7) // 8, "little")
+        else:
+            raise TypeError(f"derive_seed parts must be int or str, got {type(part).__name__}: {part!r}")
+        padded = payload + b"\0" * (-len(payload) % 4)
+        words += [tag, len(payload)] + np.frombuffer(padded, dtype="<u4").tolist()
+    state = np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)
+    return int(state[0]) >> 1
+
+
+def make_generator(*parts: int | str, device: str | torch.device = "cpu") -> torch.Generator:
+    """Returns a torch.Generator on `device` seeded with ``derive_seed(*parts)``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derive_seed(*parts))
+    return gen
+
+
+# ----------------------------------------------------------------------------------------------
+# Containers
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Images (float32, N x C x H x W in [-1, 1]) with their int64 labels in [0, num_classes)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        """Checks shapes and dtypes."""
+        if self.images.ndim != 4 or self.images.dtype != torch.float32:
+            raise ValueError(f"{self.name}: images must be float32 N x C x H x W, "
+                             f"got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.ndim != 1 or self.labels.dtype != torch.int64:
+            raise ValueError(f"{self.name}: labels must be int64 of shape (N,), "
+                             f"got {self.labels.dtype} {tuple(self.labels.shape)}")
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+
+    @property
+    def num_channels(self) -> int:
+        """Channels per image."""
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        """Height = width of the (square) images."""
+        h, w = self.images.shape[-2:]
+        if h != w:
+            raise ValueError(f"{self.name}: images are {h}x{w}, not square")
+        return int(h)
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return int(self.images.shape[0])
+
+
+@dataclass(frozen=True)
+class ImageSplits:
+    """A training set and a held-out test set of the same dataset."""
+
+    train: ImageData
+    test: ImageData
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_image_data(cfg: DataConfig) -> ImageSplits:
+    """Loads the dataset `cfg` names and splits it into train and test; raises ConfigError on bad input.
+
+    split="train" trains on the dataset's training files and tests on its test files (for mnist and
+    cifar10 ``holdout`` is then ignored); split="test" uses only the test files, split by a fixed
+    permutation into N - holdout training and holdout test images (holdout 0 means 2,000).
+    digits has a single set of 1,797 images, split likewise (holdout 0 means 297).
+    """
+    if cfg.split not in ("train", "test"):
+        raise ConfigError(f"data.split={cfg.split!r} is not one of 'train', 'test'")
+    if cfg.holdout < 0:
+        raise ConfigError(f"data.holdout must be non-negative, got {cfg.holdout}")
+    if cfg.hflip and cfg.dataset in ("digits", "mnist"):
+        log.warning("data.hflip=true on %s: horizontal flips change the meaning of digits", cfg.dataset)
+    if cfg.dataset == "digits":
+        splits = _load_digits(cfg)
+    elif cfg.dataset == "mnist":
+        splits = _load_mnist(cfg)
+    elif cfg.dataset == "cifar10":
+        splits = _load_cifar10(cfg)
+    else:
+        raise ConfigError(f"data.dataset={cfg.dataset!r} is not one of 'digits', 'mnist', 'cifar10'")
+    log.info("loaded %s: %d train, %d test images of %dx%dx%d", cfg.dataset, len(splits.train),
+             len(splits.test), splits.train.num_channels, splits.train.image_size, splits.train.image_size)
+    return splits
+
+
+def _split_fixed(images: torch.Tensor, labels: torch.Tensor, holdout: int, num_classes: int,
+                 dataset: str) -> ImageSplits:
+    """Splits one image set into train (N - holdout) and test (holdout) by a fixed permutation."""
+    n = len(images)
+    if not 0 < holdout < n:
+        raise ConfigError(f"data.holdout={holdout} must be between 1 and {n - 1} for {dataset} ({n} images)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED))
+    train_idx, _ = perm[: n - holdout].sort()
+    test_idx, _ = perm[n - holdout:].sort()
+    return ImageSplits(
+        train=ImageData(images[train_idx], labels[train_idx], num_classes, f"{dataset}-train"),
+        test=ImageData(images[test_idx], labels[test_idx], num_classes, f"{dataset}-test"))
+
+
+def _load_digits(cfg: DataConfig) -> ImageSplits:
+    """scikit-learn's 8x8 digits (values 0..16), split 1,500 / 297 by default."""
+    if cfg.split != "train":
+        raise ConfigError(f"data.split={cfg.split!r} is not available for data.dataset='digits': it has one "
+                          "split; use data.split='train' (data.holdout sets the test size)")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(np.asarray(digits.images, dtype=np.float32)).unsqueeze(1) / 8.0 - 1.0
+    labels = torch.from_numpy(np.asarray(digits.target, dtype=np.int64))
+    return _split_fixed(images, labels, cfg.holdout or _DIGITS_TEST, 10, "digits")
+
+
+def _root(cfg: DataConfig) -> Path:
+    """The dataset directory; created when downloading, else it must exist."""
+    if cfg.root is None:
+        raise ConfigError(f"data.root is required for data.dataset={cfg.dataset!r}")
+    root = Path(cfg.root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"data.root '{root}' is not a directory")
+    if not root.exists():
+        if not cfg.download:
+            raise ConfigError(f"data.root '{root}' does not exist "
+                              "(data.download=true creates it and fetches the files)")
+        root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _uint8_to_unit(x: np.ndarray) -> torch.Tensor:
+    """Maps uint8 pixels 0..255 to float32 in [-1, 1]."""
+    return torch.from_numpy(x).to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, what: str) -> None:
+    """Raises ConfigError if a label is outside [0, num_classes)."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ConfigError(f"{what} has labels outside 0..{num_classes - 1} "
+                          f"(min {labels.min()}, max {labels.max()}); the file is corrupt")
+
+
+# --- MNIST ------------------------------------------------------------------------------------
+
+
+def _read_idx(path: Path, magic: int, gzipped: bool | None = None, shown: str | None = None) -> np.ndarray:
+    """Parses an IDX file of unsigned bytes with the given magic; gzipped defaults to a .gz name."""
+    shown = shown or str(path)
+    if gzipped is None:
+        gzipped = path.name.endswith(".gz")
+    try:
+        if gzipped:
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ConfigError(f"cannot read MNIST file '{shown}': {e} (corrupt or truncated?)") from None
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ConfigError(f"MNIST file '{shown}' is truncated: {len(raw)} bytes, shorter than its header")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise ConfigError(f"MNIST file '{shown}' has magic number 0x{found:08x}, expected 0x{magic:08x} "
+                          "(not an IDX file of this kind)")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(dims, dtype=np.int64))
+    if len(raw) - header != expected:
+        kind = "truncated" if len(raw) - header < expected else "longer than its header says"
+        raise ConfigError(f"MNIST file '{shown}' is {kind}: header dims {dims} need {expected} data bytes, "
+                          f"found {len(raw) - header}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def _mnist_path(root: Path, name: str) -> Path | None:
+    """The existing file for IDX `name` in root, plain preferred over .gz; None if neither exists."""
+    for candidate in (root / name, root / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download(urls: list[str], dest: Path, md5: str | None,
+              verify: Callable[[Path], object] | None = None) -> None:
+    """Downloads the first working URL to `dest` atomically (temp file in the same directory, then rename).
+
+    The temp file must match `md5` (if given) and pass `verify` (if given) before it is renamed.
+    """
+    errors = []
+    for url in urls:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        tmp = Path(tmp_name)
+        try:
+            log.info("downloading %s", url)
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp:
+                shutil.copyfileobj(resp, out)
+            if md5 is not None:
+                digest = hashlib.md5(tmp.read_bytes()).hexdigest()
+                if digest != md5:
+                    raise OSError(f"md5 {digest} does not match the expected {md5}")
+            if verify is not None:
+                verify(tmp)
+            os.replace(tmp, dest)
+            return
+        except (OSError, ValueError) as e:  # urllib.error.URLError is an OSError
+            errors.append(f"{url}: {e}")
+            tmp.unlink(missing_ok=True)
+    raise ConfigError(f"could not download '{dest.name}': " + "; ".join(errors))
+
+
+def _mnist_files(root: Path, names: list[str], download: bool) -> dict[str, Path]:
+    """Finds (or downloads) the IDX files `names` in root."""
+    found = {name: _mnist_path(root, name) for name in names}
+    missing = [name for name, path in found.items() if path is None]
+    if missing and not download:
+        raise ConfigError(f"MNIST file(s) missing from data.root '{root}': "
+                          + ", ".join(f"{n} (or {n}.gz)" for n in missing)
+                          + "; data.download=true fetches them")
+    for name in missing:
+        dest = root / f"{name}.gz"
+        magic = _IDX_IMAGES_MAGIC if "-images-" in name else _IDX_LABELS_MAGIC
+        _download([m + f"{name}.gz" for m in MNIST_MIRRORS], dest, _MNIST_FILES[name],
+                  verify=lambda tmp, magic=magic, dest=dest: _read_idx(tmp, magic, gzipped=True, shown=str(dest)))
+        found[name] = dest
+    return {name: path for name, path in found.items() if path is not None}
+
+
+def _mnist_pair(files: dict[str, Path], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reads `{prefix}-images-idx3-ubyte` and its labels; checks they match."""
+    img_path, lab_path = files[f"{prefix}-images-idx3-ubyte"], files[f"{prefix}-labels-idx1-ubyte"]
+    images = _read_idx(img_path, _IDX_IMAGES_MAGIC)
+    labels = _read_idx(lab_path, _IDX_LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise ConfigError(f"MNIST files '{img_path}' and '{lab_path}' do not match: "
+                          f"{len(images)} images but {len(labels)} labels")
+    if images.shape[1] != images.shape[2] or len(images) == 0:
+        raise ConfigError(f"MNIST file '{img_path}' holds {images.shape[0]} images of "
+                          f"{images.shape[1]}x{images.shape[2]}; expected square images")
+    _check_labels(labels, 10, f"MNIST file '{lab_path}'")
+    return _uint8_to_unit(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def _load_mnist(cfg: DataConfig) -> ImageSplits:
+    """MNIST from IDX files: train files / t10k files, or the t10k files split (split='test')."""
+    root = _root(cfg)
+    prefixes = ["train", "t10k"] if cfg.split == "train" else ["t10k"]
+    names = [f"{p}-{k}" for p in prefixes for k in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    files = _mnist_files(root, names, cfg.download)
+    if cfg.split == "test":
+        images, labels = _mnist_pair(files, "t10k")
+        return _split_fixed(images, labels, cfg.holdout or _TEST_SPLIT_HOLDOUT, 10, "mnist")
+    if cfg.holdout:
+        log.warning("data.holdout=%d is ignored with data.split='train': the t10k files are the test set",
+                    cfg.holdout)
+    train = _mnist_pair(files, "train")
+    test = _mnist_pair(files, "t10k")
+    if train[0].shape[1:] != test[0].shape[1:]:
+        raise ConfigError(f"MNIST train images are {tuple(train[0].shape[2:])} but t10k images are "
+                          f"{tuple(test[0].shape[2:])}")
+    return ImageSplits(train=ImageData(*train, 10, "mnist-train"), test=ImageData(*test, 10, "mnist-test"))
+
+
+# --- CIFAR-10 ---------------------------------------------------------------------------------
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays, never arbitrary callables."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        """Resolves only the allowed numpy reconstructors (numpy.core is mapped to numpy._core)."""
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"forbidden object {module}.{name} in the pickle")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):
+            module = "numpy._core" + module[len("numpy.core"):]
+        return getattr(importlib.import_module(module), name)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Reads one CIFAR-10 python batch: uint8 N x 3 x 32 x 32 images and int64 labels."""
+    try:
+        with open(path, "rb") as f:
+            d = _SafeUnpickler(f, encoding="bytes").load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
+            ImportError, IndexError, KeyError) as e:
+        raise ConfigError(f"cannot read CIFAR-10 file '{path}': {e} (corrupt or truncated?)") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"CIFAR-10 file '{path}' does not hold a dict (not a CIFAR-10 python batch)")
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    if "data" not in d or "labels" not in d:
+        raise ConfigError(f"CIFAR-10 file '{path}' lacks the 'data' or 'labels' entry")
+    data, labels = np.asarray(d["data"]), np.asarray(d["labels"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ConfigError(f"CIFAR-10 file '{path}' has data {data.dtype} {data.shape}, expected uint8 N x 3072")
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"CIFAR-10 file '{path}' has {len(data)} images but labels of shape {labels.shape} "
+                          f"and type {labels.dtype}")
+    _check_labels(labels, 10, f"CIFAR-10 file '{path}'")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _cifar_dir(root: Path, names: list[str]) -> Path | None:
+    """The directory holding the batch files: root/cifar-10-batches-py, or root itself."""
+    for d in (root / _CIFAR10_DIR, root):
+        if any((d / n).is_file() for n in names):
+            return d
+    return None
+
+
+def _download_cifar10(root: Path) -> None:
+    """Downloads and safely extracts cifar-10-python.tar.gz into root/cifar-10-batches-py."""
+    archive = root / "cifar-10-python.tar.gz"
+    if not archive.is_file():
+        _download([CIFAR10_URL], archive, _CIFAR10_MD5)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".cifar10-extract.", dir=root))
+    try:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(tmp_dir, filter="data")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise ConfigError(f"cannot extract '{archive}': {e} (delete it to download again)") from None
+        extracted = tmp_dir / _CIFAR10_DIR
+        if not extracted.is_dir():
+            raise ConfigError(f"'{archive}' does not contain {_CIFAR10_DIR}/")
+        target = root / _CIFAR10_DIR
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(extracted, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    archive.unlink(missing_ok=True)
+
+
+def _load_cifar10(cfg: DataConfig) -> ImageSplits:
+    """CIFAR-10 python batches: data_batch_1..5 / test_batch, or test_batch split (split='test')."""
+    root = _root(cfg)
+    names = ([*_CIFAR10_TRAIN, _CIFAR10_TEST] if cfg.split == "train" else [_CIFAR10_TEST])
+    folder = _cifar_dir(root, names)
+    missing = names if folder is None else [n for n in names if not (folder / n).is_file()]
+    if missing:
+        if not cfg.download:
+            where = f"'{root / _CIFAR10_DIR}' or '{root}'"
+            raise ConfigError(f"CIFAR-10 file(s) missing from {where}: {', '.join(missing)}; "
+                              "data.download=true fetches them")
+        _download_cifar10(root)
+        folder = root / _CIFAR10_DIR
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ConfigError(f"the downloaded CIFAR-10 archive lacks {', '.join(missing)}")
+    assert folder is not None
+
+    def read(batch_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [_read_cifar_batch(folder / n) for n in batch_names]
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        return _uint8_to_unit(images), torch.from_numpy(labels)
+
+    if cfg.split == "test":
+        images, labels = read([_CIFAR10_TEST])
+        return _split_fixed(images, labels, cfg.holdout or _TEST_SPLIT_HOLDOUT, 10, "cifar10")
+    if cfg.holdout:
+        log.warning("data.holdout=%d is ignored with data.split='train': test_batch is the test set", cfg.holdout)
+    train, test = read(list(_CIFAR10_TRAIN)), read([_CIFAR10_TEST])
+    return ImageSplits(train=ImageData(*train, 10, "cifar10-train"), test=ImageData(*test, 10, "cifar10-test"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+class BatchSampler:
+    """Deterministic training batches: batch(step) depends only on (seed, stream, step), never on history.
+
+    The stream of indices is the concatenation of per-epoch permutations of the data, epoch e drawn
+    from ``make_generator(seed, stream, e, "perm")``; the batch for step s is elements
+    [s * batch_size, (s + 1) * batch_size) of it (a batch may straddle epochs, and may be larger than
+    the data). With hflip, each image of step s's batch is flipped left-right with probability 1/2,
+    drawn from ``make_generator(seed, stream, s, "flip")``. Batches are returned on the CPU.
+    """
+
+    _CACHE = 2  # Permutations kept; they only save time, never change results.
+
+    def __init__(self, data: ImageData, batch_size: int, seed: int, stream: int, hflip: bool = False) -> None:
+        """Samples from `data`; use one `stream` per block (or other independent consumer)."""
+        if len(data) == 0:
+            raise ValueError(f"{data.name}: cannot sample batches from an empty dataset")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.stream = stream
+        self.hflip = hflip
+        self._perms: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        """The permutation of epoch `epoch` (cached)."""
+        perm = self._perms.get(epoch)
+        if perm is None:
+            gen = make_generator(self.seed, self.stream, epoch, "perm")
+            perm = torch.randperm(len(self.data), generator=gen)
+            self._perms[epoch] = perm
+            while len(self._perms) > self._CACHE:
+                self._perms.popitem(last=False)
+        else:
+            self._perms.move_to_end(epoch)
+        return perm
+
+    def indices(self, step: int) -> torch.Tensor:
+        """Dataset indices of the batch of global step `step` (0-based)."""
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        n = len(self.data)
+        start, stop = step * self.batch_size, (step + 1) * self.batch_size
+        pieces = []
+        pos = start
+        while pos < stop:
+            epoch, offset = divmod(pos, n)
+            take = min(n - offset, stop - pos)
+            pieces.append(self._perm(epoch)[offset: offset + take])
+            pos += take
+        return torch.cat(pieces)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of global step `step`, images flipped at random if hflip."""
+        idx = self.indices(step)
+        images = self.data.images[idx]
+        labels = self.data.labels[idx]
+        if self.hflip:
+            gen = make_generator(self.seed, self.stream, step, "flip")
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            images[flip] = images[flip].flip(-1)
+        return images, labels

@@ -1,0 +1,195 @@
+"""Noise levels, their training density, the partition into blocks, and inference grids.
+
+method.md sections 1, 2 and 4. The partition is built as "equal mass under the training density
+of the noise axis", so the same code partitions EDM's sigma (log-normal density) and, later, the
+masking time t of masked diffusion (density -alpha'(t)); only the `NoiseAxis` differs.
+All schedule arithmetic is done in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+_f64 = torch.float64
+
+
+def Phi(x: torch.Tensor) -> torch.Tensor:
+    """Standard normal CDF."""
+    return torch.special.ndtr(x)
+
+
+def Phi_inv(u: torch.Tensor) -> torch.Tensor:
+    """Inverse of the standard normal CDF."""
+    return torch.special.ndtri(u)
+
+
+class NoiseAxis(Protocol):
+    """A noise axis with a training density on [lo, hi]: high values are noisier and belong to block 0."""
+
+    lo: float
+    hi: float
+
+    def cdf(self, s: torch.Tensor) -> torch.Tensor:
+        """Untruncated CDF of the training density (float64)."""
+        ...
+
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        """Inverse of `cdf` (float64)."""
+        ...
+
+    def warp(self, s: torch.Tensor) -> torch.Tensor:
+        """The axis' natural coordinate, in which the "uniform" partition and the overlap are linear."""
+        ...
+
+    def unwarp(self, w: torch.Tensor) -> torch.Tensor:
+        """Inverse of `warp`."""
+        ...
+
+
+@dataclass(frozen=True)
+class LogNormalSigma:
+    """EDM's training density of sigma: ln sigma ~ N(P_mean, P_std^2), truncated to [sigma_min, sigma_max]."""
+
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+    @property
+    def lo(self) -> float:
+        return self.sigma_min
+
+    @property
+    def hi(self) -> float:
+        return self.sigma_max
+
+    def cdf(self, s: torch.Tensor) -> torch.Tensor:
+        """q(s) = Phi((ln s - P_mean) / P_std)   (method.md section 2)."""
+        return Phi((torch.as_tensor(s, dtype=_f64).log() - self.P_mean) / self.P_std)
+
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        """s = exp(P_mean + P_std * Phi^-1(u))."""
+        return (self.P_mean + self.P_std * Phi_inv(torch.as_tensor(u, dtype=_f64))).exp()
+
+    def warp(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(s, dtype=_f64).log()
+
+    def unwarp(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(w, dtype=_f64).exp()
+
+
+def sample_truncated(axis: NoiseAxis, n: int, lo: float, hi: float, *, generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Draws n values from the axis' training density truncated to [lo, hi] by inverse CDF (method.md section 3, step 2)."""
+    q_lo, q_hi = axis.cdf(torch.tensor(lo)), axis.cdf(torch.tensor(hi))
+    u = torch.rand(n, generator=generator, dtype=_f64)  # a CPU generator: draws do not depend on the device
+    s = axis.icdf(q_lo + (q_hi - q_lo) * u).clamp(lo, hi)
+    return s.to(device)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The noise axis cut into B contiguous ranges; block 0 owns the highest range (method.md section 2).
+
+    Args:
+        axis: the noise axis and its training density.
+        num_blocks: B.
+        kind: "equiprobable" (equal training mass per block, the default) or "uniform" (equal width in
+            the axis' natural coordinate, e.g. ln sigma: the paper's ablation).
+        gamma: overlap; each block's training range is widened by gamma of its width in that coordinate.
+    """
+
+    axis: NoiseAxis
+    num_blocks: int
+    kind: str = "equiprobable"
+    gamma: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {self.num_blocks}")
+        if self.kind not in ("equiprobable", "uniform"):
+            raise ValueError(f"unknown partition kind {self.kind!r}")
+
+    @property
+    def boundaries(self) -> torch.Tensor:
+        """s_0 < s_1 < ... < s_B, ascending, float64, with s_0 = lo and s_B = hi exactly."""
+        a, B = self.axis, self.num_blocks
+        k = torch.arange(B + 1, dtype=_f64)
+        if self.kind == "equiprobable":
+            # s_k = exp(P_mean + P_std * Phi^-1(q_min + (q_max - q_min) * k / B))
+            q_min, q_max = a.cdf(torch.tensor(a.lo)), a.cdf(torch.tensor(a.hi))
+            s = a.icdf(q_min + (q_max - q_min) * k / B)
+        else:
+            w_min, w_max = a.warp(torch.tensor(a.lo)), a.warp(torch.tensor(a.hi))
+            s = a.unwarp(w_min + (w_max - w_min) * k / B)
+        s[0], s[-1] = a.lo, a.hi
+        return s
+
+    def block_range(self, b: int) -> tuple[float, float]:
+        """[lo, hi] owned by block b at inference; block 0 has the highest noise."""
+        self._check_block(b)
+        s = self.boundaries
+        k = self.num_blocks - 1 - b
+        return float(s[k]), float(s[k + 1])
+
+    def training_range(self, b: int) -> tuple[float, float]:
+        """Block b's range widened by the overlap gamma: [lo (hi/lo)^-gamma, hi (hi/lo)^gamma], clipped."""
+        a = self.axis
+        lo, hi = self.block_range(b)
+        w_lo, w_hi = a.warp(torch.tensor(lo)), a.warp(torch.tensor(hi))
+        width = w_hi - w_lo
+        new_lo = float(a.unwarp(w_lo - self.gamma * width))
+        new_hi = float(a.unwarp(w_hi + self.gamma * width))
+        return max(new_lo, a.lo), min(new_hi, a.hi)
+
+    def owner(self, s: torch.Tensor) -> torch.Tensor:
+        """Index of the block owning each noise level (values beyond the axis go to the end blocks).
+
+        A level exactly on an inner boundary belongs to the noisier block.
+        """
+        s = torch.as_tensor(s)
+        inner = self.boundaries[1:-1].to(s.device)
+        j = torch.searchsorted(inner, s.to(_f64).contiguous(), right=True)  # 0 = lowest range
+        return self.num_blocks - 1 - j
+
+    def sample(self, b: int, n: int, *, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+        """Training noise levels for block b: the training density truncated to its widened range."""
+        lo, hi = self.training_range(b)
+        return sample_truncated(self.axis, n, lo, hi, generator=generator, device=device)
+
+    def _check_block(self, b: int) -> None:
+        if not 0 <= b < self.num_blocks:
+            raise IndexError(f"block {b} out of range for {self.num_blocks} blocks")
+
+
+def append_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros([1])])
+
+
+def get_sigmas_quantile(axis: NoiseAxis, n: int) -> torch.Tensor:
+    """n noise levels at equally spaced quantiles of the training density, descending, then 0 (method.md section 4)."""
+    q_min, q_max = axis.cdf(torch.tensor(axis.lo)), axis.cdf(torch.tensor(axis.hi))
+    if n == 1:
+        return append_zero(torch.tensor([axis.hi], dtype=_f64))
+    u = q_max - (q_max - q_min) * torch.arange(n, dtype=_f64) / (n - 1)
+    s = axis.icdf(u)
+    s[0], s[-1] = axis.hi, axis.lo
+    return append_zero(s)
+
+
+def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """The noise schedule of Karras et al. (2022), Eq. 5, descending, then 0."""
+    ramp = torch.linspace(0, 1, n, dtype=_f64)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
+
+
+def steps_per_block(partition: Partition, sigmas: torch.Tensor) -> list[int]:
+    """How many denoising steps of the grid (its last 0 excluded) each block runs."""
+    owners = partition.owner(sigmas[:-1])
+    return [int((owners == b).sum()) for b in range(partition.num_blocks)]
+

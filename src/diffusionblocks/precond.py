@@ -1,0 +1,56 @@
+"""EDM preconditioning and the L2 denoising loss (method.md section 1; Karras et al. 2022, Table 1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
+    """Appends singleton dimensions to x until it has target_dims dimensions."""
+    return x[(...,) + (None,) * (target_dims - x.ndim)]
+
+
+def get_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out, c_in, c_noise) of EDM's preconditioning, per sample."""
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2, so that lambda * c_out^2 = 1."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+class Denoiser(nn.Module):
+    """D(z, sigma | x) = c_skip z + c_out F(c_in z, c_noise | x), for a raw network F.
+
+    One block of a DiffusionBlocks model is one Denoiser; it advertises the noise range it was
+    trained for as `sigma_min` / `sigma_max`. Inputs and outputs are float32; F runs in its own dtype.
+    """
+
+    def __init__(self, inner_model: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0):
+        super().__init__()
+        self.inner_model = inner_model
+        self.sigma_data = sigma_data
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        z, sigma = z.float(), sigma.float()
+        c_skip, c_out, c_in, c_noise = (append_dims(c, z.ndim) for c in get_scalings(sigma, self.sigma_data))
+        F_x = self.inner_model(c_in * z, c_noise.flatten(), **cond)
+        return c_skip * z + c_out * F_x.float()
+
+    def loss(self, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, **cond) -> torch.Tensor:
+        """Per-sample lambda(sigma) |D(y + sigma eps) - y|^2 / dim, computed as |F - (y - c_skip z) / c_out|^2."""
+        y, sigma = y.float(), sigma.float()
+        z = y + append_dims(sigma, y.ndim) * noise
+        c_skip, c_out, c_in, c_noise = (append_dims(c, y.ndim) for c in get_scalings(sigma, self.sigma_data))
+        F_x = self.inner_model(c_in * z, c_noise.flatten(), **cond)
+        target = (y - c_skip * z) / c_out
+        return (F_x.float() - target).pow(2).flatten(1).mean(1)  # (N,)

@@ -1,0 +1,222 @@
+"""Training: one block at a time is the unit of work; schedules order the blocks (method.md section 3).
+
+Every random draw of block b at its step s (batch, sigma, noise, dropped labels) comes from a
+generator seeded by (seed, b, s), and its initial weights from (seed, b). A block's result
+therefore does not depend on the schedule that trained it, nor on where it was resumed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import RunConfig
+from .data import BatchSampler, ImageData, make_generator
+from .models import build_block, build_partition
+from .noise import Partition
+from .precond import Denoiser
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockState:
+    """Everything one block's training needs: its denoiser, optimiser, optional EMA copy and step count."""
+
+    b: int
+    denoiser: Denoiser
+    optimizer: torch.optim.Optimizer
+    ema: Denoiser | None
+    step: int = 0
+    train_time_s: float = 0.0  # wall time spent in this block's steps, over all sessions
+
+    @property
+    def inference_module(self) -> Denoiser:
+        return self.ema if self.ema is not None else self.denoiser
+
+
+def make_optimizer(denoiser: Denoiser, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW over one block; weight decay on matrices only."""
+    t = cfg.train
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
+
+
+def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path | None = None) -> BlockState:
+    """Block b freshly initialised from (seed, b), or resumed from its training state in run_dir."""
+    denoiser = build_block(cfg, b, make_generator(cfg.train.seed, b, "init")).to(device)
+    optimizer = make_optimizer(denoiser, cfg)
+    ema = copy.deepcopy(denoiser).requires_grad_(False) if cfg.train.ema_halflife_steps > 0 else None
+    state = BlockState(b, denoiser, optimizer, ema)
+    saved = checkpoint.load_train_state(run_dir, b, map_location=device) if run_dir is not None else None
+    if saved is not None:
+        what = f"training state {str(checkpoint.block_state_path(run_dir, b))!r}"
+        checkpoint.check_state_dict(saved["model"], denoiser.state_dict(), what)
+        denoiser.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"] if saved.get("ema") is not None else saved["model"])
+        state.step, state.train_time_s = int(saved["step"]), float(saved.get("train_time_s", 0.0))
+    return state
+
+
+def save_block_state(run_dir: Path, state: BlockState, cfg: RunConfig) -> None:
+    """Checkpoints one block: training state first, then the inference weights."""
+    checkpoint.save_train_state(run_dir, state.b, {
+        "step": state.step, "train_time_s": state.train_time_s,
+        "model": state.denoiser.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "ema": state.ema.state_dict() if state.ema is not None else None})
+    checkpoint.save_block(run_dir, state.b, state.inference_module.state_dict(), state.step, cfg)
+
+
+def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler: BatchSampler,
+               device: torch.device) -> float:
+    """One optimiser step of one block (method.md section 3); returns the batch's mean weighted loss."""
+    t, m = cfg.train, cfg.model
+    b, s = state.b, state.step
+    # 1. A batch (y: images to denoise, labels: the condition x).
+    y, labels = sampler.batch(s)
+    # 2. sigma from the training density truncated to this block's widened range; noise; dropped labels.
+    g = make_generator(t.seed, b, s, "noise")
+    n = y.shape[0]
+    sigma = partition.sample(b, n, generator=g)
+    noise = torch.randn(y.shape, generator=g)
+    cond = {}
+    if m.num_classes > 0:
+        drop = torch.rand(n, generator=g) < m.class_dropout
+        cond["class_labels"] = torch.where(drop, m.num_classes, labels).to(device)
+    # 3-4. z = y + sigma eps through this block only; per-sample lambda-weighted L2 loss.
+    lr = t.lr * min(1.0, (s + 1) / t.lr_warmup_steps) if t.lr_warmup_steps > 0 else t.lr
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    loss = state.denoiser.loss(y.to(device), sigma.to(device, torch.float32), noise.to(device), **cond).mean()
+    # 5. Backpropagate into this block only.
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.denoiser.parameters(), t.grad_clip)
+    state.optimizer.step()
+    if state.ema is not None:
+        decay = 0.5 ** (1 / t.ema_halflife_steps)
+        with torch.no_grad():
+            for p_ema, p in zip(state.ema.parameters(), state.denoiser.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+    state.step += 1
+    return loss.item()
+
+
+class MetricsLog:
+    """Accumulates each block's losses and appends one JSON line per block and logging interval."""
+
+    def __init__(self, path: Path | None, log_every: int):
+        self.path, self.log_every = path, log_every
+        self.losses: dict[int, list[float]] = {}
+        self.times: dict[int, float] = {}
+
+    def add(self, state: BlockState, loss: float, dt: float) -> None:
+        self.losses.setdefault(state.b, []).append(loss)
+        self.times[state.b] = self.times.get(state.b, 0.0) + dt
+        if state.step % self.log_every == 0:
+            self.flush(state)
+
+    def flush(self, state: BlockState) -> None:
+        losses = self.losses.pop(state.b, [])
+        dt = self.times.pop(state.b, 0.0)
+        if not losses or self.path is None:
+            return
+        row = {"block": state.b, "step": state.step, "loss": sum(losses) / len(losses),
+               "steps_per_s": len(losses) / dt if dt > 0 else None, "train_time_s": state.train_time_s,
+               "lr": state.optimizer.param_groups[0]["lr"]}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def train(cfg: RunConfig, data: ImageData, run_dir: Path | None, *, device: str | torch.device = "cpu",
+          blocks: list[int] | None = None, progress: bool = True) -> dict[int, BlockState]:
+    """Trains the run's blocks (all by default) with its schedule, resuming any saved state in run_dir.
+
+    Returns the final state of each block trained. With run_dir None nothing is written.
+    """
+    device = torch.device(device)
+    blocks = list(range(cfg.blocks.num_blocks)) if blocks is None else blocks
+    partition = build_partition(cfg)
+    log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None else None, cfg.train.log_every)
+    if cfg.train.schedule == "sequential":
+        return {b: _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress) for b in blocks}
+    return _train_interleaved(cfg, blocks, data, run_dir, partition, log, device, progress)
+
+
+def _sampler(cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
+    return BatchSampler(data, cfg.train.batch_size, seed=cfg.train.seed, stream=b, hflip=cfg.data.hflip)
+
+
+def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler: BatchSampler,
+                device: torch.device, log: MetricsLog, run_dir: Path | None) -> float:
+    t0 = time.perf_counter()
+    loss = train_step(state, cfg, partition, sampler, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    state.train_time_s += dt
+    log.add(state, loss, dt)
+    done = state.step >= cfg.train.steps_per_block
+    if run_dir is not None and (state.step % cfg.train.checkpoint_every == 0 or done):
+        if done:
+            log.flush(state)
+        save_block_state(run_dir, state, cfg)
+    return loss
+
+
+def _train_sequential_block(cfg: RunConfig, b: int, data: ImageData, run_dir: Path | None, partition: Partition,
+                            log: MetricsLog, device: torch.device, progress: bool) -> BlockState:
+    state = init_block_state(cfg, b, device, run_dir)
+    sampler = _sampler(cfg, data, b)
+    total = cfg.train.steps_per_block
+    lo, hi = partition.block_range(b)
+    with tqdm(total=total, initial=min(state.step, total), desc=f"block {b + 1}/{cfg.blocks.num_blocks}",
+              disable=not progress, unit="step", dynamic_ncols=True) as bar:
+        bar.set_postfix_str(f"sigma [{lo:.3g}, {hi:.3g}]")
+        while state.step < total:
+            loss = _timed_step(state, cfg, partition, sampler, device, log, run_dir)
+            bar.update(1)
+            if state.step % 10 == 0 or state.step == total:
+                bar.set_postfix(loss=f"{loss:.4f}", sigma=f"[{lo:.3g}, {hi:.3g}]")
+    logger.info("block %d: %d steps, %.1f s", b, state.step, state.train_time_s)
+    return state
+
+
+def _train_interleaved(cfg: RunConfig, blocks: list[int], data: ImageData, run_dir: Path | None,
+                       partition: Partition, log: MetricsLog, device: torch.device,
+                       progress: bool) -> dict[int, BlockState]:
+    """Each step trains a uniformly random unfinished block (the paper's schedule); all blocks resident."""
+    states = {b: init_block_state(cfg, b, device, run_dir) for b in blocks}
+    samplers = {b: _sampler(cfg, data, b) for b in blocks}
+    total = cfg.train.steps_per_block
+    losses: dict[int, float] = {}
+    done_steps = sum(min(s.step, total) for s in states.values())
+    with tqdm(total=total * len(blocks), initial=done_steps, desc=f"{len(blocks)} blocks interleaved",
+              disable=not progress, unit="step", dynamic_ncols=True) as bar:
+        while True:
+            unfinished = [b for b in blocks if states[b].step < total]
+            if not unfinished:
+                break
+            # The choice at global step t depends only on (seed, t): a resumed run makes the same choices.
+            t = sum(states[b].step for b in blocks)
+            g = make_generator(cfg.train.seed, "schedule", t)
+            b = unfinished[int(torch.randint(len(unfinished), (1,), generator=g))]
+            losses[b] = _timed_step(states[b], cfg, partition, samplers[b], device, log, run_dir)
+            bar.update(1)
+            if t % 10 == 0:
+                bar.set_postfix_str(" ".join(f"b{k}={v:.4f}" for k, v in sorted(losses.items())))
+    return states
