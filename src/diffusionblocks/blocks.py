@@ -32,9 +32,11 @@ class BlockwiseDenoiser(nn.Module):
         first = int(owner[0])
         if bool((owner == first).all()):
             return self.blocks[first](x, sigma, **cond)
-        out = torch.empty_like(x, dtype=torch.float32)
+        out = None
         for b in owner.unique().tolist():
             m = owner == b
             sub = {k: v[m] if torch.is_tensor(v) and v.shape[:1] == sigma.shape else v for k, v in cond.items()}
-            out[m] = self.blocks[b](x[m], sigma[m], **sub)
+            D_b = self.blocks[b](x[m], sigma[m], **sub)
+            out = x.new_empty(x.shape, dtype=D_b.dtype) if out is None else out
+            out[m] = D_b
         return out

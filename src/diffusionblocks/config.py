@@ -187,7 +187,7 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown field {prefix}{unknown[0]!r} in {where} (known: {', '.join(fields)})")
+        raise ConfigError(f"unknown field '{prefix}{unknown[0]}' in {where} (known: {', '.join(fields)})")
     kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in d.items()}
     return cls(**kwargs)
 

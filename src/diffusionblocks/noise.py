@@ -16,6 +16,10 @@ import torch
 _f64 = torch.float64
 
 
+def _t(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=_f64)
+
+
 def Phi(x: torch.Tensor) -> torch.Tensor:
     """Standard normal CDF."""
     return torch.special.ndtr(x)
@@ -84,7 +88,7 @@ class LogNormalSigma:
 def sample_truncated(axis: NoiseAxis, n: int, lo: float, hi: float, *, generator: torch.Generator | None = None,
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """Draws n values from the axis' training density truncated to [lo, hi] by inverse CDF (method.md section 3, step 2)."""
-    q_lo, q_hi = axis.cdf(torch.tensor(lo)), axis.cdf(torch.tensor(hi))
+    q_lo, q_hi = axis.cdf(_t(lo)), axis.cdf(_t(hi))
     u = torch.rand(n, generator=generator, dtype=_f64)  # a CPU generator: draws do not depend on the device
     s = axis.icdf(q_lo + (q_hi - q_lo) * u).clamp(lo, hi)
     return s.to(device)
@@ -120,10 +124,10 @@ class Partition:
         k = torch.arange(B + 1, dtype=_f64)
         if self.kind == "equiprobable":
             # s_k = exp(P_mean + P_std * Phi^-1(q_min + (q_max - q_min) * k / B))
-            q_min, q_max = a.cdf(torch.tensor(a.lo)), a.cdf(torch.tensor(a.hi))
+            q_min, q_max = a.cdf(_t(a.lo)), a.cdf(_t(a.hi))
             s = a.icdf(q_min + (q_max - q_min) * k / B)
         else:
-            w_min, w_max = a.warp(torch.tensor(a.lo)), a.warp(torch.tensor(a.hi))
+            w_min, w_max = a.warp(_t(a.lo)), a.warp(_t(a.hi))
             s = a.unwarp(w_min + (w_max - w_min) * k / B)
         s[0], s[-1] = a.lo, a.hi
         return s
@@ -139,7 +143,7 @@ class Partition:
         """Block b's range widened by the overlap gamma: [lo (hi/lo)^-gamma, hi (hi/lo)^gamma], clipped."""
         a = self.axis
         lo, hi = self.block_range(b)
-        w_lo, w_hi = a.warp(torch.tensor(lo)), a.warp(torch.tensor(hi))
+        w_lo, w_hi = a.warp(_t(lo)), a.warp(_t(hi))
         width = w_hi - w_lo
         new_lo = float(a.unwarp(w_lo - self.gamma * width))
         new_hi = float(a.unwarp(w_hi + self.gamma * width))
@@ -172,7 +176,7 @@ def append_zero(x: torch.Tensor) -> torch.Tensor:
 
 def get_sigmas_quantile(axis: NoiseAxis, n: int) -> torch.Tensor:
     """n noise levels at equally spaced quantiles of the training density, descending, then 0 (method.md section 4)."""
-    q_min, q_max = axis.cdf(torch.tensor(axis.lo)), axis.cdf(torch.tensor(axis.hi))
+    q_min, q_max = axis.cdf(_t(axis.lo)), axis.cdf(_t(axis.hi))
     if n == 1:
         return append_zero(torch.tensor([axis.hi], dtype=_f64))
     u = q_max - (q_max - q_min) * torch.arange(n, dtype=_f64) / (n - 1)

@@ -1,0 +1,13 @@
+import pytest
+
+from diffusionblocks.config import RunConfig, apply_overrides
+
+TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=3", "blocks.num_blocks=3",
+        "train.batch_size=16", "train.steps_per_block=6", "train.log_every=2", "train.checkpoint_every=3",
+        "train.lr_warmup_steps=2", "sample.steps=6", "sample.samples_per_class=2"]
+
+
+@pytest.fixture
+def tiny_cfg() -> RunConfig:
+    """A DiT small enough to train a few steps per test on the CPU."""
+    return apply_overrides(RunConfig(), TINY)

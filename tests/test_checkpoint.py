@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from diffusionblocks import checkpoint
+from diffusionblocks.config import ConfigError, RunConfig, apply_overrides
+from diffusionblocks.data import make_generator
+from diffusionblocks.models import build_block, build_partition
+from diffusionblocks.train import init_block_state, save_block_state
+
+
+def trained_run(cfg, run):
+    """A run directory whose blocks have random (non-initial) weights."""
+    checkpoint.save_config(run, cfg)
+    states = []
+    for b in range(cfg.blocks.num_blocks):
+        s = init_block_state(cfg, b, torch.device("cpu"))
+        with torch.no_grad():
+            for p in s.denoiser.parameters():
+                p.add_(torch.randn(p.shape, generator=make_generator(b, "perturb")) * 0.1)
+        s.step = 7
+        save_block_state(run, s, cfg)
+        states.append(s)
+    return states
+
+
+def test_save_load_gives_identical_outputs(tiny_cfg, tmp_path):
+    states = trained_run(tiny_cfg, tmp_path)
+    model, cfg = checkpoint.from_pretrained(tmp_path)
+    assert cfg == tiny_cfg
+    x = torch.randn(6, 1, 8, 8)
+    sigma = torch.tensor([50.0, 2.0, 0.4, 0.2, 0.05, 0.003])
+    labels = torch.tensor([0, 1, 2, 3, 4, 10])
+    from diffusionblocks.blocks import BlockwiseDenoiser
+
+    original = BlockwiseDenoiser([s.denoiser for s in states], build_partition(tiny_cfg)).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, sigma, class_labels=labels), original(x, sigma, class_labels=labels))
+    assert checkpoint.block_step(tmp_path, 1) == 7
+
+
+def test_missing_block_is_named(tiny_cfg, tmp_path):
+    trained_run(tiny_cfg, tmp_path)
+    checkpoint.block_weights_path(tmp_path, 1).unlink()
+    with pytest.raises(ConfigError, match=r"missing the weights of block\(s\) 1 of 3"):
+        checkpoint.from_pretrained(tmp_path)
+
+
+def test_corrupt_checkpoint_is_named(tiny_cfg, tmp_path):
+    trained_run(tiny_cfg, tmp_path)
+    path = checkpoint.block_weights_path(tmp_path, 2)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ConfigError, match="block_02.safetensors.*corrupt"):
+        checkpoint.from_pretrained(tmp_path)
+    state = checkpoint.block_state_path(tmp_path, 0)
+    state.write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="block_00.state.pt.*corrupt"):
+        init_block_state(tiny_cfg, 0, torch.device("cpu"), tmp_path)
+
+
+def test_mismatched_checkpoint_is_named(tiny_cfg, tmp_path):
+    trained_run(tiny_cfg, tmp_path)
+    wider = apply_overrides(tiny_cfg, ["model.hidden_size=64"])
+    checkpoint.save_config(tmp_path, wider)
+    with pytest.raises(ConfigError, match="does not match the config: .* has shape"):
+        checkpoint.from_pretrained(tmp_path)
+
+
+def test_not_a_run_directory(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        checkpoint.from_pretrained(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="has no config.json"):
+        checkpoint.from_pretrained(tmp_path)
+
+
+def test_new_run_dirs_are_numbered_and_never_reused(tmp_path):
+    a = checkpoint.new_run_dir(tmp_path, "x")
+    (a / "keep").write_text("mine")
+    b = checkpoint.new_run_dir(tmp_path, "x")
+    assert (a.name, b.name) == ("00000-x", "00001-x")
+    assert (a / "keep").read_text() == "mine"
+
+
+def test_block_file_carries_its_config(tiny_cfg, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    trained_run(tiny_cfg, tmp_path)
+    with safe_open(str(checkpoint.block_weights_path(tmp_path, 0)), framework="pt") as f:
+        meta = f.metadata()
+    assert RunConfig.from_dict(json.loads(meta["config"])) == tiny_cfg and meta["block"] == "0"

@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from diffusionblocks.config import ConfigError, RunConfig, apply_overrides, load_config
+
+
+def test_json_round_trip(tmp_path):
+    cfg = apply_overrides(RunConfig(), ["blocks.layers_per_block=[3,2,1]", "train.betas=[0.9,0.95]"])
+    path = tmp_path / "c.json"
+    path.write_text(cfg.to_json())
+    assert load_config(path) == cfg
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(RunConfig(), ["train.lr=3e-4", "blocks.num_blocks=2", "sample.sampler=heun",
+                                        "data.root=/some/dir", "train.ema_halflife_steps=10"])
+    assert cfg.train.lr == 3e-4 and cfg.blocks.num_blocks == 2 and cfg.sample.sampler == "heun"
+    assert cfg.data.root == "/some/dir" and isinstance(cfg.train.ema_halflife_steps, float)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lrr=1"], "unknown field 'train.lrr'"),
+    (["trian.lr=1"], "unknown section 'trian'"),
+    (["train.lr"], "not of the form"),
+    (["blocks.num_blocks=two"], "blocks.num_blocks must be an integer"),
+    (["blocks.num_blocks=7"], "blocks.num_blocks=7 is larger than the number of layers model.depth=6"),
+    (["blocks.num_blocks=4"], "do not split evenly"),
+    (["blocks.layers_per_block=[2,2,1]"], "adds up to 5 layers but model.depth=6"),
+    (["blocks.layers_per_block=[3,3]"], "has 2 entries but blocks.num_blocks=3"),
+    (["blocks.partition=log"], "blocks.partition='log' is not one of"),
+    (["data.dataset=mnist"], "data.root is required"),
+    (["model.image_size=9"], "not a multiple of model.patch_size"),
+])
+def test_bad_config_names_the_problem(overrides, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        apply_overrides(RunConfig(), overrides)
+    assert message in str(e.value)
+
+
+def test_unknown_field_in_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": {"depht": 4}}))
+    with pytest.raises(ConfigError, match="unknown field 'model.depht'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.json")
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(path)
+
+
+def test_presets_load():
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "presets").glob("*.json"))
+    assert presets
+    for p in presets:
+        cfg = load_config(p)
+        assert cfg.blocks.num_blocks >= 1
+    cifar = load_config(Path(__file__).resolve().parents[1] / "presets" / "cifar10-dit-s2.json")
+    assert (cifar.model.depth, cifar.model.hidden_size, cifar.blocks.num_blocks) == (12, 384, 3)
+    assert (cifar.blocks.gamma, cifar.train.batch_size, cifar.train.lr) == (0.05, 512, 1e-4)
+    assert (cifar.sample.sampler, cifar.sample.steps, cifar.sample.guidance) == ("euler", 50, 2.0)
