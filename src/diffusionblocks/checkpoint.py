@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 from .config import ConfigError, RunConfig
 
@@ -36,6 +35,10 @@ def block_state_path(run_dir: Path, b: int) -> Path:
 
 
 def _atomic_replace(tmp: Path, path: Path) -> None:
+    """Moves a fully written temporary file into place, with the permissions a plain new file would get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -64,7 +64,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     schedule: str = "sequential"     # "sequential" (block 0 to the end, then block 1...) or "interleaved".
-    steps_per_block: int = 2000      # Optimiser steps each block receives (equal compute: = end-to-end steps).
+    steps_per_block: int = 1200      # Optimiser steps each block receives (equal compute: = end-to-end steps).
     batch_size: int = 128            # Images per step.
     lr: float = 1e-3                 # AdamW learning rate.
     lr_warmup_steps: int = 100       # Linear warm-up of each block's learning rate.

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -248,8 +249,6 @@ def reference_classifier_path(data: ImageData, cache_dir: str | Path, seed: int 
 def _read_cache(path: Path, expected: dict[str, Any], device: torch.device) -> tuple[ReferenceClassifier, dict] | None:
     """The cached classifier and its metadata, or None (with a warning) if it is unreadable or stale."""
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
         meta: dict[str, Any] = {"format": raw.get("format"), "fingerprint": raw.get("fingerprint"),
