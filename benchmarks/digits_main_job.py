@@ -24,7 +24,7 @@ import torch
 from diffusionblocks.checkpoint import from_pretrained
 from diffusionblocks.config import DataConfig
 from diffusionblocks.data import load_image_data
-from diffusionblocks.evaluation import accuracy, conditional_accuracy, load_or_train_reference_classifier
+from diffusionblocks.reference import accuracy, conditional_accuracy, load_or_train_reference_classifier
 from diffusionblocks.generate import class_labels_evenly, generate
 from diffusionblocks.plotting import save_image_grid
 

@@ -1,4 +1,4 @@
-"""The `diffusionblocks` command: train, sample."""
+"""The `diffusionblocks` command: train, sample, evaluate, compare."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from . import checkpoint
 from .config import ConfigError, RunConfig, apply_overrides, load_config
+from .memory import PeakMemory
 
 logger = logging.getLogger("diffusionblocks")
 
@@ -62,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .data import load_image_data
     from .generate import class_labels_evenly, generate
     from .plotting import plot_losses, save_image_grid
-    from .train import train
+    from .train import init_block_state, train
 
     t_start = time.perf_counter()
     # Everything that can be wrong is checked before any training time is spent.
@@ -74,7 +75,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         run_dir = Path(args.resume)
         for b in range(cfg.blocks.num_blocks):
             checkpoint.block_step(run_dir, b)  # raises on a corrupt weights file
-            from .train import init_block_state
             init_block_state(cfg, b, torch.device("cpu"), run_dir)  # raises on a corrupt or mismatched state
     elif args.out is not None:
         run_dir = Path(args.out)
@@ -90,11 +90,13 @@ def cmd_train(args: argparse.Namespace) -> None:
                 "device %s", cfg.data.dataset, len(data.train), len(data.test), cfg.blocks.num_blocks,
                 list(cfg.layer_split()), cfg.train.schedule, cfg.train.steps_per_block, device)
 
-    states = train(cfg, data.train, run_dir, device=device, progress=not args.no_progress)
+    with PeakMemory(device) as mem:
+        states = train(cfg, data.train, run_dir, device=device, progress=not args.no_progress)
 
     summary = {"blocks": [{"block": b, "steps": s.step, "train_time_s": s.train_time_s,
                            "steps_per_s": s.step / s.train_time_s if s.train_time_s > 0 else None}
-                          for b, s in sorted(states.items())]}
+                          for b, s in sorted(states.items())],
+               "peak_train_memory_bytes": mem.peak_bytes, "memory_measure": mem.kind, "device": str(device)}
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", cfg.blocks.num_blocks,
                 title=f"{cfg.name}, B={cfg.blocks.num_blocks}")
     model, _ = checkpoint.from_pretrained(run_dir, device)
@@ -153,6 +155,62 @@ def cmd_sample(args: argparse.Namespace) -> None:
     logger.info("wrote %d samples to %s", args.num, out)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .diagnostics import write_chain_diagnostics
+    from .evaluation import evaluate_run, format_evaluation
+    from .plotting import save_image_grid
+
+    cfg = checkpoint.read_config(args.run)
+    s = cfg.sample
+    steps, sampler = args.steps or s.steps, args.sampler or s.sampler
+    guidance = s.guidance if args.guidance is None else args.guidance
+    if args.num < 2:
+        raise ConfigError(f"--num must be at least 2, got {args.num}")
+    out = Path(args.out) if args.out else Path(args.run) / f"eval-{sampler}-{steps}steps-w{guidance:g}-n{args.num}-seed{args.seed}"
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another directory")
+    result, images = evaluate_run(args.run, num_samples=args.num, steps=steps, sampler=sampler, guidance=guidance,
+                                  grid=args.grid, seed=args.seed, diagnostics=not args.no_diagnostics,
+                                  device=_device(args.device), cache_dir=args.cache_dir, progress=not args.no_progress)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    if "chain" in result:
+        write_chain_diagnostics(result["chain"], out, title=f"{cfg.name}: oracle vs chain")
+    k = cfg.model.num_classes
+    per_class = args.num // k
+    if per_class >= 1 and args.num % k == 0:
+        save_image_grid(images.view(k, per_class, *images.shape[1:])[:, :10].flatten(0, 1), out / "samples.png",
+                        nrow=min(per_class, 10))
+    print(format_evaluation(result))
+    logger.info("wrote %s", out)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import comparison_configs, prepare_out_dir, run_comparison
+
+    try:
+        num_blocks = [int(b) for b in args.num_blocks.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--num-blocks {args.num_blocks!r} is not a comma-separated list of integers") from None
+    if args.resume and args.out and (Path(args.out) / "config.json").is_file():
+        if args.config or args.overrides:
+            raise ConfigError("--resume continues a comparison with its own config.json; do not pass --config or overrides")
+        cfg = checkpoint.read_config(args.out)
+    else:
+        cfg = load_config(args.config) if args.config is not None else RunConfig()
+        cfg = apply_overrides(cfg, args.overrides)
+    comparison_configs(cfg, num_blocks)  # every config is checked before anything runs
+    from .data import load_image_data
+
+    _check_data_matches(cfg, load_image_data(cfg.data))
+    out = prepare_out_dir(args.out, args.runs_root, cfg.name, args.resume)
+    logger.info("comparison directory: %s", out)
+    run_comparison(cfg, out, num_blocks=num_blocks, num_samples=args.num, seed=args.seed, device=args.device,
+                   cache_dir=args.cache_dir, progress=not args.no_progress)
+    print((out / "report.md").read_text().split("\n## ")[0])
+    logger.info("wrote %s/report.md", out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusionblocks", description="DiffusionBlocks: train a network block by "
                                      "block as chained diffusion denoisers, and sample from it.")
@@ -185,6 +243,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="conditional accuracy, FD, KID and chain diagnostics of a trained run",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--num", type=int, default=1000, help="number of class-conditional samples (classes covered evenly)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the run's sample.steps)")
+    p.add_argument("--sampler", choices=["euler", "heun", "dpmpp_2m"], help="default: the run's sample.sampler")
+    p.add_argument("--grid", choices=["quantile", "karras"], help="sigma grid (default: the run's sample.grid)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples and the real-image subsets")
+    p.add_argument("--out", help="output directory (default: RUN/eval-<settings>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-diagnostics", action="store_true", help="skip the chain diagnostics")
+    p.add_argument("--cache-dir", help="reference classifier cache (default: $DIFFUSIONBLOCKS_CACHE or "
+                   "~/.cache/diffusionblocks)")
+    p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="end-to-end (B=1) vs DiffusionBlocks at several B, equal compute, one report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides for every run")
+    p.add_argument("--config", help="JSON config file (see presets/)")
+    p.add_argument("--num-blocks", default="2,3,4", help="values of B to compare with B=1")
+    p.add_argument("--num", type=int, default=1000, help="samples per run for the metrics")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed (the same for every run)")
+    p.add_argument("--out", help="report directory (default: a new numbered directory under --runs-root)")
+    p.add_argument("--runs-root", default="runs", help="where a new report directory goes")
+    p.add_argument("--resume", action="store_true", help="continue the comparison in --out: train what is missing")
+    p.add_argument("--cache-dir", help="reference classifier cache")
+    p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
