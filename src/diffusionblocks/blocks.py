@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from .noise import Partition
+
+
+class StreamingBlocks:
+    """B blocks of which at most one is in memory: block b is loaded on first use and replaces the previous one.
+
+    A sampler walks the sigma grid downwards, so each block is loaded once (Heun's correction at a
+    boundary switches one step early). For models whose blocks do not fit on the device together.
+    """
+
+    def __init__(self, num_blocks: int, load: Callable[[int], nn.Module]):
+        self.num_blocks, self.load = num_blocks, load
+        self.current: tuple[int, nn.Module] | None = None
+        self.loads = 0  # blocks loaded so far
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, b: int) -> nn.Module:
+        if self.current is None or self.current[0] != b:
+            self.current = None  # free the resident block before loading the next
+            self.current = (b, self.load(b))
+            self.loads += 1
+        return self.current[1]
 
 
 class BlockwiseDenoiser(nn.Module):
@@ -15,11 +40,11 @@ class BlockwiseDenoiser(nn.Module):
     samplers' shared sigma, one step runs one block, i.e. L/B layers instead of L.
     """
 
-    def __init__(self, blocks: list[nn.Module], partition: Partition):
+    def __init__(self, blocks: list[nn.Module] | StreamingBlocks, partition: Partition):
         super().__init__()
         if len(blocks) != partition.num_blocks:
             raise ValueError(f"{len(blocks)} blocks given for a partition into {partition.num_blocks}")
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = blocks if isinstance(blocks, StreamingBlocks) else nn.ModuleList(blocks)
         self.partition = partition
         self.sigma_min, self.sigma_max = partition.axis.lo, partition.axis.hi
 

@@ -83,26 +83,35 @@ def read_config(run_dir: str | Path) -> RunConfig:
         raise ConfigError(f"{str(path)!r}: {e}") from None
 
 
-def save_block(run_dir: Path, b: int, state_dict: dict[str, torch.Tensor], step: int, cfg: RunConfig) -> None:
-    """Writes block b's inference weights with its step and the run's config as metadata."""
+def save_block(run_dir: Path, b: int, state_dict: dict[str, torch.Tensor], step: int, cfg: RunConfig,
+               train_time_s: float = 0.0) -> None:
+    """Writes block b's inference weights with its step, training time and the run's config as metadata."""
     path = block_weights_path(run_dir, b)
     tmp = path.with_suffix(".safetensors.tmp")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    metadata = {"format": FORMAT, "block": str(b), "step": str(step), "config": json.dumps(cfg.to_dict())}
+    metadata = {"format": FORMAT, "block": str(b), "step": str(step), "train_time_s": repr(float(train_time_s)),
+                "config": json.dumps(cfg.to_dict())}
     save_file(tensors, str(tmp), metadata=metadata)
     _atomic_replace(tmp, path)
 
 
-def block_step(run_dir: Path, b: int) -> int | None:
-    """The training step recorded in block b's weights file, or None when the file is missing."""
+def block_info(run_dir: Path, b: int) -> dict[str, Any] | None:
+    """Block b's weights-file metadata (step, train_time_s), read without loading weights; None when missing."""
     path = block_weights_path(run_dir, b)
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            return int((f.metadata() or {}).get("step", "0"))
+            meta = f.metadata() or {}
+        return {"block": b, "step": int(meta.get("step", "0")), "train_time_s": float(meta.get("train_time_s", "0"))}
     except (SafetensorError, OSError, ValueError) as e:
         raise ConfigError(f"checkpoint {str(path)!r} is corrupt or not a safetensors file: {e}") from None
+
+
+def block_step(run_dir: Path, b: int) -> int | None:
+    """The training step recorded in block b's weights file, or None when the file is missing."""
+    info = block_info(run_dir, b)
+    return None if info is None else info["step"]
 
 
 def check_state_dict(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
@@ -152,21 +161,29 @@ def load_train_state(run_dir: Path, b: int, map_location: str | torch.device = "
         raise ConfigError(f"training state {str(path)!r} is corrupt: {e}") from None
 
 
-def from_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """Loads a trained run as a BlockwiseDenoiser in eval mode; returns (model, config)."""
-    from .blocks import BlockwiseDenoiser
+def from_pretrained(run_dir: str | Path, device: str | torch.device = "cpu", stream: bool = False):
+    """Loads a trained run as a BlockwiseDenoiser in eval mode; returns (model, config).
+
+    stream: keep one block in memory at a time, loading each from disk when the sampler reaches it.
+    """
+    from .blocks import BlockwiseDenoiser, StreamingBlocks
     from .models import build_block, build_partition
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
-    blocks = []
     missing = [b for b in range(cfg.blocks.num_blocks) if not block_weights_path(run_dir, b).is_file()]
     if missing:
         raise ConfigError(f"run {str(run_dir)!r} is missing the weights of block(s) {', '.join(map(str, missing))} "
                           f"of {cfg.blocks.num_blocks}")
-    for b in range(cfg.blocks.num_blocks):
+
+    def load(b: int) -> torch.nn.Module:
         block = build_block(cfg, b)
         load_block_weights(run_dir, b, block)
-        blocks.append(block)
-    model = BlockwiseDenoiser(blocks, build_partition(cfg)).to(device).eval()
+        return block.to(device).eval()
+
+    if stream:
+        for b in range(cfg.blocks.num_blocks):
+            block_step(run_dir, b)  # a corrupt file fails now, not halfway through sampling
+        return BlockwiseDenoiser(StreamingBlocks(cfg.blocks.num_blocks, load), build_partition(cfg)), cfg
+    model = BlockwiseDenoiser([load(b) for b in range(cfg.blocks.num_blocks)], build_partition(cfg)).eval()
     return model, cfg

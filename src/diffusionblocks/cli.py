@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ logger = logging.getLogger("diffusionblocks")
 
 # Fields that may change when a run is resumed: how long and how it trains, how it samples; not what it is.
 RESUMABLE_SECTIONS = ("train.steps_per_block", "train.log_every", "train.checkpoint_every", "sample.")
+# A new run made --from a trained one may also train differently (learning rate, seed...), not be another model.
+FROM_SECTIONS = ("train.", "sample.")
 
 
 def _device(name: str | None) -> torch.device:
@@ -46,17 +49,58 @@ def _check_data_matches(cfg: RunConfig, data) -> None:
 
 
 def _resolve_train_config(args: argparse.Namespace) -> RunConfig:
-    if args.resume is not None:
+    base = args.resume or args.from_
+    if base is not None:
         if args.config is not None:
-            raise ConfigError("--resume continues a run with its own config.json; do not pass --config too")
-        cfg = checkpoint.read_config(args.resume)
-        bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(RESUMABLE_SECTIONS)]
+            raise ConfigError(f"--{'resume' if args.resume else 'from'} uses the run's own config.json; "
+                              "do not pass --config too")
+        cfg = checkpoint.read_config(base)
+        allowed = RESUMABLE_SECTIONS if args.resume else FROM_SECTIONS
+        bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(allowed)]
         if bad:
-            raise ConfigError(f"override {bad[0]!r} would change what the resumed run is; only "
-                              f"{', '.join(RESUMABLE_SECTIONS)} may change on --resume")
+            raise ConfigError(f"override {bad[0]!r} would change what the run {base} is; only "
+                              f"{', '.join(allowed)} may change with --{'resume' if args.resume else 'from'}")
         return apply_overrides(cfg, args.overrides)
     cfg = load_config(args.config) if args.config is not None else RunConfig()
     return apply_overrides(cfg, args.overrides)
+
+
+def _parse_blocks(text: str | None, B: int) -> list[int]:
+    """--blocks "1,3" -> [1, 3]; None -> every block."""
+    if text is None:
+        return list(range(B))
+    try:
+        blocks = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise ConfigError(f"--blocks {text!r} is not a comma-separated list of block indices") from None
+    bad = [b for b in blocks if not 0 <= b < B]
+    if bad or not blocks:
+        raise ConfigError(f"--blocks {text!r}: the model has blocks 0..{B - 1}")
+    return blocks
+
+
+def _new_run_dir(args: argparse.Namespace, name: str) -> Path:
+    if args.out is None:
+        return checkpoint.new_run_dir(args.runs_root, name)
+    run_dir = Path(args.out)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {str(run_dir)!r} already exists and is not empty; "
+                          f"use --resume {run_dir} to continue it, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _copy_untouched_blocks(src: Path, dst: Path, blocks: list[int], B: int) -> None:
+    """Copies the weights, states and metrics of the blocks not being retrained, byte for byte."""
+    keep = [b for b in range(B) if b not in blocks]
+    for b in keep:
+        for path in (checkpoint.block_weights_path(src, b), checkpoint.block_state_path(src, b)):
+            if path.is_file():
+                shutil.copy2(path, dst / path.name)
+    if (src / "metrics.jsonl").is_file():
+        lines = [line for line in (src / "metrics.jsonl").read_text().splitlines()
+                 if line.strip() and json.loads(line).get("block") in keep]
+        (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -67,46 +111,67 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     t_start = time.perf_counter()
     # Everything that can be wrong is checked before any training time is spent.
+    if args.resume and args.from_:
+        raise ConfigError("--resume continues a run in place and --from starts a new one from it: pass one of them")
+    if args.reinit and not args.from_:
+        raise ConfigError("--reinit needs --from RUN (it retrains chosen blocks of RUN from scratch)")
     cfg = _resolve_train_config(args)
+    B = cfg.blocks.num_blocks
+    blocks = _parse_blocks(args.blocks, B)
     device = _device(args.device)
     data = load_image_data(cfg.data)
     _check_data_matches(cfg, data)
+    init_from = None
     if args.resume is not None:
         run_dir = Path(args.resume)
-        for b in range(cfg.blocks.num_blocks):
+        for b in blocks:
             checkpoint.block_step(run_dir, b)  # raises on a corrupt weights file
             init_block_state(cfg, b, torch.device("cpu"), run_dir)  # raises on a corrupt or mismatched state
-    elif args.out is not None:
-        run_dir = Path(args.out)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"run directory {str(run_dir)!r} already exists and is not empty; "
-                              f"use --resume {run_dir} to continue it, or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
+    elif args.from_ is not None:
+        src = Path(args.from_)
+        for b in range(B):
+            checkpoint.block_step(src, b)  # raises on a corrupt weights file
+        missing = [b for b in blocks if checkpoint.block_step(src, b) is None]
+        if missing and not args.reinit:
+            raise ConfigError(f"--from {src}: block(s) {missing} have no weights to fine-tune; pass --reinit to "
+                              "train them from scratch")
+        init_from = None if args.reinit else src
+        run_dir = _new_run_dir(args, f"{cfg.name}-B{B}-{'retrain' if args.reinit else 'finetune'}"
+                                     f"-b{'-'.join(map(str, blocks))}")
+        _copy_untouched_blocks(src, run_dir, blocks, B)
     else:
-        run_dir = checkpoint.new_run_dir(args.runs_root, f"{cfg.name}-B{cfg.blocks.num_blocks}")
+        run_dir = _new_run_dir(args, f"{cfg.name}-B{B}")
     checkpoint.save_config(run_dir, cfg)
     logger.info("run directory: %s", run_dir)
-    logger.info("%s: %d train / %d held-out images; B=%d blocks of %s layers, %s schedule, %d steps per block, "
-                "device %s", cfg.data.dataset, len(data.train), len(data.test), cfg.blocks.num_blocks,
-                list(cfg.layer_split()), cfg.train.schedule, cfg.train.steps_per_block, device)
+    logger.info("%s: %d train / %d held-out images; B=%d blocks of %s layers, training block(s) %s, %s schedule, "
+                "%d steps per block, device %s%s", cfg.data.dataset, len(data.train), len(data.test), B,
+                list(cfg.layer_split()), blocks, cfg.train.schedule, cfg.train.steps_per_block, device,
+                f", starting from {init_from}" if init_from else "")
 
     with PeakMemory(device) as mem:
-        states = train(cfg, data.train, run_dir, device=device, progress=not args.no_progress)
+        train(cfg, data.train, run_dir, device=device, blocks=blocks, progress=not args.no_progress,
+              init_from=init_from)
 
-    summary = {"blocks": [{"block": b, "steps": s.step, "train_time_s": s.train_time_s,
-                           "steps_per_s": s.step / s.train_time_s if s.train_time_s > 0 else None}
-                          for b, s in sorted(states.items())],
-               "peak_train_memory_bytes": mem.peak_bytes, "memory_measure": mem.kind, "device": str(device)}
-    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", cfg.blocks.num_blocks,
-                title=f"{cfg.name}, B={cfg.blocks.num_blocks}")
-    model, _ = checkpoint.from_pretrained(run_dir, device)
-    m, s = cfg.model, cfg.sample
-    k = max(m.num_classes, 1)
-    labels = class_labels_evenly(k * s.samples_per_class, k)
-    images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
-                      num_classes=m.num_classes, steps=s.steps, sampler=s.sampler, guidance=s.guidance,
-                      grid=s.grid, rho=s.rho, seed=cfg.train.seed, device=device)
-    save_image_grid(images, run_dir / "samples.png", nrow=s.samples_per_class)
+    infos = [checkpoint.block_info(run_dir, b) for b in range(B)]
+    summary = {"blocks": [{**i, "steps_per_s": i["step"] / i["train_time_s"] if i["train_time_s"] > 0 else None}
+                          for i in infos if i is not None],
+               "trained_now": blocks, "peak_train_memory_bytes": mem.peak_bytes, "memory_measure": mem.kind,
+               "device": str(device)}
+    for row in summary["blocks"]:
+        row["steps"] = row.pop("step")
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", B, title=f"{cfg.name}, B={B}")
+    missing = [b for b, i in enumerate(infos) if i is None]
+    if missing:
+        logger.info("blocks %s are not trained yet: no samples until every block is", missing)
+    else:
+        model, _ = checkpoint.from_pretrained(run_dir, device)
+        m, s = cfg.model, cfg.sample
+        k = max(m.num_classes, 1)
+        labels = class_labels_evenly(k * s.samples_per_class, k)
+        images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
+                          num_classes=m.num_classes, steps=s.steps, sampler=s.sampler, guidance=s.guidance,
+                          grid=s.grid, rho=s.rho, seed=cfg.train.seed, device=device)
+        save_image_grid(images, run_dir / "samples.png", nrow=s.samples_per_class)
     summary["wall_time_s"] = time.perf_counter() - t_start
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for row in summary["blocks"]:
@@ -128,7 +193,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.num < 1:
         raise ConfigError(f"--num must be at least 1, got {args.num}")
     device = _device(args.device)
-    model, cfg = checkpoint.from_pretrained(args.run, device)
+    model, cfg = checkpoint.from_pretrained(args.run, device, stream=args.stream)
     m, s = cfg.model, cfg.sample
     steps = s.steps if args.steps is None else args.steps
     if steps < 1:
@@ -224,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory to create (must not exist or be empty)")
     p.add_argument("--runs-root", default="runs", help="where a new numbered run directory goes when --out is not given")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    p.add_argument("--blocks", help="train only these blocks, e.g. 1 or 0,2 (default: all)")
+    p.add_argument("--from", dest="from_", metavar="RUN", help="new run from a trained RUN: fine-tune --blocks from "
+                   "RUN's weights (or retrain them with --reinit); the other blocks' files are copied unchanged")
+    p.add_argument("--reinit", action="store_true", help="with --from: train the chosen blocks from scratch")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -241,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
     p.add_argument("--out", required=True, help="output: .png grid, or .npz with images (N,C,H,W in [-1,1]) and labels")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--stream", action="store_true", help="keep one block in memory at a time (models larger than "
+                   "the device): each block is loaded from disk when the sampler reaches its noise levels")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sample)
 

@@ -75,6 +75,7 @@ class TrainConfig:
     seed: int = 0                    # Every random stream derives from (seed, block, step).
     log_every: int = 50              # Steps between metrics lines (per block).
     checkpoint_every: int = 500      # Steps between checkpoints (per block); the end is always saved.
+    activation_checkpointing: bool = False  # Recompute each layer's activations in the backward pass (~1/L memory).
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BlockState:
-    """Everything one block's training needs: its denoiser, optimiser, optional EMA copy and step count."""
+    """Everything one block's training needs: its denoiser, optimiser, optional EMA copy and step count.
+
+    An offloaded state keeps only its counters; its weights and optimiser state are in the run directory.
+    """
 
     b: int
-    denoiser: Denoiser
-    optimizer: torch.optim.Optimizer
+    denoiser: Denoiser | None
+    optimizer: torch.optim.Optimizer | None
     ema: Denoiser | None
     step: int = 0
     train_time_s: float = 0.0  # wall time spent in this block's steps, over all sessions
@@ -41,6 +44,14 @@ class BlockState:
     @property
     def inference_module(self) -> Denoiser:
         return self.ema if self.ema is not None else self.denoiser
+
+    @property
+    def resident(self) -> bool:
+        return self.denoiser is not None
+
+    def offload(self) -> None:
+        """Drops the weights, EMA and optimiser state from memory (they must have been saved)."""
+        self.denoiser = self.optimizer = self.ema = None
 
 
 def make_optimizer(denoiser: Denoiser, cfg: RunConfig) -> torch.optim.AdamW:
@@ -53,9 +64,18 @@ def make_optimizer(denoiser: Denoiser, cfg: RunConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
 
 
-def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path | None = None) -> BlockState:
-    """Block b freshly initialised from (seed, b), or resumed from its training state in run_dir."""
-    denoiser = build_block(cfg, b, make_generator(cfg.train.seed, b, "init")).to(device)
+def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path | None = None,
+                     init_from: Path | None = None) -> BlockState:
+    """Block b freshly initialised from (seed, b), or resumed from its training state in run_dir.
+
+    init_from: a trained run whose block b gives the starting weights (fine-tuning), used when run_dir
+    holds no state for the block yet; the optimiser starts afresh.
+    """
+    denoiser = build_block(cfg, b, make_generator(cfg.train.seed, b, "init"))
+    denoiser.inner_model.checkpointing = cfg.train.activation_checkpointing
+    if init_from is not None:
+        checkpoint.load_block_weights(init_from, b, denoiser)
+    denoiser = denoiser.to(device)
     optimizer = make_optimizer(denoiser, cfg)
     ema = copy.deepcopy(denoiser).requires_grad_(False) if cfg.train.ema_halflife_steps > 0 else None
     state = BlockState(b, denoiser, optimizer, ema)
@@ -77,7 +97,7 @@ def save_block_state(run_dir: Path, state: BlockState, cfg: RunConfig) -> None:
         "step": state.step, "train_time_s": state.train_time_s,
         "model": state.denoiser.state_dict(), "optimizer": state.optimizer.state_dict(),
         "ema": state.ema.state_dict() if state.ema is not None else None})
-    checkpoint.save_block(run_dir, state.b, state.inference_module.state_dict(), state.step, cfg)
+    checkpoint.save_block(run_dir, state.b, state.inference_module.state_dict(), state.step, cfg, state.train_time_s)
 
 
 def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler: BatchSampler,
@@ -143,18 +163,22 @@ class MetricsLog:
 
 
 def train(cfg: RunConfig, data: ImageData, run_dir: Path | None, *, device: str | torch.device = "cpu",
-          blocks: list[int] | None = None, progress: bool = True) -> dict[int, BlockState]:
+          blocks: list[int] | None = None, progress: bool = True, init_from: Path | None = None) -> dict[int, BlockState]:
     """Trains the run's blocks (all by default) with its schedule, resuming any saved state in run_dir.
 
-    Returns the final state of each block trained. With run_dir None nothing is written.
+    Returns the final state of each block trained. The sequential schedule keeps one block in memory:
+    with a run_dir, a finished block is saved and offloaded (its returned state holds only counters)
+    before the next is built. With run_dir None nothing is written and every state is returned whole.
+    init_from: a trained run whose weights start the blocks that have no state in run_dir (fine-tuning).
     """
     device = torch.device(device)
     blocks = list(range(cfg.blocks.num_blocks)) if blocks is None else blocks
     partition = build_partition(cfg)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None else None, cfg.train.log_every)
     if cfg.train.schedule == "sequential":
-        return {b: _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress) for b in blocks}
-    return _train_interleaved(cfg, blocks, data, run_dir, partition, log, device, progress)
+        return {b: _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress, init_from)
+                for b in blocks}
+    return _train_interleaved(cfg, blocks, data, run_dir, partition, log, device, progress, init_from)
 
 
 def _sampler(cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
@@ -179,8 +203,9 @@ def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler
 
 
 def _train_sequential_block(cfg: RunConfig, b: int, data: ImageData, run_dir: Path | None, partition: Partition,
-                            log: MetricsLog, device: torch.device, progress: bool) -> BlockState:
-    state = init_block_state(cfg, b, device, run_dir)
+                            log: MetricsLog, device: torch.device, progress: bool,
+                            init_from: Path | None = None) -> BlockState:
+    state = init_block_state(cfg, b, device, run_dir, init_from)
     sampler = _sampler(cfg, data, b)
     total = cfg.train.steps_per_block
     lo, hi = partition.block_range(b)
@@ -193,14 +218,16 @@ def _train_sequential_block(cfg: RunConfig, b: int, data: ImageData, run_dir: Pa
             if state.step % 10 == 0 or state.step == total:
                 bar.set_postfix(loss=f"{loss:.4f}", sigma=f"[{lo:.3g}, {hi:.3g}]")
     logger.info("block %d: %d steps, %.1f s", b, state.step, state.train_time_s)
+    if run_dir is not None:
+        state.offload()  # saved at its last step; the next block gets the memory
     return state
 
 
 def _train_interleaved(cfg: RunConfig, blocks: list[int], data: ImageData, run_dir: Path | None,
                        partition: Partition, log: MetricsLog, device: torch.device,
-                       progress: bool) -> dict[int, BlockState]:
+                       progress: bool, init_from: Path | None = None) -> dict[int, BlockState]:
     """Each step trains a uniformly random unfinished block (the paper's schedule); all blocks resident."""
-    states = {b: init_block_state(cfg, b, device, run_dir) for b in blocks}
+    states = {b: init_block_state(cfg, b, device, run_dir, init_from) for b in blocks}
     samplers = {b: _sampler(cfg, data, b) for b in blocks}
     total = cfg.train.steps_per_block
     losses: dict[int, float] = {}

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -121,6 +122,7 @@ class DiT(nn.Module):
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
         self.layers = nn.ModuleList([DiTLayer(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.checkpointing = False  # activation checkpointing of each layer in training
         assert self.pos_embed.shape[1] == num_patches
 
     @torch.no_grad()
@@ -164,6 +166,9 @@ class DiT(nn.Module):
                 class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
             c = c + self.y_embedder(class_labels)
         for layer in self.layers:
-            x = layer(x, c)  # (N, T, D)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, c, use_reentrant=False)  # (N, T, D); recomputed in backward
+            else:
+                x = layer(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p^2 C)
         return self.unpatchify(x)  # (N, C, H, W)
