@@ -1,4 +1,4 @@
-"""The `diffusionblocks` command: train, sample, evaluate, compare."""
+"""The `diffusionblocks` command: train, sample, evaluate, compare, bench memory."""
 
 from __future__ import annotations
 
@@ -276,6 +276,23 @@ def cmd_compare(args: argparse.Namespace) -> None:
     logger.info("wrote %s/report.md", out)
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> None:
+    from .membench import child_main, run_benchmark
+
+    if args.child is not None:
+        child_main(args.child)
+        return
+    try:
+        num_blocks = [int(b) for b in args.num_blocks.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--num-blocks {args.num_blocks!r} is not a comma-separated list of integers") from None
+    device = str(_device(args.device))
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {args.out!r} already exists and is not empty; choose another directory")
+    run_benchmark(args.model, args.image_size, args.channels, args.batch, args.steps, num_blocks, device, out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusionblocks", description="DiffusionBlocks: train a network block by "
                                      "block as chained diffusion denoisers, and sample from it.")
@@ -347,6 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True).add_parser(
+        "memory", help="peak training memory and step time: end-to-end vs DiffusionBlocks, each in a fresh process",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="dit-s2", help="dit-s2 (12 layers, hidden 384), dit-b2 (12, 768) or tiny")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8, help="images per step")
+    p.add_argument("--steps", type=int, default=3, help="steps per block (timings are medians after the first)")
+    p.add_argument("--num-blocks", default="2,3,4,6", help="values of B")
+    p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
+    p.add_argument("--out", help="directory for memory.md, memory.json, memory.png")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench_memory)
     return parser
 
 

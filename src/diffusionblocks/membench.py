@@ -1,0 +1,254 @@
+"""`diffusionblocks bench memory`: peak training memory and step time, end-to-end vs DiffusionBlocks, measured.
+
+Each configuration runs in a fresh process (so one's allocations cannot hide another's) on random
+data of the model's shape, and measures the peak memory of its training (CUDA: max_memory_allocated;
+CPU: peak resident set size above the process' size just before training) next to the analytic
+breakdown of method.md section 6: parameters P, gradients P, AdamW state 2P of the blocks resident,
+and the activations one forward pass saves for backward (counted exactly with saved-tensor hooks).
+
+Configurations: end-to-end (B=1), end-to-end with activation checkpointing, and for each B:
+interleaved (every block and optimiser resident, as in the reference code), sequential with the
+inactive blocks offloaded to disk, and that with checkpointing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import BlocksConfig, ConfigError, ModelConfig, RunConfig, TrainConfig
+from .data import BatchSampler, ImageData, make_generator
+from .memory import PeakMemory
+from .models import build_partition
+from .train import BlockState, init_block_state, save_block_state, train_step
+
+logger = logging.getLogger(__name__)
+
+MODEL_SIZES = {  # DiT presets (Peebles & Xie 2023, Table 1) and a tiny one for tests
+    "dit-s2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
+    "dit-b2": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2),
+    "tiny": dict(hidden_size=32, depth=12, num_heads=2, patch_size=2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemCase:
+    """One configuration: mode "e2e", "interleaved" or "sequential" with B blocks, with or without checkpointing."""
+
+    mode: str
+    num_blocks: int
+    checkpointing: bool = False
+
+    @property
+    def name(self) -> str:
+        base = "end-to-end" if self.mode == "e2e" else f"B={self.num_blocks} {self.mode}"
+        if self.mode == "sequential":
+            base += " offloaded"
+        return base + (" + ckpt" if self.checkpointing else "")
+
+
+def memory_cases(num_blocks: list[int]) -> list[MemCase]:
+    cases = [MemCase("e2e", 1), MemCase("e2e", 1, True)]
+    for B in num_blocks:
+        cases += [MemCase("interleaved", B), MemCase("sequential", B), MemCase("sequential", B, True)]
+    return cases
+
+
+def bench_config(size: str, image_size: int, channels: int, batch: int, case: MemCase) -> RunConfig:
+    if size not in MODEL_SIZES:
+        raise ConfigError(f"--model {size!r} is not one of {', '.join(MODEL_SIZES)}")
+    model = ModelConfig(image_size=image_size, in_channels=channels, num_classes=10, **MODEL_SIZES[size])
+    L, B = model.depth, case.num_blocks
+    split = None if L % B == 0 else tuple(L // B + (1 if i < L % B else 0) for i in range(B))
+    cfg = RunConfig(name=f"membench-{size}", model=model, blocks=BlocksConfig(num_blocks=B, layers_per_block=split),
+                    train=TrainConfig(schedule="sequential" if case.mode != "interleaved" else "interleaved",
+                                      batch_size=batch, lr_warmup_steps=0, grad_clip=0.0,
+                                      activation_checkpointing=case.checkpointing))
+    cfg.validate()
+    return cfg
+
+
+def saved_activation_bytes(state: BlockState, cfg: RunConfig, y: torch.Tensor, labels: torch.Tensor) -> int:
+    """Bytes of the tensors one training forward pass of the block saves for backward (unique storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in state.denoiser.parameters()}
+    sigma = torch.ones(len(y), device=y.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = state.denoiser.loss(y, sigma, torch.randn_like(y), class_labels=labels).mean()
+    del loss
+    return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+def _warm_up(cfg: RunConfig, data: ImageData, device: torch.device) -> None:
+    """One step of a one-layer model at batch 2, so that lazily loaded kernels, thread pools and allocator
+    pools are in place before the measurement starts and are not counted as training memory."""
+    small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=1),
+                                blocks=BlocksConfig(num_blocks=1), train=dataclasses.replace(cfg.train, batch_size=2))
+    s = init_block_state(small, 0, device)
+    train_step(s, small, build_partition(small), BatchSampler(data, 2, seed=0, stream=99), device)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_block_state(Path(tmp), s, small)
+    del s
+    gc.collect()
+
+
+def run_case(size: str, image_size: int, channels: int, batch: int, steps: int, case: MemCase,
+             device: torch.device) -> dict[str, Any]:
+    """Trains `steps` steps of every block of the case, measuring peak memory and step times."""
+    cfg = bench_config(size, image_size, channels, batch, case)
+    g = make_generator(0, "membench-data")
+    data = ImageData(torch.randn(max(batch, 64), channels, image_size, image_size, generator=g).clamp(-1, 1),
+                     torch.randint(10, (max(batch, 64),), generator=g), 10, "random")
+    partition = build_partition(cfg)
+    B = case.num_blocks
+    step_times: dict[int, list[float]] = {b: [] for b in range(B)}
+    params = [0] * B
+    act_bytes = 0
+
+    def step(state: BlockState, sampler: BatchSampler) -> None:
+        t0 = time.perf_counter()
+        train_step(state, cfg, partition, sampler, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_times[state.b].append(time.perf_counter() - t0)
+
+    samplers = {b: BatchSampler(data, batch, seed=0, stream=b) for b in range(B)}
+    _warm_up(cfg, data, device)
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory(device) as mem:
+        run_dir = Path(tmp)
+        if case.mode == "interleaved":
+            states = [init_block_state(cfg, b, device) for b in range(B)]
+            for s in states:
+                params[s.b] = sum(p.numel() for p in s.denoiser.parameters())
+            for _ in range(steps):
+                for s in states:
+                    step(s, samplers[s.b])
+        else:
+            for b in range(B):
+                s = init_block_state(cfg, b, device)
+                params[b] = sum(p.numel() for p in s.denoiser.parameters())
+                for _ in range(steps):
+                    step(s, samplers[b])
+                save_block_state(run_dir, s, cfg)  # the block waits on disk while the others train
+                s.offload()
+                del s
+                gc.collect()
+    # Activations of the largest block's forward pass (after the measurement, so it cannot disturb it).
+    b_max = max(range(B), key=lambda b: params[b])
+    s = init_block_state(cfg, b_max, device)
+    y, labels = samplers[b_max].batch(0)
+    act_bytes = saved_activation_bytes(s, cfg, y.to(device), labels.to(device))
+    resident_params = sum(params) if case.mode == "interleaved" else max(params)
+    return {
+        "case": case.name, "mode": case.mode, "num_blocks": B, "checkpointing": case.checkpointing,
+        "layers_per_block": list(cfg.layer_split()), "params_per_block": params,
+        "peak_bytes": mem.peak_bytes, "measure": mem.kind, "device": str(device),
+        "analytic": {"params": 4 * resident_params, "grads": 4 * resident_params, "adam": 8 * resident_params,
+                     "activations": act_bytes},
+        "step_s_median_per_block": [statistics.median(t[1:] or t) for t in step_times.values()],
+    }
+
+
+def run_case_in_subprocess(args: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "diffusionblocks", "bench", "memory", "--child", json.dumps(args)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ConfigError(f"memory benchmark case {args['case']} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child_main(spec: str) -> None:
+    """Entry point of the measuring subprocess: runs one case and prints its result as one JSON line."""
+    a = json.loads(spec)
+    case = MemCase(**a["case"])
+    torch.set_num_threads(a.get("threads") or torch.get_num_threads())
+    r = run_case(a["size"], a["image_size"], a["channels"], a["batch"], a["steps"], case, torch.device(a["device"]))
+    print(json.dumps(r))
+
+
+def run_benchmark(size: str, image_size: int, channels: int, batch: int, steps: int, num_blocks: list[int],
+                  device: str, out_dir: Path | None) -> list[dict[str, Any]]:
+    results = []
+    for case in memory_cases(num_blocks):
+        bench_config(size, image_size, channels, batch, case)  # validates before anything runs
+    for case in memory_cases(num_blocks):
+        logger.info("measuring %s ...", case.name)
+        results.append(run_case_in_subprocess({"case": dataclasses.asdict(case), "size": size, "image_size": image_size,
+                                               "channels": channels, "batch": batch, "steps": steps,
+                                               "device": device}))
+    text = format_table(results, size, image_size, batch)
+    print(text)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "memory.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out_dir / "memory.md").write_text(text + "\n")
+        plot_memory(results, out_dir / "memory.png", f"{size}, {image_size}x{image_size}, batch {batch}, {device}")
+        logger.info("wrote %s/memory.md, memory.json, memory.png", out_dir)
+    return results
+
+
+def format_table(results: list[dict[str, Any]], size: str, image_size: int, batch: int) -> str:
+    e2e = next(r for r in results if r["mode"] == "e2e" and not r["checkpointing"])
+    mib = 2 ** 20
+    lines = [f"Peak training memory, {size} at {image_size}x{image_size}, batch {batch}, {e2e['device']} "
+             f"({e2e['measure']}). Analytic: 4 bytes x (P params + P grads + 2P AdamW) of the resident blocks, "
+             "plus the activations one forward pass saves (largest block).", "",
+             "| configuration | layers | measured MiB | / end-to-end | x B | analytic MiB (params+grads+adam+act) "
+             "| step s per block (median) | B x block step / e2e step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        a = r["analytic"]
+        total = sum(a.values())
+        ratio = r["peak_bytes"] / e2e["peak_bytes"]
+        step = r["step_s_median_per_block"]
+        rel = sum(step) / e2e["step_s_median_per_block"][0]
+        lines.append(f"| {r['case']} | {'/'.join(map(str, r['layers_per_block']))} | {r['peak_bytes'] / mib:.0f} | "
+                     f"{ratio:.3f} | {ratio * r['num_blocks']:.2f} | {total / mib:.0f} = {a['params'] / mib:.0f}+"
+                     f"{a['grads'] / mib:.0f}+{a['adam'] / mib:.0f}+{a['activations'] / mib:.0f} | "
+                     f"{' / '.join(f'{t:.3f}' for t in step)} | {rel:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_memory(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mib = 2 ** 20
+    names = [r["case"] for r in results]
+    fig, ax = plt.subplots(figsize=(max(7, 0.65 * len(results)), 4.2))
+    x = range(len(results))
+    ax.bar([i - 0.2 for i in x], [r["peak_bytes"] / mib for r in results], width=0.4, label="measured peak")
+    bottom = [0.0] * len(results)
+    for k, color in [("params", "C1"), ("grads", "C2"), ("adam", "C3"), ("activations", "C4")]:
+        h = [r["analytic"][k] / mib for r in results]
+        ax.bar([i + 0.2 for i in x], h, width=0.4, bottom=bottom, color=color, alpha=0.7, label=f"analytic: {k}")
+        bottom = [b + v for b, v in zip(bottom, h)]
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("MiB")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

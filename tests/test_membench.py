@@ -1,0 +1,42 @@
+import json
+
+import torch
+
+from diffusionblocks.cli import main
+from diffusionblocks.membench import MemCase, bench_config, memory_cases, saved_activation_bytes
+from diffusionblocks.train import init_block_state
+
+
+def test_cases_cover_every_configuration():
+    names = [c.name for c in memory_cases([2, 3])]
+    assert names == ["end-to-end", "end-to-end + ckpt", "B=2 interleaved", "B=2 sequential offloaded",
+                     "B=2 sequential offloaded + ckpt", "B=3 interleaved", "B=3 sequential offloaded",
+                     "B=3 sequential offloaded + ckpt"]
+    assert bench_config("dit-s2", 32, 3, 8, MemCase("sequential", 6)).layer_split() == (2,) * 6
+    assert bench_config("dit-s2", 32, 3, 8, MemCase("sequential", 5)).layer_split() == (3, 3, 2, 2, 2)
+
+
+def test_saved_activations_shrink_with_blocks_and_checkpointing():
+    def act(case):
+        cfg = bench_config("tiny", 8, 1, 16, case)
+        s = init_block_state(cfg, 0, torch.device("cpu"))
+        y, labels = torch.randn(16, 1, 8, 8), torch.randint(10, (16,))
+        return saved_activation_bytes(s, cfg, y, labels)
+
+    e2e, b3, b3_ckpt = act(MemCase("e2e", 1)), act(MemCase("sequential", 3)), act(MemCase("sequential", 3, True))
+    assert b3 < 0.45 * e2e  # 4 of 12 layers, plus the block's own embedders and head
+    assert b3_ckpt < 0.5 * b3
+
+
+def test_bench_memory_writes_its_table(tmp_path, capsys):
+    out = tmp_path / "mem"
+    code = main(["bench", "memory", "--model", "tiny", "--image-size", "8", "--channels", "1", "--batch", "4",
+                 "--steps", "2", "--num-blocks", "2", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    assert {"memory.md", "memory.json", "memory.png"} <= {p.name for p in out.iterdir()}
+    rows = {r["case"]: r for r in json.loads((out / "memory.json").read_text())}
+    assert len(rows) == 5 and all(r["peak_bytes"] > 0 for r in rows.values())
+    inter, seq = rows["B=2 interleaved"], rows["B=2 sequential offloaded"]
+    assert inter["analytic"]["params"] == 4 * sum(inter["params_per_block"])  # every block resident
+    assert seq["analytic"]["params"] == 4 * max(seq["params_per_block"])  # one block resident
+    assert "| B=2 sequential offloaded | 6/6 |" in capsys.readouterr().out
