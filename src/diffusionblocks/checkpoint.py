@@ -65,6 +65,27 @@ def save_config(run_dir: Path, cfg: RunConfig) -> None:
     _atomic_replace(tmp, path)
 
 
+def join_run(run_dir: Path, cfg: RunConfig) -> None:
+    """Writes config.json unless another job already did; then it must be the same config.
+
+    Several independent jobs (one per block) may call this at once on one directory: the config is
+    published with a hard link, which fails atomically when the file exists.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.json"
+    tmp = run_dir / f".config.{os.getpid()}.tmp"
+    tmp.write_text(cfg.to_json() + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        existing = read_config(run_dir)
+        if existing != cfg:
+            raise ConfigError(f"{str(path)!r} holds a different config than this job's; a job joining a run "
+                              "must use the run's config") from None
+    finally:
+        tmp.unlink()
+
+
 def read_config(run_dir: str | Path) -> RunConfig:
     """The RunConfig of a run directory, with a clear error when it is not one."""
     run_dir = Path(run_dir)

@@ -1,10 +1,11 @@
-"""The `diffusionblocks` command: train, sample, evaluate, compare, bench memory."""
+"""The `diffusionblocks` command: train, sample, evaluate, compare, status, bench memory."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -103,31 +104,19 @@ def _copy_untouched_blocks(src: Path, dst: Path, blocks: list[int], B: int) -> N
         (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from .data import load_image_data
-    from .generate import class_labels_evenly, generate
-    from .plotting import plot_losses, save_image_grid
-    from .train import init_block_state, train
+def _prepare_run_dir(args: argparse.Namespace, cfg: RunConfig, blocks: list[int]) -> tuple[Path, Path | None]:
+    """The run directory to train into (created or checked, config written) and the run to start from."""
+    from .train import init_block_state
 
-    t_start = time.perf_counter()
-    # Everything that can be wrong is checked before any training time is spent.
-    if args.resume and args.from_:
-        raise ConfigError("--resume continues a run in place and --from starts a new one from it: pass one of them")
-    if args.reinit and not args.from_:
-        raise ConfigError("--reinit needs --from RUN (it retrains chosen blocks of RUN from scratch)")
-    cfg = _resolve_train_config(args)
     B = cfg.blocks.num_blocks
-    blocks = _parse_blocks(args.blocks, B)
-    device = _device(args.device)
-    data = load_image_data(cfg.data)
-    _check_data_matches(cfg, data)
-    init_from = None
     if args.resume is not None:
         run_dir = Path(args.resume)
         for b in blocks:
             checkpoint.block_step(run_dir, b)  # raises on a corrupt weights file
             init_block_state(cfg, b, torch.device("cpu"), run_dir)  # raises on a corrupt or mismatched state
-    elif args.from_ is not None:
+        checkpoint.save_config(run_dir, cfg)
+        return run_dir, None
+    if args.from_ is not None:
         src = Path(args.from_)
         for b in range(B):
             checkpoint.block_step(src, b)  # raises on a corrupt weights file
@@ -135,27 +124,92 @@ def cmd_train(args: argparse.Namespace) -> None:
         if missing and not args.reinit:
             raise ConfigError(f"--from {src}: block(s) {missing} have no weights to fine-tune; pass --reinit to "
                               "train them from scratch")
-        init_from = None if args.reinit else src
         run_dir = _new_run_dir(args, f"{cfg.name}-B{B}-{'retrain' if args.reinit else 'finetune'}"
                                      f"-b{'-'.join(map(str, blocks))}")
         _copy_untouched_blocks(src, run_dir, blocks, B)
+        checkpoint.save_config(run_dir, cfg)
+        return run_dir, None if args.reinit else src
+    if args.blocks is not None and args.out is not None and Path(args.out).exists():
+        # An independent job of a block-wise run (a Slurm array task): join the shared run directory.
+        run_dir = Path(args.out)
+        checkpoint.join_run(run_dir, cfg)
+        taken = [b for b in blocks if checkpoint.block_step(run_dir, b) is not None
+                 or checkpoint.block_state_path(run_dir, b).exists()]
+        if taken:
+            raise ConfigError(f"block(s) {taken} of {str(run_dir)!r} already have checkpoints; continue them with "
+                              f"--resume {run_dir} --blocks {','.join(map(str, taken))}")
+        return run_dir, None
+    run_dir = _new_run_dir(args, f"{cfg.name}-B{B}")
+    if args.blocks is not None:
+        checkpoint.join_run(run_dir, cfg)  # other jobs may be joining it already
     else:
-        run_dir = _new_run_dir(args, f"{cfg.name}-B{B}")
-    checkpoint.save_config(run_dir, cfg)
-    logger.info("run directory: %s", run_dir)
-    logger.info("%s: %d train / %d held-out images; B=%d blocks of %s layers, training block(s) %s, %s schedule, "
-                "%d steps per block, device %s%s", cfg.data.dataset, len(data.train), len(data.test), B,
-                list(cfg.layer_split()), blocks, cfg.train.schedule, cfg.train.steps_per_block, device,
-                f", starting from {init_from}" if init_from else "")
+        checkpoint.save_config(run_dir, cfg)
+    return run_dir, None
 
-    with PeakMemory(device) as mem:
-        train(cfg, data.train, run_dir, device=device, blocks=blocks, progress=not args.no_progress,
-              init_from=init_from)
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from . import distributed
+    from .data import load_image_data
+    from .train import train
+
+    t_start = time.perf_counter()
+    # Everything that can be wrong is checked before any training time is spent.
+    if args.resume and args.from_:
+        raise ConfigError("--resume continues a run in place and --from starts a new one from it: pass one of them")
+    if args.reinit and not args.from_:
+        raise ConfigError("--reinit needs --from RUN (it retrains chosen blocks of RUN from scratch)")
+    if args.schedule is not None:
+        args.overrides = [*args.overrides, f"train.schedule={args.schedule}"]
+    cfg = _resolve_train_config(args)
+    B = cfg.blocks.num_blocks
+    blocks = _parse_blocks(args.blocks, B)
+    device = _device(args.device)
+    if distributed.launched_by_torchrun() and cfg.train.schedule != "parallel":
+        raise ConfigError(f"launched on {os.environ['WORLD_SIZE']} ranks by torchrun: use --schedule parallel "
+                          f"(train.schedule is {cfg.train.schedule!r})")
+    data = load_image_data(cfg.data)
+    _check_data_matches(cfg, data)
+    rank, world, device = distributed.init(device)
+    try:
+        # Rank 0 makes or checks the run directory; every rank learns its path, or the error, from it.
+        if rank == 0:
+            try:
+                found: tuple | str = _prepare_run_dir(args, cfg, blocks)
+            except ConfigError as e:
+                found = str(e)
+        found = distributed.broadcast_object(found if rank == 0 else None)
+        if isinstance(found, str):
+            raise ConfigError(found)
+        run_dir, init_from = found
+        if rank == 0:
+            logger.info("run directory: %s", run_dir)
+            logger.info("%s: %d train / %d held-out images; B=%d blocks of %s layers, training block(s) %s, "
+                        "%s schedule, %d steps per block, device %s%s", cfg.data.dataset, len(data.train),
+                        len(data.test), B, list(cfg.layer_split()), blocks, cfg.train.schedule,
+                        cfg.train.steps_per_block, device, f", starting from {init_from}" if init_from else "")
+        with PeakMemory(device) as mem:
+            train(cfg, data.train, run_dir, device=device, blocks=blocks, progress=not args.no_progress,
+                  init_from=init_from)
+        distributed.barrier()
+        if rank == 0:
+            _finish_run(cfg, run_dir, blocks, mem, device, t_start)
+    finally:
+        distributed.shutdown()
+
+
+def _finish_run(cfg: RunConfig, run_dir: Path, blocks: list[int], mem: PeakMemory, device: torch.device,
+                t_start: float) -> None:
+    """train_summary.json, loss.png and, once every block is trained, samples.png."""
+    from .generate import class_labels_evenly, generate
+    from .plotting import plot_losses, save_image_grid
+
+    B = cfg.blocks.num_blocks
     infos = [checkpoint.block_info(run_dir, b) for b in range(B)]
     summary = {"blocks": [{**i, "steps_per_s": i["step"] / i["train_time_s"] if i["train_time_s"] > 0 else None}
                           for i in infos if i is not None],
-               "trained_now": blocks, "peak_train_memory_bytes": mem.peak_bytes, "memory_measure": mem.kind,
+               "trained_now": blocks, "schedule": cfg.train.schedule,
+               "world_size": int(os.environ.get("WORLD_SIZE", "1")), "peak_train_memory_bytes": mem.peak_bytes,
+               "memory_measure": mem.kind + (" (rank 0)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""),
                "device": str(device)}
     for row in summary["blocks"]:
         row["steps"] = row.pop("step")
@@ -276,6 +330,32 @@ def cmd_compare(args: argparse.Namespace) -> None:
     logger.info("wrote %s/report.md", out)
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    from .models import build_partition
+
+    run = Path(args.run)
+    cfg = checkpoint.read_config(run)
+    total = cfg.train.steps_per_block
+    print(f"{run}: {cfg.name}, B={cfg.blocks.num_blocks} blocks of {list(cfg.layer_split())} layers, "
+          f"{total} steps per block, {cfg.train.schedule} schedule")
+    done, missing = [], []
+    for b in range(cfg.blocks.num_blocks):
+        lo, hi = build_partition(cfg).block_range(b)
+        info = checkpoint.block_info(run, b)
+        if info is None:
+            missing.append(b)
+            print(f"  block {b} (sigma {lo:.3g}-{hi:.3g}): missing")
+            continue
+        state = "trained" if info["step"] >= total else f"partial, {100 * info['step'] / total:.0f}%"
+        if info["step"] >= total:
+            done.append(b)
+        print(f"  block {b} (sigma {lo:.3g}-{hi:.3g}): {state}, step {info['step']}/{total}, "
+              f"{info['train_time_s']:.0f} s of training")
+    ready = "every block is present: the model can be sampled" if not missing else \
+        f"missing block(s) {missing}: train them with --blocks {','.join(map(str, missing))}"
+    print(f"  {len(done)}/{cfg.blocks.num_blocks} trained; {ready}")
+
+
 def cmd_bench_memory(args: argparse.Namespace) -> None:
     from .membench import child_main, run_benchmark
 
@@ -310,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_", metavar="RUN", help="new run from a trained RUN: fine-tune --blocks from "
                    "RUN's weights (or retrain them with --reinit); the other blocks' files are copied unchanged")
     p.add_argument("--reinit", action="store_true", help="with --from: train the chosen blocks from scratch")
+    p.add_argument("--schedule", choices=["sequential", "interleaved", "parallel"],
+                   help="shortcut for train.schedule=...; parallel: launch with torchrun, one group of ranks per block")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -364,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("status", help="which blocks of a run are trained, how far, and which are missing")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True).add_parser(
         "memory", help="peak training memory and step time: end-to-end vs DiffusionBlocks, each in a fresh process",

@@ -63,7 +63,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    schedule: str = "sequential"     # "sequential" (block 0 to the end, then block 1...) or "interleaved".
+    schedule: str = "sequential"     # "sequential" (block 0 to the end, then block 1...), "interleaved" (a random
+                                     # block each step) or "parallel" (blocks at once on torchrun's ranks).
     steps_per_block: int = 1200      # Optimiser steps each block receives (equal compute: = end-to-end steps).
     batch_size: int = 128            # Images per step.
     lr: float = 1e-3                 # AdamW learning rate.
@@ -123,7 +124,7 @@ class RunConfig:
         _choice("blocks.partition", b.partition, ("equiprobable", "uniform"))
         _choice("data.dataset", d.dataset, ("digits", "mnist", "cifar10"))
         _choice("data.split", d.split, ("train", "test"))
-        _choice("train.schedule", t.schedule, ("sequential", "interleaved"))
+        _choice("train.schedule", t.schedule, ("sequential", "interleaved", "parallel"))
         _choice("sample.sampler", s.sampler, ("euler", "heun", "dpmpp_2m"))
         _choice("sample.grid", s.grid, ("quantile", "karras"))
         for name, value in [("model.image_size", m.image_size), ("model.in_channels", m.in_channels),

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import BatchSampler, ImageData, make_generator
 from .models import build_block, build_partition
 from .noise import Partition
@@ -40,6 +41,7 @@ class BlockState:
     ema: Denoiser | None
     step: int = 0
     train_time_s: float = 0.0  # wall time spent in this block's steps, over all sessions
+    ddp: nn.Module | None = None  # DenoiserLoss wrapped in DistributedDataParallel, when data-parallel
 
     @property
     def inference_module(self) -> Denoiser:
@@ -51,7 +53,18 @@ class BlockState:
 
     def offload(self) -> None:
         """Drops the weights, EMA and optimiser state from memory (they must have been saved)."""
-        self.denoiser = self.optimizer = self.ema = None
+        self.denoiser = self.optimizer = self.ema = self.ddp = None
+
+
+class DenoiserLoss(nn.Module):
+    """The per-sample loss of a block as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, **cond) -> torch.Tensor:
+        return self.denoiser.loss(y, sigma, noise, **cond)
 
 
 def make_optimizer(denoiser: Denoiser, cfg: RunConfig) -> torch.optim.AdamW:
@@ -101,8 +114,12 @@ def save_block_state(run_dir: Path, state: BlockState, cfg: RunConfig) -> None:
 
 
 def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler: BatchSampler,
-               device: torch.device) -> float:
-    """One optimiser step of one block (method.md section 3); returns the batch's mean weighted loss."""
+               device: torch.device, shard: tuple[int, int] = (0, 1)) -> float:
+    """One optimiser step of one block (method.md section 3); returns the batch's mean weighted loss.
+
+    shard (i, n): this process computes part i of n of the batch, its gradients averaged with the
+    other parts' by state.ddp; every process draws the whole batch, so the result equals one process's.
+    """
     t, m = cfg.train, cfg.model
     b, s = state.b, state.step
     # 1. A batch (y: images to denoise, labels: the condition x).
@@ -120,7 +137,12 @@ def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler:
     lr = t.lr * min(1.0, (s + 1) / t.lr_warmup_steps) if t.lr_warmup_steps > 0 else t.lr
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    loss = state.denoiser.loss(y.to(device), sigma.to(device, torch.float32), noise.to(device), **cond).mean()
+    i, k = shard
+    if k > 1:  # this process' part of the batch: (n / k, ...)
+        y, sigma, noise = y.chunk(k)[i], sigma.chunk(k)[i], noise.chunk(k)[i]
+        cond = {key: v.chunk(k)[i] for key, v in cond.items()}
+    loss_fn = state.ddp if state.ddp is not None else state.denoiser.loss
+    loss = loss_fn(y.to(device), sigma.to(device, torch.float32), noise.to(device), **cond).mean()
     # 5. Backpropagate into this block only.
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -133,6 +155,10 @@ def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler:
             for p_ema, p in zip(state.ema.parameters(), state.denoiser.parameters()):
                 p_ema.lerp_(p, 1 - decay)
     state.step += 1
+    loss = loss.detach()
+    if k > 1:  # the whole batch's loss, for the log
+        torch.distributed.all_reduce(loss, group=state.ddp.process_group)
+        loss /= k
     return loss.item()
 
 
@@ -178,6 +204,8 @@ def train(cfg: RunConfig, data: ImageData, run_dir: Path | None, *, device: str 
     if cfg.train.schedule == "sequential":
         return {b: _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress, init_from)
                 for b in blocks}
+    if cfg.train.schedule == "parallel":
+        return _train_parallel(cfg, blocks, data, run_dir, partition, device, progress, init_from)
     return _train_interleaved(cfg, blocks, data, run_dir, partition, log, device, progress, init_from)
 
 
@@ -186,9 +214,9 @@ def _sampler(cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
 
 
 def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler: BatchSampler,
-                device: torch.device, log: MetricsLog, run_dir: Path | None) -> float:
+                device: torch.device, log: MetricsLog, run_dir: Path | None, shard: tuple[int, int] = (0, 1)) -> float:
     t0 = time.perf_counter()
-    loss = train_step(state, cfg, partition, sampler, device)
+    loss = train_step(state, cfg, partition, sampler, device, shard)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
@@ -204,8 +232,15 @@ def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler
 
 def _train_sequential_block(cfg: RunConfig, b: int, data: ImageData, run_dir: Path | None, partition: Partition,
                             log: MetricsLog, device: torch.device, progress: bool,
-                            init_from: Path | None = None) -> BlockState:
+                            init_from: Path | None = None, group=None, shard: tuple[int, int] = (0, 1),
+                            leader: bool = True) -> BlockState:
+    """Trains block b to the end; with a process group, data-parallel over it (only the leader writes)."""
     state = init_block_state(cfg, b, device, run_dir, init_from)
+    if shard[1] > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        state.ddp = DistributedDataParallel(DenoiserLoss(state.denoiser), process_group=group,
+                                            device_ids=[device] if device.type == "cuda" else None)
     sampler = _sampler(cfg, data, b)
     total = cfg.train.steps_per_block
     lo, hi = partition.block_range(b)
@@ -213,7 +248,7 @@ def _train_sequential_block(cfg: RunConfig, b: int, data: ImageData, run_dir: Pa
               disable=not progress, unit="step", dynamic_ncols=True) as bar:
         bar.set_postfix_str(f"sigma [{lo:.3g}, {hi:.3g}]")
         while state.step < total:
-            loss = _timed_step(state, cfg, partition, sampler, device, log, run_dir)
+            loss = _timed_step(state, cfg, partition, sampler, device, log, run_dir if leader else None, shard)
             bar.update(1)
             if state.step % 10 == 0 or state.step == total:
                 bar.set_postfix(loss=f"{loss:.4f}", sigma=f"[{lo:.3g}, {hi:.3g}]")
@@ -221,6 +256,27 @@ def _train_sequential_block(cfg: RunConfig, b: int, data: ImageData, run_dir: Pa
     if run_dir is not None:
         state.offload()  # saved at its last step; the next block gets the memory
     return state
+
+
+def _train_parallel(cfg: RunConfig, blocks: list[int], data: ImageData, run_dir: Path | None, partition: Partition,
+                    device: torch.device, progress: bool, init_from: Path | None = None) -> dict[int, BlockState]:
+    """This rank's share of block-parallel training: its group's blocks, one after the other (distributed.py)."""
+    from . import distributed
+
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1)
+    a = distributed.assign(rank, world, blocks)
+    groups = distributed.new_groups(a)
+    if rank == 0:
+        logger.info("block-parallel over %d rank(s): %s", world, a.describe())
+    i, k = a.shard
+    if cfg.train.batch_size % k:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split evenly over the {k} ranks "
+                          f"of group {a.group}")
+    log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and a.is_leader else None, cfg.train.log_every)
+    return {b: _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress and a.is_leader,
+                                       init_from, groups[a.group], a.shard, a.is_leader)
+            for b in a.my_blocks}
 
 
 def _train_interleaved(cfg: RunConfig, blocks: list[int], data: ImageData, run_dir: Path | None,
