@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from diffusionblocks.config import RunConfig, apply_overrides
 
@@ -11,3 +12,13 @@ TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=3", "blocks.nu
 def tiny_cfg() -> RunConfig:
     """A DiT small enough to train a few steps per test on the CPU."""
     return apply_overrides(RunConfig(), TINY)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Computes on one intra-op thread: reproducible across processes (torchrun's default), and not slowed down
+    by a background job on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,13 +35,7 @@ def max_diff(w1, w2):
     return max((w1[b][k] - w2[b][k]).abs().max().item() for b in w1 for k in w1[b])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Every process here computes with one thread (torchrun's default), so float results can match bit for bit."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from diffusionblocks.reference import (ReferenceClassifier, accuracy, conditiona
                                         train_reference_classifier)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Trains on one intra-op thread: a background job on the 2 cores makes 2 threads several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

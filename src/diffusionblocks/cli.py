@@ -373,6 +373,14 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
     run_benchmark(args.model, args.image_size, args.channels, args.batch, args.steps, num_blocks, device, out)
 
 
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    """Sampling options that default to the run's sample.* config."""
+    p.add_argument("--steps", type=int, help="denoising steps (default: the run's sample.steps)")
+    p.add_argument("--sampler", choices=["euler", "heun", "dpmpp_2m"], help="default: the run's sample.sampler")
+    p.add_argument("--grid", choices=["quantile", "karras"], help="sigma grid (default: the run's sample.grid)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusionblocks", description="DiffusionBlocks: train a network block by "
                                      "block as chained diffusion denoisers, and sample from it.")
@@ -401,10 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--num", type=int, default=100, help="number of samples")
     p.add_argument("--class", dest="class_", type=int, help="class of every sample (default: classes covered evenly)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the run's sample.steps)")
-    p.add_argument("--sampler", choices=["euler", "heun", "dpmpp_2m"], help="default: the run's sample.sampler")
-    p.add_argument("--grid", choices=["quantile", "karras"], help="sigma grid (default: the run's sample.grid)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's)")
+    _add_sampler_args(p)
     p.add_argument("--seed", type=int, default=0, help="sample i uses the noise of seed (seed, i)")
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
     p.add_argument("--out", required=True, help="output: .png grid, or .npz with images (N,C,H,W in [-1,1]) and labels")
@@ -418,10 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--num", type=int, default=1000, help="number of class-conditional samples (classes covered evenly)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the run's sample.steps)")
-    p.add_argument("--sampler", choices=["euler", "heun", "dpmpp_2m"], help="default: the run's sample.sampler")
-    p.add_argument("--grid", choices=["quantile", "karras"], help="sigma grid (default: the run's sample.grid)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's)")
+    _add_sampler_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and the real-image subsets")
     p.add_argument("--out", help="output directory (default: RUN/eval-<settings>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
