@@ -53,12 +53,13 @@ class BlocksConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"      # "digits" (scikit-learn, embedded), "mnist" (IDX files) or "cifar10".
+    dataset: str = "digits"      # "digits" (scikit-learn, embedded), "mnist" (IDX files), "cifar10" or "cifar100".
     root: str | None = None      # Directory of the dataset files (mnist, cifar10).
     download: bool = False       # Fetch the standard files into root when they are missing.
     split: str = "train"         # Which files to train on: "train", or "test" to train on part of the test files.
     holdout: int = 0             # Images held out of the training split for evaluation (0 = dataset default).
     hflip: bool = False          # Random horizontal flips during training (natural images only).
+    crop_padding: int = 0        # Random crops: pad by this many pixels (edge copies), crop back; 0 = off.
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class RunConfig:
         m, n, b, d, t, s = self.model, self.noise, self.blocks, self.data, self.train, self.sample
         _choice("model.arch", m.arch, ("dit",))
         _choice("blocks.partition", b.partition, ("equiprobable", "uniform"))
-        _choice("data.dataset", d.dataset, ("digits", "mnist", "cifar10"))
+        _choice("data.dataset", d.dataset, ("digits", "mnist", "cifar10", "cifar100"))
         _choice("data.split", d.split, ("train", "test"))
         _choice("train.schedule", t.schedule, ("sequential", "interleaved", "parallel"))
         _choice("sample.sampler", s.sampler, ("euler", "heun", "dpmpp_2m"))

@@ -63,8 +63,8 @@ class DenoiserLoss(nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, **cond) -> torch.Tensor:
-        return self.denoiser.loss(y, sigma, noise, **cond)
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.denoiser.loss(**inputs)
 
 
 def make_optimizer(denoiser: Denoiser, cfg: RunConfig) -> torch.optim.AdamW:
@@ -113,6 +113,31 @@ def save_block_state(run_dir: Path, state: BlockState, cfg: RunConfig) -> None:
     checkpoint.save_block(run_dir, state.b, state.inference_module.state_dict(), state.step, cfg, state.train_time_s)
 
 
+def loss_inputs(cfg: RunConfig, partition: Partition, b: int, images: torch.Tensor, labels: torch.Tensor,
+                g: torch.Generator) -> dict:
+    """The keyword arguments of block b's `loss` for one batch (method.md section 3, step 2), drawn from g.
+
+    Image generation: the image y is denoised, conditioned on its label (dropped to the null class with
+    probability model.class_dropout). Classification: the label's embedding is denoised, conditioned on
+    the image; the plain end-to-end classifier needs no noise.
+    """
+    n = images.shape[0]
+    if cfg.task == "classify":
+        if cfg.classify.mode == "plain":
+            return {"images": images, "labels": labels}
+        sigma = partition.sample(b, n, generator=g).float()
+        noise = torch.randn(n, cfg.model.hidden_size, generator=g)
+        return {"images": images, "labels": labels, "sigma": sigma, "noise": noise,
+                "weighting": cfg.classify.loss_weighting}
+    sigma = partition.sample(b, n, generator=g).float()
+    noise = torch.randn(images.shape, generator=g)
+    inputs = {"y": images, "sigma": sigma, "noise": noise}
+    if cfg.model.num_classes > 0:
+        drop = torch.rand(n, generator=g) < cfg.model.class_dropout
+        inputs["class_labels"] = torch.where(drop, cfg.model.num_classes, labels)
+    return inputs
+
+
 def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler: BatchSampler,
                device: torch.device, shard: tuple[int, int] = (0, 1)) -> float:
     """One optimiser step of one block (method.md section 3); returns the batch's mean weighted loss.
@@ -120,29 +145,20 @@ def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler:
     shard (i, n): this process computes part i of n of the batch, its gradients averaged with the
     other parts' by state.ddp; every process draws the whole batch, so the result equals one process's.
     """
-    t, m = cfg.train, cfg.model
+    t = cfg.train
     b, s = state.b, state.step
-    # 1. A batch (y: images to denoise, labels: the condition x).
-    y, labels = sampler.batch(s)
-    # 2. sigma from the training density truncated to this block's widened range; noise; dropped labels.
-    g = make_generator(t.seed, b, s, "noise")
-    n = y.shape[0]
-    sigma = partition.sample(b, n, generator=g)
-    noise = torch.randn(y.shape, generator=g)
-    cond = {}
-    if m.num_classes > 0:
-        drop = torch.rand(n, generator=g) < m.class_dropout
-        cond["class_labels"] = torch.where(drop, m.num_classes, labels).to(device)
-    # 3-4. z = y + sigma eps through this block only; per-sample lambda-weighted L2 loss.
+    # 1-2. A batch, and this step's noise levels, noise and dropped labels, from (seed, b, s).
+    images, labels = sampler.batch(s)
+    inputs = loss_inputs(cfg, partition, b, images, labels, make_generator(t.seed, b, s, "noise"))
     lr = t.lr * min(1.0, (s + 1) / t.lr_warmup_steps) if t.lr_warmup_steps > 0 else t.lr
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     i, k = shard
-    if k > 1:  # this process' part of the batch: (n / k, ...)
-        y, sigma, noise = y.chunk(k)[i], sigma.chunk(k)[i], noise.chunk(k)[i]
-        cond = {key: v.chunk(k)[i] for key, v in cond.items()}
-    loss_fn = state.ddp if state.ddp is not None else state.denoiser.loss
-    loss = loss_fn(y.to(device), sigma.to(device, torch.float32), noise.to(device), **cond).mean()
+    # This process' part of the batch, (n / k, ...), on the device.
+    inputs = {key: (v.chunk(k)[i] if k > 1 else v).to(device) if torch.is_tensor(v) else v
+              for key, v in inputs.items()}
+    # 3-4. z = y + sigma eps through this block only; the per-sample weighted loss.
+    loss = (state.ddp(**inputs) if state.ddp is not None else state.denoiser.loss(**inputs)).mean()
     # 5. Backpropagate into this block only.
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
