@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import logging
 import hashlib
 import io
 import os
@@ -301,12 +303,113 @@ def test_cifar10_download_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     payload = buf.getvalue()
-    monkeypatch.setattr(data_mod, "_CIFAR10_MD5", hashlib.md5(payload).hexdigest())
+    monkeypatch.setitem(data_mod._CIFAR_SPECS, "cifar10",
+                        dataclasses.replace(data_mod.CIFAR10, md5=hashlib.md5(payload).hexdigest()))
     monkeypatch.setattr(data_mod.urllib.request, "urlopen", lambda url, timeout: _FakeResponse(payload))
     root = tmp_path / "dl"
     s = _cifar(root, download=True)
     assert (len(s.train), len(s.test)) == (10, 4)
     assert sorted(os.listdir(root)) == ["cifar-10-batches-py"]
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-100
+
+
+def _fake_cifar100_file(path: Path, n: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = rng.integers(0, 100, n).tolist()
+    labels[0] = 99  # the top fine class must be accepted
+    with open(path, "wb") as f:
+        pickle.dump({b"filenames": [], b"batch_label": b"fake", b"fine_labels": labels,
+                     b"coarse_labels": [y // 5 for y in labels], b"data": data}, f)
+    return data, labels
+
+
+def _fake_cifar100(folder: Path, n: int = 5) -> dict[str, tuple[np.ndarray, list[int]]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"train": _fake_cifar100_file(folder / "train", n, 1),
+            "test": _fake_cifar100_file(folder / "test", 2 * n, 2)}
+
+
+def _cifar100(root: Path, **kw: object) -> ImageSplits:
+    return load_image_data(DataConfig(dataset="cifar100", root=str(root), **kw))  # type: ignore[arg-type]
+
+
+def test_cifar100_synthetic_layout(tmp_path: Path) -> None:
+    files = _fake_cifar100(tmp_path / "cifar-100-python")
+    s = _cifar100(tmp_path)
+    assert s.train.images.shape == (5, 3, 32, 32) and s.test.images.shape == (10, 3, 32, 32)
+    assert s.train.num_classes == 100 and s.test.num_classes == 100
+    assert (s.train.name, s.test.name) == ("cifar100-train", "cifar100-test")
+    data, labels = files["train"]
+    img = s.train.images[2]
+    for c in range(3):  # channel-major rows: 1024 red, 1024 green, 1024 blue
+        for (y, x) in [(0, 0), (0, 31), (5, 7), (31, 0)]:
+            assert img[c, y, x].item() == pytest.approx(data[2, c * 1024 + y * 32 + x] / 127.5 - 1, abs=1e-6)
+    assert s.train.labels.tolist() == labels and s.test.labels.tolist() == files["test"][1]
+    assert s.train.labels.max().item() == 99
+
+
+def test_cifar100_files_directly_in_root_and_test_split(tmp_path: Path) -> None:
+    files = _fake_cifar100(tmp_path, n=4)
+    (tmp_path / "train").unlink()  # split="test" needs only the test file
+    s = _cifar100(tmp_path, split="test", holdout=3)
+    assert (len(s.train), len(s.test)) == (5, 3) and s.train.num_classes == 100
+    assert sorted(s.train.labels.tolist() + s.test.labels.tolist()) == sorted(files["test"][1])
+
+
+def test_cifar100_errors(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-100-python"
+    _fake_cifar100(folder)
+    (folder / "test").unlink()
+    with pytest.raises(ConfigError, match=r"CIFAR-100 file\(s\) missing.*: test; data\.download=true"):
+        _cifar100(tmp_path)
+    # a CIFAR-10-style pickle (b"labels", no b"fine_labels") is refused, naming dataset, file and entry
+    _fake_cifar_batch(folder / "test", 3, 0)
+    with pytest.raises(ConfigError, match=r"CIFAR-100 file '.*test' lacks .*fine_labels"):
+        _cifar100(tmp_path)
+    (folder / "test").write_bytes(pickle.dumps(os.getcwd))
+    with pytest.raises(ConfigError, match="CIFAR-100 file.*forbidden"):
+        _cifar100(tmp_path)
+    _fake_cifar100_file(folder / "test", 3, 0)
+    with open(folder / "train", "wb") as f:  # a label outside 0..99
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 100]}, f)
+    with pytest.raises(ConfigError, match=r"CIFAR-100 file '.*train' has labels outside 0\.\.99"):
+        _cifar100(tmp_path)
+
+
+def test_cifar100_download_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cifar100(tmp_path / "src" / "cifar-100-python", n=3)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-100-python", arcname="cifar-100-python")
+    payload = buf.getvalue()
+    urls: list[str] = []
+
+    def urlopen(url: str, timeout: float) -> _FakeResponse:
+        urls.append(url)
+        return _FakeResponse(payload)
+
+    monkeypatch.setitem(data_mod._CIFAR_SPECS, "cifar100",
+                        dataclasses.replace(data_mod.CIFAR100, md5=hashlib.md5(payload).hexdigest()))
+    monkeypatch.setattr(data_mod.urllib.request, "urlopen", urlopen)
+    s = _cifar100(tmp_path / "dl", download=True)
+    assert (len(s.train), len(s.test)) == (3, 6)
+    assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"]
+    assert sorted(os.listdir(tmp_path / "dl")) == ["cifar-100-python"]
+    monkeypatch.setitem(data_mod._CIFAR_SPECS, "cifar100", data_mod.CIFAR100)  # the real md5 does not match
+    with pytest.raises(ConfigError, match="cifar-100-python.tar.gz.*md5"):
+        _cifar100(tmp_path / "dl2", download=True)
+
+
+def test_cifar_specs() -> None:
+    assert data_mod.CIFAR100.md5 == "eb9058c3a382ffc7106e4002c42a8d85"
+    assert data_mod.CIFAR100.archive == "cifar-100-python.tar.gz"
+    assert data_mod.CIFAR10.archive == "cifar-10-python.tar.gz"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        data_mod.CIFAR100.num_classes = 10  # type: ignore[misc]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,6 +473,82 @@ def test_sampler_hflip() -> None:
     assert 10 < int(flipped.sum()) < 54
     assert torch.equal(x, s.batch(5)[0])
     assert torch.equal(data.images, _toy(64).images)  # the dataset itself is never modified
+
+
+def _distinct(n: int = 32, c: int = 2, size: int = 5) -> ImageData:
+    images = torch.arange(n * c * size * size, dtype=torch.float32).view(n, c, size, size)
+    return ImageData(images, torch.arange(n) % 10, 10, "distinct")
+
+
+def test_sampler_crop_zero_is_identity() -> None:
+    data = _distinct()
+    plain, zero = BatchSampler(data, 16, seed=2, stream=1), BatchSampler(data, 16, seed=2, stream=1, crop_padding=0)
+    for step in (0, 3):
+        assert torch.equal(zero.batch(step)[0], data.images[zero.indices(step)])
+        assert torch.equal(zero.batch(step)[0], plain.batch(step)[0])
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 7])
+def test_sampler_crop_matches_padded_window(p: int) -> None:
+    data = _distinct(size=5)  # p=7 pads by more than the image size
+    s = BatchSampler(data, 48, seed=0, stream=3, crop_padding=p)
+    for step in (0, 5):
+        x, y = s.batch(step)
+        idx = s.indices(step)
+        off = s.crop_offsets(step)
+        assert x.shape == (48, 2, 5, 5) and torch.equal(y, data.labels[idx])
+        assert off.min() >= 0 and off.max() <= 2 * p
+        padded = torch.nn.functional.pad(data.images[idx], (p, p, p, p), mode="replicate")
+        for i in range(len(idx)):
+            dy, dx = off[i].tolist()
+            assert torch.equal(x[i], padded[i, :, dy:dy + 5, dx:dx + 5])
+    assert torch.equal(data.images, _distinct(size=5).images)  # the dataset itself is never modified
+
+
+def test_sampler_crop_deterministic_and_history_independent() -> None:
+    data = _distinct()
+    a = BatchSampler(data, 16, seed=4, stream=0, crop_padding=2)
+    expected = [a.batch(k)[0] for k in range(8)]
+    b = BatchSampler(data, 16, seed=4, stream=0, crop_padding=2)
+    for k in [7, 2, 0, 5, 7, 1, 3, 6, 4]:
+        assert torch.equal(b.batch(k)[0], expected[k])
+    assert not torch.equal(a.crop_offsets(0), a.crop_offsets(1))
+    assert not torch.equal(a.crop_offsets(0), BatchSampler(data, 16, seed=4, stream=1, crop_padding=2).crop_offsets(0))
+    # crops are drawn from their own generator: the indices do not change with crop_padding
+    assert torch.equal(a.indices(3), BatchSampler(data, 16, seed=4, stream=0).indices(3))
+
+
+def test_sampler_crop_offsets_cover_range() -> None:
+    p = 3
+    s = BatchSampler(_distinct(), 16, seed=1, stream=0, crop_padding=p)
+    off = torch.cat([s.crop_offsets(k) for k in range(40)])  # 640 images
+    for axis in (0, 1):
+        assert off[:, axis].min().item() == 0 and off[:, axis].max().item() == 2 * p
+        assert set(off[:, axis].tolist()) == set(range(2 * p + 1))
+    assert (off == p).all(1).float().mean() < 0.1  # mostly not the identity crop
+
+
+def test_sampler_crop_with_hflip() -> None:
+    data = _distinct(64)
+    both = BatchSampler(data, 64, seed=0, stream=0, hflip=True, crop_padding=2)
+    flip_only = BatchSampler(data, 64, seed=0, stream=0, hflip=True)
+    x, flipped = both.batch(3)[0], flip_only.batch(3)[0]
+    padded = torch.nn.functional.pad(flipped, (2, 2, 2, 2), mode="replicate")
+    off = both.crop_offsets(3)
+    for i in range(64):  # the flip first (same draws as without crops), then the crop
+        dy, dx = off[i].tolist()
+        assert torch.equal(x[i], padded[i, :, dy:dy + 5, dx:dx + 5])
+
+
+def test_crop_padding_config(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="diffusionblocks.data"):
+        s = load_image_data(DataConfig(dataset="digits", crop_padding=1))
+    assert len(s.train) == 1500
+    assert any("crop_padding" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    with pytest.raises(ConfigError, match="crop_padding"):
+        load_image_data(DataConfig(dataset="digits", crop_padding=-1))
+    with pytest.raises(ValueError, match="crop_padding"):
+        BatchSampler(_toy(), 4, seed=0, stream=0, crop_padding=-1)
 
 
 def test_sampler_rejects_bad_input() -> None:

@@ -164,6 +164,25 @@ def load_block_weights(run_dir: Path, b: int, module: torch.nn.Module) -> int:
     return block_step(run_dir, b) or 0
 
 
+def save_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes a small safetensors file atomically."""
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    _atomic_replace(tmp, path)
+
+
+def load_tensor_file(path: Path, key: str) -> torch.Tensor:
+    try:
+        return load_file(str(path))[key]
+    except (SafetensorError, OSError, KeyError) as e:
+        raise ConfigError(f"{str(path)!r} is corrupt or lacks {key!r}: {e}") from None
+
+
+def load_block_tensor(run_dir: Path, b: int, key: str) -> torch.Tensor:
+    """One tensor of block b's weights file."""
+    return load_tensor_file(block_weights_path(run_dir, b), key)
+
+
 def save_train_state(run_dir: Path, b: int, state: dict[str, Any]) -> None:
     path = block_state_path(run_dir, b)
     tmp = path.with_suffix(".pt.tmp")

@@ -44,7 +44,7 @@ def _check_data_matches(cfg: RunConfig, data) -> None:
     if (C, H) != (m.in_channels, m.image_size):
         raise ConfigError(f"data.dataset={cfg.data.dataset!r} has {C}-channel {H}x{H} images but the model expects "
                           f"model.in_channels={m.in_channels}, model.image_size={m.image_size}")
-    if m.num_classes not in (0, data.train.num_classes):
+    if m.num_classes not in ((0, data.train.num_classes) if cfg.task == "generate" else (data.train.num_classes,)):
         raise ConfigError(f"data.dataset={cfg.data.dataset!r} has {data.train.num_classes} classes "
                           f"but model.num_classes={m.num_classes}")
 
@@ -160,6 +160,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ConfigError("--reinit needs --from RUN (it retrains chosen blocks of RUN from scratch)")
     if args.schedule is not None:
         args.overrides = [*args.overrides, f"train.schedule={args.schedule}"]
+    if args.task == "classify":  # the ViT label denoiser; named after the digits default
+        args.overrides = ["task=classify", "model.arch=vit", "name=digits-vit", *args.overrides]
     cfg = _resolve_train_config(args)
     B = cfg.blocks.num_blocks
     blocks = _parse_blocks(args.blocks, B)
@@ -216,7 +218,14 @@ def _finish_run(cfg: RunConfig, run_dir: Path, blocks: list[int], mem: PeakMemor
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", B, title=f"{cfg.name}, B={B}")
     missing = [b for b, i in enumerate(infos) if i is None]
     if missing:
-        logger.info("blocks %s are not trained yet: no samples until every block is", missing)
+        logger.info("blocks %s are not trained yet: no %s until every block is", missing,
+                    "samples" if cfg.task == "generate" else "evaluation")
+    elif cfg.task == "classify":
+        from .classify import evaluate_classifier, format_classifier_evaluation
+
+        result = evaluate_classifier(run_dir, device=device)
+        summary["evaluation"] = result
+        print(format_classifier_evaluation(result))
     else:
         model, _ = checkpoint.from_pretrained(run_dir, device)
         m, s = cfg.model, cfg.sample
@@ -231,8 +240,9 @@ def _finish_run(cfg: RunConfig, run_dir: Path, blocks: list[int], mem: PeakMemor
     for row in summary["blocks"]:
         logger.info("block %d: %d steps in %.1f s (%.1f steps/s)", row["block"], row["steps"], row["train_time_s"],
                     row["steps_per_s"] or 0.0)
-    logger.info("wrote %s (samples.png: one row per class, loss.png, metrics.jsonl) in %.1f s",
-                run_dir, summary["wall_time_s"])
+    logger.info("wrote %s (%sloss.png, metrics.jsonl, train_summary.json) in %.1f s", run_dir,
+                "samples.png: one row per class, " if cfg.task == "generate" and not missing else "",
+                summary["wall_time_s"])
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -247,6 +257,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.num < 1:
         raise ConfigError(f"--num must be at least 1, got {args.num}")
     device = _device(args.device)
+    if checkpoint.read_config(args.run).task != "generate":
+        raise ConfigError(f"{args.run} is a classifier: sample draws images from generators; use "
+                          f"`diffusionblocks evaluate {args.run}`")
     model, cfg = checkpoint.from_pretrained(args.run, device, stream=args.stream)
     m, s = cfg.model, cfg.sample
     steps = s.steps if args.steps is None else args.steps
@@ -280,6 +293,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .plotting import save_image_grid
 
     cfg = checkpoint.read_config(args.run)
+    if cfg.task == "classify":
+        from .classify import evaluate_classifier, format_classifier_evaluation
+
+        out = Path(args.out) if args.out else Path(args.run) / f"eval-classify-{args.steps or 'B'}steps"
+        if out.exists() and any(out.iterdir()) and not args.overwrite:
+            raise ConfigError(f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another directory")
+        result = evaluate_classifier(args.run, steps=args.steps, device=_device(args.device), seed=args.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(format_classifier_evaluation(result))
+        return
     s = cfg.sample
     steps, sampler = args.steps or s.steps, args.sampler or s.sampler
     guidance = s.guidance if args.guidance is None else args.guidance
@@ -398,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_", metavar="RUN", help="new run from a trained RUN: fine-tune --blocks from "
                    "RUN's weights (or retrain them with --reinit); the other blocks' files are copied unchanged")
     p.add_argument("--reinit", action="store_true", help="with --from: train the chosen blocks from scratch")
+    p.add_argument("--task", choices=["generate", "classify"], help="shortcut: classify = task=classify "
+                   "model.arch=vit (a ViT label denoiser; with no --config, on the digits)")
     p.add_argument("--schedule", choices=["sequential", "interleaved", "parallel"],
                    help="shortcut for train.schedule=...; parallel: launch with torchrun, one group of ranks per block")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")

@@ -38,6 +38,9 @@ def comparison_configs(cfg: RunConfig, num_blocks: list[int]) -> dict[int, RunCo
     for B in sorted({1, *num_blocks}):
         blocks = dataclasses.replace(cfg.blocks, num_blocks=B, layers_per_block=even_split(cfg.model.depth, B))
         c = dataclasses.replace(cfg, name=f"{cfg.name}-B{B}", blocks=blocks)
+        if cfg.task == "classify":  # B=1 is the plain ViT classifier, the end-to-end baseline
+            classify = dataclasses.replace(cfg.classify, mode="plain" if B == 1 else "diffusion")
+            c = dataclasses.replace(c, classify=classify)
         c.validate()
         out[B] = c
     return out
@@ -80,6 +83,8 @@ def run_comparison(cfg: RunConfig, out_dir: Path, *, num_blocks: list[int] = (2,
         if not _trained(c, run):
             _train(c, run, config_path, device, progress)
     eval_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.task == "classify":
+        return _compare_classifiers(cfg, configs, out_dir, eval_device, seed)
     results, grids = {}, {}
     for B in configs:
         run = out_dir / f"B{B}"
@@ -95,6 +100,78 @@ def run_comparison(cfg: RunConfig, out_dir: Path, *, num_blocks: list[int] = (2,
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report(out_dir, configs, results, grids)
     return report
+
+
+def _compare_classifiers(cfg: RunConfig, configs: dict[int, RunConfig], out_dir: Path, device: str,
+                         seed: int) -> dict[str, Any]:
+    """The classification report: accuracy, per-step chain accuracy and oracle accuracy per block."""
+    from .classify import evaluate_classifier
+
+    results = {}
+    for B in configs:
+        run = out_dir / f"B{B}"
+        r = evaluate_classifier(run, device=device, seed=seed)
+        r["train_summary"] = json.loads((run / "train_summary.json").read_text())
+        (run / "evaluation.json").write_text(json.dumps(r, indent=2) + "\n")
+        results[B] = r
+    c1 = configs[1]
+    top5 = c1.model.num_classes > 5
+    header = ["B", "layers per block", "top-1", *(["top-5"] if top5 else []), "train s", "ms/step per block",
+              "inference s", "peak train mem MiB"]
+    lines = [f"# End-to-end ViT vs DiffusionBlocks classification: {c1.data.dataset}", "",
+             f"Equal training compute: every block gets {c1.train.steps_per_block} steps of batch "
+             f"{c1.train.batch_size}, as does the end-to-end ViT (B=1, a plain classifier with the same layers). "
+             f"ViT: {c1.model.depth} layers, width {c1.model.hidden_size}; label embedding "
+             f"{cfg.classify.label_embedding}; {cfg.train.schedule} schedule; inference: "
+             f"{cfg.classify.inference_steps or 'B'} steps. Held-out images: {results[1]['num_test']}.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for B, r in results.items():
+        ts = r["train_summary"]
+        per_step = [b["train_time_s"] / b["steps"] for b in ts["blocks"]]
+        mem = ts.get("peak_train_memory_bytes")
+        row = [str(B), "/".join(map(str, configs[B].layer_split())), f"{r['top1']:.4f}",
+               *([f"{r['top5']:.4f}"] if top5 else []), f"{sum(b['train_time_s'] for b in ts['blocks']):.0f}",
+               " / ".join(f"{1000 * t:.1f}" for t in per_step), f"{r['inference_s']:.2f}",
+               f"{mem / 2**20:.0f}" if mem is not None else "n/a"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Chain diagnostics", "", "Accuracy after each block's step along the chain, next to the block's "
+              "accuracy on its own training distribution (true label embedding + sigma eps) at the same noise levels.",
+              "", "| B | block | steps | sigma range | oracle acc. | chain acc. | gap |", "|---|---|---|---|---|---|---|"]
+    for B, r in results.items():
+        for b in r.get("per_block", []):
+            lo, hi = b["sigma_range"]
+            lines.append(f"| {B} | {b['block']} | {b['steps']} | {lo:.3g}-{hi:.3g} | {b['oracle_accuracy']:.4f} | "
+                         f"{b['chain_accuracy']:.4f} | {b['composition_gap']:+.4f} |")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    report = {"config": cfg.to_dict(), "seed": seed, "runs": {str(B): r for B, r in results.items()}}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot_classifier_comparison(out_dir, results)
+    return report
+
+
+def _plot_classifier_comparison(out_dir: Path, results: dict[int, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Bs = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot(Bs, [results[B]["top1"] for B in Bs], "o-")
+    axes[0].set_xlabel("B (1 = end-to-end ViT)")
+    axes[0].set_xticks(Bs)
+    axes[0].set_title("top-1 accuracy")
+    for B in Bs[1:]:
+        rows = results[B]["per_step"]
+        axes[1].plot([r["step"] for r in rows], [r["chain_accuracy"] for r in rows], "o-", label=f"B={B}")
+    axes[1].set_xlabel("inference step")
+    axes[1].set_title("accuracy along the chain")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "metrics_vs_B.png", dpi=110)
+    plt.close(fig)
 
 
 def _row(B: int, c: RunConfig, r: dict[str, Any]) -> list[str]:

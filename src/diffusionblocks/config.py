@@ -54,7 +54,7 @@ class BlocksConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "digits"      # "digits" (scikit-learn, embedded), "mnist" (IDX files), "cifar10" or "cifar100".
-    root: str | None = None      # Directory of the dataset files (mnist, cifar10).
+    root: str | None = None      # Directory of the dataset files (mnist, cifar10, cifar100).
     download: bool = False       # Fetch the standard files into root when they are missing.
     split: str = "train"         # Which files to train on: "train", or "test" to train on part of the test files.
     holdout: int = 0             # Images held out of the training split for evaluation (0 = dataset default).
@@ -91,14 +91,31 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class ClassifyConfig:
+    """Classification by label denoising (method.md section 5); used when task = "classify"."""
+
+    mode: str = "diffusion"               # "diffusion" (blocks denoise the label embedding) or "plain" (the
+                                          # end-to-end baseline: the same ViT as an ordinary classifier, B = 1).
+    label_embedding: str = "fixed"        # "fixed": a random orthonormal table frozen from the seed, so blocks
+                                          # are independent (any schedule); "learned_first": learned with block 0,
+                                          # then frozen for the others (sequential); "learned_joint": one table
+                                          # learned by whichever block runs (interleaved; the reference code's).
+    loss_weighting: str = "per_sample"    # "per_sample": lambda(sigma_i) CE_i; "batch_mean": mean(lambda) CE_i,
+                                          # the reference code's.
+    inference_steps: int = 0              # Denoising steps at inference; 0 = B (each block once).
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "digits-dit"
+    task: str = "generate"       # "generate" (class-conditional images, DiT) or "classify" (labels, ViT).
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,8 +138,28 @@ class RunConfig:
 
     def validate(self) -> None:
         m, n, b, d, t, s = self.model, self.noise, self.blocks, self.data, self.train, self.sample
-        _choice("model.arch", m.arch, ("dit",))
+        _choice("task", self.task, ("generate", "classify"))
+        _choice("model.arch", m.arch, ("dit",) if self.task == "generate" else ("vit",))
+        c = self.classify
+        _choice("classify.mode", c.mode, ("diffusion", "plain"))
+        _choice("classify.label_embedding", c.label_embedding, ("fixed", "learned_first", "learned_joint"))
+        _choice("classify.loss_weighting", c.loss_weighting, ("per_sample", "batch_mean"))
+        if self.task == "classify":
+            if c.mode == "plain" and b.num_blocks != 1:
+                raise ConfigError(f"classify.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
+                                  f"got {b.num_blocks}")
+            if c.label_embedding == "learned_joint" and b.num_blocks > 1 and t.schedule != "interleaved":
+                raise ConfigError("classify.label_embedding='learned_joint' is shared by the blocks: it needs "
+                                  f"train.schedule='interleaved', got {t.schedule!r} (use 'fixed' or "
+                                  "'learned_first' for independent blocks)")
+            if c.label_embedding == "learned_first" and b.num_blocks > 1 and t.schedule != "sequential":
+                raise ConfigError("classify.label_embedding='learned_first' needs block 0 trained before the "
+                                  f"others: it needs train.schedule='sequential', got {t.schedule!r} (use 'fixed')")
+            if m.num_classes < 2:
+                raise ConfigError(f"classification needs model.num_classes >= 2, got {m.num_classes}")
         _choice("blocks.partition", b.partition, ("equiprobable", "uniform"))
+        if c.inference_steps < 0:
+            raise ConfigError(f"classify.inference_steps must be >= 0, got {c.inference_steps}")
         _choice("data.dataset", d.dataset, ("digits", "mnist", "cifar10", "cifar100"))
         _choice("data.split", d.split, ("train", "test"))
         _choice("train.schedule", t.schedule, ("sequential", "interleaved", "parallel"))
@@ -164,6 +201,8 @@ class RunConfig:
             if sum(split) != m.depth:
                 raise ConfigError(f"blocks.layers_per_block {list(split)} adds up to {sum(split)} layers "
                                   f"but model.depth={m.depth}")
+        if d.crop_padding < 0 or d.holdout < 0:
+            raise ConfigError("data.crop_padding and data.holdout must be non-negative")
         if d.dataset != "digits" and d.root is None:
             raise ConfigError(f"data.root is required for data.dataset={d.dataset!r}")
         if t.lr <= 0:

@@ -1,11 +1,12 @@
 """Image datasets and deterministic batch sampling.
 
-Three datasets are supported, all returned as float32 tensors N x C x H x W scaled to [-1, 1]
+Four datasets are supported, all returned as float32 tensors N x C x H x W scaled to [-1, 1]
 with int64 labels:
 
 * ``digits``: scikit-learn's embedded 8x8 digits (1,797 images, no files needed).
 * ``mnist``: the standard IDX files (plain or ``.gz``) in ``data.root``.
 * ``cifar10``: the CIFAR-10 "python version" batches in ``data.root``.
+* ``cifar100``: the CIFAR-100 "python version" files in ``data.root`` (the 100 fine labels).
 
 Every train/test split is made by a fixed permutation, so it is the same on every machine and run.
 Randomness during training comes only from :func:`derive_seed`, a pure function of
@@ -52,11 +53,39 @@ _MNIST_FILES = {  # name -> md5 of the standard .gz file (checked on download on
 _IDX_IMAGES_MAGIC = 0x00000803    # unsigned byte, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801    # unsigned byte, 1 dimension
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-_CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-_CIFAR10_DIR = "cifar-10-batches-py"
-_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-_CIFAR10_TEST = "test_batch"
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    """One dataset in the CIFAR "python version" format: pickled dicts of uint8 N x 3072 rows and labels."""
+
+    dataset: str                   # The data.dataset value, also the prefix of the ImageData names.
+    display: str                   # Name shown in messages, e.g. "CIFAR-10".
+    directory: str                 # Directory the archive extracts to (the files may also lie in root itself).
+    train_files: tuple[str, ...]   # Training files, in order.
+    test_file: str                 # Test file.
+    label_key: str                 # Pickle entry holding the labels.
+    num_classes: int
+    url: str                       # The .tar.gz archive (data.download=true).
+    md5: str                       # md5 of the archive.
+
+    @property
+    def archive(self) -> str:
+        """File name of the downloaded archive."""
+        return self.url.rsplit("/", 1)[-1]
+
+
+CIFAR10 = CifarSpec(
+    dataset="cifar10", display="CIFAR-10", directory="cifar-10-batches-py",
+    train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_file="test_batch", label_key="labels",
+    num_classes=10, url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    md5="c58f30108f718f92721af3b95e74349a")
+CIFAR100 = CifarSpec(
+    dataset="cifar100", display="CIFAR-100", directory="cifar-100-python",
+    train_files=("train",), test_file="test", label_key="fine_labels",
+    num_classes=100, url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    md5="eb9058c3a382ffc7106e4002c42a8d85")
+_CIFAR_SPECS = {spec.dataset: spec for spec in (CIFAR10, CIFAR100)}  # Looked up at load time.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,25 +181,33 @@ class ImageSplits:
 def load_image_data(cfg: DataConfig) -> ImageSplits:
     """Loads the dataset `cfg` names and splits it into train and test; raises ConfigError on bad input.
 
-    split="train" trains on the dataset's training files and tests on its test files (for mnist and
-    cifar10 ``holdout`` is then ignored); split="test" uses only the test files, split by a fixed
-    permutation into N - holdout training and holdout test images (holdout 0 means 2,000).
+    split="train" trains on the dataset's training files and tests on its test files (for mnist,
+    cifar10 and cifar100 ``holdout`` is then ignored); split="test" uses only the test files, split by
+    a fixed permutation into N - holdout training and holdout test images (holdout 0 means 2,000).
     digits has a single set of 1,797 images, split likewise (holdout 0 means 297).
+    The augmentations (hflip, crop_padding) are applied by :class:`BatchSampler`, not here; this only
+    checks them and warns where they make little sense.
     """
     if cfg.split not in ("train", "test"):
         raise ConfigError(f"data.split={cfg.split!r} is not one of 'train', 'test'")
     if cfg.holdout < 0:
         raise ConfigError(f"data.holdout must be non-negative, got {cfg.holdout}")
+    if cfg.crop_padding < 0:
+        raise ConfigError(f"data.crop_padding must be non-negative, got {cfg.crop_padding}")
     if cfg.hflip and cfg.dataset in ("digits", "mnist"):
         log.warning("data.hflip=true on %s: horizontal flips change the meaning of digits", cfg.dataset)
+    if cfg.crop_padding > 0 and cfg.dataset == "digits":
+        log.warning("data.crop_padding=%d on digits: random crops of 8x8 images shift the digit by up to %d "
+                    "pixel(s) and replicate its edges", cfg.crop_padding, cfg.crop_padding)
     if cfg.dataset == "digits":
         splits = _load_digits(cfg)
     elif cfg.dataset == "mnist":
         splits = _load_mnist(cfg)
-    elif cfg.dataset == "cifar10":
-        splits = _load_cifar10(cfg)
+    elif cfg.dataset in _CIFAR_SPECS:
+        splits = _load_cifar(cfg, _CIFAR_SPECS[cfg.dataset])
     else:
-        raise ConfigError(f"data.dataset={cfg.dataset!r} is not one of 'digits', 'mnist', 'cifar10'")
+        raise ConfigError(f"data.dataset={cfg.dataset!r} is not one of 'digits', 'mnist', "
+                          + ", ".join(f"'{k}'" for k in _CIFAR_SPECS))
     log.info("loaded %s: %d train, %d test images of %dx%dx%d", cfg.dataset, len(splits.train),
              len(splits.test), splits.train.num_channels, splits.train.image_size, splits.train.image_size)
     return splits
@@ -351,7 +388,7 @@ def _load_mnist(cfg: DataConfig) -> ImageSplits:
     return ImageSplits(train=ImageData(*train, 10, "mnist-train"), test=ImageData(*test, 10, "mnist-test"))
 
 
-# --- CIFAR-10 ---------------------------------------------------------------------------------
+# --- CIFAR-10 / CIFAR-100 -------------------------------------------------------------------
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -373,53 +410,54 @@ class _SafeUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module(module), name)
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Reads one CIFAR-10 python batch: uint8 N x 3 x 32 x 32 images and int64 labels."""
+def _read_cifar_batch(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Reads one CIFAR python file of `spec`: uint8 N x 3 x 32 x 32 images and int64 labels."""
+    what = f"{spec.display} file '{path}'"
     try:
         with open(path, "rb") as f:
             d = _SafeUnpickler(f, encoding="bytes").load()
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
             ImportError, IndexError, KeyError) as e:
-        raise ConfigError(f"cannot read CIFAR-10 file '{path}': {e} (corrupt or truncated?)") from None
+        raise ConfigError(f"cannot read {what}: {e} (corrupt or truncated?)") from None
     if not isinstance(d, dict):
-        raise ConfigError(f"CIFAR-10 file '{path}' does not hold a dict (not a CIFAR-10 python batch)")
+        raise ConfigError(f"{what} does not hold a dict (not a {spec.display} python batch)")
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
-    if "data" not in d or "labels" not in d:
-        raise ConfigError(f"CIFAR-10 file '{path}' lacks the 'data' or 'labels' entry")
-    data, labels = np.asarray(d["data"]), np.asarray(d["labels"])
+    if "data" not in d or spec.label_key not in d:
+        raise ConfigError(f"{what} lacks the 'data' or '{spec.label_key}' entry")
+    data, labels = np.asarray(d["data"]), np.asarray(d[spec.label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ConfigError(f"CIFAR-10 file '{path}' has data {data.dtype} {data.shape}, expected uint8 N x 3072")
+        raise ConfigError(f"{what} has data {data.dtype} {data.shape}, expected uint8 N x 3072")
     if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
-        raise ConfigError(f"CIFAR-10 file '{path}' has {len(data)} images but labels of shape {labels.shape} "
-                          f"and type {labels.dtype}")
-    _check_labels(labels, 10, f"CIFAR-10 file '{path}'")
+        raise ConfigError(f"{what} has {len(data)} images but labels '{spec.label_key}' of shape "
+                          f"{labels.shape} and type {labels.dtype}")
+    _check_labels(labels, spec.num_classes, what)
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
-def _cifar_dir(root: Path, names: list[str]) -> Path | None:
-    """The directory holding the batch files: root/cifar-10-batches-py, or root itself."""
-    for d in (root / _CIFAR10_DIR, root):
+def _cifar_dir(root: Path, names: list[str], spec: CifarSpec) -> Path | None:
+    """The directory holding the files: root/<spec.directory>, or root itself."""
+    for d in (root / spec.directory, root):
         if any((d / n).is_file() for n in names):
             return d
     return None
 
 
-def _download_cifar10(root: Path) -> None:
-    """Downloads and safely extracts cifar-10-python.tar.gz into root/cifar-10-batches-py."""
-    archive = root / "cifar-10-python.tar.gz"
+def _download_cifar(root: Path, spec: CifarSpec) -> None:
+    """Downloads and safely extracts the archive of `spec` into root/<spec.directory>."""
+    archive = root / spec.archive
     if not archive.is_file():
-        _download([CIFAR10_URL], archive, _CIFAR10_MD5)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".cifar10-extract.", dir=root))
+        _download([spec.url], archive, spec.md5)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{spec.dataset}-extract.", dir=root))
     try:
         try:
             with tarfile.open(archive, "r:gz") as tar:
                 tar.extractall(tmp_dir, filter="data")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise ConfigError(f"cannot extract '{archive}': {e} (delete it to download again)") from None
-        extracted = tmp_dir / _CIFAR10_DIR
+        extracted = tmp_dir / spec.directory
         if not extracted.is_dir():
-            raise ConfigError(f"'{archive}' does not contain {_CIFAR10_DIR}/")
-        target = root / _CIFAR10_DIR
+            raise ConfigError(f"'{archive}' does not contain {spec.directory}/")
+        target = root / spec.directory
         if target.exists():
             shutil.rmtree(target)
         os.replace(extracted, target)
@@ -428,37 +466,40 @@ def _download_cifar10(root: Path) -> None:
     archive.unlink(missing_ok=True)
 
 
-def _load_cifar10(cfg: DataConfig) -> ImageSplits:
-    """CIFAR-10 python batches: data_batch_1..5 / test_batch, or test_batch split (split='test')."""
+def _load_cifar(cfg: DataConfig, spec: CifarSpec) -> ImageSplits:
+    """A CIFAR python dataset: its train files / test file, or the test file split (split='test')."""
     root = _root(cfg)
-    names = ([*_CIFAR10_TRAIN, _CIFAR10_TEST] if cfg.split == "train" else [_CIFAR10_TEST])
-    folder = _cifar_dir(root, names)
+    names = [*spec.train_files, spec.test_file] if cfg.split == "train" else [spec.test_file]
+    folder = _cifar_dir(root, names, spec)
     missing = names if folder is None else [n for n in names if not (folder / n).is_file()]
     if missing:
         if not cfg.download:
-            where = f"'{root / _CIFAR10_DIR}' or '{root}'"
-            raise ConfigError(f"CIFAR-10 file(s) missing from {where}: {', '.join(missing)}; "
+            where = f"'{root / spec.directory}' or '{root}'"
+            raise ConfigError(f"{spec.display} file(s) missing from {where}: {', '.join(missing)}; "
                               "data.download=true fetches them")
-        _download_cifar10(root)
-        folder = root / _CIFAR10_DIR
+        _download_cifar(root, spec)
+        folder = root / spec.directory
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            raise ConfigError(f"the downloaded CIFAR-10 archive lacks {', '.join(missing)}")
+            raise ConfigError(f"the downloaded {spec.display} archive lacks {', '.join(missing)}")
     assert folder is not None
 
-    def read(batch_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [_read_cifar_batch(folder / n) for n in batch_names]
+    def read(file_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [_read_cifar_batch(folder / n, spec) for n in file_names]
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         return _uint8_to_unit(images), torch.from_numpy(labels)
 
+    k = spec.num_classes
     if cfg.split == "test":
-        images, labels = read([_CIFAR10_TEST])
-        return _split_fixed(images, labels, cfg.holdout or _TEST_SPLIT_HOLDOUT, 10, "cifar10")
+        images, labels = read([spec.test_file])
+        return _split_fixed(images, labels, cfg.holdout or _TEST_SPLIT_HOLDOUT, k, spec.dataset)
     if cfg.holdout:
-        log.warning("data.holdout=%d is ignored with data.split='train': test_batch is the test set", cfg.holdout)
-    train, test = read(list(_CIFAR10_TRAIN)), read([_CIFAR10_TEST])
-    return ImageSplits(train=ImageData(*train, 10, "cifar10-train"), test=ImageData(*test, 10, "cifar10-test"))
+        log.warning("data.holdout=%d is ignored with data.split='train': %s is the test set",
+                    cfg.holdout, spec.test_file)
+    train, test = read(list(spec.train_files)), read([spec.test_file])
+    return ImageSplits(train=ImageData(*train, k, f"{spec.dataset}-train"),
+                       test=ImageData(*test, k, f"{spec.dataset}-test"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,22 +513,31 @@ class BatchSampler:
     from ``make_generator(seed, stream, e, "perm")``; the batch for step s is elements
     [s * batch_size, (s + 1) * batch_size) of it (a batch may straddle epochs, and may be larger than
     the data). With hflip, each image of step s's batch is flipped left-right with probability 1/2,
-    drawn from ``make_generator(seed, stream, s, "flip")``. Batches are returned on the CPU.
+    drawn from ``make_generator(seed, stream, s, "flip")``. With crop_padding p > 0, each image (after
+    the flip) is then padded by p pixels on every side with copies of its edge pixels (as
+    ``torch.nn.functional.pad(..., mode="replicate")``) and cropped back to its size at an offset
+    (dy, dx) drawn uniformly from [0, 2p] x [0, 2p] per image from ``make_generator(seed, stream, s,
+    "crop")``; (p, p) is the identity. The crop is one gather with clamped indices, with no padded
+    copy and no loop over images. The dataset is never modified. Batches are returned on the CPU.
     """
 
     _CACHE = 2  # Permutations kept; they only save time, never change results.
 
-    def __init__(self, data: ImageData, batch_size: int, seed: int, stream: int, hflip: bool = False) -> None:
+    def __init__(self, data: ImageData, batch_size: int, seed: int, stream: int, hflip: bool = False,
+                 crop_padding: int = 0) -> None:
         """Samples from `data`; use one `stream` per block (or other independent consumer)."""
         if len(data) == 0:
             raise ValueError(f"{data.name}: cannot sample batches from an empty dataset")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if crop_padding < 0:
+            raise ValueError(f"crop_padding must be non-negative, got {crop_padding}")
         self.data = data
         self.batch_size = batch_size
         self.seed = seed
         self.stream = stream
         self.hflip = hflip
+        self.crop_padding = int(crop_padding)
         self._perms: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -518,13 +568,36 @@ class BatchSampler:
             pos += take
         return torch.cat(pieces)
 
+    def crop_offsets(self, step: int) -> torch.Tensor:
+        """The (dy, dx) crop offsets in [0, 2 * crop_padding] of step `step`'s images, int64 B x 2."""
+        p = self.crop_padding
+        gen = make_generator(self.seed, self.stream, step, "crop")
+        return torch.randint(0, 2 * p + 1, (self.batch_size, 2), generator=gen)
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, labels) of global step `step`, images flipped at random if hflip."""
+        """(images, labels) of global step `step`, images flipped if hflip, then cropped if crop_padding."""
         idx = self.indices(step)
-        images = self.data.images[idx]
+        images = self.data.images[idx]  # advanced indexing copies: the dataset is never modified
         labels = self.data.labels[idx]
         if self.hflip:
             gen = make_generator(self.seed, self.stream, step, "flip")
             flip = torch.rand(len(idx), generator=gen) < 0.5
             images[flip] = images[flip].flip(-1)
+        if self.crop_padding > 0:
+            images = _random_crop(images, self.crop_offsets(step), self.crop_padding)
         return images, labels
+
+
+def _random_crop(images: torch.Tensor, offsets: torch.Tensor, padding: int) -> torch.Tensor:
+    """Crops of the edge-replicated, `padding`-padded images at per-image offsets (B x 2: dy, dx).
+
+    Equal to ``F.pad(images, (p,) * 4, mode="replicate")[i, :, dy:dy + H, dx:dx + W]`` for each image i:
+    padded pixel (y, x) is source pixel (clamp(y - p, 0, H - 1), clamp(x - p, 0, W - 1)), so each crop
+    is a gather of rows and then of columns, all images at once.
+    """
+    B, C, H, W = images.shape
+    offsets = offsets.to(images.device)
+    rows = (torch.arange(H, device=images.device) + offsets[:, :1] - padding).clamp_(0, H - 1)  # B x H
+    cols = (torch.arange(W, device=images.device) + offsets[:, 1:] - padding).clamp_(0, W - 1)  # B x W
+    images = images.gather(2, rows[:, None, :, None].expand(B, C, H, W))
+    return images.gather(3, cols[:, None, None, :].expand(B, C, H, W))

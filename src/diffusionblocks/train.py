@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .config import ConfigError, RunConfig
 from .data import BatchSampler, ImageData, make_generator
-from .models import build_block, build_partition
+from .models import build_block, build_partition, run_label_embedding
 from .noise import Partition
 from .precond import Denoiser
 
@@ -78,17 +78,27 @@ def make_optimizer(denoiser: Denoiser, cfg: RunConfig) -> torch.optim.AdamW:
 
 
 def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path | None = None,
-                     init_from: Path | None = None) -> BlockState:
+                     init_from: Path | None = None, label_table: torch.Tensor | None = None,
+                     shared_embedding: nn.Parameter | None = None) -> BlockState:
     """Block b freshly initialised from (seed, b), or resumed from its training state in run_dir.
 
     init_from: a trained run whose block b gives the starting weights (fine-tuning), used when run_dir
     holds no state for the block yet; the optimiser starts afresh.
+    label_table / shared_embedding (classification): the label embedding learned by block 0, to copy
+    into this block ("learned_first"), or the one parameter all blocks learn ("learned_joint").
     """
     denoiser = build_block(cfg, b, make_generator(cfg.train.seed, b, "init"))
-    denoiser.inner_model.checkpointing = cfg.train.activation_checkpointing
+    for module in denoiser.modules():
+        if hasattr(module, "checkpointing"):
+            module.checkpointing = cfg.train.activation_checkpointing
     if init_from is not None:
         checkpoint.load_block_weights(init_from, b, denoiser)
     denoiser = denoiser.to(device)
+    if shared_embedding is not None:
+        denoiser.label_embedding = shared_embedding
+    elif label_table is not None:
+        with torch.no_grad():
+            denoiser.label_embedding.copy_(label_table)
     optimizer = make_optimizer(denoiser, cfg)
     ema = copy.deepcopy(denoiser).requires_grad_(False) if cfg.train.ema_halflife_steps > 0 else None
     state = BlockState(b, denoiser, optimizer, ema)
@@ -104,8 +114,14 @@ def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path
     return state
 
 
+JOINT_LABEL_FILE = "label_embedding.safetensors"  # the shared table of "learned_joint" runs
+
+
 def save_block_state(run_dir: Path, state: BlockState, cfg: RunConfig) -> None:
-    """Checkpoints one block: training state first, then the inference weights."""
+    """Checkpoints one block: training state first, then the inference weights (and a shared label table)."""
+    if _label_mode(cfg) == "learned_joint":
+        checkpoint.save_tensor_file(run_dir / JOINT_LABEL_FILE,
+                                    {"label_embedding": state.denoiser.label_embedding.detach()})
     checkpoint.save_train_state(run_dir, state.b, {
         "step": state.step, "train_time_s": state.train_time_s,
         "model": state.denoiser.state_dict(), "optimizer": state.optimizer.state_dict(),
@@ -218,15 +234,40 @@ def train(cfg: RunConfig, data: ImageData, run_dir: Path | None, *, device: str 
     partition = build_partition(cfg)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None else None, cfg.train.log_every)
     if cfg.train.schedule == "sequential":
-        return {b: _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress, init_from)
-                for b in blocks}
+        states: dict[int, BlockState] = {}
+        for b in blocks:
+            table = _first_block_label_table(cfg, b, run_dir, states)
+            states[b] = _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress, init_from,
+                                                label_table=table)
+        return states
     if cfg.train.schedule == "parallel":
         return _train_parallel(cfg, blocks, data, run_dir, partition, device, progress, init_from)
     return _train_interleaved(cfg, blocks, data, run_dir, partition, log, device, progress, init_from)
 
 
+def _label_mode(cfg: RunConfig) -> str | None:
+    """The label-embedding mode of a label-denoising run, else None."""
+    if cfg.task == "classify" and cfg.classify.mode == "diffusion":
+        return cfg.classify.label_embedding
+    return None
+
+
+def _first_block_label_table(cfg: RunConfig, b: int, run_dir: Path | None,
+                             states: dict[int, BlockState]) -> torch.Tensor | None:
+    """For "learned_first": block 0's trained label embedding, which blocks after it use frozen."""
+    if _label_mode(cfg) != "learned_first" or b == 0:
+        return None
+    if 0 in states and states[0].resident:
+        return states[0].denoiser.label_embedding.detach().clone()
+    if run_dir is not None and checkpoint.block_step(run_dir, 0) == cfg.train.steps_per_block:
+        return checkpoint.load_block_tensor(run_dir, 0, "label_embedding")
+    raise ConfigError(f"classify.label_embedding='learned_first': block 0 learns the label embedding, so it must be "
+                      f"trained to the end before block {b}")
+
+
 def _sampler(cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
-    return BatchSampler(data, cfg.train.batch_size, seed=cfg.train.seed, stream=b, hflip=cfg.data.hflip)
+    return BatchSampler(data, cfg.train.batch_size, seed=cfg.train.seed, stream=b, hflip=cfg.data.hflip,
+                        crop_padding=cfg.data.crop_padding)
 
 
 def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler: BatchSampler,
@@ -249,9 +290,9 @@ def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler
 def _train_sequential_block(cfg: RunConfig, b: int, data: ImageData, run_dir: Path | None, partition: Partition,
                             log: MetricsLog, device: torch.device, progress: bool,
                             init_from: Path | None = None, group=None, shard: tuple[int, int] = (0, 1),
-                            leader: bool = True) -> BlockState:
+                            leader: bool = True, label_table: torch.Tensor | None = None) -> BlockState:
     """Trains block b to the end; with a process group, data-parallel over it (only the leader writes)."""
-    state = init_block_state(cfg, b, device, run_dir, init_from)
+    state = init_block_state(cfg, b, device, run_dir, init_from, label_table=label_table)
     if shard[1] > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -298,8 +339,18 @@ def _train_parallel(cfg: RunConfig, blocks: list[int], data: ImageData, run_dir:
 def _train_interleaved(cfg: RunConfig, blocks: list[int], data: ImageData, run_dir: Path | None,
                        partition: Partition, log: MetricsLog, device: torch.device,
                        progress: bool, init_from: Path | None = None) -> dict[int, BlockState]:
-    """Each step trains a uniformly random unfinished block (the paper's schedule); all blocks resident."""
-    states = {b: init_block_state(cfg, b, device, run_dir, init_from) for b in blocks}
+    """Each step trains a uniformly random unfinished block (the paper's schedule); all blocks resident.
+
+    With classify.label_embedding="learned_joint" the blocks share one label-embedding parameter, which
+    each block's optimiser updates when that block runs (the reference code's sharing).
+    """
+    shared = None
+    if _label_mode(cfg) == "learned_joint":
+        shared = nn.Parameter(run_label_embedding(cfg).to(device))
+    states = {b: init_block_state(cfg, b, device, run_dir, init_from, shared_embedding=shared) for b in blocks}
+    if shared is not None and run_dir is not None and (run_dir / JOINT_LABEL_FILE).is_file():
+        with torch.no_grad():  # the blocks' files hold older snapshots; the run's file holds the latest
+            shared.copy_(checkpoint.load_tensor_file(run_dir / JOINT_LABEL_FILE, "label_embedding"))
     samplers = {b: _sampler(cfg, data, b) for b in blocks}
     total = cfg.train.steps_per_block
     losses: dict[int, float] = {}
@@ -318,4 +369,7 @@ def _train_interleaved(cfg: RunConfig, blocks: list[int], data: ImageData, run_d
             bar.update(1)
             if t % 10 == 0:
                 bar.set_postfix_str(" ".join(f"b{k}={v:.4f}" for k, v in sorted(losses.items())))
+    if shared is not None and run_dir is not None:
+        for state in states.values():  # every block's file gets the final shared table
+            save_block_state(run_dir, state, cfg)
     return states

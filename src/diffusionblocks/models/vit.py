@@ -1,7 +1,7 @@
 """ViT classifiers: the label denoiser of DiffusionBlocks (method.md section 5) and the plain end-to-end baseline.
 
-Label denoising. The class label is a point y = E[label] of a label-embedding table E (rows L2-normalised,
-then scaled by sqrt(D) * sigma_data so each coordinate has the RMS EDM's preconditioning assumes). A block
+Label denoising. The class label is a point y = E[label] of a label-embedding table E with L2-normalised
+rows (method.md section 5; the noise levels and preconditioning keep their EDM defaults). A block
 sees the image's patch tokens and, in front of them in the CLS slot, the noisy label embedding c_in z; the
 noise level enters every layer through adaLN-Zero. The output at that token, through a zero-initialised
 projection, is F; D = c_skip z + c_out F is the denoised embedding; a final adaLN and a zero-initialised
@@ -9,8 +9,6 @@ linear head turn D into class logits. Between inference steps the denoised estim
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +19,15 @@ from ..precond import append_dims, get_scalings, loss_weight
 from .dit import DiTLayer, NoiseEmbedder, get_2d_sincos_pos_embed, modulate
 
 
-def label_embedding_table(num_classes: int, dim: int, sigma_data: float, generator: torch.Generator) -> torch.Tensor:
-    """A random table with orthonormal rows where num_classes <= dim (QR of a Gaussian), scaled like the labels."""
+def label_embedding_table(num_classes: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """A random table with orthonormal rows where num_classes <= dim (QR of a Gaussian), else unit rows."""
     g = torch.randn(dim, num_classes, generator=generator)
     if num_classes <= dim:
         q, _ = torch.linalg.qr(g)  # (dim, K), orthonormal columns
         E = q.T
     else:
         E = g.T
-    return normalize_embedding(E, sigma_data)
-
-
-def normalize_embedding(E: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """Rows L2-normalised, then scaled to norm sqrt(D) * sigma_data (each coordinate has RMS sigma_data)."""
-    return F.normalize(E, dim=-1) * math.sqrt(E.shape[-1]) * sigma_data
+    return F.normalize(E, dim=-1)
 
 
 class _ViTTrunk(nn.Module):
@@ -104,19 +97,18 @@ class ViTLabelDenoiser(nn.Module):
     @torch.no_grad()
     def initialize_weights(self, generator: torch.Generator | None = None) -> None:
         self.trunk.init_trunk(generator)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.adaLN_final[-1]):
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02, generator=generator)
             nn.init.zeros_(lin.bias)
         for lin in (self.out_proj, self.head, self.adaLN_final[-1]):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
-        self.label_embedding.copy_(label_embedding_table(self.num_classes, self.label_embedding.shape[1],
-                                                         self.sigma_data, generator))
+        # The label table is the run's, the same for every block: models.build_block sets it.
 
     @property
     def E(self) -> torch.Tensor:
-        """The label table in denoising space: L2-normalised rows scaled by sqrt(D) sigma_data."""
-        return normalize_embedding(self.label_embedding, self.sigma_data)
+        """The label table in denoising space, rows L2-normalised (a learned table stays on the sphere)."""
+        return F.normalize(self.label_embedding, dim=-1)
 
     def denoise(self, z: torch.Tensor, sigma: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(D, logits) for the noisy label embedding z (N, D) at noise sigma (N,)."""

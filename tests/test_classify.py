@@ -1,0 +1,149 @@
+"""Classification by label denoising: the ViT block, routing, label-embedding modes, training, save/load."""
+
+import pytest
+import torch
+
+from diffusionblocks import checkpoint
+from diffusionblocks.classify import chain_logits, evaluate_classifier
+from diffusionblocks.cli import main
+from diffusionblocks.config import ConfigError, DataConfig, RunConfig, apply_overrides
+from diffusionblocks.data import load_image_data
+from diffusionblocks.models import build_block, build_partition
+from diffusionblocks.models.dit import modulate
+from diffusionblocks.precond import get_scalings
+from diffusionblocks.train import train
+
+TINY = ["task=classify", "model.arch=vit", "model.hidden_size=32", "model.num_heads=2", "model.depth=3",
+        "blocks.num_blocks=3", "train.batch_size=32", "train.steps_per_block=6", "train.log_every=3",
+        "train.checkpoint_every=3", "train.lr_warmup_steps=2"]
+
+
+@pytest.fixture
+def cfg():
+    return apply_overrides(RunConfig(), TINY)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_image_data(DataConfig())
+
+
+def test_vit_block_at_init_is_c_skip_z_through_the_head(cfg):
+    block = build_block(cfg, 1, torch.Generator().manual_seed(0))
+    z = torch.randn(4, 32)
+    sigma = torch.tensor([0.01, 0.2, 1.0, 20.0])
+    images = torch.randn(4, 1, 8, 8)
+    D, logits = block.denoise(z, sigma, images)
+    c_skip = get_scalings(sigma, 0.5)[0][:, None]
+    assert torch.allclose(D, c_skip * z, atol=1e-6)
+    c = block.t_embedder(get_scalings(sigma, 0.5)[3])
+    shift, scale = block.adaLN_final(c).chunk(2, dim=1)
+    expected = block.head(modulate(block.norm_final(c_skip * z)[:, None], shift, scale)[:, 0])
+    assert torch.allclose(logits, expected)
+
+
+def test_label_table_is_normalised_and_shared_by_fixed_blocks(cfg):
+    E = [build_block(cfg, b, torch.Generator().manual_seed(b)).E for b in range(3)]
+    assert torch.equal(E[0], E[1]) and torch.equal(E[1], E[2])
+    # Orthonormal rows (K=10 <= D=32).
+    assert torch.allclose(E[0] @ E[0].T, torch.eye(10), atol=1e-5)
+
+
+class Counting(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block, self.calls = block, []
+
+    def denoise(self, z, sigma, images):
+        self.calls.append(float(sigma[0]))
+        return self.block.denoise(z, sigma, images)
+
+    @property
+    def E(self):
+        return self.block.E
+
+    @property
+    def label_embedding(self):
+        return self.block.label_embedding
+
+
+def test_inference_runs_each_block_once_highest_noise_first(cfg):
+    from diffusionblocks.blocks import BlockwiseDenoiser
+
+    blocks = [Counting(build_block(cfg, b, torch.Generator().manual_seed(b))) for b in range(3)]
+    model = BlockwiseDenoiser(blocks, build_partition(cfg))
+    logits = chain_logits(model, torch.randn(5, 1, 8, 8))
+    assert len(logits) == 3 and logits[-1].shape == (5, 10)
+    assert [len(b.calls) for b in blocks] == [1, 1, 1]
+    assert blocks[0].calls[0] == 80 and blocks[2].calls[0] == pytest.approx(0.002)
+
+
+def test_sequential_and_interleaved_give_identical_blocks(cfg, digits):
+    seq = train(cfg, digits.train, None, progress=False)
+    inter = train(apply_overrides(cfg, ["train.schedule=interleaved"]), digits.train, None, progress=False)
+    for b in range(3):
+        a, c = seq[b].denoiser.state_dict(), inter[b].denoiser.state_dict()
+        assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_learned_first_freezes_block_zeros_table_for_the_others(cfg, digits, tmp_path):
+    c = apply_overrides(cfg, ["classify.label_embedding=learned_first"])
+    checkpoint.save_config(tmp_path, c)
+    train(c, digits.train, tmp_path, progress=False)
+    E = [checkpoint.load_block_tensor(tmp_path, b, "label_embedding") for b in range(3)]
+    initial = build_block(c, 0).label_embedding
+    assert not torch.equal(E[0], initial)  # learned by block 0
+    assert torch.equal(E[0], E[1]) and torch.equal(E[0], E[2])  # then frozen for blocks 1 and 2
+    assert isinstance(build_block(c, 1).label_embedding, torch.Tensor) and \
+        not isinstance(build_block(c, 1).label_embedding, torch.nn.Parameter)
+    with pytest.raises(ConfigError, match="must be trained to the end before block 1"):
+        train(c, digits.train, None, blocks=[1], progress=False)
+
+
+def test_learned_joint_shares_one_table(cfg, digits, tmp_path):
+    c = apply_overrides(cfg, ["classify.label_embedding=learned_joint", "train.schedule=interleaved"])
+    checkpoint.save_config(tmp_path, c)
+    states = train(c, digits.train, tmp_path, progress=False)
+    assert states[0].denoiser.label_embedding is states[2].denoiser.label_embedding
+    E = [checkpoint.load_block_tensor(tmp_path, b, "label_embedding") for b in range(3)]
+    assert torch.equal(E[0], E[1]) and torch.equal(E[1], E[2])
+    assert not torch.equal(E[0], build_block(c, 0).label_embedding)
+    with pytest.raises(ConfigError, match="needs train.schedule='interleaved'"):
+        apply_overrides(cfg, ["classify.label_embedding=learned_joint"])
+
+
+def test_save_load_exact_and_short_training_beats_chance(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--task", "classify", "--out", str(run), "--no-progress", "model.hidden_size=64",
+                 "model.num_heads=2", "train.steps_per_block=300", "train.batch_size=64", "train.lr=3e-3"]) == 0
+    r = evaluate_classifier(run)
+    assert r["top1"] > 0.3  # chance is 0.1 (measured: 0.58)
+    assert [b["block"] for b in r["per_block"]] == [0, 1, 2]
+    model, cfg = checkpoint.from_pretrained(run)
+    again, _ = checkpoint.from_pretrained(run)
+    x = load_image_data(cfg.data).test.images[:16]
+    assert all(torch.equal(a, b) for a, b in zip(chain_logits(model, x), chain_logits(again, x)))
+    assert main(["sample", str(run), "--out", str(tmp_path / "x.png")]) == 2
+    assert "is a classifier" in capsys.readouterr().err
+
+
+def test_plain_classifier_baseline(tmp_path):
+    run = tmp_path / "plain"
+    assert main(["train", "--task", "classify", "--out", str(run), "--no-progress", *TINY[2:], "blocks.num_blocks=1",
+                 "classify.mode=plain"]) == 0
+    r = evaluate_classifier(run)
+    assert r["mode"] == "plain" and 0 <= r["top1"] <= 1 and "per_block" not in r
+    with pytest.raises(ConfigError, match="needs blocks.num_blocks=1"):
+        apply_overrides(RunConfig(), ["task=classify", "model.arch=vit", "classify.mode=plain"])
+
+
+def test_compare_classifiers_writes_the_report(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--out", str(out), "--num-blocks", "3", "--no-progress", *TINY]) == 0
+    md = (out / "report.md").read_text()
+    assert "| 1 | 3 |" in md and "| 3 | 1/1/1 |" in md and "## Chain diagnostics" in md
+    assert (out / "metrics_vs_B.png").is_file()
+    import json
+
+    runs = json.loads((out / "report.json").read_text())["runs"]
+    assert runs["1"]["mode"] == "plain" and runs["3"]["mode"] == "diffusion"
