@@ -35,6 +35,19 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     return np.concatenate([emb_1d(embed_dim // 2, grid_w), emb_1d(embed_dim // 2, grid_h)], axis=1)
 
 
+@torch.no_grad()
+def xavier_init(module: nn.Module, x_embedder: nn.Conv2d, generator: torch.Generator | None) -> None:
+    """Xavier-uniform weights and zero biases for every Linear of `module` and for the patch embedding
+    (treated like a Linear on the flattened kernel), drawn from `generator` (DiT's initialisation)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=generator)
+            nn.init.zeros_(m.bias)
+    w = x_embedder.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1), generator=generator)
+    nn.init.zeros_(x_embedder.bias)
+
+
 class NoiseEmbedder(nn.Module):
     """Embeds c_noise = ln(sigma)/4 with EDM's sinusoidal positional embedding, then an MLP."""
 
@@ -128,14 +141,7 @@ class DiT(nn.Module):
     @torch.no_grad()
     def initialize_weights(self, generator: torch.Generator | None = None) -> None:
         """DiT's initialisation, every parameter drawn from `generator` so a block's init depends on its seed only."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, generator=generator)
-                nn.init.zeros_(m.bias)
-        # Patch embedding like nn.Linear (xavier on the flattened kernel).
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1), generator=generator)
-        nn.init.zeros_(self.x_embedder.bias)
+        xavier_init(self, self.x_embedder, generator)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02, generator=generator)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02, generator=generator)

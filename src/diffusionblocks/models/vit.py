@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..precond import append_dims, get_scalings, loss_weight
-from .dit import DiTLayer, NoiseEmbedder, get_2d_sincos_pos_embed, modulate
+from .dit import DiTLayer, NoiseEmbedder, get_2d_sincos_pos_embed, modulate, xavier_init
 
 
 def label_embedding_table(num_classes: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -55,13 +55,7 @@ class _ViTTrunk(nn.Module):
 
     @torch.no_grad()
     def init_trunk(self, generator: torch.Generator | None) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, generator=generator)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1), generator=generator)
-        nn.init.zeros_(self.x_embedder.bias)
+        xavier_init(self, self.x_embedder, generator)
         for layer in self.layers:  # adaLN-Zero: every layer starts as the identity
             nn.init.zeros_(layer.adaLN_modulation[-1].weight)
             nn.init.zeros_(layer.adaLN_modulation[-1].bias)
