@@ -3,6 +3,10 @@ import torch
 
 from diffusionblocks.config import RunConfig, apply_overrides
 
+# As the CLI does (cli.main), before any worker thread starts: every test then computes under the same
+# floating-point mode, whether it calls the library directly or through the CLI.
+torch.set_flush_denormal(True)
+
 TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=3", "blocks.num_blocks=3",
         "train.batch_size=16", "train.steps_per_block=6", "train.log_every=2", "train.checkpoint_every=3",
         "train.lr_warmup_steps=2", "sample.steps=6", "sample.samples_per_class=2"]

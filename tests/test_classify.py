@@ -9,7 +9,6 @@ from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError, DataConfig, RunConfig, apply_overrides
 from diffusionblocks.data import load_image_data
 from diffusionblocks.models import build_block, build_partition
-from diffusionblocks.models.dit import modulate
 from diffusionblocks.precond import get_scalings
 from diffusionblocks.train import train
 
@@ -28,18 +27,27 @@ def digits():
     return load_image_data(DataConfig())
 
 
-def test_vit_block_at_init_is_c_skip_z_through_the_head(cfg):
+def test_vit_block_at_init_is_the_skip_path_through_the_head(cfg):
+    """adaLN-Zero: at init every layer is the identity, so the CLS output is c_in z itself and
+    D = c_skip z + c_out LN(c_in z); the logits are that D through the final adaLN and the zero head."""
     block = build_block(cfg, 1, torch.Generator().manual_seed(0))
     z = torch.randn(4, 32)
     sigma = torch.tensor([0.01, 0.2, 1.0, 20.0])
     images = torch.randn(4, 1, 8, 8)
+    c_skip, c_out, c_in, c_noise = (c[:, None] for c in get_scalings(sigma, 0.5))
+    expected_D = c_skip * z + c_out * torch.nn.functional.layer_norm(c_in * z, (32,), eps=1e-6)
     D, logits = block.denoise(z, sigma, images)
-    c_skip = get_scalings(sigma, 0.5)[0][:, None]
-    assert torch.allclose(D, c_skip * z, atol=1e-6)
-    c = block.t_embedder(get_scalings(sigma, 0.5)[3])
+    assert torch.allclose(D, expected_D, atol=1e-6)
+    assert torch.equal(logits, torch.zeros(4, 10))  # zero-initialised head
+    # The image does not reach D at init: every path from it crosses a zero gate.
+    assert torch.allclose(block.denoise(z, sigma, torch.randn(4, 1, 8, 8))[0], D, atol=1e-6)
+    with torch.no_grad():
+        block.head.weight.normal_(generator=torch.Generator().manual_seed(1))
+    _, logits = block.denoise(z, sigma, images)
+    c = block.t_embedder(c_noise.flatten())
     shift, scale = block.adaLN_final(c).chunk(2, dim=1)
-    expected = block.head(modulate(block.norm_final(c_skip * z)[:, None], shift, scale)[:, 0])
-    assert torch.allclose(logits, expected)
+    assert torch.equal(shift, torch.zeros_like(shift)) and torch.equal(scale, torch.zeros_like(scale))
+    assert torch.allclose(logits, block.head(block.norm_final(expected_D)), atol=1e-5)
 
 
 def test_label_table_is_normalised_and_shared_by_fixed_blocks(cfg):

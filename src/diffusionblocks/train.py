@@ -228,6 +228,8 @@ def train(cfg: RunConfig, data: ImageData, run_dir: Path | None, *, device: str 
     with a run_dir, a finished block is saved and offloaded (its returned state holds only counters)
     before the next is built. With run_dir None nothing is written and every state is returned whole.
     init_from: a trained run whose weights start the blocks that have no state in run_dir (fine-tuning).
+    On CPU, call torch.set_flush_denormal(True) at the start of the process (the CLI does): low-noise
+    blocks produce denormal floats, which are several times slower.
     """
     device = torch.device(device)
     blocks = list(range(cfg.blocks.num_blocks)) if blocks is None else blocks

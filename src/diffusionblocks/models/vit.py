@@ -3,9 +3,16 @@
 Label denoising. The class label is a point y = E[label] of a label-embedding table E with L2-normalised
 rows (method.md section 5; the noise levels and preconditioning keep their EDM defaults). A block
 sees the image's patch tokens and, in front of them in the CLS slot, the noisy label embedding c_in z; the
-noise level enters every layer through adaLN-Zero. The output at that token, through a zero-initialised
-projection, is F; D = c_skip z + c_out F is the denoised embedding; a final adaLN and a zero-initialised
-linear head turn D into class logits. Between inference steps the denoised estimate is softmax(logits) @ E.
+noise level enters every layer through adaLN-Zero. The layer-normalised output at that token is F (the
+reference code's final LayerNorm, no projection); D = c_skip z + c_out F is the denoised embedding; a final
+adaLN and a zero-initialised linear head turn D into class logits. Between inference steps the denoised
+estimate is softmax(logits) @ E.
+
+F is not zero at initialisation, unlike the DiT's output layer: with adaLN-Zero layers the trunk starts
+as the identity, so F = LN(c_in z) and D = c_skip z + c_out LN(c_in z); the zero head makes the logits 0.
+A zero-initialised projection in front of F (tried first) leaves three zero factors between the image
+and the loss (head, projection, gates): on digits it cut block 0's accuracy at sigma_max from about 95%
+to 75% after 600 steps.
 """
 
 from __future__ import annotations
@@ -77,8 +84,7 @@ class ViTLabelDenoiser(nn.Module):
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.trunk = _ViTTrunk(image_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio)
         self.t_embedder = NoiseEmbedder(hidden_size)
-        self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.out_proj = nn.Linear(hidden_size, hidden_size)  # zero-initialised: F = 0, D = c_skip z at init
+        self.norm_out = nn.LayerNorm(hidden_size, eps=1e-6)  # F = norm_out(output at the CLS slot)
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.head = nn.Linear(hidden_size, num_classes)  # zero-initialised
@@ -94,7 +100,7 @@ class ViTLabelDenoiser(nn.Module):
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02, generator=generator)
             nn.init.zeros_(lin.bias)
-        for lin in (self.out_proj, self.head, self.adaLN_final[-1]):
+        for lin in (self.head, self.adaLN_final[-1]):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
         # The label table is the run's, the same for every block: models.build_block sets it.
@@ -110,8 +116,7 @@ class ViTLabelDenoiser(nn.Module):
         c_skip, c_out, c_in, c_noise = (append_dims(c, z.ndim) for c in get_scalings(sigma, self.sigma_data))
         c = self.t_embedder(c_noise.flatten())  # (N, D)
         h = self.trunk.run(c_in * z, images, c)  # (N, D)
-        F_x = self.out_proj(self.norm_out(h))
-        D = c_skip * z + c_out * F_x  # (N, D)
+        D = c_skip * z + c_out * self.norm_out(h)  # (N, D)
         shift, scale = self.adaLN_final(c).chunk(2, dim=1)
         logits = self.head(modulate(self.norm_final(D)[:, None], shift, scale)[:, 0])  # (N, K)
         return D, logits
