@@ -254,8 +254,23 @@ def _fake_cifar(folder: Path, n: int = 3) -> dict[str, tuple[np.ndarray, list[in
             for i, name in enumerate(names)}
 
 
-def _cifar(root: Path, **kw: object) -> ImageSplits:
-    return load_image_data(DataConfig(dataset="cifar10", root=str(root), **kw))  # type: ignore[arg-type]
+def _cifar(root: Path, dataset: str = "cifar10", **kw: object) -> ImageSplits:
+    return load_image_data(DataConfig(dataset=dataset, root=str(root), **kw))  # type: ignore[arg-type]
+
+
+def _assert_channel_major(img: torch.Tensor, row: np.ndarray) -> None:
+    """img (3, 32, 32) is the pickle row: 1024 red, then 1024 green, then 1024 blue, each row-major 32x32."""
+    for c in range(3):
+        for (y, x) in [(0, 0), (0, 31), (5, 7), (31, 0)]:
+            assert img[c, y, x].item() == pytest.approx(row[c * 1024 + y * 32 + x] / 127.5 - 1, abs=1e-6)
+
+
+def _tar_gz(folder: Path) -> bytes:
+    """The bytes of a .tar.gz holding folder under its own name, as the CIFAR archives do."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return buf.getvalue()
 
 
 def test_cifar10_synthetic_layout(tmp_path: Path) -> None:
@@ -264,11 +279,7 @@ def test_cifar10_synthetic_layout(tmp_path: Path) -> None:
     assert s.train.images.shape == (15, 3, 32, 32) and s.test.images.shape == (6, 3, 32, 32)
     assert s.train.num_channels == 3 and s.train.image_size == 32
     data, labels = batches["data_batch_2"]
-    img = s.train.images[3]  # first image of data_batch_2
-    # row 0 of the pickle: 1024 red, then 1024 green, then 1024 blue, each row-major 32x32
-    for c in range(3):
-        for (y, x) in [(0, 0), (0, 31), (5, 7), (31, 0)]:
-            assert img[c, y, x].item() == pytest.approx(data[0, c * 1024 + y * 32 + x] / 127.5 - 1, abs=1e-6)
+    _assert_channel_major(s.train.images[3], data[0])  # the first image of data_batch_2
     assert s.train.labels[3:6].tolist() == labels
     assert s.test.labels.tolist() == batches["test_batch"][1]
     assert s.train.images.min() >= -1 and s.train.images.max() <= 1
@@ -299,10 +310,7 @@ def test_cifar10_errors(tmp_path: Path) -> None:
 
 def test_cifar10_download_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_cifar(tmp_path / "src" / "cifar-10-batches-py", n=2)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    payload = buf.getvalue()
+    payload = _tar_gz(tmp_path / "src" / "cifar-10-batches-py")
     monkeypatch.setitem(data_mod._CIFAR_SPECS, "cifar10",
                         dataclasses.replace(data_mod.CIFAR10, md5=hashlib.md5(payload).hexdigest()))
     monkeypatch.setattr(data_mod.urllib.request, "urlopen", lambda url, timeout: _FakeResponse(payload))
@@ -334,7 +342,7 @@ def _fake_cifar100(folder: Path, n: int = 5) -> dict[str, tuple[np.ndarray, list
 
 
 def _cifar100(root: Path, **kw: object) -> ImageSplits:
-    return load_image_data(DataConfig(dataset="cifar100", root=str(root), **kw))  # type: ignore[arg-type]
+    return _cifar(root, "cifar100", **kw)
 
 
 def test_cifar100_synthetic_layout(tmp_path: Path) -> None:
@@ -344,10 +352,7 @@ def test_cifar100_synthetic_layout(tmp_path: Path) -> None:
     assert s.train.num_classes == 100 and s.test.num_classes == 100
     assert (s.train.name, s.test.name) == ("cifar100-train", "cifar100-test")
     data, labels = files["train"]
-    img = s.train.images[2]
-    for c in range(3):  # channel-major rows: 1024 red, 1024 green, 1024 blue
-        for (y, x) in [(0, 0), (0, 31), (5, 7), (31, 0)]:
-            assert img[c, y, x].item() == pytest.approx(data[2, c * 1024 + y * 32 + x] / 127.5 - 1, abs=1e-6)
+    _assert_channel_major(s.train.images[2], data[2])
     assert s.train.labels.tolist() == labels and s.test.labels.tolist() == files["test"][1]
     assert s.train.labels.max().item() == 99
 
@@ -382,10 +387,7 @@ def test_cifar100_errors(tmp_path: Path) -> None:
 
 def test_cifar100_download_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_cifar100(tmp_path / "src" / "cifar-100-python", n=3)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        tar.add(tmp_path / "src" / "cifar-100-python", arcname="cifar-100-python")
-    payload = buf.getvalue()
+    payload = _tar_gz(tmp_path / "src" / "cifar-100-python")
     urls: list[str] = []
 
     def urlopen(url: str, timeout: float) -> _FakeResponse:
