@@ -1,0 +1,122 @@
+"""Bit-for-bit regression: short runs of the digits presets reproduce the digests recorded before the task refactor.
+
+`regression_digests.json` was written by `python tests/test_regression.py --record` on commit fe85824 (before
+the task interface existed), with torch 2.13.0+cpu and one intra-op thread. Each case trains through the CLI and
+records, for every file a run writes that depends on the numerics: the sha256 of the weights' tensors (names,
+dtypes, shapes and bytes), the weights-file metadata, the loss of every logged step, the sample grid (image
+generation) and the held-out evaluation (classification). The whole weights file cannot be compared: its
+metadata holds the block's training wall time, which differs from run to run.
+
+Floating-point results depend on the torch build and the CPU kernels it picks, so on another torch version the
+test skips with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from diffusionblocks.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGESTS = Path(__file__).with_name("regression_digests.json")
+SHORT = ["train.steps_per_block=60", "train.batch_size=32", "train.checkpoint_every=25", "train.log_every=10",
+         "train.lr_warmup_steps=10",
+         "sample.samples_per_class=2", "sample.steps=12"]
+# name -> (preset, extra arguments); sequential and interleaved runs of one config must give the same files.
+CASES = {
+    "dit-sequential": ("digits-dit.json", []),
+    "dit-interleaved": ("digits-dit.json", ["--schedule", "interleaved"]),
+    "vit-fixed-sequential": ("digits-vit.json", []),
+    "vit-fixed-interleaved": ("digits-vit.json", ["--schedule", "interleaved"]),
+    "vit-learned_first": ("digits-vit.json", ["classify.label_embedding=learned_first"]),
+    "vit-learned_joint": ("digits-vit.json", ["--schedule", "interleaved", "classify.label_embedding=learned_joint"]),
+    "vit-plain": ("digits-vit.json", ["classify.mode=plain", "blocks.num_blocks=1"]),
+}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tensor_digest(path: Path) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        for key in sorted(f.keys()):
+            t = f.get_tensor(key).contiguous()
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    meta.pop("train_time_s", None)  # wall time
+    return meta
+
+
+def describe_run(run: Path) -> dict:
+    """What a run's numerics determine, in a form that can be compared across code versions."""
+    out: dict = {"files": {}}
+    for path in sorted(run.glob("*.safetensors")):
+        meta = metadata(path)
+        out["files"][path.name] = {"tensors_sha256": tensor_digest(path),
+                                   "metadata": {k: v for k, v in meta.items() if k != "config"},
+                                   "config": json.loads(meta["config"]) if "config" in meta else None}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    out["losses"] = sorted([r["block"], r["step"], r["loss"].hex()] for r in rows)
+    if (run / "samples.png").is_file():
+        out["samples_png_sha256"] = sha256((run / "samples.png").read_bytes())
+    summary = json.loads((run / "train_summary.json").read_text())
+    if "evaluation" in summary:
+        ev = dict(summary["evaluation"])
+        ev.pop("inference_s", None)
+        ev.pop("run", None)
+        out["evaluation"] = ev
+    return out
+
+
+def train_case(name: str, out: Path) -> Path:
+    preset, extra = CASES[name]
+    run = out / name
+    args = ["train", "--config", str(ROOT / "presets" / preset), "--out", str(run), "--no-progress", *extra, *SHORT]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+def record(out: Path) -> None:
+    result = {"torch": torch.__version__, "threads": 1, "short": SHORT,
+              "cases": {name: describe_run(train_case(name, out)) for name in CASES}}
+    DIGESTS.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _recorded() -> dict:
+    return json.loads(DIGESTS.read_text()) if DIGESTS.is_file() else {"torch": None}
+
+
+@pytest.mark.skipif(_recorded()["torch"] != torch.__version__,
+                    reason=f"digests recorded with torch {_recorded()['torch']}, this is {torch.__version__}")
+@pytest.mark.parametrize("name", list(CASES))
+def test_runs_reproduce_recorded_digests(name, tmp_path):
+    expected = _recorded()["cases"][name]
+    got = describe_run(train_case(name, tmp_path))
+    assert got == expected
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--record"] or len(sys.argv) != 3:
+        sys.exit("usage: python tests/test_regression.py --record SCRATCH_DIR")
+    record(Path(sys.argv[2]))
