@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from diffusionblocks.config import RunConfig, apply_overrides
+from diffusionblocks.tasks import default_config
 
 # As the CLI does (cli.main), before any worker thread starts: every test then computes under the same
 # floating-point mode, whether it calls the library directly or through the CLI.
@@ -15,7 +16,7 @@ TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=3", "blocks.nu
 @pytest.fixture
 def tiny_cfg() -> RunConfig:
     """A DiT small enough to train a few steps per test on the CPU."""
-    return apply_overrides(RunConfig(), TINY)
+    return apply_overrides(default_config(), TINY)
 
 
 @pytest.fixture(scope="module")

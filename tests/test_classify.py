@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from diffusionblocks import checkpoint
-from diffusionblocks.classify import chain_logits, evaluate_classifier
+from diffusionblocks.tasks.classification import chain_logits, evaluate_classifier
 from diffusionblocks.cli import main
-from diffusionblocks.config import ConfigError, DataConfig, RunConfig, apply_overrides
+from diffusionblocks.config import ConfigError, apply_overrides
+from diffusionblocks.data import DataConfig
+from diffusionblocks.tasks import default_config
 from diffusionblocks.data import load_image_data
-from diffusionblocks.models import build_block, build_partition
+from diffusionblocks.blocks import build_block, build_partition
 from diffusionblocks.precond import get_scalings
 from diffusionblocks.train import train
 
@@ -19,7 +21,7 @@ TINY = ["task=classify", "model.arch=vit", "model.hidden_size=32", "model.num_he
 
 @pytest.fixture
 def cfg():
-    return apply_overrides(RunConfig(), TINY)
+    return apply_overrides(default_config(), TINY)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +134,7 @@ def test_save_load_exact_and_short_training_beats_chance(tmp_path, capsys):
     x = load_image_data(cfg.data).test.images[:16]
     assert all(torch.equal(a, b) for a, b in zip(chain_logits(model, x), chain_logits(again, x)))
     assert main(["sample", str(run), "--out", str(tmp_path / "x.png")]) == 2
-    assert "is a classifier" in capsys.readouterr().err
+    assert "nothing to sample" in capsys.readouterr().err
 
 
 def test_plain_classifier_baseline(tmp_path):
@@ -142,7 +144,7 @@ def test_plain_classifier_baseline(tmp_path):
     r = evaluate_classifier(run)
     assert r["mode"] == "plain" and 0 <= r["top1"] <= 1 and "per_block" not in r
     with pytest.raises(ConfigError, match="needs blocks.num_blocks=1"):
-        apply_overrides(RunConfig(), ["task=classify", "model.arch=vit", "classify.mode=plain"])
+        apply_overrides(default_config(), ["task=classify", "model.arch=vit", "classify.mode=plain"])
 
 
 def test_compare_classifiers_writes_the_report(tmp_path):

@@ -2,18 +2,19 @@ import json
 
 import pytest
 
-from diffusionblocks.config import ConfigError, RunConfig, apply_overrides, load_config
+from diffusionblocks.config import ConfigError, apply_overrides, load_config
+from diffusionblocks.tasks import default_config
 
 
 def test_json_round_trip(tmp_path):
-    cfg = apply_overrides(RunConfig(), ["blocks.layers_per_block=[3,2,1]", "train.betas=[0.9,0.95]"])
+    cfg = apply_overrides(default_config(), ["blocks.layers_per_block=[3,2,1]", "train.betas=[0.9,0.95]"])
     path = tmp_path / "c.json"
     path.write_text(cfg.to_json())
     assert load_config(path) == cfg
 
 
 def test_overrides_are_typed():
-    cfg = apply_overrides(RunConfig(), ["train.lr=3e-4", "blocks.num_blocks=2", "sample.sampler=heun",
+    cfg = apply_overrides(default_config(), ["train.lr=3e-4", "blocks.num_blocks=2", "sample.sampler=heun",
                                         "data.root=/some/dir", "train.ema_halflife_steps=10"])
     assert cfg.train.lr == 3e-4 and cfg.blocks.num_blocks == 2 and cfg.sample.sampler == "heun"
     assert cfg.data.root == "/some/dir" and isinstance(cfg.train.ema_halflife_steps, float)
@@ -34,7 +35,7 @@ def test_overrides_are_typed():
 ])
 def test_bad_config_names_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=None) as e:
-        apply_overrides(RunConfig(), overrides)
+        apply_overrides(default_config(), overrides)
     assert message in str(e.value)
 
 

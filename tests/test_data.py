@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from diffusionblocks import data as data_mod
-from diffusionblocks.config import ConfigError, DataConfig
+from diffusionblocks.config import ConfigError
+from diffusionblocks.data import DataConfig
 from diffusionblocks.data import (BatchSampler, ImageData, ImageSplits, derive_seed, load_image_data,
                                   make_generator)
 

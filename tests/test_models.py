@@ -1,6 +1,6 @@
 import torch
 
-from diffusionblocks.models import build_block
+from diffusionblocks.blocks import build_block
 from diffusionblocks.precond import get_scalings
 
 

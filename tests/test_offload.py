@@ -11,7 +11,8 @@ import torch
 from conftest import TINY
 from diffusionblocks import checkpoint
 from diffusionblocks.cli import main
-from diffusionblocks.config import DataConfig, apply_overrides
+from diffusionblocks.config import apply_overrides
+from diffusionblocks.data import DataConfig
 from diffusionblocks.data import load_image_data
 from diffusionblocks.generate import generate
 from diffusionblocks.train import train

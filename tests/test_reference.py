@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusionblocks import reference as ev
-from diffusionblocks.config import DataConfig
+from diffusionblocks.data import DataConfig
 from diffusionblocks.data import ImageData, ImageSplits, load_image_data, make_generator
 from diffusionblocks.reference import (ReferenceClassifier, accuracy, conditional_accuracy, data_fingerprint,
                                         load_or_train_reference_classifier, predict, random_shift,

@@ -4,13 +4,13 @@ import torch
 from diffusionblocks import checkpoint
 from diffusionblocks.config import apply_overrides
 from diffusionblocks.data import BatchSampler, load_image_data, make_generator
-from diffusionblocks.models import build_partition
+from diffusionblocks.blocks import build_partition
 from diffusionblocks.train import init_block_state, train
 
 
 @pytest.fixture(scope="module")
 def digits():
-    from diffusionblocks.config import DataConfig
+    from diffusionblocks.data import DataConfig
 
     return load_image_data(DataConfig()).train
 

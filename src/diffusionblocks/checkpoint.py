@@ -206,8 +206,7 @@ def from_pretrained(run_dir: str | Path, device: str | torch.device = "cpu", str
 
     stream: keep one block in memory at a time, loading each from disk when the sampler reaches it.
     """
-    from .blocks import BlockwiseDenoiser, StreamingBlocks
-    from .models import build_block, build_partition
+    from .blocks import BlockwiseDenoiser, StreamingBlocks, build_block, build_partition
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)

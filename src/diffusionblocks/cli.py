@@ -17,6 +17,7 @@ import torch
 from . import checkpoint
 from .config import ConfigError, RunConfig, apply_overrides, load_config
 from .memory import PeakMemory
+from .tasks import available, default_config, get_task
 
 logger = logging.getLogger("diffusionblocks")
 
@@ -38,17 +39,6 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _check_data_matches(cfg: RunConfig, data) -> None:
-    m = cfg.model
-    C, H = data.train.num_channels, data.train.image_size
-    if (C, H) != (m.in_channels, m.image_size):
-        raise ConfigError(f"data.dataset={cfg.data.dataset!r} has {C}-channel {H}x{H} images but the model expects "
-                          f"model.in_channels={m.in_channels}, model.image_size={m.image_size}")
-    if m.num_classes not in ((0, data.train.num_classes) if cfg.task == "generate" else (data.train.num_classes,)):
-        raise ConfigError(f"data.dataset={cfg.data.dataset!r} has {data.train.num_classes} classes "
-                          f"but model.num_classes={m.num_classes}")
-
-
 def _resolve_train_config(args: argparse.Namespace) -> RunConfig:
     base = args.resume or args.from_
     if base is not None:
@@ -61,9 +51,14 @@ def _resolve_train_config(args: argparse.Namespace) -> RunConfig:
         if bad:
             raise ConfigError(f"override {bad[0]!r} would change what the run {base} is; only "
                               f"{', '.join(allowed)} may change with --{'resume' if args.resume else 'from'}")
-        return apply_overrides(cfg, args.overrides)
-    cfg = load_config(args.config) if args.config is not None else RunConfig()
-    return apply_overrides(cfg, args.overrides)
+        cfg = apply_overrides(cfg, args.overrides)
+    elif args.config is not None:
+        cfg = apply_overrides(load_config(args.config), args.overrides)
+    else:
+        cfg = apply_overrides(default_config(args.task or "generate"), args.overrides)
+    if args.task is not None and args.task != cfg.task:
+        raise ConfigError(f"--task {args.task} but the config's task is {cfg.task!r}")
+    return cfg
 
 
 def _parse_blocks(text: str | None, B: int) -> list[int]:
@@ -149,7 +144,6 @@ def _prepare_run_dir(args: argparse.Namespace, cfg: RunConfig, blocks: list[int]
 
 def cmd_train(args: argparse.Namespace) -> None:
     from . import distributed
-    from .data import load_image_data
     from .train import train
 
     t_start = time.perf_counter()
@@ -160,8 +154,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ConfigError("--reinit needs --from RUN (it retrains chosen blocks of RUN from scratch)")
     if args.schedule is not None:
         args.overrides = [*args.overrides, f"train.schedule={args.schedule}"]
-    if args.task == "classify":  # the ViT label denoiser; named after the digits default
-        args.overrides = ["task=classify", "model.arch=vit", "name=digits-vit", *args.overrides]
     cfg = _resolve_train_config(args)
     B = cfg.blocks.num_blocks
     blocks = _parse_blocks(args.blocks, B)
@@ -169,8 +161,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if distributed.launched_by_torchrun() and cfg.train.schedule != "parallel":
         raise ConfigError(f"launched on {os.environ['WORLD_SIZE']} ranks by torchrun: use --schedule parallel "
                           f"(train.schedule is {cfg.train.schedule!r})")
-    data = load_image_data(cfg.data)
-    _check_data_matches(cfg, data)
+    data = get_task(cfg.task).load_data(cfg)  # raises when it does not fit the model
     rank, world, device = distributed.init(device)
     try:
         # Rank 0 makes or checks the run directory; every rank learns its path, or the error, from it.
@@ -185,9 +176,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         run_dir, init_from = found
         if rank == 0:
             logger.info("run directory: %s", run_dir)
-            logger.info("%s: %d train / %d held-out images; B=%d blocks of %s layers, training block(s) %s, "
-                        "%s schedule, %d steps per block, device %s%s", cfg.data.dataset, len(data.train),
-                        len(data.test), B, list(cfg.layer_split()), blocks, cfg.train.schedule,
+            logger.info("task %s: %d training / %d held-out examples; B=%d blocks of %s layers, training block(s) "
+                        "%s, %s schedule, %d steps per block, device %s%s", cfg.task, len(data.train), len(data.test),
+                        B, list(cfg.layer_split()), blocks, cfg.train.schedule,
                         cfg.train.steps_per_block, device, f", starting from {init_from}" if init_from else "")
         with PeakMemory(device) as mem:
             train(cfg, data.train, run_dir, device=device, blocks=blocks, progress=not args.no_progress,
@@ -201,9 +192,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _finish_run(cfg: RunConfig, run_dir: Path, blocks: list[int], mem: PeakMemory, device: torch.device,
                 t_start: float) -> None:
-    """train_summary.json, loss.png and, once every block is trained, samples.png."""
-    from .generate import class_labels_evenly, generate
-    from .plotting import plot_losses, save_image_grid
+    """train_summary.json, loss.png and, once every block is trained, what the task shows (samples, evaluation)."""
+    from .plotting import plot_losses
 
     B = cfg.blocks.num_blocks
     infos = [checkpoint.block_info(run_dir, b) for b in range(B)]
@@ -218,113 +208,59 @@ def _finish_run(cfg: RunConfig, run_dir: Path, blocks: list[int], mem: PeakMemor
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", B, title=f"{cfg.name}, B={B}")
     missing = [b for b, i in enumerate(infos) if i is None]
     if missing:
-        logger.info("blocks %s are not trained yet: no %s until every block is", missing,
-                    "samples" if cfg.task == "generate" else "evaluation")
-    elif cfg.task == "classify":
-        from .classify import evaluate_classifier, format_classifier_evaluation
-
-        result = evaluate_classifier(run_dir, device=device)
-        summary["evaluation"] = result
-        print(format_classifier_evaluation(result))
+        logger.info("blocks %s are not trained yet: nothing to sample or evaluate until every block is", missing)
     else:
-        model, _ = checkpoint.from_pretrained(run_dir, device)
-        m, s = cfg.model, cfg.sample
-        k = max(m.num_classes, 1)
-        labels = class_labels_evenly(k * s.samples_per_class, k)
-        images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
-                          num_classes=m.num_classes, steps=s.steps, sampler=s.sampler, guidance=s.guidance,
-                          grid=s.grid, rho=s.rho, seed=cfg.train.seed, device=device)
-        save_image_grid(images, run_dir / "samples.png", nrow=s.samples_per_class)
+        summary.update(get_task(cfg.task).after_training(cfg, run_dir, device))
     summary["wall_time_s"] = time.perf_counter() - t_start
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for row in summary["blocks"]:
         logger.info("block %d: %d steps in %.1f s (%.1f steps/s)", row["block"], row["steps"], row["train_time_s"],
                     row["steps_per_s"] or 0.0)
-    logger.info("wrote %s (%sloss.png, metrics.jsonl, train_summary.json) in %.1f s", run_dir,
-                "samples.png: one row per class, " if cfg.task == "generate" and not missing else "",
-                summary["wall_time_s"])
+    logger.info("wrote %s (loss.png, metrics.jsonl, train_summary.json) in %.1f s", run_dir, summary["wall_time_s"])
+
+
+def _task_arguments(args: argparse.Namespace, task, kind: str) -> None:
+    """Parses the options of the run's task (args.task_args, what the verb's own parser did not know) into args."""
+    parser = argparse.ArgumentParser(prog=f"diffusionblocks {args.command} {args.run} (task {task.name})")
+    getattr(task, f"add_{kind}_arguments")(parser)
+    parser.parse_args(args.task_args, namespace=args)
+    args.progress = not args.no_progress
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .generate import class_labels_evenly, generate
-    from .plotting import save_image_grid
-
+    cfg = checkpoint.read_config(args.run)
+    task = get_task(cfg.task)
+    _task_arguments(args, task, "sample")
     out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".npz"):
-        raise ConfigError(f"--out {args.out!r} must end in .png or .npz")
+    if not task.sample_suffixes:
+        raise ConfigError(f"{args.run} is a {cfg.task!r} run: it has nothing to sample; use "
+                          f"`diffusionblocks evaluate {args.run}`")
+    if out.suffix.lower() not in task.sample_suffixes:
+        raise ConfigError(f"--out {args.out!r} must end in {' or '.join(task.sample_suffixes)}")
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {args.out!r} already exists; pass --overwrite to replace it")
     if args.num < 1:
         raise ConfigError(f"--num must be at least 1, got {args.num}")
-    device = _device(args.device)
-    if checkpoint.read_config(args.run).task != "generate":
-        raise ConfigError(f"{args.run} is a classifier: sample draws images from generators; use "
-                          f"`diffusionblocks evaluate {args.run}`")
-    model, cfg = checkpoint.from_pretrained(args.run, device, stream=args.stream)
-    m, s = cfg.model, cfg.sample
-    steps = s.steps if args.steps is None else args.steps
-    if steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {steps}")
-    if args.class_ is not None:
-        if m.num_classes == 0:
-            raise ConfigError("--class given but the model is unconditional (model.num_classes=0)")
-        if not 0 <= args.class_ < m.num_classes:
-            raise ConfigError(f"--class {args.class_} is out of range: the model has classes 0..{m.num_classes - 1}")
-        labels = torch.full((args.num,), args.class_, dtype=torch.long)
-    else:
-        labels = class_labels_evenly(args.num, max(m.num_classes, 1))
-    images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
-                      num_classes=m.num_classes, steps=steps, sampler=args.sampler or s.sampler,
-                      guidance=s.guidance if args.guidance is None else args.guidance, grid=args.grid or s.grid,
-                      rho=s.rho, seed=args.seed, device=device, progress=not args.no_progress)
+    args.device = _device(args.device)
+    model, cfg = checkpoint.from_pretrained(args.run, args.device, stream=args.stream)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".npz":
-        np.savez(out, images=images.numpy().astype(np.float32), labels=labels.numpy().astype(np.int64))
-    else:
-        nrow = args.num // max(m.num_classes, 1) if args.class_ is None and args.num % max(m.num_classes, 1) == 0 \
-            else min(args.num, 10)
-        save_image_grid(images, out, nrow=max(nrow, 1))
+    task.sample(model, cfg, args)
     logger.info("wrote %d samples to %s", args.num, out)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .diagnostics import write_chain_diagnostics
-    from .evaluation import evaluate_run, format_evaluation
-    from .plotting import save_image_grid
-
     cfg = checkpoint.read_config(args.run)
-    if cfg.task == "classify":
-        from .classify import evaluate_classifier, format_classifier_evaluation
-
-        out = Path(args.out) if args.out else Path(args.run) / f"eval-classify-{args.steps or 'B'}steps"
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise ConfigError(f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another directory")
-        result = evaluate_classifier(args.run, steps=args.steps, device=_device(args.device), seed=args.seed)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(format_classifier_evaluation(result))
-        return
-    s = cfg.sample
-    steps, sampler = args.steps or s.steps, args.sampler or s.sampler
-    guidance = s.guidance if args.guidance is None else args.guidance
-    if args.num < 2:
-        raise ConfigError(f"--num must be at least 2, got {args.num}")
-    out = Path(args.out) if args.out else Path(args.run) / f"eval-{sampler}-{steps}steps-w{guidance:g}-n{args.num}-seed{args.seed}"
+    task = get_task(cfg.task)
+    _task_arguments(args, task, "evaluate")
+    out = Path(args.out) if args.out else Path(args.run) / task.evaluation_name(cfg, args)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another directory")
-    result, images = evaluate_run(args.run, num_samples=args.num, steps=steps, sampler=sampler, guidance=guidance,
-                                  grid=args.grid, seed=args.seed, diagnostics=not args.no_diagnostics,
-                                  device=_device(args.device), cache_dir=args.cache_dir, progress=not args.no_progress)
+    args.device = _device(args.device)
+    evaluation = task.evaluate(Path(args.run), args)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    if "chain" in result:
-        write_chain_diagnostics(result["chain"], out, title=f"{cfg.name}: oracle vs chain")
-    k = cfg.model.num_classes
-    per_class = args.num // k
-    if per_class >= 1 and args.num % k == 0:
-        save_image_grid(images.view(k, per_class, *images.shape[1:])[:, :10].flatten(0, 1), out / "samples.png",
-                        nrow=min(per_class, 10))
-    print(format_evaluation(result))
+    (out / "evaluation.json").write_text(json.dumps(evaluation.result, indent=2) + "\n")
+    task.write_evaluation(out, cfg, evaluation)
+    print(task.format_evaluation(evaluation.result))
     logger.info("wrote %s", out)
 
 
@@ -340,12 +276,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
             raise ConfigError("--resume continues a comparison with its own config.json; do not pass --config or overrides")
         cfg = checkpoint.read_config(args.out)
     else:
-        cfg = load_config(args.config) if args.config is not None else RunConfig()
+        cfg = load_config(args.config) if args.config is not None else default_config()
         cfg = apply_overrides(cfg, args.overrides)
     comparison_configs(cfg, num_blocks)  # every config is checked before anything runs
-    from .data import load_image_data
-
-    _check_data_matches(cfg, load_image_data(cfg.data))
+    get_task(cfg.task).load_data(cfg)  # and the data, against the model
     out = prepare_out_dir(args.out, args.runs_root, cfg.name, args.resume)
     logger.info("comparison directory: %s", out)
     run_comparison(cfg, out, num_blocks=num_blocks, num_samples=args.num, seed=args.seed, device=args.device,
@@ -355,7 +289,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    from .models import build_partition
+    from .blocks import build_partition
 
     run = Path(args.run)
     cfg = checkpoint.read_config(run)
@@ -363,17 +297,18 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"{run}: {cfg.name}, B={cfg.blocks.num_blocks} blocks of {list(cfg.layer_split())} layers, "
           f"{total} steps per block, {cfg.train.schedule} schedule")
     done, missing = [], []
+    noise = get_task(cfg.task).noise_symbol
     for b in range(cfg.blocks.num_blocks):
         lo, hi = build_partition(cfg).block_range(b)
         info = checkpoint.block_info(run, b)
         if info is None:
             missing.append(b)
-            print(f"  block {b} (sigma {lo:.3g}-{hi:.3g}): missing")
+            print(f"  block {b} ({noise} {lo:.3g}-{hi:.3g}): missing")
             continue
         state = "trained" if info["step"] >= total else f"partial, {100 * info['step'] / total:.0f}%"
         if info["step"] >= total:
             done.append(b)
-        print(f"  block {b} (sigma {lo:.3g}-{hi:.3g}): {state}, step {info['step']}/{total}, "
+        print(f"  block {b} ({noise} {lo:.3g}-{hi:.3g}): {state}, step {info['step']}/{total}, "
               f"{info['train_time_s']:.0f} s of training")
     ready = "every block is present: the model can be sampled" if not missing else \
         f"missing block(s) {missing}: train them with --blocks {','.join(map(str, missing))}"
@@ -397,12 +332,19 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
     run_benchmark(args.model, args.image_size, args.channels, args.batch, args.steps, num_blocks, device, out)
 
 
-def _add_sampler_args(p: argparse.ArgumentParser) -> None:
-    """Sampling options that default to the run's sample.* config."""
-    p.add_argument("--steps", type=int, help="denoising steps (default: the run's sample.steps)")
-    p.add_argument("--sampler", choices=["euler", "heun", "dpmpp_2m"], help="default: the run's sample.sampler")
-    p.add_argument("--grid", choices=["quantile", "karras"], help="sigma grid (default: the run's sample.grid)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's)")
+def _task_options_help(kind: str) -> str:
+    """The options each built-in task adds to `sample` or `evaluate`, for the verb's --help."""
+    lines = ["options of the run's task (they follow RUN like the others):"]
+    for name in available():
+        parser = argparse.ArgumentParser(prog="", add_help=False)
+        getattr(get_task(name), f"add_{kind}_arguments")(parser)
+        usage = parser.format_usage().replace("usage:", "").strip() or "(none)"
+        lines.append(f"  {name}: {usage}")
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the epilog's lines kept as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,43 +364,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_", metavar="RUN", help="new run from a trained RUN: fine-tune --blocks from "
                    "RUN's weights (or retrain them with --reinit); the other blocks' files are copied unchanged")
     p.add_argument("--reinit", action="store_true", help="with --from: train the chosen blocks from scratch")
-    p.add_argument("--task", choices=["generate", "classify"], help="shortcut: classify = task=classify "
-                   "model.arch=vit (a ViT label denoiser; with no --config, on the digits)")
+    p.add_argument("--task", help=f"the task ({', '.join(available())}, or package.module:TaskClass); with no "
+                   "--config, start from its default config (classify: a ViT label denoiser on the digits)")
     p.add_argument("--schedule", choices=["sequential", "interleaved", "parallel"],
                    help="shortcut for train.schedule=...; parallel: launch with torchrun, one group of ranks per block")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample images from a trained run",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("sample", help="draw samples from a trained run", epilog=_task_options_help("sample"),
+                       formatter_class=_HelpFormatter)
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--num", type=int, default=100, help="number of samples")
-    p.add_argument("--class", dest="class_", type=int, help="class of every sample (default: classes covered evenly)")
-    _add_sampler_args(p)
     p.add_argument("--seed", type=int, default=0, help="sample i uses the noise of seed (seed, i)")
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
-    p.add_argument("--out", required=True, help="output: .png grid, or .npz with images (N,C,H,W in [-1,1]) and labels")
+    p.add_argument("--out", required=True, help="output file; its kind is the task's (image generation: .png grid, "
+                   "or .npz with images (N,C,H,W in [-1,1]) and labels)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--stream", action="store_true", help="keep one block in memory at a time (models larger than "
                    "the device): each block is loaded from disk when the sampler reaches its noise levels")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_sample)
+    p.set_defaults(func=cmd_sample, task_options=True)
 
-    p = sub.add_parser("evaluate", help="conditional accuracy, FD, KID and chain diagnostics of a trained run",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("evaluate", help="the task's metrics of a trained run (images: conditional accuracy, FD, KID, "
+                       "chain diagnostics; classifiers: accuracy along the chain)", epilog=_task_options_help("evaluate"),
+                       formatter_class=_HelpFormatter)
     p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("--num", type=int, default=1000, help="number of class-conditional samples (classes covered evenly)")
-    _add_sampler_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples and the real-image subsets")
+    p.add_argument("--num", type=int, default=1000, help="number of samples the metrics use (where the task samples)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples and the evaluation's random subsets")
     p.add_argument("--out", help="output directory (default: RUN/eval-<settings>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--no-diagnostics", action="store_true", help="skip the chain diagnostics")
     p.add_argument("--cache-dir", help="reference classifier cache (default: $DIFFUSIONBLOCKS_CACHE or "
                    "~/.cache/diffusionblocks)")
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, task_options=True)
 
     p = sub.add_parser("compare", help="end-to-end (B=1) vs DiffusionBlocks at several B, equal compute, one report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -497,7 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, task_args = parser.parse_known_args(argv)
+    if task_args and not getattr(args, "task_options", False):
+        parser.error(f"unrecognized arguments: {' '.join(task_args)}")
+    args.task_args = task_args
     # Denormal floats are slow on x86 CPUs, and the blocks of the lowest noise levels produce them (a
     # classifier's nearly saturated cross-entropy at sigma ~ 0.002, scaled by c_out ~ sigma): the last
     # digits-ViT block trained at 3.1 steps/s instead of 14.9. Flush them to zero, now, before torch

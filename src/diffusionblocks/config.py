@@ -2,6 +2,8 @@
 
 The JSON describes *what* is trained (model, noise, blocks, data, optimisation, sampling);
 command-line flags describe *how this process* runs it (device, output directory, resume).
+This module holds the sections every task shares (blocks, train, and EDM's noise levels); each
+task defines its own model, data and sample sections (`diffusionblocks.tasks`).
 Unknown keys and values of the wrong type are errors, never silently ignored.
 """
 
@@ -21,26 +23,20 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    arch: str = "dit"            # Denoiser architecture; "dit" is the one image architecture so far.
-    image_size: int = 8          # Height = width of the images, in pixels.
-    in_channels: int = 1         # Image channels.
-    patch_size: int = 2          # Side of a square patch; image_size must be a multiple.
-    hidden_size: int = 128       # Transformer width.
-    depth: int = 6               # L, the number of transformer layers of the whole (end-to-end) network.
-    num_heads: int = 4           # Attention heads; hidden_size must be a multiple.
-    mlp_ratio: float = 4.0       # MLP hidden width / hidden_size.
-    num_classes: int = 10        # Classes for conditioning; 0 = unconditional. Index num_classes is the null class.
-    class_dropout: float = 0.1   # Probability of replacing a training label by the null class (for guidance).
-
-
-@dataclass(frozen=True)
 class NoiseConfig:
+    """EDM's Gaussian noise levels and their training density (method.md section 1)."""
+
     P_mean: float = -1.2         # Mean of ln(sigma) under the training density (EDM).
     P_std: float = 1.2           # Std of ln(sigma) under the training density.
     sigma_min: float = 0.002     # Lowest noise level, trained and sampled.
     sigma_max: float = 80.0      # Highest noise level; sampling starts from sigma_max * eps.
     sigma_data: float = 0.5      # Expected std of the data.
+
+    def validate(self) -> None:
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ConfigError(f"noise needs 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
+        if self.P_std <= 0 or self.sigma_data <= 0:
+            raise ConfigError("noise.P_std and noise.sigma_data must be positive")
 
 
 @dataclass(frozen=True)
@@ -52,22 +48,11 @@ class BlocksConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    dataset: str = "digits"      # "digits" (scikit-learn, embedded), "mnist" (IDX files), "cifar10" or "cifar100".
-    root: str | None = None      # Directory of the dataset files (mnist, cifar10, cifar100).
-    download: bool = False       # Fetch the standard files into root when they are missing.
-    split: str = "train"         # Which files to train on: "train", or "test" to train on part of the test files.
-    holdout: int = 0             # Images held out of the training split for evaluation (0 = dataset default).
-    hflip: bool = False          # Random horizontal flips during training (natural images only).
-    crop_padding: int = 0        # Random crops: pad by this many pixels (edge copies), crop back; 0 = off.
-
-
-@dataclass(frozen=True)
 class TrainConfig:
     schedule: str = "sequential"     # "sequential" (block 0 to the end, then block 1...), "interleaved" (a random
                                      # block each step) or "parallel" (blocks at once on torchrun's ranks).
     steps_per_block: int = 1200      # Optimiser steps each block receives (equal compute: = end-to-end steps).
-    batch_size: int = 128            # Images per step.
+    batch_size: int = 128            # Examples per step.
     lr: float = 1e-3                 # AdamW learning rate.
     lr_warmup_steps: int = 100       # Linear warm-up of each block's learning rate.
     weight_decay: float = 0.0        # AdamW weight decay (matrices only).
@@ -81,51 +66,45 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class SampleConfig:
-    sampler: str = "euler"           # "euler" (the paper's), "heun" (EDM Alg. 1) or "dpmpp_2m".
-    steps: int = 50                  # Denoising steps (network evaluations per sample for Euler).
-    grid: str = "quantile"           # "quantile" (equal mass, the paper's) or "karras" (rho schedule).
-    rho: float = 7.0                 # Karras schedule exponent.
-    guidance: float = 2.0            # Classifier-free guidance weight w; 1 = no guidance.
-    samples_per_class: int = 10      # Columns of the sample grid written after training.
-
-
-@dataclass(frozen=True)
-class ClassifyConfig:
-    """Classification by label denoising (method.md section 5); used when task = "classify"."""
-
-    mode: str = "diffusion"               # "diffusion" (blocks denoise the label embedding) or "plain" (the
-                                          # end-to-end baseline: the same ViT as an ordinary classifier, B = 1).
-    label_embedding: str = "fixed"        # "fixed": a random orthonormal table frozen from the seed, so blocks
-                                          # are independent (any schedule); "learned_first": learned with block 0,
-                                          # then frozen for the others (sequential); "learned_joint": one table
-                                          # learned by whichever block runs (interleaved; the reference code's).
-    loss_weighting: str = "per_sample"    # "per_sample": lambda(sigma_i) CE_i; "batch_mean": mean(lambda) CE_i,
-                                          # the reference code's.
-    inference_steps: int = 0              # Denoising steps at inference; 0 = B (each block once).
-
-
-@dataclass(frozen=True)
 class RunConfig:
-    name: str = "digits-dit"
-    task: str = "generate"       # "generate" (class-conditional images, DiT) or "classify" (labels, ViT).
-    model: ModelConfig = field(default_factory=ModelConfig)
+    """The whole configuration of a run: the sections every task shares, and the task's own.
+
+    The core reads `blocks`, `train`, `model.depth` (the number of layers L that the blocks split) and
+    the names; the task reads everything else. A task's config is a subclass of this class that gives
+    `model`, `data` and `sample` (and `noise`, and any section of its own) the task's dataclasses as
+    types and defaults; `task` names the task (see `diffusionblocks.tasks`), which says which subclass
+    a JSON file is read into.
+    """
+
+    name: str = "run"
+    task: str = ""               # A registered task ("generate", "classify"...) or "package.module:TaskClass".
+    model: Any = None            # The task's network: must have `depth`, the number of layers L.
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = None             # The task's data.
     train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    sample: Any = None           # The task's inference settings.
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, but for the sections the task does not define (typed Any and left None)."""
+        hints = typing.get_type_hints(type(self))
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (v is None and hints[k] is Any)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        cfg = _build(cls, d, "")
+        """The config of the task that d names ("task", default "generate"), with its fields checked."""
+        from .tasks import get_task
+
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+        task_name = d.get("task", "generate")
+        if not isinstance(task_name, str):
+            raise ConfigError(f"task must be a string, got {task_name!r}")
+        task = get_task(task_name)
+        cfg = _build(task.config_class, task.upgrade_config({**d, "task": task_name}), "")
         cfg.validate()
         return cfg
 
@@ -137,81 +116,46 @@ class RunConfig:
         return (L // B,) * B
 
     def validate(self) -> None:
-        m, n, b, d, t, s = self.model, self.noise, self.blocks, self.data, self.train, self.sample
-        _choice("task", self.task, ("generate", "classify"))
-        _choice("model.arch", m.arch, ("dit",) if self.task == "generate" else ("vit",))
-        c = self.classify
-        _choice("classify.mode", c.mode, ("diffusion", "plain"))
-        _choice("classify.label_embedding", c.label_embedding, ("fixed", "learned_first", "learned_joint"))
-        _choice("classify.loss_weighting", c.loss_weighting, ("per_sample", "batch_mean"))
-        if self.task == "classify":
-            if c.mode == "plain" and b.num_blocks != 1:
-                raise ConfigError(f"classify.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
-                                  f"got {b.num_blocks}")
-            if c.label_embedding == "learned_joint" and b.num_blocks > 1 and t.schedule != "interleaved":
-                raise ConfigError("classify.label_embedding='learned_joint' is shared by the blocks: it needs "
-                                  f"train.schedule='interleaved', got {t.schedule!r} (use 'fixed' or "
-                                  "'learned_first' for independent blocks)")
-            if c.label_embedding == "learned_first" and b.num_blocks > 1 and t.schedule != "sequential":
-                raise ConfigError("classify.label_embedding='learned_first' needs block 0 trained before the "
-                                  f"others: it needs train.schedule='sequential', got {t.schedule!r} (use 'fixed')")
-            if m.num_classes < 2:
-                raise ConfigError(f"classification needs model.num_classes >= 2, got {m.num_classes}")
-        _choice("blocks.partition", b.partition, ("equiprobable", "uniform"))
-        if c.inference_steps < 0:
-            raise ConfigError(f"classify.inference_steps must be >= 0, got {c.inference_steps}")
-        _choice("data.dataset", d.dataset, ("digits", "mnist", "cifar10", "cifar100"))
-        _choice("data.split", d.split, ("train", "test"))
-        _choice("train.schedule", t.schedule, ("sequential", "interleaved", "parallel"))
-        _choice("sample.sampler", s.sampler, ("euler", "heun", "dpmpp_2m"))
-        _choice("sample.grid", s.grid, ("quantile", "karras"))
-        for name, value in [("model.image_size", m.image_size), ("model.in_channels", m.in_channels),
-                            ("model.patch_size", m.patch_size), ("model.hidden_size", m.hidden_size),
-                            ("model.depth", m.depth), ("model.num_heads", m.num_heads),
-                            ("blocks.num_blocks", b.num_blocks), ("train.steps_per_block", t.steps_per_block),
-                            ("train.batch_size", t.batch_size), ("train.log_every", t.log_every),
-                            ("train.checkpoint_every", t.checkpoint_every), ("sample.steps", s.steps)]:
+        """Checks every section (its own `validate`), the layer split, then the task's rules across sections."""
+        from .tasks import get_task
+
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
+                section.validate()
+        b, t = self.blocks, self.train
+        check_choice("blocks.partition", b.partition, ("equiprobable", "uniform"))
+        check_choice("train.schedule", t.schedule, ("sequential", "interleaved", "parallel"))
+        for name, value in [("model.depth", self.model.depth), ("blocks.num_blocks", b.num_blocks),
+                            ("train.steps_per_block", t.steps_per_block), ("train.batch_size", t.batch_size),
+                            ("train.log_every", t.log_every), ("train.checkpoint_every", t.checkpoint_every)]:
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
-        if m.image_size % m.patch_size:
-            raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
-        if m.hidden_size % m.num_heads:
-            raise ConfigError(f"model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}")
-        if not 0 <= m.class_dropout < 1:
-            raise ConfigError(f"model.class_dropout must be in [0, 1), got {m.class_dropout}")
-        if not 0 < n.sigma_min < n.sigma_max:
-            raise ConfigError(f"noise needs 0 < sigma_min < sigma_max, got {n.sigma_min} and {n.sigma_max}")
-        if n.P_std <= 0 or n.sigma_data <= 0:
-            raise ConfigError("noise.P_std and noise.sigma_data must be positive")
         if not 0 <= b.gamma < 1:
             raise ConfigError(f"blocks.gamma must be in [0, 1), got {b.gamma}")
-        if b.num_blocks > m.depth:
-            raise ConfigError(f"blocks.num_blocks={b.num_blocks} is larger than the number of layers model.depth={m.depth}")
+        L = self.model.depth
+        if b.num_blocks > L:
+            raise ConfigError(f"blocks.num_blocks={b.num_blocks} is larger than the number of layers model.depth={L}")
         if b.layers_per_block is None:
-            if m.depth % b.num_blocks:
+            if L % b.num_blocks:
                 raise ConfigError(
-                    f"model.depth={m.depth} layers do not split evenly into blocks.num_blocks={b.num_blocks}; "
-                    f"give blocks.layers_per_block explicitly (e.g. {_uneven_example(m.depth, b.num_blocks)})")
+                    f"model.depth={L} layers do not split evenly into blocks.num_blocks={b.num_blocks}; "
+                    f"give blocks.layers_per_block explicitly (e.g. {_uneven_example(L, b.num_blocks)})")
         else:
             split = b.layers_per_block
             if len(split) != b.num_blocks:
                 raise ConfigError(f"blocks.layers_per_block has {len(split)} entries but blocks.num_blocks={b.num_blocks}")
             if any(k < 1 for k in split):
                 raise ConfigError(f"blocks.layers_per_block {list(split)} has a block with no layer")
-            if sum(split) != m.depth:
+            if sum(split) != L:
                 raise ConfigError(f"blocks.layers_per_block {list(split)} adds up to {sum(split)} layers "
-                                  f"but model.depth={m.depth}")
-        if d.crop_padding < 0 or d.holdout < 0:
-            raise ConfigError("data.crop_padding and data.holdout must be non-negative")
-        if d.dataset != "digits" and d.root is None:
-            raise ConfigError(f"data.root is required for data.dataset={d.dataset!r}")
+                                  f"but model.depth={L}")
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {t.lr}")
-        if s.guidance < 0:
-            raise ConfigError(f"sample.guidance must be non-negative, got {s.guidance}")
+        get_task(self.task).validate(self)
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
@@ -236,6 +180,10 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:
     """Checks `value` (parsed JSON) against type hint `tp`; returns it converted (lists to tuples...)."""
+    if tp is Any:  # a section the task does not define
+        if value is not None:
+            raise ConfigError(f"section {name!r} means nothing to this task (it must be null or absent)")
+        return None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, name + ".")
     origin = typing.get_origin(tp)
@@ -286,8 +234,18 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Applies `section.field=value` overrides; values are parsed as JSON, else taken as strings."""
+    """Applies `section.field=value` overrides; values are parsed as JSON, else taken as strings.
+
+    `task=NAME` (applied first) replaces the config by that task's default config, since the
+    sections of one task mean nothing to another; the other overrides then apply to it.
+    """
+    from .tasks import get_task
+
     d = cfg.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if key == "task" and sep and raw != cfg.task:
+            d = get_task(raw).default_config().to_dict()
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ConfigError, DataConfig
+from .config import ConfigError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,27 @@ _MNIST_FILES = {  # name -> md5 of the standard .gz file (checked on download on
 _IDX_IMAGES_MAGIC = 0x00000803    # unsigned byte, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801    # unsigned byte, 1 dimension
 
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The image dataset of the image tasks (generation and classification)."""
+
+    dataset: str = "digits"      # "digits" (scikit-learn, embedded), "mnist" (IDX files), "cifar10" or "cifar100".
+    root: str | None = None      # Directory of the dataset files (mnist, cifar10, cifar100).
+    download: bool = False       # Fetch the standard files into root when they are missing.
+    split: str = "train"         # Which files to train on: "train", or "test" to train on part of the test files.
+    holdout: int = 0             # Images held out of the training split for evaluation (0 = dataset default).
+    hflip: bool = False          # Random horizontal flips during training (natural images only).
+    crop_padding: int = 0        # Random crops: pad by this many pixels (edge copies), crop back; 0 = off.
+
+    def validate(self) -> None:
+        check_choice("data.dataset", self.dataset, ("digits", "mnist", "cifar10", "cifar100"))
+        check_choice("data.split", self.split, ("train", "test"))
+        if self.crop_padding < 0 or self.holdout < 0:
+            raise ConfigError("data.crop_padding and data.holdout must be non-negative")
+        if self.dataset != "digits" and self.root is None:
+            raise ConfigError(f"data.root is required for data.dataset={self.dataset!r}")
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from .config import BlocksConfig, ConfigError, ModelConfig, RunConfig, TrainConfig
+from .blocks import build_partition
+from .config import BlocksConfig, ConfigError, RunConfig, TrainConfig
 from .data import BatchSampler, ImageData, make_generator
 from .memory import PeakMemory
-from .models import build_partition
+from .tasks.image_generation import DiTModelConfig, GenerationConfig
 from .train import BlockState, init_block_state, save_block_state, train_step
 
 logger = logging.getLogger(__name__)
@@ -68,13 +69,13 @@ def memory_cases(num_blocks: list[int]) -> list[MemCase]:
 def bench_config(size: str, image_size: int, channels: int, batch: int, case: MemCase) -> RunConfig:
     if size not in MODEL_SIZES:
         raise ConfigError(f"--model {size!r} is not one of {', '.join(MODEL_SIZES)}")
-    model = ModelConfig(image_size=image_size, in_channels=channels, num_classes=10, **MODEL_SIZES[size])
+    model = DiTModelConfig(image_size=image_size, in_channels=channels, num_classes=10, **MODEL_SIZES[size])
     L, B = model.depth, case.num_blocks
     split = None if L % B == 0 else tuple(L // B + (1 if i < L % B else 0) for i in range(B))
-    cfg = RunConfig(name=f"membench-{size}", model=model, blocks=BlocksConfig(num_blocks=B, layers_per_block=split),
-                    train=TrainConfig(schedule="sequential" if case.mode != "interleaved" else "interleaved",
-                                      batch_size=batch, lr_warmup_steps=0, grad_clip=0.0,
-                                      activation_checkpointing=case.checkpointing))
+    train = TrainConfig(schedule="sequential" if case.mode != "interleaved" else "interleaved", batch_size=batch,
+                        lr_warmup_steps=0, grad_clip=0.0, activation_checkpointing=case.checkpointing)
+    cfg = GenerationConfig(name=f"membench-{size}", model=model,
+                           blocks=BlocksConfig(num_blocks=B, layers_per_block=split), train=train)
     cfg.validate()
     return cfg
 

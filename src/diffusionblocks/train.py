@@ -1,8 +1,9 @@
 """Training: one block at a time is the unit of work; schedules order the blocks (method.md section 3).
 
-Every random draw of block b at its step s (batch, sigma, noise, dropped labels) comes from a
+Every random draw of block b at its step s (batch, noise level, noise, dropped labels) comes from a
 generator seeded by (seed, b, s), and its initial weights from (seed, b). A block's result
 therefore does not depend on the schedule that trained it, nor on where it was resumed.
+What a block is, what its batches hold and what its loss takes are its task's (`tasks/`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .blocks import build_block, build_partition
 from .config import ConfigError, RunConfig
-from .data import BatchSampler, ImageData, make_generator
-from .models import build_block, build_partition, run_label_embedding
+from .data import make_generator
 from .noise import Partition
-from .precond import Denoiser
+from .tasks import Coupling, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +37,15 @@ class BlockState:
     """
 
     b: int
-    denoiser: Denoiser | None
+    denoiser: nn.Module | None
     optimizer: torch.optim.Optimizer | None
-    ema: Denoiser | None
+    ema: nn.Module | None
     step: int = 0
     train_time_s: float = 0.0  # wall time spent in this block's steps, over all sessions
     ddp: nn.Module | None = None  # DenoiserLoss wrapped in DistributedDataParallel, when data-parallel
 
     @property
-    def inference_module(self) -> Denoiser:
+    def inference_module(self) -> nn.Module:
         return self.ema if self.ema is not None else self.denoiser
 
     @property
@@ -59,7 +60,7 @@ class BlockState:
 class DenoiserLoss(nn.Module):
     """The per-sample loss of a block as a module's forward, so DistributedDataParallel can wrap it."""
 
-    def __init__(self, denoiser: Denoiser):
+    def __init__(self, denoiser: nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
@@ -67,7 +68,7 @@ class DenoiserLoss(nn.Module):
         return self.denoiser.loss(**inputs)
 
 
-def make_optimizer(denoiser: Denoiser, cfg: RunConfig) -> torch.optim.AdamW:
+def make_optimizer(denoiser: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     """AdamW over one block; weight decay on matrices only."""
     t = cfg.train
     params = [p for p in denoiser.parameters() if p.requires_grad]
@@ -78,14 +79,12 @@ def make_optimizer(denoiser: Denoiser, cfg: RunConfig) -> torch.optim.AdamW:
 
 
 def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path | None = None,
-                     init_from: Path | None = None, label_table: torch.Tensor | None = None,
-                     shared_embedding: nn.Parameter | None = None) -> BlockState:
+                     init_from: Path | None = None, coupling: Coupling | None = None) -> BlockState:
     """Block b freshly initialised from (seed, b), or resumed from its training state in run_dir.
 
     init_from: a trained run whose block b gives the starting weights (fine-tuning), used when run_dir
     holds no state for the block yet; the optimiser starts afresh.
-    label_table / shared_embedding (classification): the label embedding learned by block 0, to copy
-    into this block ("learned_first"), or the one parameter all blocks learn ("learned_joint").
+    coupling: what the task's blocks hand each other (tasks.Coupling), attached before the optimiser.
     """
     denoiser = build_block(cfg, b, make_generator(cfg.train.seed, b, "init"))
     for module in denoiser.modules():
@@ -94,11 +93,8 @@ def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path
     if init_from is not None:
         checkpoint.load_block_weights(init_from, b, denoiser)
     denoiser = denoiser.to(device)
-    if shared_embedding is not None:
-        denoiser.label_embedding = shared_embedding
-    elif label_table is not None:
-        with torch.no_grad():
-            denoiser.label_embedding.copy_(label_table)
+    if coupling is not None:
+        coupling.attach(b, denoiser)
     optimizer = make_optimizer(denoiser, cfg)
     ema = copy.deepcopy(denoiser).requires_grad_(False) if cfg.train.ema_halflife_steps > 0 else None
     state = BlockState(b, denoiser, optimizer, ema)
@@ -114,14 +110,10 @@ def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path
     return state
 
 
-JOINT_LABEL_FILE = "label_embedding.safetensors"  # the shared table of "learned_joint" runs
-
-
-def save_block_state(run_dir: Path, state: BlockState, cfg: RunConfig) -> None:
-    """Checkpoints one block: training state first, then the inference weights (and a shared label table)."""
-    if _label_mode(cfg) == "learned_joint":
-        checkpoint.save_tensor_file(run_dir / JOINT_LABEL_FILE,
-                                    {"label_embedding": state.denoiser.label_embedding.detach()})
+def save_block_state(run_dir: Path, state: BlockState, cfg: RunConfig, coupling: Coupling | None = None) -> None:
+    """Checkpoints one block: what the blocks share first, then its training state, then its inference weights."""
+    if coupling is not None:
+        coupling.save(run_dir, state.denoiser)
     checkpoint.save_train_state(run_dir, state.b, {
         "step": state.step, "train_time_s": state.train_time_s,
         "model": state.denoiser.state_dict(), "optimizer": state.optimizer.state_dict(),
@@ -129,33 +121,8 @@ def save_block_state(run_dir: Path, state: BlockState, cfg: RunConfig) -> None:
     checkpoint.save_block(run_dir, state.b, state.inference_module.state_dict(), state.step, cfg, state.train_time_s)
 
 
-def loss_inputs(cfg: RunConfig, partition: Partition, b: int, images: torch.Tensor, labels: torch.Tensor,
-                g: torch.Generator) -> dict:
-    """The keyword arguments of block b's `loss` for one batch (method.md section 3, step 2), drawn from g.
-
-    Image generation: the image y is denoised, conditioned on its label (dropped to the null class with
-    probability model.class_dropout). Classification: the label's embedding is denoised, conditioned on
-    the image; the plain end-to-end classifier needs no noise.
-    """
-    n = images.shape[0]
-    if cfg.task == "classify":
-        if cfg.classify.mode == "plain":
-            return {"images": images, "labels": labels}
-        sigma = partition.sample(b, n, generator=g).float()
-        noise = torch.randn(n, cfg.model.hidden_size, generator=g)
-        return {"images": images, "labels": labels, "sigma": sigma, "noise": noise,
-                "weighting": cfg.classify.loss_weighting}
-    sigma = partition.sample(b, n, generator=g).float()
-    noise = torch.randn(images.shape, generator=g)
-    inputs = {"y": images, "sigma": sigma, "noise": noise}
-    if cfg.model.num_classes > 0:
-        drop = torch.rand(n, generator=g) < cfg.model.class_dropout
-        inputs["class_labels"] = torch.where(drop, cfg.model.num_classes, labels)
-    return inputs
-
-
-def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler: BatchSampler,
-               device: torch.device, shard: tuple[int, int] = (0, 1)) -> float:
+def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
+               shard: tuple[int, int] = (0, 1)) -> float:
     """One optimiser step of one block (method.md section 3); returns the batch's mean weighted loss.
 
     shard (i, n): this process computes part i of n of the batch, its gradients averaged with the
@@ -163,9 +130,8 @@ def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler:
     """
     t = cfg.train
     b, s = state.b, state.step
-    # 1-2. A batch, and this step's noise levels, noise and dropped labels, from (seed, b, s).
-    images, labels = sampler.batch(s)
-    inputs = loss_inputs(cfg, partition, b, images, labels, make_generator(t.seed, b, s, "noise"))
+    # 1-2. A batch, and this step's noise levels and noise (and the task's other draws), from (seed, b, s).
+    inputs = get_task(cfg.task).loss_inputs(cfg, partition, b, sampler.batch(s), make_generator(t.seed, b, s, "noise"))
     lr = t.lr * min(1.0, (s + 1) / t.lr_warmup_steps) if t.lr_warmup_steps > 0 else t.lr
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -173,7 +139,7 @@ def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler:
     # This process' part of the batch, (n / k, ...), on the device.
     inputs = {key: (v.chunk(k)[i] if k > 1 else v).to(device) if torch.is_tensor(v) else v
               for key, v in inputs.items()}
-    # 3-4. z = y + sigma eps through this block only; the per-sample weighted loss.
+    # 3-4. The noisy target through this block only; the per-sample weighted loss.
     loss = (state.ddp(**inputs) if state.ddp is not None else state.denoiser.loss(**inputs)).mean()
     # 5. Backpropagate into this block only.
     state.optimizer.zero_grad(set_to_none=True)
@@ -220,10 +186,11 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
 
-def train(cfg: RunConfig, data: ImageData, run_dir: Path | None, *, device: str | torch.device = "cpu",
+def train(cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.device = "cpu",
           blocks: list[int] | None = None, progress: bool = True, init_from: Path | None = None) -> dict[int, BlockState]:
     """Trains the run's blocks (all by default) with its schedule, resuming any saved state in run_dir.
 
+    data: the training split, as the run's task loads it (`task.load_data(cfg).train`).
     Returns the final state of each block trained. The sequential schedule keeps one block in memory:
     with a run_dir, a finished block is saved and offloaded (its returned state holds only counters)
     before the next is built. With run_dir None nothing is written and every state is returned whole.
@@ -235,45 +202,20 @@ def train(cfg: RunConfig, data: ImageData, run_dir: Path | None, *, device: str 
     blocks = list(range(cfg.blocks.num_blocks)) if blocks is None else blocks
     partition = build_partition(cfg)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None else None, cfg.train.log_every)
+    states: dict[int, BlockState] = {}
+    coupling = get_task(cfg.task).coupling(cfg, run_dir, device, states)
     if cfg.train.schedule == "sequential":
-        states: dict[int, BlockState] = {}
         for b in blocks:
-            table = _first_block_label_table(cfg, b, run_dir, states)
             states[b] = _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress, init_from,
-                                                label_table=table)
+                                                coupling=coupling)
         return states
     if cfg.train.schedule == "parallel":
-        return _train_parallel(cfg, blocks, data, run_dir, partition, device, progress, init_from)
-    return _train_interleaved(cfg, blocks, data, run_dir, partition, log, device, progress, init_from)
+        return _train_parallel(cfg, blocks, data, run_dir, partition, device, progress, init_from, coupling)
+    return _train_interleaved(cfg, blocks, data, run_dir, partition, log, device, progress, init_from, coupling)
 
 
-def _label_mode(cfg: RunConfig) -> str | None:
-    """The label-embedding mode of a label-denoising run, else None."""
-    if cfg.task == "classify" and cfg.classify.mode == "diffusion":
-        return cfg.classify.label_embedding
-    return None
-
-
-def _first_block_label_table(cfg: RunConfig, b: int, run_dir: Path | None,
-                             states: dict[int, BlockState]) -> torch.Tensor | None:
-    """For "learned_first": block 0's trained label embedding, which blocks after it use frozen."""
-    if _label_mode(cfg) != "learned_first" or b == 0:
-        return None
-    if 0 in states and states[0].resident:
-        return states[0].denoiser.label_embedding.detach().clone()
-    if run_dir is not None and checkpoint.block_step(run_dir, 0) == cfg.train.steps_per_block:
-        return checkpoint.load_block_tensor(run_dir, 0, "label_embedding")
-    raise ConfigError(f"classify.label_embedding='learned_first': block 0 learns the label embedding, so it must be "
-                      f"trained to the end before block {b}")
-
-
-def _sampler(cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
-    return BatchSampler(data, cfg.train.batch_size, seed=cfg.train.seed, stream=b, hflip=cfg.data.hflip,
-                        crop_padding=cfg.data.crop_padding)
-
-
-def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler: BatchSampler,
-                device: torch.device, log: MetricsLog, run_dir: Path | None, shard: tuple[int, int] = (0, 1)) -> float:
+def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
+                log: MetricsLog, run_dir: Path | None, coupling: Coupling, shard: tuple[int, int] = (0, 1)) -> float:
     t0 = time.perf_counter()
     loss = train_step(state, cfg, partition, sampler, device, shard)
     if device.type == "cuda":
@@ -285,40 +227,45 @@ def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler
     if run_dir is not None and (state.step % cfg.train.checkpoint_every == 0 or done):
         if done:
             log.flush(state)
-        save_block_state(run_dir, state, cfg)
+        save_block_state(run_dir, state, cfg, coupling)
     return loss
 
 
-def _train_sequential_block(cfg: RunConfig, b: int, data: ImageData, run_dir: Path | None, partition: Partition,
+def _train_sequential_block(cfg: RunConfig, b: int, data, run_dir: Path | None, partition: Partition,
                             log: MetricsLog, device: torch.device, progress: bool,
                             init_from: Path | None = None, group=None, shard: tuple[int, int] = (0, 1),
-                            leader: bool = True, label_table: torch.Tensor | None = None) -> BlockState:
+                            leader: bool = True, coupling: Coupling | None = None) -> BlockState:
     """Trains block b to the end; with a process group, data-parallel over it (only the leader writes)."""
-    state = init_block_state(cfg, b, device, run_dir, init_from, label_table=label_table)
+    coupling = coupling or Coupling()
+    state = init_block_state(cfg, b, device, run_dir, init_from, coupling)
+    coupling.resumed({b: state.denoiser})
     if shard[1] > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         state.ddp = DistributedDataParallel(DenoiserLoss(state.denoiser), process_group=group,
                                             device_ids=[device] if device.type == "cuda" else None)
-    sampler = _sampler(cfg, data, b)
+    sampler = get_task(cfg.task).batch_sampler(cfg, data, b)
     total = cfg.train.steps_per_block
     lo, hi = partition.block_range(b)
+    noise = get_task(cfg.task).noise_symbol
     with tqdm(total=total, initial=min(state.step, total), desc=f"block {b + 1}/{cfg.blocks.num_blocks}",
               disable=not progress, unit="step", dynamic_ncols=True) as bar:
-        bar.set_postfix_str(f"sigma [{lo:.3g}, {hi:.3g}]")
+        bar.set_postfix_str(f"{noise} [{lo:.3g}, {hi:.3g}]")
         while state.step < total:
-            loss = _timed_step(state, cfg, partition, sampler, device, log, run_dir if leader else None, shard)
+            loss = _timed_step(state, cfg, partition, sampler, device, log, run_dir if leader else None, coupling,
+                               shard)
             bar.update(1)
             if state.step % 10 == 0 or state.step == total:
-                bar.set_postfix(loss=f"{loss:.4f}", sigma=f"[{lo:.3g}, {hi:.3g}]")
+                bar.set_postfix({"loss": f"{loss:.4f}", noise: f"[{lo:.3g}, {hi:.3g}]"})
     logger.info("block %d: %d steps, %.1f s", b, state.step, state.train_time_s)
     if run_dir is not None:
         state.offload()  # saved at its last step; the next block gets the memory
     return state
 
 
-def _train_parallel(cfg: RunConfig, blocks: list[int], data: ImageData, run_dir: Path | None, partition: Partition,
-                    device: torch.device, progress: bool, init_from: Path | None = None) -> dict[int, BlockState]:
+def _train_parallel(cfg: RunConfig, blocks: list[int], data, run_dir: Path | None, partition: Partition,
+                    device: torch.device, progress: bool, init_from: Path | None = None,
+                    coupling: Coupling | None = None) -> dict[int, BlockState]:
     """This rank's share of block-parallel training: its group's blocks, one after the other (distributed.py)."""
     from . import distributed
 
@@ -334,26 +281,24 @@ def _train_parallel(cfg: RunConfig, blocks: list[int], data: ImageData, run_dir:
                           f"of group {a.group}")
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and a.is_leader else None, cfg.train.log_every)
     return {b: _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress and a.is_leader,
-                                       init_from, groups[a.group], a.shard, a.is_leader)
+                                       init_from, groups[a.group], a.shard, a.is_leader, coupling)
             for b in a.my_blocks}
 
 
-def _train_interleaved(cfg: RunConfig, blocks: list[int], data: ImageData, run_dir: Path | None,
+def _train_interleaved(cfg: RunConfig, blocks: list[int], data, run_dir: Path | None,
                        partition: Partition, log: MetricsLog, device: torch.device,
-                       progress: bool, init_from: Path | None = None) -> dict[int, BlockState]:
+                       progress: bool, init_from: Path | None = None,
+                       coupling: Coupling | None = None) -> dict[int, BlockState]:
     """Each step trains a uniformly random unfinished block (the paper's schedule); all blocks resident.
 
-    With classify.label_embedding="learned_joint" the blocks share one label-embedding parameter, which
-    each block's optimiser updates when that block runs (the reference code's sharing).
+    Blocks that share a trained parameter (the task's coupling) each update it with their own optimiser
+    when they run; at the end every block's files are written again with its final value.
     """
-    shared = None
-    if _label_mode(cfg) == "learned_joint":
-        shared = nn.Parameter(run_label_embedding(cfg).to(device))
-    states = {b: init_block_state(cfg, b, device, run_dir, init_from, shared_embedding=shared) for b in blocks}
-    if shared is not None and run_dir is not None and (run_dir / JOINT_LABEL_FILE).is_file():
-        with torch.no_grad():  # the blocks' files hold older snapshots; the run's file holds the latest
-            shared.copy_(checkpoint.load_tensor_file(run_dir / JOINT_LABEL_FILE, "label_embedding"))
-    samplers = {b: _sampler(cfg, data, b) for b in blocks}
+    coupling = coupling or Coupling()
+    states = {b: init_block_state(cfg, b, device, run_dir, init_from, coupling) for b in blocks}
+    coupling.resumed({b: s.denoiser for b, s in states.items()})
+    task = get_task(cfg.task)
+    samplers = {b: task.batch_sampler(cfg, data, b) for b in blocks}
     total = cfg.train.steps_per_block
     losses: dict[int, float] = {}
     done_steps = sum(min(s.step, total) for s in states.values())
@@ -367,11 +312,11 @@ def _train_interleaved(cfg: RunConfig, blocks: list[int], data: ImageData, run_d
             t = sum(states[b].step for b in blocks)
             g = make_generator(cfg.train.seed, "schedule", t)
             b = unfinished[int(torch.randint(len(unfinished), (1,), generator=g))]
-            losses[b] = _timed_step(states[b], cfg, partition, samplers[b], device, log, run_dir)
+            losses[b] = _timed_step(states[b], cfg, partition, samplers[b], device, log, run_dir, coupling)
             bar.update(1)
             if t % 10 == 0:
                 bar.set_postfix_str(" ".join(f"b{k}={v:.4f}" for k, v in sorted(losses.items())))
-    if shared is not None and run_dir is not None:
-        for state in states.values():  # every block's file gets the final shared table
-            save_block_state(run_dir, state, cfg)
+    if coupling.rewrite_at_end and run_dir is not None:
+        for state in states.values():  # every block's file gets the final shared values
+            save_block_state(run_dir, state, cfg, coupling)
     return states

@@ -1,0 +1,166 @@
+"""The task interface: everything that differs between the problems DiffusionBlocks is applied to.
+
+The core (noise axes and partitions, preconditioning, samplers, the router, block training and its
+schedules, offloading, block-parallel training, checkpoints, run directories, `compare` and the
+command's verbs) never asks which task it runs. It calls a `Task`:
+
+- configuration: `config_class`, a `RunConfig` subclass with the task's `model`, `data` and `sample`
+  sections (and any of its own); `validate` for rules across sections; `noise_axis`, the axis the
+  blocks partition (EDM's sigma by default); `baseline_config`, the end-to-end model that `compare`
+  puts against the blocks;
+- training: `load_data` (train and held-out splits), `batch_sampler` (the deterministic batches of
+  one block), `build_block` (block b as an `nn.Module` whose `loss(**inputs)` returns per-sample
+  losses), `loss_inputs` (those inputs for one batch, drawn from the (seed, block, step) generator)
+  and `coupling` (what blocks hand each other, for the rare task whose blocks are not independent);
+- after training: `after_training` (what a finished run writes: a sample grid, an evaluation),
+  `sample` (the `sample` verb), `evaluate` and its companions (the `evaluate` verb and each run of
+  `compare`), and `write_comparison` (`compare`'s report).
+
+A task is added by subclassing `Task` in any module and naming it in a config as
+`"task": "package.module:TaskClass"`, or by `diffusionblocks.tasks.register(name, TaskClass)`.
+docs/extending.md walks through a complete example.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, RunConfig
+from ..noise import LogNormalSigma, NoiseAxis, Partition
+
+
+class Coupling:
+    """What the blocks of one run hand each other, or share, while they train. The default: nothing.
+
+    DiffusionBlocks' blocks are independent, and most tasks need none of this. One exception is the
+    classifier whose label-embedding table is learned by block 0 and then frozen for the others, or
+    learned jointly by all of them (`tasks/classification.py`).
+    """
+
+    # Blocks share trained parameters: after interleaved training every block's files are written
+    # again, so that each holds the final values.
+    rewrite_at_end: bool = False
+
+    def attach(self, b: int, block: nn.Module) -> None:
+        """Block b was just built and moved to its device: give it what it takes from other blocks.
+
+        Runs before its optimiser is made, so a parameter put in here is trained by it.
+        """
+
+    def resumed(self, blocks: dict[int, nn.Module]) -> None:
+        """The schedule has built its resident blocks and loaded whatever training state they had saved."""
+
+    def save(self, run_dir: Path, block: nn.Module) -> None:
+        """A block is being checkpointed: write what the blocks share (before the block's own files)."""
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of a trained run: its JSON-able metrics and whatever the task keeps for pictures."""
+
+    result: dict[str, Any]
+    artifacts: Any = None
+
+
+class Task:
+    """One kind of problem: its config sections, data, blocks, loss inputs, inference and evaluation.
+
+    Subclasses set `name` and `config_class` and implement the four training methods
+    (`load_data`, `batch_sampler`, `build_block`, `loss_inputs`); the rest have defaults.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[RunConfig]] = RunConfig
+    noise_symbol: ClassVar[str] = "sigma"       # How the noise axis is called in messages.
+    sample_suffixes: ClassVar[tuple[str, ...]] = ()  # Files `sample` can write; () = the task has no samples.
+
+    # ---- configuration
+
+    def default_config(self) -> RunConfig:
+        """The config of `diffusionblocks train --task NAME` with no --config."""
+        return self.config_class(task=self.name)
+
+    def upgrade_config(self, d: dict[str, Any]) -> dict[str, Any]:
+        """A config dict as an older version of this task wrote it, in today's form (default: unchanged)."""
+        return d
+
+    def validate(self, cfg: RunConfig) -> None:
+        """Rules across sections; each section checks its own fields in its `validate` method."""
+
+    def noise_axis(self, cfg: RunConfig) -> NoiseAxis:
+        """The noise axis the blocks partition: EDM's log-normal sigma from cfg.noise by default."""
+        n = cfg.noise
+        return LogNormalSigma(P_mean=n.P_mean, P_std=n.P_std, sigma_min=n.sigma_min, sigma_max=n.sigma_max)
+
+    def baseline_config(self, cfg: RunConfig) -> RunConfig:
+        """The end-to-end baseline of `compare`, given the config with blocks.num_blocks=1 (default: itself)."""
+        return cfg
+
+    # ---- training
+
+    def load_data(self, cfg: RunConfig) -> Any:
+        """The data, with `.train` and `.test` splits; raises ConfigError when it does not fit the model."""
+        raise NotImplementedError
+
+    def batch_sampler(self, cfg: RunConfig, data: Any, b: int) -> Any:
+        """Block b's training batches: an object whose `batch(step)` depends only on (seed, b, step)."""
+        raise NotImplementedError
+
+    def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> nn.Module:
+        """Block b of the run, initialised from `generator`; its `loss(**inputs)` returns per-sample losses (N,).
+
+        For inference the block is called as `block(x, noise_level, **cond)` by the router.
+        """
+        raise NotImplementedError
+
+    def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: Any,
+                    generator: torch.Generator) -> dict[str, Any]:
+        """The keyword arguments of block b's `loss` for one batch; every random draw comes from `generator`."""
+        raise NotImplementedError
+
+    def coupling(self, cfg: RunConfig, run_dir: Path | None, device: torch.device,
+                 trained: dict[int, Any]) -> Coupling:
+        """What blocks hand each other during one training session; `trained` maps block -> its BlockState."""
+        return Coupling()
+
+    # ---- after training
+
+    def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
+        """Once every block is trained: write what the run shows (e.g. samples.png); returns summary entries."""
+        return {}
+
+    def add_sample_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Options of `diffusionblocks sample` for this task's runs."""
+
+    def sample(self, model: nn.Module, cfg: RunConfig, args: argparse.Namespace) -> None:
+        """Draws args.num samples from a loaded run and writes args.out."""
+        raise ConfigError(f"task {cfg.task!r} has nothing to sample; use `diffusionblocks evaluate`")
+
+    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Options of `diffusionblocks evaluate` for this task's runs (compare uses their defaults)."""
+
+    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
+        """Evaluates a trained run. args: num, seed, device, cache_dir, progress, and the task's options."""
+        raise ConfigError(f"task {self.name!r} has no evaluation")
+
+    def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
+        """The default name of the directory `evaluate` writes into, inside the run directory."""
+        return f"eval-n{args.num}-seed{args.seed}"
+
+    def format_evaluation(self, result: dict[str, Any]) -> str:
+        """A few readable lines for the terminal."""
+        return "\n".join(f"  {k}: {v}" for k, v in result.items() if isinstance(v, (int, float, str)))
+
+    def write_evaluation(self, out_dir: Path, cfg: RunConfig, evaluation: Evaluation) -> None:
+        """Files beyond evaluation.json (which the core writes): plots, sample grids."""
+
+    def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
+                         artifacts: dict[int, Any]) -> None:
+        """`compare`'s report.md and its plots; results[B] holds the evaluation and its "train_summary"."""
+        raise ConfigError(f"task {self.name!r} does not write a comparison report")

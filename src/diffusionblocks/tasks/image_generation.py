@@ -1,0 +1,394 @@
+"""Class-conditional image generation with DiT blocks (method.md section 5, first row): the main job.
+
+Each block is an EDM denoiser around a DiT of the block's layers, with its own patch, noise and class
+embedders and final layer. A block's loss is EDM's L2 on y + sigma eps, the label dropped to the null
+class with probability model.class_dropout (for classifier-free guidance). Inference is any sampler of
+`sampling.py` over the chain of blocks; evaluation is `evaluation.py`'s conditional accuracy, Frechet
+distance, KID and chain diagnostics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, RunConfig, check_choice
+from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data
+from ..noise import Partition
+from ..precond import Denoiser
+from .base import Evaluation, Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageModelConfig:
+    """A transformer over image patches, the trunk of the DiT and ViT blocks."""
+
+    arch: str = "dit"            # Block architecture: "dit" (image generation) or "vit" (classification).
+    image_size: int = 8          # Height = width of the images, in pixels.
+    in_channels: int = 1         # Image channels.
+    patch_size: int = 2          # Side of a square patch; image_size must be a multiple.
+    hidden_size: int = 128       # Transformer width.
+    depth: int = 6               # L, the number of transformer layers of the whole (end-to-end) network.
+    num_heads: int = 4           # Attention heads; hidden_size must be a multiple.
+    mlp_ratio: float = 4.0       # MLP hidden width / hidden_size.
+    num_classes: int = 10        # Classes (for generation, the conditioning: 0 = unconditional, and index
+                                 # num_classes is the null class).
+
+    def validate(self) -> None:
+        for name in ("image_size", "in_channels", "patch_size", "hidden_size", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"model.image_size={self.image_size} is not a multiple of "
+                              f"model.patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not a multiple of "
+                              f"model.num_heads={self.num_heads}")
+
+
+@dataclass(frozen=True)
+class DiTModelConfig(ImageModelConfig):
+    class_dropout: float = 0.1   # Probability of replacing a training label by the null class (for guidance).
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.class_dropout < 1:
+            raise ConfigError(f"model.class_dropout must be in [0, 1), got {self.class_dropout}")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: str = "euler"           # "euler" (the paper's), "heun" (EDM Alg. 1) or "dpmpp_2m".
+    steps: int = 50                  # Denoising steps (network evaluations per sample for Euler).
+    grid: str = "quantile"           # "quantile" (equal mass, the paper's) or "karras" (rho schedule).
+    rho: float = 7.0                 # Karras schedule exponent.
+    guidance: float = 2.0            # Classifier-free guidance weight w; 1 = no guidance.
+    samples_per_class: int = 10      # Columns of the sample grid written after training.
+
+    def validate(self) -> None:
+        check_choice("sample.sampler", self.sampler, ("euler", "heun", "dpmpp_2m"))
+        check_choice("sample.grid", self.grid, ("quantile", "karras"))
+        if self.steps < 1:
+            raise ConfigError(f"sample.steps must be at least 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ConfigError(f"sample.guidance must be non-negative, got {self.guidance}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig(RunConfig):
+    name: str = "digits-dit"
+    task: str = "generate"
+    model: DiTModelConfig = field(default_factory=DiTModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ---- shared by the image tasks
+
+
+def load_matching_images(cfg: RunConfig, conditional_ok: bool) -> ImageSplits:
+    """The run's image dataset, checked against the model's image shape and classes.
+
+    conditional_ok: model.num_classes may also be 0 (an unconditional generator).
+    """
+    data = load_image_data(cfg.data)
+    m = cfg.model
+    C, H = data.train.num_channels, data.train.image_size
+    if (C, H) != (m.in_channels, m.image_size):
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r} has {C}-channel {H}x{H} images but the model expects "
+                          f"model.in_channels={m.in_channels}, model.image_size={m.image_size}")
+    if m.num_classes not in ((0, data.train.num_classes) if conditional_ok else (data.train.num_classes,)):
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r} has {data.train.num_classes} classes "
+                          f"but model.num_classes={m.num_classes}")
+    return data
+
+
+def image_batch_sampler(cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
+    """Block b's (images, labels) batches, with the config's flips and crops."""
+    return BatchSampler(data, cfg.train.batch_size, seed=cfg.train.seed, stream=b, hflip=cfg.data.hflip,
+                        crop_padding=cfg.data.crop_padding)
+
+
+def add_steps_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--steps", type=int, help=f"denoising steps (default: {what})")
+
+
+def steps_argument(args: argparse.Namespace, default: int) -> int:
+    steps = default if getattr(args, "steps", None) is None else args.steps
+    if steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {steps}")
+    return steps
+
+
+# ---- the task
+
+
+class ImageGenerationTask(Task):
+    name = "generate"
+    config_class = GenerationConfig
+    sample_suffixes = (".png", ".npz")
+
+    def upgrade_config(self, d: dict[str, Any]) -> dict[str, Any]:
+        # Configs written before tasks had their own sections carried an unused "classify" section.
+        return {k: v for k, v in d.items() if k != "classify"}
+
+    def validate(self, cfg: RunConfig) -> None:
+        check_choice("model.arch", cfg.model.arch, ("dit",))
+
+    def load_data(self, cfg: RunConfig) -> ImageSplits:
+        return load_matching_images(cfg, conditional_ok=True)
+
+    def batch_sampler(self, cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
+        return image_batch_sampler(cfg, data, b)
+
+    def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> Denoiser:
+        """An EDM denoiser around a DiT of block b's layers, advertising its training range of sigma."""
+        from ..blocks import build_partition
+        from ..models.dit import DiT
+
+        m = cfg.model
+        net = DiT(image_size=m.image_size, in_channels=m.in_channels, patch_size=m.patch_size,
+                  hidden_size=m.hidden_size, depth=cfg.layer_split()[b], num_heads=m.num_heads,
+                  mlp_ratio=m.mlp_ratio, num_classes=m.num_classes)
+        net.initialize_weights(generator)
+        lo, hi = build_partition(cfg).training_range(b)
+        return Denoiser(net, sigma_data=cfg.noise.sigma_data, sigma_min=lo, sigma_max=hi)
+
+    def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: tuple[torch.Tensor, torch.Tensor],
+                    generator: torch.Generator) -> dict[str, Any]:
+        """The image y is denoised, conditioned on its label (dropped to the null class with probability
+        model.class_dropout)."""
+        images, labels = batch
+        n = images.shape[0]
+        sigma = partition.sample(b, n, generator=generator).float()
+        noise = torch.randn(images.shape, generator=generator)
+        inputs = {"y": images, "sigma": sigma, "noise": noise}
+        if cfg.model.num_classes > 0:
+            drop = torch.rand(n, generator=generator) < cfg.model.class_dropout
+            inputs["class_labels"] = torch.where(drop, cfg.model.num_classes, labels)
+        return inputs
+
+    # ---- after training
+
+    def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
+        """samples.png: one row per class, sample.samples_per_class columns."""
+        from ..checkpoint import from_pretrained
+        from ..generate import class_labels_evenly, generate
+        from ..plotting import save_image_grid
+
+        model, _ = from_pretrained(run_dir, device)
+        m, s = cfg.model, cfg.sample
+        k = max(m.num_classes, 1)
+        labels = class_labels_evenly(k * s.samples_per_class, k)
+        images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
+                          num_classes=m.num_classes, steps=s.steps, sampler=s.sampler, guidance=s.guidance,
+                          grid=s.grid, rho=s.rho, seed=cfg.train.seed, device=device)
+        save_image_grid(images, run_dir / "samples.png", nrow=s.samples_per_class)
+        logger.info("samples.png: one row per class")
+        return {}
+
+    def add_sample_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--class", dest="class_", type=int,
+                            help="class of every sample (default: classes covered evenly)")
+        _add_sampler_arguments(parser)
+
+    def sample(self, model: torch.nn.Module, cfg: RunConfig, args: argparse.Namespace) -> None:
+        """A .png grid, or an .npz of images (N, C, H, W in [-1, 1]) and labels."""
+        from ..generate import class_labels_evenly, generate
+        from ..plotting import save_image_grid
+
+        m, s = cfg.model, cfg.sample
+        steps = steps_argument(args, s.steps)
+        guidance = s.guidance if args.guidance is None else args.guidance
+        if args.class_ is not None:
+            if m.num_classes == 0:
+                raise ConfigError("--class given but the model is unconditional (model.num_classes=0)")
+            if not 0 <= args.class_ < m.num_classes:
+                raise ConfigError(f"--class {args.class_} is out of range: the model has classes "
+                                  f"0..{m.num_classes - 1}")
+            labels = torch.full((args.num,), args.class_, dtype=torch.long)
+        else:
+            labels = class_labels_evenly(args.num, max(m.num_classes, 1))
+        images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
+                          num_classes=m.num_classes, steps=steps, sampler=args.sampler or s.sampler,
+                          guidance=guidance, grid=args.grid or s.grid, rho=s.rho, seed=args.seed,
+                          device=args.device, progress=args.progress)
+        out = Path(args.out)
+        if out.suffix.lower() == ".npz":
+            np.savez(out, images=images.numpy().astype(np.float32), labels=labels.numpy().astype(np.int64))
+        else:
+            k = max(m.num_classes, 1)
+            nrow = args.num // k if args.class_ is None and args.num % k == 0 else min(args.num, 10)
+            save_image_grid(images, out, nrow=max(nrow, 1))
+
+    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _add_sampler_arguments(parser)
+        parser.add_argument("--no-diagnostics", action="store_true", help="skip the chain diagnostics")
+
+    def _settings(self, cfg: RunConfig, args: argparse.Namespace) -> tuple[int, str, float]:
+        s = cfg.sample
+        return (steps_argument(args, s.steps), args.sampler or s.sampler,
+                s.guidance if args.guidance is None else args.guidance)
+
+    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
+        """Conditional accuracy, FD and KID with their real-vs-real floors, and the chain diagnostics."""
+        from ..checkpoint import read_config
+        from ..evaluation import evaluate_run
+
+        if args.num < 2:
+            raise ConfigError(f"--num must be at least 2, got {args.num}")
+        steps, sampler, guidance = self._settings(read_config(run_dir), args)
+        result, images = evaluate_run(run_dir, num_samples=args.num, steps=steps, sampler=sampler,
+                                      guidance=guidance, grid=args.grid, seed=args.seed,
+                                      diagnostics=not args.no_diagnostics, device=args.device,
+                                      cache_dir=args.cache_dir, progress=args.progress)
+        return Evaluation(result, images)
+
+    def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
+        steps, sampler, guidance = self._settings(cfg, args)
+        return f"eval-{sampler}-{steps}steps-w{guidance:g}-n{args.num}-seed{args.seed}"
+
+    def format_evaluation(self, result: dict[str, Any]) -> str:
+        from ..evaluation import format_evaluation
+
+        return format_evaluation(result)
+
+    def write_evaluation(self, out_dir: Path, cfg: RunConfig, evaluation: Evaluation) -> None:
+        """chain_diagnostics.json and .png, and samples.png (up to 10 per class, one row per class)."""
+        from ..diagnostics import write_chain_diagnostics
+        from ..plotting import save_image_grid
+
+        result, images = evaluation.result, evaluation.artifacts
+        if "chain" in result:
+            write_chain_diagnostics(result["chain"], out_dir, title=f"{cfg.name}: oracle vs chain")
+        k, num = cfg.model.num_classes, len(images)
+        per_class = num // k
+        if per_class >= 1 and num % k == 0:
+            save_image_grid(images.view(k, per_class, *images.shape[1:])[:, :10].flatten(0, 1), out_dir / "samples.png",
+                            nrow=min(per_class, 10))
+
+    def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
+                         artifacts: dict[int, Any]) -> None:
+        grids = {}
+        for B, images in artifacts.items():
+            k = configs[B].model.num_classes
+            per_class = len(images) // k
+            grids[B] = images.view(k, per_class, *images.shape[1:])[:, :8].flatten(0, 1) \
+                if len(images) % k == 0 and per_class >= 1 else images[:80]
+        write_generation_report(out_dir, configs, results, grids)
+
+
+def write_generation_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict], grids: dict) -> None:
+    """compare's report.md for image generation, and the plots it links."""
+    from ..compare import memory_note, training_cost
+
+    cfg1, r1 = configs[1], results[1]
+    header = ["B", "layers per block", "cond. acc.", "FD", "KID", "train s", "job wall s", "ms/step per block",
+              "sampling s", "peak train mem MiB"]
+    lines = [f"# End-to-end vs DiffusionBlocks: {cfg1.data.dataset}", "",
+             f"Equal training compute: every block gets {cfg1.train.steps_per_block} steps of batch "
+             f"{cfg1.train.batch_size}, as does the end-to-end model (B=1), so every run evaluates the same number of "
+             f"layers. Model: DiT, {cfg1.model.depth} layers, width {cfg1.model.hidden_size}; {cfg1.train.schedule} "
+             "schedule. Samples: "
+             f"{r1['num_samples']} class-conditional ({r1['sampler']}, {r1['steps']} steps, guidance {r1['guidance']}, "
+             f"{r1['grid']} grid, seed {r1['seed']}); held-out real images: {r1['num_heldout']}.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for B, r in results.items():
+        cells = {"B": str(B), "cond. acc.": f"{r['conditional_accuracy']:.4f}", "FD": f"{r['fd']:.3f}",
+                 "KID": f"{r['kid']:.4f}", "sampling s": f"{r['sampling_s']:.2f}", **training_cost(configs[B], r)}
+        lines.append("| " + " | ".join(cells[h] for h in header) + " |")
+    lines += ["", f"Real-vs-real floor ({r1['num_real_floor']} real training images vs the held-out set): "
+              f"FD {r1['fd_real_floor']:.3f}, KID {r1['kid_real_floor']:.4f}. Reference classifier: held-out accuracy "
+              f"{r1['reference_classifier']['heldout_accuracy']:.4f} on {r1['reference_classifier']['num_heldout']} "
+              "images.", "",
+              memory_note(r1) + " Sampling time: all samples, the same number of steps for every B (each step runs "
+              "one block's layers).",
+              "", "## Chain diagnostics (composition)", "",
+              "Classifier accuracy of the denoised estimate, on the block's training distribution (oracle, real "
+              "y + sigma eps) and on the chain's own trajectory, averaged over each block's steps; input shift is the "
+              "pixel-space Frechet distance between what the chain hands the block and what it was trained on.", "",
+              "| B | block | steps | sigma range | oracle acc. | chain acc. | gap | input shift FD |", "|---|---|---|---|---|---|---|---|"]
+    for B, r in results.items():
+        for b in r["chain"]["per_block"]:
+            lo, hi = b["sigma_range"]
+            lines.append(f"| {B} | {b['block']} | {b['steps']} | {lo:.3g}-{hi:.3g} | {b['oracle_accuracy']:.3f} | "
+                         f"{b['chain_accuracy']:.3f} | {b['composition_gap']:+.3f} | {b['input_shift_fd']:.4f} |")
+    lines += ["", "![metrics vs B](metrics_vs_B.png)", "", "![loss curves](loss_curves.png)", "",
+              "![samples](samples_side_by_side.png)", "", "![chain](chain_gap.png)", ""]
+    (out_dir / "report.md").write_text("\n".join(lines))
+    _plot_comparison(out_dir, configs, results, grids)
+
+
+def _plot_comparison(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict], grids: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..compare import plot_loss_curves
+    from ..plotting import image_grid
+
+    Bs = list(configs)
+    r1 = results[1]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    axes[0].plot(Bs, [results[B]["conditional_accuracy"] for B in Bs], "o-")
+    axes[0].set_title("conditional accuracy")
+    axes[1].plot(Bs, [results[B]["fd"] for B in Bs], "o-", label="samples")
+    axes[1].axhline(r1["fd_real_floor"], color="gray", ls="--", label="real vs real")
+    axes[1].set_title("Frechet distance")
+    axes[1].legend()
+    axes[2].plot(Bs, [results[B]["kid"] for B in Bs], "o-")
+    axes[2].axhline(r1["kid_real_floor"], color="gray", ls="--")
+    axes[2].set_title("KID")
+    for ax in axes:
+        ax.set_xlabel("B (1 = end-to-end)")
+        ax.set_xticks(Bs)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "metrics_vs_B.png", dpi=110)
+    plt.close(fig)
+
+    plot_loss_curves(out_dir, configs)
+
+    fig, axes = plt.subplots(1, len(Bs), figsize=(3.2 * len(Bs), 3.6), squeeze=False)
+    for ax, B in zip(axes[0], Bs):
+        g = image_grid(grids[B], nrow=8)
+        ax.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap="gray", interpolation="nearest")
+        ax.set_title(f"B={B}: acc {results[B]['conditional_accuracy']:.3f}, FD {results[B]['fd']:.2f}", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_dir / "samples_side_by_side.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    for B in Bs:
+        rows = results[B]["chain"]["per_step"]
+        line, = ax.plot([r["step"] for r in rows], [r["chain_accuracy"] for r in rows], lw=1.3, label=f"B={B} chain")
+        ax.plot([r["step"] for r in rows], [r["oracle_accuracy"] for r in rows], lw=1, ls="--", color=line.get_color(),
+                label=f"B={B} oracle")
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("classifier accuracy of D(x)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "chain_gap.png", dpi=110)
+    plt.close(fig)
+
+
+def _add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """Sampling options that default to the run's sample.* config."""
+    add_steps_argument(p, "the run's sample.steps")
+    p.add_argument("--sampler", choices=["euler", "heun", "dpmpp_2m"], help="default: the run's sample.sampler")
+    p.add_argument("--grid", choices=["quantile", "karras"], help="sigma grid (default: the run's sample.grid)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's)")
+
+
+__all__ = ["DiTModelConfig", "GenerationConfig", "ImageGenerationTask", "ImageModelConfig", "SampleConfig"]
