@@ -141,6 +141,34 @@ def test_runs_reproduce_recorded_digests(name, tmp_path):
     assert got == expected
 
 
+def test_configs_written_before_the_refactor_load():
+    """Every recorded config (the old form, with the sections DROPPED lists) loads as its task's config."""
+    from diffusionblocks.config import RunConfig
+
+    for case in _recorded()["cases"].values():
+        for f in case["files"].values():
+            if f["config"] is None:  # label_embedding.safetensors
+                continue
+            cfg = RunConfig.from_dict(f["config"])
+            assert json.loads(cfg.to_json()) == without(f["config"], DROPPED[f["config"]["task"]])
+            assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_run_directory_of_the_old_form_samples_resumes_and_shows_status(tmp_path, tiny_cfg, capsys):
+    from diffusionblocks.data import load_image_data
+    from diffusionblocks.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = {**tiny_cfg.to_dict(), "classify": {"mode": "diffusion", "label_embedding": "fixed",
+                                              "loss_weighting": "per_sample", "inference_steps": 0}}
+    (run / "config.json").write_text(json.dumps(old, indent=2))
+    train(tiny_cfg, load_image_data(tiny_cfg.data).train, run, progress=False)
+    assert main(["status", str(run)]) == 0 and "3/3 trained" in capsys.readouterr().out
+    assert main(["sample", str(run), "--num", "4", "--steps", "3", "--out", str(tmp_path / "x.npz")]) == 0
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] != ["--record"] or len(sys.argv) != 3:
         sys.exit("usage: python tests/test_regression.py --record SCRATCH_DIR")

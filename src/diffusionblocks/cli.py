@@ -221,9 +221,16 @@ def _finish_run(cfg: RunConfig, run_dir: Path, blocks: list[int], mem: PeakMemor
 
 def _task_arguments(args: argparse.Namespace, task, kind: str) -> None:
     """Parses the options of the run's task (args.task_args, what the verb's own parser did not know) into args."""
-    parser = argparse.ArgumentParser(prog=f"diffusionblocks {args.command} {args.run} (task {task.name})")
+    parser = argparse.ArgumentParser(prog="", add_help=False, exit_on_error=False)
     getattr(task, f"add_{kind}_arguments")(parser)
-    parser.parse_args(args.task_args, namespace=args)
+    options = parser.format_usage().replace("usage:", "").strip() or "none"
+    try:
+        _, unknown = parser.parse_known_args(args.task_args, namespace=args)
+    except argparse.ArgumentError as e:
+        raise ConfigError(f"{e} (the options of a {task.name!r} run: {options})") from None
+    if unknown:
+        raise ConfigError(f"unrecognized argument(s) {' '.join(unknown)} for a {task.name!r} run (its options: "
+                          f"{options})")
     args.progress = not args.no_progress
 
 

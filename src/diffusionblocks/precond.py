@@ -7,7 +7,7 @@ from torch import nn
 
 
 def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
-    """Appends singleton dimensions to x until it has target_dims dimensions."""
+    """x with trailing size-1 axes up to target_dims, so a per-sample (N,) tensor broadcasts over (N, ...)."""
     return x[(...,) + (None,) * (target_dims - x.ndim)]
 
 

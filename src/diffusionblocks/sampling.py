@@ -16,7 +16,7 @@ from .precond import append_dims
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """Converts a denoiser output to a Karras ODE derivative, dx/dsigma = (x - D(x, sigma)) / sigma."""
+    """The probability-flow ODE's slope at (x, sigma) given the denoised estimate: dx/dsigma = (x - D) / sigma."""
     return (x - denoised) / append_dims(sigma, x.ndim)
 
 
@@ -31,7 +31,7 @@ def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_a
         d = to_d(x, sigmas[i] * s_in, denoised)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        # Euler step.
+        # Move along the slope to the next noise level (to sigma = 0 on the last step, which lands on D).
         x = x + (sigmas[i + 1] - sigmas[i]) * d
     return x
 
@@ -49,40 +49,43 @@ def sample_heun(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
-            # Euler step.
+            # No slope exists at sigma = 0: the final step is a plain first-order one.
             x = x + d * dt
         else:
-            # Apply 2nd order correction: evaluated by the block that owns sigma_{i+1}.
-            x_2 = x + d * dt
-            denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
-            d_2 = to_d(x_2, sigmas[i + 1] * s_in, denoised_2)
-            x = x + (d + d_2) / 2 * dt
+            # Trapezoidal rule: a trial first-order step, the slope again where it lands (from the block
+            # that owns sigma_{i+1}), then the step taken with the mean of the two slopes.
+            x_trial = x + d * dt
+            d_trial = to_d(x_trial, sigmas[i + 1] * s_in, model(x_trial, sigmas[i + 1] * s_in, **extra_args))
+            x = x + (d + d_trial) / 2 * dt
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                     callback: Callable | None = None, disable: bool | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), in the half-log-SNR variable t = -ln sigma."""
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), with lambda = -ln sigma as the time variable.
+
+    Each step is exact for a denoised estimate that is linear in lambda; the estimate is extrapolated
+    linearly from this step's and the previous step's (the first step uses this step's alone).
+    """
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
-    old_denoised = None
+    D_prev = None
     for i in trange(len(sigmas) - 1, disable=disable, leave=False):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        D_i = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": D_i})
         if sigmas[i + 1] == 0:
-            x = denoised
+            x = D_i
         else:
-            t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
-            h = t_next - t
-            if old_denoised is None:
-                denoised_d = denoised
-            else:
-                r = (t - (-sigmas[i - 1].log())) / h
-                denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * denoised_d
-        old_denoised = denoised
+            h = sigmas[i].log() - sigmas[i + 1].log()  # lambda_{i+1} - lambda_i > 0
+            D_lin = D_i
+            if D_prev is not None:
+                ratio = (sigmas[i - 1].log() - sigmas[i].log()) / h  # previous step's length over this one's
+                D_lin = D_i + (D_i - D_prev) / (2 * ratio)
+            # x_{i+1} = (sigma_{i+1} / sigma_i) x_i + (1 - e^{-h}) D
+            x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * D_lin
+        D_prev = D_i
     return x
 
 
