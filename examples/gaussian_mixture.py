@@ -237,16 +237,15 @@ class MixtureTask(Task):
 
     def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
                          artifacts: dict[int, Any]) -> None:
-        from diffusionblocks.compare import training_cost
+        from diffusionblocks.compare import markdown_table, training_cost
 
         header = ["B", "layers per block", "log-lik.", "in-mode", "modes", "train s", "ms/step per block"]
         lines = [f"# End-to-end vs DiffusionBlocks: mixture of {configs[1].data.modes} Gaussians", "",
-                 f"Held-out real points: log-likelihood {results[1]['log_likelihood_real']:.3f} nats/point.", "",
-                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for B, r in results.items():
-            cells = {"B": str(B), "log-lik.": f"{r['log_likelihood']:.3f}", "in-mode": f"{r['in_mode_fraction']:.3f}",
-                     "modes": f"{r['modes_covered']}/{r['num_modes']}", **training_cost(configs[B], r)}
-            lines.append("| " + " | ".join(cells[h] for h in header) + " |")
+                 f"Held-out real points: log-likelihood {results[1]['log_likelihood_real']:.3f} nats/point.", ""]
+        lines += markdown_table(header, [{"B": str(B), "log-lik.": f"{r['log_likelihood']:.3f}",
+                                          "in-mode": f"{r['in_mode_fraction']:.3f}",
+                                          "modes": f"{r['modes_covered']}/{r['num_modes']}",
+                                          **training_cost(configs[B], r)} for B, r in results.items()])
         (out_dir / "report.md").write_text("\n".join(lines) + "\n")
         for B, points in artifacts.items():
             save_scatter(points, out_dir / f"samples_B{B}.png", f"B={B}")

@@ -124,6 +124,12 @@ def training_cost(c: RunConfig, result: dict[str, Any]) -> dict[str, str]:
             "peak train mem MiB": f"{mem / 2**20:.0f}" if mem is not None else "n/a"}
 
 
+def markdown_table(header: list[str], rows: list[dict[str, str]]) -> list[str]:
+    """The lines of a markdown table whose columns are `header`, each row a dict over those names."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row[h] for h in header) + " |" for row in rows)]
+
+
 def memory_note(result: dict[str, Any]) -> str:
     """What the peak-memory column measured."""
     return "Peak train memory: " + ("CUDA max_memory_allocated" if "cuda" in str(result["train_summary"].get("device"))

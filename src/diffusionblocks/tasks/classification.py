@@ -346,7 +346,7 @@ def format_classifier_evaluation(r: dict[str, Any]) -> str:
 
 def write_classification_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict]) -> None:
     """compare's report.md for classifiers: accuracy, per-step chain accuracy and oracle accuracy per block."""
-    from ..compare import memory_note, training_cost
+    from ..compare import markdown_table, memory_note, training_cost
 
     c1, cfg = configs[1], configs[max(configs)]
     top5 = c1.model.num_classes > 5
@@ -357,12 +357,10 @@ def write_classification_report(out_dir: Path, configs: dict[int, RunConfig], re
              f"{c1.train.batch_size}, as does the end-to-end ViT (B=1, a plain classifier with the same layers). "
              f"ViT: {c1.model.depth} layers, width {c1.model.hidden_size}; label embedding "
              f"{cfg.classify.label_embedding}; {cfg.train.schedule} schedule; inference: "
-             f"{cfg.classify.inference_steps or 'B'} steps. Held-out images: {results[1]['num_test']}.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for B, r in results.items():
-        cells = {"B": str(B), "top-1": f"{r['top1']:.4f}", "top-5": f"{r.get('top5', 0):.4f}",
-                 "inference s": f"{r['inference_s']:.2f}", **training_cost(configs[B], r)}
-        lines.append("| " + " | ".join(cells[h] for h in header) + " |")
+             f"{cfg.classify.inference_steps or 'B'} steps. Held-out images: {results[1]['num_test']}.", ""]
+    lines += markdown_table(header, [{"B": str(B), "top-1": f"{r['top1']:.4f}", "top-5": f"{r.get('top5', 0):.4f}",
+                                      "inference s": f"{r['inference_s']:.2f}", **training_cost(configs[B], r)}
+                                     for B, r in results.items()])
     lines += ["", "## Chain diagnostics", "", "Accuracy after each block's step along the chain, next to the block's "
               "accuracy on its own training distribution (true label embedding + sigma eps) at the same noise levels.",
               "", "| B | block | steps | sigma range | oracle acc. | chain acc. | gap |", "|---|---|---|---|---|---|---|"]

@@ -288,7 +288,7 @@ class ImageGenerationTask(Task):
 
 def write_generation_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict], grids: dict) -> None:
     """compare's report.md for image generation, and the plots it links."""
-    from ..compare import memory_note, training_cost
+    from ..compare import markdown_table, memory_note, training_cost
 
     cfg1, r1 = configs[1], results[1]
     header = ["B", "layers per block", "cond. acc.", "FD", "KID", "train s", "job wall s", "ms/step per block",
@@ -299,12 +299,11 @@ def write_generation_report(out_dir: Path, configs: dict[int, RunConfig], result
              f"layers. Model: DiT, {cfg1.model.depth} layers, width {cfg1.model.hidden_size}; {cfg1.train.schedule} "
              "schedule. Samples: "
              f"{r1['num_samples']} class-conditional ({r1['sampler']}, {r1['steps']} steps, guidance {r1['guidance']}, "
-             f"{r1['grid']} grid, seed {r1['seed']}); held-out real images: {r1['num_heldout']}.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for B, r in results.items():
-        cells = {"B": str(B), "cond. acc.": f"{r['conditional_accuracy']:.4f}", "FD": f"{r['fd']:.3f}",
-                 "KID": f"{r['kid']:.4f}", "sampling s": f"{r['sampling_s']:.2f}", **training_cost(configs[B], r)}
-        lines.append("| " + " | ".join(cells[h] for h in header) + " |")
+             f"{r1['grid']} grid, seed {r1['seed']}); held-out real images: {r1['num_heldout']}.", ""]
+    lines += markdown_table(header, [{"B": str(B), "cond. acc.": f"{r['conditional_accuracy']:.4f}",
+                                      "FD": f"{r['fd']:.3f}", "KID": f"{r['kid']:.4f}",
+                                      "sampling s": f"{r['sampling_s']:.2f}", **training_cost(configs[B], r)}
+                                     for B, r in results.items()])
     lines += ["", f"Real-vs-real floor ({r1['num_real_floor']} real training images vs the held-out set): "
               f"FD {r1['fd_real_floor']:.3f}, KID {r1['kid_real_floor']:.4f}. Reference classifier: held-out accuracy "
               f"{r1['reference_classifier']['heldout_accuracy']:.4f} on {r1['reference_classifier']['num_heldout']} "
