@@ -41,7 +41,9 @@ def test_cli_trains_samples_evaluates_and_compares(tmp_path, in_examples, capsys
 
     assert main(["sample", str(run), "--num", "64", "--steps", "10", "--out", str(tmp_path / "p.npz")]) == 0
     assert np.load(tmp_path / "p.npz")["points"].shape == (64, 2)
-    assert main(["sample", str(run), "--num", "8", "--class", "3", "--out", str(tmp_path / "q.npz")]) == 2  # not its option
+    with pytest.raises(SystemExit):  # not an option of this task: argparse's usage and exit status 2
+        main(["sample", str(run), "--num", "8", "--class", "3", "--out", str(tmp_path / "q.npz")])
+    assert main(["sample", "--steps", "5", str(run), "--num", "4", "--out", str(tmp_path / "r.npz")]) == 0
 
     assert main(["evaluate", str(run), "--num", "400", "--no-progress"]) == 0
     r = json.loads((run / "eval-n400-seed0" / "evaluation.json").read_text())

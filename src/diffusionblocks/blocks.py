@@ -81,6 +81,6 @@ class BlockwiseDenoiser(nn.Module):
             m = owner == b
             sub = {k: v[m] if torch.is_tensor(v) and v.shape[:1] == sigma.shape else v for k, v in cond.items()}
             D_b = self.blocks[b](x[m], sigma[m], **sub)
-            out = x.new_empty(x.shape, dtype=D_b.dtype) if out is None else out
+            out = D_b.new_empty((x.shape[0], *D_b.shape[1:])) if out is None else out
             out[m] = D_b
         return out

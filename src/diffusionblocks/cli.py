@@ -175,10 +175,11 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise ConfigError(found)
         run_dir, init_from = found
         if rank == 0:
+            get_task(cfg.task).prepare_run(cfg, run_dir, data)
             logger.info("run directory: %s", run_dir)
-            logger.info("task %s: %d training / %d held-out examples; B=%d blocks of %s layers, training block(s) "
-                        "%s, %s schedule, %d steps per block, device %s%s", cfg.task, len(data.train), len(data.test),
-                        B, list(cfg.layer_split()), blocks, cfg.train.schedule,
+            logger.info("task %s: %s training / %s held-out examples; B=%d blocks of %s layers, training block(s) "
+                        "%s, %s schedule, %d steps per block, device %s%s", cfg.task, _size(data.train),
+                        _size(data.test), B, list(cfg.layer_split()), blocks, cfg.train.schedule,
                         cfg.train.steps_per_block, device, f", starting from {init_from}" if init_from else "")
         with PeakMemory(device) as mem:
             train(cfg, data.train, run_dir, device=device, blocks=blocks, progress=not args.no_progress,
@@ -188,6 +189,13 @@ def cmd_train(args: argparse.Namespace) -> None:
             _finish_run(cfg, run_dir, blocks, mem, device, t_start)
     finally:
         distributed.shutdown()
+
+
+def _size(split) -> str:
+    try:
+        return str(len(split))
+    except TypeError:  # a stream without a length
+        return "?"
 
 
 def _finish_run(cfg: RunConfig, run_dir: Path, blocks: list[int], mem: PeakMemory, device: torch.device,
@@ -219,25 +227,10 @@ def _finish_run(cfg: RunConfig, run_dir: Path, blocks: list[int], mem: PeakMemor
     logger.info("wrote %s (loss.png, metrics.jsonl, train_summary.json) in %.1f s", run_dir, summary["wall_time_s"])
 
 
-def _task_arguments(args: argparse.Namespace, task, kind: str) -> None:
-    """Parses the options of the run's task (args.task_args, what the verb's own parser did not know) into args."""
-    parser = argparse.ArgumentParser(prog="", add_help=False, exit_on_error=False)
-    getattr(task, f"add_{kind}_arguments")(parser)
-    options = parser.format_usage().replace("usage:", "").strip() or "none"
-    try:
-        _, unknown = parser.parse_known_args(args.task_args, namespace=args)
-    except argparse.ArgumentError as e:
-        raise ConfigError(f"{e} (the options of a {task.name!r} run: {options})") from None
-    if unknown:
-        raise ConfigError(f"unrecognized argument(s) {' '.join(unknown)} for a {task.name!r} run (its options: "
-                          f"{options})")
-    args.progress = not args.no_progress
-
-
 def cmd_sample(args: argparse.Namespace) -> None:
     cfg = checkpoint.read_config(args.run)
     task = get_task(cfg.task)
-    _task_arguments(args, task, "sample")
+    args.progress = not args.no_progress
     out = Path(args.out)
     if not task.sample_suffixes:
         raise ConfigError(f"{args.run} is a {cfg.task!r} run: it has nothing to sample; use "
@@ -258,7 +251,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     cfg = checkpoint.read_config(args.run)
     task = get_task(cfg.task)
-    _task_arguments(args, task, "evaluate")
+    args.progress = not args.no_progress
     out = Path(args.out) if args.out else Path(args.run) / task.evaluation_name(cfg, args)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another directory")
@@ -341,10 +334,14 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
 
 def _task_options_help(kind: str) -> str:
     """The options each built-in task adds to `sample` or `evaluate`, for the verb's --help."""
-    lines = ["options of the run's task (they follow RUN like the others):"]
+    lines = ["options of the run's task (with RUN given, --help lists them in full):"]
     for name in available():
         parser = argparse.ArgumentParser(prog="", add_help=False)
-        getattr(get_task(name), f"add_{kind}_arguments")(parser)
+        try:
+            getattr(get_task(name), f"add_{kind}_arguments")(parser)
+        except (ConfigError, ImportError) as e:  # a broken task must not break the other commands
+            lines.append(f"  {name}: unavailable ({e})")
+            continue
         usage = parser.format_usage().replace("usage:", "").strip() or "(none)"
         lines.append(f"  {name}: {usage}")
     return "\n".join(lines)
@@ -354,7 +351,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults in the help, and the epilog's lines kept as written."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(run_task=None) -> argparse.ArgumentParser:
+    """The command's parser; run_task: the task of the run that `sample` or `evaluate` was given, whose
+    options those verbs then take."""
     parser = argparse.ArgumentParser(prog="diffusionblocks", description="DiffusionBlocks: train a network block by "
                                      "block as chained diffusion denoisers, and sample from it.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -391,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="keep one block in memory at a time (models larger than "
                    "the device): each block is loaded from disk when the sampler reaches its noise levels")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_sample, task_options=True)
+    if run_task is not None:
+        run_task.add_sample_arguments(p.add_argument_group(f"options of {run_task.name!r} runs"))
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="the task's metrics of a trained run (images: conditional accuracy, FD, KID, "
                        "chain diagnostics; classifiers: accuracy along the chain)", epilog=_task_options_help("evaluate"),
@@ -405,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "~/.cache/diffusionblocks)")
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_evaluate, task_options=True)
+    if run_task is not None:
+        run_task.add_evaluate_arguments(p.add_argument_group(f"options of {run_task.name!r} runs"))
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="end-to-end (B=1) vs DiffusionBlocks at several B, equal compute, one report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -442,13 +445,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_task(argv: list[str]):
+    """For `sample RUN ...` and `evaluate RUN ...`: the task of RUN (the first argument that is a run directory),
+    so that the parser knows its options wherever they stand; None otherwise."""
+    if not argv or argv[0] not in ("sample", "evaluate"):
+        return None
+    run = next((a for a in argv[1:] if not a.startswith("-") and (Path(a) / "config.json").is_file()), None)
+    return get_task(checkpoint.read_config(run).task) if run is not None else None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = build_parser()
-    args, task_args = parser.parse_known_args(argv)
-    if task_args and not getattr(args, "task_options", False):
-        parser.error(f"unrecognized arguments: {' '.join(task_args)}")
-    args.task_args = task_args
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        run_task = _run_task(argv)
+    except ConfigError as e:
+        print(f"diffusionblocks {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    args = build_parser(run_task).parse_args(argv)
     # Denormal floats are slow on x86 CPUs, and the blocks of the lowest noise levels produce them (a
     # classifier's nearly saturated cross-entropy at sigma ~ 0.002, scaled by c_out ~ sigma): the last
     # digits-ViT block trained at 3.1 steps/s instead of 14.9. Flush them to zero, now, before torch

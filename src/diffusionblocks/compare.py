@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import new_run_dir, save_config
 from .config import ConfigError, RunConfig
-from .tasks import get_task
+from .tasks import BUILTIN_TASKS, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,19 @@ def even_split(L: int, B: int) -> tuple[int, ...] | None:
 def comparison_configs(cfg: RunConfig, num_blocks: list[int]) -> dict[int, RunConfig]:
     """One config per B (B=1 always included), identical but for the partition of the layers; B=1 is the
     task's end-to-end baseline."""
+    from .tasks import Task
+
     task = get_task(cfg.task)
+    missing = [m for m in ("evaluate", "write_comparison") if getattr(type(task), m) is getattr(Task, m)]
+    if missing:
+        raise ConfigError(f"task {cfg.task!r} cannot be compared: it does not define {' or '.join(missing)}")
+    if ":" not in cfg.task and cfg.task not in BUILTIN_TASKS:
+        raise ConfigError(f"compare trains each run in a fresh process, where task {cfg.task!r} (registered from "
+                          "Python) is unknown: name it in the config as 'package.module:TaskClass'")
     out = {}
     for B in sorted({1, *num_blocks}):
         blocks = dataclasses.replace(cfg.blocks, num_blocks=B, layers_per_block=even_split(cfg.model.depth, B))
-        c = dataclasses.replace(cfg, name=f"{cfg.name}-B{B}", blocks=blocks)
-        if B == 1:
-            c = task.baseline_config(c)
+        c = task.comparison_config(dataclasses.replace(cfg, name=f"{cfg.name}-B{B}", blocks=blocks))
         c.validate()
         out[B] = c
     return out

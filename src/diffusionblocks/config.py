@@ -119,6 +119,10 @@ class RunConfig:
         """Checks every section (its own `validate`), the layer split, then the task's rules across sections."""
         from .tasks import get_task
 
+        if type(self) is RunConfig or self.model is None:
+            raise ConfigError("a run's config is its task's RunConfig subclass, with a model section: make one with "
+                              "diffusionblocks.tasks.default_config(task) or RunConfig.from_dict")
+
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
@@ -221,6 +225,26 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for {name}")
 
 
+def _switch_task(cfg: RunConfig, name: str) -> dict[str, Any]:
+    """The default config of task `name` as a dict, with the fields cfg set away from its task's defaults."""
+    from .tasks import get_task
+
+    new = get_task(name).default_config().to_dict()
+    old, old_default = cfg.to_dict(), get_task(cfg.task).default_config().to_dict()
+
+    def carry(into: dict, given: dict, default: dict) -> None:
+        for k, v in given.items():
+            if k not in into or k == "task":
+                continue
+            if isinstance(v, dict) and isinstance(into[k], dict) and isinstance(default.get(k), dict):
+                carry(into[k], v, default[k])
+            elif not isinstance(into[k], dict) and v != default.get(k):
+                into[k] = v
+
+    carry(new, old, old_default)
+    return new
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Reads a JSON config file; missing fields take their defaults."""
     path = Path(path)
@@ -236,16 +260,15 @@ def load_config(path: str | Path) -> RunConfig:
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """Applies `section.field=value` overrides; values are parsed as JSON, else taken as strings.
 
-    `task=NAME` (applied first) replaces the config by that task's default config, since the
-    sections of one task mean nothing to another; the other overrides then apply to it.
+    `task=NAME` (applied first) starts from that task's default config and keeps, of the config
+    given, the fields it changed from its own task's defaults where the new task has them (a
+    dataset, a seed, a name); the other overrides then apply to it.
     """
-    from .tasks import get_task
-
     d = cfg.to_dict()
     for item in overrides:
         key, sep, raw = item.partition("=")
         if key == "task" and sep and raw != cfg.task:
-            d = get_task(raw).default_config().to_dict()
+            d = _switch_task(cfg, raw)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:

@@ -81,8 +81,8 @@ def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extr
             h = sigmas[i].log() - sigmas[i + 1].log()  # lambda_{i+1} - lambda_i > 0
             D_lin = D_i
             if D_prev is not None:
-                ratio = (sigmas[i - 1].log() - sigmas[i].log()) / h  # previous step's length over this one's
-                D_lin = D_i + (D_i - D_prev) / (2 * ratio)
+                r = (sigmas[i - 1].log() - sigmas[i].log()) / h  # previous step's length over this one's
+                D_lin = (1 + 1 / (2 * r)) * D_i - (1 / (2 * r)) * D_prev
             # x_{i+1} = (sigma_{i+1} / sigma_i) x_i + (1 - e^{-h}) D
             x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * D_lin
         D_prev = D_i

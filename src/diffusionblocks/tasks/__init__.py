@@ -17,11 +17,12 @@ import sys
 from ..config import ConfigError, RunConfig
 from .base import Coupling, Evaluation, Task
 
-__all__ = ["Coupling", "Evaluation", "Task", "available", "default_config", "get_task", "register"]
+__all__ = ["BUILTIN_TASKS", "Coupling", "Evaluation", "Task", "available", "default_config", "get_task", "register"]
 
-_BUILTIN = {  # name -> "module:class", imported when first asked for
+BUILTIN_TASKS = {  # name -> "module:class", imported when first asked for
     "generate": "diffusionblocks.tasks.image_generation:ImageGenerationTask",
     "classify": "diffusionblocks.tasks.classification:ClassificationTask",
+    "mdlm": "diffusionblocks.tasks.masked_diffusion:MaskedDiffusionTask",
 }
 _REGISTRY: dict[str, Task] = {}
 
@@ -39,14 +40,14 @@ def register(name: str, task: type[Task] | Task) -> None:
 
 def available() -> list[str]:
     """The names of the built-in and registered tasks."""
-    return sorted({*_BUILTIN, *_REGISTRY})
+    return sorted({*BUILTIN_TASKS, *_REGISTRY})
 
 
 def get_task(name: str) -> Task:
     """The task registered as `name`, or the class a "module:Class" path names (imported now)."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    path = _BUILTIN.get(name, name)
+    path = BUILTIN_TASKS.get(name, name)
     if ":" not in path:
         raise ConfigError(f"task={name!r} is not a known task ({', '.join(map(repr, available()))}) nor a "
                           "'package.module:TaskClass' path")

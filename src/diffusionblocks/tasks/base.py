@@ -6,10 +6,10 @@ command's verbs) never asks which task it runs. It calls a `Task`:
 
 - configuration: `config_class`, a `RunConfig` subclass with the task's `model`, `data` and `sample`
   sections (and any of its own); `validate` for rules across sections; `noise_axis`, the axis the
-  blocks partition (EDM's sigma by default); `baseline_config`, the end-to-end model that `compare`
-  puts against the blocks;
-- training: `load_data` (train and held-out splits), `batch_sampler` (the deterministic batches of
-  one block), `build_block` (block b as an `nn.Module` whose `loss(**inputs)` returns per-sample
+  blocks partition (EDM's sigma by default); `comparison_config`, what `compare` trains for each B
+  (the end-to-end baseline at B=1);
+- training: `load_data` (train and held-out splits), `prepare_run` (files of the run besides its
+  blocks), `batch_sampler` (the deterministic batches of one block), `build_block` (block b as an `nn.Module` whose `loss(**inputs)` returns per-sample
   losses), `loss_inputs` (those inputs for one batch, drawn from the (seed, block, step) generator)
   and `coupling` (what blocks hand each other, for the rare task whose blocks are not independent);
 - after training: `after_training` (what a finished run writes: a sample grid, an evaluation),
@@ -98,8 +98,8 @@ class Task:
         n = cfg.noise
         return LogNormalSigma(P_mean=n.P_mean, P_std=n.P_std, sigma_min=n.sigma_min, sigma_max=n.sigma_max)
 
-    def baseline_config(self, cfg: RunConfig) -> RunConfig:
-        """The end-to-end baseline of `compare`, given the config with blocks.num_blocks=1 (default: itself)."""
+    def comparison_config(self, cfg: RunConfig) -> RunConfig:
+        """The run `compare` trains for cfg.blocks.num_blocks blocks (B=1: the end-to-end baseline); default: cfg."""
         return cfg
 
     # ---- training
@@ -123,6 +123,10 @@ class Task:
                     generator: torch.Generator) -> dict[str, Any]:
         """The keyword arguments of block b's `loss` for one batch; every random draw comes from `generator`."""
         raise NotImplementedError
+
+    def prepare_run(self, cfg: RunConfig, run_dir: Path, data: Any) -> None:
+        """A run directory is about to be trained into: write what inference will need besides the blocks
+        (a vocabulary, say). Called by the process that writes the run, before training."""
 
     def coupling(self, cfg: RunConfig, run_dir: Path | None, device: torch.device,
                  trained: dict[int, Any]) -> Coupling:

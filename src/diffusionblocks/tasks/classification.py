@@ -103,11 +103,12 @@ class ClassificationTask(Task):
         if cfg.model.num_classes < 2:
             raise ConfigError(f"classification needs model.num_classes >= 2, got {cfg.model.num_classes}")
 
-    def baseline_config(self, cfg: RunConfig) -> RunConfig:
-        """The plain ViT classifier with the same layers."""
+    def comparison_config(self, cfg: RunConfig) -> RunConfig:
+        """B=1: the plain ViT classifier with the same layers; B>1: label-denoising blocks."""
         import dataclasses
 
-        return dataclasses.replace(cfg, classify=dataclasses.replace(cfg.classify, mode="plain"))
+        mode = "plain" if cfg.blocks.num_blocks == 1 else "diffusion"
+        return dataclasses.replace(cfg, classify=dataclasses.replace(cfg.classify, mode=mode))
 
     def load_data(self, cfg: RunConfig) -> ImageSplits:
         return load_matching_images(cfg, conditional_ok=False)

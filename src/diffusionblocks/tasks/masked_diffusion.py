@@ -1,0 +1,359 @@
+"""A masked-diffusion language model trained block by block (method.md section 5; the paper's text8 setting).
+
+The noise axis is the masking time t of absorbing-state diffusion (`noise.MaskingTime`); the blocks
+split it into intervals of equal ELBO mass (linear alpha: t_b = b/B), block 0 the most masked. Each
+block is a `models.mdlm.MaskedDiffusionTransformer` of its layers, trained on the ELBO integrand at t
+drawn from its interval.
+
+Evaluation: bits per character as the ELBO on held-out text, with t stratified over K equal-mass
+strata (each evaluated by the block that owns it) and its standard error over R repetitions of the
+estimate's randomness (t within each stratum, and the masks); the bits each block's interval adds up
+to. Sampling: ancestral unmasking from all-masked to clean over S steps, each step by the block that
+owns its t, with an optional fixed prefix (prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, RunConfig, check_choice
+from ..data import make_generator
+from ..noise import MaskingTime, Partition
+from ..text import TextConfig, TextSplits, TokenStream, Vocabulary, WindowSampler, held_out_windows, load_text
+from .base import Evaluation, Task
+
+logger = logging.getLogger(__name__)
+
+VOCAB_FILE = "vocab.json"
+
+
+@dataclass(frozen=True)
+class MaskedLMConfig:
+    vocab_size: int = 65         # V characters (tinyshakespeare: 65, text8: 27); the data may use fewer.
+    seq_len: int = 256           # Characters per training sequence (and the longest the model takes).
+    hidden_size: int = 256       # Transformer width.
+    depth: int = 6               # L, transformer layers of the whole (end-to-end) network.
+    num_heads: int = 4           # Attention heads; hidden_size must be a multiple.
+    mlp_ratio: float = 4.0       # MLP hidden width / hidden_size.
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "seq_len", "hidden_size", "num_heads"):
+            if getattr(self, name) < (2 if name in ("vocab_size", "seq_len") else 1):
+                raise ConfigError(f"model.{name} is too small: {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not a multiple of "
+                              f"model.num_heads={self.num_heads}")
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    schedule: str = "linear"     # alpha(t): "linear" (1 - t, the default) or "cosine" (1 - cos(pi/2 (1 - t))).
+
+    def validate(self) -> None:
+        check_choice("noise.schedule", self.schedule, ("linear", "cosine"))
+
+
+@dataclass(frozen=True)
+class TextSampleConfig:
+    steps: int = 0               # S unmasking steps; 0 = model.seq_len.
+    num: int = 4                 # Samples written to samples.txt after training.
+    prompt: str = ""             # A fixed prefix every sample keeps.
+    temperature: float = 1.0     # Softmax temperature of the predicted distribution.
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.num < 0:
+            raise ConfigError("sample.steps and sample.num must be non-negative")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"sample.temperature must be a positive number, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class MaskedDiffusionConfig(RunConfig):
+    name: str = "shakespeare-mdlm"
+    task: str = "mdlm"
+    model: MaskedLMConfig = field(default_factory=MaskedLMConfig)
+    noise: MaskingConfig = field(default_factory=MaskingConfig)
+    data: TextConfig = field(default_factory=TextConfig)
+    sample: TextSampleConfig = field(default_factory=TextSampleConfig)
+
+
+# ---- sampling and the ELBO
+
+
+@torch.no_grad()
+def sample_text(model, num: int, seq_len: int, steps: int, *, prompt: torch.Tensor | None = None,
+                temperature: float = 1.0, seed: int = 0, device: str | torch.device = "cpu",
+                batch_size: int = 64) -> torch.Tensor:
+    """Ancestral unmasking over `steps` steps of t from 1 to 0 (equal steps of alpha); returns (num, seq_len) ids.
+
+    At each step t -> s the block owning t predicts every masked position; each masked position is revealed
+    with probability (alpha(s) - alpha(t)) / (1 - alpha(t)), taking a token drawn from that prediction.
+    Positions given (the prompt) are never masked, so never change. Sample i uses the randomness of (seed, i).
+    """
+    axis = model.partition.axis
+    ts = axis.icdf(torch.linspace(1, 0, steps + 1, dtype=torch.float64))  # (S + 1,), t_0 = 1 ... t_S = 0
+    alphas = axis.alpha(ts)
+    mask_id = model.blocks[0].mask_id
+    out = []
+    for start in range(0, num, batch_size):
+        idx = range(start, min(start + batch_size, num))
+        x = torch.full((len(idx), seq_len), mask_id, dtype=torch.long, device=device)
+        if prompt is not None and len(prompt):
+            x[:, :len(prompt)] = prompt.to(device)
+        gens = [make_generator(seed, i, "mdlm-sample") for i in idx]
+        for i in range(steps):
+            masked = x == mask_id  # (n, L)
+            if not bool(masked.any()):
+                break
+            logits = model(x, torch.full((len(idx),), float(ts[i]), device=device))  # (n, L, V)
+            probs = torch.softmax(logits / temperature, dim=-1)
+            # Two uniforms per position and sample, from that sample's own generator: reveal?, which token?
+            u = torch.stack([torch.rand(2, seq_len, generator=g, dtype=torch.float64) for g in gens]).to(device)
+            reveal = u[:, 0] < float((alphas[i + 1] - alphas[i]) / (1 - alphas[i]))
+            token = (probs.cumsum(-1) < u[:, 1, :, None]).sum(-1).clamp_max(probs.shape[-1] - 1)  # inverse CDF
+            x = torch.where(masked & reveal, token, x)
+        out.append(x.cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def elbo_bits(model, windows: torch.Tensor, *, strata: int, seed: int, batch_size: int = 64,
+              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """One estimate of the ELBO's bits per character over `windows` (M, L): (per stratum of t (K,), per block (B,)).
+
+    t for window m in stratum k is icdf((k + v) / K) with v ~ U(0, 1): stratified over the training density,
+    so the ELBO is the mean over strata. Every t is evaluated by the block that owns it (the router), and
+    its bits are counted for that block, so the per-block values add up to the ELBO.
+    """
+    from ..models.mdlm import T_FLOOR
+
+    axis, mask_id = model.partition.axis, model.blocks[0].mask_id
+    M, L = windows.shape
+    per_stratum = torch.zeros(strata, dtype=torch.float64)
+    per_block = torch.zeros(model.num_blocks, dtype=torch.float64)
+    for k in range(strata):
+        g = make_generator(seed, k, "elbo")
+        v = torch.rand(M, generator=g, dtype=torch.float64)
+        t = axis.icdf((k + v) / strata).clamp_min(T_FLOOR)  # (M,)
+        u = torch.rand(M, L, generator=g)  # the masks' uniforms
+        for i in range(0, M, batch_size):
+            x, tt = windows[i:i + batch_size].to(device), t[i:i + batch_size]
+            keep = axis.alpha(tt)
+            masked = (u[i:i + batch_size] < (1 - keep).float()[:, None]).to(device)  # (n, L)
+            logits = model(torch.where(masked, mask_id, x), tt.float().to(device))  # (n, L, V)
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x, reduction="none")  # (n, L)
+            # The integrand -alpha'/(1 - alpha) over t's density -alpha': bits per character of each window.
+            bits = (ce * masked).sum(1).double().cpu() / L / (1 - keep) / math.log(2)  # (n,)
+            per_stratum[k] += bits.sum() / M
+            per_block.index_add_(0, model.partition.owner(tt), bits / (M * strata))
+    return per_stratum, per_block
+
+
+def evaluate_bpc(model, windows: torch.Tensor, *, strata: int = 12, repeats: int = 4, seed: int = 0,
+                 device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Held-out BPC (the ELBO), its standard error over `repeats` independent estimates, and the bits of each
+    block's interval of t (they add up to the BPC)."""
+    runs = [elbo_bits(model, windows, strata=strata, seed=seed * 1000 + r, device=device) for r in range(repeats)]
+    totals = torch.stack([s.mean() for s, _ in runs])  # (R,)
+    se = float(totals.std(unbiased=True) / math.sqrt(repeats)) if repeats > 1 else float("nan")
+    return {"bpc": float(totals.mean()), "bpc_se": se, "repeats": repeats, "strata": strata,
+            "num_windows": len(windows), "seq_len": windows.shape[1],
+            "bpc_per_block": torch.stack([b for _, b in runs]).mean(0).tolist(),
+            "bpc_per_stratum": torch.stack([s for s, _ in runs]).mean(0).tolist()}
+
+
+# ---- the task
+
+
+class MaskedDiffusionTask(Task):
+    name = "mdlm"
+    config_class = MaskedDiffusionConfig
+    noise_symbol = "t"
+    sample_suffixes = (".txt",)
+
+    def noise_axis(self, cfg: RunConfig) -> MaskingTime:
+        return MaskingTime(cfg.noise.schedule)
+
+    def load_data(self, cfg: RunConfig) -> TextSplits:
+        data = load_text(cfg.data, cfg.model.seq_len)
+        if len(data.vocab) > cfg.model.vocab_size:
+            raise ConfigError(f"data.path {cfg.data.path!r} has {len(data.vocab)} distinct characters but "
+                              f"model.vocab_size={cfg.model.vocab_size}")
+        return data
+
+    def prepare_run(self, cfg: RunConfig, run_dir: Path, data: TextSplits) -> None:
+        data.vocab.save(run_dir / VOCAB_FILE)
+
+    def batch_sampler(self, cfg: RunConfig, data: TokenStream, b: int) -> WindowSampler:
+        return WindowSampler(data, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed, b)
+
+    def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None):
+        from ..blocks import build_partition
+        from ..models.mdlm import MaskedDiffusionTransformer
+
+        m = cfg.model
+        partition = build_partition(cfg)
+        lo, hi = partition.training_range(b)
+        net = MaskedDiffusionTransformer(m.vocab_size, m.seq_len, m.hidden_size, cfg.layer_split()[b], m.num_heads,
+                                         m.mlp_ratio, axis=partition.axis, t_min=lo, t_max=hi)
+        net.initialize_weights(generator)
+        return net
+
+    def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: torch.Tensor,
+                    generator: torch.Generator) -> dict[str, Any]:
+        """t from the block's interval (under the density -alpha'(t), stratified over the batch, as MDLM and MD4
+        do, since the ELBO weight makes the loss noisy) and the uniforms that decide the masks."""
+        t = partition.sample(b, len(batch), generator=generator, stratified=True).float()
+        return {"tokens": batch, "t": t, "u": torch.rand(batch.shape, generator=generator)}
+
+    # ---- after training
+
+    def _prompt(self, vocab: Vocabulary, text: str, seq_len: int) -> torch.Tensor:
+        ids = vocab.encode(text, "the prompt")
+        if len(ids) >= seq_len:
+            raise ConfigError(f"the prompt has {len(ids)} characters; model.seq_len={seq_len} leaves no room to sample")
+        return ids
+
+    def _samples(self, model, cfg: RunConfig, run_dir: Path, num: int, steps: int, prompt: str, temperature: float,
+                 seed: int, device) -> tuple[list[str], float]:
+        vocab = Vocabulary.load(Path(run_dir) / VOCAB_FILE)
+        L = cfg.model.seq_len
+        t0 = time.perf_counter()
+        ids = sample_text(model, num, L, steps or L, prompt=self._prompt(vocab, prompt, L), temperature=temperature,
+                          seed=seed, device=device)
+        seconds = time.perf_counter() - t0
+        return [vocab.decode(row) for row in ids], seconds
+
+    def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
+        """samples.txt: sample.num samples, one per paragraph."""
+        from ..checkpoint import from_pretrained
+
+        s = cfg.sample
+        if s.num == 0:
+            return {}
+        model, _ = from_pretrained(run_dir, device)
+        texts, _ = self._samples(model, cfg, run_dir, s.num, s.steps, s.prompt, s.temperature, cfg.train.seed, device)
+        (run_dir / "samples.txt").write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        logger.info("samples.txt; the first:\n%s", texts[0])
+        return {}
+
+    def add_sample_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--steps", type=int, help="unmasking steps S (default: the run's sample.steps, or seq_len)")
+        parser.add_argument("--prompt", help="a fixed prefix of every sample (default: the run's sample.prompt)")
+        parser.add_argument("--temperature", type=float, help="default: the run's sample.temperature")
+
+    def sample(self, model, cfg: RunConfig, args: argparse.Namespace) -> None:
+        """A .txt file, one sample per paragraph; the first few are printed."""
+        s = cfg.sample
+        steps = s.steps if args.steps is None else args.steps
+        temperature = s.temperature if args.temperature is None else args.temperature
+        if steps < 0 or not (temperature > 0 and math.isfinite(temperature)):
+            raise ConfigError("--steps must be >= 0 and --temperature a positive number")
+        texts, seconds = self._samples(model, cfg, args.run, args.num, steps, s.prompt if args.prompt is None
+                                       else args.prompt, temperature, args.seed, args.device)
+        Path(args.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        for text in texts[:3]:
+            print(text, end="\n\n")
+        logger.info("%d characters in %.2f s (%.0f characters/s)", args.num * cfg.model.seq_len, seconds,
+                    args.num * cfg.model.seq_len / seconds)
+
+    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--strata", type=int, default=12, help="strata of t in the ELBO estimate")
+        parser.add_argument("--repeats", type=int, default=4, help="independent estimates, for the standard error")
+        parser.add_argument("--windows", type=int, default=0, help="held-out windows used (0 = all)")
+        parser.add_argument("--steps", type=int, help="unmasking steps of the samples (default: the run's)")
+
+    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
+        """Held-out BPC (ELBO) with its standard error, the bits per block interval, and samples with their speed."""
+        from ..checkpoint import from_pretrained
+
+        if args.strata < 1 or args.repeats < 1 or args.windows < 0:
+            raise ConfigError("--strata and --repeats must be at least 1, --windows non-negative")
+        model, cfg = from_pretrained(run_dir, args.device)
+        windows = held_out_windows(self.load_data(cfg).test, cfg.model.seq_len)
+        windows = windows[:args.windows] if args.windows else windows
+        t0 = time.perf_counter()
+        r = evaluate_bpc(model, windows, strata=args.strata, repeats=args.repeats, seed=args.seed, device=args.device)
+        r["eval_s"] = time.perf_counter() - t0
+        steps = (cfg.sample.steps if args.steps is None else args.steps) or cfg.model.seq_len
+        num = min(args.num, 16)
+        texts, seconds = self._samples(model, cfg, run_dir, num, steps, cfg.sample.prompt, cfg.sample.temperature,
+                                       args.seed, args.device)
+        r.update({"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "sample_steps": steps,
+                  "num_samples": num, "sampling_s": seconds, "chars_per_s": num * cfg.model.seq_len / seconds,
+                  "partition": [list(model.partition.block_range(b)) for b in range(cfg.blocks.num_blocks)],
+                  "samples": texts})
+        return Evaluation(r)
+
+    def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
+        return f"eval-bpc-K{args.strata}-R{args.repeats}-seed{args.seed}"
+
+    def format_evaluation(self, r: dict[str, Any]) -> str:
+        lines = [f"{r['run']}: B={r['num_blocks']}, held-out BPC {r['bpc']:.4f} +- {r['bpc_se']:.4f} (ELBO; "
+                 f"{r['num_windows']} windows of {r['seq_len']}, {r['strata']} strata of t, {r['repeats']} repeats)"]
+        for b, (bits, (lo, hi)) in enumerate(zip(r["bpc_per_block"], r["partition"])):
+            lines.append(f"  block {b} (t {lo:.3g}-{hi:.3g}): {bits:.4f} bits per character")
+        lines.append(f"  sampling: {r['chars_per_s']:.0f} characters/s ({r['sample_steps']} steps); a sample:")
+        lines.append("  " + r["samples"][0][:200].replace("\n", "\n  "))
+        return "\n".join(lines)
+
+    def write_evaluation(self, out_dir: Path, cfg: RunConfig, evaluation: Evaluation) -> None:
+        (out_dir / "samples.txt").write_text("\n\n".join(evaluation.result["samples"]) + "\n", encoding="utf-8")
+
+    def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
+                         artifacts: dict[int, Any]) -> None:
+        from ..compare import markdown_table, memory_note, plot_loss_curves, training_cost
+
+        c1, r1 = configs[1], results[1]
+        header = ["B", "layers per block", "BPC", "+- SE", "vs B=1", "train s", "ms/step per block",
+                  "peak train mem MiB", "sampling chars/s"]
+        rows = [{"B": str(B), "BPC": f"{r['bpc']:.4f}", "+- SE": f"{r['bpc_se']:.4f}",
+                 "vs B=1": f"{100 * (r['bpc'] / r1['bpc'] - 1):+.1f}%", "sampling chars/s": f"{r['chars_per_s']:.0f}",
+                 **training_cost(configs[B], r)} for B, r in results.items()]
+        lines = [f"# End-to-end vs DiffusionBlocks: masked diffusion on {Path(c1.data.path).name}", "",
+                 f"Equal training compute: every block gets {c1.train.steps_per_block} steps of batch "
+                 f"{c1.train.batch_size} x {c1.model.seq_len} characters, as does the end-to-end model (B=1). "
+                 f"Model: {c1.model.depth} layers, width {c1.model.hidden_size}, {c1.noise.schedule} alpha(t); "
+                 f"{c1.train.schedule} schedule. BPC: the ELBO on {r1['num_windows']} held-out windows, t stratified "
+                 f"in {r1['strata']} strata (each evaluated by the block that owns it), mean and standard error over "
+                 f"{r1['repeats']} independent estimates. Sampling: {r1['num_samples']} samples of "
+                 f"{c1.model.seq_len} characters, {r1['sample_steps']} unmasking steps, for every B.", ""]
+        lines += markdown_table(header, rows)
+        lines += ["", memory_note(r1), "", "## Where the bits go", "",
+                  "Bits per character contributed by each block's interval of t (they add up to the BPC; block 0 "
+                  "owns the most masked interval).", ""]
+        lines += markdown_table(["B", "block", "t range", "bits"], [
+            {"B": str(B), "block": str(b), "t range": f"{lo:.3g}-{hi:.3g}", "bits": f"{bits:.4f}"}
+            for B, r in results.items() for b, (bits, (lo, hi)) in enumerate(zip(r["bpc_per_block"], r["partition"]))])
+        lines += ["", "![BPC vs B](bpc_vs_B.png)", "", "![loss curves](loss_curves.png)", "", "## Samples", ""]
+        for B, r in results.items():
+            lines += [f"B={B}:", "", "```", *r["samples"][:2], "```", ""]
+        (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        _plot_bpc(out_dir, results)
+        plot_loss_curves(out_dir, configs)
+
+
+def _plot_bpc(out_dir: Path, results: dict[int, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Bs = list(results)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.errorbar(Bs, [results[B]["bpc"] for B in Bs], yerr=[results[B]["bpc_se"] for B in Bs], fmt="o-", capsize=3)
+    ax.set_xlabel("B (1 = end-to-end)")
+    ax.set_xticks(Bs)
+    ax.set_ylabel("held-out bits per character")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "bpc_vs_B.png", dpi=110)
+    plt.close(fig)

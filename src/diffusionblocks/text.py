@@ -1,0 +1,155 @@
+"""Character-level text data for the language tasks: any UTF-8 file, or text8 from its standard zip.
+
+A plain text file is split by position, the first 90% for training and the rest held out; its
+vocabulary is the sorted set of characters of the training part. text8 (Mahoney's first 10^8
+characters of a cleaned Wikipedia, 27 characters) is read from `text8.zip` as it is distributed and
+split as is usual: 90M characters train, 5M validation, 5M test (the held-out split is the test part).
+Training batches are windows of the token stream at offsets drawn from (seed, block, step).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, check_choice
+from .data import make_generator
+
+TEXT8_SPLIT = (90_000_000, 5_000_000, 5_000_000)  # train, validation, test characters
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A character-level corpus."""
+
+    path: str = "../shared/data/tinyshakespeare.txt"  # UTF-8 text file, or text8.zip (format "text8").
+    format: str = "text"          # "text" (any UTF-8 file, split 90/10 by position) or "text8" (the standard zip).
+    train_fraction: float = 0.9   # Format "text": the leading part trained on; the rest is held out.
+
+    def validate(self) -> None:
+        check_choice("data.format", self.format, ("text", "text8"))
+        if not 0 < self.train_fraction < 1:
+            raise ConfigError(f"data.train_fraction must be in (0, 1), got {self.train_fraction}")
+
+
+class Vocabulary:
+    """Characters <-> token ids 0..V-1, in sorted character order."""
+
+    def __init__(self, chars: str):
+        self.chars = "".join(sorted(set(chars)))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str, what: str = "text") -> torch.Tensor:
+        unknown = sorted(set(text) - set(self.index))
+        if unknown:
+            raise ConfigError(f"{what} has character(s) {''.join(unknown)!r} outside the vocabulary of "
+                              f"{len(self)} characters")
+        return torch.tensor([self.index[c] for c in text], dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return "".join(self.chars[i] for i in ids.tolist())
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"chars": self.chars}, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> Vocabulary:
+        if not path.is_file():
+            raise ConfigError(f"{str(path)!r} is missing: the run's vocabulary")
+        return cls(json.loads(path.read_text(encoding="utf-8"))["chars"])
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """One split: token ids (int64, (n,)) and the vocabulary they index."""
+
+    tokens: torch.Tensor
+    vocab: Vocabulary
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class TextSplits:
+    train: TokenStream
+    test: TokenStream
+
+    @property
+    def vocab(self) -> Vocabulary:
+        return self.train.vocab
+
+
+def read_text8(path: Path) -> tuple[str, str]:
+    """(train, test) characters of text8.zip: the first 90M and the last 5M of its 100M."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if "text8" not in names:
+                raise ConfigError(f"{str(path)!r} has no member 'text8' (it has {names[:3]})")
+            raw = z.read("text8")
+    except zipfile.BadZipFile:
+        raise ConfigError(f"{str(path)!r} is not a zip file (data.format='text8' reads text8.zip)") from None
+    text = raw.decode("ascii", errors="strict")
+    n_train, n_valid, n_test = TEXT8_SPLIT
+    if len(text) < n_train + n_valid + n_test:  # a smaller file (tests): the same proportions
+        total = len(text)
+        n_train, n_valid = total * 90 // 100, total * 5 // 100
+    return text[:n_train], text[n_train + n_valid:]
+
+
+def load_text(cfg: TextConfig, seq_len: int) -> TextSplits:
+    """The corpus' train and held-out splits; raises ConfigError naming what is wrong with the file."""
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise ConfigError(f"data.path {cfg.path!r} is not a file")
+    if cfg.format == "text8":
+        train, test = read_text8(path)
+    else:
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"data.path {cfg.path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not text:
+            raise ConfigError(f"data.path {cfg.path!r} is empty")
+        cut = int(len(text) * cfg.train_fraction)
+        train, test = text[:cut], text[cut:]
+    for part, what in ((train, "training"), (test, "held-out")):
+        if len(part) < seq_len + 1:
+            raise ConfigError(f"data.path {cfg.path!r}: its {what} part has {len(part)} characters, fewer than one "
+                              f"sequence of model.seq_len={seq_len} (+1)")
+    vocab = Vocabulary(train)
+    unknown = sorted(set(test) - set(vocab.chars))
+    if unknown:  # rare (a character only in the held-out part): it is dropped from there
+        test = "".join(c for c in test if c in vocab.index)
+    return TextSplits(TokenStream(vocab.encode(train), vocab, f"{path.name}-train"),
+                      TokenStream(vocab.encode(test), vocab, f"{path.name}-test"))
+
+
+class WindowSampler:
+    """Training batches of `seq_len`-token windows at offsets drawn from (seed, stream, step)."""
+
+    def __init__(self, data: TokenStream, seq_len: int, batch_size: int, seed: int, stream: int):
+        if len(data) < seq_len:
+            raise ValueError(f"{data.name}: {len(data)} tokens, fewer than one window of {seq_len}")
+        self.data, self.seq_len, self.batch_size, self.seed, self.stream = data, seq_len, batch_size, seed, stream
+
+    def batch(self, step: int) -> torch.Tensor:
+        """(batch_size, seq_len) token ids."""
+        g = make_generator(self.seed, self.stream, step, "windows")
+        starts = torch.randint(len(self.data) - self.seq_len + 1, (self.batch_size,), generator=g)
+        return self.data.tokens[starts[:, None] + torch.arange(self.seq_len)]  # (N, seq_len)
+
+
+def held_out_windows(data: TokenStream, seq_len: int) -> torch.Tensor:
+    """The held-out split cut into consecutive, non-overlapping windows, (M, seq_len)."""
+    m = len(data) // seq_len
+    return data.tokens[:m * seq_len].view(m, seq_len)
