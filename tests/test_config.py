@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from diffusionblocks.config import ConfigError, apply_overrides, load_config
+from diffusionblocks.config import ConfigError, RunConfig, apply_overrides, load_config
 from diffusionblocks.tasks import default_config
 
 
@@ -63,3 +63,17 @@ def test_presets_load():
     assert (cifar.model.depth, cifar.model.hidden_size, cifar.blocks.num_blocks) == (12, 384, 3)
     assert (cifar.blocks.gamma, cifar.train.batch_size, cifar.train.lr) == (0.05, 512, 1e-4)
     assert (cifar.sample.sampler, cifar.sample.steps, cifar.sample.guidance) == ("euler", 50, 2.0)
+
+
+def test_switching_task_keeps_the_fields_the_config_changed():
+    from diffusionblocks.tasks import default_config
+
+    mnist = apply_overrides(default_config(), ["data.dataset=mnist", "data.root=/x", "train.seed=3", "name=m"])
+    cfg = apply_overrides(mnist, ["task=classify"])
+    assert (cfg.task, cfg.model.arch, cfg.data.dataset, cfg.data.root, cfg.train.seed, cfg.name) == \
+        ("classify", "vit", "mnist", "/x", 3, "m")
+    assert cfg.classify == default_config("classify").classify
+    text = apply_overrides(default_config(), ["task=mdlm", "model.seq_len=64"])
+    assert text.model.seq_len == 64 and text.noise.schedule == "linear" and text.model.depth == 6
+    with pytest.raises(ConfigError, match="its task's RunConfig subclass"):
+        RunConfig().validate()

@@ -20,8 +20,7 @@ def test_saved_activations_shrink_with_blocks_and_checkpointing():
     def act(case):
         cfg = bench_config("tiny", 8, 1, 16, case)
         s = init_block_state(cfg, 0, torch.device("cpu"))
-        y, labels = torch.randn(16, 1, 8, 8), torch.randint(10, (16,))
-        return saved_activation_bytes(s, cfg, y, labels)
+        return saved_activation_bytes(s, cfg, (torch.randn(16, 1, 8, 8), torch.randint(10, (16,))))
 
     e2e, b3, b3_ckpt = act(MemCase("e2e", 1)), act(MemCase("sequential", 3)), act(MemCase("sequential", 3, True))
     assert b3 < 0.45 * e2e  # 4 of 12 layers, plus the block's own embedders and head
@@ -40,3 +39,17 @@ def test_bench_memory_writes_its_table(tmp_path, capsys):
     assert inter["analytic"]["params"] == 4 * sum(inter["params_per_block"])  # every block resident
     assert seq["analytic"]["params"] == 4 * max(seq["params_per_block"])  # one block resident
     assert "| B=2 sequential offloaded | 6/6 |" in capsys.readouterr().out
+
+
+def test_bench_memory_measures_any_tasks_config(tmp_path, capsys):
+    shakespeare = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
+    out = tmp_path / "mem"
+    preset = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "presets" / "shakespeare-mdlm.json")
+    code = main(["bench", "memory", "--config", preset, f"data.path={shakespeare}",
+                 "model.hidden_size=32", "model.num_heads=2", "train.batch_size=8", "--steps", "2",
+                 "--num-blocks", "3", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    rows = {r["case"]: r for r in json.loads((out / "memory.json").read_text())}
+    seq, e2e = rows["B=3 sequential offloaded"], rows["end-to-end"]
+    assert seq["layers_per_block"] == [2, 2, 2] and seq["analytic"]["activations"] < 0.6 * e2e["analytic"]["activations"]
+    assert "shakespeare-mdlm (mdlm)" in capsys.readouterr().out

@@ -325,11 +325,21 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
         num_blocks = [int(b) for b in args.num_blocks.split(",") if b.strip()]
     except ValueError:
         raise ConfigError(f"--num-blocks {args.num_blocks!r} is not a comma-separated list of integers") from None
+    from .membench import model_config
+
     device = str(_device(args.device))
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {args.out!r} already exists and is not empty; choose another directory")
-    run_benchmark(args.model, args.image_size, args.channels, args.batch, args.steps, num_blocks, device, out)
+    if args.config is not None:
+        base = apply_overrides(load_config(args.config), args.overrides)
+        title = f"{base.name} ({base.task}), batch {base.train.batch_size}"
+    else:
+        if args.overrides:
+            raise ConfigError("config overrides need --config")
+        base = model_config(args.model, args.image_size, args.channels, args.batch)
+        title = f"{args.model} at {args.image_size}x{args.image_size}, batch {args.batch}"
+    run_benchmark(base, args.config is None, args.steps, num_blocks, device, out, title)
 
 
 def _task_options_help(kind: str) -> str:
@@ -432,10 +442,13 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True).add_parser(
         "memory", help="peak training memory and step time: end-to-end vs DiffusionBlocks, each in a fresh process",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="dit-s2", help="dit-s2 (12 layers, hidden 384), dit-b2 (12, 768) or tiny")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="overrides of --config")
+    p.add_argument("--config", help="measure this config (any task, on its own data) instead of --model")
+    p.add_argument("--model", default="dit-s2", help="dit-s2 (12 layers, hidden 384), dit-b2 (12, 768) or tiny, "
+                   "class-conditional DiTs on random images")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8, help="images per step")
+    p.add_argument("--batch", type=int, default=8, help="images per step (--model)")
     p.add_argument("--steps", type=int, default=3, help="steps per block (timings are medians after the first)")
     p.add_argument("--num-blocks", default="2,3,4,6", help="values of B")
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")

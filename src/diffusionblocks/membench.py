@@ -1,7 +1,8 @@
 """`diffusionblocks bench memory`: peak training memory and step time, end-to-end vs DiffusionBlocks, measured.
 
-Each configuration runs in a fresh process (so one's allocations cannot hide another's) on random
-data of the model's shape, and measures the peak memory of its training (CUDA: max_memory_allocated;
+Each configuration runs in a fresh process (so one's allocations cannot hide another's), on random
+data of the model's shape (`--model`, a DiT size) or on the data of any task's config (`--config`), and
+measures the peak memory of its training (CUDA: max_memory_allocated;
 CPU: peak resident set size above the process' size just before training) next to the analytic
 breakdown of method.md section 6: parameters P, gradients P, AdamW state 2P of the blocks resident,
 and the activations one forward pass saves for backward (counted exactly with saved-tensor hooks).
@@ -29,8 +30,9 @@ import torch
 
 from .blocks import build_partition
 from .config import BlocksConfig, ConfigError, RunConfig, TrainConfig
-from .data import BatchSampler, ImageData, make_generator
+from .data import ImageData, make_generator
 from .memory import PeakMemory
+from .tasks import get_task
 from .tasks.image_generation import DiTModelConfig, GenerationConfig
 from .train import BlockState, init_block_state, save_block_state, train_step
 
@@ -66,21 +68,41 @@ def memory_cases(num_blocks: list[int]) -> list[MemCase]:
     return cases
 
 
-def bench_config(size: str, image_size: int, channels: int, batch: int, case: MemCase) -> RunConfig:
+def model_config(size: str, image_size: int, channels: int, batch: int) -> RunConfig:
+    """The class-conditional DiT of a named size (`--model`)."""
     if size not in MODEL_SIZES:
         raise ConfigError(f"--model {size!r} is not one of {', '.join(MODEL_SIZES)}")
     model = DiTModelConfig(image_size=image_size, in_channels=channels, num_classes=10, **MODEL_SIZES[size])
-    L, B = model.depth, case.num_blocks
+    return GenerationConfig(name=f"membench-{size}", model=model, train=TrainConfig(batch_size=batch))
+
+
+def case_config(base: RunConfig, case: MemCase) -> RunConfig:
+    """base with the case's B (layers split as evenly as possible), schedule and checkpointing."""
+    L, B = base.model.depth, case.num_blocks
     split = None if L % B == 0 else tuple(L // B + (1 if i < L % B else 0) for i in range(B))
-    train = TrainConfig(schedule="sequential" if case.mode != "interleaved" else "interleaved", batch_size=batch,
-                        lr_warmup_steps=0, grad_clip=0.0, activation_checkpointing=case.checkpointing)
-    cfg = GenerationConfig(name=f"membench-{size}", model=model,
-                           blocks=BlocksConfig(num_blocks=B, layers_per_block=split), train=train)
+    train = dataclasses.replace(base.train, schedule="sequential" if case.mode != "interleaved" else "interleaved",
+                                lr_warmup_steps=0, grad_clip=0.0, activation_checkpointing=case.checkpointing)
+    cfg = get_task(base.task).comparison_config(dataclasses.replace(
+        base, blocks=dataclasses.replace(base.blocks, num_blocks=B, layers_per_block=split), train=train))
     cfg.validate()
     return cfg
 
 
-def saved_activation_bytes(state: BlockState, cfg: RunConfig, y: torch.Tensor, labels: torch.Tensor) -> int:
+def bench_config(size: str, image_size: int, channels: int, batch: int, case: MemCase) -> RunConfig:
+    return case_config(model_config(size, image_size, channels, batch), case)
+
+
+def bench_data(cfg: RunConfig, random_images: bool):
+    """The training data: random images of the model's shape, or the config's own data."""
+    if not random_images:
+        return get_task(cfg.task).load_data(cfg).train
+    m, n = cfg.model, max(cfg.train.batch_size, 64)
+    g = make_generator(0, "membench-data")
+    return ImageData(torch.randn(n, m.in_channels, m.image_size, m.image_size, generator=g).clamp(-1, 1),
+                     torch.randint(10, (n,), generator=g), 10, "random")
+
+
+def saved_activation_bytes(state: BlockState, cfg: RunConfig, batch, device: torch.device | str = "cpu") -> int:
     """Bytes of the tensors one training forward pass of the block saves for backward (unique storages)."""
     seen: dict[int, int] = {}
 
@@ -90,48 +112,47 @@ def saved_activation_bytes(state: BlockState, cfg: RunConfig, y: torch.Tensor, l
             seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
         return t
 
+    inputs = get_task(cfg.task).loss_inputs(cfg, build_partition(cfg), state.b, batch, make_generator(0, "membench"))
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     params = {p.untyped_storage().data_ptr() for p in state.denoiser.parameters()}
-    sigma = torch.ones(len(y), device=y.device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = state.denoiser.loss(y, sigma, torch.randn_like(y), class_labels=labels).mean()
+        loss = state.denoiser.loss(**inputs).mean()
     del loss
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
-def _warm_up(cfg: RunConfig, data: ImageData, device: torch.device) -> None:
+def _warm_up(cfg: RunConfig, data, device: torch.device) -> None:
     """One step of a one-layer model at batch 2, so that lazily loaded kernels, thread pools and allocator
     pools are in place before the measurement starts and are not counted as training memory."""
     small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=1),
                                 blocks=BlocksConfig(num_blocks=1), train=dataclasses.replace(cfg.train, batch_size=2))
+    small = get_task(cfg.task).comparison_config(small)
     s = init_block_state(small, 0, device)
-    train_step(s, small, build_partition(small), BatchSampler(data, 2, seed=0, stream=99), device)
+    train_step(s, small, build_partition(small), get_task(cfg.task).batch_sampler(small, data, 99), device)
     with tempfile.TemporaryDirectory() as tmp:
         save_block_state(Path(tmp), s, small)
     del s
     gc.collect()
 
 
-def run_case(size: str, image_size: int, channels: int, batch: int, steps: int, case: MemCase,
-             device: torch.device) -> dict[str, Any]:
+def run_case(base: RunConfig, random_images: bool, steps: int, case: MemCase, device: torch.device) -> dict[str, Any]:
     """Trains `steps` steps of every block of the case, measuring peak memory and step times."""
-    cfg = bench_config(size, image_size, channels, batch, case)
-    g = make_generator(0, "membench-data")
-    data = ImageData(torch.randn(max(batch, 64), channels, image_size, image_size, generator=g).clamp(-1, 1),
-                     torch.randint(10, (max(batch, 64),), generator=g), 10, "random")
+    cfg = case_config(base, case)
+    task = get_task(cfg.task)
+    data = bench_data(cfg, random_images)
     partition = build_partition(cfg)
     B = case.num_blocks
     step_times: dict[int, list[float]] = {b: [] for b in range(B)}
     params = [0] * B
-    act_bytes = 0
 
-    def step(state: BlockState, sampler: BatchSampler) -> None:
+    def step(state: BlockState, sampler) -> None:
         t0 = time.perf_counter()
         train_step(state, cfg, partition, sampler, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_times[state.b].append(time.perf_counter() - t0)
 
-    samplers = {b: BatchSampler(data, batch, seed=0, stream=b) for b in range(B)}
+    samplers = {b: task.batch_sampler(cfg, data, b) for b in range(B)}
     _warm_up(cfg, data, device)
     with tempfile.TemporaryDirectory() as tmp, PeakMemory(device) as mem:
         run_dir = Path(tmp)
@@ -154,9 +175,7 @@ def run_case(size: str, image_size: int, channels: int, batch: int, steps: int, 
                 gc.collect()
     # Activations of the largest block's forward pass (after the measurement, so it cannot disturb it).
     b_max = max(range(B), key=lambda b: params[b])
-    s = init_block_state(cfg, b_max, device)
-    y, labels = samplers[b_max].batch(0)
-    act_bytes = saved_activation_bytes(s, cfg, y.to(device), labels.to(device))
+    act_bytes = saved_activation_bytes(init_block_state(cfg, b_max, device), cfg, samplers[b_max].batch(0), device)
     resident_params = sum(params) if case.mode == "interleaved" else max(params)
     return {
         "case": case.name, "mode": case.mode, "num_blocks": B, "checkpointing": case.checkpointing,
@@ -181,35 +200,39 @@ def child_main(spec: str) -> None:
     a = json.loads(spec)
     case = MemCase(**a["case"])
     torch.set_num_threads(a.get("threads") or torch.get_num_threads())
-    r = run_case(a["size"], a["image_size"], a["channels"], a["batch"], a["steps"], case, torch.device(a["device"]))
+    from .config import RunConfig
+
+    r = run_case(RunConfig.from_dict(a["config"]), a["random_images"], a["steps"], case, torch.device(a["device"]))
     print(json.dumps(r))
 
 
-def run_benchmark(size: str, image_size: int, channels: int, batch: int, steps: int, num_blocks: list[int],
-                  device: str, out_dir: Path | None) -> list[dict[str, Any]]:
+def run_benchmark(base: RunConfig, random_images: bool, steps: int, num_blocks: list[int], device: str,
+                  out_dir: Path | None, title: str) -> list[dict[str, Any]]:
+    """Measures every case of memory_cases(num_blocks) for the base config, each in a fresh process."""
+    for case in memory_cases(num_blocks):
+        case_config(base, case)  # validates before anything runs
+    if not random_images:
+        get_task(base.task).load_data(base)  # and the data
     results = []
     for case in memory_cases(num_blocks):
-        bench_config(size, image_size, channels, batch, case)  # validates before anything runs
-    for case in memory_cases(num_blocks):
         logger.info("measuring %s ...", case.name)
-        results.append(run_case_in_subprocess({"case": dataclasses.asdict(case), "size": size, "image_size": image_size,
-                                               "channels": channels, "batch": batch, "steps": steps,
-                                               "device": device}))
-    text = format_table(results, size, image_size, batch)
+        results.append(run_case_in_subprocess({"case": dataclasses.asdict(case), "config": base.to_dict(),
+                                               "random_images": random_images, "steps": steps, "device": device}))
+    text = format_table(results, title)
     print(text)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "memory.json").write_text(json.dumps(results, indent=2) + "\n")
         (out_dir / "memory.md").write_text(text + "\n")
-        plot_memory(results, out_dir / "memory.png", f"{size}, {image_size}x{image_size}, batch {batch}, {device}")
+        plot_memory(results, out_dir / "memory.png", f"{title}, {device}")
         logger.info("wrote %s/memory.md, memory.json, memory.png", out_dir)
     return results
 
 
-def format_table(results: list[dict[str, Any]], size: str, image_size: int, batch: int) -> str:
+def format_table(results: list[dict[str, Any]], title: str) -> str:
     e2e = next(r for r in results if r["mode"] == "e2e" and not r["checkpointing"])
     mib = 2 ** 20
-    lines = [f"Peak training memory, {size} at {image_size}x{image_size}, batch {batch}, {e2e['device']} "
+    lines = [f"Peak training memory, {title}, {e2e['device']} "
              f"({e2e['measure']}). Analytic: 4 bytes x (P params + P grads + 2P AdamW) of the resident blocks, "
              "plus the activations one forward pass saves (largest block).", "",
              "| configuration | layers | measured MiB | / end-to-end | x B | analytic MiB (params+grads+adam+act) "

@@ -196,7 +196,7 @@ class ImageGenerationTask(Task):
         return {}
 
     def add_sample_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--class", dest="class_", type=int,
+        parser.add_argument("--class", dest="class_", type=int, metavar="CLASS",
                             help="class of every sample (default: classes covered evenly)")
         _add_sampler_arguments(parser)
 
