@@ -1,3 +1,9 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -27,3 +33,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_schedules_agree(cfg, data) -> None:
+    """Sequential and interleaved training give bit-identical blocks (every draw comes from (seed, block, step))."""
+    from diffusionblocks.config import apply_overrides
+    from diffusionblocks.train import train
+
+    seq = train(cfg, data, None, progress=False)
+    inter = train(apply_overrides(cfg, ["train.schedule=interleaved"]), data, None, progress=False)
+    for b in seq:
+        a, c = seq[b].denoiser.state_dict(), inter[b].denoiser.state_dict()
+        assert all(torch.equal(a[k], c[k]) for k in a), b
+
+
+def kill_training_once(run, args: list[str], block: int, min_step: int) -> int:
+    """Starts `diffusionblocks train --out run ARGS` in another process and SIGKILLs it once `block` has saved a
+    checkpoint at `min_step` or later; returns the step block's weights file then holds."""
+    from diffusionblocks import checkpoint
+
+    proc = subprocess.Popen([sys.executable, "-m", "diffusionblocks", "train", "--out", str(run), "--no-progress",
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (checkpoint.block_step(run, block) or 0) >= min_step:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return checkpoint.block_step(run, block)

@@ -4,7 +4,7 @@ import torch
 from diffusionblocks import checkpoint
 from diffusionblocks.config import ConfigError, RunConfig, apply_overrides
 from diffusionblocks.data import make_generator
-from diffusionblocks.blocks import build_block, build_partition
+from diffusionblocks.blocks import build_partition
 from diffusionblocks.train import init_block_state, save_block_state
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import assert_schedules_agree
 from diffusionblocks import checkpoint
 from diffusionblocks.tasks.classification import chain_logits, evaluate_classifier
 from diffusionblocks.cli import main
@@ -89,11 +90,7 @@ def test_inference_runs_each_block_once_highest_noise_first(cfg):
 
 
 def test_sequential_and_interleaved_give_identical_blocks(cfg, digits):
-    seq = train(cfg, digits.train, None, progress=False)
-    inter = train(apply_overrides(cfg, ["train.schedule=interleaved"]), digits.train, None, progress=False)
-    for b in range(3):
-        a, c = seq[b].denoiser.state_dict(), inter[b].denoiser.state_dict()
-        assert all(torch.equal(a[k], c[k]) for k in a)
+    assert_schedules_agree(cfg, digits.train)
 
 
 def test_learned_first_freezes_block_zeros_table_for_the_others(cfg, digits, tmp_path):

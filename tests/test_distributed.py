@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from diffusionblocks import checkpoint
 from diffusionblocks.cli import main

@@ -2,11 +2,6 @@
 guarantees (schedules, resume after a kill, retraining one block) holding for it."""
 
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -14,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_schedules_agree, kill_training_once
 from diffusionblocks import checkpoint
 from diffusionblocks.blocks import BlockwiseDenoiser, build_block, build_partition
 from diffusionblocks.cli import main
@@ -23,7 +19,6 @@ from diffusionblocks.noise import MaskingTime, Partition
 from diffusionblocks.tasks import default_config, get_task
 from diffusionblocks.tasks.masked_diffusion import evaluate_bpc, sample_text
 from diffusionblocks.text import TextConfig, Vocabulary, load_text, read_text8
-from diffusionblocks.train import train
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 TINY = ["task=mdlm", f"data.path={SHAKESPEARE}", "model.seq_len=32", "model.hidden_size=32", "model.num_heads=2",
@@ -158,11 +153,7 @@ def test_bad_text_input_stops_before_training_with_one_message(tmp_path, capsys,
 
 
 def test_sequential_and_interleaved_give_identical_weights(cfg, shakespeare):
-    seq = train(cfg, shakespeare.train, None, progress=False)
-    inter = train(apply_overrides(cfg, ["train.schedule=interleaved"]), shakespeare.train, None, progress=False)
-    for b in range(3):
-        a, c = seq[b].denoiser.state_dict(), inter[b].denoiser.state_dict()
-        assert all(torch.equal(a[k], c[k]) for k in a)
+    assert_schedules_agree(cfg, shakespeare.train)
 
 
 def test_cli_train_sample_evaluate_and_bad_prompt(tmp_path, capsys):
@@ -187,14 +178,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
     ref = tmp_path / "ref"
     assert main(["train", "--out", str(ref), "--no-progress", *args]) == 0
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "diffusionblocks", "train", "--out", str(run), "--no-progress",
-                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (checkpoint.block_step(run, 1) or 0) >= 5:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 5 <= checkpoint.block_step(run, 1) < 40
+    assert 5 <= kill_training_once(run, args, block=1, min_step=5) < 40
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     for b in range(3):
         a, c = (checkpoint.load_train_state(r, b)["model"] for r in (ref, run))

@@ -1,14 +1,8 @@
 """One block resident: offloaded training, kill and resume, per-block retraining, streamed inference."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import torch
 
-from conftest import TINY
+from conftest import TINY, kill_training_once
 from diffusionblocks import checkpoint
 from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides
@@ -53,15 +47,8 @@ def test_run_killed_mid_block_resumes_to_the_uninterrupted_weights(tmp_path):
     ref = tmp_path / "ref"
     assert main(["train", "--out", str(ref), "--no-progress", *args]) == 0
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "diffusionblocks", "train", "--out", str(run), "--no-progress",
-                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
     # Kill it once block 1 has a checkpoint but has not finished.
-    while time.time() < deadline and not (checkpoint.block_step(run, 1) or 0) >= 10:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step = checkpoint.block_step(run, 1)
+    step = kill_training_once(run, args, block=1, min_step=10)
     assert step is not None and 10 <= step < 60, step
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert_same(disk_weights(ref, 3), disk_weights(run, 3))
