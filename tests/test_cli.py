@@ -73,6 +73,9 @@ def test_sample_is_reproducible_and_batch_independent(trained, tmp_path, capsys)
     (["train", "model.image_size=16"], "8x8 images but the model expects"),
     (["train", "--device", "cuda:7"], "cuda"),
     (["sample", "/nonexistent-run", "--out", "x.png"], "does not exist"),
+    (["train", "train.lr=Infinity"], "train.lr must be a finite number"),
+    (["train", "noise.sigma_max=Infinity"], "noise.sigma_max must be a finite number"),
+    (["train", "--resume", "/nonexistent-run", "--out", "elsewhere"], "--out elsewhere would be ignored"),
 ])
 def test_bad_input_stops_early_with_one_clear_message(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -113,8 +116,25 @@ def test_resume_finishes_a_run_and_refuses_to_change_it(trained, tmp_path, capsy
 
     run = tmp_path / "r"
     shutil.copytree(trained, run)
-    code, err = run_cli(capsys, "train", "--resume", str(run), "model.depth=3")
+    code, err = run_cli(capsys, "train", "--resume", str(run), "model.depth=6")
     assert code == 2 and "would change what the run" in err
     code, err = run_cli(capsys, "train", "--resume", str(run), "train.steps_per_block=8", "--no-progress")
     assert code == 0, err
     assert json.loads((run / "train_summary.json").read_text())["blocks"][0]["steps"] == 8
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),
+    (["--guidance", "-1"], "--guidance must be a finite number >= 0, got -1.0"),
+    (["--steps", "0"], "--steps must be at least 1"),
+])
+def test_sampling_arguments_follow_the_configs_rules(trained, tmp_path, capsys, args, message):
+    code, err = run_cli(capsys, "sample", str(trained), "--num", "2", "--out", str(tmp_path / "x.png"), *args)
+    assert code == 2 and message in err and not (tmp_path / "x.png").exists()
+    code, err = run_cli(capsys, "evaluate", str(trained), "--num", "4", "--out", str(tmp_path / "ev"), *args)
+    assert code == 2 and message in err and not (tmp_path / "ev").exists()
+
+
+def test_resume_accepts_an_override_that_restates_the_runs_value(trained, capsys):
+    code, err = run_cli(capsys, "train", "--resume", str(trained), "--schedule", "sequential", "--no-progress")
+    assert code == 0, err

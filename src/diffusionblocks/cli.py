@@ -44,9 +44,13 @@ def _resolve_train_config(args: argparse.Namespace) -> RunConfig:
         if args.config is not None:
             raise ConfigError(f"--{'resume' if args.resume else 'from'} uses the run's own config.json; "
                               "do not pass --config too")
+        if args.resume and args.out is not None and Path(args.out) != Path(args.resume):
+            raise ConfigError(f"--resume continues {args.resume} in place; --out {args.out} would be ignored")
         cfg = checkpoint.read_config(base)
         allowed = RESUMABLE_SECTIONS if args.resume else FROM_SECTIONS
-        bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(allowed)]
+        # An override that restates the run's own value (e.g. --schedule parallel on a parallel run) changes nothing.
+        bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(allowed)
+               and apply_overrides(cfg, [o]) != cfg]
         if bad:
             raise ConfigError(f"override {bad[0]!r} would change what the run {base} is; only "
                               f"{', '.join(allowed)} may change with --{'resume' if args.resume else 'from'}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,7 +208,7 @@ class ImageGenerationTask(Task):
 
         m, s = cfg.model, cfg.sample
         steps = steps_argument(args, s.steps)
-        guidance = s.guidance if args.guidance is None else args.guidance
+        guidance = guidance_argument(args, s.guidance)
         if args.class_ is not None:
             if m.num_classes == 0:
                 raise ConfigError("--class given but the model is unconditional (model.num_classes=0)")
@@ -235,8 +236,7 @@ class ImageGenerationTask(Task):
 
     def _settings(self, cfg: RunConfig, args: argparse.Namespace) -> tuple[int, str, float]:
         s = cfg.sample
-        return (steps_argument(args, s.steps), args.sampler or s.sampler,
-                s.guidance if args.guidance is None else args.guidance)
+        return steps_argument(args, s.steps), args.sampler or s.sampler, guidance_argument(args, s.guidance)
 
     def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
         """Conditional accuracy, FD and KID with their real-vs-real floors, and the chain diagnostics."""
@@ -380,6 +380,14 @@ def _plot_comparison(out_dir: Path, configs: dict[int, RunConfig], results: dict
     fig.tight_layout()
     fig.savefig(out_dir / "chain_gap.png", dpi=110)
     plt.close(fig)
+
+
+def guidance_argument(args: argparse.Namespace, default: float) -> float:
+    """--guidance, held to the rule of sample.guidance: a finite number >= 0."""
+    w = default if args.guidance is None else args.guidance
+    if not (math.isfinite(w) and w >= 0):
+        raise ConfigError(f"--guidance must be a finite number >= 0, got {w}")
+    return w
 
 
 def _add_sampler_arguments(p: argparse.ArgumentParser) -> None:
