@@ -154,3 +154,14 @@ def test_compare_classifiers_writes_the_report(tmp_path):
 
     runs = json.loads((out / "report.json").read_text())["runs"]
     assert runs["1"]["mode"] == "plain" and runs["3"]["mode"] == "diffusion"
+
+
+def test_compare_from_a_plain_classifier_config(tmp_path):
+    """A config of the plain baseline compares it with label-denoising blocks (comparison_config)."""
+    import json
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--out", str(out), "--num-blocks", "3", "--no-progress", *TINY, "blocks.num_blocks=1",
+                 "classify.mode=plain", "train.steps_per_block=3"]) == 0
+    runs = json.loads((out / "report.json").read_text())["runs"]
+    assert runs["1"]["mode"] == "plain" and runs["3"]["mode"] == "diffusion"
