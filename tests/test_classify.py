@@ -165,3 +165,12 @@ def test_compare_from_a_plain_classifier_config(tmp_path):
                  "classify.mode=plain", "train.steps_per_block=3"]) == 0
     runs = json.loads((out / "report.json").read_text())["runs"]
     assert runs["1"]["mode"] == "plain" and runs["3"]["mode"] == "diffusion"
+
+
+def test_inference_steps_may_change_on_resume_but_the_model_may_not(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-progress", *TINY, "train.steps_per_block=2"]) == 0
+    assert main(["train", "--resume", str(run), "--no-progress", "classify.inference_steps=6"]) == 0
+    assert checkpoint.read_config(run).classify.inference_steps == 6
+    assert main(["train", "--resume", str(run), "classify.label_embedding=learned_first"]) == 2
+    assert "would change what the run" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def _resolve_train_config(args: argparse.Namespace) -> RunConfig:
         if args.resume and args.out is not None and Path(args.out) != Path(args.resume):
             raise ConfigError(f"--resume continues {args.resume} in place; --out {args.out} would be ignored")
         cfg = checkpoint.read_config(base)
-        allowed = RESUMABLE_SECTIONS if args.resume else FROM_SECTIONS
+        allowed = (*RESUMABLE_SECTIONS, *get_task(cfg.task).resumable_fields) if args.resume else FROM_SECTIONS
         # An override that restates the run's own value (e.g. --schedule parallel on a parallel run) changes nothing.
         bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(allowed)
                and apply_overrides(cfg, [o]) != cfg]

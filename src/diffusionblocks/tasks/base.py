@@ -79,6 +79,9 @@ class Task:
     config_class: ClassVar[type[RunConfig]] = RunConfig
     noise_symbol: ClassVar[str] = "sigma"       # How the noise axis is called in messages.
     sample_suffixes: ClassVar[tuple[str, ...]] = ()  # Files `sample` can write; () = the task has no samples.
+    # Fields of the task's sections that may change when a run is resumed (how it is used, not what it is);
+    # `train.steps_per_block`, `train.log_every`, `train.checkpoint_every` and `sample.*` always may.
+    resumable_fields: ClassVar[tuple[str, ...]] = ()
 
     # ---- configuration
 

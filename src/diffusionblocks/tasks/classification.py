@@ -78,6 +78,7 @@ def run_label_embedding(cfg: RunConfig) -> torch.Tensor:
 class ClassificationTask(Task):
     name = "classify"
     config_class = ClassificationConfig
+    resumable_fields = ("classify.inference_steps",)
 
     def upgrade_config(self, d: dict[str, Any]) -> dict[str, Any]:
         # Configs written before tasks had their own sections carried the generator's unused "sample" section
