@@ -58,9 +58,7 @@ def _resolve_train_config(args: argparse.Namespace) -> RunConfig:
     elif args.config is not None:
         cfg = apply_overrides(load_config(args.config), args.overrides)
     else:
-        cfg = apply_overrides(default_config(args.task or "generate"), args.overrides)
-    if args.task is not None and args.task != cfg.task:
-        raise ConfigError(f"--task {args.task} but the config's task is {cfg.task!r}")
+        cfg = apply_overrides(default_config(), args.overrides)
     return cfg
 
 
@@ -157,6 +155,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ConfigError("--reinit needs --from RUN (it retrains chosen blocks of RUN from scratch)")
     if args.schedule is not None:
         args.overrides = [*args.overrides, f"train.schedule={args.schedule}"]
+    if args.task is not None:  # first, so that the other overrides apply to that task's config
+        args.overrides = [f"task={args.task}", *args.overrides]
     cfg = _resolve_train_config(args)
     B = cfg.blocks.num_blocks
     blocks = _parse_blocks(args.blocks, B)
@@ -384,7 +384,8 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
                    "RUN's weights (or retrain them with --reinit); the other blocks' files are copied unchanged")
     p.add_argument("--reinit", action="store_true", help="with --from: train the chosen blocks from scratch")
     p.add_argument("--task", help=f"the task ({', '.join(available())}, or package.module:TaskClass); with no "
-                   "--config, start from its default config (classify: a ViT label denoiser on the digits)")
+                   "--config, start from its default config (classify: a ViT label denoiser on the digits); shortcut for "
+                   "task=NAME")
     p.add_argument("--schedule", choices=["sequential", "interleaved", "parallel"],
                    help="shortcut for train.schedule=...; parallel: launch with torchrun, one group of ranks per block")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")

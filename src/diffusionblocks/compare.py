@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import new_run_dir, save_config
 from .config import ConfigError, RunConfig
-from .tasks import BUILTIN_TASKS, get_task
+from .tasks import get_task, importable_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def comparison_configs(cfg: RunConfig, num_blocks: list[int]) -> dict[int, RunCo
     missing = [m for m in ("evaluate", "write_comparison") if getattr(type(task), m) is getattr(Task, m)]
     if missing:
         raise ConfigError(f"task {cfg.task!r} cannot be compared: it does not define {' or '.join(missing)}")
-    if ":" not in cfg.task and cfg.task not in BUILTIN_TASKS:
+    if not importable_by_name(cfg.task):
         raise ConfigError(f"compare trains each run in a fresh process, where task {cfg.task!r} (registered from "
                           "Python) is unknown: name it in the config as 'package.module:TaskClass'")
     out = {}

@@ -270,7 +270,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     d = cfg.to_dict()
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if key == "task" and sep and raw != cfg.task:
+        if key == "task" and sep:  # the same task keeps cfg as it is (every field it set is carried over)
             d = _switch_task(cfg, raw)
     for item in overrides:
         key, sep, raw = item.partition("=")

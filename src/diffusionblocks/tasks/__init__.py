@@ -17,7 +17,8 @@ import sys
 from ..config import ConfigError, RunConfig
 from .base import Coupling, Evaluation, Task
 
-__all__ = ["BUILTIN_TASKS", "Coupling", "Evaluation", "Task", "available", "default_config", "get_task", "register"]
+__all__ = ["BUILTIN_TASKS", "Coupling", "Evaluation", "Task", "available", "default_config", "get_task",
+           "importable_by_name", "register"]
 
 BUILTIN_TASKS = {  # name -> "module:class", imported when first asked for
     "generate": "diffusionblocks.tasks.image_generation:ImageGenerationTask",
@@ -64,6 +65,12 @@ def get_task(name: str) -> Task:
         raise ConfigError(f"task={name!r}: {module_name}.{attr} is not a diffusionblocks.tasks.Task subclass")
     register(name, cls)
     return _REGISTRY[name]
+
+
+def importable_by_name(name: str) -> bool:
+    """Whether a fresh process can find task `name` from the name alone (built in, or "module:Class"), as
+    `compare` needs; a name registered from Python is known only to the process that registered it."""
+    return name in BUILTIN_TASKS or ":" in name
 
 
 def default_config(name: str = "generate") -> RunConfig:

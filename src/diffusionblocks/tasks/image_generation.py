@@ -118,6 +118,15 @@ def image_batch_sampler(cfg: RunConfig, data: ImageData, b: int) -> BatchSampler
                         crop_padding=cfg.data.crop_padding)
 
 
+def per_class_grid(images: torch.Tensor, num_classes: int, columns: int) -> torch.Tensor | None:
+    """The first `columns` samples of each class, class by class, from samples in contiguous runs per class
+    (`class_labels_evenly`); None when the classes do not split them evenly."""
+    per_class = len(images) // num_classes if num_classes else 0
+    if per_class < 1 or len(images) % num_classes:
+        return None
+    return images.view(num_classes, per_class, *images.shape[1:])[:, :columns].flatten(0, 1)  # (K * cols, C, H, W)
+
+
 def add_steps_argument(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--steps", type=int, help=f"denoising steps (default: {what})")
 
@@ -269,20 +278,16 @@ class ImageGenerationTask(Task):
         result, images = evaluation.result, evaluation.artifacts
         if "chain" in result:
             write_chain_diagnostics(result["chain"], out_dir, title=f"{cfg.name}: oracle vs chain")
-        k, num = cfg.model.num_classes, len(images)
-        per_class = num // k
-        if per_class >= 1 and num % k == 0:
-            save_image_grid(images.view(k, per_class, *images.shape[1:])[:, :10].flatten(0, 1), out_dir / "samples.png",
-                            nrow=min(per_class, 10))
+        grid = per_class_grid(images, cfg.model.num_classes, 10)
+        if grid is not None:
+            save_image_grid(grid, out_dir / "samples.png", nrow=min(len(images) // cfg.model.num_classes, 10))
 
     def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
                          artifacts: dict[int, Any]) -> None:
         grids = {}
         for B, images in artifacts.items():
-            k = configs[B].model.num_classes
-            per_class = len(images) // k
-            grids[B] = images.view(k, per_class, *images.shape[1:])[:, :8].flatten(0, 1) \
-                if len(images) % k == 0 and per_class >= 1 else images[:80]
+            grid = per_class_grid(images, configs[B].model.num_classes, 8)
+            grids[B] = grid if grid is not None else images[:80]
         write_generation_report(out_dir, configs, results, grids)
 
 
