@@ -4,7 +4,7 @@ import torch
 from diffusionblocks import checkpoint
 from diffusionblocks.config import ConfigError, RunConfig, apply_overrides
 from diffusionblocks.data import make_generator
-from diffusionblocks.blocks import build_partition
+from diffusionblocks.blocks import build_block, build_partition
 from diffusionblocks.train import init_block_state, save_block_state
 
 
@@ -61,8 +61,12 @@ def test_mismatched_checkpoint_is_named(tiny_cfg, tmp_path):
     trained_run(tiny_cfg, tmp_path)
     wider = apply_overrides(tiny_cfg, ["model.hidden_size=64"])
     checkpoint.save_config(tmp_path, wider)
-    with pytest.raises(ConfigError, match="does not match the config: .* has shape"):
+    # The metadata names the field; a block file without a config in its metadata is checked tensor by tensor.
+    with pytest.raises(ConfigError, match=r"another model.hidden_size \(32, not 64\)"):
         checkpoint.from_pretrained(tmp_path)
+    block = build_block(wider, 0)
+    with pytest.raises(ConfigError, match="does not match the config: .* has shape"):
+        checkpoint.load_block_weights(tmp_path, 0, block)
 
 
 def test_not_a_run_directory(tmp_path):

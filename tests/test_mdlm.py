@@ -168,6 +168,16 @@ def test_cli_train_sample_evaluate_and_bad_prompt(tmp_path, capsys):
     assert main(["sample", str(run), "--prompt", "\u00e9t\u00e9", "--out", str(tmp_path / "x.txt")]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
     assert main(["sample", str(run), "--out", str(tmp_path / "x.png")]) == 2
+    capsys.readouterr()
+    for verb, args, message in [("sample", ["--temperature", "nan"], "--temperature must be a positive finite number"),
+                                ("sample", ["--steps", "-1"], "--steps must be >= 0 (0: model.seq_len steps), got -1"),
+                                ("evaluate", ["--steps", "-2"], "--steps must be >= 0 (0: model.seq_len steps), got -2"),
+                                ("evaluate", ["--strata", "0"], "--strata must be at least 1, got 0")]:
+        out_args = ["--out", str(tmp_path / ("y.txt" if verb == "sample" else "ev"))]
+        assert main([verb, str(run), *args, *out_args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "y.txt").exists() and not (tmp_path / "ev").exists()
     assert main(["evaluate", str(run), "--windows", "8", "--repeats", "2", "--strata", "3", "--no-progress"]) == 0
     assert "held-out BPC" in capsys.readouterr().out
     assert main(["status", str(run)]) == 0 and "block 0 (t 0.667-1)" in capsys.readouterr().out

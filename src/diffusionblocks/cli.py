@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -76,15 +77,56 @@ def _parse_blocks(text: str | None, B: int) -> list[int]:
     return blocks
 
 
-def _new_run_dir(args: argparse.Namespace, name: str) -> Path:
+def _writable_place(path: Path, what: str) -> None:
+    """Refuses a path that cannot be created: a file where a directory must be, or a directory not writable."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is a file")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is not writable")
+            return
+
+
+def _check_output_file(path: Path, flag: str = "--out") -> None:
+    if path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a directory; give a file name")
+    _writable_place(path, flag)
+
+
+def _check_output_dir(path: Path, flag: str = "--out") -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a file, not a directory")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {str(path)!r} is not writable")
+    _writable_place(path, flag)
+
+
+def _has_block_files(run_dir: Path) -> bool:
+    return any(run_dir.glob("block_*.safetensors")) or any(run_dir.glob("block_*.state.pt"))
+
+
+def _new_run_dir(args: argparse.Namespace, name: str) -> tuple[Path, bool]:
+    """The directory of a new run, and whether this command created it.
+
+    --out may name a directory that does not exist, an empty one, or a run that never trained (its
+    config.json and nothing of any block: a run stopped before its first checkpoint is started again).
+    """
     if args.out is None:
-        return checkpoint.new_run_dir(args.runs_root, name)
+        _check_output_dir(Path(args.runs_root), "--runs-root")
+        return checkpoint.new_run_dir(args.runs_root, name), True
     run_dir = Path(args.out)
+    _check_output_dir(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {str(run_dir)!r} already exists and is not empty; "
-                          f"use --resume {run_dir} to continue it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+        if not (run_dir / "config.json").is_file() or _has_block_files(run_dir):
+            raise ConfigError(f"run directory {str(run_dir)!r} already exists and is not empty; "
+                              f"use --resume {run_dir} to continue it, or choose another --out")
+        logger.info("%s never trained (no block has a checkpoint): starting it again", run_dir)
+    try:
+        run_dir.mkdir(parents=True)
+        return run_dir, True
+    except FileExistsError:
+        return run_dir, False
 
 
 def _copy_untouched_blocks(src: Path, dst: Path, blocks: list[int], B: int) -> None:
@@ -100,18 +142,59 @@ def _copy_untouched_blocks(src: Path, dst: Path, blocks: list[int], B: int) -> N
         (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
-def _prepare_run_dir(args: argparse.Namespace, cfg: RunConfig, blocks: list[int]) -> tuple[Path, Path | None]:
-    """The run directory to train into (created or checked, config written) and the run to start from."""
+def _blocks_to_resume(run_dir: Path, cfg: RunConfig, blocks: list[int]) -> list[int]:
+    """Checks every block of a resumed run before anything trains; returns the blocks that have steps to do.
+
+    A block's training state says where it continues, and no state means step 0. Weights without a state
+    (the first checkpoint cut short, or a state deleted to save space) count as the block's result only
+    when they are final; otherwise the block trains from the start. Weights older than their state (restored
+    by hand) are rewritten from it.
+    """
     from .train import init_block_state
 
+    total, todo = cfg.train.steps_per_block, []
+    for b in blocks:
+        path = checkpoint.block_weights_path(run_dir, b)
+        if path.is_file():
+            checkpoint.check_block_metadata(path, b, cfg)
+        step = checkpoint.state_step(run_dir, b)
+        if step is None:
+            info = checkpoint.block_info(run_dir, b)
+            if info is not None and info["step"] >= total:
+                continue
+            if info is not None:
+                logger.info("block %d: its weights (step %d) have no training state to continue from: training it "
+                            "from the start", b, info["step"])
+        elif step > total:
+            raise ConfigError(f"train.steps_per_block={total} is below the {step} steps block {b} has trained; "
+                              "a block cannot be made to have trained less")
+        init_block_state(cfg, b, torch.device("cpu"), run_dir)  # raises on a corrupt or mismatched state
+        if checkpoint.repair_block(run_dir, b, cfg):
+            logger.info("block %d: its weights were older than its training state; rewrote them from it", b)
+        todo.append(b)
+    return todo
+
+
+class _Prepared:
+    """What _prepare_run_dir decided: where to train, which blocks, from which run, and the locks it holds."""
+
+    def __init__(self, run_dir: Path, blocks: list[int], init_from: Path | None, claims, created: bool):
+        self.run_dir, self.blocks, self.init_from, self.claims, self.created = run_dir, blocks, init_from, claims, created
+
+
+def _prepare_run_dir(args: argparse.Namespace, cfg: RunConfig, blocks: list[int]) -> _Prepared:
+    """The run directory to train into (created or checked, config written), with the blocks to train claimed."""
     B = cfg.blocks.num_blocks
     if args.resume is not None:
         run_dir = Path(args.resume)
-        for b in blocks:
-            checkpoint.block_step(run_dir, b)  # raises on a corrupt weights file
-            init_block_state(cfg, b, torch.device("cpu"), run_dir)  # raises on a corrupt or mismatched state
-        checkpoint.save_config(run_dir, cfg)
-        return run_dir, None
+        claims = _claim(run_dir, blocks)
+        try:
+            todo = _blocks_to_resume(run_dir, cfg, blocks)
+            checkpoint.save_config(run_dir, cfg)
+        except BaseException:
+            claims.release()
+            raise
+        return _Prepared(run_dir, todo, None, claims, False)
     if args.from_ is not None:
         src = Path(args.from_)
         for b in range(B):
@@ -120,27 +203,77 @@ def _prepare_run_dir(args: argparse.Namespace, cfg: RunConfig, blocks: list[int]
         if missing and not args.reinit:
             raise ConfigError(f"--from {src}: block(s) {missing} have no weights to fine-tune; pass --reinit to "
                               "train them from scratch")
-        run_dir = _new_run_dir(args, f"{cfg.name}-B{B}-{'retrain' if args.reinit else 'finetune'}"
-                                     f"-b{'-'.join(map(str, blocks))}")
-        _copy_untouched_blocks(src, run_dir, blocks, B)
-        checkpoint.save_config(run_dir, cfg)
-        return run_dir, None if args.reinit else src
-    if args.blocks is not None and args.out is not None and Path(args.out).exists():
-        # An independent job of a block-wise run (a Slurm array task): join the shared run directory.
+        for b in range(B):
+            if checkpoint.block_weights_path(src, b).is_file():
+                checkpoint.check_block_metadata(checkpoint.block_weights_path(src, b), b, cfg)
+        run_dir, created = _new_run_dir(args, f"{cfg.name}-B{B}-{'retrain' if args.reinit else 'finetune'}"
+                                              f"-b{'-'.join(map(str, blocks))}")
+        prepared = _Prepared(run_dir, blocks, None if args.reinit else src, _claim(run_dir, range(B)), created)
+        with _undo_on_failure(prepared, B):
+            _copy_untouched_blocks(src, run_dir, blocks, B)
+            checkpoint.save_config(run_dir, cfg)
+        return prepared
+    if args.blocks is not None and args.out is not None:
+        # An independent job of a block-wise run (a Slurm array task): make or join the shared run directory.
         run_dir = Path(args.out)
+        _check_output_dir(run_dir)
+        try:
+            run_dir.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
         checkpoint.join_run(run_dir, cfg)
+        claims = _claim(run_dir, blocks)
         taken = [b for b in blocks if checkpoint.block_step(run_dir, b) is not None
                  or checkpoint.block_state_path(run_dir, b).exists()]
         if taken:
+            claims.release()
             raise ConfigError(f"block(s) {taken} of {str(run_dir)!r} already have checkpoints; continue them with "
                               f"--resume {run_dir} --blocks {','.join(map(str, taken))}")
-        return run_dir, None
-    run_dir = _new_run_dir(args, f"{cfg.name}-B{B}")
-    if args.blocks is not None:
-        checkpoint.join_run(run_dir, cfg)  # other jobs may be joining it already
-    else:
+        return _Prepared(run_dir, blocks, None, claims, created)
+    run_dir, created = _new_run_dir(args, f"{cfg.name}-B{B}")
+    # The blocks are claimed before the config is written: a job already training in it keeps its own.
+    prepared = _Prepared(run_dir, blocks, None, _claim(run_dir, range(B)), created)
+    with _undo_on_failure(prepared, B):
         checkpoint.save_config(run_dir, cfg)
-    return run_dir, None
+    return prepared
+
+
+@contextlib.contextmanager
+def _undo_on_failure(prepared: _Prepared, B: int):
+    try:
+        yield
+    except BaseException:
+        _discard_untrained(prepared, B)
+        prepared.claims.release()
+        raise
+
+
+def _claim(run_dir: Path, blocks) -> checkpoint.BlockClaims:
+    """Locks the blocks for this job, or raises ConfigError naming the job that holds one (and holds none)."""
+    claims = checkpoint.BlockClaims(run_dir)
+    try:
+        for b in blocks:
+            claims.claim(b)
+    except ConfigError:
+        claims.release()
+        raise
+    return claims
+
+
+def _discard_untrained(prepared: _Prepared, B: int) -> None:
+    """Removes a run directory this command created when it failed before any block was checkpointed,
+    so that the corrected command starts afresh. Only when no other job holds a block of it."""
+    run_dir = prepared.run_dir
+    if not prepared.created or not run_dir.is_dir() or _has_block_files(run_dir):
+        return
+    try:
+        for b in range(B):
+            prepared.claims.claim(b)
+    except (ConfigError, OSError):
+        return
+    prepared.claims.release()
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -161,36 +294,52 @@ def cmd_train(args: argparse.Namespace) -> None:
     B = cfg.blocks.num_blocks
     blocks = _parse_blocks(args.blocks, B)
     device = _device(args.device)
-    if distributed.launched_by_torchrun() and cfg.train.schedule != "parallel":
-        raise ConfigError(f"launched on {os.environ['WORLD_SIZE']} ranks by torchrun: use --schedule parallel "
-                          f"(train.schedule is {cfg.train.schedule!r})")
+    if distributed.launched_by_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if cfg.train.schedule != "parallel":
+            raise ConfigError(f"launched on {world} ranks by torchrun: use --schedule parallel "
+                              f"(train.schedule is {cfg.train.schedule!r})")
+        for r in range(world):
+            k = distributed.assign(r, world, blocks).shard[1]
+            if cfg.train.batch_size % k:
+                raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split evenly over the {k} "
+                                  f"data-parallel ranks of a block ({world} ranks for {len(blocks)} block(s))")
     data = get_task(cfg.task).load_data(cfg)  # raises when it does not fit the model
     rank, world, device = distributed.init(device)
+    prepared = None
     try:
         # Rank 0 makes or checks the run directory; every rank learns its path, or the error, from it.
         if rank == 0:
             try:
-                found: tuple | str = _prepare_run_dir(args, cfg, blocks)
+                prepared = _prepare_run_dir(args, cfg, blocks)
+                found: tuple | str = (prepared.run_dir, prepared.blocks, prepared.init_from)
             except ConfigError as e:
                 found = str(e)
         found = distributed.broadcast_object(found if rank == 0 else None)
         if isinstance(found, str):
             raise ConfigError(found)
-        run_dir, init_from = found
+        run_dir, todo, init_from = found
+        args.run_dir = run_dir
         if rank == 0:
             get_task(cfg.task).prepare_run(cfg, run_dir, data)
             logger.info("run directory: %s", run_dir)
             logger.info("task %s: %s training / %s held-out examples; B=%d blocks of %s layers, training block(s) "
                         "%s, %s schedule, %d steps per block, device %s%s", cfg.task, _size(data.train),
-                        _size(data.test), B, list(cfg.layer_split()), blocks, cfg.train.schedule,
+                        _size(data.test), B, list(cfg.layer_split()), todo, cfg.train.schedule,
                         cfg.train.steps_per_block, device, f", starting from {init_from}" if init_from else "")
         with PeakMemory(device) as mem:
-            train(cfg, data.train, run_dir, device=device, blocks=blocks, progress=not args.no_progress,
-                  init_from=init_from)
+            train(cfg, data.train, run_dir, device=device, blocks=todo, progress=not args.no_progress,
+                  init_from=init_from, claim=False)
         distributed.barrier()
         if rank == 0:
             _finish_run(cfg, run_dir, blocks, mem, device, t_start)
+    except (ConfigError, OSError):
+        if prepared is not None:
+            _discard_untrained(prepared, B)
+        raise
     finally:
+        if prepared is not None:
+            prepared.claims.release()
         distributed.shutdown()
 
 
@@ -240,6 +389,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
                           f"`diffusionblocks evaluate {args.run}`")
     if out.suffix.lower() not in task.sample_suffixes:
         raise ConfigError(f"--out {args.out!r} must end in {' or '.join(task.sample_suffixes)}")
+    _check_output_file(out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {args.out!r} already exists; pass --overwrite to replace it")
     if args.num < 1:
@@ -256,6 +406,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     task = get_task(cfg.task)
     args.progress = not args.no_progress
     out = Path(args.out) if args.out else Path(args.run) / task.evaluation_name(cfg, args)
+    _check_output_dir(out)
+    if args.num < 1:
+        raise ConfigError(f"--num must be at least 1, got {args.num}")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another directory")
     args.device = _device(args.device)
@@ -292,6 +445,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
+    """What each block's files say, read the way --resume reads them: a block's training state says where it is."""
     from .blocks import build_partition
 
     run = Path(args.run)
@@ -299,22 +453,41 @@ def cmd_status(args: argparse.Namespace) -> None:
     total = cfg.train.steps_per_block
     print(f"{run}: {cfg.name}, B={cfg.blocks.num_blocks} blocks of {list(cfg.layer_split())} layers, "
           f"{total} steps per block, {cfg.train.schedule} schedule")
-    done, missing = [], []
+    done, missing, todo = [], [], []
     noise = get_task(cfg.task).noise_symbol
     for b in range(cfg.blocks.num_blocks):
         lo, hi = build_partition(cfg).block_range(b)
-        info = checkpoint.block_info(run, b)
-        if info is None:
+        where = f"  block {b} ({noise} {lo:.3g}-{hi:.3g}):"
+        p = checkpoint.progress(run, b)
+        lock = checkpoint.block_lock_path(run, b)
+        busy = " (a job holds its lock: training now)" if lock.is_file() and checkpoint.lock_holder(run, b) else ""
+        if p is None:
             missing.append(b)
-            print(f"  block {b} ({noise} {lo:.3g}-{hi:.3g}): missing")
+            print(f"{where} missing{busy}")
             continue
-        state = "trained" if info["step"] >= total else f"partial, {100 * info['step'] / total:.0f}%"
-        if info["step"] >= total:
+        step, weights = p["step"], p["weights_step"]
+        if step >= total:
             done.append(b)
-        print(f"  block {b} ({noise} {lo:.3g}-{hi:.3g}): {state}, step {info['step']}/{total}, "
-              f"{info['train_time_s']:.0f} s of training")
-    ready = "every block is present: the model can be sampled" if not missing else \
-        f"missing block(s) {missing}: train them with --blocks {','.join(map(str, missing))}"
+            state = "trained"
+        else:
+            todo.append(b)
+            state = f"partial, {100 * step / total:.0f}%"
+        note = ""
+        if weights is None:
+            note = "; no weights file yet (--resume writes it from the training state)"
+        elif weights != step:
+            note = (f"; its weights are from step {weights}, a checkpoint cut short: --resume redoes steps "
+                    f"{step + 1}-{weights}" if weights > step else
+                    f"; its weights are from step {weights}: --resume rewrites them from the training state")
+        elif not p["has_state"] and step < total:
+            note = "; no training state to continue from: --resume trains it from the start"
+        print(f"{where} {state}, step {step}/{total}, {p['train_time_s']:.0f} s of training{note}{busy}")
+    if missing:
+        ready = f"missing block(s) {missing}: train them with --blocks {','.join(map(str, missing))}"
+    elif todo:
+        ready = f"every block is present (the model can be sampled); continue block(s) {todo} with --resume {run}"
+    else:
+        ready = "every block is present: the model can be sampled"
     print(f"  {len(done)}/{cfg.blocks.num_blocks} trained; {ready}")
 
 
@@ -471,6 +644,25 @@ def _run_task(argv: list[str]):
     return get_task(checkpoint.read_config(run).task) if run is not None else None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, torchrun stopping the other ranks): handled as Ctrl-C is."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parses argv; `section.field=value` overrides may stand anywhere among the options, not only in one group."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.parse_args(argv)  # argparse's own message for what it does not know, exit 2
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -479,18 +671,37 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"diffusionblocks {argv[0]}: error: {e}", file=sys.stderr)
         return 2
-    args = build_parser(run_task).parse_args(argv)
+    args = _parse(build_parser(run_task), argv)
     # Denormal floats are slow on x86 CPUs, and the blocks of the lowest noise levels produce them (a
     # classifier's nearly saturated cross-entropy at sigma ~ 0.002, scaled by c_out ~ sigma): the last
     # digits-ViT block trained at 3.1 steps/s instead of 14.9. Flush them to zero, now, before torch
     # starts the worker threads that inherit the setting.
     torch.set_flush_denormal(True)
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args.func(args)
     except ConfigError as e:
-        print(f"diffusionblocks {args.command}: error: {e}", file=sys.stderr)
+        run_dir = getattr(args, "run_dir", None)
+        hint = f"; once it can be written, continue with `diffusionblocks train --resume {run_dir}`" \
+            if isinstance(e, checkpoint.CheckpointWriteError) and run_dir is not None and Path(run_dir).is_dir() else ""
+        print(f"diffusionblocks {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with `diffusionblocks train --resume RUN`", file=sys.stderr)
-        return 130
+    except OSError as e:  # the file system said no: a full disk, no permission, a file where a directory must be
+        where = f"{e.filename!r}: " if e.filename else ""
+        print(f"diffusionblocks {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        run_dir = getattr(args, "run_dir", None)
+        hint = f"; continue with `diffusionblocks train --resume {run_dir}`" if run_dir is not None else ""
+        print(f"{what}{hint}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -65,6 +65,19 @@ class TrainConfig:
     checkpoint_every: int = 500      # Steps between checkpoints (per block); the end is always saved.
     activation_checkpointing: bool = False  # Recompute each layer's activations in the backward pass (~1/L memory).
 
+    def validate(self) -> None:
+        check_choice("train.schedule", self.schedule, ("sequential", "interleaved", "parallel"))
+        for name in ("steps_per_block", "batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ConfigError(f"train.betas must both be in [0, 1), got {list(self.betas)}")
+        for name in ("lr_warmup_steps", "weight_decay", "grad_clip", "ema_halflife_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -128,12 +141,9 @@ class RunConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
                 section.validate()
-        b, t = self.blocks, self.train
+        b = self.blocks
         check_choice("blocks.partition", b.partition, ("equiprobable", "uniform"))
-        check_choice("train.schedule", t.schedule, ("sequential", "interleaved", "parallel"))
-        for name, value in [("model.depth", self.model.depth), ("blocks.num_blocks", b.num_blocks),
-                            ("train.steps_per_block", t.steps_per_block), ("train.batch_size", t.batch_size),
-                            ("train.log_every", t.log_every), ("train.checkpoint_every", t.checkpoint_every)]:
+        for name, value in [("model.depth", self.model.depth), ("blocks.num_blocks", b.num_blocks)]:
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if not 0 <= b.gamma < 1:
@@ -155,9 +165,14 @@ class RunConfig:
             if sum(split) != L:
                 raise ConfigError(f"blocks.layers_per_block {list(split)} adds up to {sum(split)} layers "
                                   f"but model.depth={L}")
-        if t.lr <= 0:
-            raise ConfigError(f"train.lr must be positive, got {t.lr}")
         get_task(self.task).validate(self)
+
+
+def where(path: str | Path) -> str:
+    """A path for a message: a relative one says where it was looked for (data paths in a config are taken
+    relative to the working directory, not to the config file, so that presets/ can name ../shared/data)."""
+    path = Path(path)
+    return repr(str(path)) if path.is_absolute() else f"{str(path)!r} (relative to the working directory {str(Path.cwd())!r})"
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -255,7 +270,7 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
     return RunConfig.from_dict(d)
 

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ConfigError, check_choice
+from .config import ConfigError, check_choice, where
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def _root(cfg: DataConfig) -> Path:
         raise ConfigError(f"data.root '{root}' is not a directory")
     if not root.exists():
         if not cfg.download:
-            raise ConfigError(f"data.root '{root}' does not exist "
+            raise ConfigError(f"data.root {where(root)} does not exist "
                               "(data.download=true creates it and fetches the files)")
         root.mkdir(parents=True, exist_ok=True)
     return root

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, check_choice
+from .config import ConfigError, check_choice, where
 from .data import make_generator
 
 TEXT8_SPLIT = (90_000_000, 5_000_000, 5_000_000)  # train, validation, test characters
@@ -110,7 +110,7 @@ def load_text(cfg: TextConfig, seq_len: int) -> TextSplits:
     """The corpus' train and held-out splits; raises ConfigError naming what is wrong with the file."""
     path = Path(cfg.path)
     if not path.is_file():
-        raise ConfigError(f"data.path {cfg.path!r} is not a file")
+        raise ConfigError(f"data.path {where(cfg.path)} is not a file")
     if cfg.format == "text8":
         train, test = read_text8(path)
     else:

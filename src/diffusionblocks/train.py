@@ -9,7 +9,6 @@ What a block is, what its batches hold and what its loss takes are its task's (`
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -91,7 +90,7 @@ def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path
         if hasattr(module, "checkpointing"):
             module.checkpointing = cfg.train.activation_checkpointing
     if init_from is not None:
-        checkpoint.load_block_weights(init_from, b, denoiser)
+        checkpoint.load_block_weights(init_from, b, denoiser, cfg)
     denoiser = denoiser.to(device)
     if coupling is not None:
         coupling.attach(b, denoiser)
@@ -111,14 +110,13 @@ def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path
 
 
 def save_block_state(run_dir: Path, state: BlockState, cfg: RunConfig, coupling: Coupling | None = None) -> None:
-    """Checkpoints one block: what the blocks share first, then its training state, then its inference weights."""
+    """Checkpoints one block: what the blocks share first, then its weights and training state as one unit."""
     if coupling is not None:
         coupling.save(run_dir, state.denoiser)
-    checkpoint.save_train_state(run_dir, state.b, {
+    checkpoint.commit_block(run_dir, state.b, state.inference_module.state_dict(), {
         "step": state.step, "train_time_s": state.train_time_s,
         "model": state.denoiser.state_dict(), "optimizer": state.optimizer.state_dict(),
-        "ema": state.ema.state_dict() if state.ema is not None else None})
-    checkpoint.save_block(run_dir, state.b, state.inference_module.state_dict(), state.step, cfg, state.train_time_s)
+        "ema": state.ema.state_dict() if state.ema is not None else None}, cfg)
 
 
 def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
@@ -182,12 +180,17 @@ class MetricsLog:
         row = {"block": state.b, "step": state.step, "loss": sum(losses) / len(losses),
                "steps_per_s": len(losses) / dt if dt > 0 else None, "train_time_s": state.train_time_s,
                "lr": state.optimizer.param_groups[0]["lr"]}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        checkpoint.append_metrics(self.path, row)
+
+    def resumed(self, state: BlockState) -> None:
+        """Block state.b continues from its checkpoint: the rows it logged after it are about to be redone."""
+        if self.path is not None:
+            checkpoint.drop_metrics_after(self.path, state.b, state.step)
 
 
 def train(cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.device = "cpu",
-          blocks: list[int] | None = None, progress: bool = True, init_from: Path | None = None) -> dict[int, BlockState]:
+          blocks: list[int] | None = None, progress: bool = True, init_from: Path | None = None,
+          claim: bool = True) -> dict[int, BlockState]:
     """Trains the run's blocks (all by default) with its schedule, resuming any saved state in run_dir.
 
     data: the training split, as the run's task loads it (`task.load_data(cfg).train`).
@@ -195,6 +198,8 @@ def train(cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.dev
     with a run_dir, a finished block is saved and offloaded (its returned state holds only counters)
     before the next is built. With run_dir None nothing is written and every state is returned whole.
     init_from: a trained run whose weights start the blocks that have no state in run_dir (fine-tuning).
+    claim: take each block's lock in run_dir while training it (checkpoint.BlockClaims), so that no other
+    job trains it at the same time; False when the caller holds the locks already (the CLI does).
     On CPU, call torch.set_flush_denormal(True) at the start of the process (the CLI does): low-noise
     blocks produce denormal floats, which are several times slower.
     """
@@ -204,14 +209,21 @@ def train(cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.dev
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None else None, cfg.train.log_every)
     states: dict[int, BlockState] = {}
     coupling = get_task(cfg.task).coupling(cfg, run_dir, device, states)
-    if cfg.train.schedule == "sequential":
-        for b in blocks:
-            states[b] = _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress, init_from,
-                                                coupling=coupling)
-        return states
     if cfg.train.schedule == "parallel":
-        return _train_parallel(cfg, blocks, data, run_dir, partition, device, progress, init_from, coupling)
-    return _train_interleaved(cfg, blocks, data, run_dir, partition, log, device, progress, init_from, coupling)
+        return _train_parallel(cfg, blocks, data, run_dir, partition, device, progress, init_from, coupling, claim)
+    claims = checkpoint.BlockClaims(run_dir) if run_dir is not None and claim else None
+    try:
+        for b in blocks if claims is not None else ():
+            claims.claim(b)
+        if cfg.train.schedule == "sequential":
+            for b in blocks:
+                states[b] = _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress,
+                                                    init_from, coupling=coupling)
+            return states
+        return _train_interleaved(cfg, blocks, data, run_dir, partition, log, device, progress, init_from, coupling)
+    finally:
+        if claims is not None:
+            claims.release()
 
 
 def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
@@ -239,6 +251,7 @@ def _train_sequential_block(cfg: RunConfig, b: int, data, run_dir: Path | None, 
     coupling = coupling or Coupling()
     state = init_block_state(cfg, b, device, run_dir, init_from, coupling)
     coupling.resumed({b: state.denoiser})
+    _note_resumed(state, cfg, log)
     if shard[1] > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -263,9 +276,17 @@ def _train_sequential_block(cfg: RunConfig, b: int, data, run_dir: Path | None, 
     return state
 
 
+def _note_resumed(state: BlockState, cfg: RunConfig, log: MetricsLog) -> None:
+    """Says where a block starts, and forgets the metrics it logged after that (a killed job's last steps)."""
+    if state.step > 0:
+        logger.info("block %d: continuing from its checkpoint at step %d of %d", state.b, state.step,
+                    cfg.train.steps_per_block)
+    log.resumed(state)
+
+
 def _train_parallel(cfg: RunConfig, blocks: list[int], data, run_dir: Path | None, partition: Partition,
                     device: torch.device, progress: bool, init_from: Path | None = None,
-                    coupling: Coupling | None = None) -> dict[int, BlockState]:
+                    coupling: Coupling | None = None, claim: bool = True) -> dict[int, BlockState]:
     """This rank's share of block-parallel training: its group's blocks, one after the other (distributed.py)."""
     from . import distributed
 
@@ -280,9 +301,17 @@ def _train_parallel(cfg: RunConfig, blocks: list[int], data, run_dir: Path | Non
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split evenly over the {k} ranks "
                           f"of group {a.group}")
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and a.is_leader else None, cfg.train.log_every)
-    return {b: _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress and a.is_leader,
-                                       init_from, groups[a.group], a.shard, a.is_leader, coupling)
-            for b in a.my_blocks}
+    # Each group's leader holds its blocks' locks, unless the caller (the CLI's rank 0) holds them all.
+    claims = checkpoint.BlockClaims(run_dir) if run_dir is not None and claim and a.is_leader else None
+    try:
+        for b in a.my_blocks if claims is not None else ():
+            claims.claim(b)
+        return {b: _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress and a.is_leader,
+                                           init_from, groups[a.group], a.shard, a.is_leader, coupling)
+                for b in a.my_blocks}
+    finally:
+        if claims is not None:
+            claims.release()
 
 
 def _train_interleaved(cfg: RunConfig, blocks: list[int], data, run_dir: Path | None,
@@ -297,6 +326,8 @@ def _train_interleaved(cfg: RunConfig, blocks: list[int], data, run_dir: Path | 
     coupling = coupling or Coupling()
     states = {b: init_block_state(cfg, b, device, run_dir, init_from, coupling) for b in blocks}
     coupling.resumed({b: s.denoiser for b, s in states.items()})
+    for state in states.values():
+        _note_resumed(state, cfg, log)
     task = get_task(cfg.task)
     samplers = {b: task.batch_sampler(cfg, data, b) for b in blocks}
     total = cfg.train.steps_per_block

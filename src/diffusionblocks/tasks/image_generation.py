@@ -81,6 +81,10 @@ class SampleConfig:
             raise ConfigError(f"sample.steps must be at least 1, got {self.steps}")
         if self.guidance < 0:
             raise ConfigError(f"sample.guidance must be non-negative, got {self.guidance}")
+        if self.rho <= 0:
+            raise ConfigError(f"sample.rho must be positive, got {self.rho}")
+        if self.samples_per_class < 1:
+            raise ConfigError(f"sample.samples_per_class must be at least 1, got {self.samples_per_class}")
 
 
 @dataclass(frozen=True)

@@ -255,8 +255,9 @@ class MaskedDiffusionTask(Task):
         s = cfg.sample
         steps = s.steps if args.steps is None else args.steps
         temperature = s.temperature if args.temperature is None else args.temperature
-        if steps < 0 or not (temperature > 0 and math.isfinite(temperature)):
-            raise ConfigError("--steps must be >= 0 and --temperature a positive number")
+        _check_steps(args.steps)
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ConfigError(f"--temperature must be a positive finite number, got {temperature}")
         texts, seconds = self._samples(model, cfg, args.run, args.num, steps, s.prompt if args.prompt is None
                                        else args.prompt, temperature, args.seed, args.device)
         Path(args.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
@@ -275,8 +276,12 @@ class MaskedDiffusionTask(Task):
         """Held-out BPC (ELBO) with its standard error, the bits per block interval, and samples with their speed."""
         from ..checkpoint import from_pretrained
 
-        if args.strata < 1 or args.repeats < 1 or args.windows < 0:
-            raise ConfigError("--strata and --repeats must be at least 1, --windows non-negative")
+        for name in ("strata", "repeats"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+        if args.windows < 0:
+            raise ConfigError(f"--windows must be >= 0 (0: all of them), got {args.windows}")
+        _check_steps(args.steps)
         model, cfg = from_pretrained(run_dir, args.device)
         windows = held_out_windows(self.load_data(cfg).test, cfg.model.seq_len)
         windows = windows[:args.windows] if args.windows else windows
@@ -357,3 +362,9 @@ def _plot_bpc(out_dir: Path, results: dict[int, dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "bpc_vs_B.png", dpi=110)
     plt.close(fig)
+
+
+def _check_steps(steps: int | None) -> None:
+    """--steps follows sample.steps' rule: S >= 0, where 0 means one token per step (S = model.seq_len)."""
+    if steps is not None and steps < 0:
+        raise ConfigError(f"--steps must be >= 0 (0: model.seq_len steps), got {steps}")
