@@ -31,8 +31,8 @@ SHORT = ["train.steps_per_block=60", "train.batch_size=32", "train.checkpoint_ev
 DIT_SAMPLES = ["sample.samples_per_class=2", "sample.steps=12"]
 # name -> (preset, extra arguments); sequential and interleaved runs of one config must give the same files.
 CASES = {
-    "dit-sequential": ("digits-dit.json", DIT_SAMPLES),
-    "dit-interleaved": ("digits-dit.json", ["--schedule", "interleaved", *DIT_SAMPLES]),
+    "dit-sequential": ("digits-dit-128.json", DIT_SAMPLES),
+    "dit-interleaved": ("digits-dit-128.json", ["--schedule", "interleaved", *DIT_SAMPLES]),
     "vit-fixed-sequential": ("digits-vit.json", []),
     "vit-fixed-interleaved": ("digits-vit.json", ["--schedule", "interleaved"]),
     "vit-learned_first": ("digits-vit.json", ["classify.label_embedding=learned_first"]),
@@ -106,6 +106,8 @@ def record(out: Path) -> None:  # (run on fe85824: the configs then still held w
 # What the task refactor removed from the configs (and so from the config in each weights file's metadata): the
 # sections and fields a run's task never read. Every other field keeps its recorded value.
 DROPPED = {"generate": ["classify"], "classify": ["sample", "model.class_dropout"]}
+# Fields added since, with the value every recorded run implicitly had (on a CPU, "auto" is fp32).
+ADDED = {"train.precision": "auto", "train.compile": False}
 
 
 def without(config: dict, paths: list[str]) -> dict:
@@ -119,12 +121,21 @@ def without(config: dict, paths: list[str]) -> dict:
     return config
 
 
+def current_form(config: dict) -> dict:
+    """A recorded config as today's code writes it: DROPPED removed, ADDED set to its recorded behaviour."""
+    config = without(config, DROPPED[config["task"]])
+    for path, value in ADDED.items():
+        section, field = path.split(".")
+        config[section][field] = value
+    return config
+
+
 def as_refactored(recorded: dict) -> dict:
     """A recorded case with each weights file's config as the refactored code writes it."""
     recorded = json.loads(json.dumps(recorded))
     for f in recorded["files"].values():
         if f["config"] is not None:
-            f["config"] = without(f["config"], DROPPED[f["config"]["task"]])
+            f["config"] = current_form(f["config"])
     return recorded
 
 
@@ -150,7 +161,7 @@ def test_configs_written_before_the_refactor_load():
             if f["config"] is None:  # label_embedding.safetensors
                 continue
             cfg = RunConfig.from_dict(f["config"])
-            assert json.loads(cfg.to_json()) == without(f["config"], DROPPED[f["config"]["task"]])
+            assert json.loads(cfg.to_json()) == current_form(f["config"])
             assert RunConfig.from_dict(cfg.to_dict()) == cfg
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .config import ConfigError, RunConfig, apply_overrides, load_config
+from . import checkpoint, precision
+from .config import PRECISIONS, ConfigError, RunConfig, apply_overrides, load_config
 from .memory import PeakMemory
 from .tasks import available, default_config, get_task
 
@@ -294,6 +294,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     B = cfg.blocks.num_blocks
     blocks = _parse_blocks(args.blocks, B)
     device = _device(args.device)
+    precision.resolve(cfg.train.precision, device)  # e.g. tf32 on a CPU: refused now
     if distributed.launched_by_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if cfg.train.schedule != "parallel":
@@ -395,9 +396,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.num < 1:
         raise ConfigError(f"--num must be at least 1, got {args.num}")
     args.device = _device(args.device)
+    mode = precision.resolve(args.precision, args.device)
     model, cfg = checkpoint.from_pretrained(args.run, args.device, stream=args.stream)
     out.parent.mkdir(parents=True, exist_ok=True)
-    task.sample(model, cfg, args)
+    with precision.matmul_mode(mode), precision.autocast(mode, args.device):
+        task.sample(model, cfg, args)
     logger.info("wrote %d samples to %s", args.num, out)
 
 
@@ -412,7 +415,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another directory")
     args.device = _device(args.device)
-    evaluation = task.evaluate(Path(args.run), args)
+    mode = precision.resolve(args.precision, args.device)
+    with precision.matmul_mode(mode), precision.autocast(mode, args.device):
+        evaluation = task.evaluate(Path(args.run), args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(evaluation.result, indent=2) + "\n")
     task.write_evaluation(out, cfg, evaluation)
@@ -518,6 +523,39 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
     run_benchmark(base, args.config is None, args.steps, num_blocks, device, out, title)
 
 
+def cmd_bench_speed(args: argparse.Namespace) -> None:
+    from .membench import model_config
+    from .speedbench import parse_modes, run_speed_benchmark
+
+    device = _device(args.device)
+    precisions, compiles = parse_modes(args.precisions, args.compile)
+    if device.type != "cuda" and "tf32" in precisions:
+        precisions = [p for p in precisions if p != "tf32"]
+        logger.info("tf32 is a CUDA mode: measuring %s on %s", ", ".join(precisions), device.type)
+    for name in ("steps", "windows", "num_blocks"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        _check_output_dir(out)
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"--out {args.out!r} already exists and is not empty; choose another directory")
+    if args.config is not None:
+        base = apply_overrides(load_config(args.config), args.overrides)
+        title = f"{base.name} ({base.task}), batch {base.train.batch_size}"
+    else:
+        if args.overrides:
+            raise ConfigError("config overrides need --config")
+        base = model_config(args.model, args.image_size, args.channels, args.batch)
+        title = f"{args.model} at {args.image_size}x{args.image_size}, batch {args.batch}"
+    if args.num_blocks > base.model.depth:
+        raise ConfigError(f"--num-blocks {args.num_blocks} is more than the model's {base.model.depth} layers")
+    run_speed_benchmark(base, args.config is None, args.num_blocks, precisions, compiles, device, args.steps,
+                        args.warmup, args.windows, out, title)
+
+
 def _task_options_help(kind: str) -> str:
     """The options each built-in task adds to `sample` or `evaluate`, for the verb's --help."""
     lines = ["options of the run's task (with RUN given, --help lists them in full):"]
@@ -574,6 +612,8 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file; its kind is the task's (image generation: .png grid, "
                    "or .npz with images (N,C,H,W in [-1,1]) and labels)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="arithmetic of the network: auto is bf16 "
+                   "autocast on CUDA, fp32 elsewhere; tf32 is CUDA's TF32 matmuls")
     p.add_argument("--stream", action="store_true", help="keep one block in memory at a time (models larger than "
                    "the device): each block is loaded from disk when the sampler reaches its noise levels")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -591,6 +631,8 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--cache-dir", help="reference classifier cache (default: $DIFFUSIONBLOCKS_CACHE or "
                    "~/.cache/diffusionblocks)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="arithmetic of the networks (the run's and "
+                   "the reference classifier): auto is bf16 autocast on CUDA, fp32 elsewhere")
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     if run_task is not None:
@@ -616,7 +658,8 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run directory")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True).add_parser(
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser(
         "memory", help="peak training memory and step time: end-to-end vs DiffusionBlocks, each in a fresh process",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="overrides of --config")
@@ -632,6 +675,25 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for memory.md, memory.json, memory.png")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench_memory)
+
+    p = bench.add_parser("speed", help="training throughput, end to end and per block, for each precision and compile "
+                         "mode: the training loop's step next to the bare forward/backward/AdamW step",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="overrides of --config")
+    p.add_argument("--config", help="measure this config (any task, on its own data) instead of --model")
+    p.add_argument("--model", default="dit-s2", help="dit-s2, dit-b2 or tiny, class-conditional DiTs on random images")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--batch", type=int, default=128, help="images per step (--model)")
+    p.add_argument("--num-blocks", type=int, default=4, help="B of the block-wise model measured next to B=1")
+    p.add_argument("--precisions", default="fp32,tf32,bf16", help="comma-separated; tf32 is left out off CUDA")
+    p.add_argument("--compile", default="off,on", help="comma-separated modes: off, on")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=3, help="timed windows (the median is reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiling happens here)")
+    p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
+    p.add_argument("--out", help="directory for speed.md and speed.json")
+    p.set_defaults(func=cmd_bench_speed)
     return parser
 
 

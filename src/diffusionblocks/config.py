@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+
 class ConfigError(ValueError):
     """A configuration, data path, checkpoint or argument that cannot be used, with a message naming it."""
 
@@ -64,9 +67,13 @@ class TrainConfig:
     log_every: int = 50              # Steps between metrics lines (per block).
     checkpoint_every: int = 500      # Steps between checkpoints (per block); the end is always saved.
     activation_checkpointing: bool = False  # Recompute each layer's activations in the backward pass (~1/L memory).
+    precision: str = "auto"          # Matmul precision: "fp32", "tf32" (CUDA), "bf16" (autocast; weights, optimiser
+                                     # state, EMA and the loss stay float32), or "auto" (bf16 on CUDA, fp32 on CPU).
+    compile: bool = False            # torch.compile each block's loss (pays off on GPUs; compiling takes a while).
 
     def validate(self) -> None:
         check_choice("train.schedule", self.schedule, ("sequential", "interleaved", "parallel"))
+        check_choice("train.precision", self.precision, PRECISIONS)
         for name in ("steps_per_block", "batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
@@ -194,8 +201,19 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ConfigError(f"unknown field '{prefix}{unknown[0]}' in {where} (known: {', '.join(fields)})")
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in d.items()}
+    kwargs = {k: _coerce(hints[k], _with_section_defaults(fields[k], v), prefix + k) for k, v in d.items()}
     return cls(**kwargs)
+
+
+def _with_section_defaults(f: dataclasses.Field, value: Any) -> Any:
+    """A section given in part takes its missing fields from the config's own default for the section (a
+    task's config may set defaults of its own, e.g. the main job's batch size), not from the section class."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    return {**{g.name: getattr(default, g.name) for g in dataclasses.fields(default)}, **value}
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:

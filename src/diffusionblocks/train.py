@@ -13,12 +13,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, precision
 from .blocks import build_block, build_partition
 from .config import ConfigError, RunConfig
 from .data import make_generator
@@ -42,6 +43,8 @@ class BlockState:
     step: int = 0
     train_time_s: float = 0.0  # wall time spent in this block's steps, over all sessions
     ddp: nn.Module | None = None  # DenoiserLoss wrapped in DistributedDataParallel, when data-parallel
+    precision: str = "fp32"       # the forward pass' arithmetic (precision.resolve of train.precision)
+    loss_fn: Any = None           # denoiser.loss, compiled when train.compile is on
 
     @property
     def inference_module(self) -> nn.Module:
@@ -53,7 +56,7 @@ class BlockState:
 
     def offload(self) -> None:
         """Drops the weights, EMA and optimiser state from memory (they must have been saved)."""
-        self.denoiser = self.optimizer = self.ema = self.ddp = None
+        self.denoiser = self.optimizer = self.ema = self.ddp = self.loss_fn = None
 
 
 class DenoiserLoss(nn.Module):
@@ -67,14 +70,15 @@ class DenoiserLoss(nn.Module):
         return self.denoiser.loss(**inputs)
 
 
-def make_optimizer(denoiser: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW over one block; weight decay on matrices only."""
+def make_optimizer(denoiser: nn.Module, cfg: RunConfig, device: torch.device | None = None) -> torch.optim.AdamW:
+    """AdamW over one block; weight decay on matrices only. Fused kernels on CUDA, one kernel per op elsewhere."""
     t = cfg.train
     params = [p for p in denoiser.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
+    fused = device is not None and torch.device(device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=fused or None, foreach=None if fused else True)
 
 
 def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path | None = None,
@@ -94,9 +98,10 @@ def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path
     denoiser = denoiser.to(device)
     if coupling is not None:
         coupling.attach(b, denoiser)
-    optimizer = make_optimizer(denoiser, cfg)
+    optimizer = make_optimizer(denoiser, cfg, device)
     ema = copy.deepcopy(denoiser).requires_grad_(False) if cfg.train.ema_halflife_steps > 0 else None
-    state = BlockState(b, denoiser, optimizer, ema)
+    state = BlockState(b, denoiser, optimizer, ema, precision=precision.resolve(cfg.train.precision, device),
+                       loss_fn=torch.compile(denoiser.loss) if cfg.train.compile else denoiser.loss)
     saved = checkpoint.load_train_state(run_dir, b, map_location=device) if run_dir is not None else None
     if saved is not None:
         what = f"training state {str(checkpoint.block_state_path(run_dir, b))!r}"
@@ -120,8 +125,9 @@ def save_block_state(run_dir: Path, state: BlockState, cfg: RunConfig, coupling:
 
 
 def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
-               shard: tuple[int, int] = (0, 1)) -> float:
-    """One optimiser step of one block (method.md section 3); returns the batch's mean weighted loss.
+               shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """One optimiser step of one block (method.md section 3); returns the batch's mean weighted loss (a 0-d tensor
+    on the device: reading it waits for the step, so the loop reads it only when it logs).
 
     shard (i, n): this process computes part i of n of the batch, its gradients averaged with the
     other parts' by state.ddp; every process draws the whole batch, so the result equals one process's.
@@ -135,10 +141,12 @@ def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler,
         group["lr"] = lr
     i, k = shard
     # This process' part of the batch, (n / k, ...), on the device.
-    inputs = {key: (v.chunk(k)[i] if k > 1 else v).to(device) if torch.is_tensor(v) else v
+    inputs = {key: _to_device(v.chunk(k)[i] if k > 1 else v, device) if torch.is_tensor(v) else v
               for key, v in inputs.items()}
-    # 3-4. The noisy target through this block only; the per-sample weighted loss.
-    loss = (state.ddp(**inputs) if state.ddp is not None else state.denoiser.loss(**inputs)).mean()
+    # 3-4. The noisy target through this block only (in the run's precision); the per-sample weighted loss.
+    with precision.autocast(state.precision, device):
+        loss_fn = state.ddp if state.ddp is not None else (state.loss_fn or state.denoiser.loss)
+        loss = loss_fn(**inputs).float().mean()
     # 5. Backpropagate into this block only.
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -148,14 +156,21 @@ def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler,
     if state.ema is not None:
         decay = 0.5 ** (1 / t.ema_halflife_steps)
         with torch.no_grad():
-            for p_ema, p in zip(state.ema.parameters(), state.denoiser.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(list(state.ema.parameters()), list(state.denoiser.parameters()), 1 - decay)
     state.step += 1
     loss = loss.detach()
     if k > 1:  # the whole batch's loss, for the log
         torch.distributed.all_reduce(loss, group=state.ddp.process_group)
         loss /= k
-    return loss.item()
+    return loss
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on the device. To a GPU through pinned memory without waiting: a plain copy from pageable memory
+    would make the host wait for the GPU to finish the previous step."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 class MetricsLog:
@@ -163,10 +178,10 @@ class MetricsLog:
 
     def __init__(self, path: Path | None, log_every: int):
         self.path, self.log_every = path, log_every
-        self.losses: dict[int, list[float]] = {}
+        self.losses: dict[int, list[torch.Tensor]] = {}
         self.times: dict[int, float] = {}
 
-    def add(self, state: BlockState, loss: float, dt: float) -> None:
+    def add(self, state: BlockState, loss: torch.Tensor, dt: float) -> None:
         self.losses.setdefault(state.b, []).append(loss)
         self.times[state.b] = self.times.get(state.b, 0.0) + dt
         if state.step % self.log_every == 0:
@@ -177,7 +192,7 @@ class MetricsLog:
         dt = self.times.pop(state.b, 0.0)
         if not losses or self.path is None:
             return
-        row = {"block": state.b, "step": state.step, "loss": sum(losses) / len(losses),
+        row = {"block": state.b, "step": state.step, "loss": sum(x.item() for x in losses) / len(losses),
                "steps_per_s": len(losses) / dt if dt > 0 else None, "train_time_s": state.train_time_s,
                "lr": state.optimizer.param_groups[0]["lr"]}
         checkpoint.append_metrics(self.path, row)
@@ -204,6 +219,12 @@ def train(cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.dev
     blocks produce denormal floats, which are several times slower.
     """
     device = torch.device(device)
+    with precision.matmul_mode(precision.resolve(cfg.train.precision, device)):
+        return _train(cfg, data, run_dir, device, blocks, progress, init_from, claim)
+
+
+def _train(cfg: RunConfig, data, run_dir: Path | None, device: torch.device, blocks: list[int] | None,
+           progress: bool, init_from: Path | None, claim: bool) -> dict[int, BlockState]:
     blocks = list(range(cfg.blocks.num_blocks)) if blocks is None else blocks
     partition = build_partition(cfg)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None else None, cfg.train.log_every)
@@ -230,13 +251,15 @@ def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler
                 log: MetricsLog, run_dir: Path | None, coupling: Coupling, shard: tuple[int, int] = (0, 1)) -> float:
     t0 = time.perf_counter()
     loss = train_step(state, cfg, partition, sampler, device, shard)
-    if device.type == "cuda":
+    done = state.step >= cfg.train.steps_per_block
+    saving = run_dir is not None and (state.step % cfg.train.checkpoint_every == 0 or done)
+    if device.type == "cuda" and (saving or state.step % cfg.train.log_every == 0):
+        # The GPU runs ahead of the host between logs; waiting for it here charges its time to this interval.
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
     state.train_time_s += dt
     log.add(state, loss, dt)
-    done = state.step >= cfg.train.steps_per_block
-    if run_dir is not None and (state.step % cfg.train.checkpoint_every == 0 or done):
+    if saving:
         if done:
             log.flush(state)
         save_block_state(run_dir, state, cfg, coupling)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ConfigError, RunConfig, check_choice
+from ..config import ConfigError, RunConfig, TrainConfig, check_choice
 from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data
 from ..noise import Partition
 from ..precond import Denoiser
@@ -89,10 +89,15 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig(RunConfig):
+    """The main job by default: a DiT of 6 layers of width 96 on the 8x8 digits, B=3, 800 steps of batch 64 per
+    block, EMA half-life 100 steps (benchmarks/results/main-job-size)."""
+
     name: str = "digits-dit"
     task: str = "generate"
-    model: DiTModelConfig = field(default_factory=DiTModelConfig)
+    model: DiTModelConfig = field(default_factory=lambda: DiTModelConfig(hidden_size=96))
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps_per_block=800, batch_size=64, lr=2e-3,
+                                                                   ema_halflife_steps=100.0))
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
