@@ -16,7 +16,7 @@ torch.set_flush_denormal(True)
 
 TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=3", "blocks.num_blocks=3",
         "train.batch_size=16", "train.steps_per_block=6", "train.log_every=2", "train.checkpoint_every=3",
-        "train.lr_warmup_steps=2", "sample.steps=6", "sample.samples_per_class=2"]
+        "train.lr_warmup_steps=2", "train.ema_halflife_steps=0", "sample.steps=6", "sample.samples_per_class=2"]
 
 
 @pytest.fixture
