@@ -358,12 +358,13 @@ def progress(run_dir: Path, b: int) -> dict[str, Any] | None:
 
     None when the block has neither file.
     """
-    info, step = block_info(run_dir, b), state_step(run_dir, b)
-    if info is None and step is None:
+    info, saved = block_info(run_dir, b), state_step(run_dir, b)
+    if info is None and saved is None:
         return None
+    step = saved
     if step is None:  # final weights are the block's result; partial ones cannot be continued without a state
         step = info["step"] if info["step"] >= read_config(run_dir).train.steps_per_block else 0
-    return {"block": b, "step": step, "has_state": state_step(run_dir, b) is not None,
+    return {"block": b, "step": step, "has_state": saved is not None,
             "weights_step": None if info is None else info["step"],
             "train_time_s": 0.0 if info is None else info["train_time_s"]}
 

@@ -506,25 +506,37 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
         num_blocks = [int(b) for b in args.num_blocks.split(",") if b.strip()]
     except ValueError:
         raise ConfigError(f"--num-blocks {args.num_blocks!r} is not a comma-separated list of integers") from None
-    from .membench import model_config
-
     device = str(_device(args.device))
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {args.out!r} already exists and is not empty; choose another directory")
-    if args.config is not None:
-        base = apply_overrides(load_config(args.config), args.overrides)
-        title = f"{base.name} ({base.task}), batch {base.train.batch_size}"
-    else:
-        if args.overrides:
-            raise ConfigError("config overrides need --config")
-        base = model_config(args.model, args.image_size, args.channels, args.batch)
-        title = f"{args.model} at {args.image_size}x{args.image_size}, batch {args.batch}"
+    out = _bench_out(args)
+    base, title = _bench_config(args)
     run_benchmark(base, args.config is None, args.steps, num_blocks, device, out, title)
 
 
-def cmd_bench_speed(args: argparse.Namespace) -> None:
+def _bench_out(args: argparse.Namespace) -> Path | None:
+    """A benchmark's --out: a new or empty directory."""
+    if not args.out:
+        return None
+    out = Path(args.out)
+    _check_output_dir(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {args.out!r} already exists and is not empty; choose another directory")
+    return out
+
+
+def _bench_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
+    """What a benchmark measures: --config with its overrides, or a DiT of --model size on random images; and its title."""
     from .membench import model_config
+
+    if args.config is not None:
+        base = apply_overrides(load_config(args.config), args.overrides)
+        return base, f"{base.name} ({base.task}), batch {base.train.batch_size}"
+    if args.overrides:
+        raise ConfigError("config overrides need --config")
+    base = model_config(args.model, args.image_size, args.channels, args.batch)
+    return base, f"{args.model} at {args.image_size}x{args.image_size}, batch {args.batch}"
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> None:
     from .speedbench import parse_modes, run_speed_benchmark
 
     device = _device(args.device)
@@ -537,19 +549,8 @@ def cmd_bench_speed(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        _check_output_dir(out)
-        if out.exists() and any(out.iterdir()):
-            raise ConfigError(f"--out {args.out!r} already exists and is not empty; choose another directory")
-    if args.config is not None:
-        base = apply_overrides(load_config(args.config), args.overrides)
-        title = f"{base.name} ({base.task}), batch {base.train.batch_size}"
-    else:
-        if args.overrides:
-            raise ConfigError("config overrides need --config")
-        base = model_config(args.model, args.image_size, args.channels, args.batch)
-        title = f"{args.model} at {args.image_size}x{args.image_size}, batch {args.batch}"
+    out = _bench_out(args)
+    base, title = _bench_config(args)
     if args.num_blocks > base.model.depth:
         raise ConfigError(f"--num-blocks {args.num_blocks} is more than the model's {base.model.depth} layers")
     run_speed_benchmark(base, args.config is None, args.num_blocks, precisions, compiles, device, args.steps,

@@ -218,15 +218,21 @@ def run_benchmark(base: RunConfig, random_images: bool, steps: int, num_blocks: 
         logger.info("measuring %s ...", case.name)
         results.append(run_case_in_subprocess({"case": dataclasses.asdict(case), "config": base.to_dict(),
                                                "random_images": random_images, "steps": steps, "device": device}))
-    text = format_table(results, title)
-    print(text)
+    write_results(out_dir, "memory", results, format_table(results, title))
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "memory.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out_dir / "memory.md").write_text(text + "\n")
         plot_memory(results, out_dir / "memory.png", f"{title}, {device}")
-        logger.info("wrote %s/memory.md, memory.json, memory.png", out_dir)
     return results
+
+
+def write_results(out_dir: Path | None, stem: str, results: list[dict[str, Any]], text: str) -> None:
+    """Prints a benchmark's table; with out_dir, writes it as STEM.md and the results as STEM.json."""
+    print(text)
+    if out_dir is None:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(text + "\n")
+    logger.info("wrote %s/%s.md and %s.json", out_dir, stem, stem)
 
 
 def format_table(results: list[dict[str, Any]], title: str) -> str:

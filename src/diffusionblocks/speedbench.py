@@ -12,7 +12,6 @@ several timed windows after warm-up (which includes compiling, when on).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import statistics
 import time
@@ -25,7 +24,7 @@ from . import precision as precision_mode
 from .blocks import build_partition
 from .config import ConfigError, RunConfig
 from .data import make_generator
-from .membench import MemCase, bench_data, case_config
+from .membench import MemCase, bench_data, case_config, write_results
 from .tasks import get_task
 from .train import MetricsLog, _timed_step, init_block_state
 from .tasks.base import Coupling
@@ -105,13 +104,7 @@ def run_speed_benchmark(base: RunConfig, random_images: bool, num_blocks: int, p
                         "num_blocks": num_blocks, "end_to_end": e2e, "blocks": blocks,
                         "split_ratio_loop": sum(r["loop_s"] for r in blocks) / e2e["loop_s"],
                         "split_ratio_bare": sum(r["bare_s"] for r in blocks) / e2e["bare_s"]})
-    text = format_table(results, title)
-    print(text)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out_dir / "speed.md").write_text(text + "\n")
-        logger.info("wrote %s/speed.md, speed.json", out_dir)
+    write_results(out_dir, "speed", results, format_table(results, title))
     return results
 
 
