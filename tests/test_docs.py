@@ -22,7 +22,7 @@ from diffusionblocks.tasks import available, get_task
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # What runs: the configs small enough for a test; the others (CIFAR, MNIST, text8, GPU presets) only parse.
-CHEAP_CONFIGS = {None, "mixture.json"}
+CHEAP_CONFIGS = {None, "mixture.json", "presets/digits-thick-dit.json"}
 SHORT_TRAIN = ["train.steps_per_block=3", "train.batch_size=16", "train.log_every=1", "train.checkpoint_every=2",
                "train.lr_warmup_steps=1"]
 SHORT_DIGITS_SAMPLES = ["sample.steps=4", "sample.samples_per_class=2"]  # the samples a digits run draws when done
@@ -57,7 +57,9 @@ def shrink(argv: list[str]) -> list[str]:
     """The same command at a tiny size: a few training steps, a few samples at a few steps."""
     verb = argv[0]
     argv = list(argv)
-    digits = "--config" not in argv and not any("runs/00000-mixture" in a for a in argv)  # the default DiT
+    config = argv[argv.index("--config") + 1] if "--config" in argv else None
+    # The default DiT, or a digits preset of it.
+    digits = (config is None or config.startswith("presets/digits")) and not any("runs/00000-mixture" in a for a in argv)
     if digits and verb in ("train", "compare") and "--resume" not in argv:
         argv += SHORT_DIGITS_SAMPLES
     if digits and verb in ("sample", "evaluate") and "--steps" not in argv:

@@ -235,7 +235,7 @@ def block_info(run_dir: Path, b: int) -> dict[str, Any] | None:
 NON_IDENTITY_SECTIONS = ("name", "train", "sample", "data")
 
 
-def _identity(d: dict[str, Any]) -> dict[str, Any]:
+def identity(d: dict[str, Any]) -> dict[str, Any]:
     """A config dict without what may differ between blocks that chain (the task's resumable fields too)."""
     from .tasks import get_task
 
@@ -256,22 +256,22 @@ def check_block_metadata(path: Path, b: int, cfg: RunConfig) -> None:
     if "config" not in meta:
         return
     try:
-        theirs = _identity(RunConfig.from_dict(json.loads(meta["config"])).to_dict())
+        theirs = identity(RunConfig.from_dict(json.loads(meta["config"])).to_dict())
     except (ConfigError, json.JSONDecodeError) as e:
         raise ConfigError(f"checkpoint {str(path)!r} carries an unreadable config: {e}") from None
-    ours = _identity(cfg.to_dict())
+    ours = identity(cfg.to_dict())
     if theirs != ours:
-        field = _first_difference(theirs, ours, "")
+        field = first_difference(theirs, ours, "")
         raise ConfigError(f"checkpoint {str(path)!r} was trained with another {field} than this run's "
                           "config.json: it is not this run's block")
 
 
-def _first_difference(a: Any, b: Any, name: str) -> str:
+def first_difference(a: Any, b: Any, name: str) -> str:
     """The first field where two config dicts differ, with both values: 'model.depth (6, not 4)'."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{name}.{k}".lstrip("."))
+                return first_difference(a.get(k), b.get(k), f"{name}.{k}".lstrip("."))
     return f"{name} ({a!r}, not {b!r})"
 
 

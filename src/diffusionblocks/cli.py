@@ -1,4 +1,4 @@
-"""The `diffusionblocks` command: train, sample, evaluate, compare, status, bench memory."""
+"""The `diffusionblocks` command: train, sample, evaluate, compare, compose, status, bench memory and speed."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ logger = logging.getLogger("diffusionblocks")
 
 # Fields that may change when a run is resumed: how long and how it trains, how it samples; not what it is.
 RESUMABLE_SECTIONS = ("train.steps_per_block", "train.log_every", "train.checkpoint_every", "sample.")
-# A new run made --from a trained one may also train differently (learning rate, seed...), not be another model.
-FROM_SECTIONS = ("train.", "sample.")
+# A new run made --from a trained one may train differently (learning rate, seed...) and on other data (adapting
+# a model to a new domain), not be another model.
+FROM_SECTIONS = ("name", "train.", "sample.", "data.")
 
 
 def _device(name: str | None) -> torch.device:
@@ -449,6 +450,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
     logger.info("wrote %s/report.md", out)
 
 
+def cmd_compose(args: argparse.Namespace) -> None:
+    from .compose import compose_run, parse_block_sources
+
+    sources = parse_block_sources(args.block)
+    out = Path(args.out)
+    _check_output_dir(out)
+    cfg = compose_run(sources, out, args.overrides)
+    for b, run in sorted(sources.items()):
+        logger.info("block %d: from %s", b, run)
+    logger.info("wrote %s (%s, B=%d): sample, evaluate and status work on it like on any run", out, cfg.name,
+                cfg.blocks.num_blocks)
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     """What each block's files say, read the way --resume reads them: a block's training state says where it is."""
     from .blocks import build_partition
@@ -494,6 +508,10 @@ def cmd_status(args: argparse.Namespace) -> None:
     else:
         ready = "every block is present: the model can be sampled"
     print(f"  {len(done)}/{cfg.blocks.num_blocks} trained; {ready}")
+    from .compose import read_composition
+
+    for row in read_composition(run) or []:
+        print(f"  block {row['block']} composed from {row['run']} ({row['run_name']}, step {row['step']})")
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> None:
@@ -654,6 +672,15 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("compose", help="a new run whose blocks are copied from other runs (blocks trained apart, "
+                       "e.g. on other data, chained as one model)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="name=..., data.* (what it is "
+                   "evaluated on) or sample.* of the new run; the rest is the config of block 0's source")
+    p.add_argument("--block", action="append", required=True, metavar="INDEX=RUN", help="take block INDEX (or "
+                   "INDEX,INDEX...) from RUN; repeat for every block, e.g. --block 0=runs/a --block 1,2=runs/b")
+    p.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
+    p.set_defaults(func=cmd_compose)
 
     p = sub.add_parser("status", help="which blocks of a run are trained, how far, and which are missing")
     p.add_argument("run", metavar="RUN", help="run directory")

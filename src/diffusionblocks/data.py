@@ -8,6 +8,10 @@ with int64 labels:
 * ``cifar10``: the CIFAR-10 "python version" batches in ``data.root``.
 * ``cifar100``: the CIFAR-100 "python version" files in ``data.root`` (the 100 fine labels).
 
+Each grey-scale dataset also comes in two other *domains*, the same images and labels transformed, for
+experiments on adapting and composing blocks across domains: ``digits-thick`` / ``mnist-thick`` (strokes
+thickened by a grey dilation) and ``digits-inverted`` / ``mnist-inverted`` (colours inverted).
+
 Every train/test split is made by a fixed permutation, so it is the same on every machine and run.
 Randomness during training comes only from :func:`derive_seed`, a pure function of
 (seed, stream, step, purpose...), so a resumed or parallel run draws exactly the same batches.
@@ -33,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import ConfigError, check_choice, where
 
@@ -55,11 +60,38 @@ _IDX_LABELS_MAGIC = 0x00000801    # unsigned byte, 1 dimension
 
 
 
+def thicken(images: torch.Tensor) -> torch.Tensor:
+    """Grey dilation of light strokes on a dark ground: each pixel takes the brightest value under a structuring
+    element, 1 x 2 (the pixel and its left neighbour) for images under 16 px, 3 x 3 for larger ones (MNIST)."""
+    if images.shape[-1] < 16:
+        left = F.pad(images, (1, 0), value=-1.0)[..., :-1]  # (N, C, H, W), shifted one pixel to the right
+        return torch.maximum(images, left)
+    return F.max_pool2d(images, 3, stride=1, padding=1)
+
+
+def invert(images: torch.Tensor) -> torch.Tensor:
+    """Dark strokes on a light ground: x -> -x on the [-1, 1] scale."""
+    return -images
+
+
+# Other domains of a grey-scale dataset: its images transformed, its labels and splits unchanged.
+DOMAINS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"thick": thicken, "inverted": invert}
+_BASE_DATASETS = ("digits", "mnist", "cifar10", "cifar100")
+DATASETS = (*_BASE_DATASETS, *(f"{base}-{d}" for base in ("digits", "mnist") for d in DOMAINS))
+
+
+def split_domain(dataset: str) -> tuple[str, str | None]:
+    """'mnist-thick' -> ('mnist', 'thick'); 'mnist' -> ('mnist', None)."""
+    base, _, domain = dataset.partition("-")
+    return (base, domain) if domain in DOMAINS else (dataset, None)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """The image dataset of the image tasks (generation and classification)."""
 
-    dataset: str = "digits"      # "digits" (scikit-learn, embedded), "mnist" (IDX files), "cifar10" or "cifar100".
+    dataset: str = "digits"      # "digits" (scikit-learn, embedded), "mnist" (IDX files), "cifar10" or "cifar100";
+                                 # "digits-thick", "digits-inverted", "mnist-thick", "mnist-inverted": other domains.
     root: str | None = None      # Directory of the dataset files (mnist, cifar10, cifar100).
     download: bool = False       # Fetch the standard files into root when they are missing.
     split: str = "train"         # Which files to train on: "train", or "test" to train on part of the test files.
@@ -68,11 +100,11 @@ class DataConfig:
     crop_padding: int = 0        # Random crops: pad by this many pixels (edge copies), crop back; 0 = off.
 
     def validate(self) -> None:
-        check_choice("data.dataset", self.dataset, ("digits", "mnist", "cifar10", "cifar100"))
+        check_choice("data.dataset", self.dataset, DATASETS)
         check_choice("data.split", self.split, ("train", "test"))
         if self.crop_padding < 0 or self.holdout < 0:
             raise ConfigError("data.crop_padding and data.holdout must be non-negative")
-        if self.dataset != "digits" and self.root is None:
+        if split_domain(self.dataset)[0] != "digits" and self.root is None:
             raise ConfigError(f"data.root is required for data.dataset={self.dataset!r}")
 
 
@@ -215,20 +247,22 @@ def load_image_data(cfg: DataConfig) -> ImageSplits:
         raise ConfigError(f"data.holdout must be non-negative, got {cfg.holdout}")
     if cfg.crop_padding < 0:
         raise ConfigError(f"data.crop_padding must be non-negative, got {cfg.crop_padding}")
-    if cfg.hflip and cfg.dataset in ("digits", "mnist"):
+    check_choice("data.dataset", cfg.dataset, DATASETS)
+    base, domain = split_domain(cfg.dataset)
+    if cfg.hflip and base in ("digits", "mnist"):
         log.warning("data.hflip=true on %s: horizontal flips change the meaning of digits", cfg.dataset)
-    if cfg.crop_padding > 0 and cfg.dataset == "digits":
+    if cfg.crop_padding > 0 and base == "digits":
         log.warning("data.crop_padding=%d on digits: random crops of 8x8 images shift the digit by up to %d "
                     "pixel(s) and replicate its edges", cfg.crop_padding, cfg.crop_padding)
-    if cfg.dataset == "digits":
+    if base == "digits":
         splits = _load_digits(cfg)
-    elif cfg.dataset == "mnist":
+    elif base == "mnist":
         splits = _load_mnist(cfg)
-    elif cfg.dataset in _CIFAR_SPECS:
-        splits = _load_cifar(cfg, _CIFAR_SPECS[cfg.dataset])
     else:
-        raise ConfigError(f"data.dataset={cfg.dataset!r} is not one of 'digits', 'mnist', "
-                          + ", ".join(f"'{k}'" for k in _CIFAR_SPECS))
+        splits = _load_cifar(cfg, _CIFAR_SPECS[base])
+    if domain is not None:
+        splits = ImageSplits(*(ImageData(DOMAINS[domain](s.images), s.labels, s.num_classes,
+                                         s.name.replace(base, cfg.dataset, 1)) for s in (splits.train, splits.test)))
     log.info("loaded %s: %d train, %d test images of %dx%dx%d", cfg.dataset, len(splits.train),
              len(splits.test), splits.train.num_channels, splits.train.image_size, splits.train.image_size)
     return splits

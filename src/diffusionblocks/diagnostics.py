@@ -16,6 +16,7 @@ hands each block exactly the distribution it was trained on).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,21 @@ from .sampling import SAMPLERS, CFGDenoiser
 
 
 @torch.no_grad()
-def chain_diagnostics(model, real: ImageData, clf: ReferenceClassifier, *, num: int = 500, steps: int = 50,
-                      sampler: str = "euler", guidance: float = 2.0, grid: str = "quantile", seed: int = 0,
-                      device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Per-step and per-block oracle vs chain measures for a class-conditional BlockwiseDenoiser."""
-    n = min(num, len(real))
-    y, labels = real.images[:n].to(device), real.labels[:n].to(device)  # (n, C, H, W), (n,)
+def chain_diagnostics(model, real: ImageData | Sequence[ImageData], clf: ReferenceClassifier, *, num: int = 500,
+                      steps: int = 50, sampler: str = "euler", guidance: float = 2.0, grid: str = "quantile",
+                      seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Per-step and per-block oracle vs chain measures for a class-conditional BlockwiseDenoiser.
+
+    real: held-out images, or one set per block (a composed model's blocks trained on other domains: each
+    block's oracle is its own training distribution); the sets must carry the same labels in the same order.
+    """
+    reals = [real] * model.num_blocks if isinstance(real, ImageData) else list(real)
+    n = min(num, *(len(r) for r in reals))
+    labels = reals[0].labels[:n].to(device)  # (n,)
+    if any(not torch.equal(r.labels[:n], reals[0].labels[:n]) for r in reals):
+        raise ValueError("chain_diagnostics: the blocks' held-out sets must have the same labels in the same order")
+    ys = [r.images[:n].to(device) for r in reals]  # per block (n, C, H, W)
+    y = ys[0]
     sigmas = sigma_grid(model.partition.axis, steps, grid).to(device, torch.float32)
     sigma_data = model.blocks[0].sigma_data
     null = model.blocks[0].inner_model.num_classes
@@ -51,6 +61,7 @@ def chain_diagnostics(model, real: ImageData, clf: ReferenceClassifier, *, num: 
     for i, x_i in enumerate(states):
         sigma = sigmas[i] * s_in
         b = int(model.partition.owner(sigma[:1])[0])
+        y = ys[b]
         eps = torch.randn(y.shape, generator=make_generator(seed, "oracle", i)).to(device)
         z = y + append_dims(sigma, y.ndim) * eps
         D_oracle = model(z, sigma, class_labels=labels)

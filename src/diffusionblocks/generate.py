@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .data import make_generator
@@ -31,10 +33,12 @@ def class_labels_evenly(num: int, num_classes: int) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, labels: torch.Tensor, *, image_shape: tuple[int, ...], num_classes: int, steps: int = 50,
              sampler: str = "euler", guidance: float = 2.0, grid: str = "quantile", rho: float = 7.0, seed: int = 0,
-             batch_size: int = 500, device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
+             batch_size: int = 500, device: str | torch.device = "cpu", progress: bool = False,
+             callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """Samples images for `labels` from `model` (a BlockwiseDenoiser); returns float32 N x C x H x W in [-1, 1].
 
-    Sample i starts from the noise of seed (seed, i), whatever the batch size.
+    Sample i starts from the noise of seed (seed, i), whatever the batch size. callback: called after each
+    step of each batch with the sampler's dict (x, i, sigma, denoised...) and "batch_start", the batch's first index.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
@@ -46,6 +50,7 @@ def generate(model, labels: torch.Tensor, *, image_shape: tuple[int, ...], num_c
         idx = list(range(start, min(start + batch_size, len(labels))))
         x = initial_noise(image_shape, [seed * 1_000_003 + i for i in idx]).to(device) * sigmas[0]
         extra = {"class_labels": labels[idx].to(device)} if num_classes > 0 else {}
-        x = SAMPLERS[sampler](D, x, sigmas, extra_args=extra, disable=not progress)
+        step_callback = None if callback is None else lambda d, start=start: callback({**d, "batch_start": start})
+        x = SAMPLERS[sampler](D, x, sigmas, extra_args=extra, callback=step_callback, disable=not progress)
         out.append(x.clamp(-1, 1).float().cpu())
     return torch.cat(out)

@@ -34,8 +34,11 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: in
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """metrics.jsonl rows, keeping the last row for each (block, step) (a resumed run rewrites some steps)."""
+    """metrics.jsonl rows, keeping the last row for each (block, step) (a resumed run rewrites some steps); none when
+    there is no file (a run whose blocks were all copied from runs without one)."""
     rows: dict[tuple[int, int], dict] = {}
+    if not Path(path).is_file():
+        return []
     for line in Path(path).read_text().splitlines():
         if line.strip():
             r = json.loads(line)

@@ -223,6 +223,18 @@ def conditional_accuracy(clf: ReferenceClassifier, images: torch.Tensor, request
     return accuracy(clf, images, requested_labels)
 
 
+def union(sets: list[ImageData], by_domain: bool = False) -> ImageData:
+    """The images of several datasets of one shape as one set, labelled by class, or by_domain by the index of
+    the set they come from: the training data of a *domain judge*, a reference classifier that tells which
+    domain (digits or digits-thick, say) an image belongs to."""
+    if len({(s.num_channels, s.image_size) for s in sets}) != 1:
+        raise ValueError("union: the sets' images differ in shape")
+    labels = [torch.full((len(s),), i, dtype=torch.int64) if by_domain else s.labels for i, s in enumerate(sets)]
+    num_classes = len(sets) if by_domain else max(s.num_classes for s in sets)
+    name = "|".join(s.name for s in sets) + ("-domain" if by_domain else "")
+    return ImageData(torch.cat([s.images for s in sets]), torch.cat(labels), num_classes, name)
+
+
 # ----------------------------------------------------------------------------------------------
 # Cache
 
