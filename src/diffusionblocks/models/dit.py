@@ -58,12 +58,27 @@ class NoiseEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """N(0, 0.02) weights and zero biases, drawn from generator (the label-denoising and language blocks')."""
+        for lin in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02, generator=generator)
+            nn.init.zeros_(lin.bias)
+
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         half = self.frequency_embedding_size // 2
         freqs = (1 / self.max_positions) ** (torch.arange(half, device=c_noise.device, dtype=torch.float32) / (half - 1))
         args = c_noise.float()[:, None] * freqs[None]  # (N, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (N, frequency_embedding_size)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+@torch.no_grad()
+def zero_init(*linears: nn.Linear) -> None:
+    """Zero weights and biases: heads and adaLN modulations that start as nothing."""
+    for lin in linears:
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
 
 
 class Attention(nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..precond import append_dims, get_scalings, loss_weight
-from .dit import DiTLayer, NoiseEmbedder, get_2d_sincos_pos_embed, modulate, xavier_init
+from .dit import DiTLayer, NoiseEmbedder, get_2d_sincos_pos_embed, modulate, xavier_init, zero_init
 
 
 def label_embedding_table(num_classes: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -97,12 +97,8 @@ class ViTLabelDenoiser(nn.Module):
     @torch.no_grad()
     def initialize_weights(self, generator: torch.Generator | None = None) -> None:
         self.trunk.init_trunk(generator)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02, generator=generator)
-            nn.init.zeros_(lin.bias)
-        for lin in (self.head, self.adaLN_final[-1]):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        self.t_embedder.init_weights(generator)
+        zero_init(self.head, self.adaLN_final[-1])
         # The label table is the run's, the same for every block: models.build_block sets it.
 
     @property

@@ -24,6 +24,7 @@ BUILTIN_TASKS = {  # name -> "module:class", imported when first asked for
     "generate": "diffusionblocks.tasks.image_generation:ImageGenerationTask",
     "classify": "diffusionblocks.tasks.classification:ClassificationTask",
     "mdlm": "diffusionblocks.tasks.masked_diffusion:MaskedDiffusionTask",
+    "arlm": "diffusionblocks.tasks.autoregressive:AutoregressiveTask",
 }
 _REGISTRY: dict[str, Task] = {}
 

@@ -171,3 +171,27 @@ class Task:
                          artifacts: dict[int, Any]) -> None:
         """`compare`'s report.md and its plots; results[B] holds the evaluation and its "train_summary"."""
         raise ConfigError(f"task {self.name!r} does not write a comparison report")
+
+
+class CharacterTextTask(Task):
+    """The data methods of the language tasks on characters (`text.py`): the corpus' splits, checked against
+    model.vocab_size; its vocabulary written into the run; windows of model.seq_len drawn per (seed, block, step)."""
+
+    VOCAB_FILE: ClassVar[str] = "vocab.json"
+
+    def load_data(self, cfg: RunConfig) -> Any:
+        from ..text import load_text
+
+        data = load_text(cfg.data, cfg.model.seq_len)
+        if len(data.vocab) > cfg.model.vocab_size:
+            raise ConfigError(f"data.path {cfg.data.path!r} has {len(data.vocab)} distinct characters but "
+                              f"model.vocab_size={cfg.model.vocab_size}")
+        return data
+
+    def prepare_run(self, cfg: RunConfig, run_dir: Path, data: Any) -> None:
+        data.vocab.save(run_dir / self.VOCAB_FILE)
+
+    def batch_sampler(self, cfg: RunConfig, data: Any, b: int) -> Any:
+        from ..text import WindowSampler
+
+        return WindowSampler(data, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed, b)

@@ -27,12 +27,12 @@ import torch
 from ..config import ConfigError, RunConfig, check_choice
 from ..data import make_generator
 from ..noise import MaskingTime, Partition
-from ..text import TextConfig, TextSplits, TokenStream, Vocabulary, WindowSampler, held_out_windows, load_text
-from .base import Evaluation, Task
+from ..text import TextConfig, Vocabulary, held_out_windows
+from .base import CharacterTextTask, Evaluation
 
 logger = logging.getLogger(__name__)
 
-VOCAB_FILE = "vocab.json"
+VOCAB_FILE = CharacterTextTask.VOCAB_FILE
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def evaluate_bpc(model, windows: torch.Tensor, *, strata: int = 12, repeats: int
 # ---- the task
 
 
-class MaskedDiffusionTask(Task):
+class MaskedDiffusionTask(CharacterTextTask):
     name = "mdlm"
     config_class = MaskedDiffusionConfig
     noise_symbol = "t"
@@ -181,19 +181,6 @@ class MaskedDiffusionTask(Task):
 
     def noise_axis(self, cfg: RunConfig) -> MaskingTime:
         return MaskingTime(cfg.noise.schedule)
-
-    def load_data(self, cfg: RunConfig) -> TextSplits:
-        data = load_text(cfg.data, cfg.model.seq_len)
-        if len(data.vocab) > cfg.model.vocab_size:
-            raise ConfigError(f"data.path {cfg.data.path!r} has {len(data.vocab)} distinct characters but "
-                              f"model.vocab_size={cfg.model.vocab_size}")
-        return data
-
-    def prepare_run(self, cfg: RunConfig, run_dir: Path, data: TextSplits) -> None:
-        data.vocab.save(run_dir / VOCAB_FILE)
-
-    def batch_sampler(self, cfg: RunConfig, data: TokenStream, b: int) -> WindowSampler:
-        return WindowSampler(data, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed, b)
 
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None):
         from ..blocks import build_partition

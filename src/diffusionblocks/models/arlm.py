@@ -1,0 +1,284 @@
+"""Autoregressive language-model blocks: next-token prediction as denoising (method.md section 5, fourth row).
+
+The denoised variable at position i is y_i = E[x_i], the L2-normalised embedding of token i in a table E
+with orthonormal rows (fixed, drawn from the run's seed and the same for every block, so that the chain's
+estimate lives in one space and blocks stay independent). A block sees the sequence twice, [noisy ; clean]:
+the noisy stream holds c_in z_i with z_i = y_i + sigma_i eps_i, the clean stream the block's own embedding of
+the tokens. Attention: noisy i sees the clean positions before i and itself; clean positions attend
+causally among themselves and never to the noisy stream. So the clean stream is an ordinary causal
+transformer whose keys and values do not depend on sigma (its tokens are conditioned on a learned constant,
+the noisy ones on sigma through adaLN), and a KV cache of it serves every denoising step of every token.
+
+Layers are Llama-style: RMSNorm, rotary position embeddings (noisy i and clean i share position i), SwiGLU;
+adaLN-Zero modulation per token. Output: D = c_skip z + c_out RMSNorm(h) at the noisy positions, then a final
+adaLN and a zero-initialised linear head (not tied to E) give logits over the vocabulary. Loss: the
+cross-entropy of the logits at position i against token i, weighted by lambda(sigma_i), per token.
+
+The end-to-end baseline (`CausalLM`) is the clean stream alone: the same layers, position j's output read
+by a head as the distribution of token j + 1, plain next-token cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..precond import get_scalings, loss_weight
+from .dit import NoiseEmbedder, zero_init
+
+ROPE_BASE = 10000.0
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021), rotating half-split pairs: x (N, H, T, d), pos (T,) -> (N, H, T, d)."""
+    d = x.shape[-1]
+    freqs = ROPE_BASE ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
+    angles = pos.to(torch.float32)[:, None] * freqs  # (T, d/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN with per-token shift and scale: x, shift, scale (N, T, D)."""
+    return x * (1 + scale) + shift
+
+
+class KVCache:
+    """Keys and values of the clean positions seen so far, per layer: (N, H, T, d) each."""
+
+    def __init__(self, depth: int):
+        self.k: list[torch.Tensor | None] = [None] * depth
+        self.v: list[torch.Tensor | None] = [None] * depth
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple]:
+        """x (N, T, D) at positions pos (T,); attends to the past keys/values (if any) then its own, under mask
+        (T, T_past + T) (None: every key). Returns the output and this input's (k, v)."""
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (N, H, T, d) each
+        q, k = rope(q, pos), rope(k, pos)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (N, H, T, d)
+        return self.proj(out.transpose(1, 2).reshape(N, T, D)), (k, v)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(2 * mlp_ratio * dim / 3)  # Llama's 2/3 of the width ratio: as many weights as a GELU MLP
+        self.w1, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LlamaLayer(nn.Module):
+    """Pre-norm attention and SwiGLU with adaLN-Zero modulation, conditioned per token: c (N, T, D)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.mlp = SwiGLU(dim, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None,
+                past: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (N, T, D) each
+        a, kv = self.attn(modulate(self.norm1(x), shift1, scale1), pos, mask, past)
+        x = x + gate1 * a
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x, kv
+
+
+def training_mask(L: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(2L, 2L) boolean attention mask over [noisy ; clean], True where a query may attend to a key: noisy i
+    sees clean j < i and noisy i itself; clean i sees clean j <= i; the clean stream never sees the noisy one."""
+    i = torch.arange(L, device=device)
+    eye = i[:, None] == i[None, :]
+    before = i[None, :] < i[:, None]
+    causal = i[None, :] <= i[:, None]
+    top = torch.cat([eye, before], dim=1)  # noisy queries: (L, 2L)
+    bottom = torch.cat([torch.zeros(L, L, dtype=torch.bool, device=device), causal], dim=1)  # clean queries
+    return torch.cat([top, bottom], dim=0)
+
+
+class _Trunk(nn.Module):
+    """Token embedding, the constant conditioning of clean tokens, the layers; shared by both model kinds."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.tok_embed = nn.Embedding(vocab_size, hidden_size)
+        self.clean_cond = nn.Parameter(torch.zeros(hidden_size))
+        self.layers = nn.ModuleList([LlamaLayer(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.checkpointing = False
+
+    def run(self, x: torch.Tensor, c: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layers:
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(lambda x, c, layer=layer: layer(x, c, pos, mask)[0], x, c, use_reentrant=False)
+            else:
+                x, _ = layer(x, c, pos, mask)
+        return x
+
+    def extend(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """Runs the clean stream on new tokens (N, T) after the cached ones; stores their keys/values; returns
+        their last layer's output (N, T, D)."""
+        N, T = tokens.shape
+        start = cache.length
+        pos = torch.arange(start, start + T, device=tokens.device)
+        x = self.tok_embed(tokens)
+        c = self.clean_cond.expand(N, T, -1)
+        # Each new token sees every cached one and the new ones up to itself.
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(start) if T > 1 else None
+        for l, layer in enumerate(self.layers):
+            past = None if cache.k[l] is None else (cache.k[l], cache.v[l])
+            x, (k, v) = layer(x, c, pos, mask, past)
+            cache.k[l] = k if past is None else torch.cat([past[0], k], 2)
+            cache.v[l] = v if past is None else torch.cat([past[1], v], 2)
+        return x
+
+    @torch.no_grad()
+    def init(self, generator: torch.Generator | None) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight, generator=generator)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.tok_embed.weight, std=0.02, generator=generator)
+        nn.init.normal_(self.clean_cond, std=0.02, generator=generator)
+        for layer in self.layers:  # adaLN-Zero: every layer starts as the identity
+            nn.init.zeros_(layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(layer.adaLN_modulation[-1].bias)
+
+
+class ARDenoiser(nn.Module):
+    """One block of a DiffusionBlocks language model: denoises each position's token embedding given the clean
+    tokens before it.
+
+    E (vocab_size x hidden_size) is the run's target table (a buffer, the same in every block's file).
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int = 128, depth: int = 2, num_heads: int = 4,
+                 mlp_ratio: float = 4.0, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__()
+        self.vocab_size, self.sigma_data = vocab_size, sigma_data
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.trunk = _Trunk(vocab_size, hidden_size, depth, num_heads, mlp_ratio)
+        self.t_embedder = NoiseEmbedder(hidden_size)
+        self.norm_out = nn.RMSNorm(hidden_size, eps=1e-6)  # F = norm_out(h) at the noisy positions
+        self.norm_final = nn.RMSNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.head = nn.Linear(hidden_size, vocab_size)  # zero-initialised, untied
+        self.register_buffer("E", torch.zeros(vocab_size, hidden_size))
+
+    @torch.no_grad()
+    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
+        self.trunk.init(generator)
+        self.t_embedder.init_weights(generator)
+        zero_init(self.head, self.adaLN_final[-1])
+        # E is the run's table, set by the task after building.
+
+    def _readout(self, z: torch.Tensor, h: torch.Tensor, sigma: torch.Tensor, c: torch.Tensor):
+        """(D, logits) from the noisy input z (..., D), the trunk's output h there, sigma (...) and conditioning c."""
+        c_skip, c_out, _, _ = (s[..., None] for s in get_scalings(sigma, self.sigma_data))
+        D = c_skip * z + c_out * self.norm_out(h).float()
+        shift, scale = self.adaLN_final(c).chunk(2, dim=-1)
+        logits = self.head(modulate(self.norm_final(D), shift, scale))
+        return D, logits.float()
+
+    def denoise(self, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every position at once (training, teacher-forced evaluation): z (N, L, D) noisy embeddings at noise
+        sigma (N, L), tokens (N, L) the clean sequence -> (D (N, L, D), logits (N, L, V)); position i's output
+        depends on tokens[:, :i] and z[:, i] only."""
+        N, L, _ = z.shape
+        z, sigma = z.float(), sigma.float()
+        _, _, c_in, c_noise = get_scalings(sigma, self.sigma_data)
+        c_noisy = self.t_embedder(c_noise.flatten()).view(N, L, -1)  # (N, L, D)
+        x = torch.cat([c_in[..., None] * z, self.trunk.tok_embed(tokens)], dim=1)  # (N, 2L, D): [noisy ; clean]
+        c = torch.cat([c_noisy, self.trunk.clean_cond.expand(N, L, -1)], dim=1)
+        pos = torch.arange(L, device=z.device).repeat(2)
+        h = self.trunk.run(x, c, pos, training_mask(L, z.device))[:, :L]  # (N, L, D)
+        return self._readout(z, h, sigma, c_noisy)
+
+    def denoise_next(self, z: torch.Tensor, sigma: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next position, after the cached clean tokens: z (N, D), sigma (N,) -> (D (N, D), logits (N, V))."""
+        z, sigma = z.float()[:, None], sigma.float()[:, None]  # (N, 1, D), (N, 1)
+        _, _, c_in, c_noise = get_scalings(sigma, self.sigma_data)
+        c = self.t_embedder(c_noise.flatten())[:, None]  # (N, 1, D)
+        x = c_in[..., None] * z
+        pos = torch.tensor([cache.length], device=z.device)
+        for l, layer in enumerate(self.trunk.layers):
+            x, _ = layer(x, c, pos, None, (cache.k[l], cache.v[l]) if cache.k[l] is not None else None)
+        D, logits = self._readout(z, x, sigma, c)
+        return D[:, 0], logits[:, 0]
+
+    def estimate(self, D: torch.Tensor, logits: torch.Tensor, bridge: str) -> torch.Tensor:
+        """What the chain carries to the next step: the estimate D, softmax(logits) @ E, or E[argmax logits]."""
+        if bridge == "estimate":
+            return D
+        if bridge == "softmax":
+            return logits.softmax(-1) @ self.E
+        if bridge == "argmax":
+            return self.E[logits.argmax(-1)]
+        raise ValueError(f"unknown bridge {bridge!r}")
+
+    def loss(self, tokens: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Per-sequence mean over positions of lambda(sigma_i) CE_i, with z_i = E[token_i] + sigma_i eps_i."""
+        y = self.E[tokens]  # (N, L, D)
+        z = y + sigma[..., None] * noise
+        _, logits = self.denoise(z, sigma, tokens)
+        ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")  # (N, L)
+        return (loss_weight(sigma.float(), self.sigma_data) * ce).mean(1)
+
+
+class CausalLM(nn.Module):
+    """The end-to-end baseline: the clean stream alone, position j read out as the distribution of token j + 1."""
+
+    def __init__(self, vocab_size: int, hidden_size: int = 128, depth: int = 6, num_heads: int = 4,
+                 mlp_ratio: float = 4.0):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.trunk = _Trunk(vocab_size, hidden_size, depth, num_heads, mlp_ratio)
+        self.norm_final = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.head = nn.Linear(hidden_size, vocab_size)
+
+    @torch.no_grad()
+    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
+        self.trunk.init(generator)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (N, L) -> logits (N, L, V), position j's for token j + 1."""
+        N, L = tokens.shape
+        mask = torch.ones(L, L, dtype=torch.bool, device=tokens.device).tril()
+        h = self.trunk.run(self.trunk.tok_embed(tokens), self.trunk.clean_cond.expand(N, L, -1),
+                           torch.arange(L, device=tokens.device), mask)
+        return self.head(self.norm_final(h)).float()
+
+    def next_logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        """Logits of the next token from the clean stream's last output (N, D)."""
+        return self.head(self.norm_final(h_last)).float()
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-sequence mean next-token cross-entropy (nats) over positions 1..L-1."""
+        logits = self(tokens)[:, :-1]
+        return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)

@@ -1,0 +1,605 @@
+"""An autoregressive language model whose next-token prediction is a chain of denoising blocks (method.md
+section 5, fourth row; the paper's LM1B / OpenWebText setting at small scale on characters).
+
+Each block is a `models.arlm.ARDenoiser` of its layers: it denoises the embedding of token i, E[x_i] + sigma
+eps, given the clean tokens before i, for the sigma of its range of EDM's noise axis (partition overlap
+gamma 0.1 by default). Generation: for each new token, `sample.steps` denoising steps from sigma_max down a
+quantile grid (default B: each block once), the chain's estimate handed from step to step by a *bridge*
+(the estimate D itself, softmax(logits) @ E, or E[argmax]), and the last step's logits read out greedily or
+by temperature / top-p sampling. A KV cache of each block's clean stream makes a token cost one pass of one
+token through each block. The end-to-end baseline (`arlm.mode="plain"`, B=1, `compare`'s B=1) is the same
+transformer trained on next-token cross-entropy.
+
+Evaluation: held-out next-token bits per character (block 0 at sigma_max for the chain, the predictive
+distribution of the baseline), the chain diagnostics teacher-forced on held-out text (bits of each step's
+logits on the chain's own state and on the oracle E[x] + sigma eps: is the loss lost in block 0 or in the
+chain?), and samples continuing held-out prompts, for each bridge: their generative perplexity under a
+judge (the plain baseline, `--judge RUN`; `compare` uses its B=1 run), distinct 2- and 4-grams, the longest
+repeated run, and characters/s with and without the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
+from ..data import make_generator
+from ..noise import Partition
+from ..text import TextConfig, Vocabulary, held_out_windows
+from .base import CharacterTextTask, Evaluation
+
+logger = logging.getLogger(__name__)
+
+VOCAB_FILE = CharacterTextTask.VOCAB_FILE
+BRIDGES = ("estimate", "softmax", "argmax")
+
+
+@dataclass(frozen=True)
+class ARModelConfig:
+    mode: str = "diffusion"      # "diffusion" (blocks denoise each next token's embedding) or "plain" (the
+                                 # end-to-end baseline: the same transformer on next-token cross-entropy, B=1).
+    vocab_size: int = 65         # V characters (tinyshakespeare: 65); at most hidden_size keeps E orthonormal.
+    seq_len: int = 64            # Characters per training window, and the longest context at generation.
+    hidden_size: int = 128       # Transformer width (and the dimension of the token embeddings denoised).
+    depth: int = 6               # L, layers of the whole (end-to-end) network.
+    num_heads: int = 4           # Attention heads; hidden_size must be a multiple, and hidden_size / num_heads even.
+    mlp_ratio: float = 4.0       # SwiGLU: hidden width 2/3 * mlp_ratio * hidden_size.
+
+    def validate(self) -> None:
+        check_choice("model.mode", self.mode, ("diffusion", "plain"))
+        for name in ("vocab_size", "seq_len", "hidden_size", "num_heads"):
+            if getattr(self, name) < 2 - (name in ("hidden_size", "num_heads")):
+                raise ConfigError(f"model.{name} is too small: {getattr(self, name)}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads="
+                              f"{self.num_heads} with an even head width (rotary embeddings rotate pairs)")
+
+
+@dataclass(frozen=True)
+class ARSampleConfig:
+    steps: int = 0               # Denoising steps per token; 0 = B (each block once).
+    bridge: str = "argmax"       # What a step hands the next: "estimate" (D), "softmax" (softmax(logits) @ E),
+                                 # or "argmax" (E[argmax logits]).
+    temperature: float = 1.0     # Readout of the last step's logits: softmax temperature...
+    top_p: float = 1.0           # ...and nucleus; greedy takes the argmax instead.
+    greedy: bool = False
+    num: int = 4                 # Samples written to samples.txt after training.
+    new_chars: int = 200         # Characters each sample adds to its prompt.
+    prompt: str = ""             # A prompt for every sample ("" = the starts of held-out windows).
+    prompt_chars: int = 32       # Length of those held-out prompts.
+
+    def validate(self) -> None:
+        check_choice("sample.bridge", self.bridge, BRIDGES)
+        if self.steps < 0 or self.num < 0 or self.new_chars < 1 or self.prompt_chars < 1:
+            raise ConfigError("sample.steps and sample.num must be >= 0, sample.new_chars and sample.prompt_chars >= 1")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"sample.temperature must be a positive number, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sample.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class AutoregressiveConfig(RunConfig):
+    name: str = "shakespeare-arlm"
+    task: str = "arlm"
+    model: ARModelConfig = field(default_factory=ARModelConfig)
+    blocks: BlocksConfig = field(default_factory=lambda: BlocksConfig(gamma=0.1))
+    data: TextConfig = field(default_factory=TextConfig)
+    sample: ARSampleConfig = field(default_factory=ARSampleConfig)
+
+
+def run_token_embedding(cfg: RunConfig) -> torch.Tensor:
+    """The run's target table E (V x hidden_size), the same for every block: drawn from (seed, "token-embedding")."""
+    from ..models.vit import label_embedding_table
+
+    return label_embedding_table(cfg.model.vocab_size, cfg.model.hidden_size,
+                                 make_generator(cfg.train.seed, "token-embedding"))
+
+
+# ---- generation
+
+
+def _readout(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, u: torch.Tensor) -> torch.Tensor:
+    """A token per row of logits (N, V): the argmax, or a draw by inverse CDF from the uniforms u (N,) of the
+    temperature-scaled distribution cut to its top-p nucleus."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
+    sorted_p = sorted_p * keep
+    cdf = sorted_p.cumsum(-1) / sorted_p.sum(-1, keepdim=True)
+    k = (cdf < u[:, None]).sum(-1).clamp_max(probs.shape[-1] - 1)
+    return order.gather(-1, k[:, None])[:, 0]
+
+
+class _Context:
+    """The clean tokens a generation step may read: a window of at most `window` - 1 tokens that moves on by half
+    a window when full; with `cached`, a KV cache per model (block) of the window, re-filled when it moves."""
+
+    def __init__(self, trunks: dict[int, Any], tokens: torch.Tensor, window: int, cached: bool):
+        from ..models.arlm import KVCache
+
+        self.trunks, self.window, self.cached = trunks, window, cached
+        self.tokens, self.start = tokens, 0
+        self._new_cache = lambda trunk: KVCache(len(trunk.layers))
+        self._move()
+        self._refill()
+
+    def _move(self) -> bool:
+        moved = False
+        while self.tokens.shape[1] - self.start > self.window - 1:
+            self.start += self.window // 2
+            moved = True
+        return moved
+
+    def _refill(self) -> None:
+        self.caches, self.last = {}, {}
+        if not self.cached:
+            return
+        for key, trunk in self.trunks.items():
+            self.caches[key] = self._new_cache(trunk)
+            if self.tokens.shape[1] > self.start:
+                self.last[key] = trunk.extend(self.caches[key], self.tokens[:, self.start:])[:, -1]
+
+    @property
+    def window_tokens(self) -> torch.Tensor:
+        return self.tokens[:, self.start:]
+
+    def append(self, token: torch.Tensor) -> None:
+        self.tokens = torch.cat([self.tokens, token[:, None]], dim=1)
+        if self._move():
+            self._refill()
+        elif self.cached:
+            for key, trunk in self.trunks.items():
+                self.last[key] = trunk.extend(self.caches[key], token[:, None])[:, -1]
+
+
+@torch.no_grad()
+def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps: int | None = None,
+                   bridge: str = "argmax", temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                   seeds: list[int] | None = None, cache: bool = True) -> torch.Tensor:
+    """Continues prompts (N, P) by `new` tokens with a chain of ARDenoiser blocks (a BlockwiseDenoiser's blocks and
+    partition); returns (N, P + new). Sample i draws its noise and readout uniforms from the generator of seed i.
+
+    Without the cache every denoising step runs the block's full training forward over the window
+    (`ARDenoiser.denoise`); with it, the clean window is kept as keys and values (`ARDenoiser.denoise_next`).
+    """
+    from ..generate import sigma_grid
+
+    N = prompts.shape[0]
+    device = prompts.device
+    steps = steps or model.num_blocks
+    sigmas = sigma_grid(model.partition.axis, steps).to(device, torch.float32)  # (steps + 1,), last 0
+    owners = [int(model.partition.owner(sigmas[k:k + 1])[0]) for k in range(steps)]
+    blocks = {b: model.blocks[b] for b in sorted(set(owners))}
+    D_dim = blocks[owners[0]].E.shape[1]
+    gens = [make_generator(s, "arlm-sample") for s in (seeds if seeds is not None else range(N))]
+    ctx = _Context({b: blk.trunk for b, blk in blocks.items()}, prompts, window, cache)
+    ones = torch.ones(N, device=device)
+    for _ in range(new):
+        eps = torch.stack([torch.randn(D_dim, generator=g) for g in gens]).to(device)  # (N, D)
+        u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(device)
+        z = eps * sigmas[0]
+        for k in range(steps):
+            blk, sigma = blocks[owners[k]], sigmas[k] * ones
+            if cache:
+                D, logits = blk.denoise_next(z, sigma, ctx.caches[owners[k]])
+            else:  # the training forward on the window, the new position last (its clean token is never seen)
+                w = ctx.window_tokens
+                T = w.shape[1] + 1
+                zs = torch.cat([torch.zeros(N, T - 1, D_dim, device=device), z[:, None]], dim=1)
+                unseen = torch.zeros(N, 1, dtype=torch.long, device=device)  # the new position's clean token
+                D, logits = blk.denoise(zs, sigma[:, None].expand(N, T), torch.cat([w, unseen], dim=1))
+                D, logits = D[:, -1], logits[:, -1]
+            z = z + (sigmas[k + 1] - sigmas[k]) * (z - blk.estimate(D, logits, bridge)) / sigmas[k]
+        ctx.append(_readout(logits, temperature, top_p, greedy, u))
+    return ctx.tokens
+
+
+@torch.no_grad()
+def generate_plain(model, prompts: torch.Tensor, new: int, *, window: int, temperature: float = 1.0,
+                   top_p: float = 1.0, greedy: bool = False, seeds: list[int] | None = None,
+                   cache: bool = True) -> torch.Tensor:
+    """The same for the end-to-end baseline (a CausalLM); the readout uniforms are drawn as generate_chain draws them."""
+    N = prompts.shape[0]
+    D_dim = model.trunk.tok_embed.embedding_dim
+    gens = [make_generator(s, "arlm-sample") for s in (seeds if seeds is not None else range(N))]
+    ctx = _Context({0: model.trunk}, prompts, window, cache)
+    for _ in range(new):
+        for g in gens:  # the chain's noise draw, skipped, so that a sample's readout uniforms match
+            torch.randn(D_dim, generator=g)
+        u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(prompts.device)
+        logits = model.next_logits(ctx.last[0]) if cache else model(ctx.window_tokens)[:, -1]
+        ctx.append(_readout(logits, temperature, top_p, greedy, u))
+    return ctx.tokens
+
+
+def is_plain(model) -> bool:
+    from ..models.arlm import CausalLM
+
+    return isinstance(model.blocks[0], CausalLM)
+
+
+def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bridge: str | None = None,
+                  steps: int | None = None, seeds: list[int] | None = None, cache: bool = True,
+                  batch_size: int = 100, **readout) -> torch.Tensor:
+    """Either model kind, batched; readout: temperature, top_p, greedy."""
+    out = []
+    seeds = list(range(len(prompts))) if seeds is None else seeds
+    for i in range(0, len(prompts), batch_size):
+        p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
+        if is_plain(model):
+            out.append(generate_plain(model.blocks[0], p, new, window=cfg.model.seq_len, seeds=s, cache=cache, **readout))
+        else:
+            out.append(generate_chain(model, p, new, window=cfg.model.seq_len, steps=steps,
+                                      bridge=bridge or cfg.sample.bridge, seeds=s, cache=cache, **readout))
+    return torch.cat(out)
+
+
+# ---- metrics
+
+
+@torch.no_grad()
+def next_token_bits(model, windows: torch.Tensor, *, seed: int = 0, batch_size: int = 64) -> float:
+    """Held-out bits per character of each window's characters 1..L-1 given those before: the baseline's logits,
+    or block 0's at sigma_max (its noisy input is almost pure noise: a predictive distribution from context)."""
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        x = windows[i:i + batch_size]
+        if is_plain(model):
+            logits = model.blocks[0](x)[:, :-1]
+        else:
+            blk = model.blocks[0]
+            sigma = torch.full(x.shape, float(model.partition.axis.hi), device=x.device)
+            eps = torch.randn(*x.shape, blk.E.shape[1], generator=make_generator(seed, "arlm-bpc", i)).to(x.device)
+            logits = blk.denoise(eps * sigma[..., None], sigma, x)[1][:, 1:]
+        ce = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="sum")
+        total, count = total + float(ce), count + x[:, 1:].numel()
+    return total / count / math.log(2)
+
+
+@torch.no_grad()
+def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None = None, seed: int = 0,
+               batch_size: int = 64) -> list[dict[str, Any]]:
+    """The chain teacher-forced on held-out windows (every position denoised at once, the clean context given):
+    per step, the bits per character of the owning block's logits on the chain's own state and on the oracle
+    input E[x] + sigma eps, and the norm of the chain's estimate (a collapse toward 0 shows here)."""
+    from ..generate import sigma_grid
+
+    steps = steps or model.num_blocks
+    sigmas = sigma_grid(model.partition.axis, steps).to(windows.device, torch.float32)
+    rows = [{"step": k, "sigma": float(sigmas[k]), "block": int(model.partition.owner(sigmas[k:k + 1])[0]),
+             "chain_bits": 0.0, "oracle_bits": 0.0, "estimate_norm": 0.0} for k in range(steps)]
+    n = 0
+    for i in range(0, len(windows), batch_size):
+        x = windows[i:i + batch_size]
+        E = model.blocks[0].E
+        g = make_generator(seed, "arlm-chain", i)
+        z = torch.randn(*x.shape, E.shape[1], generator=g).to(x.device) * sigmas[0]
+        for k, row in enumerate(rows):
+            blk = model.blocks[row["block"]]
+            sigma = sigmas[k] * torch.ones(x.shape, device=x.device)
+            D, logits = blk.denoise(z, sigma, x)
+            oracle = blk.E[x] + sigmas[k] * torch.randn(z.shape, generator=g).to(x.device)
+            _, logits_oracle = blk.denoise(oracle, sigma, x)
+            est = blk.estimate(D, logits, bridge)
+            row["chain_bits"] += float(F.cross_entropy(logits.transpose(1, 2), x, reduction="sum"))
+            row["oracle_bits"] += float(F.cross_entropy(logits_oracle.transpose(1, 2), x, reduction="sum"))
+            row["estimate_norm"] += float(est.norm(dim=-1).sum())
+            z = z + (sigmas[k + 1] - sigmas[k]) * (z - est) / sigmas[k]
+        n += x.numel()
+    for row in rows:
+        row["chain_bits"] /= n * math.log(2)
+        row["oracle_bits"] /= n * math.log(2)
+        row["estimate_norm"] /= n
+    return rows
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams over all n-grams of the texts (pooled): 1 = no n-gram repeats."""
+    grams = [t[i:i + n] for t in texts for i in range(len(t) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def longest_repeated_run(text: str, max_unit: int = 16) -> int:
+    """Characters covered by the longest stretch of one unit (1 to max_unit characters) repeated back to back at
+    least twice: 'abababx' -> 6, 'aaaa' -> 4, no repetition -> 0."""
+    best = 0
+    for u in range(1, max_unit + 1):
+        run = 0
+        for i in range(u, len(text)):
+            run = run + 1 if text[i] == text[i - u] else 0
+            if run >= u:  # at least two copies of the unit
+                best = max(best, run + u)
+    return best
+
+
+@torch.no_grad()
+def judge_bits(judge, texts: torch.Tensor, prompt_len: int, window: int, batch_size: int = 50) -> float:
+    """Bits per character of the continuations (texts (N, T) after their first prompt_len >= 1 tokens) under a
+    plain judge model. Each forward pass over `window` characters scores its second half, so every character
+    is scored once, with at least window / 2 characters before it (or all there are)."""
+    N, T = texts.shape
+    total, count, t = 0.0, 0, prompt_len  # t: the first position not scored yet
+    while t < T:
+        s = max(0, t - window // 2)
+        seg = texts[:, s:s + window]  # (N, w)
+        logits = torch.cat([judge(seg[i:i + batch_size]) for i in range(0, N, batch_size)])  # (N, w, V)
+        lo = t - s
+        ce = F.cross_entropy(logits[:, lo - 1:-1].transpose(1, 2), seg[:, lo:], reduction="sum")
+        total, count = total + float(ce), count + seg[:, lo:].numel()
+        t = s + seg.shape[1]
+    return total / max(count, 1) / math.log(2)
+
+
+# ---- the task
+
+
+class AutoregressiveTask(CharacterTextTask):
+    name = "arlm"
+    config_class = AutoregressiveConfig
+    sample_suffixes = (".txt",)
+
+    def validate(self, cfg: RunConfig) -> None:
+        if cfg.model.mode == "plain" and cfg.blocks.num_blocks != 1:
+            raise ConfigError(f"model.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
+                              f"got {cfg.blocks.num_blocks}")
+
+    def comparison_config(self, cfg: RunConfig) -> RunConfig:
+        """B=1: the plain causal transformer with the same layers; B>1: denoising blocks."""
+        mode = "plain" if cfg.blocks.num_blocks == 1 else "diffusion"
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mode=mode))
+
+    def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None):
+        from ..blocks import build_partition
+        from ..models.arlm import ARDenoiser, CausalLM
+
+        m = cfg.model
+        size = dict(hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
+        if m.mode == "plain":
+            net = CausalLM(m.vocab_size, depth=m.depth, **size)
+            net.initialize_weights(generator)
+            return net
+        lo, hi = build_partition(cfg).training_range(b)
+        net = ARDenoiser(m.vocab_size, depth=cfg.layer_split()[b], sigma_data=cfg.noise.sigma_data,
+                         sigma_min=lo, sigma_max=hi, **size)
+        net.initialize_weights(generator)
+        with torch.no_grad():
+            net.E.copy_(run_token_embedding(cfg))
+        return net
+
+    def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: torch.Tensor,
+                    generator: torch.Generator) -> dict[str, Any]:
+        """A noise level per position (noisy positions see only themselves and the clean prefix, so each is an
+        independent denoising problem) and its Gaussian noise."""
+        if cfg.model.mode == "plain":
+            return {"tokens": batch}
+        N, L = batch.shape
+        sigma = partition.sample(b, N * L, generator=generator).float().view(N, L)
+        return {"tokens": batch, "sigma": sigma, "noise": torch.randn(N, L, cfg.model.hidden_size, generator=generator)}
+
+    # ---- inference
+
+    def _prompts(self, cfg: RunConfig, run_dir: Path, num: int, prompt: str | None, chars: int) -> torch.Tensor:
+        """num prompts: the one given, or the starts of num held-out windows of `chars` characters."""
+        vocab = Vocabulary.load(Path(run_dir) / VOCAB_FILE)
+        if prompt:
+            return vocab.encode(prompt, "the prompt")[None].expand(num, -1)
+        windows = held_out_windows(self.load_data(cfg).test, chars)
+        if len(windows) < num:
+            raise ConfigError(f"the held-out text has {len(windows)} windows of {chars} characters, fewer than {num}")
+        stride = len(windows) // num  # spread over the held-out text
+        return windows[::stride][:num]
+
+    def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
+        """samples.txt: sample.num continuations (of sample.prompt, or of held-out prompts)."""
+        from ..checkpoint import from_pretrained
+
+        s = cfg.sample
+        if s.num == 0:
+            return {}
+        model, _ = from_pretrained(run_dir, device)
+        prompts = self._prompts(cfg, run_dir, s.num, s.prompt, s.prompt_chars).to(device)
+        ids = generate_text(model, cfg, prompts, s.new_chars, seeds=[cfg.train.seed * 1000 + i for i in range(s.num)],
+                            temperature=s.temperature, top_p=s.top_p, greedy=s.greedy)
+        vocab = Vocabulary.load(run_dir / VOCAB_FILE)
+        texts = [vocab.decode(row) for row in ids.cpu()]
+        (run_dir / "samples.txt").write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        logger.info("samples.txt; the first:\n%s", texts[0])
+        return {}
+
+    def add_sample_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--prompt", help="prompt of every sample (default: the run's sample.prompt, or held-out "
+                            "prompts)")
+        parser.add_argument("--new", type=int, help="characters to add (default: the run's sample.new_chars)")
+        parser.add_argument("--bridge", choices=BRIDGES, help="what each denoising step hands the next (default: the "
+                            "run's sample.bridge)")
+        parser.add_argument("--steps", type=int, help="denoising steps per token (default: sample.steps, or B)")
+        parser.add_argument("--temperature", type=float, help="default: the run's sample.temperature")
+        parser.add_argument("--top-p", type=float, help="default: the run's sample.top_p")
+        parser.add_argument("--greedy", action="store_true", help="argmax readout")
+        parser.add_argument("--no-cache", action="store_true", help="recompute the context at every step")
+
+    def _readout_args(self, cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
+        s = cfg.sample
+        t = s.temperature if getattr(args, "temperature", None) is None else args.temperature
+        p = s.top_p if getattr(args, "top_p", None) is None else args.top_p
+        dataclasses.replace(s, temperature=t, top_p=p).validate()
+        return {"temperature": t, "top_p": p, "greedy": s.greedy or bool(getattr(args, "greedy", False))}
+
+    def sample(self, model, cfg: RunConfig, args: argparse.Namespace) -> None:
+        """A .txt file, one sample per paragraph; the first few are printed, and the speed logged."""
+        s = cfg.sample
+        new = s.new_chars if args.new is None else args.new
+        if new < 1 or (args.steps is not None and args.steps < 0):
+            raise ConfigError("--new must be at least 1 and --steps at least 0")
+        prompts = self._prompts(cfg, args.run, args.num, s.prompt if args.prompt is None else args.prompt,
+                                s.prompt_chars).to(args.device)
+        t0 = time.perf_counter()
+        ids = generate_text(model, cfg, prompts, new, bridge=args.bridge, steps=args.steps or s.steps or None,
+                            seeds=[args.seed * 1000 + i for i in range(args.num)], cache=not args.no_cache,
+                            **self._readout_args(cfg, args))
+        seconds = time.perf_counter() - t0
+        vocab = Vocabulary.load(Path(args.run) / VOCAB_FILE)
+        texts = [vocab.decode(row) for row in ids.cpu()]
+        Path(args.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        for text in texts[:3]:
+            print(text, end="\n\n")
+        logger.info("%d characters in %.2f s (%.0f characters/s)", args.num * new, seconds, args.num * new / seconds)
+
+    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--judge", help="a plain (B=1, model.mode=plain) run that scores the samples' generative "
+                            "perplexity")
+        parser.add_argument("--prompts", type=int, default=100, help="held-out prompts continued")
+        parser.add_argument("--new", type=int, default=200, help="characters added to each prompt")
+        parser.add_argument("--bridges", default=",".join(BRIDGES), help="bridges measured (chain runs)")
+        parser.add_argument("--windows", type=int, default=0, help="held-out windows for the bits (0 = all)")
+        parser.add_argument("--speed-prompts", type=int, default=8, help="prompts timed with and without the cache")
+
+    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
+        from ..checkpoint import from_pretrained
+
+        model, cfg = from_pretrained(run_dir, args.device)
+        bridges = [b for b in args.bridges.split(",") if b]
+        for b in bridges:
+            check_choice("--bridges", b, BRIDGES)
+        for name in ("prompts", "new", "speed_prompts"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        judge = None
+        if args.judge:
+            judge, judge_cfg = from_pretrained(args.judge, args.device)
+            if not is_plain(judge):
+                raise ConfigError(f"--judge {args.judge}: a judge is a plain run (model.mode='plain'), not a "
+                                  f"{judge_cfg.blocks.num_blocks}-block chain")
+        data = self.load_data(cfg)
+        windows = held_out_windows(data.test, cfg.model.seq_len)
+        windows = (windows[:args.windows] if args.windows else windows).to(args.device)
+        r: dict[str, Any] = {"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "mode": cfg.model.mode,
+                             "num_windows": len(windows), "seq_len": cfg.model.seq_len,
+                             "bpc": next_token_bits(model, windows, seed=args.seed)}
+        if not is_plain(model):
+            r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=args.seed) for b in bridges}
+        prompts = self._prompts(cfg, run_dir, args.prompts, None, cfg.sample.prompt_chars).to(args.device)
+        readout = self._readout_args(cfg, argparse.Namespace())
+        vocab = data.vocab
+        r["samples"], ids_of = {}, {}
+        for bridge in ([None] if is_plain(model) else bridges):
+            seeds = [args.seed * 1000 + i for i in range(len(prompts))]
+            t0 = time.perf_counter()
+            ids = generate_text(model, cfg, prompts, args.new, bridge=bridge, seeds=seeds, **readout)
+            seconds = time.perf_counter() - t0
+            k = min(args.speed_prompts, len(prompts))
+            t0 = time.perf_counter()
+            slow = generate_text(model, cfg, prompts[:k], args.new, bridge=bridge, seeds=seeds[:k], cache=False,
+                                 **readout)
+            slow_s = time.perf_counter() - t0
+            texts = [vocab.decode(row[prompts.shape[1]:]) for row in ids.cpu()]
+            entry = {"chars_per_s": len(prompts) * args.new / seconds, "chars_per_s_no_cache": k * args.new / slow_s,
+                     "cache_equals_no_cache": bool(torch.equal(slow, ids[:k])),
+                     "distinct_2": distinct_n(texts, 2), "distinct_4": distinct_n(texts, 4),
+                     "longest_run_mean": sum(map(longest_repeated_run, texts)) / len(texts),
+                     "longest_run_max": max(map(longest_repeated_run, texts)),
+                     "prompts": [vocab.decode(p) for p in prompts[:4].cpu()], "texts": texts}
+            if judge is not None:
+                entry["gen_bits"] = judge_bits(judge.blocks[0], ids, prompts.shape[1], cfg.model.seq_len)
+                entry["gen_ppl"] = 2 ** entry["gen_bits"]
+            r["samples"][bridge or "plain"] = entry
+            ids_of[bridge or "plain"] = ids.cpu()
+        r.update({"num_prompts": len(prompts), "prompt_chars": prompts.shape[1], "new_chars": args.new,
+                  "readout": readout})
+        return Evaluation(r, ids_of)
+
+    def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
+        return f"eval-p{args.prompts}-n{args.new}-seed{args.seed}"
+
+    def format_evaluation(self, r: dict[str, Any]) -> str:
+        lines = [f"{r['run']}: B={r['num_blocks']} ({r['mode']}), held-out next-token BPC {r['bpc']:.4f} "
+                 f"({r['num_windows']} windows of {r['seq_len']})"]
+        for name, s in r["samples"].items():
+            ppl = f"gen. perplexity {s['gen_ppl']:.2f}, " if "gen_ppl" in s else ""
+            lines.append(f"  {name}: {ppl}distinct-2 {s['distinct_2']:.3f}, distinct-4 {s['distinct_4']:.3f}, longest "
+                         f"run {s['longest_run_mean']:.1f} (max {s['longest_run_max']}), {s['chars_per_s']:.0f} chars/s "
+                         f"({s['chars_per_s_no_cache']:.0f} without the cache)")
+            lines.append("    " + (s["prompts"][0] + "|" + s["texts"][0])[:160].replace("\n", "\n    "))
+        for bridge, rows in r.get("chain", {}).items():
+            lines.append(f"  chain ({bridge}): " + ", ".join(
+                f"step {row['step']} (block {row['block']}) {row['chain_bits']:.3f} bits vs oracle "
+                f"{row['oracle_bits']:.3f}" for row in rows))
+        return "\n".join(lines)
+
+    def write_evaluation(self, out_dir: Path, cfg: RunConfig, evaluation: Evaluation) -> None:
+        for name, s in evaluation.result["samples"].items():
+            (out_dir / f"samples-{name}.txt").write_text("\n\n".join(s["texts"]) + "\n", encoding="utf-8")
+
+    def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
+                         artifacts: dict[int, Any]) -> None:
+        write_arlm_report(out_dir, configs, results, artifacts)
+
+
+def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
+                      artifacts: dict[int, Any]) -> None:
+    """compare's report: the samples of every run scored by the B=1 run (the judge), one row per run and bridge."""
+    from ..checkpoint import from_pretrained
+    from ..compare import markdown_table, memory_note, plot_loss_curves, training_cost
+
+    c1, r1 = configs[1], results[1]
+    judge, _ = from_pretrained(r1["run"])
+    for B, r in results.items():
+        for name, s in r["samples"].items():
+            if "gen_ppl" not in s:
+                s["gen_bits"] = judge_bits(judge.blocks[0], artifacts[B][name], r["prompt_chars"], c1.model.seq_len)
+                s["gen_ppl"] = 2 ** s["gen_bits"]
+    (out_dir / "generative_perplexity.json").write_text(json.dumps(
+        {B: {name: s["gen_ppl"] for name, s in r["samples"].items()} for B, r in results.items()}, indent=2) + "\n")
+    header = ["B", "readout", "BPC", "gen. ppl", "distinct-2", "distinct-4", "longest run", "chars/s", "no cache",
+              "train s", "ms/step per block", "peak train mem MiB"]
+    rows = []
+    for B, r in results.items():
+        for name, s in r["samples"].items():
+            rows.append({"B": str(B), "readout": "next-token CE (plain)" if name == "plain" else f"bridge {name}",
+                         "BPC": f"{r['bpc']:.4f}", "gen. ppl": f"{s['gen_ppl']:.2f}",
+                         "distinct-2": f"{s['distinct_2']:.3f}", "distinct-4": f"{s['distinct_4']:.3f}",
+                         "longest run": f"{s['longest_run_mean']:.1f} / {s['longest_run_max']}",
+                         "chars/s": f"{s['chars_per_s']:.0f}", "no cache": f"{s['chars_per_s_no_cache']:.0f}",
+                         **training_cost(configs[B], r)})
+    lines = [f"# End-to-end vs DiffusionBlocks: an autoregressive language model on {Path(c1.data.path).name}", "",
+             f"Equal training compute: every block gets {c1.train.steps_per_block} steps of batch {c1.train.batch_size} x "
+             f"{c1.model.seq_len} characters, as does the end-to-end model (B=1, plain next-token cross-entropy). Model: "
+             f"Llama-style, {c1.model.depth} layers, width {c1.model.hidden_size}. BPC: held-out next-token bits per "
+             f"character over {r1['num_windows']} windows (chains: block 0 at sigma_max). Samples: {r1['num_prompts']} "
+             f"held-out prompts of {c1.sample.prompt_chars} characters, {r1['new_chars']} new characters each, readout "
+             f"{r1['readout']}; gen. ppl: their perplexity per character under the B=1 model; longest run: the "
+             "longest stretch of a repeated unit, mean / max over samples.", ""]
+    lines += markdown_table(header, rows)
+    lines += ["", memory_note(r1), "", "## Chain diagnostics", "",
+              "Teacher-forced on the held-out windows: bits per character of each step's logits on the chain's own state "
+              "and on the oracle input E[x] + sigma eps, and the mean norm of the estimate the bridge hands on (the "
+              "targets have norm 1).", ""]
+    lines += markdown_table(["B", "bridge", "step", "block", "sigma", "chain bits", "oracle bits", "estimate norm"], [
+        {"B": str(B), "bridge": bridge, "step": str(row["step"]), "block": str(row["block"]),
+         "sigma": f"{row['sigma']:.3g}", "chain bits": f"{row['chain_bits']:.4f}",
+         "oracle bits": f"{row['oracle_bits']:.4f}", "estimate norm": f"{row['estimate_norm']:.3f}"}
+        for B, r in results.items() for bridge, chain in r.get("chain", {}).items() for row in chain])
+    lines += ["", "## Samples", ""]
+    for B, r in results.items():
+        for name, s in r["samples"].items():
+            lines += [f"B={B}, {name}:", "", "```"]
+            lines += [f"{p}|{t}" for p, t in zip(s["prompts"][:2], s["texts"][:2])]
+            lines += ["```", ""]
+    lines += ["![loss curves](loss_curves.png)", ""]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot_loss_curves(out_dir, configs)
+

@@ -1,0 +1,198 @@
+"""The autoregressive language model as a chain of denoising blocks: its mask, its causality, its cache, its task."""
+
+import json
+
+import pytest
+import torch
+
+from diffusionblocks import checkpoint
+from diffusionblocks.cli import main
+from diffusionblocks.config import ConfigError, apply_overrides
+from diffusionblocks.models.arlm import ARDenoiser, CausalLM, KVCache, training_mask
+from diffusionblocks.tasks import default_config
+from diffusionblocks.tasks.autoregressive import (_readout, distinct_n, generate_chain, generate_plain, judge_bits,
+                                                  longest_repeated_run)
+
+TINY = ["task=arlm", "model.hidden_size=16", "model.num_heads=2", "model.depth=3", "model.seq_len=12",
+        "blocks.num_blocks=3", "train.batch_size=4", "train.steps_per_block=3", "train.log_every=1",
+        "train.checkpoint_every=3", "train.lr_warmup_steps=1", "sample.num=2", "sample.new_chars=5",
+        "sample.prompt_chars=4"]
+
+
+def test_the_attention_mask_entry_by_entry():
+    L = 4
+    m = training_mask(L)
+    assert m.shape == (2 * L, 2 * L) and m.dtype == torch.bool
+    for q in range(2 * L):
+        for k in range(2 * L):
+            q_noisy, k_noisy, i, j = q < L, k < L, q % L, k % L
+            if q_noisy:
+                expected = (k_noisy and j == i) or (not k_noisy and j < i)
+            else:
+                expected = not k_noisy and j <= i
+            assert bool(m[q, k]) == expected, (q, k)
+
+
+def _block(seed: int = 0, depth: int = 2) -> ARDenoiser:
+    """A block with every weight random (adaLN-Zero's zeros would hide a leak through a gated path)."""
+    g = torch.Generator().manual_seed(seed)
+    m = ARDenoiser(11, hidden_size=16, depth=depth, num_heads=2)
+    m.initialize_weights(g)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+        m.E.copy_(torch.nn.functional.normalize(torch.randn(11, 16, generator=g), dim=-1))
+    return m.eval()
+
+
+@pytest.mark.parametrize("cut", [0, 3, 6])
+def test_the_noisy_stream_never_sees_its_own_or_a_later_token(cut):
+    m = _block()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(11, (3, 8), generator=g)
+    z, sigma = torch.randn(3, 8, 16, generator=g), torch.rand(3, 8, generator=g) + 0.05
+    later = tokens.clone()
+    later[:, cut:] = (later[:, cut:] + 1 + torch.randint(10, later[:, cut:].shape, generator=g)) % 11
+    noisy_later = z.clone()
+    noisy_later[:, cut + 1:] += 1.0  # other positions' noisy inputs must not matter either
+    D, logits = m.denoise(z, sigma, tokens)
+    D2, logits2 = m.denoise(noisy_later, sigma, later)
+    assert torch.allclose(logits[:, :cut + 1], logits2[:, :cut + 1], atol=1e-6)
+    assert torch.allclose(D[:, :cut + 1], D2[:, :cut + 1], atol=1e-6)
+    if cut < 7:
+        assert not torch.allclose(logits[:, cut + 1:], logits2[:, cut + 1:])
+    # The training loss sees the same: its gradient reaches no clean embedding of a token at or after the position.
+    emb = m.trunk.tok_embed.weight
+    emb.grad = None
+    _, lg = m.denoise(z, sigma, tokens)
+    lg[:, cut].sum().backward()
+    used = {int(t) for t in tokens[:, :cut].flatten()}
+    assert all(emb.grad[t].abs().sum() == 0 for t in range(11) if t not in used)
+
+
+def test_the_cached_next_position_equals_the_training_forward():
+    m = _block(depth=3)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(11, (2, 9), generator=g)
+    z, sigma = torch.randn(2, 9, 16, generator=g), torch.rand(2, 9, generator=g) + 0.05
+    D, logits = m.denoise(z, sigma, tokens)
+    cache = KVCache(3)
+    m.trunk.extend(cache, tokens[:, :3])  # a prompt at once, then a token at a time
+    for i in range(3, 9):
+        Dn, ln = m.denoise_next(z[:, i], sigma[:, i], cache)
+        assert torch.allclose(ln, logits[:, i], atol=1e-5) and torch.allclose(Dn, D[:, i], atol=1e-5)
+        m.trunk.extend(cache, tokens[:, i:i + 1])
+    with pytest.raises(AssertionError):  # and the check can fail: a token the position must not see
+        wrong = KVCache(3)
+        m.trunk.extend(wrong, tokens[:, :5])
+        assert torch.allclose(m.denoise_next(z[:, 4], sigma[:, 4], wrong)[1], logits[:, 4], atol=1e-5)
+
+
+class _Chain:
+    """The parts of a BlockwiseDenoiser that generate_chain uses."""
+
+    def __init__(self, blocks, cfg):
+        from diffusionblocks.blocks import build_partition
+
+        self.blocks, self.partition, self.num_blocks = blocks, build_partition(cfg), len(blocks)
+
+
+@pytest.mark.parametrize("bridge", ["estimate", "softmax", "argmax"])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_generation_with_the_cache_equals_generation_without_it(bridge, greedy):
+    cfg = apply_overrides(default_config("arlm"), TINY)
+    chain = _Chain([_block(seed=b) for b in range(3)], cfg)
+    prompts = torch.randint(11, (3, 4), generator=torch.Generator().manual_seed(3))
+    kw = dict(window=8, bridge=bridge, greedy=greedy, seeds=[5, 6, 7], temperature=0.8, top_p=0.9)
+    # 4 + 14 tokens through a window of 8: the context moves on (and the cache is re-filled) several times.
+    fast = generate_chain(chain, prompts, 14, cache=True, **kw)
+    slow = generate_chain(chain, prompts, 14, cache=False, **kw)
+    assert fast.shape == (3, 18) and torch.equal(fast[:, :4], prompts)
+    assert torch.equal(fast, slow)
+    one = generate_chain(chain, prompts[1:2], 14, cache=True, **{**kw, "seeds": [6]})
+    assert torch.equal(one[0], fast[1])  # a sample does not depend on its batch
+
+
+def test_the_plain_baseline_generates_the_same_with_and_without_the_cache():
+    g = torch.Generator().manual_seed(4)
+    m = CausalLM(11, hidden_size=16, depth=2, num_heads=2)
+    m.initialize_weights(g)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    prompts = torch.randint(11, (2, 3), generator=g)
+    a = generate_plain(m, prompts, 12, window=6, seeds=[1, 2], temperature=1.0)
+    b = generate_plain(m, prompts, 12, window=6, seeds=[1, 2], cache=False, temperature=1.0)
+    assert torch.equal(a, b)
+    tokens = torch.randint(11, (2, 6), generator=g)
+    changed = tokens.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % 11
+    assert torch.allclose(m(tokens)[:, :4], m(changed)[:, :4], atol=1e-6)
+
+
+def test_readout_greedy_top_p_and_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(4000, 4)
+    u = torch.rand(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert (_readout(logits, 1.0, 1.0, True, u) == 0).all()
+    counts = torch.bincount(_readout(logits, 1.0, 1.0, False, u), minlength=4).double() / 4000
+    assert torch.allclose(counts, logits[0].softmax(0).double(), atol=0.03)
+    top = _readout(logits, 1.0, 0.7, False, u)  # p = .64, .24, ...: the nucleus of 0.7 is the first two
+    assert set(top.tolist()) == {0, 1}
+    assert (_readout(logits, 1e-4, 1.0, False, u) == 0).all()
+
+
+def test_text_metrics():
+    assert distinct_n(["abcd"], 2) == 1.0 and distinct_n(["aaaa"], 2) == pytest.approx(1 / 3)
+    assert longest_repeated_run("xabababy") == 6 and longest_repeated_run("aaaa") == 4
+    assert longest_repeated_run("abcdef") == 0 and longest_repeated_run("the the the end") == 12
+
+
+def test_judge_bits_scores_each_continuation_character_once():
+    class Uniform(torch.nn.Module):
+        def forward(self, tokens):
+            self.seen = getattr(self, "seen", 0) + tokens.shape[1]
+            return torch.zeros(*tokens.shape, 8)
+
+    texts = torch.randint(8, (3, 40))
+    assert judge_bits(Uniform(), texts, 5, 12) == pytest.approx(3.0)  # log2(8) for every character
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arlm")
+    chain, plain = root / "chain", root / "plain"
+    assert main(["train", "--out", str(chain), "--no-progress", *TINY]) == 0
+    assert main(["train", "--out", str(plain), "--no-progress", *TINY, "blocks.num_blocks=1", "model.mode=plain"]) == 0
+    return chain, plain
+
+
+def test_training_sampling_and_evaluation_through_the_cli(trained, tmp_path, capsys):
+    chain, plain = trained
+    for run in trained:
+        assert (run / "samples.txt").is_file() and (run / "vocab.json").is_file()
+    assert [checkpoint.block_step(chain, b) for b in range(3)] == [3, 3, 3]
+    out = tmp_path / "s.txt"
+    assert main(["sample", str(chain), "--num", "3", "--prompt", "ROMEO", "--new", "6", "--bridge", "softmax",
+                 "--out", str(out), "--no-progress"]) == 0
+    text = out.read_text()  # three samples of 5 + 6 characters, a blank line between them
+    assert text.startswith("ROMEO") and text.count("ROMEO") >= 3 and len(text) == 3 * 11 + 2 * 2 + 1
+    ev = tmp_path / "ev"
+    assert main(["evaluate", str(chain), "--judge", str(plain), "--prompts", "4", "--new", "6", "--windows", "8",
+                 "--speed-prompts", "2", "--out", str(ev), "--no-progress"]) == 0
+    r = json.loads((ev / "evaluation.json").read_text())
+    assert set(r["samples"]) == {"estimate", "softmax", "argmax"} and set(r["chain"]) == set(r["samples"])
+    for s in r["samples"].values():
+        assert s["cache_equals_no_cache"] and s["gen_ppl"] > 1 and 0 < s["distinct_2"] <= 1
+    assert 0 < r["bpc"] < 8 and [row["block"] for row in r["chain"]["argmax"]] == [0, 1, 2]
+    code = main(["evaluate", str(plain), "--judge", str(chain), "--out", str(tmp_path / "x")])
+    assert code == 2 and "a judge is a plain run" in capsys.readouterr().err
+
+
+def test_config_rules():
+    with pytest.raises(ConfigError, match="needs blocks.num_blocks=1"):
+        apply_overrides(default_config("arlm"), ["model.mode=plain"])
+    with pytest.raises(ConfigError, match="even head width"):
+        apply_overrides(default_config("arlm"), ["model.hidden_size=12", "model.num_heads=4"])
+    with pytest.raises(ConfigError, match="sample.bridge"):
+        apply_overrides(default_config("arlm"), ["sample.bridge=euler"])
+    assert default_config("arlm").blocks.gamma == 0.1
