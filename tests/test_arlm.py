@@ -196,3 +196,52 @@ def test_config_rules():
     with pytest.raises(ConfigError, match="sample.bridge"):
         apply_overrides(default_config("arlm"), ["sample.bridge=euler"])
     assert default_config("arlm").blocks.gamma == 0.1
+
+
+def test_every_trained_block_is_causal_in_training_and_with_the_cache(trained):
+    chain, _ = trained
+    model, cfg = checkpoint.from_pretrained(chain)
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(cfg.model.vocab_size, (2, cfg.model.seq_len), generator=g)
+    later = tokens.clone()
+    later[:, 6:] = torch.randint(cfg.model.vocab_size, later[:, 6:].shape, generator=g)
+    for b, blk in enumerate(model.blocks):
+        z = torch.randn(2, cfg.model.seq_len, cfg.model.hidden_size, generator=g)
+        sigma = torch.full((2, cfg.model.seq_len), blk.sigma_max)
+        with torch.no_grad():
+            _, logits = blk.denoise(z, sigma, tokens)
+            _, logits_later = blk.denoise(z, sigma, later)
+            assert torch.allclose(logits[:, :7], logits_later[:, :7], atol=1e-6), b
+            cache = KVCache(len(blk.trunk.layers))
+            blk.trunk.extend(cache, later[:, :6])
+            _, next_logits = blk.denoise_next(z[:, 6], sigma[:, 6], cache)
+            assert torch.allclose(next_logits, logits[:, 6], atol=1e-5), b
+
+
+def test_a_bpe_tokenizer_trained_on_the_corpus(tmp_path):
+    from diffusionblocks.text import TextConfig, load_text, load_vocabulary
+
+    cfg = TextConfig(tokenizer="bpe", bpe_vocab_size=300)
+    data = load_text(cfg, 16)
+    assert len(data.vocab) == 300 and torch.equal(data.train.tokens, load_text(cfg, 16).train.tokens)  # deterministic
+    text = "KING RICHARD III:\nNow is the winter of our discontent"
+    assert data.vocab.decode(data.vocab.encode(text)) == text
+    data.vocab.save(tmp_path / "vocab.json")
+    assert torch.equal(load_vocabulary(tmp_path / "vocab.json").encode(text), data.vocab.encode(text))
+    assert 1.2 < data.test.chars_per_token < 3  # merges of characters: fewer tokens than characters
+    assert load_text(TextConfig(), 16).test.chars_per_token == 1.0
+
+
+def test_a_bpe_run_reports_bits_per_character(tmp_path):
+    run = tmp_path / "bpe"
+    bpe = [*TINY, "data.tokenizer=bpe", "data.bpe_vocab_size=300", "model.vocab_size=300", "model.hidden_size=32"]
+    assert main(["train", "--out", str(run), "--no-progress", *bpe]) == 0
+    ev = tmp_path / "ev"
+    assert main(["evaluate", str(run), "--prompts", "2", "--new", "4", "--windows", "4", "--bridges", "argmax",
+                 "--speed-prompts", "1", "--out", str(ev), "--no-progress"]) == 0
+    r = json.loads((ev / "evaluation.json").read_text())
+    assert r["bpc"] == pytest.approx(r["bits_per_token"] / r["chars_per_token"]) and r["chars_per_token"] > 1
+    with pytest.raises(ConfigError, match="for the arlm task"):
+        apply_overrides(default_config("mdlm"), ["data.tokenizer=bpe"])
+    code = main(["train", "--out", str(tmp_path / "small"), *bpe, "model.vocab_size=100"])
+    assert code == 2

@@ -1,10 +1,14 @@
-"""Character-level text data for the language tasks: any UTF-8 file, or text8 from its standard zip.
+"""Text data for the language tasks: any UTF-8 file, or text8 from its standard zip, as characters or BPE tokens.
 
 A plain text file is split by position, the first 90% for training and the rest held out; its
 vocabulary is the sorted set of characters of the training part. text8 (Mahoney's first 10^8
 characters of a cleaned Wikipedia, 27 characters) is read from `text8.zip` as it is distributed and
 split as is usual: 90M characters train, 5M validation, 5M test (the held-out split is the test part).
 Training batches are windows of the token stream at offsets drawn from (seed, block, step).
+
+Tokens are characters by default. `data.tokenizer="bpe"` trains a byte-level BPE of `data.bpe_vocab_size`
+tokens on the training part with Hugging Face `tokenizers` (the optional extra `diffusionblocks[bpe]`),
+offline and deterministically; the run keeps it in its vocab.json.
 """
 
 from __future__ import annotations
@@ -29,9 +33,14 @@ class TextConfig:
     path: str = "../shared/data/tinyshakespeare.txt"  # UTF-8 text file, or text8.zip (format "text8").
     format: str = "text"          # "text" (any UTF-8 file, split 90/10 by position) or "text8" (the standard zip).
     train_fraction: float = 0.9   # Format "text": the leading part trained on; the rest is held out.
+    tokenizer: str = "char"       # "char" (a token per character) or "bpe" (byte-level BPE trained on the training part).
+    bpe_vocab_size: int = 4096    # Tokens of the BPE, its 256 bytes included.
 
     def validate(self) -> None:
         check_choice("data.format", self.format, ("text", "text8"))
+        check_choice("data.tokenizer", self.tokenizer, ("char", "bpe"))
+        if self.bpe_vocab_size < 257:
+            raise ConfigError(f"data.bpe_vocab_size must be above the 256 bytes, got {self.bpe_vocab_size}")
         if not 0 < self.train_fraction < 1:
             raise ConfigError(f"data.train_fraction must be in (0, 1), got {self.train_fraction}")
 
@@ -66,16 +75,70 @@ class Vocabulary:
         return cls(json.loads(path.read_text(encoding="utf-8"))["chars"])
 
 
+class BPEVocabulary:
+    """A byte-level BPE (Hugging Face `tokenizers`): any text <-> token ids 0..V-1."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> BPEVocabulary:
+        tk = _tokenizers()
+        tokenizer = tk.Tokenizer(tk.models.BPE())
+        tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+                                         show_progress=False)
+        tokenizer.train_from_iterator([text[i:i + 10_000] for i in range(0, len(text), 10_000)], trainer=trainer)
+        return cls(tokenizer)
+
+    def __len__(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str, what: str = "text") -> torch.Tensor:
+        return torch.tensor(self.tokenizer.encode(text).ids, dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return self.tokenizer.decode(ids.tolist())
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"bpe": self.tokenizer.to_str()}) + "\n", encoding="utf-8")
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ConfigError("data.tokenizer='bpe' needs Hugging Face tokenizers: pip install 'diffusionblocks[bpe]'") from None
+    return tokenizers
+
+
+def load_vocabulary(path: Path) -> Vocabulary | BPEVocabulary:
+    """A run's vocab.json: its characters, or its BPE."""
+    if not path.is_file():
+        raise ConfigError(f"{str(path)!r} is missing: the run's vocabulary")
+    d = json.loads(path.read_text(encoding="utf-8"))
+    if "bpe" in d:
+        return BPEVocabulary(_tokenizers().Tokenizer.from_str(d["bpe"]))
+    return Vocabulary(d["chars"])
+
+
 @dataclass(frozen=True)
 class TokenStream:
-    """One split: token ids (int64, (n,)) and the vocabulary they index."""
+    """One split: token ids (int64, (n,)), the vocabulary they index, and the characters they encode."""
 
     tokens: torch.Tensor
-    vocab: Vocabulary
+    vocab: Vocabulary | BPEVocabulary
     name: str
+    num_chars: int = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def chars_per_token(self) -> float:
+        """Characters per token (1 for characters): bits per token / this = bits per character."""
+        return self.num_chars / len(self.tokens) if self.num_chars else 1.0
 
 
 @dataclass(frozen=True)
@@ -122,16 +185,20 @@ def load_text(cfg: TextConfig, seq_len: int) -> TextSplits:
             raise ConfigError(f"data.path {cfg.path!r} is empty")
         cut = int(len(text) * cfg.train_fraction)
         train, test = text[:cut], text[cut:]
-    for part, what in ((train, "training"), (test, "held-out")):
+    if cfg.tokenizer == "bpe":
+        vocab: Vocabulary | BPEVocabulary = BPEVocabulary.train(train, cfg.bpe_vocab_size)
+    else:
+        vocab = Vocabulary(train)
+        unknown = sorted(set(test) - set(vocab.chars))
+        if unknown:  # rare (a character only in the held-out part): it is dropped from there
+            test = "".join(c for c in test if c in vocab.index)
+    splits = TextSplits(TokenStream(vocab.encode(train), vocab, f"{path.name}-train", len(train)),
+                        TokenStream(vocab.encode(test), vocab, f"{path.name}-test", len(test)))
+    for part, what in ((splits.train, "training"), (splits.test, "held-out")):
         if len(part) < seq_len + 1:
-            raise ConfigError(f"data.path {cfg.path!r}: its {what} part has {len(part)} characters, fewer than one "
+            raise ConfigError(f"data.path {cfg.path!r}: its {what} part has {len(part)} tokens, fewer than one "
                               f"sequence of model.seq_len={seq_len} (+1)")
-    vocab = Vocabulary(train)
-    unknown = sorted(set(test) - set(vocab.chars))
-    if unknown:  # rare (a character only in the held-out part): it is dropped from there
-        test = "".join(c for c in test if c in vocab.index)
-    return TextSplits(TokenStream(vocab.encode(train), vocab, f"{path.name}-train"),
-                      TokenStream(vocab.encode(test), vocab, f"{path.name}-test"))
+    return splits
 
 
 class WindowSampler:

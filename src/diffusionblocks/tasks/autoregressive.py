@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
 from ..data import make_generator
 from ..noise import Partition
-from ..text import TextConfig, Vocabulary, held_out_windows
-from .base import CharacterTextTask, Evaluation
+from ..text import TextConfig, held_out_windows, load_vocabulary
+from .base import TextTask, Evaluation
 
 logger = logging.getLogger(__name__)
 
-VOCAB_FILE = CharacterTextTask.VOCAB_FILE
+VOCAB_FILE = TextTask.VOCAB_FILE
 BRIDGES = ("estimate", "softmax", "argmax")
 
 
@@ -49,7 +49,7 @@ BRIDGES = ("estimate", "softmax", "argmax")
 class ARModelConfig:
     mode: str = "diffusion"      # "diffusion" (blocks denoise each next token's embedding) or "plain" (the
                                  # end-to-end baseline: the same transformer on next-token cross-entropy, B=1).
-    vocab_size: int = 65         # V characters (tinyshakespeare: 65); at most hidden_size keeps E orthonormal.
+    vocab_size: int = 65         # V tokens (tinyshakespeare's characters: 65); at most hidden_size keeps E orthonormal.
     seq_len: int = 64            # Characters per training window, and the longest context at generation.
     hidden_size: int = 128       # Transformer width (and the dimension of the token embeddings denoised).
     depth: int = 6               # L, layers of the whole (end-to-end) network.
@@ -75,9 +75,9 @@ class ARSampleConfig:
     top_p: float = 1.0           # ...and nucleus; greedy takes the argmax instead.
     greedy: bool = False
     num: int = 4                 # Samples written to samples.txt after training.
-    new_chars: int = 200         # Characters each sample adds to its prompt.
+    new_chars: int = 200         # Characters (BPE: tokens) each sample adds to its prompt.
     prompt: str = ""             # A prompt for every sample ("" = the starts of held-out windows).
-    prompt_chars: int = 32       # Length of those held-out prompts.
+    prompt_chars: int = 32       # Length of those held-out prompts, in characters (BPE: tokens).
 
     def validate(self) -> None:
         check_choice("sample.bridge", self.bridge, BRIDGES)
@@ -347,7 +347,7 @@ def judge_bits(judge, texts: torch.Tensor, prompt_len: int, window: int, batch_s
 # ---- the task
 
 
-class AutoregressiveTask(CharacterTextTask):
+class AutoregressiveTask(TextTask):
     name = "arlm"
     config_class = AutoregressiveConfig
     sample_suffixes = (".txt",)
@@ -394,7 +394,7 @@ class AutoregressiveTask(CharacterTextTask):
 
     def _prompts(self, cfg: RunConfig, run_dir: Path, num: int, prompt: str | None, chars: int) -> torch.Tensor:
         """num prompts: the one given, or the starts of num held-out windows of `chars` characters."""
-        vocab = Vocabulary.load(Path(run_dir) / VOCAB_FILE)
+        vocab = load_vocabulary(Path(run_dir) / VOCAB_FILE)
         if prompt:
             return vocab.encode(prompt, "the prompt")[None].expand(num, -1)
         windows = held_out_windows(self.load_data(cfg).test, chars)
@@ -414,7 +414,7 @@ class AutoregressiveTask(CharacterTextTask):
         prompts = self._prompts(cfg, run_dir, s.num, s.prompt, s.prompt_chars).to(device)
         ids = generate_text(model, cfg, prompts, s.new_chars, seeds=[cfg.train.seed * 1000 + i for i in range(s.num)],
                             temperature=s.temperature, top_p=s.top_p, greedy=s.greedy)
-        vocab = Vocabulary.load(run_dir / VOCAB_FILE)
+        vocab = load_vocabulary(run_dir / VOCAB_FILE)
         texts = [vocab.decode(row) for row in ids.cpu()]
         (run_dir / "samples.txt").write_text("\n\n".join(texts) + "\n", encoding="utf-8")
         logger.info("samples.txt; the first:\n%s", texts[0])
@@ -452,7 +452,7 @@ class AutoregressiveTask(CharacterTextTask):
                             seeds=[args.seed * 1000 + i for i in range(args.num)], cache=not args.no_cache,
                             **self._readout_args(cfg, args))
         seconds = time.perf_counter() - t0
-        vocab = Vocabulary.load(Path(args.run) / VOCAB_FILE)
+        vocab = load_vocabulary(Path(args.run) / VOCAB_FILE)
         texts = [vocab.decode(row) for row in ids.cpu()]
         Path(args.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
         for text in texts[:3]:
@@ -489,7 +489,9 @@ class AutoregressiveTask(CharacterTextTask):
         windows = (windows[:args.windows] if args.windows else windows).to(args.device)
         r: dict[str, Any] = {"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "mode": cfg.model.mode,
                              "num_windows": len(windows), "seq_len": cfg.model.seq_len,
-                             "bpc": next_token_bits(model, windows, seed=args.seed)}
+                             "bits_per_token": next_token_bits(model, windows, seed=args.seed),
+                             "chars_per_token": data.test.chars_per_token}
+        r["bpc"] = r["bits_per_token"] / r["chars_per_token"]
         if not is_plain(model):
             r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=args.seed) for b in bridges}
         prompts = self._prompts(cfg, run_dir, args.prompts, None, cfg.sample.prompt_chars).to(args.device)

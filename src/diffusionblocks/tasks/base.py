@@ -173,8 +173,8 @@ class Task:
         raise ConfigError(f"task {self.name!r} does not write a comparison report")
 
 
-class CharacterTextTask(Task):
-    """The data methods of the language tasks on characters (`text.py`): the corpus' splits, checked against
+class TextTask(Task):
+    """The data methods of the language tasks on text (`text.py`): the corpus' splits, checked against
     model.vocab_size; its vocabulary written into the run; windows of model.seq_len drawn per (seed, block, step)."""
 
     VOCAB_FILE: ClassVar[str] = "vocab.json"
@@ -184,7 +184,8 @@ class CharacterTextTask(Task):
 
         data = load_text(cfg.data, cfg.model.seq_len)
         if len(data.vocab) > cfg.model.vocab_size:
-            raise ConfigError(f"data.path {cfg.data.path!r} has {len(data.vocab)} distinct characters but "
+            what = "distinct characters" if cfg.data.tokenizer == "char" else "BPE tokens"
+            raise ConfigError(f"data.path {cfg.data.path!r} has {len(data.vocab)} {what} but "
                               f"model.vocab_size={cfg.model.vocab_size}")
         return data
 

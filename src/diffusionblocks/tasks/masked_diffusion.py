@@ -28,11 +28,11 @@ from ..config import ConfigError, RunConfig, check_choice
 from ..data import make_generator
 from ..noise import MaskingTime, Partition
 from ..text import TextConfig, Vocabulary, held_out_windows
-from .base import CharacterTextTask, Evaluation
+from .base import TextTask, Evaluation
 
 logger = logging.getLogger(__name__)
 
-VOCAB_FILE = CharacterTextTask.VOCAB_FILE
+VOCAB_FILE = TextTask.VOCAB_FILE
 
 
 @dataclass(frozen=True)
@@ -173,11 +173,16 @@ def evaluate_bpc(model, windows: torch.Tensor, *, strata: int = 12, repeats: int
 # ---- the task
 
 
-class MaskedDiffusionTask(CharacterTextTask):
+class MaskedDiffusionTask(TextTask):
     name = "mdlm"
     config_class = MaskedDiffusionConfig
     noise_symbol = "t"
     sample_suffixes = (".txt",)
+
+    def validate(self, cfg: RunConfig) -> None:
+        if cfg.data.tokenizer != "char":
+            raise ConfigError("the masked-diffusion task reads characters (its bits per character are the ELBO's per "
+                              "token): data.tokenizer='bpe' is for the arlm task")
 
     def noise_axis(self, cfg: RunConfig) -> MaskingTime:
         return MaskingTime(cfg.noise.schedule)
