@@ -99,6 +99,14 @@ class LlamaLayer(nn.Module):
         self.mlp = SwiGLU(dim, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
+    def kv(self, x: torch.Tensor, c: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values this layer's attention makes of x (N, T, D), without running the layer."""
+        shift1, scale1 = self.adaLN_modulation(c).chunk(6, dim=-1)[:2]
+        h = modulate(self.norm1(x), shift1, scale1)
+        N, T, D = h.shape
+        _, k, v = self.attn.qkv(h).view(N, T, 3, self.attn.num_heads, D // self.attn.num_heads).permute(2, 0, 3, 1, 4)
+        return rope(k, pos), v
+
     def forward(self, x: torch.Tensor, c: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None,
                 past: tuple | None = None) -> tuple[torch.Tensor, tuple]:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (N, T, D) each
@@ -129,6 +137,10 @@ class _Trunk(nn.Module):
         self.clean_cond = nn.Parameter(torch.zeros(hidden_size))
         self.layers = nn.ModuleList([LlamaLayer(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.checkpointing = False
+
+    def noisy_layers(self) -> list[tuple[int, nn.Module]]:
+        """(index, layer) of the layers the noisy stream passes through: all of them."""
+        return list(enumerate(self.layers))
 
     def run(self, x: torch.Tensor, c: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers:
@@ -225,7 +237,7 @@ class ARDenoiser(nn.Module):
         c = self.t_embedder(c_noise.flatten())[:, None]  # (N, 1, D)
         x = c_in[..., None] * z
         pos = torch.tensor([cache.length], device=z.device)
-        for l, layer in enumerate(self.trunk.layers):
+        for l, layer in self.trunk.noisy_layers():
             x, _ = layer(x, c, pos, None, (cache.k[l], cache.v[l]) if cache.k[l] is not None else None)
         D, logits = self._readout(z, x, sigma, c)
         return D[:, 0], logits[:, 0]

@@ -1,0 +1,118 @@
+"""Recurrent depth (issue "Language III", models only so far): Huginn's truncated BPTT, and the recurrent denoiser
+that runs its core once per training step and once per sampler step."""
+
+import torch
+
+from diffusionblocks.models.arlm import KVCache
+from diffusionblocks.models.recurrent import HuginnLM, RecurrentDenoiser, lognormal_poisson
+
+
+def _randomised(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model.initialize_weights(g)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _count(layers, into: list):
+    return [layer.register_forward_hook(lambda m, args, out: into.append((args[0].shape[1], torch.is_grad_enabled())))
+            for layer in layers]
+
+
+def test_truncated_bptt_stops_the_gradient_where_it_says():
+    m = _randomised(HuginnLM(11, hidden_size=16, num_heads=2, prelude=1, core=2, coda=1))
+    g = torch.Generator().manual_seed(1)
+    tokens, state = torch.randint(11, (2, 6), generator=g), torch.randn(2, 6, 16, generator=g)
+    calls = []
+    hooks = _count(m.core[:1], calls)
+    m.loss(tokens, torch.tensor(5), state, torch.tensor(2)).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert [grad for _, grad in calls] == [False, False, False, True, True]
+    grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    # The same gradient as running the first three iterations on detached states by hand.
+    m.zero_grad()
+    e = m._stack(m.prelude, m.tok_embed(tokens))
+    s = state * m.state_std
+    for i in range(5):
+        s = m.core_step(s.detach() if i < 3 else s, e.detach() if i < 3 else e)
+        if i == 2:
+            s = s.detach()
+    logits = m.head(m.norm_final(m._stack(m.coda, s)))[:, :-1]
+    torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1).sum().backward()
+    assert all(torch.allclose(grads[k], p.grad, atol=1e-6) for k, p in m.named_parameters())
+    # Without truncation the early iterations do carry gradient.
+    m.zero_grad()
+    m.loss(tokens, torch.tensor(5), state, torch.tensor(5)).sum().backward()
+    assert not all(torch.allclose(grads[k], p.grad, atol=1e-6) for k, p in m.named_parameters())
+
+
+def test_lognormal_poisson_has_about_the_mean_asked():
+    g = torch.Generator().manual_seed(0)
+    draws = [lognormal_poisson(8, 0.5, g) for _ in range(4000)]
+    assert min(draws) >= 1 and 8.5 < sum(draws) / len(draws) < 9.5  # Poisson(mean 8) + 1
+
+
+def _denoiser():
+    m = RecurrentDenoiser(11, hidden_size=16, num_heads=2, prelude=1, core=2, coda=1)
+    _randomised(m)
+    with torch.no_grad():
+        m.E.copy_(torch.nn.functional.normalize(torch.randn(11, 16, generator=torch.Generator().manual_seed(3)), dim=-1))
+    return m.eval()
+
+
+def test_the_denoiser_runs_the_core_once_per_training_step():
+    m = _denoiser().train()
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(11, (3, 7), generator=g)
+    core, prelude = [], []
+    hooks = _count(m.core, core) + _count(m.prelude, prelude)
+    m.loss(tokens, torch.rand(3, 7, generator=g) + 0.1, torch.randn(3, 7, 16, generator=g)).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert [n for n, _ in core] == [14, 14] and [n for n, _ in prelude] == [7]  # each core layer once, on [noisy ; clean]
+
+
+def test_the_denoiser_is_causal_and_its_cache_equals_the_training_forward():
+    m = _denoiser()
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(11, (2, 8), generator=g)
+    z, sigma = torch.randn(2, 8, 16, generator=g), torch.rand(2, 8, generator=g) + 0.05
+    later = tokens.clone()
+    later[:, 5:] = (later[:, 5:] + 3) % 11
+    with torch.no_grad():
+        D, logits = m.denoise(z, sigma, tokens)
+        assert torch.allclose(logits[:, :6], m.denoise(z, sigma, later)[1][:, :6], atol=1e-6)
+        assert not torch.allclose(logits[:, 6:], m.denoise(z, sigma, later)[1][:, 6:])
+        cache = KVCache(len(m.trunk.layers))
+        m.trunk.extend(cache, tokens[:, :3])
+        for i in range(3, 8):
+            Dn, ln = m.denoise_next(z[:, i], sigma[:, i], cache)
+            assert torch.allclose(ln, logits[:, i], atol=1e-5) and torch.allclose(Dn, D[:, i], atol=1e-5)
+            m.trunk.extend(cache, tokens[:, i:i + 1])
+
+
+def test_inference_runs_the_core_k_times_and_the_prelude_once_per_token():
+    from diffusionblocks.blocks import build_partition
+    from diffusionblocks.config import apply_overrides
+    from diffusionblocks.tasks import default_config
+    from diffusionblocks.tasks.autoregressive import generate_chain
+
+    class Chain:
+        blocks, num_blocks = [_denoiser()], 1
+        partition = build_partition(apply_overrides(default_config("arlm"), ["blocks.num_blocks=1", "model.depth=1"]))
+
+    prompts = torch.randint(11, (2, 4), generator=torch.Generator().manual_seed(5))
+    for K in (1, 3, 8):
+        core, prelude = [], []
+        hooks = _count(Chain.blocks[0].core[:1], core) + _count(Chain.blocks[0].prelude, prelude)
+        out = generate_chain(Chain, prompts, 5, window=32, steps=K, seeds=[0, 1])
+        for h in hooks:
+            h.remove()
+        assert out.shape == (2, 9)
+        assert len(core) == 5 * K and all(n == 1 for n, _ in core)  # K core passes of the one new position per token
+        assert sum(n for n, _ in prelude) == 4 + 5  # every token through the prelude once (the prompt at once)
+        fast = generate_chain(Chain, prompts, 5, window=32, steps=K, seeds=[0, 1], cache=False)
+        assert torch.equal(out, fast)
