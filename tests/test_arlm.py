@@ -97,7 +97,7 @@ class _Chain:
         self.blocks, self.partition, self.num_blocks = blocks, build_partition(cfg), len(blocks)
 
 
-@pytest.mark.parametrize("bridge", ["estimate", "softmax", "argmax"])
+@pytest.mark.parametrize("bridge", ["estimate", "softmax", "argmax", "sample"])
 @pytest.mark.parametrize("greedy", [True, False])
 def test_generation_with_the_cache_equals_generation_without_it(bridge, greedy):
     cfg = apply_overrides(default_config("arlm"), TINY)
@@ -180,7 +180,7 @@ def test_training_sampling_and_evaluation_through_the_cli(trained, tmp_path, cap
     assert main(["evaluate", str(chain), "--judge", str(plain), "--prompts", "4", "--new", "6", "--windows", "8",
                  "--speed-prompts", "2", "--out", str(ev), "--no-progress"]) == 0
     r = json.loads((ev / "evaluation.json").read_text())
-    assert set(r["samples"]) == {"estimate", "softmax", "argmax"} and set(r["chain"]) == set(r["samples"])
+    assert set(r["samples"]) == {"estimate", "softmax", "argmax", "sample"} and set(r["chain"]) == set(r["samples"])
     for s in r["samples"].values():
         assert s["cache_equals_no_cache"] and s["gen_ppl"] > 1 and 0 < s["distinct_2"] <= 1
     assert 0 < r["bpc"] < 8 and [row["block"] for row in r["chain"]["argmax"]] == [0, 1, 2]

@@ -116,3 +116,42 @@ def test_inference_runs_the_core_k_times_and_the_prelude_once_per_token():
         assert sum(n for n, _ in prelude) == 4 + 5  # every token through the prelude once (the prompt at once)
         fast = generate_chain(Chain, prompts, 5, window=32, steps=K, seeds=[0, 1], cache=False)
         assert torch.equal(out, fast)
+
+
+TINY = ["model.hidden_size=16", "model.num_heads=2", "model.seq_len=12", "model.mean_recurrence=2", "model.bptt=1",
+        "train.batch_size=4", "train.steps_per_block=3", "train.log_every=1", "train.lr_warmup_steps=1",
+        "sample.num=1", "sample.new_chars=4", "sample.prompt_chars=4"]
+
+
+def test_both_models_train_sample_and_evaluate_through_the_cli(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from diffusionblocks.cli import main
+    from diffusionblocks.config import ConfigError, apply_overrides
+    from diffusionblocks.tasks import default_config
+
+    judge = tmp_path / "judge"
+    assert main(["train", "--task", "arlm", "--out", str(judge), "--no-progress", "blocks.num_blocks=1",
+                 "model.mode=plain", "model.hidden_size=16", "model.num_heads=2", "model.depth=1",
+                 "model.seq_len=12", "train.steps_per_block=2", "train.batch_size=4", "sample.num=1",
+                 "sample.new_chars=2", "sample.prompt_chars=4"]) == 0
+    for mode in ("diffusion", "huginn"):
+        run = tmp_path / mode
+        assert main(["train", "--task", "recurrent", "--out", str(run), "--no-progress", f"model.mode={mode}",
+                     *TINY]) == 0
+        assert (run / "samples.txt").is_file()
+        ev = tmp_path / f"ev-{mode}"
+        assert main(["evaluate", str(run), "--iterations", "1,3", "--judge", str(judge), "--prompts", "2", "--new",
+                     "3", "--windows", "4", "--out", str(ev), "--no-progress"]) == 0
+        rows = json.loads((ev / "evaluation.json").read_text())["by_iterations"]
+        assert [r["iterations"] for r in rows] == [1, 3] and all(r["gen_ppl"] > 1 and r["bpc"] > 0 for r in rows)
+        out = tmp_path / f"{mode}.txt"
+        assert main(["sample", str(run), "--num", "2", "--prompt", "ROMEO", "--new", "3", "--iterations", "2",
+                     "--out", str(out), "--no-progress"]) == 0
+        assert out.read_text().startswith("ROMEO")
+    with pytest.raises(ConfigError, match="blocks.num_blocks must be 1"):
+        apply_overrides(default_config("recurrent"), ["blocks.num_blocks=2"])
+    with pytest.raises(ConfigError, match="model.prelude \\+ model.core \\+ model.coda"):
+        apply_overrides(default_config("recurrent"), ["model.core=3"])

@@ -242,8 +242,12 @@ class ARDenoiser(nn.Module):
         D, logits = self._readout(z, x, sigma, c)
         return D[:, 0], logits[:, 0]
 
-    def estimate(self, D: torch.Tensor, logits: torch.Tensor, bridge: str) -> torch.Tensor:
-        """What the chain carries to the next step: the estimate D, softmax(logits) @ E, or E[argmax logits]."""
+    def estimate(self, D: torch.Tensor, logits: torch.Tensor, bridge: str,
+                 token: torch.Tensor | None = None) -> torch.Tensor:
+        """What the chain carries to the next step: the estimate D, softmax(logits) @ E, E[argmax logits], or
+        (bridge "sample") E[token] for a token the caller drew from the logits."""
+        if bridge == "sample":
+            return self.E[token]
         if bridge == "estimate":
             return D
         if bridge == "softmax":

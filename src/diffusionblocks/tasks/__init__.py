@@ -25,6 +25,7 @@ BUILTIN_TASKS = {  # name -> "module:class", imported when first asked for
     "classify": "diffusionblocks.tasks.classification:ClassificationTask",
     "mdlm": "diffusionblocks.tasks.masked_diffusion:MaskedDiffusionTask",
     "arlm": "diffusionblocks.tasks.autoregressive:AutoregressiveTask",
+    "recurrent": "diffusionblocks.tasks.recurrent_depth:RecurrentDepthTask",
 }
 _REGISTRY: dict[str, Task] = {}
 

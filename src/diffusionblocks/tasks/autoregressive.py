@@ -42,7 +42,7 @@ from .base import TextTask, Evaluation
 logger = logging.getLogger(__name__)
 
 VOCAB_FILE = TextTask.VOCAB_FILE
-BRIDGES = ("estimate", "softmax", "argmax")
+BRIDGES = ("estimate", "softmax", "argmax", "sample")
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ class ARModelConfig:
 class ARSampleConfig:
     steps: int = 0               # Denoising steps per token; 0 = B (each block once).
     bridge: str = "argmax"       # What a step hands the next: "estimate" (D), "softmax" (softmax(logits) @ E),
-                                 # or "argmax" (E[argmax logits]).
+                                 # "argmax" (E[argmax logits]) or "sample" (E[a token drawn from the logits as the
+                                 # readout draws]).
     temperature: float = 1.0     # Readout of the last step's logits: softmax temperature...
     top_p: float = 1.0           # ...and nucleus; greedy takes the argmax instead.
     greedy: bool = False
@@ -191,6 +192,8 @@ def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps
     for _ in range(new):
         eps = torch.stack([torch.randn(D_dim, generator=g) for g in gens]).to(device)  # (N, D)
         u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(device)
+        if bridge == "sample":  # a uniform per step for the token each step draws
+            u_steps = torch.stack([torch.rand(steps, generator=g, dtype=torch.float64) for g in gens]).to(device)
         z = eps * sigmas[0]
         for k in range(steps):
             blk, sigma = blocks[owners[k]], sigmas[k] * ones
@@ -203,7 +206,8 @@ def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps
                 unseen = torch.zeros(N, 1, dtype=torch.long, device=device)  # the new position's clean token
                 D, logits = blk.denoise(zs, sigma[:, None].expand(N, T), torch.cat([w, unseen], dim=1))
                 D, logits = D[:, -1], logits[:, -1]
-            z = z + (sigmas[k + 1] - sigmas[k]) * (z - blk.estimate(D, logits, bridge)) / sigmas[k]
+            token = _readout(logits, temperature, top_p, greedy, u_steps[:, k]) if bridge == "sample" else None
+            z = z + (sigmas[k + 1] - sigmas[k]) * (z - blk.estimate(D, logits, bridge, token)) / sigmas[k]
         ctx.append(_readout(logits, temperature, top_p, greedy, u))
     return ctx.tokens
 
@@ -294,12 +298,17 @@ def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None =
             D, logits = blk.denoise(z, sigma, x)
             oracle = blk.E[x] + sigmas[k] * torch.randn(z.shape, generator=g).to(x.device)
             _, logits_oracle = blk.denoise(oracle, sigma, x)
-            est = blk.estimate(D, logits, bridge)
-            row["chain_bits"] += float(F.cross_entropy(logits.transpose(1, 2), x, reduction="sum"))
-            row["oracle_bits"] += float(F.cross_entropy(logits_oracle.transpose(1, 2), x, reduction="sum"))
-            row["estimate_norm"] += float(est.norm(dim=-1).sum())
+            token = None
+            if bridge == "sample":  # a token from the step's distribution (temperature 1, no nucleus)
+                u = torch.rand(x.shape, generator=g, dtype=torch.float64).to(x.device).flatten()
+                token = _readout(logits.flatten(0, 1), 1.0, 1.0, False, u).view(x.shape)
+            est = blk.estimate(D, logits, bridge, token)
+            # Positions 1..L-1, as next_token_bits: position 0 has no context.
+            row["chain_bits"] += float(F.cross_entropy(logits[:, 1:].transpose(1, 2), x[:, 1:], reduction="sum"))
+            row["oracle_bits"] += float(F.cross_entropy(logits_oracle[:, 1:].transpose(1, 2), x[:, 1:], reduction="sum"))
+            row["estimate_norm"] += float(est[:, 1:].norm(dim=-1).sum())
             z = z + (sigmas[k + 1] - sigmas[k]) * (z - est) / sigmas[k]
-        n += x.numel()
+        n += x[:, 1:].numel()
     for row in rows:
         row["chain_bits"] /= n * math.log(2)
         row["oracle_bits"] /= n * math.log(2)
@@ -392,17 +401,6 @@ class AutoregressiveTask(TextTask):
 
     # ---- inference
 
-    def _prompts(self, cfg: RunConfig, run_dir: Path, num: int, prompt: str | None, chars: int) -> torch.Tensor:
-        """num prompts: the one given, or the starts of num held-out windows of `chars` characters."""
-        vocab = load_vocabulary(Path(run_dir) / VOCAB_FILE)
-        if prompt:
-            return vocab.encode(prompt, "the prompt")[None].expand(num, -1)
-        windows = held_out_windows(self.load_data(cfg).test, chars)
-        if len(windows) < num:
-            raise ConfigError(f"the held-out text has {len(windows)} windows of {chars} characters, fewer than {num}")
-        stride = len(windows) // num  # spread over the held-out text
-        return windows[::stride][:num]
-
     def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
         """samples.txt: sample.num continuations (of sample.prompt, or of held-out prompts)."""
         from ..checkpoint import from_pretrained
@@ -411,7 +409,7 @@ class AutoregressiveTask(TextTask):
         if s.num == 0:
             return {}
         model, _ = from_pretrained(run_dir, device)
-        prompts = self._prompts(cfg, run_dir, s.num, s.prompt, s.prompt_chars).to(device)
+        prompts = self.prompts(cfg, run_dir, s.num, s.prompt, s.prompt_chars).to(device)
         ids = generate_text(model, cfg, prompts, s.new_chars, seeds=[cfg.train.seed * 1000 + i for i in range(s.num)],
                             temperature=s.temperature, top_p=s.top_p, greedy=s.greedy)
         vocab = load_vocabulary(run_dir / VOCAB_FILE)
@@ -445,7 +443,7 @@ class AutoregressiveTask(TextTask):
         new = s.new_chars if args.new is None else args.new
         if new < 1 or (args.steps is not None and args.steps < 0):
             raise ConfigError("--new must be at least 1 and --steps at least 0")
-        prompts = self._prompts(cfg, args.run, args.num, s.prompt if args.prompt is None else args.prompt,
+        prompts = self.prompts(cfg, args.run, args.num, s.prompt if args.prompt is None else args.prompt,
                                 s.prompt_chars).to(args.device)
         t0 = time.perf_counter()
         ids = generate_text(model, cfg, prompts, new, bridge=args.bridge, steps=args.steps or s.steps or None,
@@ -494,7 +492,7 @@ class AutoregressiveTask(TextTask):
         r["bpc"] = r["bits_per_token"] / r["chars_per_token"]
         if not is_plain(model):
             r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=args.seed) for b in bridges}
-        prompts = self._prompts(cfg, run_dir, args.prompts, None, cfg.sample.prompt_chars).to(args.device)
+        prompts = self.prompts(cfg, run_dir, args.prompts, None, cfg.sample.prompt_chars).to(args.device)
         readout = self._readout_args(cfg, argparse.Namespace())
         vocab = data.vocab
         r["samples"], ids_of = {}, {}

@@ -196,3 +196,15 @@ class TextTask(Task):
         from ..text import WindowSampler
 
         return WindowSampler(data, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed, b)
+
+    def prompts(self, cfg: RunConfig, run_dir: Path, num: int, prompt: str | None, length: int) -> torch.Tensor:
+        """num prompts (num, P): the one given, or the starts of num held-out windows of `length` tokens, spread
+        over the held-out text."""
+        from ..text import held_out_windows, load_vocabulary
+
+        if prompt:
+            return load_vocabulary(Path(run_dir) / self.VOCAB_FILE).encode(prompt, "the prompt")[None].expand(num, -1)
+        windows = held_out_windows(self.load_data(cfg).test, length)
+        if len(windows) < num:
+            raise ConfigError(f"the held-out text has {len(windows)} windows of {length} tokens, fewer than {num}")
+        return windows[::len(windows) // num][:num]

@@ -1,0 +1,282 @@
+"""Recurrent depth without backpropagation through time (method.md section 5, fifth row; Huginn, Geiping et al. 2025).
+
+Two models of the same prelude / core / coda shape on the autoregressive task's data and tokens
+(`models.recurrent`): `model.mode="huginn"`, the core iterated r times from a noise state, r drawn per step
+(log-normal Poisson, mean `model.mean_recurrence`), trained with truncated backpropagation through the last
+`model.bptt` iterations; and `model.mode="diffusion"`, the whole network one denoiser of the next token's
+embedding (B=1, weights tied across sampler steps), trained with one forward pass at a sampled sigma. At
+inference both run the core K times per token: Huginn's iterations, or K sampler steps of the denoiser (the
+prelude once per token). `evaluate` measures quality against K: held-out next-character bits (teacher-forced;
+for the denoiser, the last step's logits on the chain's own state) and samples continuing held-out prompts,
+their perplexity under a judge (the autoregressive task's plain baseline), distinct 2/4-grams and longest run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
+from ..data import make_generator
+from ..noise import Partition
+from ..text import TextConfig, held_out_windows, load_vocabulary
+from .autoregressive import (ARSampleConfig, _Context, _readout, chain_bits, distinct_n, generate_chain, judge_bits,
+                             longest_repeated_run, run_token_embedding)
+from .base import Evaluation, TextTask
+
+
+@dataclass(frozen=True)
+class RecurrentModelConfig:
+    mode: str = "diffusion"        # "diffusion" (one denoiser, one forward pass per step) or "huginn" (recurrence + BPTT).
+    vocab_size: int = 65
+    seq_len: int = 64
+    hidden_size: int = 128
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    prelude: int = 1               # Layers of the prelude, core and coda.
+    core: int = 2
+    coda: int = 1
+    depth: int = 4                 # prelude + core + coda (the run's L; B is 1).
+    mean_recurrence: float = 4.0   # Huginn: mean iterations in training (log-normal Poisson), and the default K.
+    recurrence_std: float = 0.5    # Huginn: std of the log-normal.
+    bptt: int = 2                  # Huginn: iterations backpropagated through (the last ones).
+    state_std: float = 1.0         # Huginn: std of the initial state.
+
+    def validate(self) -> None:
+        check_choice("model.mode", self.mode, ("diffusion", "huginn"))
+        if min(self.prelude, self.core, self.coda) < 1:
+            raise ConfigError("model.prelude, model.core and model.coda must each have at least 1 layer")
+        if self.depth != self.prelude + self.core + self.coda:
+            raise ConfigError(f"model.depth={self.depth} must be model.prelude + model.core + model.coda = "
+                              f"{self.prelude + self.core + self.coda}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads="
+                              f"{self.num_heads} with an even head width")
+        if self.mean_recurrence < 1 or self.bptt < 1 or self.recurrence_std <= 0 or self.state_std <= 0:
+            raise ConfigError("model.mean_recurrence and model.bptt must be at least 1, the stds positive")
+
+
+@dataclass(frozen=True)
+class RecurrentConfig(RunConfig):
+    name: str = "shakespeare-recurrent"
+    task: str = "recurrent"
+    model: RecurrentModelConfig = field(default_factory=RecurrentModelConfig)
+    blocks: BlocksConfig = field(default_factory=lambda: BlocksConfig(num_blocks=1))
+    data: TextConfig = field(default_factory=TextConfig)
+    sample: ARSampleConfig = field(default_factory=ARSampleConfig)  # sample.steps: K (0 = model.mean_recurrence)
+
+
+def default_iterations(cfg: RunConfig) -> int:
+    return cfg.sample.steps or round(cfg.model.mean_recurrence)
+
+
+def is_huginn(model) -> bool:
+    from ..models.recurrent import HuginnLM
+
+    return isinstance(model.blocks[0], HuginnLM)
+
+
+@torch.no_grad()
+def generate_huginn(model, prompts: torch.Tensor, new: int, *, window: int, iterations: int,
+                    seeds: list[int], temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> torch.Tensor:
+    """Continues prompts (N, P) by `new` tokens, each read out after `iterations` core steps over the window from a
+    fresh noise state (sample i's noise and readout uniforms from the generator of seed i)."""
+    D = model.tok_embed.embedding_dim
+    gens = [make_generator(s, "recurrent-sample") for s in seeds]
+    ctx = _Context({}, prompts, window, cached=False)
+    for _ in range(new):
+        w = ctx.window_tokens
+        state = torch.stack([torch.randn(w.shape[1], D, generator=g) for g in gens]).to(prompts.device)  # (N, T, D)
+        u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(prompts.device)
+        logits = model(w, iterations, state)[:, -1]
+        ctx.append(_readout(logits, temperature, top_p, greedy, u))
+    return ctx.tokens
+
+
+def generate(model, cfg: RunConfig, prompts: torch.Tensor, new: int, iterations: int, seeds: list[int],
+             batch_size: int = 100, **readout) -> torch.Tensor:
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
+        if is_huginn(model):
+            out.append(generate_huginn(model.blocks[0], p, new, window=cfg.model.seq_len, iterations=iterations,
+                                       seeds=s, **readout))
+        else:
+            out.append(generate_chain(model, p, new, window=cfg.model.seq_len, steps=iterations,
+                                      bridge=cfg.sample.bridge, seeds=s, **readout))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def bits_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: int, seed: int = 0,
+               batch_size: int = 64) -> float:
+    """Held-out bits per token of positions 1..L-1 after `iterations` core steps: Huginn's logits, or the
+    denoiser's last sampler step on its own chain (teacher-forced context)."""
+    if not is_huginn(model):
+        return chain_bits(model, windows, bridge=cfg.sample.bridge, steps=iterations, seed=seed)[-1]["chain_bits"]
+    m = model.blocks[0]
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        x = windows[i:i + batch_size]
+        state = torch.randn(*x.shape, m.tok_embed.embedding_dim, generator=make_generator(seed, "recurrent-bits", i))
+        logits = m(x, iterations, state.to(x.device))[:, :-1]
+        total += float(F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="sum"))
+        count += x[:, 1:].numel()
+    return total / count / math.log(2)
+
+
+class RecurrentDepthTask(TextTask):
+    name = "recurrent"
+    config_class = RecurrentConfig
+    sample_suffixes = (".txt",)
+
+    def validate(self, cfg: RunConfig) -> None:
+        if cfg.blocks.num_blocks != 1:
+            raise ConfigError(f"a recurrent-depth model is one network (weights tied across iterations): "
+                              f"blocks.num_blocks must be 1, got {cfg.blocks.num_blocks}")
+
+    def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None):
+        from ..blocks import build_partition
+        from ..models.recurrent import HuginnLM, RecurrentDenoiser
+
+        m = cfg.model
+        shape = dict(hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, prelude=m.prelude,
+                     core=m.core, coda=m.coda)
+        if m.mode == "huginn":
+            net = HuginnLM(m.vocab_size, state_std=m.state_std, **shape)
+            net.initialize_weights(generator)
+            return net
+        lo, hi = build_partition(cfg).training_range(b)
+        net = RecurrentDenoiser(m.vocab_size, sigma_data=cfg.noise.sigma_data, sigma_min=lo, sigma_max=hi, **shape)
+        net.initialize_weights(generator)
+        with torch.no_grad():
+            net.E.copy_(run_token_embedding(cfg))
+        return net
+
+    def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: torch.Tensor,
+                    generator: torch.Generator) -> dict[str, Any]:
+        """Huginn: this step's number of iterations, then its noise state; the denoiser: a sigma and noise per position."""
+        from ..models.recurrent import lognormal_poisson
+
+        m = cfg.model
+        N, L = batch.shape
+        if m.mode == "huginn":
+            r = lognormal_poisson(m.mean_recurrence, m.recurrence_std, generator)
+            return {"tokens": batch, "iterations": torch.tensor(r), "bptt": torch.tensor(m.bptt),
+                    "state": torch.randn(N, L, m.hidden_size, generator=generator)}
+        sigma = partition.sample(b, N * L, generator=generator).float().view(N, L)
+        return {"tokens": batch, "sigma": sigma, "noise": torch.randn(N, L, m.hidden_size, generator=generator)}
+
+    # ---- inference
+
+    def _prompts(self, cfg: RunConfig, num: int, prompt: str | None, run_dir: Path) -> torch.Tensor:
+        return self.prompts(cfg, run_dir, num, prompt, cfg.sample.prompt_chars)
+
+    def _texts(self, run_dir: Path, ids: torch.Tensor, skip: int = 0) -> list[str]:
+        vocab = load_vocabulary(Path(run_dir) / self.VOCAB_FILE)
+        return [vocab.decode(row[skip:]) for row in ids.cpu()]
+
+    def _readout(self, cfg: RunConfig) -> dict[str, Any]:
+        s = cfg.sample
+        return {"temperature": s.temperature, "top_p": s.top_p, "greedy": s.greedy}
+
+    def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
+        from ..checkpoint import from_pretrained
+
+        s = cfg.sample
+        if s.num == 0:
+            return {}
+        model, _ = from_pretrained(run_dir, device)
+        prompts = self._prompts(cfg, s.num, s.prompt, run_dir).to(device)
+        ids = generate(model, cfg, prompts, s.new_chars, default_iterations(cfg),
+                       [cfg.train.seed * 1000 + i for i in range(s.num)], **self._readout(cfg))
+        (run_dir / "samples.txt").write_text("\n\n".join(self._texts(run_dir, ids)) + "\n", encoding="utf-8")
+        return {}
+
+    def add_sample_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--prompt", help="prompt of every sample (default: held-out prompts)")
+        parser.add_argument("--new", type=int, help="characters to add (default: the run's sample.new_chars)")
+        parser.add_argument("--iterations", type=int, help="core iterations (sampler steps) per token (default: "
+                            "sample.steps, or model.mean_recurrence)")
+
+    def sample(self, model, cfg: RunConfig, args: argparse.Namespace) -> None:
+        new = cfg.sample.new_chars if args.new is None else args.new
+        K = default_iterations(cfg) if args.iterations is None else args.iterations
+        if new < 1 or K < 1:
+            raise ConfigError("--new and --iterations must be at least 1")
+        prompts = self._prompts(cfg, args.num, args.prompt or cfg.sample.prompt, args.run).to(args.device)
+        ids = generate(model, cfg, prompts, new, K, [args.seed * 1000 + i for i in range(args.num)],
+                       **self._readout(cfg))
+        texts = self._texts(args.run, ids)
+        Path(args.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        for text in texts[:3]:
+            print(text, end="\n\n")
+
+    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--iterations", default="1,2,4,8,16,32,64", help="values of K measured")
+        parser.add_argument("--judge", help="a plain autoregressive run (task arlm, model.mode=plain) that scores the "
+                            "samples' generative perplexity")
+        parser.add_argument("--prompts", type=int, default=50, help="held-out prompts continued, per K")
+        parser.add_argument("--new", type=int, default=100, help="characters added to each prompt")
+        parser.add_argument("--windows", type=int, default=256, help="held-out windows for the bits (0 = all)")
+
+    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
+        from ..checkpoint import from_pretrained
+        from .autoregressive import is_plain
+
+        try:
+            Ks = [int(k) for k in args.iterations.split(",") if k.strip()]
+        except ValueError:
+            raise ConfigError(f"--iterations {args.iterations!r} is not a comma-separated list of integers") from None
+        if not Ks or min(Ks) < 1 or args.prompts < 1 or args.new < 1:
+            raise ConfigError("--iterations, --prompts and --new must be at least 1")
+        model, cfg = from_pretrained(run_dir, args.device)
+        judge = None
+        if args.judge:
+            judge, _ = from_pretrained(args.judge, args.device)
+            if not is_plain(judge):
+                raise ConfigError(f"--judge {args.judge}: a judge is a plain autoregressive run (task arlm, "
+                                  "model.mode='plain')")
+        data = self.load_data(cfg)
+        windows = held_out_windows(data.test, cfg.model.seq_len)
+        windows = (windows[:args.windows] if args.windows else windows).to(args.device)
+        prompts = self._prompts(cfg, args.prompts, None, run_dir).to(args.device)
+        rows = []
+        for K in Ks:
+            t0 = time.perf_counter()
+            ids = generate(model, cfg, prompts, args.new, K, [args.seed * 1000 + i for i in range(len(prompts))],
+                           **self._readout(cfg))
+            seconds = time.perf_counter() - t0
+            texts = self._texts(run_dir, ids, prompts.shape[1])
+            row = {"iterations": K, "bits_per_token": bits_after(model, cfg, windows, K, seed=args.seed),
+                   "distinct_2": distinct_n(texts, 2), "distinct_4": distinct_n(texts, 4),
+                   "longest_run_mean": sum(map(longest_repeated_run, texts)) / len(texts),
+                   "chars_per_s": len(prompts) * args.new / seconds, "sample": texts[0]}
+            row["bpc"] = row["bits_per_token"] / data.test.chars_per_token
+            if judge is not None:
+                row["gen_ppl"] = 2 ** judge_bits(judge.blocks[0], ids, prompts.shape[1], cfg.model.seq_len)
+            rows.append(row)
+        return Evaluation({"run": str(run_dir), "mode": cfg.model.mode, "num_windows": len(windows),
+                           "num_prompts": len(prompts), "new_chars": args.new, "readout": self._readout(cfg),
+                           "by_iterations": rows})
+
+    def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
+        return f"eval-K{args.iterations.replace(',', '-')}-p{args.prompts}-seed{args.seed}"
+
+    def format_evaluation(self, r: dict[str, Any]) -> str:
+        lines = [f"{r['run']} ({r['mode']}): quality against the core's iterations K"]
+        for row in r["by_iterations"]:
+            ppl = f", gen. perplexity {row['gen_ppl']:.2f}" if "gen_ppl" in row else ""
+            lines.append(f"  K={row['iterations']}: BPC {row['bpc']:.4f}{ppl}, distinct-4 {row['distinct_4']:.3f}, "
+                         f"longest run {row['longest_run_mean']:.1f}, {row['chars_per_s']:.0f} chars/s")
+        return "\n".join(lines)
+
+
+__all__ = ["RecurrentConfig", "RecurrentDepthTask", "RecurrentModelConfig", "bits_after", "generate_huginn"]
