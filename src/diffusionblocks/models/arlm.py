@@ -128,6 +128,22 @@ def training_mask(L: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.cat([top, bottom], dim=0)
 
 
+@torch.no_grad()
+def init_llama(module: nn.Module, tok_embed: nn.Embedding, cond: nn.Parameter, layers, generator) -> None:
+    """Xavier linears (zero biases) in module, N(0, 0.02) token embedding and conditioning vector, and adaLN-Zero:
+    the modulation of every layer zero, so that it starts as the identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=generator)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(tok_embed.weight, std=0.02, generator=generator)
+    nn.init.normal_(cond, std=0.02, generator=generator)
+    for layer in layers:
+        nn.init.zeros_(layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(layer.adaLN_modulation[-1].bias)
+
+
 class _Trunk(nn.Module):
     """Token embedding, the constant conditioning of clean tokens, the layers; shared by both model kinds."""
 
@@ -167,18 +183,8 @@ class _Trunk(nn.Module):
             cache.v[l] = v if past is None else torch.cat([past[1], v], 2)
         return x
 
-    @torch.no_grad()
     def init(self, generator: torch.Generator | None) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, generator=generator)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.tok_embed.weight, std=0.02, generator=generator)
-        nn.init.normal_(self.clean_cond, std=0.02, generator=generator)
-        for layer in self.layers:  # adaLN-Zero: every layer starts as the identity
-            nn.init.zeros_(layer.adaLN_modulation[-1].weight)
-            nn.init.zeros_(layer.adaLN_modulation[-1].bias)
+        init_llama(self, self.tok_embed, self.clean_cond, self.layers, generator)
 
 
 class ARDenoiser(nn.Module):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arlm import ARDenoiser, KVCache, LlamaLayer, _Trunk
+from .arlm import ARDenoiser, KVCache, LlamaLayer, _Trunk, init_llama
 
 
 def lognormal_poisson(mean: float, std: float, generator: torch.Generator) -> int:
@@ -49,17 +49,7 @@ class HuginnLM(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self, generator: torch.Generator | None = None) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, generator=generator)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.tok_embed.weight, std=0.02, generator=generator)
-        nn.init.normal_(self.cond, std=0.02, generator=generator)
-        for stack in (self.prelude, self.core, self.coda):
-            for layer in stack:  # adaLN-Zero: every layer starts as the identity
-                nn.init.zeros_(layer.adaLN_modulation[-1].weight)
-                nn.init.zeros_(layer.adaLN_modulation[-1].bias)
+        init_llama(self, self.tok_embed, self.cond, [*self.prelude, *self.core, *self.coda], generator)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 

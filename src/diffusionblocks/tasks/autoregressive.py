@@ -5,10 +5,12 @@ Each block is a `models.arlm.ARDenoiser` of its layers: it denoises the embeddin
 eps, given the clean tokens before i, for the sigma of its range of EDM's noise axis (partition overlap
 gamma 0.1 by default). Generation: for each new token, `sample.steps` denoising steps from sigma_max down a
 quantile grid (default B: each block once), the chain's estimate handed from step to step by a *bridge*
-(the estimate D itself, softmax(logits) @ E, or E[argmax]), and the last step's logits read out greedily or
-by temperature / top-p sampling. A KV cache of each block's clean stream makes a token cost one pass of one
-token through each block. The end-to-end baseline (`arlm.mode="plain"`, B=1, `compare`'s B=1) is the same
-transformer trained on next-token cross-entropy.
+(the estimate D itself, softmax(logits) @ E, E[argmax], or E[a token drawn from the step's logits]), and the
+last step's logits read out greedily or by temperature / top-p sampling. Measured on tinyshakespeare
+(benchmarks/results/arlm-shakespeare), the later blocks copy what they are handed, so only the sampling bridge
+keeps block 0's distribution: it is the default. A KV cache of each block's clean stream makes a token cost
+one pass of one token through each block. The end-to-end baseline (`model.mode="plain"`, B=1, `compare`'s
+B=1) is the same transformer trained on next-token cross-entropy.
 
 Evaluation: held-out next-token bits per character (block 0 at sigma_max for the chain, the predictive
 distribution of the baseline), the chain diagnostics teacher-forced on held-out text (bits of each step's
@@ -69,7 +71,7 @@ class ARModelConfig:
 @dataclass(frozen=True)
 class ARSampleConfig:
     steps: int = 0               # Denoising steps per token; 0 = B (each block once).
-    bridge: str = "argmax"       # What a step hands the next: "estimate" (D), "softmax" (softmax(logits) @ E),
+    bridge: str = "sample"       # What a step hands the next: "estimate" (D), "softmax" (softmax(logits) @ E),
                                  # "argmax" (E[argmax logits]) or "sample" (E[a token drawn from the logits as the
                                  # readout draws]).
     temperature: float = 1.0     # Readout of the last step's logits: softmax temperature...
@@ -169,7 +171,7 @@ class _Context:
 
 @torch.no_grad()
 def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps: int | None = None,
-                   bridge: str = "argmax", temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                   bridge: str = "sample", temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
                    seeds: list[int] | None = None, cache: bool = True) -> torch.Tensor:
     """Continues prompts (N, P) by `new` tokens with a chain of ARDenoiser blocks (a BlockwiseDenoiser's blocks and
     partition); returns (N, P + new). Sample i draws its noise and readout uniforms from the generator of seed i.
