@@ -195,11 +195,13 @@ class ARDenoiser(nn.Module):
     """
 
     def __init__(self, vocab_size: int, hidden_size: int = 128, depth: int = 2, num_heads: int = 4,
-                 mlp_ratio: float = 4.0, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
+                 mlp_ratio: float = 4.0, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 trunk: _Trunk | None = None):
+        """trunk: the layers and clean stream (default: `depth` layers shared by both streams)."""
         super().__init__()
         self.vocab_size, self.sigma_data = vocab_size, sigma_data
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
-        self.trunk = _Trunk(vocab_size, hidden_size, depth, num_heads, mlp_ratio)
+        self.trunk = trunk if trunk is not None else _Trunk(vocab_size, hidden_size, depth, num_heads, mlp_ratio)
         self.t_embedder = NoiseEmbedder(hidden_size)
         self.norm_out = nn.RMSNorm(hidden_size, eps=1e-6)  # F = norm_out(h) at the noisy positions
         self.norm_final = nn.RMSNorm(hidden_size, eps=1e-6, elementwise_affine=False)

@@ -130,8 +130,8 @@ class RecurrentDenoiser(ARDenoiser):
     def __init__(self, vocab_size: int, hidden_size: int = 256, num_heads: int = 4, mlp_ratio: float = 4.0,
                  prelude: int = 2, core: int = 4, coda: int = 2, sigma_data: float = 0.5, sigma_min: float = 0.002,
                  sigma_max: float = 80.0):
-        super().__init__(vocab_size, hidden_size, core + coda, num_heads, mlp_ratio, sigma_data, sigma_min, sigma_max)
-        self.trunk = _PreludeTrunk(vocab_size, hidden_size, num_heads, mlp_ratio, prelude, core + coda)
+        super().__init__(vocab_size, hidden_size, core + coda, num_heads, mlp_ratio, sigma_data, sigma_min, sigma_max,
+                         trunk=_PreludeTrunk(vocab_size, hidden_size, num_heads, mlp_ratio, prelude, core + coda))
         self.num_prelude, self.num_core = prelude, core
 
     @property
