@@ -5,8 +5,8 @@ the same prelude / core / coda shape, on tinyshakespeare, quality against the nu
 
 1. Trains, each in a fresh `diffusionblocks train` process, presets/shakespeare-recurrent.json as Huginn
    (model.mode=huginn) and as the denoiser, both for --steps optimiser steps of the same batches (equal epochs,
-   as the paper compared); then the denoiser on for as many more steps as make its training time Huginn's (equal
-   wall time: `train --resume` with more steps is the same run continued).
+   as the paper compared); then the denoiser on for as many more steps as make its training time Huginn's at the
+   median steps/s of each (equal wall time: `train --resume` with more steps is the same run continued).
 2. The cost of an optimiser step: steps/s, core forward passes (Huginn: the iterations it drew, recomputed from
    the same (seed, step) generators; the denoiser: one), peak training memory.
 3. `diffusionblocks evaluate --iterations 1,2,4,...,64 --judge JUDGE` of each: held-out BPC and the samples'
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--iterations", default=KS)
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--new", type=int, default=100)
+    parser.add_argument("--train-only", action="store_true", help="stop after the training runs")
     args = parser.parse_args()
     t0 = time.time()
     out = Path(args.out)
@@ -85,11 +86,15 @@ def main() -> None:
     eq = runs["diffusion, equal time"]
     if not (eq / "train_summary.json").is_file() or json.loads((eq / "train_summary.json").read_text())["blocks"][0][
             "steps"] == args.steps:
-        steps_eq = round(args.steps * costs["huginn"]["train_s"] / costs["diffusion"]["train_s"])
+        # Equal wall time from the median steps/s of each run (robust to a stretch slowed by other work).
+        steps_eq = round(args.steps * costs["diffusion"]["steps_per_s"] / costs["huginn"]["steps_per_s"])
         shutil.rmtree(eq, ignore_errors=True)
         shutil.copytree(runs["diffusion"], eq)
         cli("train", "--resume", str(eq), f"train.steps_per_block={max(steps_eq, args.steps)}", "--no-progress", log=log)
     costs["diffusion, equal time"] = cost(eq, False)
+    if args.train_only:
+        print(json.dumps(costs, indent=1))
+        return
     results = {}
     for name, run in runs.items():
         ev = run / f"eval-{args.iterations.replace(',', '-')}"
@@ -117,7 +122,7 @@ def plot(path: Path, results: dict) -> None:
         axes[0].plot(K, [row["bpc"] for row in rows], "o-", label=name)
         axes[1].plot(K, [row["gen_ppl"] for row in rows], "o-", label=name)
         axes[2].plot(K, [row["distinct_4"] for row in rows], "o-", label=name)
-    for ax, label in zip(axes, ("held-out BPC", "generative perplexity (judge: plain AR)", "distinct 4-grams")):
+    for ax, label in zip(axes, ("held-out BPC (next-character distribution)", "generative perplexity (judge: plain AR)", "distinct 4-grams")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("core iterations K per token")
         ax.set_ylabel(label)
@@ -140,7 +145,10 @@ def write_report(out: Path, args: argparse.Namespace, costs: dict, results: dict
              f"{cfg.train.batch_size}, lr {cfg.train.lr}, EMA half-life {cfg.train.ema_halflife_steps} steps. Huginn: "
              f"iterations per step log-normal Poisson, mean {m.mean_recurrence} (+1), backpropagation through the last "
              f"{m.bptt}. The denoiser: one forward pass at a sigma per position, Euler sampler with bridge "
-             f"{cfg.sample.bridge}. Evaluation: BPC on the first {results['huginn']['num_windows']} held-out windows; "
+             f"{cfg.sample.bridge}. Evaluation: BPC on the first {results['huginn']['num_windows']} held-out windows of "
+             f"the distribution the next character is drawn from after K iterations (temperature 1, context given), "
+             f"the mean of {results['huginn'].get('draws', 1)} draws of the starting noise per window (Huginn: its "
+             f"initial state; the denoiser: its sampler chain); "
              f"{results['huginn']['num_prompts']} held-out prompts continued by {results['huginn']['new_chars']} "
              f"characters (temperature {cfg.sample.temperature}, top-p {cfg.sample.top_p}), scored by the judge "
              f"`{args.judge}` (the autoregressive task's plain 6-layer baseline).", "",

@@ -188,8 +188,9 @@ class MixtureTask(Task):
 
     def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: torch.Tensor,
                     generator: torch.Generator) -> dict[str, Any]:
-        sigma = partition.sample(b, len(batch), generator=generator).float()
-        return {"y": batch, "sigma": sigma, "noise": torch.randn(batch.shape, generator=generator)}
+        at = generator.device  # draws where the generator is: the device, when the data lives there
+        sigma = partition.sample(b, len(batch), generator=generator, device=at).float()
+        return {"y": batch, "sigma": sigma, "noise": torch.randn(batch.shape, generator=generator, device=at)}
 
     def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
         from diffusionblocks.checkpoint import from_pretrained

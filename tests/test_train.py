@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffusionblocks import checkpoint
-from diffusionblocks.config import apply_overrides
+from diffusionblocks.config import ConfigError, apply_overrides
 from diffusionblocks.data import BatchSampler, load_image_data, make_generator
 from diffusionblocks.blocks import build_partition
 from diffusionblocks.train import init_block_state, train
@@ -58,6 +58,25 @@ def test_sequential_and_interleaved_give_identical_weights(tiny_cfg, digits):
     # A block trained alone equals the same block trained among the others.
     alone = train(tiny_cfg, digits, None, blocks=[1], progress=False)
     assert_same({1: weights(seq)[1]}, weights(alone))
+
+
+def test_data_on_the_device_trains_the_same_weights(tiny_cfg, digits):
+    """train.data_on_device=on: the data moved to the device once, batches and draws made there. On the CPU the
+    device is the host, so the weights equal the host path's, for either schedule (CUDA draws differ by design)."""
+    from diffusionblocks.data import tensor_bytes, to_device
+    from diffusionblocks.train import resident_data
+
+    host = train(tiny_cfg, digits, None, progress=False)
+    for schedule in ("sequential", "interleaved"):
+        cfg = apply_overrides(tiny_cfg, [f"train.schedule={schedule}", "train.data_on_device=on"])
+        assert_same(weights(host), weights(train(cfg, digits, None, progress=False)))
+    moved = to_device(digits, "cpu")
+    assert torch.equal(moved.images, digits.images) and moved.labels is digits.labels and moved.name == digits.name
+    assert tensor_bytes(digits) == digits.images.nbytes + digits.labels.nbytes
+    assert resident_data(tiny_cfg, digits, torch.device("cpu")) is digits  # nothing to move on the CPU
+    assert to_device(torch.ones(2), "cpu").shape == (2,)  # not a container: returned as it is
+    with pytest.raises(ConfigError, match="train.data_on_device"):
+        apply_overrides(tiny_cfg, ["train.data_on_device=gpu"])
 
 
 def test_resume_continues_exactly(tiny_cfg, digits, tmp_path):

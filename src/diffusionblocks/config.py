@@ -70,10 +70,14 @@ class TrainConfig:
     precision: str = "auto"          # Matmul precision: "fp32", "tf32" (CUDA), "bf16" (autocast; weights, optimiser
                                      # state, EMA and the loss stay float32), or "auto" (bf16 on CUDA, fp32 on CPU).
     compile: bool = False            # torch.compile each block's loss (pays off on GPUs; compiling takes a while).
+    data_on_device: str = "auto"     # "on": the training data lives on the device and each step's batch and draws
+                                     # are made there (no copy, no wait for the host); "off": on the host; "auto":
+                                     # on for a CUDA device when the data takes at most a quarter of its memory.
 
     def validate(self) -> None:
         check_choice("train.schedule", self.schedule, ("sequential", "interleaved", "parallel"))
         check_choice("train.precision", self.precision, PRECISIONS)
+        check_choice("train.data_on_device", self.data_on_device, ("auto", "on", "off"))
         for name in ("steps_per_block", "batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")

@@ -19,6 +19,7 @@ Randomness during training comes only from :func:`derive_seed`, a pure function 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import importlib
@@ -175,6 +176,23 @@ def make_generator(*parts: int | str, device: str | torch.device = "cpu") -> tor
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(*parts))
     return gen
+
+
+def to_device(data, device: str | torch.device):
+    """A dataset container (a dataclass such as ImageData or TokenStream) with its tensors on `device`; anything
+    else is returned as it is."""
+    if not dataclasses.is_dataclass(data):
+        return data
+    moved = {f.name: getattr(data, f.name).to(device) for f in dataclasses.fields(data)
+             if torch.is_tensor(getattr(data, f.name))}
+    return dataclasses.replace(data, **moved) if moved else data
+
+
+def tensor_bytes(data) -> int:
+    """Bytes of the tensors a dataset container (a dataclass) holds."""
+    if not dataclasses.is_dataclass(data):
+        return 0
+    return sum(t.nbytes for t in (getattr(data, f.name) for f in dataclasses.fields(data)) if torch.is_tensor(t))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,6 +582,10 @@ def _load_cifar(cfg: DataConfig, spec: CifarSpec) -> ImageSplits:
 class BatchSampler:
     """Deterministic training batches: batch(step) depends only on (seed, stream, step), never on history.
 
+    The batches are drawn and made where the data is: on a GPU, with the data moved there once (`to_device`),
+    a step's batch costs no copy and no wait for the host; the draws then come from generators of that device,
+    so the batches depend on (seed, stream, step) and the device type.
+
     The stream of indices is the concatenation of per-epoch permutations of the data, epoch e drawn
     from ``make_generator(seed, stream, e, "perm")``; the batch for step s is elements
     [s * batch_size, (s + 1) * batch_size) of it (a batch may straddle epochs, and may be larger than
@@ -595,12 +617,17 @@ class BatchSampler:
         self.crop_padding = int(crop_padding)
         self._perms: OrderedDict[int, torch.Tensor] = OrderedDict()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the data is, and so where the batches are drawn and made (see `to_device`)."""
+        return self.data.images.device
+
     def _perm(self, epoch: int) -> torch.Tensor:
         """The permutation of epoch `epoch` (cached)."""
         perm = self._perms.get(epoch)
         if perm is None:
-            gen = make_generator(self.seed, self.stream, epoch, "perm")
-            perm = torch.randperm(len(self.data), generator=gen)
+            gen = make_generator(self.seed, self.stream, epoch, "perm", device=self.device)
+            perm = torch.randperm(len(self.data), generator=gen, device=self.device)
             self._perms[epoch] = perm
             while len(self._perms) > self._CACHE:
                 self._perms.popitem(last=False)
@@ -626,18 +653,18 @@ class BatchSampler:
     def crop_offsets(self, step: int) -> torch.Tensor:
         """The (dy, dx) crop offsets in [0, 2 * crop_padding] of step `step`'s images, int64 B x 2."""
         p = self.crop_padding
-        gen = make_generator(self.seed, self.stream, step, "crop")
-        return torch.randint(0, 2 * p + 1, (self.batch_size, 2), generator=gen)
+        gen = make_generator(self.seed, self.stream, step, "crop", device=self.device)
+        return torch.randint(0, 2 * p + 1, (self.batch_size, 2), generator=gen, device=self.device)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels) of global step `step`, images flipped if hflip, then cropped if crop_padding."""
         idx = self.indices(step)
         images = self.data.images[idx]  # advanced indexing copies: the dataset is never modified
         labels = self.data.labels[idx]
-        if self.hflip:
-            gen = make_generator(self.seed, self.stream, step, "flip")
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            images[flip] = images[flip].flip(-1)
+        if self.hflip:  # a select, not a masked assignment (which would wait for the device to count the mask)
+            gen = make_generator(self.seed, self.stream, step, "flip", device=self.device)
+            flip = torch.rand(len(idx), generator=gen, device=self.device) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if self.crop_padding > 0:
             images = _random_crop(images, self.crop_offsets(step), self.crop_padding)
         return images, labels

@@ -133,10 +133,11 @@ def sample_truncated(axis: NoiseAxis, n: int, lo: float, hi: float, *, generator
     low-discrepancy sampler of Kingma et al. 2021), which lowers the variance of a batch's loss.
     """
     q_lo, q_hi = axis.cdf(_t(lo)), axis.cdf(_t(hi))
+    at = generator.device if generator is not None else torch.device("cpu")  # drawn where the generator is
     if stratified:
-        u = (torch.arange(n, dtype=_f64) + torch.rand(1, generator=generator, dtype=_f64)) / n
+        u = (torch.arange(n, dtype=_f64, device=at) + torch.rand(1, generator=generator, dtype=_f64, device=at)) / n
     else:
-        u = torch.rand(n, generator=generator, dtype=_f64)  # a CPU generator: draws do not depend on the device
+        u = torch.rand(n, generator=generator, dtype=_f64, device=at)
     s = axis.icdf(q_lo + (q_hi - q_lo) * u).clamp(lo, hi)
     return s.to(device)
 

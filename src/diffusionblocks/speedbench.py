@@ -26,7 +26,7 @@ from .config import ConfigError, RunConfig
 from .data import make_generator
 from .membench import MemCase, bench_data, case_config, write_results
 from .tasks import get_task
-from .train import MetricsLog, _timed_step, init_block_state
+from .train import MetricsLog, _device_of, _timed_step, init_block_state, resident_data
 from .tasks.base import Coupling
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,9 @@ def measure_block(cfg: RunConfig, b: int, data, device: torch.device, steps: int
     loop_s = _median_step_s(loop, steps, windows, device)
 
     bare = init_block_state(cfg, b, device)
-    inputs = task.loss_inputs(cfg, partition, b, sampler.batch(0), make_generator(cfg.train.seed, b, 0, "noise"))
+    batch = sampler.batch(0)
+    inputs = task.loss_inputs(cfg, partition, b, batch, make_generator(cfg.train.seed, b, 0, "noise",
+                                                                        device=_device_of(batch)))
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     def bare_steps(n: int) -> None:
@@ -92,7 +94,7 @@ def run_speed_benchmark(base: RunConfig, random_images: bool, num_blocks: int, p
         train = dataclasses.replace(base.train, precision=p, compile=c)
         configs[p, c] = {B: case_config(dataclasses.replace(base, train=train), MemCase("sequential", B))
                          for B in (1, num_blocks)}
-    data = bench_data(base, random_images)
+    data = resident_data(base, bench_data(base, random_images), device)  # where the training loop would keep it
     results = []
     for (p, c), by_B in configs.items():
         logger.info("measuring precision %s, compile %s ...", p, "on" if c else "off")

@@ -210,10 +210,11 @@ class WindowSampler:
         self.data, self.seq_len, self.batch_size, self.seed, self.stream = data, seq_len, batch_size, seed, stream
 
     def batch(self, step: int) -> torch.Tensor:
-        """(batch_size, seq_len) token ids."""
-        g = make_generator(self.seed, self.stream, step, "windows")
-        starts = torch.randint(len(self.data) - self.seq_len + 1, (self.batch_size,), generator=g)
-        return self.data.tokens[starts[:, None] + torch.arange(self.seq_len)]  # (N, seq_len)
+        """(batch_size, seq_len) token ids, drawn and gathered where the tokens are (see data.to_device)."""
+        device = self.data.tokens.device
+        g = make_generator(self.seed, self.stream, step, "windows", device=device)
+        starts = torch.randint(len(self.data) - self.seq_len + 1, (self.batch_size,), generator=g, device=device)
+        return self.data.tokens[starts[:, None] + torch.arange(self.seq_len, device=device)]  # (N, seq_len)
 
 
 def held_out_windows(data: TokenStream, seq_len: int) -> torch.Tensor:

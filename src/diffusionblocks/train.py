@@ -134,8 +134,11 @@ def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler,
     """
     t = cfg.train
     b, s = state.b, state.step
-    # 1-2. A batch, and this step's noise levels and noise (and the task's other draws), from (seed, b, s).
-    inputs = get_task(cfg.task).loss_inputs(cfg, partition, b, sampler.batch(s), make_generator(t.seed, b, s, "noise"))
+    # 1-2. A batch, and this step's noise levels and noise (and the task's other draws), from (seed, b, s), drawn
+    # where the batch is (on the device when the data lives there: `resident_data`).
+    batch = sampler.batch(s)
+    gen = make_generator(t.seed, b, s, "noise", device=_device_of(batch))
+    inputs = get_task(cfg.task).loss_inputs(cfg, partition, b, batch, gen)
     lr = t.lr * min(1.0, (s + 1) / t.lr_warmup_steps) if t.lr_warmup_steps > 0 else t.lr
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -163,6 +166,30 @@ def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler,
         torch.distributed.all_reduce(loss, group=state.ddp.process_group)
         loss /= k
     return loss
+
+
+def _device_of(batch) -> torch.device:
+    """The device of a batch's (first) tensor; the CPU if it has none."""
+    for x in batch if isinstance(batch, (tuple, list)) else (batch,):
+        if torch.is_tensor(x):
+            return x.device
+    return torch.device("cpu")
+
+
+def resident_data(cfg: RunConfig, data, device: torch.device):
+    """The training data where the steps will draw their batches (train.data_on_device): moved to the device once,
+    or left on the host."""
+    from .data import tensor_bytes, to_device
+
+    mode, device = cfg.train.data_on_device, torch.device(device)
+    if mode == "off" or device.type == "cpu":
+        return data
+    if mode == "auto" and (device.type != "cuda" or
+                           tensor_bytes(data) > torch.cuda.get_device_properties(device).total_memory / 4):
+        return data
+    moved = to_device(data, device)
+    logger.info("training data on %s (%.1f MiB)", device, tensor_bytes(moved) / 2**20)
+    return moved
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -227,6 +254,7 @@ def _train(cfg: RunConfig, data, run_dir: Path | None, device: torch.device, blo
            progress: bool, init_from: Path | None, claim: bool) -> dict[int, BlockState]:
     blocks = list(range(cfg.blocks.num_blocks)) if blocks is None else blocks
     partition = build_partition(cfg)
+    data = resident_data(cfg, data, device)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None else None, cfg.train.log_every)
     states: dict[int, BlockState] = {}
     coupling = get_task(cfg.task).coupling(cfg, run_dir, device, states)

@@ -76,8 +76,8 @@ class HuginnLM(nn.Module):
                 s = self.core_step(s, e)
         return self.head(self.norm_final(self._stack(self.coda, s))).float()
 
-    def loss(self, tokens: torch.Tensor, iterations: torch.Tensor, state: torch.Tensor, bptt: torch.Tensor) -> torch.Tensor:
-        """Per-sequence mean next-token cross-entropy over positions 1..L-1, after `iterations` (a 0-d tensor) steps."""
+    def loss(self, tokens: torch.Tensor, iterations: int, state: torch.Tensor, bptt: int) -> torch.Tensor:
+        """Per-sequence mean next-token cross-entropy over positions 1..L-1, after `iterations` core steps."""
         logits = self(tokens, int(iterations), state, int(bptt))[:, :-1]
         return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
 

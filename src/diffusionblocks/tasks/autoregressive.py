@@ -277,11 +277,29 @@ def next_token_bits(model, windows: torch.Tensor, *, seed: int = 0, batch_size: 
 
 
 @torch.no_grad()
+def _teacher_forced_chain(model, x: torch.Tensor, sigmas: torch.Tensor, bridge: str, g: torch.Generator):
+    """The sampler's chain on every position of windows x (N, L) at once, the clean context given (the training
+    forward): yields (k, block, logits, estimate) at each step before the step's update; the noise and the
+    `sample` bridge's draws (temperature 1) come from g."""
+    z = torch.randn(*x.shape, model.blocks[0].E.shape[1], generator=g).to(x.device) * sigmas[0]  # (N, L, D)
+    for k in range(len(sigmas) - 1):
+        blk = model.blocks[int(model.partition.owner(sigmas[k:k + 1])[0])]
+        D, logits = blk.denoise(z, sigmas[k] * torch.ones(x.shape, device=x.device), x)
+        token = None
+        if bridge == "sample":
+            u = torch.rand(x.shape, generator=g, dtype=torch.float64).to(x.device).flatten()
+            token = _readout(logits.flatten(0, 1), 1.0, 1.0, False, u).view(x.shape)
+        est = blk.estimate(D, logits, bridge, token)
+        yield k, blk, logits, est
+        z = z + (sigmas[k + 1] - sigmas[k]) * (z - est) / sigmas[k]
+
+
+@torch.no_grad()
 def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None = None, seed: int = 0,
                batch_size: int = 64) -> list[dict[str, Any]]:
-    """The chain teacher-forced on held-out windows (every position denoised at once, the clean context given):
-    per step, the bits per character of the owning block's logits on the chain's own state and on the oracle
-    input E[x] + sigma eps, and the norm of the chain's estimate (a collapse toward 0 shows here)."""
+    """The chain teacher-forced on held-out windows: per step, the bits per token of the owning block's logits on
+    the chain's own state and on the oracle input E[x] + sigma eps, and the norm of the chain's estimate (a
+    collapse toward 0 shows here). Positions 1..L-1, as next_token_bits (position 0 has no context)."""
     from ..generate import sigma_grid
 
     steps = steps or model.num_blocks
@@ -291,31 +309,48 @@ def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None =
     n = 0
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size]
-        E = model.blocks[0].E
         g = make_generator(seed, "arlm-chain", i)
-        z = torch.randn(*x.shape, E.shape[1], generator=g).to(x.device) * sigmas[0]
-        for k, row in enumerate(rows):
-            blk = model.blocks[row["block"]]
-            sigma = sigmas[k] * torch.ones(x.shape, device=x.device)
-            D, logits = blk.denoise(z, sigma, x)
-            oracle = blk.E[x] + sigmas[k] * torch.randn(z.shape, generator=g).to(x.device)
-            _, logits_oracle = blk.denoise(oracle, sigma, x)
-            token = None
-            if bridge == "sample":  # a token from the step's distribution (temperature 1, no nucleus)
-                u = torch.rand(x.shape, generator=g, dtype=torch.float64).to(x.device).flatten()
-                token = _readout(logits.flatten(0, 1), 1.0, 1.0, False, u).view(x.shape)
-            est = blk.estimate(D, logits, bridge, token)
-            # Positions 1..L-1, as next_token_bits: position 0 has no context.
-            row["chain_bits"] += float(F.cross_entropy(logits[:, 1:].transpose(1, 2), x[:, 1:], reduction="sum"))
-            row["oracle_bits"] += float(F.cross_entropy(logits_oracle[:, 1:].transpose(1, 2), x[:, 1:], reduction="sum"))
-            row["estimate_norm"] += float(est[:, 1:].norm(dim=-1).sum())
-            z = z + (sigmas[k + 1] - sigmas[k]) * (z - est) / sigmas[k]
+        for k, blk, logits, est in _teacher_forced_chain(model, x, sigmas, bridge, g):
+            oracle = blk.E[x] + sigmas[k] * torch.randn(*x.shape, blk.E.shape[1], generator=g).to(x.device)
+            _, logits_oracle = blk.denoise(oracle, sigmas[k] * torch.ones(x.shape, device=x.device), x)
+            rows[k]["chain_bits"] += float(F.cross_entropy(logits[:, 1:].transpose(1, 2), x[:, 1:], reduction="sum"))
+            rows[k]["oracle_bits"] += float(F.cross_entropy(logits_oracle[:, 1:].transpose(1, 2), x[:, 1:],
+                                                            reduction="sum"))
+            rows[k]["estimate_norm"] += float(est[:, 1:].norm(dim=-1).sum())
         n += x[:, 1:].numel()
     for row in rows:
         row["chain_bits"] /= n * math.log(2)
         row["oracle_bits"] /= n * math.log(2)
         row["estimate_norm"] /= n
     return rows
+
+
+def mixture_bits(probs: torch.Tensor, x: torch.Tensor, samples: int) -> float:
+    """Summed bits of x (N, L) at positions 1..L-1 under the mean of `samples` distributions per window: probs
+    (N * samples, L, V), window i's copies at rows i * samples ... (i + 1) * samples - 1."""
+    N, L = x.shape
+    q = probs.view(N, samples, L, -1).mean(1)[:, :-1]  # (N, L - 1, V): the distribution of tokens 1..L-1
+    return float(-torch.log2(q.gather(-1, x[:, 1:, None]).clamp_min(torch.finfo(q.dtype).tiny)).sum())
+
+
+@torch.no_grad()
+def sampler_bits(model, windows: torch.Tensor, *, bridge: str, steps: int, samples: int = 8, seed: int = 0,
+                 batch_size: int = 64) -> float:
+    """Held-out bits per token (positions 1..L-1) of the distribution the sampler draws the next token from after
+    `steps` steps, q_K(x) = E_chain[softmax(last step's logits)](x), estimated by the mean over `samples`
+    teacher-forced chains per window (log of a mean of `samples` draws: biased up for small `samples`)."""
+    from ..generate import sigma_grid
+
+    sigmas = sigma_grid(model.partition.axis, steps).to(windows.device, torch.float32)
+    total, n = 0.0, 0
+    for i in range(0, len(windows), max(batch_size // samples, 1)):
+        x = windows[i:i + max(batch_size // samples, 1)]
+        for k, _, logits, _ in _teacher_forced_chain(model, x.repeat_interleave(samples, 0), sigmas, bridge,
+                                                  make_generator(seed, "arlm-sampler-bits", i)):
+            if k == steps - 1:
+                total += mixture_bits(logits.float().softmax(-1), x, samples)
+        n += x[:, 1:].numel()
+    return total / n
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -398,8 +433,10 @@ class AutoregressiveTask(TextTask):
         if cfg.model.mode == "plain":
             return {"tokens": batch}
         N, L = batch.shape
-        sigma = partition.sample(b, N * L, generator=generator).float().view(N, L)
-        return {"tokens": batch, "sigma": sigma, "noise": torch.randn(N, L, cfg.model.hidden_size, generator=generator)}
+        at = generator.device  # every draw where the generator is (the device, when the data is resident there)
+        sigma = partition.sample(b, N * L, generator=generator, device=at).float().view(N, L)
+        return {"tokens": batch, "sigma": sigma,
+                "noise": torch.randn(N, L, cfg.model.hidden_size, generator=generator, device=at)}
 
     # ---- inference
 

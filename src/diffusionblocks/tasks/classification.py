@@ -146,8 +146,9 @@ class ClassificationTask(Task):
         if cfg.classify.mode == "plain":
             return {"images": images, "labels": labels}
         n = images.shape[0]
-        sigma = partition.sample(b, n, generator=generator).float()
-        noise = torch.randn(n, cfg.model.hidden_size, generator=generator)
+        at = generator.device  # every draw where the generator is (the device, when the data is resident there)
+        sigma = partition.sample(b, n, generator=generator, device=at).float()
+        noise = torch.randn(n, cfg.model.hidden_size, generator=generator, device=at)
         return {"images": images, "labels": labels, "sigma": sigma, "noise": noise,
                 "weighting": cfg.classify.loss_weighting}
 

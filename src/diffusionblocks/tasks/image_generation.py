@@ -187,11 +187,12 @@ class ImageGenerationTask(Task):
         model.class_dropout)."""
         images, labels = batch
         n = images.shape[0]
-        sigma = partition.sample(b, n, generator=generator).float()
-        noise = torch.randn(images.shape, generator=generator)
+        at = generator.device  # every draw where the generator is (the device, when the data is resident there)
+        sigma = partition.sample(b, n, generator=generator, device=at).float()
+        noise = torch.randn(images.shape, generator=generator, device=at)
         inputs = {"y": images, "sigma": sigma, "noise": noise}
         if cfg.model.num_classes > 0:
-            drop = torch.rand(n, generator=generator) < cfg.model.class_dropout
+            drop = torch.rand(n, generator=generator, device=at) < cfg.model.class_dropout
             inputs["class_labels"] = torch.where(drop, cfg.model.num_classes, labels)
         return inputs
 

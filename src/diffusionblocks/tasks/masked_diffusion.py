@@ -203,8 +203,9 @@ class MaskedDiffusionTask(TextTask):
                     generator: torch.Generator) -> dict[str, Any]:
         """t from the block's interval (under the density -alpha'(t), stratified over the batch, as MDLM and MD4
         do, since the ELBO weight makes the loss noisy) and the uniforms that decide the masks."""
-        t = partition.sample(b, len(batch), generator=generator, stratified=True).float()
-        return {"tokens": batch, "t": t, "u": torch.rand(batch.shape, generator=generator)}
+        at = generator.device  # every draw where the generator is (the device, when the data is resident there)
+        t = partition.sample(b, len(batch), generator=generator, device=at, stratified=True).float()
+        return {"tokens": batch, "t": t, "u": torch.rand(batch.shape, generator=generator, device=at)}
 
     # ---- after training
 

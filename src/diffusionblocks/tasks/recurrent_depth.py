@@ -6,29 +6,27 @@ Two models of the same prelude / core / coda shape on the autoregressive task's 
 `model.bptt` iterations; and `model.mode="diffusion"`, the whole network one denoiser of the next token's
 embedding (B=1, weights tied across sampler steps), trained with one forward pass at a sampled sigma. At
 inference both run the core K times per token: Huginn's iterations, or K sampler steps of the denoiser (the
-prelude once per token). `evaluate` measures quality against K: held-out next-character bits (teacher-forced;
-for the denoiser, the last step's logits on the chain's own state) and samples continuing held-out prompts,
+prelude once per token). `evaluate` measures quality against K: held-out next-character bits of the distribution the
+next token is drawn from (teacher-forced context, averaged over draws of the starting noise) and samples continuing held-out prompts,
 their perplexity under a judge (the autoregressive task's plain baseline), distinct 2/4-grams and longest run.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
 from ..data import make_generator
 from ..noise import Partition
 from ..text import TextConfig, held_out_windows, load_vocabulary
-from .autoregressive import (ARSampleConfig, _Context, _readout, chain_bits, distinct_n, generate_chain, judge_bits,
-                             longest_repeated_run, run_token_embedding)
+from .autoregressive import (ARSampleConfig, _Context, _readout, distinct_n, generate_chain, judge_bits,
+                             longest_repeated_run, mixture_bits, run_token_embedding, sampler_bits)
 from .base import Evaluation, TextTask
 
 
@@ -115,21 +113,24 @@ def generate(model, cfg: RunConfig, prompts: torch.Tensor, new: int, iterations:
 
 
 @torch.no_grad()
-def bits_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: int, seed: int = 0,
+def bits_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: int, samples: int = 8, seed: int = 0,
                batch_size: int = 64) -> float:
-    """Held-out bits per token of positions 1..L-1 after `iterations` core steps: Huginn's logits, or the
-    denoiser's last sampler step on its own chain (teacher-forced context)."""
+    """Held-out bits per token (positions 1..L-1) of the next-token distribution after `iterations` core steps,
+    averaged over `samples` draws of the starting noise (teacher-forced context): Huginn's softmax from `samples`
+    initial states, or the denoiser's sampler distribution (`sampler_bits`)."""
     if not is_huginn(model):
-        return chain_bits(model, windows, bridge=cfg.sample.bridge, steps=iterations, seed=seed)[-1]["chain_bits"]
+        return sampler_bits(model, windows, bridge=cfg.sample.bridge, steps=iterations, samples=samples, seed=seed,
+                            batch_size=batch_size)
     m = model.blocks[0]
     total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        x = windows[i:i + batch_size]
-        state = torch.randn(*x.shape, m.tok_embed.embedding_dim, generator=make_generator(seed, "recurrent-bits", i))
-        logits = m(x, iterations, state.to(x.device))[:, :-1]
-        total += float(F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="sum"))
+    step = max(batch_size // samples, 1)
+    for i in range(0, len(windows), step):
+        x = windows[i:i + step]
+        xs = x.repeat_interleave(samples, 0)  # (N * samples, L)
+        state = torch.randn(*xs.shape, m.tok_embed.embedding_dim, generator=make_generator(seed, "recurrent-bits", i))
+        total += mixture_bits(m(xs, iterations, state.to(x.device)).softmax(-1), x, samples)
         count += x[:, 1:].numel()
-    return total / count / math.log(2)
+    return total / count
 
 
 class RecurrentDepthTask(TextTask):
@@ -167,12 +168,17 @@ class RecurrentDepthTask(TextTask):
 
         m = cfg.model
         N, L = batch.shape
+        at = generator.device  # every draw where the generator is (the device, when the data is resident there)
         if m.mode == "huginn":
-            r = lognormal_poisson(m.mean_recurrence, m.recurrence_std, generator)
-            return {"tokens": batch, "iterations": torch.tensor(r), "bptt": torch.tensor(m.bptt),
-                    "state": torch.randn(N, L, m.hidden_size, generator=generator)}
-        sigma = partition.sample(b, N * L, generator=generator).float().view(N, L)
-        return {"tokens": batch, "sigma": sigma, "noise": torch.randn(N, L, m.hidden_size, generator=generator)}
+            # The count steers the host's loop: drawn on the host (from a generator of the same seed off the
+            # CPU) so that the step never waits for the device to read it.
+            host = generator if at.type == "cpu" else torch.Generator().manual_seed(generator.initial_seed())
+            r = lognormal_poisson(m.mean_recurrence, m.recurrence_std, host)
+            return {"tokens": batch, "iterations": r, "bptt": m.bptt,
+                    "state": torch.randn(N, L, m.hidden_size, generator=generator, device=at)}
+        sigma = partition.sample(b, N * L, generator=generator, device=at).float().view(N, L)
+        return {"tokens": batch, "sigma": sigma, "noise": torch.randn(N, L, m.hidden_size, generator=generator,
+                                                                      device=at)}
 
     # ---- inference
 
@@ -225,7 +231,9 @@ class RecurrentDepthTask(TextTask):
                             "samples' generative perplexity")
         parser.add_argument("--prompts", type=int, default=50, help="held-out prompts continued, per K")
         parser.add_argument("--new", type=int, default=100, help="characters added to each prompt")
-        parser.add_argument("--windows", type=int, default=256, help="held-out windows for the bits (0 = all)")
+        parser.add_argument("--windows", type=int, default=64, help="held-out windows for the bits (0 = all)")
+        parser.add_argument("--draws", type=int, default=8, help="starting noises (chains) per window whose "
+                            "next-token distributions are averaged for the bits")
 
     def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
         from ..checkpoint import from_pretrained
@@ -235,8 +243,8 @@ class RecurrentDepthTask(TextTask):
             Ks = [int(k) for k in args.iterations.split(",") if k.strip()]
         except ValueError:
             raise ConfigError(f"--iterations {args.iterations!r} is not a comma-separated list of integers") from None
-        if not Ks or min(Ks) < 1 or args.prompts < 1 or args.new < 1:
-            raise ConfigError("--iterations, --prompts and --new must be at least 1")
+        if not Ks or min(Ks) < 1 or args.prompts < 1 or args.new < 1 or args.draws < 1:
+            raise ConfigError("--iterations, --prompts, --new and --draws must be at least 1")
         model, cfg = from_pretrained(run_dir, args.device)
         judge = None
         if args.judge:
@@ -255,7 +263,7 @@ class RecurrentDepthTask(TextTask):
                            **self._readout(cfg))
             seconds = time.perf_counter() - t0
             texts = self._texts(run_dir, ids, prompts.shape[1])
-            row = {"iterations": K, "bits_per_token": bits_after(model, cfg, windows, K, seed=args.seed),
+            row = {"iterations": K, "bits_per_token": bits_after(model, cfg, windows, K, args.draws, seed=args.seed),
                    "distinct_2": distinct_n(texts, 2), "distinct_4": distinct_n(texts, 4),
                    "longest_run_mean": sum(map(longest_repeated_run, texts)) / len(texts),
                    "chars_per_s": len(prompts) * args.new / seconds, "sample": texts[0]}
@@ -263,7 +271,7 @@ class RecurrentDepthTask(TextTask):
             if judge is not None:
                 row["gen_ppl"] = 2 ** judge_bits(judge.blocks[0], ids, prompts.shape[1], cfg.model.seq_len)
             rows.append(row)
-        return Evaluation({"run": str(run_dir), "mode": cfg.model.mode, "num_windows": len(windows),
+        return Evaluation({"run": str(run_dir), "mode": cfg.model.mode, "num_windows": len(windows), "draws": args.draws,
                            "num_prompts": len(prompts), "new_chars": args.new, "readout": self._readout(cfg),
                            "by_iterations": rows})
 
