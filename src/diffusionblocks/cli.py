@@ -542,16 +542,16 @@ def _bench_out(args: argparse.Namespace) -> Path | None:
 
 
 def _bench_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
-    """What a benchmark measures: --config with its overrides, or a DiT of --model size on random images; and its title."""
+    """What a benchmark measures: --config, or a DiT of --model size on random images, with the overrides; and its
+    title."""
     from .membench import model_config
 
     if args.config is not None:
         base = apply_overrides(load_config(args.config), args.overrides)
         return base, f"{base.name} ({base.task}), batch {base.train.batch_size}"
-    if args.overrides:
-        raise ConfigError("config overrides need --config")
-    base = model_config(args.model, args.image_size, args.channels, args.batch)
-    return base, f"{args.model} at {args.image_size}x{args.image_size}, batch {args.batch}"
+    base = apply_overrides(model_config(args.model, args.image_size, args.channels, args.batch), args.overrides)
+    extra = f" ({' '.join(args.overrides)})" if args.overrides else ""
+    return base, f"{args.model} at {args.image_size}x{args.image_size}, batch {args.batch}{extra}"
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> None:
@@ -690,7 +690,7 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p = bench.add_parser(
         "memory", help="peak training memory and step time: end-to-end vs DiffusionBlocks, each in a fresh process",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="overrides of --config")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides (of --config, or of the --model config)")
     p.add_argument("--config", help="measure this config (any task, on its own data) instead of --model")
     p.add_argument("--model", default="dit-s2", help="dit-s2 (12 layers, hidden 384), dit-b2 (12, 768) or tiny, "
                    "class-conditional DiTs on random images")
@@ -707,7 +707,7 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p = bench.add_parser("speed", help="training throughput, end to end and per block, for each precision and compile "
                          "mode: the training loop's step next to the bare forward/backward/AdamW step",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="overrides of --config")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides (of --config, or of the --model config)")
     p.add_argument("--config", help="measure this config (any task, on its own data) instead of --model")
     p.add_argument("--model", default="dit-s2", help="dit-s2, dit-b2 or tiny, class-conditional DiTs on random images")
     p.add_argument("--image-size", type=int, default=32)
