@@ -106,3 +106,45 @@ def test_ema_weights_are_saved_for_inference(tiny_cfg, digits, tmp_path):
     loaded = model.blocks[0].state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+
+
+@pytest.mark.parametrize("task, overrides", [
+    ("generate", ["data.hflip=true", "data.crop_padding=1"]),
+    ("classify", []),
+    ("mdlm", []),
+    ("arlm", []),
+    ("recurrent", ["model.mode=huginn"]),
+    ("recurrent", []),
+])
+def test_every_draw_of_a_step_is_made_where_its_generator_is(task, overrides, monkeypatch):
+    """With the data on a GPU, each step's batch and draws come from generators of that device; a draw that names
+    the generator but not its device would go to the CPU and fail there. No GPU here: every random draw with a
+    generator is watched, and must name the generator's device (the batch sampler's and the task's)."""
+    from pathlib import Path
+
+    from diffusionblocks.tasks import default_config, get_task
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+    cfg = default_config(task)
+    text = ["data.path=" + str(shared)] if task in ("mdlm", "arlm", "recurrent") else []
+    cfg = apply_overrides(cfg, [*text, *overrides, "train.batch_size=4"])
+    t = get_task(task)
+    data = t.load_data(cfg).train
+    sampler = t.batch_sampler(cfg, data, 0)
+    calls = []
+
+    def watched(fn):
+        def draw(*args, **kwargs):
+            if kwargs.get("generator") is not None:
+                calls.append((fn.__name__, kwargs.get("device"), kwargs["generator"].device))
+            return fn(*args, **kwargs)
+        return draw
+
+    for name in ("rand", "randn", "randint", "randperm"):  # (poisson and multinomial draw where their input is)
+        monkeypatch.setattr(torch, name, watched(getattr(torch, name)))
+    batch = sampler.batch(0)
+    t.loss_inputs(cfg, build_partition(cfg), 0, batch, make_generator(0, 0, 0, "noise"))
+    monkeypatch.undo()
+    assert calls
+    missing = [name for name, device, at in calls if torch.device(device or "meta") != at]
+    assert not missing, f"{task}: draws that do not name their generator's device: {missing}"

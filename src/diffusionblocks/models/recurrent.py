@@ -28,7 +28,8 @@ from .arlm import ARDenoiser, KVCache, LlamaLayer, _Trunk, init_llama
 
 def lognormal_poisson(mean: float, std: float, generator: torch.Generator) -> int:
     """Huginn's number of iterations: tau ~ N(ln(mean) - std^2 / 2, std), r = Poisson(e^tau) + 1 (mean about mean + 1)."""
-    tau = math.log(mean) - std ** 2 / 2 + std * float(torch.randn(1, generator=generator, dtype=torch.float64))
+    tau = math.log(mean) - std ** 2 / 2 + std * float(torch.randn(1, generator=generator, dtype=torch.float64,
+                                                                    device=generator.device))
     return int(torch.poisson(torch.tensor([math.exp(tau)], dtype=torch.float64), generator=generator)) + 1
 
 
