@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--new", type=int, default=100)
     parser.add_argument("--train-only", action="store_true", help="stop after the training runs")
+    parser.add_argument("--findings", help="a markdown file of what the numbers show, put into report.md after the "
+                        "set-up (written by a person once the numbers are in)")
     args = parser.parse_args()
     t0 = time.time()
     out = Path(args.out)
@@ -151,15 +153,22 @@ def write_report(out: Path, args: argparse.Namespace, costs: dict, results: dict
              f"initial state; the denoiser: its sampler chain); "
              f"{results['huginn']['num_prompts']} held-out prompts continued by {results['huginn']['new_chars']} "
              f"characters (temperature {cfg.sample.temperature}, top-p {cfg.sample.top_p}), scored by the judge "
-             f"`{args.judge}` (the autoregressive task's plain 6-layer baseline).", "",
-             "## Training cost", "",
-             "| model | steps | train s | steps/s | core passes / step | core passes | peak train MiB |",
-             "|---|---|---|---|---|---|---|"]
+             f"`{args.judge}` (the autoregressive task's plain 6-layer baseline).", ""]
+    if args.findings:
+        lines += [Path(args.findings).read_text().strip(), ""]
+    lines += ["## Training cost", "",
+             "| model | steps | train s (as run) | steps/s (median) | steps / median steps/s | core passes / step | "
+             "core passes | peak train MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, c in costs.items():
         lines.append(f"| {name} | {c['steps']} | {c['train_s']:.0f} | {c['steps_per_s']:.2f} | "
-                     f"{c['core_passes_per_step']:.2f} | {c['core_passes']} | {c['peak_train_mem_mib']:.0f} |")
-    lines += ["", "A core pass of the denoiser runs on the noisy and the clean stream, twice the tokens of one of "
-              "Huginn's iterations; Huginn's backward pass runs through its last iterations only.", "",
+                     f"{c['steps'] / c['steps_per_s']:.0f} | {c['core_passes_per_step']:.2f} | {c['core_passes']} | "
+                     f"{c['peak_train_mem_mib']:.0f} |")
+    lines += ["", "steps/s is the median over the logged intervals (50 steps each), so an interval slowed by other "
+              "work on the machine does not move it; equal time is taken at these medians. A core pass of the "
+              "denoiser runs on the noisy and the clean stream, twice the tokens of one of Huginn's iterations; "
+              "Huginn's backward pass runs through its last iterations only. The peak of the equal-time run is that "
+              "of its resumed steps.", "",
               "## Quality against the core's iterations K", "",
               "| K | " + " | ".join(f"{n} BPC | {n} gen. ppl | {n} distinct-4" for n in results) + " |",
               "|---|" + "---|---|---|" * len(results)]

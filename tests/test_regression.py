@@ -106,8 +106,8 @@ def record(out: Path) -> None:  # (run on fe85824: the configs then still held w
 # What the task refactor removed from the configs (and so from the config in each weights file's metadata): the
 # sections and fields a run's task never read. Every other field keeps its recorded value.
 DROPPED = {"generate": ["classify"], "classify": ["sample", "model.class_dropout"]}
-# Fields added since, with the value every recorded run implicitly had (on a CPU, "auto" is fp32).
-ADDED = {"train.precision": "auto", "train.compile": False}
+# Fields added since, with the value every recorded run implicitly had (on a CPU, "auto" is fp32 and data on the host).
+ADDED = {"train.precision": "auto", "train.compile": False, "train.data_on_device": "auto"}
 
 
 def without(config: dict, paths: list[str]) -> dict:
