@@ -1,6 +1,8 @@
 """Recurrent depth (issue "Language III"): Huginn's truncated BPTT, the recurrent denoiser that runs its core once
 per training step and once per sampler step, and the bits of both against the number of iterations."""
 
+import math
+
 import torch
 
 from diffusionblocks.models.arlm import KVCache
@@ -160,54 +162,60 @@ def test_both_models_train_sample_and_evaluate_through_the_cli(tmp_path, capsys)
 def test_mixture_bits_is_the_log_of_the_mean_distribution():
     from diffusionblocks.tasks.autoregressive import mixture_bits
 
-    x = torch.tensor([[0, 1, 2], [2, 2, 0]])  # (N=2, L=3)
-    probs = torch.rand(4, 3, 3, generator=torch.Generator().manual_seed(0)).softmax(-1)  # (N * 2, L, V)
-    q = (probs[0::2] + probs[1::2]) / 2  # each window's two copies averaged
-    want = -sum(torch.log2(q[i, j, x[i, j + 1]]) for i in range(2) for j in range(2))
-    assert abs(mixture_bits(probs, x, 2) - float(want)) < 1e-5
-    # One draw: the cross-entropy in bits; a copy that puts all its mass on the truth caps a window's bits at 1.
-    one = float(torch.nn.functional.cross_entropy(probs[::2, :-1].log().transpose(1, 2), x[:, 1:], reduction="sum"))
-    assert abs(mixture_bits(probs[::2], x, 1) - one / torch.log(torch.tensor(2.0))) < 1e-4
+    targets = torch.tensor([[1, 2], [2, 0]])  # (N=2, T=2)
+    probs = torch.rand(4, 2, 3, generator=torch.Generator().manual_seed(0)).softmax(-1)  # (N * 2, T, V)
+    q = (probs[0::2] + probs[1::2]) / 2  # each row's two copies averaged
+    want = -sum(torch.log2(q[i, j, targets[i, j]]) for i in range(2) for j in range(2))
+    assert abs(mixture_bits(probs, targets, 2) - float(want)) < 1e-5
+    # One draw: the cross-entropy in bits; a copy with all its mass on the truth caps a position's bits at 1.
+    one = torch.nn.functional.cross_entropy(probs[::2].log().transpose(1, 2), targets, reduction="sum")
+    assert abs(mixture_bits(probs[::2], targets, 1) - float(one) / math.log(2)) < 1e-4
     sure = probs.clone()
-    sure[0::2, :-1] = torch.nn.functional.one_hot(x[:, 1:], 3).float()
-    assert mixture_bits(sure, x, 2) <= 2 * 2 * 1 + 1e-6
+    sure[0::2] = torch.nn.functional.one_hot(targets, 3).float()
+    assert mixture_bits(sure, targets, 2) <= 2 * 2 * 1 + 1e-6
 
 
 def test_the_bits_average_the_draws_of_the_starting_noise():
-    """Huginn's bits after r iterations: the mean of its softmax over `samples` initial states (the same states
-    drawn here); the denoiser's: the mean of the last sampler step's softmax over `samples` teacher-forced chains."""
+    """Huginn's bits after r iterations: its position j's softmax (the distribution of token j + 1), averaged over
+    `samples` initial states; the denoiser's: the last sampler step's position j (the distribution of token j),
+    averaged over `samples` teacher-forced chains. With one draw both are the plain cross-entropy."""
     from diffusionblocks.blocks import build_partition
     from diffusionblocks.config import apply_overrides
     from diffusionblocks.data import make_generator
     from diffusionblocks.generate import sigma_grid
     from diffusionblocks.tasks import default_config
-    from diffusionblocks.tasks.autoregressive import _teacher_forced_chain, mixture_bits
+    from diffusionblocks.tasks.autoregressive import _teacher_forced_chain
     from diffusionblocks.tasks.recurrent_depth import bits_after
 
+    F = torch.nn.functional
     cfg = apply_overrides(default_config("recurrent"), ["model.mode=huginn"])
     windows = torch.randint(11, (3, 6), generator=torch.Generator().manual_seed(1))
+    targets = windows[:, 1:]
     huginn = _randomised(HuginnLM(11, hidden_size=16, num_heads=2, prelude=1, core=1, coda=1))
 
     class One:
         blocks = [huginn]
 
-    bits = bits_after(One, cfg, windows, 3, samples=4, batch_size=8)  # windows 0-1, then 2
-    want = 0.0
-    for i, x in ((0, windows[:2]), (2, windows[2:])):
-        xs = x.repeat_interleave(4, 0)
-        state = torch.randn(*xs.shape, 16, generator=make_generator(0, "recurrent-bits", i))
-        want += mixture_bits(huginn(xs, 3, state).softmax(-1).detach(), x, 4)
-    assert abs(bits - want / 15) < 1e-5
+    with torch.no_grad():
+        state = torch.randn(3, 6, 16, generator=make_generator(0, "recurrent-bits", 0))
+        ce = F.cross_entropy(huginn(windows, 3, state)[:, :-1].transpose(1, 2), targets, reduction="sum")
+        assert abs(bits_after(One, cfg, windows, 3, samples=1, batch_size=8) - float(ce) / 15 / math.log(2)) < 1e-5
+        xs = windows.repeat_interleave(4, 0)  # 4 draws: windows 0-1 in the first batch of 8 rows, then window 2
+        p = torch.cat([huginn(xs[:8], 3, torch.randn(8, 6, 16, generator=make_generator(0, "recurrent-bits", 0))),
+                       huginn(xs[8:], 3, torch.randn(4, 6, 16, generator=make_generator(0, "recurrent-bits", 2)))])
+        q = p[:, :-1].softmax(-1).view(3, 4, 5, 11).mean(1)
+        want = -torch.log2(q.gather(-1, targets[..., None])).sum() / 15
+        assert abs(bits_after(One, cfg, windows, 3, samples=4, batch_size=8) - float(want)) < 1e-5
 
     class Chain:
         blocks, num_blocks = [_denoiser()], 1
         partition = build_partition(apply_overrides(default_config("arlm"), ["blocks.num_blocks=1", "model.depth=1"]))
 
     dcfg = apply_overrides(default_config("recurrent"), [])
-    bits = bits_after(Chain, dcfg, windows, 3, samples=2, batch_size=8)
     sigmas = sigma_grid(Chain.partition.axis, 3)
-    *_, (k, _, logits, _) = _teacher_forced_chain(Chain, windows.repeat_interleave(2, 0), sigmas, dcfg.sample.bridge,
-                                                  make_generator(0, "arlm-sampler-bits", 0))  # one batch of 4 windows
-    assert k == 2 and abs(bits - mixture_bits(logits.softmax(-1), windows, 2) / 15) < 1e-5
-    # Two draws per window tell more than one: the estimate depends on how many chains it averages.
-    assert bits_after(Chain, dcfg, windows, 3, samples=1, batch_size=8) != bits
+    for samples in (1, 2):
+        *_, (k, _, logits, _) = _teacher_forced_chain(Chain, windows.repeat_interleave(samples, 0), sigmas,
+                                                      dcfg.sample.bridge, make_generator(0, "arlm-sampler-bits", 0))
+        q = logits[:, 1:].softmax(-1).view(3, samples, 5, 11).mean(1)
+        want = -torch.log2(q.gather(-1, targets[..., None])).sum() / 15
+        assert k == 2 and abs(bits_after(Chain, dcfg, windows, 3, samples=samples, batch_size=8) - float(want)) < 1e-5

@@ -325,12 +325,12 @@ def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None =
     return rows
 
 
-def mixture_bits(probs: torch.Tensor, x: torch.Tensor, samples: int) -> float:
-    """Summed bits of x (N, L) at positions 1..L-1 under the mean of `samples` distributions per window: probs
-    (N * samples, L, V), window i's copies at rows i * samples ... (i + 1) * samples - 1."""
-    N, L = x.shape
-    q = probs.view(N, samples, L, -1).mean(1)[:, :-1]  # (N, L - 1, V): the distribution of tokens 1..L-1
-    return float(-torch.log2(q.gather(-1, x[:, 1:, None]).clamp_min(torch.finfo(q.dtype).tiny)).sum())
+def mixture_bits(probs: torch.Tensor, targets: torch.Tensor, samples: int) -> float:
+    """Summed bits of targets (N, T) under the mean of `samples` distributions per row: probs (N * samples, T, V),
+    row i's copies at rows i * samples ... (i + 1) * samples - 1, aligned with the targets."""
+    N, T = targets.shape
+    q = probs.view(N, samples, T, -1).mean(1)  # (N, T, V)
+    return float(-torch.log2(q.gather(-1, targets[..., None]).clamp_min(torch.finfo(q.dtype).tiny)).sum())
 
 
 @torch.no_grad()
@@ -347,8 +347,8 @@ def sampler_bits(model, windows: torch.Tensor, *, bridge: str, steps: int, sampl
         x = windows[i:i + max(batch_size // samples, 1)]
         for k, _, logits, _ in _teacher_forced_chain(model, x.repeat_interleave(samples, 0), sigmas, bridge,
                                                   make_generator(seed, "arlm-sampler-bits", i)):
-            if k == steps - 1:
-                total += mixture_bits(logits.float().softmax(-1), x, samples)
+            if k == steps - 1:  # position j's logits are the distribution of token j (its context is tokens < j)
+                total += mixture_bits(logits[:, 1:].float().softmax(-1), x[:, 1:], samples)
         n += x[:, 1:].numel()
     return total / n
 

@@ -128,7 +128,8 @@ def bits_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: int, sa
         x = windows[i:i + step]
         xs = x.repeat_interleave(samples, 0)  # (N * samples, L)
         state = torch.randn(*xs.shape, m.tok_embed.embedding_dim, generator=make_generator(seed, "recurrent-bits", i))
-        total += mixture_bits(m(xs, iterations, state.to(x.device)).softmax(-1), x, samples)
+        logits = m(xs, iterations, state.to(x.device))[:, :-1]  # position j's: the distribution of token j + 1
+        total += mixture_bits(logits.softmax(-1), x[:, 1:], samples)
         count += x[:, 1:].numel()
     return total / count
 
