@@ -178,21 +178,23 @@ def make_generator(*parts: int | str, device: str | torch.device = "cpu") -> tor
     return gen
 
 
+def _tensor_fields(data) -> dict[str, torch.Tensor]:
+    """The tensors of a dataset container (a dataclass) by field name; none for anything else."""
+    if not dataclasses.is_dataclass(data):
+        return {}
+    return {f.name: getattr(data, f.name) for f in dataclasses.fields(data) if torch.is_tensor(getattr(data, f.name))}
+
+
 def to_device(data, device: str | torch.device):
     """A dataset container (a dataclass such as ImageData or TokenStream) with its tensors on `device`; anything
     else is returned as it is."""
-    if not dataclasses.is_dataclass(data):
-        return data
-    moved = {f.name: getattr(data, f.name).to(device) for f in dataclasses.fields(data)
-             if torch.is_tensor(getattr(data, f.name))}
+    moved = {name: t.to(device) for name, t in _tensor_fields(data).items()}
     return dataclasses.replace(data, **moved) if moved else data
 
 
 def tensor_bytes(data) -> int:
     """Bytes of the tensors a dataset container (a dataclass) holds."""
-    if not dataclasses.is_dataclass(data):
-        return 0
-    return sum(t.nbytes for t in (getattr(data, f.name) for f in dataclasses.fields(data)) if torch.is_tensor(t))
+    return sum(t.nbytes for t in _tensor_fields(data).values())
 
 
 # ----------------------------------------------------------------------------------------------

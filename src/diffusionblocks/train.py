@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, precision
 from .blocks import build_block, build_partition
 from .config import ConfigError, RunConfig
-from .data import make_generator
+from .data import make_generator, tensor_bytes, to_device
 from .noise import Partition
 from .tasks import Coupling, get_task
 
@@ -179,8 +179,6 @@ def _device_of(batch) -> torch.device:
 def resident_data(cfg: RunConfig, data, device: torch.device):
     """The training data where the steps will draw their batches (train.data_on_device): moved to the device once,
     or left on the host."""
-    from .data import tensor_bytes, to_device
-
     mode, device = cfg.train.data_on_device, torch.device(device)
     if mode == "off" or device.type == "cpu":
         return data

@@ -343,8 +343,9 @@ def sampler_bits(model, windows: torch.Tensor, *, bridge: str, steps: int, sampl
 
     sigmas = sigma_grid(model.partition.axis, steps).to(windows.device, torch.float32)
     total, n = 0.0, 0
-    for i in range(0, len(windows), max(batch_size // samples, 1)):
-        x = windows[i:i + max(batch_size // samples, 1)]
+    per_batch = max(batch_size // samples, 1)  # windows per batch of batch_size chains
+    for i in range(0, len(windows), per_batch):
+        x = windows[i:i + per_batch]
         for k, _, logits, _ in _teacher_forced_chain(model, x.repeat_interleave(samples, 0), sigmas, bridge,
                                                   make_generator(seed, "arlm-sampler-bits", i)):
             if k == steps - 1:  # position j's logits are the distribution of token j (its context is tokens < j)
