@@ -83,7 +83,7 @@ def main() -> None:
                      "fd_real_floor": ev.get("fd_real_floor")})
         print(json.dumps(rows[-1]), flush=True)
     ref = rows[0]
-    lines = [f"# The main job's size: wall time and sample quality\n",
+    lines = ["# The main job's size: wall time and sample quality\n",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
              f"torch {__import__('torch').__version__}. Wall time: `diffusionblocks train` from start to exit "
              f"(median of the repeats given); quality: `diffusionblocks evaluate --num {args.num} --seed 0`.\n",

@@ -4,6 +4,7 @@ import torch
 
 from diffusionblocks.cli import main
 from diffusionblocks.membench import MemCase, bench_config, memory_cases, saved_activation_bytes
+from diffusionblocks.memory import PeakMemory, peak_of_allocations
 from diffusionblocks.train import init_block_state
 
 
@@ -27,6 +28,26 @@ def test_saved_activations_shrink_with_blocks_and_checkpointing():
     assert b3_ckpt < 0.5 * b3
 
 
+def test_the_peak_of_allocations_replays_them_in_time_order():
+    assert peak_of_allocations([]) == 0
+    assert peak_of_allocations([(3, -5), (1, 10), (2, 4), (4, 7)]) == 16  # 10, 14, 9, 16
+    assert peak_of_allocations([(1, 8), (1, -8)]) == 8  # a tie counts the allocation first
+    assert peak_of_allocations([(1, -3)]) == 0
+
+
+def test_the_cpu_allocated_measure_counts_the_tensors_alive_at_the_peak():
+    mib = 2 ** 20
+    before = torch.empty(8 * mib, dtype=torch.uint8)
+    with PeakMemory("cpu", "allocated") as mem:
+        a = torch.ones(4 * mib, dtype=torch.uint8)
+        b = torch.ones(2 * mib, dtype=torch.uint8)
+        del a, before  # neither lowers the peak of a and b together
+        c = torch.ones(3 * mib, dtype=torch.uint8)
+        del b, c
+    assert mem.kind == "cpu_peak_allocated_above_start"
+    assert 6 * mib <= mem.peak_bytes < 6 * mib + 64 * 1024
+
+
 def test_bench_memory_writes_its_table(tmp_path, capsys):
     out = tmp_path / "mem"
     code = main(["bench", "memory", "--model", "tiny", "--image-size", "8", "--channels", "1", "--batch", "4",
@@ -35,10 +56,15 @@ def test_bench_memory_writes_its_table(tmp_path, capsys):
     assert {"memory.md", "memory.json", "memory.png"} <= {p.name for p in out.iterdir()}
     rows = {r["case"]: r for r in json.loads((out / "memory.json").read_text())}
     assert len(rows) == 5 and all(r["peak_bytes"] > 0 for r in rows.values())
+    kinds = ["cpu_peak_rss_above_start", "cpu_peak_allocated_above_start"]  # each in its own process
+    assert all(list(r["peaks"]) == kinds and r["peaks"][kinds[0]] == r["peak_bytes"] for r in rows.values())
+    e2e, seq_alloc = rows["end-to-end"]["peaks"][kinds[1]], rows["B=2 sequential offloaded"]["peaks"][kinds[1]]
+    assert seq_alloc < e2e
     inter, seq = rows["B=2 interleaved"], rows["B=2 sequential offloaded"]
     assert inter["analytic"]["params"] == 4 * sum(inter["params_per_block"])  # every block resident
     assert seq["analytic"]["params"] == 4 * max(seq["params_per_block"])  # one block resident
-    assert "| B=2 sequential offloaded | 6/6 |" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "| B=2 sequential offloaded | 6/6 |" in table and "| RSS MiB | / end-to-end | CPU allocated MiB |" in table
 
 
 def test_bench_memory_measures_any_tasks_config(tmp_path, capsys):
@@ -47,9 +73,16 @@ def test_bench_memory_measures_any_tasks_config(tmp_path, capsys):
     preset = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "presets" / "shakespeare-mdlm.json")
     code = main(["bench", "memory", "--config", preset, f"data.path={shakespeare}",
                  "model.hidden_size=32", "model.num_heads=2", "train.batch_size=8", "--steps", "2",
-                 "--num-blocks", "3", "--device", "cpu", "--out", str(out)])
+                 "--num-blocks", "3", "--device", "cpu", "--cpu-measure", "allocated", "--out", str(out)])
     assert code == 0
     rows = {r["case"]: r for r in json.loads((out / "memory.json").read_text())}
     seq, e2e = rows["B=3 sequential offloaded"], rows["end-to-end"]
     assert seq["layers_per_block"] == [2, 2, 2] and seq["analytic"]["activations"] < 0.6 * e2e["analytic"]["activations"]
+    assert list(e2e["peaks"]) == ["cpu_peak_allocated_above_start"]
+    assert seq["peak_bytes"] < 0.6 * e2e["peak_bytes"]  # tensors only: no allocator noise at this tiny size
     assert "shakespeare-mdlm (mdlm)" in capsys.readouterr().out
+
+
+def test_bench_memory_refuses_an_unknown_measure(capsys):
+    code = main(["bench", "memory", "--model", "tiny", "--cpu-measure", "rss,vms", "--device", "cpu"])
+    assert code != 0 and "--cpu-measure" in capsys.readouterr().err

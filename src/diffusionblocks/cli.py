@@ -527,7 +527,8 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
     device = str(_device(args.device))
     out = _bench_out(args)
     base, title = _bench_config(args)
-    run_benchmark(base, args.config is None, args.steps, num_blocks, device, out, title)
+    measures = tuple(m.strip() for m in args.cpu_measure.split(",") if m.strip())
+    run_benchmark(base, args.config is None, args.steps, num_blocks, device, out, title, measures)
 
 
 def _bench_out(args: argparse.Namespace) -> Path | None:
@@ -700,6 +701,9 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="steps per block (timings are medians after the first)")
     p.add_argument("--num-blocks", default="2,3,4,6", help="values of B")
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
+    p.add_argument("--cpu-measure", default="rss,allocated", help="on the CPU: rss (peak resident set size), "
+                   "allocated (peak bytes held by PyTorch's CPU allocator, as CUDA counts), or both; each in its own "
+                   "fresh process, the first giving the step times")
     p.add_argument("--out", help="directory for memory.md, memory.json, memory.png")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench_memory)

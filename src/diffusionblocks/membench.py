@@ -2,8 +2,9 @@
 
 Each configuration runs in a fresh process (so one's allocations cannot hide another's), on random
 data of the model's shape (`--model`, a DiT size) or on the data of any task's config (`--config`), and
-measures the peak memory of its training (CUDA: max_memory_allocated;
-CPU: peak resident set size above the process' size just before training) next to the analytic
+measures the peak memory of its training (CUDA: max_memory_allocated; CPU: the peak resident set size
+above the process' size just before training, and, in a second fresh process, the peak of the bytes
+PyTorch's CPU allocator handed out, the CPU's counterpart of CUDA's measure) next to the analytic
 breakdown of method.md section 6: parameters P, gradients P, AdamW state 2P of the blocks resident,
 and the activations one forward pass saves for backward (counted exactly with saved-tensor hooks).
 
@@ -31,7 +32,7 @@ import torch
 from .blocks import build_partition
 from .config import BlocksConfig, ConfigError, RunConfig, TrainConfig
 from .data import ImageData, make_generator
-from .memory import PeakMemory
+from .memory import CPU_MEASURES, PeakMemory
 from .tasks import get_task
 from .tasks.image_generation import DiTModelConfig, GenerationConfig
 from .train import BlockState, init_block_state, save_block_state, train_step
@@ -135,8 +136,10 @@ def _warm_up(cfg: RunConfig, data, device: torch.device) -> None:
     gc.collect()
 
 
-def run_case(base: RunConfig, random_images: bool, steps: int, case: MemCase, device: torch.device) -> dict[str, Any]:
-    """Trains `steps` steps of every block of the case, measuring peak memory and step times."""
+def run_case(base: RunConfig, random_images: bool, steps: int, case: MemCase, device: torch.device,
+             cpu_measure: str = "rss") -> dict[str, Any]:
+    """Trains `steps` steps of every block of the case, measuring peak memory (by `cpu_measure` on the CPU) and
+    step times."""
     cfg = case_config(base, case)
     task = get_task(cfg.task)
     data = bench_data(cfg, random_images)
@@ -154,7 +157,7 @@ def run_case(base: RunConfig, random_images: bool, steps: int, case: MemCase, de
 
     samplers = {b: task.batch_sampler(cfg, data, b) for b in range(B)}
     _warm_up(cfg, data, device)
-    with tempfile.TemporaryDirectory() as tmp, PeakMemory(device) as mem:
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory(device, cpu_measure) as mem:
         run_dir = Path(tmp)
         if case.mode == "interleaved":
             states = [init_block_state(cfg, b, device) for b in range(B)]
@@ -180,7 +183,7 @@ def run_case(base: RunConfig, random_images: bool, steps: int, case: MemCase, de
     return {
         "case": case.name, "mode": case.mode, "num_blocks": B, "checkpointing": case.checkpointing,
         "layers_per_block": list(cfg.layer_split()), "params_per_block": params,
-        "peak_bytes": mem.peak_bytes, "measure": mem.kind, "device": str(device),
+        "peak_bytes": mem.peak_bytes, "measure": mem.kind, "peaks": {mem.kind: mem.peak_bytes}, "device": str(device),
         "analytic": {"params": 4 * resident_params, "grads": 4 * resident_params, "adam": 8 * resident_params,
                      "activations": act_bytes},
         "step_s_median_per_block": [statistics.median(t[1:] or t) for t in step_times.values()],
@@ -202,13 +205,21 @@ def child_main(spec: str) -> None:
     torch.set_num_threads(a.get("threads") or torch.get_num_threads())
     from .config import RunConfig
 
-    r = run_case(RunConfig.from_dict(a["config"]), a["random_images"], a["steps"], case, torch.device(a["device"]))
+    r = run_case(RunConfig.from_dict(a["config"]), a["random_images"], a["steps"], case, torch.device(a["device"]),
+                 a.get("cpu_measure", "rss"))
     print(json.dumps(r))
 
 
 def run_benchmark(base: RunConfig, random_images: bool, steps: int, num_blocks: list[int], device: str,
-                  out_dir: Path | None, title: str) -> list[dict[str, Any]]:
-    """Measures every case of memory_cases(num_blocks) for the base config, each in a fresh process."""
+                  out_dir: Path | None, title: str, cpu_measures: tuple[str, ...] = CPU_MEASURES) -> list[dict[str, Any]]:
+    """Measures every case of memory_cases(num_blocks) for the base config, each in a fresh process per measure
+    (on the CPU, each of `cpu_measures`; the first gives `peak_bytes` and the step times, as the profiler behind
+    "allocated" slows the steps)."""
+    unknown = [m for m in cpu_measures if m not in CPU_MEASURES]
+    if unknown or not cpu_measures:
+        raise ConfigError(f"--cpu-measure {','.join(cpu_measures)!r}: give one or more of {', '.join(CPU_MEASURES)}")
+    if torch.device(device).type != "cpu":
+        cpu_measures = cpu_measures[:1]  # a GPU has one measure, its allocator's
     for case in memory_cases(num_blocks):
         case_config(base, case)  # validates before anything runs
     if not random_images:
@@ -216,8 +227,12 @@ def run_benchmark(base: RunConfig, random_images: bool, steps: int, num_blocks: 
     results = []
     for case in memory_cases(num_blocks):
         logger.info("measuring %s ...", case.name)
-        results.append(run_case_in_subprocess({"case": dataclasses.asdict(case), "config": base.to_dict(),
-                                               "random_images": random_images, "steps": steps, "device": device}))
+        spec = {"case": dataclasses.asdict(case), "config": base.to_dict(), "random_images": random_images,
+                "steps": steps, "device": device}
+        r = run_case_in_subprocess({**spec, "cpu_measure": cpu_measures[0]})
+        for m in cpu_measures[1:]:
+            r["peaks"].update(run_case_in_subprocess({**spec, "cpu_measure": m})["peaks"])
+        results.append(r)
     write_results(out_dir, "memory", results, format_table(results, title))
     if out_dir is not None:
         plot_memory(results, out_dir / "memory.png", f"{title}, {device}")
@@ -235,25 +250,34 @@ def write_results(out_dir: Path | None, stem: str, results: list[dict[str, Any]]
     logger.info("wrote %s/%s.md and %s.json", out_dir, stem, stem)
 
 
+MEASURE_LABELS = {"cuda_max_memory_allocated": "CUDA allocated", "cpu_peak_rss_above_start": "RSS",
+                  "cpu_peak_allocated_above_start": "CPU allocated"}
+
+
+def peaks(r: dict[str, Any]) -> dict[str, int]:
+    """A case's peak bytes by measure (results written before there were several carry one)."""
+    return r.get("peaks") or {r["measure"]: r["peak_bytes"]}
+
+
 def format_table(results: list[dict[str, Any]], title: str) -> str:
     e2e = next(r for r in results if r["mode"] == "e2e" and not r["checkpointing"])
+    kinds = list(peaks(e2e))
     mib = 2 ** 20
-    lines = [f"Peak training memory, {title}, {e2e['device']} "
-             f"({e2e['measure']}). Analytic: 4 bytes x (P params + P grads + 2P AdamW) of the resident blocks, "
-             "plus the activations one forward pass saves (largest block).", "",
-             "| configuration | layers | measured MiB | / end-to-end | x B | analytic MiB (params+grads+adam+act) "
-             "| step s per block (median) | B x block step / e2e step |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Peak training memory, {title}, {e2e['device']} ({', '.join(kinds)}). Analytic: 4 bytes x "
+             "(P params + P grads + 2P AdamW) of the resident blocks, plus the activations one forward pass saves "
+             "(largest block).", "",
+             "| configuration | layers | " + " | ".join(f"{MEASURE_LABELS.get(k, k)} MiB | / end-to-end" for k in kinds)
+             + " | analytic MiB (params+grads+adam+act) | step s per block (median) | B x block step / e2e step |",
+             "|---|---|" + "---|---|" * len(kinds) + "---|---|---|"]
     for r in results:
         a = r["analytic"]
         total = sum(a.values())
-        ratio = r["peak_bytes"] / e2e["peak_bytes"]
+        measured = " | ".join(f"{peaks(r)[k] / mib:.0f} | {peaks(r)[k] / peaks(e2e)[k]:.3f}" for k in kinds)
         step = r["step_s_median_per_block"]
         rel = sum(step) / e2e["step_s_median_per_block"][0]
-        lines.append(f"| {r['case']} | {'/'.join(map(str, r['layers_per_block']))} | {r['peak_bytes'] / mib:.0f} | "
-                     f"{ratio:.3f} | {ratio * r['num_blocks']:.2f} | {total / mib:.0f} = {a['params'] / mib:.0f}+"
-                     f"{a['grads'] / mib:.0f}+{a['adam'] / mib:.0f}+{a['activations'] / mib:.0f} | "
-                     f"{' / '.join(f'{t:.3f}' for t in step)} | {rel:.3f} |")
+        lines.append(f"| {r['case']} | {'/'.join(map(str, r['layers_per_block']))} | {measured} | "
+                     f"{total / mib:.0f} = {a['params'] / mib:.0f}+{a['grads'] / mib:.0f}+{a['adam'] / mib:.0f}+"
+                     f"{a['activations'] / mib:.0f} | {' / '.join(f'{t:.3f}' for t in step)} | {rel:.3f} |")
     return "\n".join(lines)
 
 
@@ -265,13 +289,18 @@ def plot_memory(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
     mib = 2 ** 20
     names = [r["case"] for r in results]
+    kinds = list(peaks(results[0]))
+    width = 0.8 / (len(kinds) + 1)
     fig, ax = plt.subplots(figsize=(max(7, 0.65 * len(results)), 4.2))
     x = range(len(results))
-    ax.bar([i - 0.2 for i in x], [r["peak_bytes"] / mib for r in results], width=0.4, label="measured peak")
+    for j, k in enumerate(kinds):
+        ax.bar([i - 0.4 + (j + 0.5) * width for i in x], [peaks(r)[k] / mib for r in results], width=width,
+               label=f"measured: {MEASURE_LABELS.get(k, k)}")
     bottom = [0.0] * len(results)
-    for k, color in [("params", "C1"), ("grads", "C2"), ("adam", "C3"), ("activations", "C4")]:
+    for n, k in enumerate(["params", "grads", "adam", "activations"]):
         h = [r["analytic"][k] / mib for r in results]
-        ax.bar([i + 0.2 for i in x], h, width=0.4, bottom=bottom, color=color, alpha=0.7, label=f"analytic: {k}")
+        ax.bar([i + 0.4 - width / 2 for i in x], h, width=width, bottom=bottom, color=f"C{len(kinds) + n}", alpha=0.7,
+               label=f"analytic: {k}")
         bottom = [b + v for b, v in zip(bottom, h)]
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
