@@ -254,14 +254,9 @@ MEASURE_LABELS = {"cuda_max_memory_allocated": "CUDA allocated", "cpu_peak_rss_a
                   "cpu_peak_allocated_above_start": "CPU allocated"}
 
 
-def peaks(r: dict[str, Any]) -> dict[str, int]:
-    """A case's peak bytes by measure (results written before there were several carry one)."""
-    return r.get("peaks") or {r["measure"]: r["peak_bytes"]}
-
-
 def format_table(results: list[dict[str, Any]], title: str) -> str:
     e2e = next(r for r in results if r["mode"] == "e2e" and not r["checkpointing"])
-    kinds = list(peaks(e2e))
+    kinds = list(e2e["peaks"])
     mib = 2 ** 20
     lines = [f"Peak training memory, {title}, {e2e['device']} ({', '.join(kinds)}). Analytic: 4 bytes x "
              "(P params + P grads + 2P AdamW) of the resident blocks, plus the activations one forward pass saves "
@@ -272,7 +267,7 @@ def format_table(results: list[dict[str, Any]], title: str) -> str:
     for r in results:
         a = r["analytic"]
         total = sum(a.values())
-        measured = " | ".join(f"{peaks(r)[k] / mib:.0f} | {peaks(r)[k] / peaks(e2e)[k]:.3f}" for k in kinds)
+        measured = " | ".join(f"{r['peaks'][k] / mib:.0f} | {r['peaks'][k] / e2e['peaks'][k]:.3f}" for k in kinds)
         step = r["step_s_median_per_block"]
         rel = sum(step) / e2e["step_s_median_per_block"][0]
         lines.append(f"| {r['case']} | {'/'.join(map(str, r['layers_per_block']))} | {measured} | "
@@ -289,12 +284,12 @@ def plot_memory(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
     mib = 2 ** 20
     names = [r["case"] for r in results]
-    kinds = list(peaks(results[0]))
+    kinds = list(results[0]["peaks"])
     width = 0.8 / (len(kinds) + 1)
     fig, ax = plt.subplots(figsize=(max(7, 0.65 * len(results)), 4.2))
     x = range(len(results))
     for j, k in enumerate(kinds):
-        ax.bar([i - 0.4 + (j + 0.5) * width for i in x], [peaks(r)[k] / mib for r in results], width=width,
+        ax.bar([i - 0.4 + (j + 0.5) * width for i in x], [r["peaks"][k] / mib for r in results], width=width,
                label=f"measured: {MEASURE_LABELS.get(k, k)}")
     bottom = [0.0] * len(results)
     for n, k in enumerate(["params", "grads", "adam", "activations"]):

@@ -85,7 +85,7 @@ class PeakMemory:
             from torch.profiler import ProfilerActivity, profile
 
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profiler.__enter__()
+            self._profiler.start()
         else:
             reset_peak_rss()
             self.start = current_rss_bytes()
@@ -96,7 +96,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start
         elif self.cpu_measure == "allocated":
-            self._profiler.__exit__(*exc)
+            self._profiler.stop()
             events = [(e.start_ns(), e.nbytes()) for e in self._profiler.profiler.kineto_results.events()
                       if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
             self.peak_bytes = peak_of_allocations(events)
