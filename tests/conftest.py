@@ -60,3 +60,19 @@ def kill_training_once(run, args: list[str], block: int, min_step: int) -> int:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return checkpoint.block_step(run, block)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Says how tests/test_regression.py compared runs on this machine, when it ran."""
+    import digests
+
+    if not any(r.nodeid.startswith("tests/test_regression.py") for reps in terminalreporter.stats.values()
+               for r in reps if hasattr(r, "nodeid")):
+        return
+    env = digests.environment()
+    if digests.recording_for(env) is not None:
+        line = f"regression digests: exact mode (this environment is recorded: {env['cpu_capability']}, {env['cpu']})"
+    else:
+        line = (f"regression digests: tolerant mode, no recording for this environment {env}; add one with "
+                "`python tests/digests.py record SCRATCH_DIR`")
+    terminalreporter.write_line(line)

@@ -1,0 +1,338 @@
+"""Regression digests: what short runs of the digits presets compute, recorded per environment.
+
+A run is described twice. Its *digests* (sha256 of every weights tensor, the logged losses' bits, the sample grid's
+bytes, the evaluation) can only be compared bit for bit on the environment they were recorded on: the same torch
+build, thread count, CPU instruction set and CPU, whose kernels order the arithmetic the same way. Its *values*
+(each logged loss, each weights tensor's sum, norm and projection on fixed random signs, the sample grid's
+pixels, the evaluation's accuracies) are compared on any other environment within tolerances set from the drift
+measured between instruction sets (see `regression_digests.json`'s "tolerance" entry and `python
+tests/digests.py --help`).
+
+    python tests/digests.py record SCRATCH             # add (or replace) this environment's recording
+    python tests/digests.py describe SCRATCH OUT.json  # this environment's description (say, ATEN_CPU_CAPABILITY=avx2)
+    python tests/digests.py drift A.json B.json        # the largest deviation of each quantity between two descriptions
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import hashlib
+import io
+import json
+import math
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from diffusionblocks.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGESTS = Path(__file__).with_name("regression_digests.json")
+THREADS = 1
+SHORT = ["train.steps_per_block=60", "train.batch_size=32", "train.checkpoint_every=25", "train.log_every=10",
+         "train.lr_warmup_steps=10"]
+DIT_SAMPLES = ["sample.samples_per_class=2", "sample.steps=12"]
+# name -> (preset, extra arguments); sequential and interleaved runs of one config must give the same files.
+CASES = {
+    "dit-sequential": ("digits-dit-128.json", DIT_SAMPLES),
+    "dit-interleaved": ("digits-dit-128.json", ["--schedule", "interleaved", *DIT_SAMPLES]),
+    "vit-fixed-sequential": ("digits-vit.json", []),
+    "vit-fixed-interleaved": ("digits-vit.json", ["--schedule", "interleaved"]),
+    "vit-learned_first": ("digits-vit.json", ["classify.label_embedding=learned_first"]),
+    "vit-learned_joint": ("digits-vit.json", ["--schedule", "interleaved", "classify.label_embedding=learned_joint"]),
+    "vit-plain": ("digits-vit.json", ["classify.mode=plain", "blocks.num_blocks=1"]),
+}
+# Fields dropped from the configs by the task refactor (fe85824 wrote them), and fields added since with the value
+# every earlier recording implicitly had (on a CPU, "auto" is fp32 and the data on the host).
+DROPPED = {"generate": ["classify"], "classify": ["sample", "model.class_dropout"]}
+ADDED = {"train.precision": "auto", "train.compile": False, "train.data_on_device": "auto"}
+# What the tolerant mode compares, with the unit of each deviation.
+QUANTITIES = {
+    "loss": "relative difference of a logged loss",
+    "weights": "norm of the differences of the tensors' sums (norms, random projections) over the norm of the weights",
+    "pixels": "mean absolute difference of the sample grid's pixels, in 8-bit levels",
+    "accuracy": "difference of an evaluation accuracy, in held-out examples",
+}
+
+
+# ---- the environment
+
+def environment() -> dict:
+    """What decides the bits a run computes: torch build, threads, the kernels' instruction set, the CPU, libc."""
+    return {"torch": torch.__version__, "threads": THREADS, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(), "cpu": _cpu_model(), "simd": _simd_flags(),
+            "libc": " ".join(platform.libc_ver())}
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _cpu_model() -> str:
+    for line in _cpuinfo().splitlines():
+        if line.startswith(("model name", "Processor", "cpu model")):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _simd_flags() -> str:
+    """The CPU's vector-instruction flags (x86's avx*, amx*, fma, f16c, sse*; ARM's asimd*, sve*), sorted."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags = line.split(":", 1)[1].split()
+            return " ".join(sorted(f for f in flags if f.startswith(
+                ("avx", "amx", "fma", "f16c", "sse", "ssse", "asimd", "sve", "fp16", "bf16", "i8mm"))))
+    return ""
+
+
+def code_version() -> str:
+    """The commit the package's code is at (with "+changes" when src/ or presets/ differ from it), or "unknown"."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "presets"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
+# ---- describing a run
+
+def train_case(name: str, out: Path, extra: list[str] = ()) -> Path:
+    """Trains case `name` (with `extra` overrides) on THREADS intra-op threads into out/name."""
+    preset, args = CASES[name]
+    run = out / name
+    argv = ["train", "--config", str(ROOT / "presets" / preset), "--out", str(run), "--no-progress", *args, *SHORT,
+            *extra]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+def _signs(n: int) -> np.ndarray:
+    """n fixed random signs (+1 / -1), the same on every machine."""
+    return np.random.default_rng(20261130).integers(0, 2, n).astype(np.float64) * 2 - 1
+
+
+def tensor_values(t: torch.Tensor) -> list:
+    """[dtype, shape, sum, L2 norm, projection on fixed random signs], the sums in float64."""
+    w = t.detach().to(torch.float64).reshape(-1).numpy()
+    return [str(t.dtype), list(t.shape), float(w.sum()), float(np.linalg.norm(w)), float(w @ _signs(w.size))]
+
+
+def describe_run(run: Path) -> dict:
+    """{"digests": what is compared bit for bit, "values": what is compared within tolerances}."""
+    digests: dict = {"files": {}}
+    values: dict = {"weights": {}}
+    for path in sorted(run.glob("*.safetensors")):
+        h = hashlib.sha256()
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key).contiguous() for key in sorted(f.keys())}
+        for key, t in tensors.items():  # sha256 over every tensor's name, dtype, shape and bytes, in name order
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        meta.pop("train_time_s", None)  # wall time
+        digests["files"][path.name] = {"tensors_sha256": h.hexdigest(),
+                                       "metadata": {k: v for k, v in meta.items() if k != "config"},
+                                       "config": json.loads(meta["config"]) if "config" in meta else None}
+        values["weights"][path.name] = {key: tensor_values(t) for key, t in tensors.items()}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    digests["losses"] = sorted([r["block"], r["step"], r["loss"].hex()] for r in rows)
+    if (run / "samples.png").is_file():
+        png = (run / "samples.png").read_bytes()
+        digests["samples_png_sha256"] = hashlib.sha256(png).hexdigest()
+        values["samples_png"] = base64.b64encode(png).decode()
+    summary = json.loads((run / "train_summary.json").read_text())
+    if "evaluation" in summary:
+        ev = dict(summary["evaluation"])
+        ev.pop("inference_s", None)
+        ev.pop("run", None)
+        digests["evaluation"] = ev
+    return {"digests": digests, "values": values}
+
+
+# ---- old recordings in today's form
+
+def current_form(config: dict) -> dict:
+    """A recorded config as today's code writes it: DROPPED removed where present, ADDED set where absent."""
+    config = json.loads(json.dumps(config))
+    for path in DROPPED[config["task"]]:
+        *parents, last = path.split(".")
+        node = config
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(last, None)
+    for path, value in ADDED.items():
+        section, field = path.split(".")
+        config[section].setdefault(field, value)
+    return config
+
+
+def expected_digests(case: dict) -> dict:
+    """A recorded case's digests with each weights file's config in today's form."""
+    digests = json.loads(json.dumps(case["digests"]))
+    for f in digests["files"].values():
+        if f["config"] is not None:
+            f["config"] = current_form(f["config"])
+    return digests
+
+
+# ---- the tolerant comparison
+
+def _losses(case: dict) -> dict[tuple[int, int], float]:
+    return {(b, s): float.fromhex(x) for b, s, x in case["digests"]["losses"]}
+
+
+def _pixels(case: dict) -> np.ndarray | None:
+    png = case.get("values", {}).get("samples_png")
+    return None if png is None else np.asarray(Image.open(io.BytesIO(base64.b64decode(png))), dtype=np.float64)
+
+
+def _accuracies(evaluation: dict | None) -> dict[str, float]:
+    """Every accuracy an evaluation reports, by a path-like name."""
+    if not evaluation:
+        return {}
+    out = {k: evaluation[k] for k in ("top1", "top5") if k in evaluation}
+    for row in evaluation.get("per_step", []):
+        out[f"step {row['step']} chain"] = row["chain_accuracy"]
+    for row in evaluation.get("per_block", []):
+        out[f"block {row['block']} oracle"] = row["oracle_accuracy"]
+    return out
+
+
+def structure(case: dict) -> dict:
+    """What must match exactly in every mode: files, their metadata and configs, tensor names, dtypes and shapes,
+    the logged steps, whether there is a sample grid, the evaluation's non-accuracy fields."""
+    digests = expected_digests(case)
+    files = {name: {"metadata": f["metadata"], "config": f["config"]} for name, f in digests["files"].items()}
+    weights = case.get("values", {}).get("weights")
+    tensors = None if weights is None else {name: {k: v[:2] for k, v in w.items()} for name, w in weights.items()}
+    evaluation = digests.get("evaluation")
+    return {"files": files, "tensors": tensors, "logged": sorted(_losses(case)),
+            "samples": "samples_png_sha256" in digests,
+            "evaluation": {k: v for k, v in (evaluation or {}).items() if k in ("num_blocks", "mode", "num_test",
+                                                                                "steps")}}
+
+
+def deviations(got: dict, ref: dict) -> dict[str, float]:
+    """The largest deviation of each quantity (QUANTITIES) of run description `got` from `ref`; quantities `ref`
+    does not hold are left out."""
+    out: dict[str, float] = {}
+    a, b = _losses(got), _losses(ref)
+    out["loss"] = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-30) for k in b)
+    if "values" in ref and "values" in got:
+        worst = 0.0
+        for name, tensors in ref["values"]["weights"].items():
+            # (tensors, 3): sum, norm and projection of each tensor; the file's deviation of each statistic is the
+            # norm of its differences over the norm of the file's weights (one tensor's noise, such as the key
+            # bias, whose gradient is zero but for rounding, weighs what its size does).
+            r = np.array([v[2:] for v in tensors.values()])
+            g = np.array([got["values"]["weights"][name][k][2:] for k in tensors])
+            scale = np.linalg.norm(r[:, 1])
+            worst = max(worst, float(np.linalg.norm(g - r, axis=0).max() / scale) if scale > 0 else
+                        (0.0 if np.array_equal(g, r) else math.inf))
+        out["weights"] = worst
+        pa, pb = _pixels(got), _pixels(ref)
+        if pb is not None:
+            out["pixels"] = float(np.abs(pa - pb).mean())
+    ea, eb = got["digests"].get("evaluation"), ref["digests"].get("evaluation")
+    if eb:
+        acc_a, acc_b = _accuracies(ea), _accuracies(eb)
+        out["accuracy"] = max(abs(acc_a[k] - acc_b[k]) * eb["num_test"] for k in acc_b)
+    return out
+
+
+def tolerant_failures(got: dict, ref: dict, tolerance: dict[str, float]) -> list[str]:
+    """What of run description `got` falls outside the tolerances around `ref` (an empty list when nothing does)."""
+    sa, sb = structure(got), structure(ref)
+    if sb["tensors"] is None:
+        sa["tensors"] = None
+    wrong = [f"{k} differs: {sa[k]} != {sb[k]}" for k in sb if sa[k] != sb[k]]
+    if wrong:
+        return wrong
+    return [f"{q}: deviation {d:.3g} > tolerance {tolerance[q]:.3g} ({QUANTITIES[q]})"
+            for q, d in deviations(got, ref).items() if not d <= tolerance[q]]
+
+
+# ---- the file
+
+def load() -> dict:
+    return json.loads(DIGESTS.read_text())
+
+
+def recording_for(env: dict, digests: dict | None = None) -> dict | None:
+    """The recording made on environment `env`, or None."""
+    digests = load() if digests is None else digests
+    return next((r for r in digests["recordings"] if r["environment"] == env), None)
+
+
+def reference(digests: dict | None = None) -> dict:
+    """The recording the tolerant mode compares with."""
+    digests = load() if digests is None else digests
+    return next(r for r in digests["recordings"] if r["environment"] == digests["tolerance"]["reference"])
+
+
+def describe_all(out: Path) -> dict:
+    return {"environment": environment(), "code": code_version(),
+            "recorded": datetime.date.today().isoformat(),
+            "cases": {name: describe_run(train_case(name, out)) for name in CASES}}
+
+
+def record(out: Path) -> None:
+    """Adds this environment's recording to the file, replacing an earlier one of the same environment only."""
+    digests = load()
+    new = describe_all(out)
+    others = [r for r in digests["recordings"] if r["environment"] != new["environment"]]
+    digests["recordings"] = others + [new]
+    DIGESTS.write_text(json.dumps(digests, indent=1) + "\n")
+    print(f"recorded {len(CASES)} cases for {new['environment']}; {len(others)} other recording(s) kept")
+
+
+def _main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python tests/digests.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("record", help="train every case here and add this environment's recording to the file")
+    p.add_argument("scratch", type=Path)
+    p = sub.add_parser("describe", help="train every case here and write the description to a JSON file")
+    p.add_argument("scratch", type=Path)
+    p.add_argument("out", type=Path)
+    p = sub.add_parser("drift", help="the largest deviation of each quantity between two descriptions")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "record":
+        record(args.scratch)
+    elif args.command == "describe":
+        args.out.write_text(json.dumps(describe_all(args.scratch), indent=1) + "\n")
+    else:
+        a, b = (json.loads(p.read_text()) for p in (args.a, args.b))
+        print(f"{args.a} ({a['environment'].get('cpu_capability')}) against {args.b} "
+              f"({b['environment'].get('cpu_capability')})")
+        worst: dict[str, float] = {}
+        for name in CASES:
+            d = deviations(a["cases"][name], b["cases"][name])
+            worst = {q: max(v, worst.get(q, 0.0)) for q, v in d.items()}
+            print(f"{name:22s} " + "  ".join(f"{q} {v:.3g}" for q, v in d.items()))
+        print(f"{'largest':22s} " + "  ".join(f"{q} {v:.3g}" for q, v in worst.items()))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
