@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -50,6 +51,25 @@ CASES = {
     "vit-learned_joint": ("digits-vit.json", ["--schedule", "interleaved", "classify.label_embedding=learned_joint"]),
     "vit-plain": ("digits-vit.json", ["classify.mode=plain", "blocks.num_blocks=1"]),
 }
+# The text tasks at a tiny size, on Tiny Shakespeare (the presets' relative path: the cases run from the repository).
+TEXT = ["model.hidden_size=32", "model.num_heads=2", "model.seq_len=32", "sample.num=2"]
+GENERATED = ["sample.new_chars=24", "sample.prompt_chars=16"]
+RECURRENT = ["model.prelude=1", "model.core=1", "model.coda=1", "model.depth=3", "model.mean_recurrence=4",
+             "model.bptt=2"]
+# The `evaluate` options of the cases that are evaluated by the command (the text tasks), at a tiny size.
+GENERATION = ["--windows", "8", "--prompts", "2", "--new", "16"]
+EVALUATE = {"mdlm": ["--windows", "8", "--repeats", "2", "--strata", "4", "--num", "2"],
+            "arlm": [*GENERATION, "--speed-prompts", "1"], "arlm-plain": [*GENERATION, "--speed-prompts", "1"],
+            "recurrent": [*GENERATION, "--iterations", "1,4", "--draws", "2"],
+            "recurrent-huginn": [*GENERATION, "--iterations", "1,4", "--draws", "2"]}
+CASES.update({
+    "mdlm": ("shakespeare-mdlm.json", [*TEXT, "model.depth=3"]),
+    "arlm": ("shakespeare-arlm.json", [*TEXT, *GENERATED, "model.depth=3"]),
+    "arlm-plain": ("shakespeare-arlm.json", [*TEXT, *GENERATED, "model.depth=3", "model.mode=plain",
+                                             "blocks.num_blocks=1"]),
+    "recurrent": ("shakespeare-recurrent.json", [*TEXT, *GENERATED, *RECURRENT]),
+    "recurrent-huginn": ("shakespeare-recurrent.json", [*TEXT, *GENERATED, *RECURRENT, "model.mode=huginn"]),
+})
 # Fields dropped from the configs by the task refactor (fe85824 wrote them), and fields added since with the value
 # every earlier recording implicitly had (on a CPU, "auto" is fp32 and the data on the host).
 DROPPED = {"generate": ["classify"], "classify": ["sample", "model.class_dropout"]}
@@ -60,6 +80,8 @@ QUANTITIES = {
     "weights": "norm of the differences of the tensors' sums (norms, random projections) over the norm of the weights",
     "pixels": "mean absolute difference of the sample grid's pixels, in 8-bit levels",
     "accuracy": "difference of an evaluation accuracy, in held-out examples",
+    "text": "fraction of the sampled characters (samples.txt, the evaluation's texts) that differ, by position",
+    "figures": "difference of an evaluation's other figures (bits, sigmas, distinct n-grams) over 1 + the figure",
 }
 
 
@@ -111,17 +133,22 @@ def code_version() -> str:
 # ---- describing a run
 
 def train_case(name: str, out: Path, extra: list[str] = ()) -> Path:
-    """Trains case `name` (with `extra` overrides) on THREADS intra-op threads into out/name."""
+    """Trains case `name` (with `extra` overrides) on THREADS intra-op threads into out/name, and evaluates it into
+    out/name/evaluation when EVALUATE names it."""
     preset, args = CASES[name]
     run = out / name
     argv = ["train", "--config", str(ROOT / "presets" / preset), "--out", str(run), "--no-progress", *args, *SHORT,
             *extra]
-    threads = torch.get_num_threads()
+    threads, cwd = torch.get_num_threads(), os.getcwd()
     torch.set_num_threads(THREADS)
+    os.chdir(ROOT)
     try:
         assert main(argv) == 0
+        if name in EVALUATE:
+            assert main(["evaluate", str(run), "--out", str(run / "evaluation"), "--no-progress", *EVALUATE[name]]) == 0
     finally:
         torch.set_num_threads(threads)
+        os.chdir(cwd)
     return run
 
 
@@ -159,13 +186,23 @@ def describe_run(run: Path) -> dict:
         png = (run / "samples.png").read_bytes()
         digests["samples_png_sha256"] = hashlib.sha256(png).hexdigest()
         values["samples_png"] = base64.b64encode(png).decode()
+    if (run / "samples.txt").is_file():
+        text = (run / "samples.txt").read_bytes()
+        digests["samples_txt_sha256"] = hashlib.sha256(text).hexdigest()
+        values["samples_txt"] = text.decode()
     summary = json.loads((run / "train_summary.json").read_text())
-    if "evaluation" in summary:
-        ev = dict(summary["evaluation"])
-        ev.pop("inference_s", None)
-        ev.pop("run", None)
-        digests["evaluation"] = ev
+    evaluated = run / "evaluation" / "evaluation.json"
+    evaluation = json.loads(evaluated.read_text()) if evaluated.is_file() else summary.get("evaluation")
+    if evaluation is not None:
+        digests["evaluation"] = _without_timing(evaluation)
     return {"digests": digests, "values": values}
+
+
+def _without_timing(node):
+    """An evaluation without its wall times and speeds (keys ending in _s or holding per_s) and the run's path."""
+    if isinstance(node, dict):
+        return {k: _without_timing(v) for k, v in node.items() if not (k == "run" or k.endswith("_s") or "per_s" in k)}
+    return [_without_timing(v) for v in node] if isinstance(node, list) else node
 
 
 # ---- old recordings in today's form
@@ -173,7 +210,7 @@ def describe_run(run: Path) -> dict:
 def current_form(config: dict) -> dict:
     """A recorded config as today's code writes it: DROPPED removed where present, ADDED set where absent."""
     config = json.loads(json.dumps(config))
-    for path in DROPPED[config["task"]]:
+    for path in DROPPED.get(config["task"], []):
         *parents, last = path.split(".")
         node = config
         for p in parents:
@@ -205,30 +242,44 @@ def _pixels(case: dict) -> np.ndarray | None:
     return None if png is None else np.asarray(Image.open(io.BytesIO(base64.b64decode(png))), dtype=np.float64)
 
 
-def _accuracies(evaluation: dict | None) -> dict[str, float]:
-    """Every accuracy an evaluation reports, by a path-like name."""
-    if not evaluation:
-        return {}
-    out = {k: evaluation[k] for k in ("top1", "top5") if k in evaluation}
-    for row in evaluation.get("per_step", []):
-        out[f"step {row['step']} chain"] = row["chain_accuracy"]
-    for row in evaluation.get("per_block", []):
-        out[f"block {row['block']} oracle"] = row["oracle_accuracy"]
-    return out
+def _leaves(node, path: str = "") -> dict[str, object]:
+    """An evaluation's values by path ("per_step/0/chain_accuracy")."""
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _leaves(child, f"{path}/{key}").items()}
+    if isinstance(node, list):
+        return {k: v for i, child in enumerate(node) for k, v in _leaves(child, f"{path}/{i}").items()}
+    return {path.lstrip("/"): node}
+
+
+def _kind(path: str, value) -> str:
+    """How an evaluation's value is compared in the tolerant mode: as an accuracy, a figure, generated text, or
+    exactly (counts, flags, names, the prompts drawn from the data)."""
+    key = path.split("/")[-1] if not path.split("/")[-1].isdigit() else path.split("/")[-2]
+    if isinstance(value, float):
+        return "accuracy" if key in ("top1", "top5", "composition_gap") or key.endswith("accuracy") else "figures"
+    return "text" if isinstance(value, str) and key in ("texts", "samples") else "exact"
+
+
+def _evaluation(case: dict, kind: str) -> dict[str, object]:
+    leaves = _leaves(case["digests"].get("evaluation") or {})
+    return {k: v for k, v in leaves.items() if _kind(k, v) == kind}
+
+
+def _differing_chars(a: str, b: str) -> int:
+    return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
 
 
 def structure(case: dict) -> dict:
     """What must match exactly in every mode: files, their metadata and configs, tensor names, dtypes and shapes,
-    the logged steps, whether there is a sample grid, the evaluation's non-accuracy fields."""
+    the logged steps, which samples there are, the evaluation's fields and its counts, flags and names."""
     digests = expected_digests(case)
     files = {name: {"metadata": f["metadata"], "config": f["config"]} for name, f in digests["files"].items()}
     weights = case.get("values", {}).get("weights")
     tensors = None if weights is None else {name: {k: v[:2] for k, v in w.items()} for name, w in weights.items()}
     evaluation = digests.get("evaluation")
     return {"files": files, "tensors": tensors, "logged": sorted(_losses(case)),
-            "samples": "samples_png_sha256" in digests,
-            "evaluation": {k: v for k, v in (evaluation or {}).items() if k in ("num_blocks", "mode", "num_test",
-                                                                                "steps")}}
+            "samples": [k for k in ("samples_png_sha256", "samples_txt_sha256") if k in digests],
+            "evaluation": sorted(_leaves(evaluation or {})), "evaluation_exact": _evaluation(case, "exact")}
 
 
 def deviations(got: dict, ref: dict) -> dict[str, float]:
@@ -252,10 +303,18 @@ def deviations(got: dict, ref: dict) -> dict[str, float]:
         pa, pb = _pixels(got), _pixels(ref)
         if pb is not None:
             out["pixels"] = float(np.abs(pa - pb).mean())
-    ea, eb = got["digests"].get("evaluation"), ref["digests"].get("evaluation")
-    if eb:
-        acc_a, acc_b = _accuracies(ea), _accuracies(eb)
-        out["accuracy"] = max(abs(acc_a[k] - acc_b[k]) * eb["num_test"] for k in acc_b)
+    texts = [(got["values"]["samples_txt"], ref["values"]["samples_txt"])] if "samples_txt" in ref.get("values", {}) \
+        else []
+    ta, tb = _evaluation(got, "text"), _evaluation(ref, "text")
+    texts += [(ta[k], tb[k]) for k in tb]
+    if texts:
+        out["text"] = sum(_differing_chars(a, b) for a, b in texts) / max(sum(len(b) for _, b in texts), 1)
+    aa, ab = _evaluation(got, "accuracy"), _evaluation(ref, "accuracy")
+    if ab:
+        out["accuracy"] = max(abs(aa[k] - ab[k]) for k in ab) * ref["digests"]["evaluation"]["num_test"]
+    fa, fb = _evaluation(got, "figures"), _evaluation(ref, "figures")
+    if fb:
+        out["figures"] = max(abs(fa[k] - fb[k]) / (1 + abs(fb[k])) for k in fb)
     return out
 
 
@@ -327,7 +386,7 @@ def _main(argv: list[str]) -> None:
         print(f"{args.a} ({a['environment'].get('cpu_capability')}) against {args.b} "
               f"({b['environment'].get('cpu_capability')})")
         worst: dict[str, float] = {}
-        for name in CASES:
+        for name in [n for n in CASES if n in a["cases"] and n in b["cases"]]:
             d = deviations(a["cases"][name], b["cases"][name])
             worst = {q: max(v, worst.get(q, 0.0)) for q, v in d.items()}
             print(f"{name:22s} " + "  ".join(f"{q} {v:.3g}" for q, v in d.items()))

@@ -37,7 +37,7 @@ def check_case(name: str, got: dict) -> str:
     ref = digests.reference(file)["cases"][name]
     failures = digests.tolerant_failures(got, ref, file["tolerance"]["limits"])
     mine = digests.recording_for(digests.environment(), file)
-    if mine is None:
+    if mine is None or name not in mine["cases"]:
         assert not failures, f"tolerant mode (no recording for {digests.environment()}): {failures}"
         return "tolerant"
     assert got["digests"] == digests.expected_digests(mine["cases"][name]), "exact mode: the digests differ"
