@@ -164,11 +164,22 @@ def load_vocabulary(path: Path) -> Vocabulary | BPEVocabulary:
     return Vocabulary(d["chars"], path)
 
 
+def _parsed(path: Path) -> dict:
+    """A vocabulary file's contents as what they mean: its characters in id order, or its BPE's JSON parsed."""
+    d = _read_vocabulary_file(path)
+    if "chars" in d:
+        return {"chars": Vocabulary(d["chars"]).chars}
+    try:
+        return {"bpe": json.loads(d["bpe"])}
+    except ValueError:
+        raise ConfigError(f"{str(path)!r} holds a BPE that is not valid JSON") from None
+
+
 def _tokens(d: dict) -> list[str]:
-    """The token of each id of a vocabulary file's contents (a BPE's read from its JSON, without `tokenizers`)."""
+    """The token of each id of parsed vocabulary contents (a BPE's read from its JSON, without `tokenizers`)."""
     if "chars" in d:
         return list(d["chars"])
-    model = json.loads(d["bpe"])["model"]["vocab"]  # token -> id
+    model = d["bpe"]["model"]["vocab"]  # token -> id
     tokens = [""] * (max(model.values(), default=-1) + 1)
     for token, i in model.items():
         tokens[i] = token
@@ -178,7 +189,7 @@ def _tokens(d: dict) -> list[str]:
 def vocabulary_difference(a: Path, b: Path) -> str | None:
     """How two runs' vocabulary files differ, named by the first id that means another token ("id 12 is 'Z' in
     RUN_A but '~' in RUN_B"), or None when they map every token alike; a missing file is an error."""
-    da, db = _read_vocabulary_file(Path(a)), _read_vocabulary_file(Path(b))
+    da, db = _parsed(Path(a)), _parsed(Path(b))
     if da == db:
         return None
     name_a, name_b = str(Path(a).parent), str(Path(b).parent)
@@ -190,7 +201,7 @@ def vocabulary_difference(a: Path, b: Path) -> str | None:
         x, y = (repr(t[i]) if i < len(t) else "no token" for t in (ta, tb))
         if x != y:
             return f"id {i} is {x} in {name_a!r} but {y} in {name_b!r}"
-    return f"the BPEs of {name_a!r} and {name_b!r} have the same tokens but other merges"
+    return f"the BPEs of {name_a!r} and {name_b!r} have the same tokens but other merges or settings"
 
 
 def usable_logits(logits: torch.Tensor, num_tokens: int | None) -> torch.Tensor:

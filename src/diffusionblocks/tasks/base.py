@@ -204,7 +204,7 @@ class TextTask(Task):
             raise ConfigError(f"data.path {cfg.data.path!r} has {len(data.vocab)} {what} but "
                               f"model.vocab_size={cfg.model.vocab_size}")
         if vocab is None and len(data.vocab) < cfg.model.vocab_size:
-            logger.info("data.path %r has %d %s; ids %d..%d of model.vocab_size=%d stand for none and are never "
+            logger.info("data.path %r has %d %s: ids %d..%d of model.vocab_size=%d mean nothing and are never "
                         "sampled", cfg.data.path, len(data.vocab), what, len(data.vocab), cfg.model.vocab_size - 1,
                         cfg.model.vocab_size)
         return data
