@@ -182,7 +182,8 @@ def test_a_judge_with_another_vocabulary_is_refused(runs, corpus, tmp_path, caps
     size = len(Vocabulary(lower.read_text()))
     assert main(["train", "--out", str(judge), "--no-progress",
                  *args("arlm", lower, "blocks.num_blocks=1", "model.mode=plain", f"model.vocab_size={size}")]) == 0
-    for task, extra in (("arlm", ["--bridges", "argmax", "--speed-prompts", "1"]), ("recurrent", ["--iterations", "1"])):
+    for task, extra in (("arlm", ["--bridges", "argmax", "--speed-prompts", "1"]),
+                        ("recurrent", ["--iterations", "1"])):
         ev = tmp_path / f"ev-{task}"
         refused(capsys, ["evaluate", str(runs[task]), "--judge", str(judge), "--prompts", "2", "--new", "3",
                          "--windows", "2", *extra, "--out", str(ev), "--no-progress"],

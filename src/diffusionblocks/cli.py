@@ -453,7 +453,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         cfg = load_config(args.config) if args.config is not None else default_config()
         cfg = apply_overrides(cfg, args.overrides)
     comparison_configs(cfg, num_blocks)  # every config is checked before anything runs
-    get_task(cfg.task).check_after_training(cfg, get_task(cfg.task).load_data(cfg))  # and the data, against the model
+    task = get_task(cfg.task)
+    task.check_after_training(cfg, task.load_data(cfg))  # and the data, against the model and what runs after
     out = prepare_out_dir(args.out, args.runs_root, cfg.name, args.resume)
     logger.info("comparison directory: %s", out)
     run_comparison(cfg, out, num_blocks=num_blocks, num_samples=args.num, seed=args.seed, device=args.device,

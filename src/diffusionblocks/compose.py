@@ -108,7 +108,7 @@ def check_vocabularies(sources: dict[int, Path]) -> None:
 
 
 def copy_vocabulary(sources: dict[int, Path], out: Path) -> None:
-    """The sources' vocabulary (one, `check_vocabularies`), byte for byte into the composed run `out`, if they have one."""
+    """The sources' vocabulary (they share one: `check_vocabularies`), byte for byte into the composed run `out`."""
     if (sources[0] / VOCAB_FILE).is_file():
         _copy(sources[0] / VOCAB_FILE, out / VOCAB_FILE)
 

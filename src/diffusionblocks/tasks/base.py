@@ -10,8 +10,9 @@ command's verbs) never asks which task it runs. It calls a `Task`:
   (the end-to-end baseline at B=1);
 - training: `load_data` (train and held-out splits), `load_run_data` (the same as an existing run reads
   them, through its files), `check_after_training` (what a finished run will do with its data, checked
-  before any training), `prepare_run` (files of the run besides its blocks), `batch_sampler` (the deterministic batches of one block), `build_block` (block b as an `nn.Module` whose `loss(**inputs)` returns per-sample
-  losses), `loss_inputs` (those inputs for one batch, drawn from the (seed, block, step) generator)
+  before any training), `prepare_run` (files of the run besides its blocks), `batch_sampler` (the
+  deterministic batches of one block), `build_block` (block b as an `nn.Module` whose `loss(**inputs)`
+  returns per-sample losses), `loss_inputs` (those inputs for one batch, drawn from the (seed, block, step) generator)
   and `coupling` (what blocks hand each other, for the rare task whose blocks are not independent);
 - after training: `after_training` (what a finished run writes: a sample grid, an evaluation),
   `sample` (the `sample` verb), `evaluate` and its companions (the `evaluate` verb and each run of
@@ -210,6 +211,7 @@ class TextTask(Task):
         return data
 
     def run_vocabulary(self, run_dir: Path) -> Any:
+        """The run's vocabulary (its vocab.json): what every id of its blocks means."""
         from ..text import load_vocabulary
 
         return load_vocabulary(Path(run_dir) / self.VOCAB_FILE)
@@ -257,9 +259,9 @@ class TextTask(Task):
                               f"than {names[0]}={num} prompts")
         return windows[::len(windows) // num][:num]
 
-    def prompts(self, cfg: RunConfig, run_dir: Path, num: int, prompt: str | None, length: int,
-                names: tuple[str, str] = ("--num", "sample.prompt_chars")) -> torch.Tensor:
+    def prompts(self, cfg: RunConfig, run_dir: Path, num: int, prompt: str | None, length: int) -> torch.Tensor:
         """num prompts (num, P): the one given, or held-out prompts of `length` tokens (`held_out_prompts`)."""
         if prompt:
             return self.run_vocabulary(run_dir).encode(prompt, "the prompt")[None].expand(num, -1)
-        return self.held_out_prompts(self.load_run_data(cfg, run_dir).test, num, length, names)
+        return self.held_out_prompts(self.load_run_data(cfg, run_dir).test, num, length,
+                                     ("--num", "sample.prompt_chars"))
