@@ -121,12 +121,16 @@ def new_run_dir(root: str | Path, name: str) -> Path:
             ids.append(max(ids, default=-1) + 1)
 
 
-def save_config(run_dir: Path, cfg: RunConfig) -> None:
-    path = Path(run_dir) / "config.json"
+def save_text(path: Path, text: str) -> None:
+    """Writes a small UTF-8 file of a run through a temporary: it is whole or as it was."""
     tmp = temporary_path(path)
     with _writing(path, tmp):
-        tmp.write_text(cfg.to_json() + "\n")
+        tmp.write_text(text, encoding="utf-8")
         _atomic_replace(tmp, path)
+
+
+def save_config(run_dir: Path, cfg: RunConfig) -> None:
+    save_text(Path(run_dir) / "config.json", cfg.to_json() + "\n")
 
 
 def join_run(run_dir: Path, cfg: RunConfig) -> None:

@@ -277,6 +277,15 @@ def _discard_untrained(prepared: _Prepared, B: int) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _data_run(args: argparse.Namespace) -> Path | None:
+    """The run whose files (a vocabulary) the training data is read through: the run fine-tuned from, or the run
+    resumed or joined (`--blocks` into `--out`) once it has a block's files; None: the data makes its own."""
+    if args.from_ is not None:
+        return Path(args.from_)
+    run = args.resume if args.resume is not None else args.out if args.blocks is not None else None
+    return Path(run) if run is not None and Path(run).is_dir() and _has_block_files(Path(run)) else None
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from . import distributed
     from .train import train
@@ -306,7 +315,10 @@ def cmd_train(args: argparse.Namespace) -> None:
             if cfg.train.batch_size % k:
                 raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split evenly over the {k} "
                                   f"data-parallel ranks of a block ({world} ranks for {len(blocks)} block(s))")
-    data = get_task(cfg.task).load_data(cfg)  # raises when it does not fit the model
+    task = get_task(cfg.task)
+    source = _data_run(args)
+    data = task.load_run_data(cfg, source) if source is not None else task.load_data(cfg)  # raises when it does
+    task.check_after_training(cfg, data)  # not fit the model, or what the finished run does with it cannot be done
     rank, world, device = distributed.init(device)
     prepared = None
     try:
@@ -441,7 +453,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         cfg = load_config(args.config) if args.config is not None else default_config()
         cfg = apply_overrides(cfg, args.overrides)
     comparison_configs(cfg, num_blocks)  # every config is checked before anything runs
-    get_task(cfg.task).load_data(cfg)  # and the data, against the model
+    task = get_task(cfg.task)
+    task.check_after_training(cfg, task.load_data(cfg))  # and the data, against the model and what runs after
     out = prepare_out_dir(args.out, args.runs_root, cfg.name, args.resume)
     logger.info("comparison directory: %s", out)
     run_comparison(cfg, out, num_blocks=num_blocks, num_samples=args.num, seed=args.seed, device=args.device,

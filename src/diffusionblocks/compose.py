@@ -10,6 +10,7 @@ partition, and the model's shape (for images: size, channels and classes; one mo
     RUN/block_NN.safetensors byte-for-byte copies of the sources' weights
     RUN/composition.json     where each block came from: run, its config name and data, step, sha256
     RUN/metrics.jsonl        each block's rows of its source's metrics
+    RUN/vocab.json           a copy of the sources' vocabulary (text tasks), which they must share
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from . import checkpoint
 from .config import ConfigError, RunConfig, apply_overrides
+from .text import VOCAB_FILE, vocabulary_difference
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,24 @@ def check_sources(sources: dict[int, Path]) -> tuple[RunConfig, dict[int, RunCon
     return ref, configs
 
 
+def check_vocabularies(sources: dict[int, Path]) -> None:
+    """Refuses blocks whose runs read tokens through different vocabularies, naming the first id that differs."""
+    if not any((run / VOCAB_FILE).is_file() for run in sources.values()):
+        return  # a task without one (images)
+    first = sources[0]
+    for b, run in sorted(sources.items()):
+        difference = vocabulary_difference(first / VOCAB_FILE, run / VOCAB_FILE)
+        if difference is not None:
+            raise ConfigError(f"block {b} of {str(run)!r} cannot chain with block 0 of {str(first)!r}: another "
+                              f"vocabulary: {difference}")
+
+
+def copy_vocabulary(sources: dict[int, Path], out: Path) -> None:
+    """The sources' vocabulary (they share one: `check_vocabularies`), byte for byte into the composed run `out`."""
+    if (sources[0] / VOCAB_FILE).is_file():
+        _copy(sources[0] / VOCAB_FILE, out / VOCAB_FILE)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -125,6 +145,7 @@ def _copy_metrics(sources: dict[int, Path], out: Path) -> None:
 def compose_run(sources: dict[int, Path], out: Path, overrides: list[str] = ()) -> RunConfig:
     """Writes a run directory `out` (new or empty) whose block b is a copy of block b of sources[b]."""
     ref, configs = check_sources(sources)
+    check_vocabularies(sources)
     bad = [o for o in overrides if not o.split("=", 1)[0].startswith(OVERRIDABLE)]
     if bad:
         raise ConfigError(f"override {bad[0]!r}: a composed run may only set {', '.join(OVERRIDABLE)}; the rest "
@@ -132,7 +153,7 @@ def compose_run(sources: dict[int, Path], out: Path, overrides: list[str] = ()) 
     cfg = apply_overrides(ref, [f"name={ref.name}-composed", *overrides])
     from .tasks import get_task
 
-    get_task(cfg.task).load_data(cfg)  # the data it will be evaluated on must fit the model
+    get_task(cfg.task).load_run_data(cfg, sources[0])  # the data it will be evaluated on, as its blocks read it
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {str(out)!r} already exists and is not an empty directory; choose another")
     created = not out.exists()
@@ -155,6 +176,7 @@ def compose_run(sources: dict[int, Path], out: Path, overrides: list[str] = ()) 
                 logger.warning("block %d of %s is partly trained (step %d of %d)", b, run, info["step"],
                                src_cfg.train.steps_per_block)
         _copy_metrics(sources, out)
+        copy_vocabulary(sources, out)
         checkpoint.save_config(out, cfg)
         (out / COMPOSITION_FILE).write_text(json.dumps({"blocks": rows}, indent=2) + "\n")
     except BaseException:

@@ -8,12 +8,20 @@ Training batches are windows of the token stream at offsets drawn from (seed, bl
 
 Tokens are characters by default. `data.tokenizer="bpe"` trains a byte-level BPE of `data.bpe_vocab_size`
 tokens on the training part with Hugging Face `tokenizers` (the optional extra `diffusionblocks[bpe]`),
-offline and deterministically; the run keeps it in its vocab.json.
+offline and deterministically.
+
+A run's vocabulary (its characters, or its BPE) is the run's: written into its vocab.json once, when the run
+is created, and from then on every reading of data for it (resuming, fine-tuning from it, evaluating,
+sampling, composing) encodes the text through that file. A character the vocabulary does not have is
+refused, naming it: the model has no id for it, so it can neither train on it nor give it a probability.
+A model with more ids than the vocabulary has tokens (`model.vocab_size` above them) never draws the ids
+that mean nothing (`usable_logits`); its bits per character still count the probability it gives them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +31,9 @@ import torch
 from .config import ConfigError, check_choice, where
 from .data import make_generator
 
+logger = logging.getLogger(__name__)
+
+VOCAB_FILE = "vocab.json"  # a run's vocabulary, in its directory
 TEXT8_SPLIT = (90_000_000, 5_000_000, 5_000_000)  # train, validation, test characters
 
 
@@ -46,40 +57,51 @@ class TextConfig:
 
 
 class Vocabulary:
-    """Characters <-> token ids 0..V-1, in sorted character order."""
+    """Characters <-> token ids 0..V-1, in sorted character order; `path`: the file it was read from, if any."""
 
-    def __init__(self, chars: str):
+    def __init__(self, chars: str, path: Path | None = None):
         self.chars = "".join(sorted(set(chars)))
         self.index = {c: i for i, c in enumerate(self.chars)}
+        self.path = path
 
     def __len__(self) -> int:
         return len(self.chars)
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Vocabulary) and self.chars == other.chars
+
     def encode(self, text: str, what: str = "text") -> torch.Tensor:
         unknown = sorted(set(text) - set(self.index))
         if unknown:
-            raise ConfigError(f"{what} has character(s) {''.join(unknown)!r} outside the vocabulary of "
-                              f"{len(self)} characters")
+            where_from = f" of {str(self.path)!r}" if self.path is not None else ""
+            raise ConfigError(f"{what} has character(s) {''.join(unknown)!r} outside the vocabulary{where_from} "
+                              f"({len(self)} characters)")
         return torch.tensor([self.index[c] for c in text], dtype=torch.long)
 
     def decode(self, ids: torch.Tensor) -> str:
         return "".join(self.chars[i] for i in ids.tolist())
 
+    def to_json(self) -> str:
+        return json.dumps({"chars": self.chars}, ensure_ascii=False) + "\n"
+
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"chars": self.chars}, ensure_ascii=False) + "\n", encoding="utf-8")
+        from .checkpoint import save_text
+
+        save_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> Vocabulary:
-        if not path.is_file():
-            raise ConfigError(f"{str(path)!r} is missing: the run's vocabulary")
-        return cls(json.loads(path.read_text(encoding="utf-8"))["chars"])
+        vocab = load_vocabulary(path)
+        if not isinstance(vocab, Vocabulary):
+            raise ConfigError(f"{str(path)!r} is a BPE, not a vocabulary of characters")
+        return vocab
 
 
 class BPEVocabulary:
     """A byte-level BPE (Hugging Face `tokenizers`): any text <-> token ids 0..V-1."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, path: Path | None = None):
+        self.tokenizer, self.path = tokenizer, path
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPEVocabulary:
@@ -95,14 +117,22 @@ class BPEVocabulary:
     def __len__(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, BPEVocabulary) and self.tokenizer.to_str() == other.tokenizer.to_str()
+
     def encode(self, text: str, what: str = "text") -> torch.Tensor:
         return torch.tensor(self.tokenizer.encode(text).ids, dtype=torch.long)
 
     def decode(self, ids: torch.Tensor) -> str:
         return self.tokenizer.decode(ids.tolist())
 
+    def to_json(self) -> str:
+        return json.dumps({"bpe": self.tokenizer.to_str()}) + "\n"
+
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"bpe": self.tokenizer.to_str()}) + "\n", encoding="utf-8")
+        from .checkpoint import save_text
+
+        save_text(path, self.to_json())
 
 
 def _tokenizers():
@@ -113,14 +143,74 @@ def _tokenizers():
     return tokenizers
 
 
-def load_vocabulary(path: Path) -> Vocabulary | BPEVocabulary:
-    """A run's vocab.json: its characters, or its BPE."""
+def _read_vocabulary_file(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{str(path)!r} is missing: the run's vocabulary")
-    d = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(d.get("chars"), str) or isinstance(d.get("bpe"), str):
+            return d
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        pass
+    raise ConfigError(f"{str(path)!r} is not a vocabulary (a JSON object with \"chars\" or \"bpe\")")
+
+
+def load_vocabulary(path: Path) -> Vocabulary | BPEVocabulary:
+    """A run's vocab.json: its characters, or its BPE."""
+    path = Path(path)
+    d = _read_vocabulary_file(path)
     if "bpe" in d:
-        return BPEVocabulary(_tokenizers().Tokenizer.from_str(d["bpe"]))
-    return Vocabulary(d["chars"])
+        return BPEVocabulary(_tokenizers().Tokenizer.from_str(d["bpe"]), path)
+    return Vocabulary(d["chars"], path)
+
+
+def _parsed(path: Path) -> dict:
+    """A vocabulary file's contents as what they mean: its characters in id order, or its BPE's JSON parsed."""
+    d = _read_vocabulary_file(path)
+    if "chars" in d:
+        return {"chars": Vocabulary(d["chars"]).chars}
+    try:
+        return {"bpe": json.loads(d["bpe"])}
+    except ValueError:
+        raise ConfigError(f"{str(path)!r} holds a BPE that is not valid JSON") from None
+
+
+def _tokens(d: dict) -> list[str]:
+    """The token of each id of parsed vocabulary contents (a BPE's read from its JSON, without `tokenizers`)."""
+    if "chars" in d:
+        return list(d["chars"])
+    model = d["bpe"]["model"]["vocab"]  # token -> id
+    tokens = [""] * (max(model.values(), default=-1) + 1)
+    for token, i in model.items():
+        tokens[i] = token
+    return tokens
+
+
+def vocabulary_difference(a: Path, b: Path) -> str | None:
+    """How two runs' vocabulary files differ, named by the first id that means another token ("id 12 is 'Z' in
+    RUN_A but '~' in RUN_B"), or None when they map every token alike; a missing file is an error."""
+    da, db = _parsed(Path(a)), _parsed(Path(b))
+    if da == db:
+        return None
+    name_a, name_b = str(Path(a).parent), str(Path(b).parent)
+    kinds = ["a BPE" if "bpe" in d else "characters" for d in (da, db)]
+    if kinds[0] != kinds[1]:
+        return f"{name_a!r} reads {kinds[0]} but {name_b!r} {kinds[1]}"
+    ta, tb = _tokens(da), _tokens(db)
+    for i in range(max(len(ta), len(tb))):
+        x, y = (repr(t[i]) if i < len(t) else "no token" for t in (ta, tb))
+        if x != y:
+            return f"id {i} is {x} in {name_a!r} but {y} in {name_b!r}"
+    return f"the BPEs of {name_a!r} and {name_b!r} have the same tokens but other merges or settings"
+
+
+def usable_logits(logits: torch.Tensor, num_tokens: int | None) -> torch.Tensor:
+    """logits (..., V) with the ids from num_tokens on, which no token of the vocabulary has, at -inf: a sampler
+    never draws them. Unchanged when the vocabulary fills the model (num_tokens None or V)."""
+    V = logits.shape[-1]
+    if num_tokens is None or num_tokens >= V:
+        return logits
+    return logits.masked_fill(torch.arange(V, device=logits.device) >= num_tokens, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -147,7 +237,7 @@ class TextSplits:
     test: TokenStream
 
     @property
-    def vocab(self) -> Vocabulary:
+    def vocab(self) -> Vocabulary | BPEVocabulary:
         return self.train.vocab
 
 
@@ -169,8 +259,9 @@ def read_text8(path: Path) -> tuple[str, str]:
     return text[:n_train], text[n_train + n_valid:]
 
 
-def load_text(cfg: TextConfig, seq_len: int) -> TextSplits:
-    """The corpus' train and held-out splits; raises ConfigError naming what is wrong with the file."""
+def load_text(cfg: TextConfig, seq_len: int, vocab: Vocabulary | BPEVocabulary | None = None) -> TextSplits:
+    """The corpus' train and held-out splits, encoded through `vocab` (a run's), or through a vocabulary made from
+    the training part when None; raises ConfigError naming what is wrong with the file."""
     path = Path(cfg.path)
     if not path.is_file():
         raise ConfigError(f"data.path {where(cfg.path)} is not a file")
@@ -185,13 +276,30 @@ def load_text(cfg: TextConfig, seq_len: int) -> TextSplits:
             raise ConfigError(f"data.path {cfg.path!r} is empty")
         cut = int(len(text) * cfg.train_fraction)
         train, test = text[:cut], text[cut:]
-    if cfg.tokenizer == "bpe":
-        vocab: Vocabulary | BPEVocabulary = BPEVocabulary.train(train, cfg.bpe_vocab_size)
+    if vocab is not None:
+        chars = isinstance(vocab, Vocabulary)
+        if chars != (cfg.tokenizer == "char"):
+            raise ConfigError(f"data.tokenizer={cfg.tokenizer!r}, but the run's vocabulary {str(vocab.path)!r} is "
+                              f"{'of characters' if chars else 'a BPE'}")
+        unknown = (set(train) | set(test)) - set(vocab.index) if chars else set()  # a BPE encodes any text
+        if unknown:
+            raise ConfigError(f"data.path {cfg.path!r} has character(s) {''.join(sorted(unknown))!r} outside the "
+                              f"run's vocabulary {str(vocab.path)!r} ({len(vocab)} characters), through which the "
+                              "run reads its data")
+    elif cfg.tokenizer == "bpe":
+        vocab = BPEVocabulary.train(train, cfg.bpe_vocab_size)
+        if len(vocab) < cfg.bpe_vocab_size:
+            logger.warning("data.bpe_vocab_size=%d: the training text makes a BPE of only %d tokens (it has no more "
+                           "merges to make)", cfg.bpe_vocab_size, len(vocab))
     else:
         vocab = Vocabulary(train)
-        unknown = sorted(set(test) - set(vocab.chars))
-        if unknown:  # rare (a character only in the held-out part): it is dropped from there
-            test = "".join(c for c in test if c in vocab.index)
+        unknown = set(test) - set(vocab.index)
+        if unknown:
+            n = sum(c in unknown for c in test)
+            raise ConfigError(f"data.path {cfg.path!r}: {n} of the {len(test)} held-out characters "
+                              f"({100 * n / len(test):.2g}%) are {''.join(sorted(unknown))!r}, which the training part "
+                              "(the vocabulary) never has, so their bits could not be counted: change the file or "
+                              "data.train_fraction")
     splits = TextSplits(TokenStream(vocab.encode(train), vocab, f"{path.name}-train", len(train)),
                         TokenStream(vocab.encode(test), vocab, f"{path.name}-test", len(test)))
     for part, what in ((splits.train, "training"), (splits.test, "held-out")):

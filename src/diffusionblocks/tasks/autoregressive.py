@@ -38,12 +38,11 @@ import torch.nn.functional as F
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
 from ..data import make_generator
 from ..noise import Partition
-from ..text import TextConfig, held_out_windows, load_vocabulary
+from ..text import TextConfig, held_out_windows, usable_logits
 from .base import TextTask, Evaluation
 
 logger = logging.getLogger(__name__)
 
-VOCAB_FILE = TextTask.VOCAB_FILE
 BRIDGES = ("estimate", "softmax", "argmax", "sample")
 
 
@@ -172,9 +171,10 @@ class _Context:
 @torch.no_grad()
 def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps: int | None = None,
                    bridge: str = "sample", temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                   seeds: list[int] | None = None, cache: bool = True) -> torch.Tensor:
+                   seeds: list[int] | None = None, cache: bool = True, num_tokens: int | None = None) -> torch.Tensor:
     """Continues prompts (N, P) by `new` tokens with a chain of ARDenoiser blocks (a BlockwiseDenoiser's blocks and
     partition); returns (N, P + new). Sample i draws its noise and readout uniforms from the generator of seed i.
+    num_tokens: the vocabulary's size, when the model has more ids; the ids above it are never drawn or bridged.
 
     Without the cache every denoising step runs the block's full training forward over the window
     (`ARDenoiser.denoise`); with it, the clean window is kept as keys and values (`ARDenoiser.denoise_next`).
@@ -208,6 +208,7 @@ def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps
                 unseen = torch.zeros(N, 1, dtype=torch.long, device=device)  # the new position's clean token
                 D, logits = blk.denoise(zs, sigma[:, None].expand(N, T), torch.cat([w, unseen], dim=1))
                 D, logits = D[:, -1], logits[:, -1]
+            logits = usable_logits(logits, num_tokens)
             token = _readout(logits, temperature, top_p, greedy, u_steps[:, k]) if bridge == "sample" else None
             z = z + (sigmas[k + 1] - sigmas[k]) * (z - blk.estimate(D, logits, bridge, token)) / sigmas[k]
         ctx.append(_readout(logits, temperature, top_p, greedy, u))
@@ -217,7 +218,7 @@ def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps
 @torch.no_grad()
 def generate_plain(model, prompts: torch.Tensor, new: int, *, window: int, temperature: float = 1.0,
                    top_p: float = 1.0, greedy: bool = False, seeds: list[int] | None = None,
-                   cache: bool = True) -> torch.Tensor:
+                   cache: bool = True, num_tokens: int | None = None) -> torch.Tensor:
     """The same for the end-to-end baseline (a CausalLM); the readout uniforms are drawn as generate_chain draws them."""
     N = prompts.shape[0]
     D_dim = model.trunk.tok_embed.embedding_dim
@@ -228,6 +229,7 @@ def generate_plain(model, prompts: torch.Tensor, new: int, *, window: int, tempe
             torch.randn(D_dim, generator=g)
         u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(prompts.device)
         logits = model.next_logits(ctx.last[0]) if cache else model(ctx.window_tokens)[:, -1]
+        logits = usable_logits(logits, num_tokens)
         ctx.append(_readout(logits, temperature, top_p, greedy, u))
     return ctx.tokens
 
@@ -240,17 +242,18 @@ def is_plain(model) -> bool:
 
 def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bridge: str | None = None,
                   steps: int | None = None, seeds: list[int] | None = None, cache: bool = True,
-                  batch_size: int = 100, **readout) -> torch.Tensor:
-    """Either model kind, batched; readout: temperature, top_p, greedy."""
+                  batch_size: int = 100, num_tokens: int | None = None, **readout) -> torch.Tensor:
+    """Either model kind, batched; readout: temperature, top_p, greedy; num_tokens: the vocabulary's size."""
     out = []
     seeds = list(range(len(prompts))) if seeds is None else seeds
     for i in range(0, len(prompts), batch_size):
         p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
         if is_plain(model):
-            out.append(generate_plain(model.blocks[0], p, new, window=cfg.model.seq_len, seeds=s, cache=cache, **readout))
+            out.append(generate_plain(model.blocks[0], p, new, window=cfg.model.seq_len, seeds=s, cache=cache,
+                                      num_tokens=num_tokens, **readout))
         else:
-            out.append(generate_chain(model, p, new, window=cfg.model.seq_len, steps=steps,
-                                      bridge=bridge or cfg.sample.bridge, seeds=s, cache=cache, **readout))
+            out.append(generate_chain(model, p, new, window=cfg.model.seq_len, steps=steps, bridge=bridge or
+                                      cfg.sample.bridge, seeds=s, cache=cache, num_tokens=num_tokens, **readout))
     return torch.cat(out)
 
 
@@ -449,10 +452,10 @@ class AutoregressiveTask(TextTask):
         if s.num == 0:
             return {}
         model, _ = from_pretrained(run_dir, device)
+        vocab = self.run_vocabulary(run_dir)
         prompts = self.prompts(cfg, run_dir, s.num, s.prompt, s.prompt_chars).to(device)
         ids = generate_text(model, cfg, prompts, s.new_chars, seeds=[cfg.train.seed * 1000 + i for i in range(s.num)],
-                            temperature=s.temperature, top_p=s.top_p, greedy=s.greedy)
-        vocab = load_vocabulary(run_dir / VOCAB_FILE)
+                            num_tokens=len(vocab), temperature=s.temperature, top_p=s.top_p, greedy=s.greedy)
         texts = [vocab.decode(row) for row in ids.cpu()]
         (run_dir / "samples.txt").write_text("\n\n".join(texts) + "\n", encoding="utf-8")
         logger.info("samples.txt; the first:\n%s", texts[0])
@@ -483,14 +486,14 @@ class AutoregressiveTask(TextTask):
         new = s.new_chars if args.new is None else args.new
         if new < 1 or (args.steps is not None and args.steps < 0):
             raise ConfigError("--new must be at least 1 and --steps at least 0")
+        vocab = self.run_vocabulary(args.run)
         prompts = self.prompts(cfg, args.run, args.num, s.prompt if args.prompt is None else args.prompt,
                                 s.prompt_chars).to(args.device)
         t0 = time.perf_counter()
         ids = generate_text(model, cfg, prompts, new, bridge=args.bridge, steps=args.steps or s.steps or None,
                             seeds=[args.seed * 1000 + i for i in range(args.num)], cache=not args.no_cache,
-                            **self._readout_args(cfg, args))
+                            num_tokens=len(vocab), **self._readout_args(cfg, args))
         seconds = time.perf_counter() - t0
-        vocab = load_vocabulary(Path(args.run) / VOCAB_FILE)
         texts = [vocab.decode(row) for row in ids.cpu()]
         Path(args.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
         for text in texts[:3]:
@@ -516,13 +519,17 @@ class AutoregressiveTask(TextTask):
         for name in ("prompts", "new", "speed_prompts"):
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        _check_windows(args.windows)
         judge = None
         if args.judge:
             judge, judge_cfg = from_pretrained(args.judge, args.device)
             if not is_plain(judge):
                 raise ConfigError(f"--judge {args.judge}: a judge is a plain run (model.mode='plain'), not a "
                                   f"{judge_cfg.blocks.num_blocks}-block chain")
-        data = self.load_data(cfg)
+            self.check_judge(run_dir, args.judge)
+        data = self.load_run_data(cfg, run_dir)
+        prompts = self.held_out_prompts(data.test, args.prompts, cfg.sample.prompt_chars,
+                                        ("--prompts", "sample.prompt_chars")).to(args.device)
         windows = held_out_windows(data.test, cfg.model.seq_len)
         windows = (windows[:args.windows] if args.windows else windows).to(args.device)
         r: dict[str, Any] = {"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "mode": cfg.model.mode,
@@ -532,19 +539,19 @@ class AutoregressiveTask(TextTask):
         r["bpc"] = r["bits_per_token"] / r["chars_per_token"]
         if not is_plain(model):
             r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=args.seed) for b in bridges}
-        prompts = self.prompts(cfg, run_dir, args.prompts, None, cfg.sample.prompt_chars).to(args.device)
         readout = self._readout_args(cfg, argparse.Namespace())
         vocab = data.vocab
         r["samples"], ids_of = {}, {}
         for bridge in ([None] if is_plain(model) else bridges):
             seeds = [args.seed * 1000 + i for i in range(len(prompts))]
             t0 = time.perf_counter()
-            ids = generate_text(model, cfg, prompts, args.new, bridge=bridge, seeds=seeds, **readout)
+            ids = generate_text(model, cfg, prompts, args.new, bridge=bridge, seeds=seeds, num_tokens=len(vocab),
+                                **readout)
             seconds = time.perf_counter() - t0
             k = min(args.speed_prompts, len(prompts))
             t0 = time.perf_counter()
             slow = generate_text(model, cfg, prompts[:k], args.new, bridge=bridge, seeds=seeds[:k], cache=False,
-                                 **readout)
+                                 num_tokens=len(vocab), **readout)
             slow_s = time.perf_counter() - t0
             texts = [vocab.decode(row[prompts.shape[1]:]) for row in ids.cpu()]
             entry = {"chars_per_s": len(prompts) * args.new / seconds, "chars_per_s_no_cache": k * args.new / slow_s,
@@ -587,6 +594,12 @@ class AutoregressiveTask(TextTask):
     def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
                          artifacts: dict[int, Any]) -> None:
         write_arlm_report(out_dir, configs, results, artifacts)
+
+
+def _check_windows(windows: int) -> None:
+    """--windows follows its rule: N >= 0, where 0 means every held-out window."""
+    if windows < 0:
+        raise ConfigError(f"--windows must be >= 0 (0: all of them), got {windows}")
 
 
 def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],

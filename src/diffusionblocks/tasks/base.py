@@ -8,9 +8,11 @@ command's verbs) never asks which task it runs. It calls a `Task`:
   sections (and any of its own); `validate` for rules across sections; `noise_axis`, the axis the
   blocks partition (EDM's sigma by default); `comparison_config`, what `compare` trains for each B
   (the end-to-end baseline at B=1);
-- training: `load_data` (train and held-out splits), `prepare_run` (files of the run besides its
-  blocks), `batch_sampler` (the deterministic batches of one block), `build_block` (block b as an `nn.Module` whose `loss(**inputs)` returns per-sample
-  losses), `loss_inputs` (those inputs for one batch, drawn from the (seed, block, step) generator)
+- training: `load_data` (train and held-out splits), `load_run_data` (the same as an existing run reads
+  them, through its files), `check_after_training` (what a finished run will do with its data, checked
+  before any training), `prepare_run` (files of the run besides its blocks), `batch_sampler` (the
+  deterministic batches of one block), `build_block` (block b as an `nn.Module` whose `loss(**inputs)`
+  returns per-sample losses), `loss_inputs` (those inputs for one batch, drawn from the (seed, block, step) generator)
   and `coupling` (what blocks hand each other, for the rare task whose blocks are not independent);
 - after training: `after_training` (what a finished run writes: a sample grid, an evaluation),
   `sample` (the `sample` verb), `evaluate` and its companions (the `evaluate` verb and each run of
@@ -24,6 +26,7 @@ docs/extending.md walks through a complete example.
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +36,9 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from ..noise import LogNormalSigma, NoiseAxis, Partition
+from ..text import VOCAB_FILE
+
+logger = logging.getLogger(__name__)
 
 
 class Coupling:
@@ -111,6 +117,14 @@ class Task:
         """The data, with `.train` and `.test` splits; raises ConfigError when it does not fit the model."""
         raise NotImplementedError
 
+    def load_run_data(self, cfg: RunConfig, run_dir: Path) -> Any:
+        """The data as the existing run `run_dir` reads it (resumed, fine-tuned from, evaluated, composed): through
+        the files `prepare_run` wrote into it, such as a vocabulary. Default: `load_data`."""
+        return self.load_data(cfg)
+
+    def check_after_training(self, cfg: RunConfig, data: Any) -> None:
+        """Raises ConfigError, before any training, when `after_training` could not do its work on this data."""
+
     def batch_sampler(self, cfg: RunConfig, data: Any, b: int) -> Any:
         """Block b's training batches: an object whose `batch(step)` depends only on (seed, b, step)."""
         raise NotImplementedError
@@ -129,7 +143,8 @@ class Task:
 
     def prepare_run(self, cfg: RunConfig, run_dir: Path, data: Any) -> None:
         """A run directory is about to be trained into: write what inference will need besides the blocks
-        (a vocabulary, say). Called by the process that writes the run, before training."""
+        (a vocabulary, say), unless it holds them already (a resumed run's data was read through them).
+        Called by the process that writes the run, before training."""
 
     def coupling(self, cfg: RunConfig, run_dir: Path | None, device: torch.device,
                  trained: dict[int, Any]) -> Coupling:
@@ -175,36 +190,78 @@ class Task:
 
 class TextTask(Task):
     """The data methods of the language tasks on text (`text.py`): the corpus' splits, checked against
-    model.vocab_size; its vocabulary written into the run; windows of model.seq_len drawn per (seed, block, step)."""
+    model.vocab_size; the run's vocabulary, written once into the run and read by everything after; windows of
+    model.seq_len drawn per (seed, block, step); held-out prompts."""
 
-    VOCAB_FILE: ClassVar[str] = "vocab.json"
+    VOCAB_FILE: ClassVar[str] = VOCAB_FILE
 
-    def load_data(self, cfg: RunConfig) -> Any:
+    def load_data(self, cfg: RunConfig, vocab: Any = None) -> Any:
+        """The corpus, through `vocab` (a run's) or, when None, through a vocabulary made from its training part."""
         from ..text import load_text
 
-        data = load_text(cfg.data, cfg.model.seq_len)
+        data = load_text(cfg.data, cfg.model.seq_len, vocab)
+        what = "distinct characters" if cfg.data.tokenizer == "char" else "BPE tokens"
         if len(data.vocab) > cfg.model.vocab_size:
-            what = "distinct characters" if cfg.data.tokenizer == "char" else "BPE tokens"
             raise ConfigError(f"data.path {cfg.data.path!r} has {len(data.vocab)} {what} but "
                               f"model.vocab_size={cfg.model.vocab_size}")
+        if vocab is None and len(data.vocab) < cfg.model.vocab_size:
+            logger.info("data.path %r has %d %s: ids %d..%d of model.vocab_size=%d mean nothing and are never "
+                        "sampled", cfg.data.path, len(data.vocab), what, len(data.vocab), cfg.model.vocab_size - 1,
+                        cfg.model.vocab_size)
         return data
 
+    def run_vocabulary(self, run_dir: Path) -> Any:
+        """The run's vocabulary (its vocab.json): what every id of its blocks means."""
+        from ..text import load_vocabulary
+
+        return load_vocabulary(Path(run_dir) / self.VOCAB_FILE)
+
+    def load_run_data(self, cfg: RunConfig, run_dir: Path) -> Any:
+        return self.load_data(cfg, self.run_vocabulary(run_dir))
+
+    def check_after_training(self, cfg: RunConfig, data: Any) -> None:
+        """The samples after training continue sample.prompt, or sample.num held-out prompts of sample.prompt_chars."""
+        s = cfg.sample
+        if s.num and s.prompt:
+            data.vocab.encode(s.prompt, "sample.prompt")
+        elif s.num:
+            self.held_out_prompts(data.test, s.num, s.prompt_chars, ("sample.num", "sample.prompt_chars"))
+
     def prepare_run(self, cfg: RunConfig, run_dir: Path, data: Any) -> None:
-        data.vocab.save(run_dir / self.VOCAB_FILE)
+        """vocab.json: the vocabulary the data was read through (a new run's, or the run's own, left as it is)."""
+        from ..text import load_vocabulary
+
+        path = run_dir / self.VOCAB_FILE
+        if not path.is_file() or load_vocabulary(path) != data.vocab:  # differs: a run that never trained, restarted
+            data.vocab.save(path)
 
     def batch_sampler(self, cfg: RunConfig, data: Any, b: int) -> Any:
         from ..text import WindowSampler
 
         return WindowSampler(data, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed, b)
 
-    def prompts(self, cfg: RunConfig, run_dir: Path, num: int, prompt: str | None, length: int) -> torch.Tensor:
-        """num prompts (num, P): the one given, or the starts of num held-out windows of `length` tokens, spread
-        over the held-out text."""
-        from ..text import held_out_windows, load_vocabulary
+    def check_judge(self, run_dir: Path, judge: Path) -> None:
+        """Refuses a judge (`evaluate --judge`) whose vocabulary maps a token to another id than the run's."""
+        from ..text import vocabulary_difference
 
-        if prompt:
-            return load_vocabulary(Path(run_dir) / self.VOCAB_FILE).encode(prompt, "the prompt")[None].expand(num, -1)
-        windows = held_out_windows(self.load_data(cfg).test, length)
+        difference = vocabulary_difference(Path(run_dir) / self.VOCAB_FILE, Path(judge) / self.VOCAB_FILE)
+        if difference is not None:
+            raise ConfigError(f"--judge {judge}: its vocabulary is not the run's: {difference}")
+
+    def held_out_prompts(self, test: Any, num: int, length: int, names: tuple[str, str]) -> torch.Tensor:
+        """num prompts (num, length): the starts of num held-out windows of `length` tokens, spread over the held-out
+        text; names: the options that set num and length, for the message when there are too few."""
+        from ..text import held_out_windows
+
+        windows = held_out_windows(test, length)
         if len(windows) < num:
-            raise ConfigError(f"the held-out text has {len(windows)} windows of {length} tokens, fewer than {num}")
+            raise ConfigError(f"the held-out text has {len(windows)} windows of {names[1]}={length} tokens, fewer "
+                              f"than {names[0]}={num} prompts")
         return windows[::len(windows) // num][:num]
+
+    def prompts(self, cfg: RunConfig, run_dir: Path, num: int, prompt: str | None, length: int) -> torch.Tensor:
+        """num prompts (num, P): the one given, or held-out prompts of `length` tokens (`held_out_prompts`)."""
+        if prompt:
+            return self.run_vocabulary(run_dir).encode(prompt, "the prompt")[None].expand(num, -1)
+        return self.held_out_prompts(self.load_run_data(cfg, run_dir).test, num, length,
+                                     ("--num", "sample.prompt_chars"))

@@ -27,7 +27,7 @@ import torch
 from ..config import ConfigError, RunConfig, check_choice
 from ..data import make_generator
 from ..noise import MaskingTime, Partition
-from ..text import TextConfig, Vocabulary, held_out_windows
+from ..text import TextConfig, Vocabulary, held_out_windows, usable_logits
 from .base import TextTask, Evaluation
 
 logger = logging.getLogger(__name__)
@@ -91,12 +91,13 @@ class MaskedDiffusionConfig(RunConfig):
 @torch.no_grad()
 def sample_text(model, num: int, seq_len: int, steps: int, *, prompt: torch.Tensor | None = None,
                 temperature: float = 1.0, seed: int = 0, device: str | torch.device = "cpu",
-                batch_size: int = 64) -> torch.Tensor:
+                batch_size: int = 64, num_tokens: int | None = None) -> torch.Tensor:
     """Ancestral unmasking over `steps` steps of t from 1 to 0 (equal steps of alpha); returns (num, seq_len) ids.
 
     At each step t -> s the block owning t predicts every masked position; each masked position is revealed
     with probability (alpha(s) - alpha(t)) / (1 - alpha(t)), taking a token drawn from that prediction.
     Positions given (the prompt) are never masked, so never change. Sample i uses the randomness of (seed, i).
+    num_tokens: the vocabulary's size, when the model has more ids; those above are never drawn.
     """
     axis = model.partition.axis
     ts = axis.icdf(torch.linspace(1, 0, steps + 1, dtype=torch.float64))  # (S + 1,), t_0 = 1 ... t_S = 0
@@ -113,12 +114,13 @@ def sample_text(model, num: int, seq_len: int, steps: int, *, prompt: torch.Tens
             masked = x == mask_id  # (n, L)
             if not bool(masked.any()):
                 break
-            logits = model(x, torch.full((len(idx),), float(ts[i]), device=device))  # (n, L, V)
-            probs = torch.softmax(logits / temperature, dim=-1)
+            logits = usable_logits(model(x, torch.full((len(idx),), float(ts[i]), device=device)), num_tokens)
+            probs = torch.softmax(logits / temperature, dim=-1)  # (n, L, V)
             # Two uniforms per position and sample, from that sample's own generator: reveal?, which token?
             u = torch.stack([torch.rand(2, seq_len, generator=g, dtype=torch.float64) for g in gens]).to(device)
             reveal = u[:, 0] < float((alphas[i + 1] - alphas[i]) / (1 - alphas[i]))
-            token = (probs.cumsum(-1) < u[:, 1, :, None]).sum(-1).clamp_max(probs.shape[-1] - 1)  # inverse CDF
+            last = min(num_tokens or probs.shape[-1], probs.shape[-1]) - 1
+            token = (probs.cumsum(-1) < u[:, 1, :, None]).sum(-1).clamp_max(last)  # inverse CDF
             x = torch.where(masked & reveal, token, x)
         out.append(x.cpu())
     return torch.cat(out)
@@ -163,7 +165,7 @@ def evaluate_bpc(model, windows: torch.Tensor, *, strata: int = 12, repeats: int
     block's interval of t (they add up to the BPC)."""
     runs = [elbo_bits(model, windows, strata=strata, seed=seed * 1000 + r, device=device) for r in range(repeats)]
     totals = torch.stack([s.mean() for s, _ in runs])  # (R,)
-    se = float(totals.std(unbiased=True) / math.sqrt(repeats)) if repeats > 1 else float("nan")
+    se = float(totals.std(unbiased=True) / math.sqrt(repeats)) if repeats > 1 else None  # one estimate: none
     return {"bpc": float(totals.mean()), "bpc_se": se, "repeats": repeats, "strata": strata,
             "num_windows": len(windows), "seq_len": windows.shape[1],
             "bpc_per_block": torch.stack([b for _, b in runs]).mean(0).tolist(),
@@ -209,11 +211,16 @@ class MaskedDiffusionTask(TextTask):
 
     # ---- after training
 
-    def _prompt(self, vocab: Vocabulary, text: str, seq_len: int) -> torch.Tensor:
-        ids = vocab.encode(text, "the prompt")
+    def _prompt(self, vocab: Vocabulary, text: str, seq_len: int, what: str = "the prompt") -> torch.Tensor:
+        ids = vocab.encode(text, what)
         if len(ids) >= seq_len:
-            raise ConfigError(f"the prompt has {len(ids)} characters; model.seq_len={seq_len} leaves no room to sample")
+            raise ConfigError(f"{what} has {len(ids)} characters; model.seq_len={seq_len} leaves no room to sample")
         return ids
+
+    def check_after_training(self, cfg: RunConfig, data: Any) -> None:
+        """The samples after training keep sample.prompt: it must be of the vocabulary and leave room."""
+        if cfg.sample.num:
+            self._prompt(data.vocab, cfg.sample.prompt, cfg.model.seq_len, "sample.prompt")
 
     def _samples(self, model, cfg: RunConfig, run_dir: Path, num: int, steps: int, prompt: str, temperature: float,
                  seed: int, device) -> tuple[list[str], float]:
@@ -221,7 +228,7 @@ class MaskedDiffusionTask(TextTask):
         L = cfg.model.seq_len
         t0 = time.perf_counter()
         ids = sample_text(model, num, L, steps or L, prompt=self._prompt(vocab, prompt, L), temperature=temperature,
-                          seed=seed, device=device)
+                          seed=seed, device=device, num_tokens=len(vocab))
         seconds = time.perf_counter() - t0
         return [vocab.decode(row) for row in ids], seconds
 
@@ -276,7 +283,7 @@ class MaskedDiffusionTask(TextTask):
             raise ConfigError(f"--windows must be >= 0 (0: all of them), got {args.windows}")
         _check_steps(args.steps)
         model, cfg = from_pretrained(run_dir, args.device)
-        windows = held_out_windows(self.load_data(cfg).test, cfg.model.seq_len)
+        windows = held_out_windows(self.load_run_data(cfg, run_dir).test, cfg.model.seq_len)
         windows = windows[:args.windows] if args.windows else windows
         t0 = time.perf_counter()
         r = evaluate_bpc(model, windows, strata=args.strata, repeats=args.repeats, seed=args.seed, device=args.device)
@@ -295,7 +302,8 @@ class MaskedDiffusionTask(TextTask):
         return f"eval-bpc-K{args.strata}-R{args.repeats}-seed{args.seed}"
 
     def format_evaluation(self, r: dict[str, Any]) -> str:
-        lines = [f"{r['run']}: B={r['num_blocks']}, held-out BPC {r['bpc']:.4f} +- {r['bpc_se']:.4f} (ELBO; "
+        se = "(one estimate, no standard error)" if r["bpc_se"] is None else f"+- {r['bpc_se']:.4f}"
+        lines = [f"{r['run']}: B={r['num_blocks']}, held-out BPC {r['bpc']:.4f} {se} (ELBO; "
                  f"{r['num_windows']} windows of {r['seq_len']}, {r['strata']} strata of t, {r['repeats']} repeats)"]
         for b, (bits, (lo, hi)) in enumerate(zip(r["bpc_per_block"], r["partition"])):
             lines.append(f"  block {b} (t {lo:.3g}-{hi:.3g}): {bits:.4f} bits per character")

@@ -24,8 +24,8 @@ import torch
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
 from ..data import make_generator
 from ..noise import Partition
-from ..text import TextConfig, held_out_windows, load_vocabulary
-from .autoregressive import (ARSampleConfig, _Context, _readout, distinct_n, generate_chain, judge_bits,
+from ..text import TextConfig, held_out_windows, usable_logits
+from .autoregressive import (ARSampleConfig, _check_windows, _Context, _readout, distinct_n, generate_chain, judge_bits,
                              longest_repeated_run, mixture_bits, run_token_embedding, sampler_bits)
 from .base import Evaluation, TextTask
 
@@ -83,9 +83,11 @@ def is_huginn(model) -> bool:
 
 @torch.no_grad()
 def generate_huginn(model, prompts: torch.Tensor, new: int, *, window: int, iterations: int,
-                    seeds: list[int], temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> torch.Tensor:
+                    seeds: list[int], temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                    num_tokens: int | None = None) -> torch.Tensor:
     """Continues prompts (N, P) by `new` tokens, each read out after `iterations` core steps over the window from a
-    fresh noise state (sample i's noise and readout uniforms from the generator of seed i)."""
+    fresh noise state (sample i's noise and readout uniforms from the generator of seed i); ids from num_tokens
+    (the vocabulary's size) on are never drawn."""
     D = model.tok_embed.embedding_dim
     gens = [make_generator(s, "recurrent-sample") for s in seeds]
     ctx = _Context({}, prompts, window, cached=False)
@@ -93,22 +95,22 @@ def generate_huginn(model, prompts: torch.Tensor, new: int, *, window: int, iter
         w = ctx.window_tokens
         state = torch.stack([torch.randn(w.shape[1], D, generator=g) for g in gens]).to(prompts.device)  # (N, T, D)
         u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(prompts.device)
-        logits = model(w, iterations, state)[:, -1]
+        logits = usable_logits(model(w, iterations, state)[:, -1], num_tokens)
         ctx.append(_readout(logits, temperature, top_p, greedy, u))
     return ctx.tokens
 
 
 def generate(model, cfg: RunConfig, prompts: torch.Tensor, new: int, iterations: int, seeds: list[int],
-             batch_size: int = 100, **readout) -> torch.Tensor:
+             batch_size: int = 100, num_tokens: int | None = None, **readout) -> torch.Tensor:
     out = []
     for i in range(0, len(prompts), batch_size):
         p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
         if is_huginn(model):
             out.append(generate_huginn(model.blocks[0], p, new, window=cfg.model.seq_len, iterations=iterations,
-                                       seeds=s, **readout))
+                                       seeds=s, num_tokens=num_tokens, **readout))
         else:
             out.append(generate_chain(model, p, new, window=cfg.model.seq_len, steps=iterations,
-                                      bridge=cfg.sample.bridge, seeds=s, **readout))
+                                      bridge=cfg.sample.bridge, seeds=s, num_tokens=num_tokens, **readout))
     return torch.cat(out)
 
 
@@ -187,12 +189,18 @@ class RecurrentDepthTask(TextTask):
         return self.prompts(cfg, run_dir, num, prompt, cfg.sample.prompt_chars)
 
     def _texts(self, run_dir: Path, ids: torch.Tensor, skip: int = 0) -> list[str]:
-        vocab = load_vocabulary(Path(run_dir) / self.VOCAB_FILE)
+        vocab = self.run_vocabulary(run_dir)
         return [vocab.decode(row[skip:]) for row in ids.cpu()]
 
     def _readout(self, cfg: RunConfig) -> dict[str, Any]:
         s = cfg.sample
         return {"temperature": s.temperature, "top_p": s.top_p, "greedy": s.greedy}
+
+    def _generate(self, model, cfg: RunConfig, run_dir: Path, prompts: torch.Tensor, new: int, iterations: int,
+                  seeds: list[int]) -> torch.Tensor:
+        """`generate` with the run's readout, drawing only ids of its vocabulary."""
+        return generate(model, cfg, prompts, new, iterations, seeds, num_tokens=len(self.run_vocabulary(run_dir)),
+                        **self._readout(cfg))
 
     def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
         from ..checkpoint import from_pretrained
@@ -202,8 +210,8 @@ class RecurrentDepthTask(TextTask):
             return {}
         model, _ = from_pretrained(run_dir, device)
         prompts = self._prompts(cfg, s.num, s.prompt, run_dir).to(device)
-        ids = generate(model, cfg, prompts, s.new_chars, default_iterations(cfg),
-                       [cfg.train.seed * 1000 + i for i in range(s.num)], **self._readout(cfg))
+        ids = self._generate(model, cfg, run_dir, prompts, s.new_chars, default_iterations(cfg),
+                             [cfg.train.seed * 1000 + i for i in range(s.num)])
         (run_dir / "samples.txt").write_text("\n\n".join(self._texts(run_dir, ids)) + "\n", encoding="utf-8")
         return {}
 
@@ -219,8 +227,7 @@ class RecurrentDepthTask(TextTask):
         if new < 1 or K < 1:
             raise ConfigError("--new and --iterations must be at least 1")
         prompts = self._prompts(cfg, args.num, args.prompt or cfg.sample.prompt, args.run).to(args.device)
-        ids = generate(model, cfg, prompts, new, K, [args.seed * 1000 + i for i in range(args.num)],
-                       **self._readout(cfg))
+        ids = self._generate(model, cfg, args.run, prompts, new, K, [args.seed * 1000 + i for i in range(args.num)])
         texts = self._texts(args.run, ids)
         Path(args.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
         for text in texts[:3]:
@@ -246,6 +253,7 @@ class RecurrentDepthTask(TextTask):
             raise ConfigError(f"--iterations {args.iterations!r} is not a comma-separated list of integers") from None
         if not Ks or min(Ks) < 1 or args.prompts < 1 or args.new < 1 or args.draws < 1:
             raise ConfigError("--iterations, --prompts, --new and --draws must be at least 1")
+        _check_windows(args.windows)
         model, cfg = from_pretrained(run_dir, args.device)
         judge = None
         if args.judge:
@@ -253,15 +261,17 @@ class RecurrentDepthTask(TextTask):
             if not is_plain(judge):
                 raise ConfigError(f"--judge {args.judge}: a judge is a plain autoregressive run (task arlm, "
                                   "model.mode='plain')")
-        data = self.load_data(cfg)
+            self.check_judge(run_dir, args.judge)
+        data = self.load_run_data(cfg, run_dir)
         windows = held_out_windows(data.test, cfg.model.seq_len)
         windows = (windows[:args.windows] if args.windows else windows).to(args.device)
-        prompts = self._prompts(cfg, args.prompts, None, run_dir).to(args.device)
+        prompts = self.held_out_prompts(data.test, args.prompts, cfg.sample.prompt_chars,
+                                        ("--prompts", "sample.prompt_chars")).to(args.device)
         rows = []
         for K in Ks:
+            seeds = [args.seed * 1000 + i for i in range(len(prompts))]
             t0 = time.perf_counter()
-            ids = generate(model, cfg, prompts, args.new, K, [args.seed * 1000 + i for i in range(len(prompts))],
-                           **self._readout(cfg))
+            ids = self._generate(model, cfg, run_dir, prompts, args.new, K, seeds)
             seconds = time.perf_counter() - t0
             texts = self._texts(run_dir, ids, prompts.shape[1])
             row = {"iterations": K, "bits_per_token": bits_after(model, cfg, windows, K, args.draws, seed=args.seed),
