@@ -63,6 +63,9 @@ def assert_whole(run: Path, source: Path) -> None:
     for r in rows:
         assert checkpoint.sha256_file(checkpoint.block_weights_path(run, r["block"])) == r["sha256"]
     assert checkpoint.read_config(run).name.endswith("-composed")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert run.stat().st_mode & 0o777 == 0o777 & ~umask  # a directory like any other, not a temporary's
 
 
 def composed(tmp_path, name, *specs) -> Path:

@@ -682,15 +682,9 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     options those verbs then take."""
     parser = argparse.ArgumentParser(prog="diffusionblocks", description="DiffusionBlocks: train a network block by "
                                      "block as chained diffusion denoisers, and sample from it.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--traceback", action="store_true", help="on an error, print its traceback before the "
-                        "one-line message (for a bug report, or a task module of yours that fails to import)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(group, name: str, **kwargs) -> argparse.ArgumentParser:
-        return group.add_parser(name, parents=[common], **kwargs)
-
-    p = command(sub, "train", help="train a model (no arguments: class-conditional DiT on the 8x8 digits, B=3)",
+    p = sub.add_parser("train", help="train a model (no arguments: class-conditional DiT on the 8x8 digits, B=3)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
                    help="override single config fields, e.g. blocks.num_blocks=2 train.lr=3e-4")
@@ -711,7 +705,7 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = command(sub, "sample", help="draw samples from a trained run", epilog=_task_options_help("sample"),
+    p = sub.add_parser("sample", help="draw samples from a trained run", epilog=_task_options_help("sample"),
                        formatter_class=_HelpFormatter)
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--num", type=int, default=100, help="number of samples")
@@ -729,7 +723,7 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
         run_task.add_sample_arguments(p.add_argument_group(f"options of {run_task.name!r} runs"))
     p.set_defaults(func=cmd_sample)
 
-    p = command(sub, "evaluate", help="the task's metrics of a trained run (images: conditional accuracy, FD, KID, "
+    p = sub.add_parser("evaluate", help="the task's metrics of a trained run (images: conditional accuracy, FD, KID, "
                        "chain diagnostics; classifiers: accuracy along the chain)", epilog=_task_options_help("evaluate"),
                        formatter_class=_HelpFormatter)
     p.add_argument("run", metavar="RUN", help="run directory")
@@ -747,7 +741,7 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
         run_task.add_evaluate_arguments(p.add_argument_group(f"options of {run_task.name!r} runs"))
     p.set_defaults(func=cmd_evaluate)
 
-    p = command(sub, "compare", help="end-to-end (B=1) vs DiffusionBlocks at several B, equal compute, one report",
+    p = sub.add_parser("compare", help="end-to-end (B=1) vs DiffusionBlocks at several B, equal compute, one report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides for every run")
     p.add_argument("--config", help="JSON config file (see presets/)")
@@ -762,7 +756,7 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
-    p = command(sub, "compose", help="a new run whose blocks are copied from other runs (blocks trained apart, "
+    p = sub.add_parser("compose", help="a new run whose blocks are copied from other runs (blocks trained apart, "
                        "e.g. on other data, chained as one model)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="name=..., data.* (what it is "
                    "evaluated on) or sample.* of the new run; the rest is the config of block 0's source")
@@ -771,13 +765,13 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
     p.set_defaults(func=cmd_compose)
 
-    p = command(sub, "status", help="which blocks of a run are trained, how far, and which are missing")
+    p = sub.add_parser("status", help="which blocks of a run are trained, how far, and which are missing")
     p.add_argument("run", metavar="RUN", help="run directory")
     p.set_defaults(func=cmd_status)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    p = command(
-        bench, "memory", help="peak training memory and step time: end-to-end vs DiffusionBlocks, each in a fresh process",
+    p = bench.add_parser(
+        "memory", help="peak training memory and step time: end-to-end vs DiffusionBlocks, each in a fresh process",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides (of --config, or of the --model config)")
     p.add_argument("--config", help="measure this config (any task, on its own data) instead of --model")
@@ -796,7 +790,7 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench_memory)
 
-    p = command(bench, "speed", help="training throughput, end to end and per block, for each precision and compile "
+    p = bench.add_parser("speed", help="training throughput, end to end and per block, for each precision and compile "
                          "mode: the training loop's step next to the bare forward/backward/AdamW step",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides (of --config, or of the --model config)")
@@ -814,6 +808,9 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
     p.add_argument("--out", help="directory for speed.md and speed.json")
     p.set_defaults(func=cmd_bench_speed)
+    for p in (*sub.choices.values(), *bench.choices.values()):
+        p.add_argument("--traceback", action="store_true", help="on an error, print its traceback before the "
+                       "one-line message (for a bug report, or a task module of yours that fails to import)")
     return parser
 
 

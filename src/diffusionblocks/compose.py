@@ -215,9 +215,13 @@ def _staging(out: Path):
     _remove_abandoned_stagings(out)
     target = Path(tempfile.mkdtemp(prefix=f".{out.name}.compose.{socket.gethostname()}.{os.getpid()}.", suffix=".tmp",
                                    dir=out.parent))
-    fd = os.open(target, os.O_RDONLY)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(target, 0o777 & ~umask)  # what mkdir gives, not mkdtemp's owner-only mode: it becomes the run
+    fd = None
     try:
         if fcntl is not None:
+            fd = os.open(target, os.O_RDONLY)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield target
     except BaseException:
@@ -227,7 +231,8 @@ def _staging(out: Path):
                 parent.rmdir()
         raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _remove_abandoned_stagings(out: Path) -> None:
@@ -238,16 +243,18 @@ def _remove_abandoned_stagings(out: Path) -> None:
         if not m or m["name"] != out.name or m["host"] != socket.gethostname() or \
                 checkpoint.pid_alive(int(m["pid"])) or not path.is_dir():
             continue
+        if fcntl is None:
+            shutil.rmtree(path, ignore_errors=True)
+            continue
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:  # another compose deleted it first
             continue
         try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             shutil.rmtree(path, ignore_errors=True)
             logger.info("removed %s, left by a compose that was killed", path)
-        except BlockingIOError:
+        except BlockingIOError:  # another compose is removing it
             pass
         finally:
             os.close(fd)
