@@ -3,13 +3,15 @@
     python tests/faults.py N MODE -- train --out RUN ...
 
 The steps counted are the moments of a checkpoint's life: before a block's weights are written, before
-and after its training state is written, before and after each rename into place. At step N,
+and after its training state is written, before and after each rename into place; and of a copy's
+(compose, train --from): before a file is copied, before and after a directory is renamed. At step N,
 MODE "kill" SIGKILLs the process (a power cut, the OOM killer) and MODE "full" raises ENOSPC at a write
 (a full disk). N = 0 injects nothing and prints every step's label, one per line, to stdout.
 """
 
 import errno
 import os
+import shutil
 import signal
 import sys
 
@@ -18,7 +20,7 @@ import torch
 from diffusionblocks import checkpoint
 from diffusionblocks.cli import main
 
-WRITES = ("weights", "state")  # the labels at which a full disk can strike: the writes, not the renames
+WRITES = ("weights", "state", "copy")  # the labels at which a full disk can strike: the writes, not the renames
 
 
 def inject(n: int, mode: str) -> list[str]:
@@ -33,7 +35,8 @@ def inject(n: int, mode: str) -> list[str]:
         if mode == "full" and label.split()[0] in WRITES:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    write_weights, save, replace = checkpoint._write_weights, torch.save, os.replace
+    write_weights, save, replace, rename, copyfile = (checkpoint._write_weights, torch.save, os.replace, os.rename,
+                                                      shutil.copyfile)
 
     def _write_weights(tmp, b, state_dict, step, cfg, train_time_s):
         hit(f"weights block {b} step {step}")
@@ -49,7 +52,17 @@ def inject(n: int, mode: str) -> list[str]:
         replace(src, dst)
         hit(f"renamed {os.path.basename(str(dst))}")
 
+    def _rename(src, dst):
+        hit(f"rename-dir {os.path.basename(str(dst))}")
+        rename(src, dst)
+        hit(f"renamed-dir {os.path.basename(str(dst))}")
+
+    def _copyfile(src, dst, **kwargs):
+        hit(f"copy {os.path.basename(str(src))}")
+        return copyfile(src, dst, **kwargs)
+
     checkpoint._write_weights, checkpoint.torch.save, checkpoint.os.replace = _write_weights, _save, _replace
+    os.rename, shutil.copyfile = _rename, _copyfile
     return labels
 
 

@@ -5,6 +5,8 @@
     RUN/block_00.state.pt          block 0's training state for resuming: weights, EMA, AdamW state, step, time
     RUN/metrics.jsonl              one JSON line per logging interval and block
     RUN/block_00.lock              exists while a job trains block 0 (it holds a lock on it)
+    RUN/composition.json           for blocks copied from other runs (compose, the blocks --from keeps): each one's
+                                   source run, step, the steps its source asked of it, and sha256
 
 Blocks share no parameter, so each block's files can be written by a different process or machine.
 Every file is written under a temporary name of its own process, flushed to disk and renamed, so a
@@ -12,11 +14,16 @@ killed process never leaves half a file. A block's checkpoint commits its weight
 training state last: the state names the last whole checkpoint, and the weights are never older
 than it. A job that trains a block holds an exclusive lock on the block's lock file, which the
 operating system releases when the job ends, however it ends.
+
+A copied block is judged by its source, not by this run's config: it is complete when it reached the
+steps its source asked of it, its file must still be the bytes whose sha256 was recorded, and no
+command of this run trains it (fine-tuning one is a new run, `train --from`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -62,6 +69,51 @@ def remove_temporaries(run_dir: Path, name: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has this pid (a killed one's pid may be reused: then it counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def dead_temporary(path: Path) -> bool:
+    """Whether `path` is a temporary of temporary_path's form whose process, on this host, has ended."""
+    m = re.fullmatch(r"\..+\.(\d+)\.tmp", path.name)
+    return bool(m) and path.name.endswith(f".{socket.gethostname()}.{m[1]}.tmp") and not pid_alive(int(m[1]))
+
+
+def remove_dead_temporaries(run_dir: Path, name: str) -> None:
+    """Deletes the temporaries of `name` whose processes have ended (no lock needed: a live writer's are kept)."""
+    for tmp in Path(run_dir).glob(f".{name}.*.tmp"):
+        if dead_temporary(tmp):
+            tmp.unlink(missing_ok=True)
+
+
+def leftovers_only(run_dir: Path) -> bool:
+    """Whether a directory holds nothing but what killed commands leave: block locks no job holds and temporaries
+    of ended processes (a command killed before it wrote config.json). Such a directory is as good as empty."""
+    entries = list(Path(run_dir).iterdir())
+    for entry in entries:
+        lock = re.fullmatch(r"block_(\d+)\.lock", entry.name)
+        if lock and entry.is_file() and lock_holder(run_dir, int(lock[1])) is None:
+            continue
+        if entry.is_file() and dead_temporary(entry):
+            continue
+        return False
+    return bool(entries)
+
+
+def clear_leftovers(run_dir: Path) -> None:
+    """Deletes the temporaries of ended processes from a directory of leftovers_only (the lock files are reused)."""
+    for entry in Path(run_dir).iterdir():
+        if entry.is_file() and dead_temporary(entry):
+            entry.unlink(missing_ok=True)
+
+
 def _fsync(tmp: Path) -> None:
     """Flushes a written file to disk, with the permissions a plain new file would get."""
     umask = os.umask(0)
@@ -100,11 +152,15 @@ def _writing(path: Path, *tmps: Path):
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise CheckpointWriteError(f"could not write {str(path)!r}: {reason}") from None
+        raise CheckpointWriteError(f"could not write {str(path)!r}: {reason}", reason) from None
 
 
 class CheckpointWriteError(ConfigError):
     """A file of a run could not be written (disk full, no permission...); what was there before is intact."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message  # what the file system said ("No space left on device")
 
 
 def new_run_dir(root: str | Path, name: str) -> Path:
@@ -122,7 +178,9 @@ def new_run_dir(root: str | Path, name: str) -> Path:
 
 
 def save_text(path: Path, text: str) -> None:
-    """Writes a small UTF-8 file of a run through a temporary: it is whole or as it was."""
+    """Writes a small UTF-8 file of a run through a temporary: it is whole or as it was. A temporary of this file
+    that a killed writer left is removed first (nothing else would)."""
+    remove_dead_temporaries(path.parent, path.name)
     tmp = temporary_path(path)
     with _writing(path, tmp):
         tmp.write_text(text, encoding="utf-8")
@@ -141,6 +199,7 @@ def join_run(run_dir: Path, cfg: RunConfig) -> None:
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.json"
+    remove_dead_temporaries(run_dir, path.name)
     tmp = temporary_path(path)
     with _writing(path, tmp):
         tmp.write_text(cfg.to_json() + "\n")
@@ -158,10 +217,15 @@ def join_run(run_dir: Path, cfg: RunConfig) -> None:
 def read_config(run_dir: str | Path) -> RunConfig:
     """The RunConfig of a run directory, with a clear error when it is not one."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{str(run_dir)!r} is a file, not a run directory")
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {str(run_dir)!r} does not exist")
     path = run_dir / "config.json"
     if not path.is_file():
+        if leftovers_only(run_dir):
+            raise ConfigError(f"{str(run_dir)!r} holds no run, only what a killed command left (no config.json): "
+                              f"start the run with `diffusionblocks train --out {run_dir}`")
         raise ConfigError(f"{str(run_dir)!r} is not a run directory: it has no config.json")
     try:
         d = json.loads(path.read_text())
@@ -300,16 +364,22 @@ def check_state_dict(loaded: dict[str, torch.Tensor], expected: dict[str, torch.
                               f"the config needs {tuple(v.shape)}")
 
 
-def load_block_weights(run_dir: Path, b: int, module: torch.nn.Module, cfg: RunConfig | None = None) -> int:
+def load_block_weights(run_dir: Path, b: int, module: torch.nn.Module, cfg: RunConfig | None = None,
+                       verify: bool = True) -> int:
     """Loads block b's inference weights into `module`; returns the step they were saved at.
 
     cfg: the run's config, to check the file's metadata against (see check_block_metadata).
+    verify: check a copied block's file against the sha256 recorded when it was copied (copied_block); a caller
+    that loads a block again (streaming) checks it the first time only. A block trained in its run has no record,
+    and costs nothing more.
     """
     path = block_weights_path(run_dir, b)
     if not path.is_file():
         raise ConfigError(f"block {b} has no weights: {str(path)!r} is missing (train it first)")
     if cfg is not None:
         check_block_metadata(path, b, cfg)
+    if verify:
+        copied_block(run_dir, b)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
@@ -351,26 +421,101 @@ def load_train_state(run_dir: Path, b: int, map_location: str | torch.device = "
         raise ConfigError(f"training state {str(path)!r} is corrupt: {e}") from None
 
 
+# ---- where copied blocks came from (composition.json)
+
+COMPOSITION_FILE = "composition.json"
+# How a recorded block came into its run: "composed" (compose) and "kept" (a block `train --from` left as it was)
+# are copies, this run's file being the recorded bytes; "start" is the block `train --from` fine-tunes, the
+# recorded file (the source's) being where its training starts.
+COPY_ROLES = ("composed", "kept")
+
+
+def read_composition(run_dir: Path) -> list[dict[str, Any]] | None:
+    """The records of a run's blocks that came from other runs, or None for a run that has none."""
+    path = Path(run_dir) / COMPOSITION_FILE
+    if not path.is_file():
+        return None
+    try:
+        rows = json.loads(path.read_text())["blocks"]
+        for row in rows:
+            int(row["block"]), str(row["sha256"]), int(row["step"]), int(row["steps_per_block"])
+        return rows
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{str(path)!r} is unreadable: {type(e).__name__}: {e}") from None
+
+
+def save_composition(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    path = Path(run_dir) / COMPOSITION_FILE
+    tmp = temporary_path(path)
+    with _writing(path, tmp):
+        tmp.write_text(json.dumps({"blocks": sorted(rows, key=lambda r: r["block"])}, indent=2) + "\n")
+        _atomic_replace(tmp, path)
+
+
+def block_source(run_dir: Path, b: int) -> dict[str, Any] | None:
+    """What composition.json records of block b (see COPY_ROLES), or None when block b was made in this run."""
+    return next((row for row in read_composition(run_dir) or [] if int(row["block"]) == b), None)
+
+
+def is_copy(row: dict[str, Any] | None) -> bool:
+    return row is not None and row.get("role", "composed") in COPY_ROLES
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_recorded_sha256(path: Path, row: dict[str, Any], what: str) -> None:
+    """Refuses a file that is no longer the bytes `row` recorded: a bit flipped on disk, or a file replaced."""
+    if sha256_file(path) != row["sha256"]:
+        raise ConfigError(f"checkpoint {str(path)!r} is damaged or was replaced: its sha256 is not the one recorded "
+                          f"when {what}; copy the block again from {row['run']!r}")
+
+
+def copied_block(run_dir: Path, b: int) -> dict[str, Any] | None:
+    """Block b's record when it is a copy of another run's block, after checking that its file is still the recorded
+    bytes; None when block b was made in this run (or, a copy, has lost its file)."""
+    row = block_source(run_dir, b)
+    path = block_weights_path(run_dir, b)
+    if not is_copy(row) or not path.is_file():
+        return None
+    check_recorded_sha256(path, row, f"block {b} was copied from {row['run']!r}")
+    return row
+
+
 def state_step(run_dir: Path, b: int) -> int | None:
     """The step of block b's training state (where --resume continues), without reading its tensors."""
     state = load_train_state(run_dir, b, mmap=True)
     return None if state is None else int(state["step"])
 
 
-def progress(run_dir: Path, b: int) -> dict[str, Any] | None:
-    """Where block b stands, as --resume sees it: `step`, `weights_step`, `train_time_s`, `has_state`.
+def progress(run_dir: Path, b: int, cfg: RunConfig | None = None) -> dict[str, Any] | None:
+    """Where block b stands, as --resume sees it: `step`, `target` (the steps asked of it), `weights_step`,
+    `train_time_s`, `has_state`, `source` (its composition.json record, if any) and `copy` (whether it is a copy
+    of another run's block, its sha256 checked).
 
-    None when the block has neither file.
+    A block trained here is asked for the run's train.steps_per_block; a copy, for what its source asked of it.
+    None when the block has neither file (or, a copy, has lost its weights).
     """
     info, saved = block_info(run_dir, b), state_step(run_dir, b)
-    if info is None and saved is None:
+    if info is None and (saved is None or is_copy(block_source(run_dir, b))):  # (a copy is its weights file)
         return None
-    step = saved
-    if step is None:  # final weights are the block's result; partial ones cannot be continued without a state
-        step = info["step"] if info["step"] >= read_config(run_dir).train.steps_per_block else 0
-    return {"block": b, "step": step, "has_state": saved is not None,
+    copy = copied_block(run_dir, b)
+    total = (cfg or read_config(run_dir)).train.steps_per_block
+    if copy is not None:  # what its source trained; this run has no training of it to continue
+        step, target = info["step"], int(copy["steps_per_block"])
+    else:
+        step, target = saved, total
+        if step is None:  # final weights are the block's result; partial ones cannot be continued without a state
+            step = info["step"] if info["step"] >= total else 0
+    return {"block": b, "step": step, "target": target, "has_state": saved is not None,
             "weights_step": None if info is None else info["step"],
-            "train_time_s": 0.0 if info is None else info["train_time_s"]}
+            "train_time_s": 0.0 if info is None else info["train_time_s"],
+            "source": block_source(run_dir, b), "copy": copy is not None}
 
 
 def repair_block(run_dir: Path, b: int, cfg: RunConfig) -> bool:
@@ -512,9 +657,12 @@ def from_pretrained(run_dir: str | Path, device: str | torch.device = "cpu", str
         raise ConfigError(f"run {str(run_dir)!r} is missing the weights of block(s) {', '.join(map(str, missing))} "
                           f"of {cfg.blocks.num_blocks}")
 
+    verified: set[int] = set()  # copied blocks whose sha256 was checked: streaming loads a block many times
+
     def load(b: int) -> torch.nn.Module:
         block = build_block(cfg, b)
-        load_block_weights(run_dir, b, block, cfg)
+        load_block_weights(run_dir, b, block, cfg, verify=b not in verified)
+        verified.add(b)
         return block.to(device).eval()
 
     if stream:

@@ -8,8 +8,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -110,8 +112,9 @@ def _has_block_files(run_dir: Path) -> bool:
 def _new_run_dir(args: argparse.Namespace, name: str) -> tuple[Path, bool]:
     """The directory of a new run, and whether this command created it.
 
-    --out may name a directory that does not exist, an empty one, or a run that never trained (its
-    config.json and nothing of any block: a run stopped before its first checkpoint is started again).
+    --out may name a directory that does not exist, an empty one, a run that never trained (its
+    config.json and nothing of any block: a run stopped before its first checkpoint is started again), or
+    one holding only what a killed command left (locks nobody holds, temporaries of ended processes).
     """
     if args.out is None:
         _check_output_dir(Path(args.runs_root), "--runs-root")
@@ -119,10 +122,14 @@ def _new_run_dir(args: argparse.Namespace, name: str) -> tuple[Path, bool]:
     run_dir = Path(args.out)
     _check_output_dir(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / "config.json").is_file() or _has_block_files(run_dir):
+        if checkpoint.leftovers_only(run_dir):
+            logger.info("%s holds only what a killed command left: starting the run in it", run_dir)
+            checkpoint.clear_leftovers(run_dir)
+        elif not (run_dir / "config.json").is_file() or _has_block_files(run_dir):
             raise ConfigError(f"run directory {str(run_dir)!r} already exists and is not empty; "
                               f"use --resume {run_dir} to continue it, or choose another --out")
-        logger.info("%s never trained (no block has a checkpoint): starting it again", run_dir)
+        else:
+            logger.info("%s never trained (no block has a checkpoint): starting it again", run_dir)
     try:
         run_dir.mkdir(parents=True)
         return run_dir, True
@@ -130,56 +137,105 @@ def _new_run_dir(args: argparse.Namespace, name: str) -> tuple[Path, bool]:
         return run_dir, False
 
 
-def _copy_untouched_blocks(src: Path, dst: Path, blocks: list[int], B: int) -> None:
-    """Copies the weights, states and metrics of the blocks not being retrained, byte for byte."""
+def _copy_untouched_blocks(src: Path, dst: Path, blocks: list[int], B: int, reinit: bool) -> None:
+    """Copies the weights, states and metrics of the blocks not being retrained, byte for byte, and records in
+    composition.json where each kept block and each fine-tuned block's starting weights come from."""
+    from .compose import copy_block, source_record
+
+    src_cfg = checkpoint.read_config(src)
     keep = [b for b in range(B) if b not in blocks]
+    rows = []
     for b in keep:
-        for path in (checkpoint.block_weights_path(src, b), checkpoint.block_state_path(src, b)):
-            if path.is_file():
-                shutil.copy2(path, dst / path.name)
+        if checkpoint.block_weights_path(src, b).is_file():
+            rows.append(copy_block(src, b, src_cfg, dst, "kept"))
+        if checkpoint.block_state_path(src, b).is_file():
+            shutil.copy2(checkpoint.block_state_path(src, b), checkpoint.block_state_path(dst, b))
+    if not reinit:  # what --resume starts them from again if this run is stopped before their first checkpoint
+        rows += [{**source_record(src, b, src_cfg, carry=False), "role": "start"} for b in blocks]
+    if rows:
+        checkpoint.save_composition(dst, rows)
     if (src / "metrics.jsonl").is_file():
         lines = [line for line in (src / "metrics.jsonl").read_text().splitlines()
                  if line.strip() and json.loads(line).get("block") in keep]
         (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
-def _blocks_to_resume(run_dir: Path, cfg: RunConfig, blocks: list[int]) -> list[int]:
-    """Checks every block of a resumed run before anything trains; returns the blocks that have steps to do.
+def _blocks_to_resume(run_dir: Path, cfg: RunConfig, blocks: list[int],
+                      named: bool) -> tuple[list[int], dict[int, Path]]:
+    """Checks every block of a resumed run before anything trains; returns the blocks that have steps to do, and
+    the run whose weights each of them starts from (the blocks `train --from` fine-tunes that have no state yet).
 
     A block's training state says where it continues, and no state means step 0. Weights without a state
     (the first checkpoint cut short, or a state deleted to save space) count as the block's result only
-    when they are final; otherwise the block trains from the start. Weights older than their state (restored
-    by hand) are rewritten from it.
+    when they are final; otherwise the block trains from the start: from the weights it was to be fine-tuned
+    from, for a block of `train --from` (checked against their recorded sha256), else from scratch. Weights
+    older than their state (restored by hand) are rewritten from it.
+
+    A block copied from another run (by compose, or kept by --from) is that run's result and is never trained
+    here: it is complete when it reached the steps its source asked of it. A copy its source left partly
+    trained cannot be continued without its source's training state: it is kept as it is, with a warning,
+    and refused when named by --blocks (named).
     """
     from .train import init_block_state
 
-    total, todo = cfg.train.steps_per_block, []
+    total, todo, starts, partial = cfg.train.steps_per_block, [], {}, []
     for b in blocks:
         path = checkpoint.block_weights_path(run_dir, b)
         if path.is_file():
             checkpoint.check_block_metadata(path, b, cfg)
+        source = checkpoint.block_source(run_dir, b)
+        if checkpoint.is_copy(source):
+            if not path.is_file():
+                raise ConfigError(f"block {b} of {str(run_dir)!r} was copied from {source['run']!r} and its weights "
+                                  "file is gone: copy it again (compose, or train --from)")
+            checkpoint.copied_block(run_dir, b)  # still the bytes recorded
+            step, target = checkpoint.block_step(run_dir, b), int(source["steps_per_block"])
+            if step >= target:
+                logger.info("block %d: a copy of block %d of %s, trained there to its end (step %d): kept as it is",
+                            b, b, source["run"], step)
+            else:
+                partial.append((b, source, step, target))
+            continue
         step = checkpoint.state_step(run_dir, b)
         if step is None:
             info = checkpoint.block_info(run_dir, b)
             if info is not None and info["step"] >= total:
                 continue
+            if source is not None:  # a block of `train --from`, stopped before its state was first written
+                start = Path(source["run"])
+                if not checkpoint.block_weights_path(start, b).is_file():
+                    raise ConfigError(f"block {b} is fine-tuned from block {b} of {str(start)!r}, whose weights are "
+                                      f"gone: start the fine-tuning again with train --from RUN --blocks {b}")
+                checkpoint.check_recorded_sha256(checkpoint.block_weights_path(start, b), source,
+                                                 f"block {b} of {str(run_dir)!r} was to be fine-tuned from it")
+                starts[b] = start
             if info is not None:
                 logger.info("block %d: its weights (step %d) have no training state to continue from: training it "
-                            "from the start", b, info["step"])
+                            "from the start%s", b, info["step"], f" (the weights of {starts[b]})" if b in starts else "")
         elif step > total:
             raise ConfigError(f"train.steps_per_block={total} is below the {step} steps block {b} has trained; "
                               "a block cannot be made to have trained less")
-        init_block_state(cfg, b, torch.device("cpu"), run_dir)  # raises on a corrupt or mismatched state
+        init_block_state(cfg, b, torch.device("cpu"), run_dir, starts)  # raises on a corrupt or mismatched state
         if checkpoint.repair_block(run_dir, b, cfg):
             logger.info("block %d: its weights were older than its training state; rewrote them from it", b)
         todo.append(b)
-    return todo
+    if partial:
+        b, source, step, target = partial[0]
+        others = f" (and block(s) {[p[0] for p in partial[1:]]} likewise)" if len(partial) > 1 else ""
+        message = (f"block {b} is a copy of block {b} of {source['run']}, which stopped at step {step} of its {target}, "
+                   f"and {str(run_dir)!r} has no training state to continue it{others}: continue it in its source and "
+                   f"copy it again, or fine-tune it into a new run with train --from {run_dir} --blocks {b}")
+        if named:
+            raise ConfigError(message)
+        logger.warning("%s; kept as it is", message)
+    return todo, starts
 
 
 class _Prepared:
     """What _prepare_run_dir decided: where to train, which blocks, from which run, and the locks it holds."""
 
-    def __init__(self, run_dir: Path, blocks: list[int], init_from: Path | None, claims, created: bool):
+    def __init__(self, run_dir: Path, blocks: list[int], init_from: Path | dict[int, Path] | None, claims,
+                 created: bool):
         self.run_dir, self.blocks, self.init_from, self.claims, self.created = run_dir, blocks, init_from, claims, created
 
 
@@ -190,12 +246,12 @@ def _prepare_run_dir(args: argparse.Namespace, cfg: RunConfig, blocks: list[int]
         run_dir = Path(args.resume)
         claims = _claim(run_dir, blocks)
         try:
-            todo = _blocks_to_resume(run_dir, cfg, blocks)
+            todo, starts = _blocks_to_resume(run_dir, cfg, blocks, named=args.blocks is not None)
             checkpoint.save_config(run_dir, cfg)
         except BaseException:
             claims.release()
             raise
-        return _Prepared(run_dir, todo, None, claims, False)
+        return _Prepared(run_dir, todo, starts or None, claims, False)
     if args.from_ is not None:
         src = Path(args.from_)
         for b in range(B):
@@ -207,11 +263,12 @@ def _prepare_run_dir(args: argparse.Namespace, cfg: RunConfig, blocks: list[int]
         for b in range(B):
             if checkpoint.block_weights_path(src, b).is_file():
                 checkpoint.check_block_metadata(checkpoint.block_weights_path(src, b), b, cfg)
+                checkpoint.copied_block(src, b)  # a copied block must still be the bytes recorded
         run_dir, created = _new_run_dir(args, f"{cfg.name}-B{B}-{'retrain' if args.reinit else 'finetune'}"
                                               f"-b{'-'.join(map(str, blocks))}")
         prepared = _Prepared(run_dir, blocks, None if args.reinit else src, _claim(run_dir, range(B)), created)
         with _undo_on_failure(prepared, B):
-            _copy_untouched_blocks(src, run_dir, blocks, B)
+            _copy_untouched_blocks(src, run_dir, blocks, B, args.reinit)
             checkpoint.save_config(run_dir, cfg)
         return prepared
     if args.blocks is not None and args.out is not None:
@@ -340,7 +397,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             logger.info("task %s: %s training / %s held-out examples; B=%d blocks of %s layers, training block(s) "
                         "%s, %s schedule, %d steps per block, device %s%s", cfg.task, _size(data.train),
                         _size(data.test), B, list(cfg.layer_split()), todo, cfg.train.schedule,
-                        cfg.train.steps_per_block, device, f", starting from {init_from}" if init_from else "")
+                        cfg.train.steps_per_block, device, _starting_from(init_from))
         with PeakMemory(device) as mem:
             train(cfg, data.train, run_dir, device=device, blocks=todo, progress=not args.no_progress,
                   init_from=init_from, claim=False)
@@ -355,6 +412,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         if prepared is not None:
             prepared.claims.release()
         distributed.shutdown()
+
+
+def _starting_from(init_from: Path | dict[int, Path] | None) -> str:
+    if isinstance(init_from, dict):
+        return "".join(f", block {b} starting from {run}'s" for b, run in sorted(init_from.items()))
+    return f", starting from {init_from}" if init_from else ""
 
 
 def _size(split) -> str:
@@ -477,54 +540,73 @@ def cmd_compose(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    """What each block's files say, read the way --resume reads them: a block's training state says where it is."""
+    """What each block's files say, read the way --resume reads them: a block's training state says where it is,
+    and a block copied from another run is judged by its source (checkpoint.progress)."""
     from .blocks import build_partition
 
     run = Path(args.run)
     cfg = checkpoint.read_config(run)
     total = cfg.train.steps_per_block
-    print(f"{run}: {cfg.name}, B={cfg.blocks.num_blocks} blocks of {list(cfg.layer_split())} layers, "
+    B = cfg.blocks.num_blocks
+    progress = [checkpoint.progress(run, b, cfg) for b in range(B)]  # a damaged copy is refused before any line
+    print(f"{run}: {cfg.name}, B={B} blocks of {list(cfg.layer_split())} layers, "
           f"{total} steps per block, {cfg.train.schedule} schedule")
-    done, missing, todo = [], [], []
+    done, missing, todo, stuck = [], [], [], []
     noise = get_task(cfg.task).noise_symbol
-    for b in range(cfg.blocks.num_blocks):
+    for b, p in enumerate(progress):
         lo, hi = build_partition(cfg).block_range(b)
         where = f"  block {b} ({noise} {lo:.3g}-{hi:.3g}):"
-        p = checkpoint.progress(run, b)
         lock = checkpoint.block_lock_path(run, b)
         busy = " (a job holds its lock: training now)" if lock.is_file() and checkpoint.lock_holder(run, b) else ""
+        source = checkpoint.block_source(run, b)
         if p is None:
-            missing.append(b)
-            print(f"{where} missing{busy}")
+            if checkpoint.is_copy(source):
+                missing.append(b)
+                print(f"{where} missing (a copy of block {b} of {source['run']} whose file is gone: copy it again)")
+            elif source is not None:  # `train --from` stopped before this block's first checkpoint
+                todo.append(b)
+                print(f"{where} missing: to be fine-tuned from block {b} of {source['run']} (--resume does){busy}")
+            else:
+                missing.append(b)
+                print(f"{where} missing{busy}")
             continue
-        step, weights = p["step"], p["weights_step"]
-        if step >= total:
+        step, target, weights = p["step"], p["target"], p["weights_step"]
+        of = " of its source" if p["copy"] else ""
+        if step >= target:
             done.append(b)
             state = "trained"
         else:
-            todo.append(b)
-            state = f"partial, {100 * step / total:.0f}%"
+            (stuck if p["copy"] else todo).append(b)
+            state = f"partial, {100 * step / target:.0f}%"
         note = ""
-        if weights is None:
+        if p["copy"]:
+            if step < target:
+                note = (f"; its source stopped it there, and this run has no training state to continue it: continue "
+                        f"it in its source and copy it again, or fine-tune it with train --from {run} --blocks {b}")
+        elif weights is None:
             note = "; no weights file yet (--resume writes it from the training state)"
         elif weights != step:
             note = (f"; its weights are from step {weights}, a checkpoint cut short: --resume redoes steps "
                     f"{step + 1}-{weights}" if weights > step else
                     f"; its weights are from step {weights}: --resume rewrites them from the training state")
         elif not p["has_state"] and step < total:
-            note = "; no training state to continue from: --resume trains it from the start"
-        print(f"{where} {state}, step {step}/{total}, {p['train_time_s']:.0f} s of training{note}{busy}")
+            start = f"fine-tunes it again from block {b} of {source['run']}" if source is not None else \
+                "trains it from the start"
+            note = f"; no training state to continue from: --resume {start}"
+        print(f"{where} {state}, step {step}/{target}{of}, {p['train_time_s']:.0f} s of training{note}{busy}")
     if missing:
         ready = f"missing block(s) {missing}: train them with --blocks {','.join(map(str, missing))}"
     elif todo:
         ready = f"every block is present (the model can be sampled); continue block(s) {todo} with --resume {run}"
+    elif stuck:
+        ready = f"every block is present (the model can be sampled); block(s) {stuck} are copies left partly trained"
     else:
         ready = "every block is present: the model can be sampled"
-    print(f"  {len(done)}/{cfg.blocks.num_blocks} trained; {ready}")
-    from .compose import read_composition
-
-    for row in read_composition(run) or []:
-        print(f"  block {row['block']} composed from {row['run']} ({row['run_name']}, step {row['step']})")
+    print(f"  {len(done)}/{B} trained; {ready}")
+    for row in checkpoint.read_composition(run) or []:
+        how = {"kept": "kept from", "start": "fine-tuned from"}.get(row.get("role"), "composed from")
+        via = f", via {', '.join(row['via'])}" if row.get("via") else ""
+        print(f"  block {row['block']} {how} {row['run']} ({row['run_name']}, step {row['step']}{via})")
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> None:
@@ -739,6 +821,9 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
     p.add_argument("--out", help="directory for speed.md and speed.json")
     p.set_defaults(func=cmd_bench_speed)
+    for p in (*sub.choices.values(), *bench.choices.values()):
+        p.add_argument("--traceback", action="store_true", help="on an error, print its traceback before the "
+                       "one-line message (for a bug report, or a task module of yours that fails to import)")
     return parser
 
 
@@ -770,13 +855,32 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return args
 
 
+def _report(command: str, e: ConfigError, show_traceback: bool, hint: str = "") -> None:
+    """The error's one line; with --traceback, the traceback of what caused it first."""
+    if show_traceback:
+        traceback.print_exception(e)
+    elif e.__cause__ is not None:  # it wraps an error of other code (a task module that fails to import)
+        hint += " (--traceback prints its traceback)"
+    print(f"diffusionblocks {command}: error: {e}{hint}", file=sys.stderr)
+
+
+def _discard_stdout() -> None:
+    """Points stdout at the null device, so that flushing what is left at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # a stdout with no file descriptor (captured): nothing to point elsewhere
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         run_task = _run_task(argv)
     except ConfigError as e:
-        print(f"diffusionblocks {argv[0]}: error: {e}", file=sys.stderr)
+        _report(argv[0], e, "--traceback" in argv)
         return 2
     args = _parse(build_parser(run_task), argv)
     # Denormal floats are slow on x86 CPUs, and the blocks of the lowest noise levels produce them (a
@@ -784,7 +888,6 @@ def main(argv: list[str] | None = None) -> int:
     # digits-ViT block trained at 3.1 steps/s instead of 14.9. Flush them to zero, now, before torch
     # starts the worker threads that inherit the setting.
     torch.set_flush_denormal(True)
-    import signal
     import threading
 
     previous = None
@@ -792,14 +895,20 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args.func(args)
+        sys.stdout.flush()  # now, so that a reader gone away is seen here rather than at exit
     except ConfigError as e:
         run_dir = getattr(args, "run_dir", None)
         hint = f"; once it can be written, continue with `diffusionblocks train --resume {run_dir}`" \
             if isinstance(e, checkpoint.CheckpointWriteError) and run_dir is not None and Path(run_dir).is_dir() else ""
-        print(f"diffusionblocks {args.command}: error: {e}{hint}", file=sys.stderr)
+        _report(args.command, e, args.traceback, hint)
         return 2
+    except BrokenPipeError:  # the reader of the output has gone (`status RUN | head`): stop quietly, as `cat` does
+        _discard_stdout()
+        return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
     except OSError as e:  # the file system said no: a full disk, no permission, a file where a directory must be
         where = f"{e.filename!r}: " if e.filename else ""
+        if args.traceback:
+            traceback.print_exception(e)
         print(f"diffusionblocks {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

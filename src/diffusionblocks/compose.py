@@ -8,28 +8,43 @@ partition, and the model's shape (for images: size, channels and classes; one mo
     RUN/config.json          the config of the source of block 0 (what may differ between blocks, e.g.
                              the dataset, can be overridden), validated like any run's
     RUN/block_NN.safetensors byte-for-byte copies of the sources' weights
-    RUN/composition.json     where each block came from: run, its config name and data, step, sha256
+    RUN/composition.json     where each block came from: run, its config name and data, step, the steps its
+                             source asked of it, sha256 (checked by status and whenever the block is loaded)
     RUN/metrics.jsonl        each block's rows of its source's metrics
     RUN/vocab.json           a copy of the sources' vocabulary (text tasks), which they must share
+
+The run is written into a hidden sibling of RUN (.RUN.compose.HOST.PID.XXXX.tmp) and renamed into place
+in one step: of two composes into one RUN only one succeeds, and a compose killed at any instant leaves
+only its hidden sibling, which the next compose into RUN deletes once its process has ended.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import errno
+import glob
 import json
 import logging
 import os
+import re
 import shutil
+import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint
+from .checkpoint import COMPOSITION_FILE, read_composition  # noqa: F401 (where composed runs are read)
 from .config import ConfigError, RunConfig, apply_overrides
 from .text import VOCAB_FILE, vocabulary_difference
 
+try:
+    import fcntl
+except ImportError:  # Windows: a staging directory is known to be abandoned by its pid alone
+    fcntl = None
+
 logger = logging.getLogger(__name__)
 
-COMPOSITION_FILE = "composition.json"
 # What a composed run may set for itself: its name, and how it is evaluated and sampled.
 OVERRIDABLE = ("name", "data.", "sample.")
 # The sections chained blocks must agree on, and what each one means for chaining.
@@ -88,6 +103,7 @@ def check_sources(sources: dict[int, Path]) -> tuple[RunConfig, dict[int, RunCon
         if not path.is_file():
             raise ConfigError(f"block {b} of {str(run)!r} has no weights (it is not trained yet)")
         checkpoint.check_block_metadata(path, b, cfg)  # a corrupt or misnamed file is refused here
+        checkpoint.copied_block(run, b)  # and a copied one that is no longer the bytes recorded
     missing = [b for b in range(B) if b not in sources]
     if missing:
         raise ConfigError(f"the model has {B} blocks; block(s) {missing} have no source: add "
@@ -113,20 +129,41 @@ def copy_vocabulary(sources: dict[int, Path], out: Path) -> None:
         _copy(sources[0] / VOCAB_FILE, out / VOCAB_FILE)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def source_record(run: Path, b: int, cfg: RunConfig, carry: bool = True) -> dict[str, Any]:
+    """Where block b of `run` (whose config is cfg) comes from, for the composition.json of a run that copies it.
+
+    carry: a block that `run` itself copied from elsewhere keeps its record (the run that trained it, with its
+    data and the steps it was asked for), `run` added to its `via`. (The caller has checked its sha256, as
+    check_sources does.) Otherwise the record describes block b of `run` as it is.
+    """
+    path = checkpoint.block_weights_path(run, b)
+    row = checkpoint.block_source(run, b)
+    if carry and checkpoint.is_copy(row):
+        return {**row, "via": [*row.get("via", []), str(run.resolve())]}
+    info = checkpoint.block_info(run, b)
+    return {"block": b, "run": str(run.resolve()), "run_name": cfg.name, "data": cfg.to_dict().get("data"),
+            "step": info["step"], "steps_per_block": cfg.train.steps_per_block, "sha256": checkpoint.sha256_file(path)}
+
+
+def copy_block(run: Path, b: int, cfg: RunConfig, out: Path, role: str) -> dict[str, Any]:
+    """Copies block b's weights from `run` (config cfg) into the directory `out`, byte for byte; returns its record.
+
+    role: how it comes into the new run (checkpoint.COPY_ROLES).
+    """
+    row = {**source_record(run, b, cfg), "role": role}
+    dst = checkpoint.block_weights_path(out, b)
+    _copy(checkpoint.block_weights_path(run, b), dst)
+    if checkpoint.sha256_file(dst) != row["sha256"]:
+        raise ConfigError(f"block {b} of {str(run)!r} changed while it was copied; copy it again")
+    return row
 
 
 def _copy(src: Path, dst: Path) -> None:
-    """src to dst byte for byte, through a temporary of this process: dst is whole or absent."""
+    """src to dst byte for byte, flushed to disk, through a temporary of this process: dst is whole or absent."""
     tmp = checkpoint.temporary_path(dst)
     try:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        checkpoint._atomic_replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -142,8 +179,26 @@ def _copy_metrics(sources: dict[int, Path], out: Path) -> None:
         (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
+def write_composed_run(target: Path, sources: dict[int, Path], configs: dict[int, RunConfig], cfg: RunConfig) -> None:
+    """Writes into the empty directory `target` the files of the run whose block b is block b of sources[b]:
+    the blocks, their metrics, the sources' vocabulary (text tasks), config.json (cfg) and composition.json."""
+    rows = []
+    for b, run in sorted(sources.items()):
+        rows.append(copy_block(run, b, configs[b], target, "composed"))
+        if rows[-1]["step"] < rows[-1]["steps_per_block"]:
+            logger.warning("block %d of %s is partly trained (step %d of %d): the composed run keeps it as it is",
+                           b, run, rows[-1]["step"], rows[-1]["steps_per_block"])
+    _copy_metrics(sources, target)
+    copy_vocabulary(sources, target)
+    checkpoint.save_config(target, cfg)
+    checkpoint.save_composition(target, rows)
+
+
 def compose_run(sources: dict[int, Path], out: Path, overrides: list[str] = ()) -> RunConfig:
-    """Writes a run directory `out` (new or empty) whose block b is a copy of block b of sources[b]."""
+    """Writes a run directory `out` (new or empty) whose block b is a copy of block b of sources[b].
+
+    The run is written in a hidden sibling of `out` and renamed to `out` once whole (see the module's docstring).
+    """
     ref, configs = check_sources(sources)
     check_vocabularies(sources)
     bad = [o for o in overrides if not o.split("=", 1)[0].startswith(OVERRIDABLE)]
@@ -154,47 +209,94 @@ def compose_run(sources: dict[int, Path], out: Path, overrides: list[str] = ()) 
     from .tasks import get_task
 
     get_task(cfg.task).load_run_data(cfg, sources[0])  # the data it will be evaluated on, as its blocks read it
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {str(out)!r} already exists and is not an empty directory; choose another")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        rows: list[dict[str, Any]] = []
-        for b, run in sorted(sources.items()):
-            src = checkpoint.block_weights_path(run, b)
-            dst = checkpoint.block_weights_path(out, b)
-            _copy(src, dst)
-            info = checkpoint.block_info(out, b)
-            digest = _sha256(dst)
-            if digest != _sha256(src):
-                raise ConfigError(f"block {b} of {str(run)!r} changed while it was copied; compose again")
-            src_cfg = configs[b]
-            rows.append({"block": b, "run": str(run.resolve()), "run_name": src_cfg.name,
-                         "data": src_cfg.to_dict().get("data"), "step": info["step"],
-                         "steps_per_block": src_cfg.train.steps_per_block, "sha256": digest})
-            if info["step"] < src_cfg.train.steps_per_block:
-                logger.warning("block %d of %s is partly trained (step %d of %d)", b, run, info["step"],
-                               src_cfg.train.steps_per_block)
-        _copy_metrics(sources, out)
-        copy_vocabulary(sources, out)
-        checkpoint.save_config(out, cfg)
-        (out / COMPOSITION_FILE).write_text(json.dumps({"blocks": rows}, indent=2) + "\n")
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        else:
-            for child in out.iterdir():
-                child.unlink()
-        raise
+    _check_free(out)
+    with _staging(out) as target:
+        try:
+            write_composed_run(target, sources, configs, cfg)
+        except (OSError, checkpoint.CheckpointWriteError) as e:  # (the hidden directory's name would say nothing)
+            reason = e.reason if isinstance(e, checkpoint.CheckpointWriteError) else e.strerror or str(e)
+            raise ConfigError(f"could not write the composed run {str(out)!r}: {reason}; nothing of it was left "
+                              "behind") from None
+        _publish(target, out)
     return cfg
 
 
-def read_composition(run_dir: Path) -> list[dict[str, Any]] | None:
-    """The blocks' sources of a composed run, or None for a run trained as one."""
-    path = Path(run_dir) / COMPOSITION_FILE
-    if not path.is_file():
-        return None
+def _check_free(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {str(out)!r} already exists and is not an empty directory; choose another")
+
+
+_STAGING = re.compile(r"\.(?P<name>.+)\.compose\.(?P<host>.+)\.(?P<pid>\d+)\.[^.]+\.tmp")
+
+
+@contextlib.contextmanager
+def _staging(out: Path):
+    """A new hidden directory beside `out`, locked while this process lives, deleted if the block raises."""
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_stagings(out)
+    target = Path(tempfile.mkdtemp(prefix=f".{out.name}.compose.{socket.gethostname()}.{os.getpid()}.", suffix=".tmp",
+                                   dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(target, 0o777 & ~umask)  # what mkdir gives, not mkdtemp's owner-only mode: it becomes the run
+    fd = None
     try:
-        return json.loads(path.read_text())["blocks"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{str(path)!r} is unreadable: {e}") from None
+        if fcntl is not None:
+            fd = os.open(target, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield target
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        for parent in made:  # the parents this compose created, if nothing else went in them
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _remove_abandoned_stagings(out: Path) -> None:
+    """Deletes the staging directories of composes into `out` that were killed: their process, on this host, has
+    ended (and, where the platform has locks, nobody holds theirs)."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}.compose.*.tmp"):
+        m = _STAGING.fullmatch(path.name)
+        if not m or m["name"] != out.name or m["host"] != socket.gethostname() or \
+                checkpoint.pid_alive(int(m["pid"])) or not path.is_dir():
+            continue
+        if fcntl is None:
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # another compose deleted it first
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("removed %s, left by a compose that was killed", path)
+        except BlockingIOError:  # another compose is removing it
+            pass
+        finally:
+            os.close(fd)
+
+
+def _publish(target: Path, out: Path) -> None:
+    """Renames the whole run `target` to `out`, which must not exist or be empty: atomic, so that of two composes
+    into one `out` exactly one succeeds, and the other's files never mix with it."""
+    checkpoint._fsync_dir(target)
+    try:
+        try:
+            os.rename(target, out)  # POSIX: onto a missing or an empty directory, in one step
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not out.is_dir() or any(out.iterdir()):
+                raise
+            out.rmdir()  # (where a rename does not replace an empty directory)
+            os.rename(target, out)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR, errno.ENOENT) and out.exists():
+            raise ConfigError(f"--out {str(out)!r} was filled by another command while this one composed; this "
+                              "composition was not written: choose another --out") from None
+        raise
+    checkpoint._fsync_dir(out.parent)

@@ -288,6 +288,10 @@ def _switch_task(cfg: RunConfig, name: str) -> dict[str, Any]:
 def load_config(path: str | Path) -> RunConfig:
     """Reads a JSON config file; missing fields take their defaults."""
     path = Path(path)
+    if path.is_dir():
+        hint = (f" (the config of that run is {str(path / 'config.json')!r}; `train --resume {path}` continues it)"
+                if (path / "config.json").is_file() else "")
+        raise ConfigError(f"config file {str(path)!r} is a directory, not a JSON file{hint}")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:

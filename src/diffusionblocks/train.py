@@ -82,18 +82,21 @@ def make_optimizer(denoiser: nn.Module, cfg: RunConfig, device: torch.device | N
 
 
 def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path | None = None,
-                     init_from: Path | None = None, coupling: Coupling | None = None) -> BlockState:
+                     init_from: Path | dict[int, Path] | None = None, coupling: Coupling | None = None) -> BlockState:
     """Block b freshly initialised from (seed, b), or resumed from its training state in run_dir.
 
     init_from: a trained run whose block b gives the starting weights (fine-tuning), used when run_dir
-    holds no state for the block yet; the optimiser starts afresh.
+    holds no state for the block yet; the optimiser starts afresh. A dict {block: run} names it per block
+    (a block it lacks starts from scratch).
     coupling: what the task's blocks hand each other (tasks.Coupling), attached before the optimiser.
     """
     denoiser = build_block(cfg, b, make_generator(cfg.train.seed, b, "init"))
     for module in denoiser.modules():
         if hasattr(module, "checkpointing"):
             module.checkpointing = cfg.train.activation_checkpointing
-    if init_from is not None:
+    if isinstance(init_from, dict):
+        init_from = init_from.get(b)
+    if init_from is not None and not (run_dir is not None and checkpoint.block_state_path(run_dir, b).is_file()):
         checkpoint.load_block_weights(init_from, b, denoiser, cfg)
     denoiser = denoiser.to(device)
     if coupling is not None:
@@ -229,7 +232,7 @@ class MetricsLog:
 
 
 def train(cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.device = "cpu",
-          blocks: list[int] | None = None, progress: bool = True, init_from: Path | None = None,
+          blocks: list[int] | None = None, progress: bool = True, init_from: Path | dict[int, Path] | None = None,
           claim: bool = True) -> dict[int, BlockState]:
     """Trains the run's blocks (all by default) with its schedule, resuming any saved state in run_dir.
 
@@ -237,7 +240,8 @@ def train(cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.dev
     Returns the final state of each block trained. The sequential schedule keeps one block in memory:
     with a run_dir, a finished block is saved and offloaded (its returned state holds only counters)
     before the next is built. With run_dir None nothing is written and every state is returned whole.
-    init_from: a trained run whose weights start the blocks that have no state in run_dir (fine-tuning).
+    init_from: a trained run whose weights start the blocks that have no state in run_dir (fine-tuning), or a dict
+    {block: run} naming one per block.
     claim: take each block's lock in run_dir while training it (checkpoint.BlockClaims), so that no other
     job trains it at the same time; False when the caller holds the locks already (the CLI does).
     On CPU, call torch.set_flush_denormal(True) at the start of the process (the CLI does): low-noise
@@ -249,7 +253,7 @@ def train(cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.dev
 
 
 def _train(cfg: RunConfig, data, run_dir: Path | None, device: torch.device, blocks: list[int] | None,
-           progress: bool, init_from: Path | None, claim: bool) -> dict[int, BlockState]:
+           progress: bool, init_from: Path | dict[int, Path] | None, claim: bool) -> dict[int, BlockState]:
     blocks = list(range(cfg.blocks.num_blocks)) if blocks is None else blocks
     partition = build_partition(cfg)
     data = resident_data(cfg, data, device)
@@ -294,7 +298,7 @@ def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler
 
 def _train_sequential_block(cfg: RunConfig, b: int, data, run_dir: Path | None, partition: Partition,
                             log: MetricsLog, device: torch.device, progress: bool,
-                            init_from: Path | None = None, group=None, shard: tuple[int, int] = (0, 1),
+                            init_from: Path | dict[int, Path] | None = None, group=None, shard: tuple[int, int] = (0, 1),
                             leader: bool = True, coupling: Coupling | None = None) -> BlockState:
     """Trains block b to the end; with a process group, data-parallel over it (only the leader writes)."""
     coupling = coupling or Coupling()
@@ -334,7 +338,7 @@ def _note_resumed(state: BlockState, cfg: RunConfig, log: MetricsLog) -> None:
 
 
 def _train_parallel(cfg: RunConfig, blocks: list[int], data, run_dir: Path | None, partition: Partition,
-                    device: torch.device, progress: bool, init_from: Path | None = None,
+                    device: torch.device, progress: bool, init_from: Path | dict[int, Path] | None = None,
                     coupling: Coupling | None = None, claim: bool = True) -> dict[int, BlockState]:
     """This rank's share of block-parallel training: its group's blocks, one after the other (distributed.py)."""
     from . import distributed
@@ -365,7 +369,7 @@ def _train_parallel(cfg: RunConfig, blocks: list[int], data, run_dir: Path | Non
 
 def _train_interleaved(cfg: RunConfig, blocks: list[int], data, run_dir: Path | None,
                        partition: Partition, log: MetricsLog, device: torch.device,
-                       progress: bool, init_from: Path | None = None,
+                       progress: bool, init_from: Path | dict[int, Path] | None = None,
                        coupling: Coupling | None = None) -> dict[int, BlockState]:
     """Each step trains a uniformly random unfinished block (the paper's schedule); all blocks resident.
 

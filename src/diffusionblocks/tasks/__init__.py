@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 
 from ..config import ConfigError, RunConfig
 from .base import Coupling, Evaluation, Task
@@ -59,14 +60,28 @@ def get_task(name: str) -> Task:
         sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ConfigError(f"task={name!r}: importing module {module_name!r} failed: {_error_line(e)}") from e
         raise ConfigError(f"task={name!r}: cannot import module {module_name!r} ({e}); is it installed, or in "
                           "the current directory?") from None
+    except Exception as e:  # the module itself is broken: a syntax error, an error raised while it runs
+        raise ConfigError(f"task={name!r}: importing module {module_name!r} failed: {_error_line(e)}") from e
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ConfigError(f"task={name!r}: {module_name}.{attr} is not a diffusionblocks.tasks.Task subclass")
     register(name, cls)
     return _REGISTRY[name]
+
+
+def _error_line(e: BaseException) -> str:
+    """An exception in one line, with where it was raised: 'NameError: name 'x' is not defined (mod.py:3)'."""
+    if isinstance(e, SyntaxError):
+        where = f"{os.path.basename(e.filename or '?')}:{e.lineno}"
+        return f"SyntaxError: {e.msg} ({where})"
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}{where}"
 
 
 def importable_by_name(name: str) -> bool:
