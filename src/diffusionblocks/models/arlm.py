@@ -10,7 +10,8 @@ transformer whose keys and values do not depend on sigma (its tokens are conditi
 the noisy ones on sigma through adaLN), and a KV cache of it serves every denoising step of every token.
 
 Layers are Llama-style: RMSNorm, rotary position embeddings (noisy i and clean i share position i), SwiGLU;
-adaLN-Zero modulation per token. Output: D = c_skip z + c_out RMSNorm(h) at the noisy positions, then a final
+adaLN-Zero modulation at the granularity of its condition (per position on the noisy stream, once for the
+clean stream's constant). Output: D = c_skip z + c_out RMSNorm(h) at the noisy positions, then a final
 adaLN and a zero-initialised linear head (not tied to E) give logits over the vocabulary. Loss: the
 cross-entropy of the logits at position i against token i, weighted by lambda(sigma_i), per token.
 
@@ -19,6 +20,8 @@ by a head as the distribution of token j + 1, plain next-token cross-entropy.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +32,68 @@ from ..precond import get_scalings, loss_weight
 from .dit import NoiseEmbedder, zero_init
 
 ROPE_BASE = 10000.0
+CAUSAL = "causal"  # an attention mask: each query sees the keys up to its own index (top-left aligned)
+
+# The conditioning of a layer's adaLN: one tensor broadcastable to (N, T, D), at the granularity of the condition
+# ((D,) for a constant, (N, 1, D) per sequence, (N, T, D) per token), or a tuple of such tensors for equal
+# consecutive stretches of the sequence ([noisy ; clean]: (c_noisy (N, L, D), c_clean (D,))).
+Cond = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+class Rotary(NamedTuple):
+    """Rotary tables for positions pos (T,): cos and sin over the half-split pairs, laid out for `apply_rotary`
+    (cos = [cos ; cos], sin = [-sin ; sin], (T, d) each)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+_ROTARY_CACHE: dict[tuple, Rotary] = {}
+
+
+def rotary(pos: torch.Tensor, d: int, dtype: torch.dtype = torch.float32) -> Rotary:
+    """The rotary tables of positions pos (T,) for heads of width d (Su et al. 2021), cached per positions,
+    device and dtype (outside inference mode, whose tensors autograd cannot save)."""
+    key = (tuple(pos.tolist()), d, pos.device, dtype)
+    hit = _ROTARY_CACHE.get(key)
+    if hit is not None:
+        return hit
+    freqs = ROPE_BASE ** (-torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)  # (d/2,)
+    angles = pos.to(torch.float32)[:, None] * freqs  # (T, d/2)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    tables = Rotary(torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))  # (T, d) each
+    if not torch.is_inference_mode_enabled():
+        if len(_ROTARY_CACHE) >= 64:
+            _ROTARY_CACHE.clear()
+        _ROTARY_CACHE[key] = tables
+    return tables
+
+
+def apply_rotary(x: torch.Tensor, rot: Rotary) -> torch.Tensor:
+    """Rotates the half-split pairs (x1, x2) of x (..., T, d) by the tables' angles: [x1 cos - x2 sin ;
+    x2 cos + x1 sin], the same numbers as `rope`, with a roll in place of the concatenation."""
+    return x * rot.cos + x.roll(x.shape[-1] // 2, dims=-1) * rot.sin
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding (Su et al. 2021), rotating half-split pairs: x (N, H, T, d), pos (T,) -> (N, H, T, d)."""
-    d = x.shape[-1]
-    freqs = ROPE_BASE ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    angles = pos.to(torch.float32)[:, None] * freqs  # (T, d/2)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return apply_rotary(x, rotary(pos, x.shape[-1], x.dtype))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN with per-token shift and scale: x, shift, scale (N, T, D)."""
+    """adaLN with shift and scale broadcastable to x (N, T, D): per token, per sequence or constant."""
     return x * (1 + scale) + shift
+
+
+def _by_stretch(fn, x: torch.Tensor, mods: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """fn(x_k, mods[k]) on each of the len(mods) equal consecutive stretches of x (N, T, D), concatenated."""
+    if len(mods) == 1:
+        return fn(x, mods[0])
+    return torch.cat([fn(xk, m) for xk, m in zip(x.chunk(len(mods), dim=1), mods)], dim=1)
+
+
+def _positions(pos: torch.Tensor | Rotary, d: int, dtype: torch.dtype) -> Rotary:
+    return pos if isinstance(pos, Rotary) else rotary(pos, d, dtype)
 
 
 class KVCache:
@@ -65,15 +115,28 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple]:
-        """x (N, T, D) at positions pos (T,); attends to the past keys/values (if any) then its own, under mask
-        (T, T_past + T) (None: every key). Returns the output and this input's (k, v)."""
+    def _qkv(self, x: torch.Tensor, pos: torch.Tensor | Rotary) -> tuple[torch.Tensor, ...]:
+        """Rotated queries and keys and the values of x (N, T, D): (N, H, T, d) each."""
         N, T, D = x.shape
-        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (N, H, T, d) each
-        q, k = rope(q, pos), rope(k, pos)
+        d = D // self.num_heads
+        qkv = self.qkv(x).view(N, T, 3, self.num_heads, d).transpose(1, 3)  # (N, H, 3, T, d)
+        rot = _positions(pos, d, x.dtype)
+        qk = apply_rotary(qkv[:, :, :2], rot)  # (N, H, 2, T, d): queries and keys in one pass
+        return qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | Rotary, mask: torch.Tensor | str | None = None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple]:
+        """x (N, T, D) at positions pos (T,) (or their rotary tables); attends to the past keys/values (if any) then
+        its own, under mask (T, T_past + T) (None: every key; CAUSAL: plain causal, no past). Returns the output
+        and this input's (k, v)."""
+        N, T, D = x.shape
+        q, k, v = self._qkv(x, pos)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (N, H, T, d)
+        if isinstance(mask, str):
+            assert mask == CAUSAL and past is None, mask
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)  # (N, H, T, d)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (N, H, T, d)
         return self.proj(out.transpose(1, 2).reshape(N, T, D)), (k, v)
 
 
@@ -89,7 +152,8 @@ class SwiGLU(nn.Module):
 
 
 class LlamaLayer(nn.Module):
-    """Pre-norm attention and SwiGLU with adaLN-Zero modulation, conditioned per token: c (N, T, D)."""
+    """Pre-norm attention and SwiGLU with adaLN-Zero modulation, conditioned at the granularity of its condition
+    (see `Cond`): the modulation is computed once per distinct condition and broadcast over the tokens."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -99,20 +163,24 @@ class LlamaLayer(nn.Module):
         self.mlp = SwiGLU(dim, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def kv(self, x: torch.Tensor, c: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values this layer's attention makes of x (N, T, D), without running the layer."""
-        shift1, scale1 = self.adaLN_modulation(c).chunk(6, dim=-1)[:2]
-        h = modulate(self.norm1(x), shift1, scale1)
-        N, T, D = h.shape
-        _, k, v = self.attn.qkv(h).view(N, T, 3, self.attn.num_heads, D // self.attn.num_heads).permute(2, 0, 3, 1, 4)
-        return rope(k, pos), v
+    def modulation(self, c: Cond) -> list[tuple[torch.Tensor, ...]]:
+        """Per stretch of the conditioning: (shift1, scale1, gate1, shift2, scale2, gate2), each shaped like its
+        condition."""
+        return [self.adaLN_modulation(ck).chunk(6, dim=-1) for ck in (c if isinstance(c, tuple) else (c,))]
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None,
+    def kv(self, x: torch.Tensor, c: Cond, pos: torch.Tensor | Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values this layer's attention makes of x (N, T, D), without running the layer."""
+        h = _by_stretch(lambda h, m: modulate(h, m[0], m[1]), self.norm1(x), self.modulation(c))
+        _, k, v = self.attn._qkv(h, pos)
+        return k, v
+
+    def forward(self, x: torch.Tensor, c: Cond, pos: torch.Tensor | Rotary, mask: torch.Tensor | str | None = None,
                 past: tuple | None = None) -> tuple[torch.Tensor, tuple]:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (N, T, D) each
-        a, kv = self.attn(modulate(self.norm1(x), shift1, scale1), pos, mask, past)
-        x = x + gate1 * a
-        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        mods = self.modulation(c)  # (shift1, scale1, gate1, shift2, scale2, gate2) per stretch
+        a, kv = self.attn(_by_stretch(lambda h, m: modulate(h, m[0], m[1]), self.norm1(x), mods), pos, mask, past)
+        x = x + _by_stretch(lambda a, m: m[2] * a, a, mods)
+        h = _by_stretch(lambda h, m: modulate(h, m[3], m[4]), self.norm2(x), mods)
+        x = x + _by_stretch(lambda f, m: m[5] * f, self.mlp(h), mods)
         return x, kv
 
 
@@ -126,6 +194,15 @@ def training_mask(L: int, device: torch.device | str = "cpu") -> torch.Tensor:
     top = torch.cat([eye, before], dim=1)  # noisy queries: (L, 2L)
     bottom = torch.cat([torch.zeros(L, L, dtype=torch.bool, device=device), causal], dim=1)  # clean queries
     return torch.cat([top, bottom], dim=0)
+
+
+def _extend_mask(start: int, T: int, device) -> torch.Tensor | str | None:
+    """The mask of T new tokens after `start` cached ones: each sees every cached one and the new ones up to itself."""
+    if T == 1:
+        return None
+    if start == 0:
+        return CAUSAL
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
 
 
 @torch.no_grad()
@@ -158,7 +235,9 @@ class _Trunk(nn.Module):
         """(index, layer) of the layers the noisy stream passes through: all of them."""
         return list(enumerate(self.layers))
 
-    def run(self, x: torch.Tensor, c: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, c: Cond, pos: torch.Tensor, mask: torch.Tensor | str | None) -> torch.Tensor:
+        """The layers on x (N, T, D) at positions pos (T,), conditioned by c (see `Cond`), under mask."""
+        pos = self.rotary(pos)
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
                 x = checkpoint(lambda x, c, layer=layer: layer(x, c, pos, mask)[0], x, c, use_reentrant=False)
@@ -169,19 +248,23 @@ class _Trunk(nn.Module):
     def extend(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         """Runs the clean stream on new tokens (N, T) after the cached ones; stores their keys/values; returns
         their last layer's output (N, T, D)."""
-        N, T = tokens.shape
+        T = tokens.shape[1]
         start = cache.length
         pos = torch.arange(start, start + T, device=tokens.device)
         x = self.tok_embed(tokens)
-        c = self.clean_cond.expand(N, T, -1)
-        # Each new token sees every cached one and the new ones up to itself.
-        mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(start) if T > 1 else None
+        c, pos = self.clean_cond, self.rotary(pos)
+        mask = _extend_mask(start, T, tokens.device)
         for l, layer in enumerate(self.layers):
             past = None if cache.k[l] is None else (cache.k[l], cache.v[l])
             x, (k, v) = layer(x, c, pos, mask, past)
             cache.k[l] = k if past is None else torch.cat([past[0], k], 2)
             cache.v[l] = v if past is None else torch.cat([past[1], v], 2)
         return x
+
+    def rotary(self, pos: torch.Tensor) -> Rotary:
+        """The rotary tables of positions pos (T,), computed once per forward for every layer."""
+        return rotary(pos, self.layers[0].attn.qkv.in_features // self.layers[0].attn.num_heads,
+                      self.tok_embed.weight.dtype)
 
     def init(self, generator: torch.Generator | None) -> None:
         init_llama(self, self.tok_embed, self.clean_cond, self.layers, generator)
@@ -233,7 +316,7 @@ class ARDenoiser(nn.Module):
         _, _, c_in, c_noise = get_scalings(sigma, self.sigma_data)
         c_noisy = self.t_embedder(c_noise.flatten()).view(N, L, -1)  # (N, L, D)
         x = torch.cat([c_in[..., None] * z, self.trunk.tok_embed(tokens)], dim=1)  # (N, 2L, D): [noisy ; clean]
-        c = torch.cat([c_noisy, self.trunk.clean_cond.expand(N, L, -1)], dim=1)
+        c = (c_noisy, self.trunk.clean_cond)  # per position on the noisy stream, one constant on the clean one
         pos = torch.arange(L, device=z.device).repeat(2)
         h = self.trunk.run(x, c, pos, training_mask(L, z.device))[:, :L]  # (N, L, D)
         return self._readout(z, h, sigma, c_noisy)
@@ -244,7 +327,7 @@ class ARDenoiser(nn.Module):
         _, _, c_in, c_noise = get_scalings(sigma, self.sigma_data)
         c = self.t_embedder(c_noise.flatten())[:, None]  # (N, 1, D)
         x = c_in[..., None] * z
-        pos = torch.tensor([cache.length], device=z.device)
+        pos = self.trunk.rotary(torch.tensor([cache.length], device=z.device))
         for l, layer in self.trunk.noisy_layers():
             x, _ = layer(x, c, pos, None, (cache.k[l], cache.v[l]) if cache.k[l] is not None else None)
         D, logits = self._readout(z, x, sigma, c)
@@ -292,10 +375,9 @@ class CausalLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (N, L) -> logits (N, L, V), position j's for token j + 1."""
-        N, L = tokens.shape
-        mask = torch.ones(L, L, dtype=torch.bool, device=tokens.device).tril()
-        h = self.trunk.run(self.trunk.tok_embed(tokens), self.trunk.clean_cond.expand(N, L, -1),
-                           torch.arange(L, device=tokens.device), mask)
+        L = tokens.shape[1]
+        h = self.trunk.run(self.trunk.tok_embed(tokens), self.trunk.clean_cond, torch.arange(L, device=tokens.device),
+                           CAUSAL)
         return self.head(self.norm_final(h)).float()
 
     def next_logits(self, h_last: torch.Tensor) -> torch.Tensor:

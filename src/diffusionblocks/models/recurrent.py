@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arlm import ARDenoiser, KVCache, LlamaLayer, _Trunk, init_llama
+from .arlm import CAUSAL, ARDenoiser, Cond, KVCache, LlamaLayer, Rotary, _extend_mask, _Trunk, init_llama, rotary
 
 
 def lognormal_poisson(mean: float, std: float, generator: torch.Generator) -> int:
@@ -55,11 +55,11 @@ class HuginnLM(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def _stack(self, layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        N, L, _ = x.shape
-        mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-        pos, c = torch.arange(L, device=x.device), self.cond.expand(N, L, -1)
+        L = x.shape[1]
+        layer0 = layers[0].attn
+        pos = rotary(torch.arange(L, device=x.device), layer0.qkv.in_features // layer0.num_heads, x.dtype)
         for layer in layers:
-            x, _ = layer(x, c, pos, mask)
+            x, _ = layer(x, self.cond, pos, CAUSAL)  # the constant conditioning: one modulation per layer
         return x
 
     def core_step(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -94,24 +94,25 @@ class _PreludeTrunk(_Trunk):
     def noisy_layers(self) -> list[tuple[int, nn.Module]]:
         return list(enumerate(self.layers))[self.prelude:]
 
-    def run(self, x: torch.Tensor, c: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, c: Cond, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [noisy ; clean] (N, 2L, D), c (c_noisy, c_clean), the training mask (2L, 2L)."""
         L = x.shape[1] // 2
         noisy, clean = x[:, :L], x[:, L:]  # [noisy ; clean]
-        causal = mask[L:, L:]
+        rot = self.rotary(pos)
+        clean_rot = Rotary(rot.cos[L:], rot.sin[L:])
         for layer in self.layers[:self.prelude]:
-            clean, _ = layer(clean, c[:, L:], pos[L:], causal)
+            clean, _ = layer(clean, c[1], clean_rot, CAUSAL)
         for layer in self.layers[self.prelude:]:
-            out, _ = layer(torch.cat([noisy, clean], dim=1), c, pos, mask)
+            out, _ = layer(torch.cat([noisy, clean], dim=1), c, rot, mask)
             noisy = out[:, :L]  # the clean rows keep the prelude's output
         return torch.cat([noisy, clean], dim=1)
 
     def extend(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         """The prelude on the new tokens (with its cache), then each later layer's keys and values of its output."""
-        N, T = tokens.shape
+        T = tokens.shape[1]
         start = cache.length
-        pos = torch.arange(start, start + T, device=tokens.device)
-        c = self.clean_cond.expand(N, T, -1)
-        mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(start) if T > 1 else None
+        pos = self.rotary(torch.arange(start, start + T, device=tokens.device))
+        c, mask = self.clean_cond, _extend_mask(start, T, tokens.device)
         x = self.tok_embed(tokens)
         for l, layer in enumerate(self.layers):
             past = None if cache.k[l] is None else (cache.k[l], cache.v[l])

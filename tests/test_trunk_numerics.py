@@ -1,0 +1,137 @@
+"""The language trunk's fast paths (modulation at the granularity of its condition, rotary tables once per
+forward, the causal flag of attention) against a straightforward per-token computation with the same weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusionblocks.models.arlm import ARDenoiser, CausalLM, KVCache, LlamaLayer, rope, training_mask
+from diffusionblocks.models.recurrent import HuginnLM, RecurrentDenoiser
+from diffusionblocks.precond import get_scalings
+
+TOL = 1e-4  # max |delta logit| in fp32 (issue 26)
+
+
+def _rope_cat(x, pos):
+    """The rotary embedding as first written: angles per call, halves concatenated."""
+    d = x.shape[-1]
+    freqs = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+    angles = pos.to(torch.float32)[:, None] * freqs
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def _layer_ref(layer: LlamaLayer, x, c, pos, mask):
+    """One layer with its modulation computed for every token: c (N, T, D), mask (T, T) boolean."""
+    N, T, D = x.shape
+    H = layer.attn.num_heads
+    shift1, scale1, gate1, shift2, scale2, gate2 = layer.adaLN_modulation(c).chunk(6, dim=-1)
+    h = layer.norm1(x) * (1 + scale1) + shift1
+    q, k, v = layer.attn.qkv(h).view(N, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(_rope_cat(q, pos), _rope_cat(k, pos), v, attn_mask=mask)
+    x = x + gate1 * layer.attn.proj(out.transpose(1, 2).reshape(N, T, D))
+    return x + gate2 * layer.mlp(layer.norm2(x) * (1 + scale2) + shift2)
+
+
+def _randomise(m, seed):
+    """Every weight random: adaLN-Zero's zeros would make the modulation trivially equal."""
+    g = torch.Generator().manual_seed(seed)
+    m.initialize_weights(g)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def test_rotary_tables_equal_the_concatenating_rope():
+    x = torch.randn(2, 3, 7, 8)
+    pos = torch.arange(5, 12)
+    assert torch.equal(rope(x, pos), _rope_cat(x, pos))
+
+
+def test_the_plain_model_equals_its_per_token_reference():
+    m = _randomise(CausalLM(11, hidden_size=32, depth=3, num_heads=4), 0)
+    tokens = torch.randint(11, (3, 10), generator=torch.Generator().manual_seed(1))
+    N, L = tokens.shape
+    x, c = m.trunk.tok_embed(tokens), m.trunk.clean_cond.expand(N, L, -1)
+    mask = torch.ones(L, L, dtype=torch.bool).tril()
+    for layer in m.trunk.layers:
+        x = _layer_ref(layer, x, c, torch.arange(L), mask)
+    ref = m.head(m.norm_final(x))
+    got = m(tokens)
+    assert (got - ref).abs().max() <= TOL and not torch.equal(ref, torch.zeros_like(ref))
+
+
+def test_the_chain_block_equals_its_per_token_reference():
+    m = _randomise(ARDenoiser(11, hidden_size=32, depth=3, num_heads=4), 2)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(11, (3, 9), generator=g)
+    z, sigma = torch.randn(3, 9, 32, generator=g), torch.rand(3, 9, generator=g) + 0.05
+    N, L = tokens.shape
+    _, _, c_in, c_noise = get_scalings(sigma, m.sigma_data)
+    c_noisy = m.t_embedder(c_noise.flatten()).view(N, L, -1)
+    x = torch.cat([c_in[..., None] * z, m.trunk.tok_embed(tokens)], dim=1)
+    c = torch.cat([c_noisy, m.trunk.clean_cond.expand(N, L, -1)], dim=1)
+    for layer in m.trunk.layers:
+        x = _layer_ref(layer, x, c, torch.arange(L).repeat(2), training_mask(L))
+    _, ref = m._readout(z, x[:, :L], sigma, c_noisy)
+    _, got = m.denoise(z, sigma, tokens)
+    assert (got - ref).abs().max() <= TOL
+
+
+def test_the_recurrent_models_equal_their_per_token_reference():
+    m = _randomise(HuginnLM(11, hidden_size=32, num_heads=4, prelude=1, core=2, coda=1), 4)
+    tokens = torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(5))
+    N, L = tokens.shape
+    state = torch.randn(N, L, 32, generator=torch.Generator().manual_seed(6))
+    mask, pos, c = torch.ones(L, L, dtype=torch.bool).tril(), torch.arange(L), m.cond.expand(N, L, -1)
+
+    def stack(layers, x):
+        for layer in layers:
+            x = _layer_ref(layer, x, c, pos, mask)
+        return x
+
+    e, s = stack(m.prelude, m.tok_embed(tokens)), state * m.state_std
+    for _ in range(3):
+        s = stack(m.core, m.adapter(torch.cat([s, e], dim=-1)))
+    ref = m.head(m.norm_final(stack(m.coda, s)))
+    assert (m(tokens, 3, state) - ref).abs().max() <= TOL
+
+    d = _randomise(RecurrentDenoiser(11, hidden_size=32, num_heads=4, prelude=1, core=1, coda=1), 7)
+    g = torch.Generator().manual_seed(8)
+    z, sigma = torch.randn(N, L, 32, generator=g), torch.rand(N, L, generator=g) + 0.05
+    _, logits = d.denoise(z, sigma, tokens)
+    cache = KVCache(3)
+    d.trunk.extend(cache, tokens[:, :4])
+    for i in range(4, L):  # the cached path, token by token, equals the training forward
+        assert (d.denoise_next(z[:, i], sigma[:, i], cache)[1] - logits[:, i]).abs().max() <= TOL
+        d.trunk.extend(cache, tokens[:, i:i + 1])
+
+
+@pytest.mark.parametrize("start", [0, 3])
+def test_extend_with_and_without_a_past_equals_the_forward(start):
+    m = _randomise(CausalLM(11, hidden_size=32, depth=2, num_heads=4), 9)
+    tokens = torch.randint(11, (2, 9), generator=torch.Generator().manual_seed(10))
+    h = m.trunk.run(m.trunk.tok_embed(tokens), m.trunk.clean_cond, torch.arange(9), "causal")
+    cache = KVCache(2)
+    if start:
+        m.trunk.extend(cache, tokens[:, :start])
+    out = m.trunk.extend(cache, tokens[:, start:])
+    assert (out - h[:, start:]).abs().max() <= TOL
+
+
+def test_gradients_reach_the_constant_conditioning_as_before():
+    m = _randomise(CausalLM(11, hidden_size=16, depth=2, num_heads=2), 11)
+    m.train()
+    tokens = torch.randint(11, (2, 6), generator=torch.Generator().manual_seed(12))
+    m.loss(tokens).mean().backward()
+    fast = m.trunk.clean_cond.grad.clone()
+    m.zero_grad()
+    N, L = tokens.shape
+    x, c = m.trunk.tok_embed(tokens), m.trunk.clean_cond.expand(N, L, -1)
+    for layer in m.trunk.layers:
+        x = _layer_ref(layer, x, c, torch.arange(L), torch.ones(L, L, dtype=torch.bool).tril())
+    logits = m.head(m.norm_final(x))[:, :-1]
+    F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1).mean().backward()
+    assert torch.allclose(fast, m.trunk.clean_cond.grad, atol=1e-5, rtol=1e-4)
