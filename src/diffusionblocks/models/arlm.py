@@ -125,19 +125,31 @@ class Attention(nn.Module):
         return qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | Rotary, mask: torch.Tensor | str | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple]:
+                past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                queries: int | None = None) -> tuple[torch.Tensor, tuple]:
         """x (N, T, D) at positions pos (T,) (or their rotary tables); attends to the past keys/values (if any) then
-        its own, under mask (T, T_past + T) (None: every key; CAUSAL: plain causal, no past). Returns the output
-        and this input's (k, v)."""
+        its own, under mask (T, T_past + T) (None: every key; CAUSAL: plain causal, no past). queries: only the
+        first `queries` positions ask (their output alone is made; every position gives its key and value).
+        Returns the output (N, queries or T, D) and this input's (k, v)."""
         N, T, D = x.shape
-        q, k, v = self._qkv(x, pos)
+        if queries is None:
+            q, k, v = self._qkv(x, pos)
+        else:
+            H, d = self.num_heads, D // self.num_heads
+            rot = _positions(pos, d, x.dtype)
+            kv = F.linear(x, self.qkv.weight[D:]).view(N, T, 2, H, d).transpose(1, 3)  # (N, H, 2, T, d)
+            k, v = apply_rotary(kv[:, :, 0], rot), kv[:, :, 1]
+            q = F.linear(x[:, :queries], self.qkv.weight[:D]).view(N, queries, H, d).transpose(1, 2)  # (N, H, Q, d)
+            q = apply_rotary(q, Rotary(rot.cos[:queries], rot.sin[:queries]))
+            assert not isinstance(mask, str), "queries with a plain causal mask: give the mask's rows"
+            mask = None if mask is None else mask[:queries]
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         if isinstance(mask, str):
             assert mask == CAUSAL and past is None, mask
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)  # (N, H, T, d)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (N, H, T, d)
-        return self.proj(out.transpose(1, 2).reshape(N, T, D)), (k, v)
+        return self.proj(out.transpose(1, 2).reshape(N, q.shape[2], D)), (k, v)
 
 
 class SwiGLU(nn.Module):
@@ -166,7 +178,10 @@ class LlamaLayer(nn.Module):
     def modulation(self, c: Cond) -> list[tuple[torch.Tensor, ...]]:
         """Per stretch of the conditioning: (shift1, scale1, gate1, shift2, scale2, gate2), each shaped like its
         condition."""
-        return [self.adaLN_modulation(ck).chunk(6, dim=-1) for ck in (c if isinstance(c, tuple) else (c,))]
+        if not isinstance(c, tuple):
+            return [self.adaLN_modulation(c).chunk(6, dim=-1)]
+        mods = [self.adaLN_modulation(ck) for ck in c]
+        return [m.chunk(6, dim=-1) for m in mods]
 
     def kv(self, x: torch.Tensor, c: Cond, pos: torch.Tensor | Rotary) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values this layer's attention makes of x (N, T, D), without running the layer."""
@@ -175,13 +190,27 @@ class LlamaLayer(nn.Module):
         return k, v
 
     def forward(self, x: torch.Tensor, c: Cond, pos: torch.Tensor | Rotary, mask: torch.Tensor | str | None = None,
-                past: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+                past: tuple | None = None, queries: int | None = None) -> tuple[torch.Tensor, tuple]:
+        """x (N, T, D) -> (N, T, D) and this input's (k, v); with queries, only the first `queries` positions' output
+        (N, queries, D) is made (the others give their keys and values): with a tuple c, queries is the first
+        stretch's length."""
         mods = self.modulation(c)  # (shift1, scale1, gate1, shift2, scale2, gate2) per stretch
-        a, kv = self.attn(_by_stretch(lambda h, m: modulate(h, m[0], m[1]), self.norm1(x), mods), pos, mask, past)
+        h = _by_stretch(lambda h, m: modulate(h, m[0], m[1]), self.norm1(x), mods)
+        a, kv = self.attn(h, pos, mask, past, queries)
+        if queries is not None:
+            x, mods = x[:, :queries], _first(mods, queries, x.shape[1])
         x = x + _by_stretch(lambda a, m: m[2] * a, a, mods)
         h = _by_stretch(lambda h, m: modulate(h, m[3], m[4]), self.norm2(x), mods)
         x = x + _by_stretch(lambda f, m: m[5] * f, self.mlp(h), mods)
         return x, kv
+
+
+def _first(mods: list[tuple[torch.Tensor, ...]], queries: int, T: int) -> list[tuple[torch.Tensor, ...]]:
+    """The modulation of the first `queries` of T positions: the first stretch, or the per-token rows."""
+    if len(mods) > 1:
+        assert queries * len(mods) == T, (queries, len(mods), T)
+        return mods[:1]
+    return [tuple(m[:, :queries] if m.ndim == 3 and m.shape[1] == T > 1 else m for m in mods[0])]
 
 
 def training_mask(L: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -235,15 +264,20 @@ class _Trunk(nn.Module):
         """(index, layer) of the layers the noisy stream passes through: all of them."""
         return list(enumerate(self.layers))
 
-    def run(self, x: torch.Tensor, c: Cond, pos: torch.Tensor, mask: torch.Tensor | str | None) -> torch.Tensor:
-        """The layers on x (N, T, D) at positions pos (T,), conditioned by c (see `Cond`), under mask."""
+    def run(self, x: torch.Tensor, c: Cond, pos: torch.Tensor, mask: torch.Tensor | str | None,
+            queries: int | None = None) -> torch.Tensor:
+        """The layers on x (N, T, D) at positions pos (T,), conditioned by c (see `Cond`), under mask; queries: only
+        the first `queries` positions' output is wanted (N, queries, D) (the last layer makes no other)."""
         pos = self.rotary(pos)
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            q = queries if i == last else None
             if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(lambda x, c, layer=layer: layer(x, c, pos, mask)[0], x, c, use_reentrant=False)
+                x = checkpoint(lambda x, c, layer=layer, q=q: layer(x, c, pos, mask, None, q)[0], x, c,
+                               use_reentrant=False)
             else:
-                x, _ = layer(x, c, pos, mask)
-        return x
+                x, _ = layer(x, c, pos, mask, None, q)
+        return x if queries is None else x[:, :queries]
 
     def extend(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         """Runs the clean stream on new tokens (N, T) after the cached ones; stores their keys/values; returns
@@ -318,7 +352,7 @@ class ARDenoiser(nn.Module):
         x = torch.cat([c_in[..., None] * z, self.trunk.tok_embed(tokens)], dim=1)  # (N, 2L, D): [noisy ; clean]
         c = (c_noisy, self.trunk.clean_cond)  # per position on the noisy stream, one constant on the clean one
         pos = torch.arange(L, device=z.device).repeat(2)
-        h = self.trunk.run(x, c, pos, training_mask(L, z.device))[:, :L]  # (N, L, D)
+        h = self.trunk.run(x, c, pos, training_mask(L, z.device), queries=L)  # (N, L, D): the noisy rows
         return self._readout(z, h, sigma, c_noisy)
 
     def denoise_next(self, z: torch.Tensor, sigma: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,8 +94,10 @@ class _PreludeTrunk(_Trunk):
     def noisy_layers(self) -> list[tuple[int, nn.Module]]:
         return list(enumerate(self.layers))[self.prelude:]
 
-    def run(self, x: torch.Tensor, c: Cond, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x [noisy ; clean] (N, 2L, D), c (c_noisy, c_clean), the training mask (2L, 2L)."""
+    def run(self, x: torch.Tensor, c: Cond, pos: torch.Tensor, mask: torch.Tensor | None,
+            queries: int | None = None) -> torch.Tensor:
+        """x [noisy ; clean] (N, 2L, D), c (c_noisy, c_clean), the training mask (2L, 2L) -> (N, 2L, D), or the noisy
+        rows alone (N, L, D) with queries=L."""
         L = x.shape[1] // 2
         noisy, clean = x[:, :L], x[:, L:]  # [noisy ; clean]
         rot = self.rotary(pos)
@@ -103,9 +105,9 @@ class _PreludeTrunk(_Trunk):
         for layer in self.layers[:self.prelude]:
             clean, _ = layer(clean, c[1], clean_rot, CAUSAL)
         for layer in self.layers[self.prelude:]:
-            out, _ = layer(torch.cat([noisy, clean], dim=1), c, rot, mask)
-            noisy = out[:, :L]  # the clean rows keep the prelude's output
-        return torch.cat([noisy, clean], dim=1)
+            # The clean rows keep the prelude's output: of them, a layer makes only its keys and values.
+            noisy, _ = layer(torch.cat([noisy, clean], dim=1), c, rot, mask, None, L)
+        return noisy if queries == L else torch.cat([noisy, clean], dim=1)
 
     def extend(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         """The prelude on the new tokens (with its cache), then each later layer's keys and values of its output."""

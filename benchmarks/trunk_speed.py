@@ -1,0 +1,226 @@
+"""The language trunk's bare training step, before and after issue 26, next to a textbook GPT (issue 26).
+
+One process, fixed threads, interleaved repeats, medians. Each step: forward, backward, AdamW step, on a random
+batch of token ids (speed does not depend on the text). Variants:
+
+- gpt: a plain-PyTorch textbook GPT of the preset's size (absolute position embeddings, LayerNorm, GELU MLP of 4x
+  width, tied head, no bias; nanoGPT's layout), plain causal next-token loss.
+- plain: `CausalLM` of presets/shakespeare-arlm.json with model.mode=plain, blocks.num_blocks=1 (6 layers, width 128,
+  4 heads, sequences of 64), batch 32.
+- block: one `ARDenoiser` block of the B=3 chain of the same preset (2 of the 6 layers, [noisy ; clean] of 2 x 64).
+- recurrent: the `RecurrentDenoiser` of presets/shakespeare-recurrent.json (prelude 2, core 4, coda 2, width 128).
+
+"before" is the code of a base commit (default: main), loaded from git (`git show`) as a module beside the
+package; "after" is the working tree's. The same weights give the same logits in both: the max |delta logit|
+after the timed steps (when the adaLN weights are no longer zero) is printed too.
+
+    python benchmarks/trunk_speed.py --threads 2 --repeats 15 --steps 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, WIDTH, DEPTH, HEADS, SEQ, BATCH = 65, 128, 6, 4, 64, 32
+
+
+def load_before(commit: str) -> tuple[types.ModuleType, types.ModuleType]:
+    """models/arlm.py and models/recurrent.py as they were at commit, as modules of the installed package."""
+
+    def module(name: str, source: str) -> types.ModuleType:
+        mod = types.ModuleType(f"diffusionblocks.models.{name}")
+        mod.__package__ = "diffusionblocks.models"
+        sys.modules[mod.__name__] = mod
+        exec(compile(source, f"{commit[:8]}:{name}", "exec"), mod.__dict__)
+        return mod
+
+    show = lambda path: subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, check=True,  # noqa: E731
+                                       capture_output=True, text=True).stdout
+    arlm = module("_arlm_before", show("src/diffusionblocks/models/arlm.py"))
+    rec = module("_recurrent_before", show("src/diffusionblocks/models/recurrent.py")
+                 .replace("from .arlm import", "from ._arlm_before import"))
+    return arlm, rec
+
+
+class TextbookGPT(nn.Module):
+    """nanoGPT's model without dropout or biases: wte + wpe, pre-LayerNorm blocks of causal attention and a 4x
+    GELU MLP, a final LayerNorm, the head tied to wte."""
+
+    class Block(nn.Module):
+        def __init__(self, d: int, heads: int):
+            super().__init__()
+            self.heads = heads
+            self.ln_1, self.ln_2 = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
+            self.c_attn, self.c_proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+            self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            N, T, D = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(D, dim=2)
+            q, k, v = (t.view(N, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))  # (N, H, T, d)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(N, T, D)
+            x = x + self.c_proj(y)
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+    def __init__(self, vocab: int, d: int, depth: int, heads: int, block: int):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
+        self.h = nn.ModuleList([self.Block(d, heads) for _ in range(depth)])
+        self.ln_f = nn.LayerNorm(d, bias=False)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        for p in self.parameters():
+            if p.ndim == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        x = self.wte(tokens) + self.wpe(torch.arange(T, device=tokens.device))
+        for blk in self.h:
+            x = blk(x)
+        logits = self.lm_head(self.ln_f(x))[:, :-1]
+        return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
+
+
+def make_variants(before: types.ModuleType, before_rec: types.ModuleType):
+    """name -> (model, loss closure on a batch, logits closure for the equality check)."""
+    from diffusionblocks.models import arlm, recurrent
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(VOCAB, (BATCH, SEQ), generator=g)
+    sigma = torch.exp(torch.randn(BATCH, SEQ, generator=g) * 1.2 - 1.2)  # any noise levels: speed does not care
+    noise = torch.randn(BATCH, SEQ, WIDTH, generator=g)
+    E = F.normalize(torch.randn(VOCAB, WIDTH, generator=g), dim=-1)
+    size = dict(hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0)
+
+    def plain(mod):
+        m = mod.CausalLM(VOCAB, depth=DEPTH, **size)
+        m.initialize_weights(torch.Generator().manual_seed(1))
+        return m, lambda: m.loss(tokens), lambda: m(tokens)
+
+    def block(mod):
+        m = mod.ARDenoiser(VOCAB, depth=DEPTH // 3, **size)
+        m.initialize_weights(torch.Generator().manual_seed(2))
+        m.E.copy_(E)
+        return m, lambda: m.loss(tokens, sigma, noise), lambda: m.denoise(E[tokens] + sigma[..., None] * noise,
+                                                                           sigma, tokens)[1]
+
+    def rec(mod):
+        m = mod.RecurrentDenoiser(VOCAB, prelude=2, core=4, coda=2, **size)
+        m.initialize_weights(torch.Generator().manual_seed(3))
+        m.E.copy_(E)
+        return m, lambda: m.loss(tokens, sigma, noise), lambda: m.denoise(E[tokens] + sigma[..., None] * noise,
+                                                                           sigma, tokens)[1]
+
+    gpt = TextbookGPT(VOCAB, WIDTH, DEPTH, HEADS, SEQ)
+    return {"gpt": (gpt, lambda: gpt.loss(tokens), None),
+            "plain_before": plain(before), "plain_after": plain(arlm),
+            "block_before": block(before), "block_after": block(arlm),
+            "recurrent_before": rec(before_rec), "recurrent_after": rec(recurrent)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15, help="interleaved rounds; each times every variant")
+    ap.add_argument("--steps", type=int, default=5, help="training steps per variant per round")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    ap.add_argument("--base", default="main", help="the commit whose code is 'before'")
+    ap.add_argument("--only", nargs="*", help="variants to time (default: all)")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    before, before_rec = load_before(base)
+    variants = make_variants(before, before_rec)
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0) for k, (m, _, _) in variants.items()}
+
+    def step(name: str) -> None:
+        model, loss, _ = variants[name]
+        opts[name].zero_grad(set_to_none=True)
+        loss().mean().backward()
+        opts[name].step()
+
+    for name in variants:
+        for _ in range(args.warmup):
+            step(name)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    for r in range(args.repeats):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate, so that no variant always runs first
+        for name in order:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(name)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+        print(f"round {r + 1}/{args.repeats}: " + "  ".join(f"{k} {1e3 * times[k][-1]:.1f}" for k in names),
+              flush=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out: dict = {"machine": {"cpu": _cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
+                             "threads": args.threads, "shared_cpu": True},
+                 "base_commit": base, "repeats": args.repeats, "steps_per_repeat": args.steps,
+                 "batch": BATCH, "seq_len": SEQ, "width": WIDTH, "heads": HEADS,
+                 "median_step_ms": {k: 1e3 * v for k, v in med.items()},
+                 "steps_per_s": {k: 1 / v for k, v in med.items()},
+                 "iqr_step_ms": {k: [1e3 * q for q in _quartiles(v)] for k, v in times.items()},
+                 "params": {k: sum(p.numel() for p in m.parameters()) for k, (m, _, _) in variants.items()}}
+    ratios = {}
+    if "gpt" in med:
+        for k in ("plain_before", "plain_after"):
+            if k in med:
+                ratios[f"{k}/gpt"] = med[k] / med["gpt"]
+    for kind in ("plain", "block", "recurrent"):
+        if f"{kind}_before" in med and f"{kind}_after" in med:
+            ratios[f"{kind} speed-up (before/after step time)"] = med[f"{kind}_before"] / med[f"{kind}_after"]
+    out["ratios"] = ratios
+    # The same weights in both codes: the after-models' (trained for the timed steps) loaded into the before-models.
+    delta = {}
+    for kind in ("plain", "block", "recurrent"):
+        if f"{kind}_before" in variants and f"{kind}_after" in variants:
+            (old, _, old_logits), (new, _, new_logits) = variants[f"{kind}_before"], variants[f"{kind}_after"]
+            old.load_state_dict(new.state_dict())
+            old.eval(), new.eval()
+            with torch.no_grad():
+                delta[kind] = float((old_logits() - new_logits()).abs().max())
+    out["max_abs_delta_logit_fp32"] = delta
+    print(json.dumps({k: out[k] for k in ("machine", "median_step_ms", "steps_per_s", "ratios",
+                                          "max_abs_delta_logit_fp32", "params")}, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+
+def _quartiles(v: list[float]) -> list[float]:
+    q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
+    return [q[0], q[2]]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
