@@ -115,31 +115,34 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def _qkv(self, x: torch.Tensor, pos: torch.Tensor | Rotary) -> tuple[torch.Tensor, ...]:
-        """Rotated queries and keys and the values of x (N, T, D): (N, H, T, d) each."""
+    def _qkv(self, x: torch.Tensor, pos: torch.Tensor | Rotary, w: tuple | None = None) -> tuple[torch.Tensor, ...]:
+        """Rotated queries and keys and the values of x (N, T, D): (N, H, T, d) each; w: see `forward`."""
         N, T, D = x.shape
         d = D // self.num_heads
-        qkv = self.qkv(x).view(N, T, 3, self.num_heads, d).transpose(1, 3)  # (N, H, 3, T, d)
+        qkv = (self.qkv(x) if w is None else F.linear(x, w[0], w[1])).view(N, T, 3, self.num_heads, d).transpose(1, 3)
         rot = _positions(pos, d, x.dtype)
         qk = apply_rotary(qkv[:, :, :2], rot)  # (N, H, 2, T, d): queries and keys in one pass
         return qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | Rotary, mask: torch.Tensor | str | None = None,
                 past: tuple[torch.Tensor, torch.Tensor] | None = None,
-                queries: int | None = None) -> tuple[torch.Tensor, tuple]:
+                queries: int | None = None, w: tuple | None = None) -> tuple[torch.Tensor, tuple]:
         """x (N, T, D) at positions pos (T,) (or their rotary tables); attends to the past keys/values (if any) then
         its own, under mask (T, T_past + T) (None: every key; CAUSAL: plain causal, no past). queries: only the
         first `queries` positions ask (their output alone is made; every position gives its key and value).
+        w: (qkv weight, qkv bias, proj weight) in place of the layers' own (a constant modulation folded in).
         Returns the output (N, queries or T, D) and this input's (k, v)."""
         N, T, D = x.shape
+        w_qkv, b_qkv, w_proj = w if w is not None else (self.qkv.weight, None, self.proj.weight)
         if queries is None:
-            q, k, v = self._qkv(x, pos)
+            q, k, v = self._qkv(x, pos, w)
         else:
             H, d = self.num_heads, D // self.num_heads
             rot = _positions(pos, d, x.dtype)
-            kv = F.linear(x, self.qkv.weight[D:]).view(N, T, 2, H, d).transpose(1, 3)  # (N, H, 2, T, d)
-            k, v = apply_rotary(kv[:, :, 0], rot), kv[:, :, 1]
-            q = F.linear(x[:, :queries], self.qkv.weight[:D]).view(N, queries, H, d).transpose(1, 2)  # (N, H, Q, d)
+            kv = F.linear(x, w_qkv[D:], None if b_qkv is None else b_qkv[D:]).view(N, T, 2, H, d).transpose(1, 3)
+            k, v = apply_rotary(kv[:, :, 0], rot), kv[:, :, 1]  # (N, H, T, d) each
+            q = F.linear(x[:, :queries], w_qkv[:D], None if b_qkv is None else b_qkv[:D])
+            q = q.view(N, queries, H, d).transpose(1, 2)  # (N, H, Q, d)
             q = apply_rotary(q, Rotary(rot.cos[:queries], rot.sin[:queries]))
             assert not isinstance(mask, str), "queries with a plain causal mask: give the mask's rows"
             mask = None if mask is None else mask[:queries]
@@ -149,7 +152,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)  # (N, H, T, d)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (N, H, T, d)
-        return self.proj(out.transpose(1, 2).reshape(N, q.shape[2], D)), (k, v)
+        return F.linear(out.transpose(1, 2).reshape(N, q.shape[2], D), w_proj), (k, v)
 
 
 class SwiGLU(nn.Module):
@@ -183,8 +186,21 @@ class LlamaLayer(nn.Module):
         mods = [self.adaLN_modulation(ck) for ck in c]
         return [m.chunk(6, dim=-1) for m in mods]
 
+    def folded(self, c: torch.Tensor) -> tuple[tuple, tuple]:
+        """A constant condition c (D,) folded into the weights: modulate(h, shift, scale) @ W^T = h @ (W (1 + scale))^T
+        + W shift and gate * (o @ W^T) = o @ (gate W)^T, so that no per-token work is left of the adaLN.
+        Returns the attention's (qkv weight, qkv bias, proj weight) and the MLP's (w1, b1, w3, b3, w2)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (D,) each
+        wqkv, w1, w3 = self.attn.qkv.weight, self.mlp.w1.weight, self.mlp.w3.weight
+        attn = (wqkv * (1 + scale1), wqkv @ shift1, gate1[:, None] * self.attn.proj.weight)
+        mlp = (w1 * (1 + scale2), w1 @ shift2, w3 * (1 + scale2), w3 @ shift2, gate2[:, None] * self.mlp.w2.weight)
+        return attn, mlp
+
     def kv(self, x: torch.Tensor, c: Cond, pos: torch.Tensor | Rotary) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values this layer's attention makes of x (N, T, D), without running the layer."""
+        if isinstance(c, torch.Tensor) and c.ndim == 1:
+            _, k, v = self.attn._qkv(self.norm1(x), pos, self.folded(c)[0])
+            return k, v
         h = _by_stretch(lambda h, m: modulate(h, m[0], m[1]), self.norm1(x), self.modulation(c))
         _, k, v = self.attn._qkv(h, pos)
         return k, v
@@ -194,6 +210,12 @@ class LlamaLayer(nn.Module):
         """x (N, T, D) -> (N, T, D) and this input's (k, v); with queries, only the first `queries` positions' output
         (N, queries, D) is made (the others give their keys and values): with a tuple c, queries is the first
         stretch's length."""
+        if isinstance(c, torch.Tensor) and c.ndim == 1:  # a constant: folded into the weights
+            w_attn, (w1, b1, w3, b3, w2) = self.folded(c)
+            a, kv = self.attn(self.norm1(x), pos, mask, past, queries, w_attn)
+            x = (x if queries is None else x[:, :queries]) + a
+            h = self.norm2(x)
+            return x + F.linear(F.silu(F.linear(h, w1, b1)) * F.linear(h, w3, b3), w2), kv
         mods = self.modulation(c)  # (shift1, scale1, gate1, shift2, scale2, gate2) per stretch
         h = _by_stretch(lambda h, m: modulate(h, m[0], m[1]), self.norm1(x), mods)
         a, kv = self.attn(h, pos, mask, past, queries)
