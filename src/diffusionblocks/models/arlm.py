@@ -121,8 +121,9 @@ class Attention(nn.Module):
         d = D // self.num_heads
         qkv = (self.qkv(x) if w is None else F.linear(x, w[0], w[1])).view(N, T, 3, self.num_heads, d).transpose(1, 3)
         rot = _positions(pos, d, x.dtype)
-        qk = apply_rotary(qkv[:, :, :2], rot)  # (N, H, 2, T, d): queries and keys in one pass
-        return qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+        qk, v = qkv.split([2, 1], dim=2)  # a split, not slices: its backward concatenates, no zero-filled gradient
+        q, k = apply_rotary(qk, rot).unbind(2)  # (N, H, T, d) each: queries and keys rotated in one pass
+        return q, k, v[:, :, 0]
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | Rotary, mask: torch.Tensor | str | None = None,
                 past: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -140,7 +141,8 @@ class Attention(nn.Module):
             H, d = self.num_heads, D // self.num_heads
             rot = _positions(pos, d, x.dtype)
             kv = F.linear(x, w_qkv[D:], None if b_qkv is None else b_qkv[D:]).view(N, T, 2, H, d).transpose(1, 3)
-            k, v = apply_rotary(kv[:, :, 0], rot), kv[:, :, 1]  # (N, H, T, d) each
+            k, v = kv.unbind(2)  # (N, H, T, d) each
+            k = apply_rotary(k, rot)
             q = F.linear(x[:, :queries], w_qkv[:D], None if b_qkv is None else b_qkv[:D])
             q = q.view(N, queries, H, d).transpose(1, 2)  # (N, H, Q, d)
             q = apply_rotary(q, Rotary(rot.cos[:queries], rot.sin[:queries]))
@@ -189,11 +191,12 @@ class LlamaLayer(nn.Module):
     def folded(self, c: torch.Tensor) -> tuple[tuple, tuple]:
         """A constant condition c (D,) folded into the weights: modulate(h, shift, scale) @ W^T = h @ (W (1 + scale))^T
         + W shift and gate * (o @ W^T) = o @ (gate W)^T, so that no per-token work is left of the adaLN.
-        Returns the attention's (qkv weight, qkv bias, proj weight) and the MLP's (w1, b1, w3, b3, w2)."""
+        Returns the attention's (qkv weight, qkv bias, proj weight) and the MLP's ([w1 ; w3], [b1 ; b3], w2)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (D,) each
         wqkv, w1, w3 = self.attn.qkv.weight, self.mlp.w1.weight, self.mlp.w3.weight
         attn = (wqkv * (1 + scale1), wqkv @ shift1, gate1[:, None] * self.attn.proj.weight)
-        mlp = (w1 * (1 + scale2), w1 @ shift2, w3 * (1 + scale2), w3 @ shift2, gate2[:, None] * self.mlp.w2.weight)
+        w13 = torch.cat([w1, w3])  # one matrix product for both SwiGLU inputs
+        mlp = (w13 * (1 + scale2), w13 @ shift2, gate2[:, None] * self.mlp.w2.weight)
         return attn, mlp
 
     def kv(self, x: torch.Tensor, c: Cond, pos: torch.Tensor | Rotary) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,11 +214,11 @@ class LlamaLayer(nn.Module):
         (N, queries, D) is made (the others give their keys and values): with a tuple c, queries is the first
         stretch's length."""
         if isinstance(c, torch.Tensor) and c.ndim == 1:  # a constant: folded into the weights
-            w_attn, (w1, b1, w3, b3, w2) = self.folded(c)
+            w_attn, (w13, b13, w2) = self.folded(c)
             a, kv = self.attn(self.norm1(x), pos, mask, past, queries, w_attn)
             x = (x if queries is None else x[:, :queries]) + a
-            h = self.norm2(x)
-            return x + F.linear(F.silu(F.linear(h, w1, b1)) * F.linear(h, w3, b3), w2), kv
+            u1, u3 = F.linear(self.norm2(x), w13, b13).chunk(2, dim=-1)  # (N, T, hidden) each
+            return x + F.linear(F.silu(u1) * u3, w2), kv
         mods = self.modulation(c)  # (shift1, scale1, gate1, shift2, scale2, gate2) per stretch
         h = _by_stretch(lambda h, m: modulate(h, m[0], m[1]), self.norm1(x), mods)
         a, kv = self.attn(h, pos, mask, past, queries)
