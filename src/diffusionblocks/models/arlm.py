@@ -10,8 +10,10 @@ transformer whose keys and values do not depend on sigma (its tokens are conditi
 the noisy ones on sigma through adaLN), and a KV cache of it serves every denoising step of every token.
 
 Layers are Llama-style: RMSNorm, rotary position embeddings (noisy i and clean i share position i), SwiGLU;
-adaLN-Zero modulation at the granularity of its condition (per position on the noisy stream, once for the
-clean stream's constant). Output: D = c_skip z + c_out RMSNorm(h) at the noisy positions, then a final
+adaLN-Zero modulation at the granularity of its condition: per position on the noisy stream; a constant (the
+clean stream's, the plain model's) is folded into the weights, so that the plain model costs what a transformer
+without adaLN does (issue 26). The last layer makes only the noisy rows' output (the clean rows' keys and values
+are all it needs of them). Output: D = c_skip z + c_out RMSNorm(h) at the noisy positions, then a final
 adaLN and a zero-initialised linear head (not tied to E) give logits over the vocabulary. Loss: the
 cross-entropy of the logits at position i against token i, weighted by lambda(sigma_i), per token.
 
