@@ -135,3 +135,21 @@ def test_gradients_reach_the_constant_conditioning_as_before():
     logits = m.head(m.norm_final(x))[:, :-1]
     F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1).mean().backward()
     assert torch.allclose(fast, m.trunk.clean_cond.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_runs_every_path_close_to_fp32():
+    """Cached rotary tables are float32: under autocast they follow the queries' dtype, as the old rope did."""
+    tokens = torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(13))
+    g = torch.Generator().manual_seed(14)
+    z, sigma = torch.randn(2, 8, 32, generator=g), torch.rand(2, 8, generator=g) + 0.05
+    plain = _randomise(CausalLM(11, hidden_size=32, depth=2, num_heads=4), 15)
+    block = _randomise(ARDenoiser(11, hidden_size=32, depth=2, num_heads=4), 16)
+    rec = _randomise(RecurrentDenoiser(11, hidden_size=32, num_heads=4, prelude=1, core=1, coda=1), 17)
+    runs = {"plain": lambda: plain(tokens), "block": lambda: block.denoise(z, sigma, tokens)[1],
+            "recurrent": lambda: rec.denoise(z, sigma, tokens)[1]}
+    for name, run in runs.items():
+        ref = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = run()
+        assert low.dtype == torch.float32 and torch.isfinite(low).all(), name
+        assert (low - ref).abs().max() <= 0.1 * ref.abs().max(), name

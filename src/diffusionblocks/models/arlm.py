@@ -74,7 +74,8 @@ def rotary(pos: torch.Tensor, d: int, dtype: torch.dtype = torch.float32) -> Rot
 def apply_rotary(x: torch.Tensor, rot: Rotary) -> torch.Tensor:
     """Rotates the half-split pairs (x1, x2) of x (..., T, d) by the tables' angles: [x1 cos - x2 sin ;
     x2 cos + x1 sin], the same numbers as `rope`, with a roll in place of the concatenation."""
-    return x * rot.cos + x.roll(x.shape[-1] // 2, dims=-1) * rot.sin
+    cos, sin = (rot.cos, rot.sin) if rot.cos.dtype == x.dtype else (rot.cos.to(x.dtype), rot.sin.to(x.dtype))  # autocast
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
