@@ -55,16 +55,18 @@ _ROTARY_CACHE: dict[tuple, Rotary] = {}
 
 def rotary(pos: torch.Tensor, d: int, dtype: torch.dtype = torch.float32) -> Rotary:
     """The rotary tables of positions pos (T,) for heads of width d (Su et al. 2021), cached per positions,
-    device and dtype (outside inference mode, whose tensors autograd cannot save)."""
-    key = (tuple(pos.tolist()), d, pos.device, dtype)
-    hit = _ROTARY_CACHE.get(key)
+    device and dtype (outside inference mode, whose tensors autograd cannot save), on the CPU only: the key reads
+    the positions, which would wait for an accelerator; there the tables are a few small kernels."""
+    cache = pos.device.type == "cpu" and not torch.is_inference_mode_enabled()
+    key = (tuple(pos.tolist()), d, pos.device, dtype) if cache else None
+    hit = _ROTARY_CACHE.get(key) if cache else None
     if hit is not None:
         return hit
     freqs = ROPE_BASE ** (-torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)  # (d/2,)
     angles = pos.to(torch.float32)[:, None] * freqs  # (T, d/2)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     tables = Rotary(torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))  # (T, d) each
-    if not torch.is_inference_mode_enabled():
+    if cache:
         if len(_ROTARY_CACHE) >= 64:
             _ROTARY_CACHE.clear()
         _ROTARY_CACHE[key] = tables
