@@ -59,7 +59,7 @@ class HuginnLM(nn.Module):
         layer0 = layers[0].attn
         pos = rotary(torch.arange(L, device=x.device), layer0.qkv.in_features // layer0.num_heads, x.dtype)
         for layer in layers:
-            x, _ = layer(x, self.cond, pos, CAUSAL)  # the constant conditioning: one modulation per layer
+            x, _ = layer(x, self.cond, pos, CAUSAL)  # a constant condition: folded into the weights
         return x
 
     def core_step(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
