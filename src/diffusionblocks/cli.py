@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, precision
+from .compose import compose_run, copy_block, parse_block_sources, source_record
 from .config import PRECISIONS, ConfigError, RunConfig, apply_overrides, load_config
 from .memory import PeakMemory
 from .tasks import available, default_config, get_task
@@ -140,8 +141,6 @@ def _new_run_dir(args: argparse.Namespace, name: str) -> tuple[Path, bool]:
 def _copy_untouched_blocks(src: Path, dst: Path, blocks: list[int], B: int, reinit: bool) -> None:
     """Copies the weights, states and metrics of the blocks not being retrained, byte for byte, and records in
     composition.json where each kept block and each fine-tuned block's starting weights come from."""
-    from .compose import copy_block, source_record
-
     src_cfg = checkpoint.read_config(src)
     keep = [b for b in range(B) if b not in blocks]
     rows = []
@@ -527,8 +526,6 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
-    from .compose import compose_run, parse_block_sources
-
     sources = parse_block_sources(args.block)
     out = Path(args.out)
     _check_output_dir(out)

@@ -85,9 +85,8 @@ class Vocabulary:
         return json.dumps({"chars": self.chars}, ensure_ascii=False) + "\n"
 
     def save(self, path: Path) -> None:
-        from .checkpoint import save_text
-
-        save_text(path, self.to_json())
+        """Writes the vocabulary to `path` (a run's is written atomically by its task: `TextTask.prepare_run`)."""
+        Path(path).write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: Path) -> Vocabulary:
@@ -130,9 +129,7 @@ class BPEVocabulary:
         return json.dumps({"bpe": self.tokenizer.to_str()}) + "\n"
 
     def save(self, path: Path) -> None:
-        from .checkpoint import save_text
-
-        save_text(path, self.to_json())
+        Path(path).write_text(self.to_json(), encoding="utf-8")
 
 
 def _tokenizers():

@@ -36,7 +36,8 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from ..noise import LogNormalSigma, NoiseAxis, Partition
-from ..text import VOCAB_FILE
+from ..checkpoint import save_text
+from ..text import VOCAB_FILE, WindowSampler, held_out_windows, load_text, load_vocabulary, vocabulary_difference
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +198,6 @@ class TextTask(Task):
 
     def load_data(self, cfg: RunConfig, vocab: Any = None) -> Any:
         """The corpus, through `vocab` (a run's) or, when None, through a vocabulary made from its training part."""
-        from ..text import load_text
-
         data = load_text(cfg.data, cfg.model.seq_len, vocab)
         what = "distinct characters" if cfg.data.tokenizer == "char" else "BPE tokens"
         if len(data.vocab) > cfg.model.vocab_size:
@@ -212,8 +211,6 @@ class TextTask(Task):
 
     def run_vocabulary(self, run_dir: Path) -> Any:
         """The run's vocabulary (its vocab.json): what every id of its blocks means."""
-        from ..text import load_vocabulary
-
         return load_vocabulary(Path(run_dir) / self.VOCAB_FILE)
 
     def load_run_data(self, cfg: RunConfig, run_dir: Path) -> Any:
@@ -229,21 +226,15 @@ class TextTask(Task):
 
     def prepare_run(self, cfg: RunConfig, run_dir: Path, data: Any) -> None:
         """vocab.json: the vocabulary the data was read through (a new run's, or the run's own, left as it is)."""
-        from ..text import load_vocabulary
-
         path = run_dir / self.VOCAB_FILE
         if not path.is_file() or load_vocabulary(path) != data.vocab:  # differs: a run that never trained, restarted
-            data.vocab.save(path)
+            save_text(path, data.vocab.to_json())
 
     def batch_sampler(self, cfg: RunConfig, data: Any, b: int) -> Any:
-        from ..text import WindowSampler
-
         return WindowSampler(data, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed, b)
 
     def check_judge(self, run_dir: Path, judge: Path) -> None:
         """Refuses a judge (`evaluate --judge`) whose vocabulary maps a token to another id than the run's."""
-        from ..text import vocabulary_difference
-
         difference = vocabulary_difference(Path(run_dir) / self.VOCAB_FILE, Path(judge) / self.VOCAB_FILE)
         if difference is not None:
             raise ConfigError(f"--judge {judge}: its vocabulary is not the run's: {difference}")
@@ -251,8 +242,6 @@ class TextTask(Task):
     def held_out_prompts(self, test: Any, num: int, length: int, names: tuple[str, str]) -> torch.Tensor:
         """num prompts (num, length): the starts of num held-out windows of `length` tokens, spread over the held-out
         text; names: the options that set num and length, for the message when there are too few."""
-        from ..text import held_out_windows
-
         windows = held_out_windows(test, length)
         if len(windows) < num:
             raise ConfigError(f"the held-out text has {len(windows)} windows of {names[1]}={length} tokens, fewer "
