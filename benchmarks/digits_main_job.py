@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 from diffusionblocks.checkpoint import from_pretrained
-
 from diffusionblocks.data import DataConfig, load_image_data
-from diffusionblocks.reference import accuracy, conditional_accuracy, load_or_train_reference_classifier
 from diffusionblocks.generate import class_labels_evenly, generate
 from diffusionblocks.plotting import save_image_grid
+from diffusionblocks.reference import accuracy, conditional_accuracy, load_or_train_reference_classifier
 
 
 def train_job(run: Path, overrides: list[str]) -> float:

@@ -29,9 +29,9 @@ from statistics import median
 
 import torch
 
-from diffusionblocks.config import load_config
-from diffusionblocks.data import make_generator
 from diffusionblocks.models.recurrent import lognormal_poisson
+from diffusionblocks.seeding import make_generator
+from diffusionblocks.tasks import load_config
 
 PRESET = Path(__file__).resolve().parent.parent / "presets" / "shakespeare-recurrent.json"
 KS = "1,2,4,8,16,32,64"

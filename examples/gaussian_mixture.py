@@ -29,12 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffusionblocks.blocks import build_partition
 from diffusionblocks.config import ConfigError, RunConfig
-from diffusionblocks.data import make_generator
 from diffusionblocks.noise import Partition, get_sigmas_quantile
 from diffusionblocks.precond import Denoiser
 from diffusionblocks.sampling import sample_euler
+from diffusionblocks.seeding import make_generator
 from diffusionblocks.tasks import Evaluation, Task
 
 # ---- the config: the task's sections, and the RunConfig subclass that holds them
@@ -183,7 +182,7 @@ class MixtureTask(Task):
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> Denoiser:
         net = ResidualMLP(cfg.model.hidden_size, cfg.layer_split()[b])
         net.initialize_weights(generator if generator is not None else torch.Generator())
-        lo, hi = build_partition(cfg).training_range(b)
+        lo, hi = self.partition(cfg).training_range(b)
         return Denoiser(net, sigma_data=cfg.noise.sigma_data, sigma_min=lo, sigma_max=hi)
 
     def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: torch.Tensor,

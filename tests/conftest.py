@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from diffusionblocks.config import RunConfig, apply_overrides
-from diffusionblocks.tasks import default_config
+from diffusionblocks.config import RunConfig
+from diffusionblocks.tasks import apply_overrides, default_config, get_task
 
 # As the CLI does (cli.main), before any worker thread starts: every test then computes under the same
 # floating-point mode, whether it calls the library directly or through the CLI.
@@ -37,10 +37,10 @@ def one_thread():
 
 def assert_schedules_agree(cfg, data) -> None:
     """Sequential and interleaved training give bit-identical blocks (every draw comes from (seed, block, step))."""
-    from diffusionblocks.config import apply_overrides
+    from diffusionblocks.tasks import apply_overrides
     from diffusionblocks.train import train
 
-    seq = train(cfg, data, None, progress=False)
+    seq = train(get_task(cfg.task), cfg, data, None, progress=False)
     inter = train(apply_overrides(cfg, ["train.schedule=interleaved"]), data, None, progress=False)
     for b in seq:
         a, c = seq[b].denoiser.state_dict(), inter[b].denoiser.state_dict()

@@ -7,9 +7,9 @@ import torch
 
 from diffusionblocks import checkpoint
 from diffusionblocks.cli import main
-from diffusionblocks.config import ConfigError, apply_overrides
+from diffusionblocks.config import ConfigError
 from diffusionblocks.models.arlm import ARDenoiser, CausalLM, KVCache, training_mask
-from diffusionblocks.tasks import default_config
+from diffusionblocks.tasks import apply_overrides, default_config, get_task
 from diffusionblocks.tasks.autoregressive import (_readout, distinct_n, generate_chain, generate_plain, judge_bits,
                                                   longest_repeated_run)
 
@@ -92,9 +92,9 @@ class _Chain:
     """The parts of a BlockwiseDenoiser that generate_chain uses."""
 
     def __init__(self, blocks, cfg):
-        from diffusionblocks.blocks import build_partition
 
-        self.blocks, self.partition, self.num_blocks = blocks, build_partition(cfg), len(blocks)
+
+        self.blocks, self.partition, self.num_blocks = blocks, get_task(cfg.task).partition(cfg), len(blocks)
 
 
 @pytest.mark.parametrize("bridge", ["estimate", "softmax", "argmax", "sample"])

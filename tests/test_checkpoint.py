@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from diffusionblocks import checkpoint
-from diffusionblocks.config import ConfigError, RunConfig, apply_overrides
-from diffusionblocks.data import make_generator
-from diffusionblocks.blocks import build_block, build_partition
+from diffusionblocks.config import ConfigError
+from diffusionblocks.seeding import make_generator
+from diffusionblocks.tasks import apply_overrides, config_from_dict, get_task
 from diffusionblocks.train import init_block_state, save_block_state
 
 
@@ -13,7 +13,7 @@ def trained_run(cfg, run):
     checkpoint.save_config(run, cfg)
     states = []
     for b in range(cfg.blocks.num_blocks):
-        s = init_block_state(cfg, b, torch.device("cpu"))
+        s = init_block_state(get_task(cfg.task), cfg, b, torch.device("cpu"))
         with torch.no_grad():
             for p in s.denoiser.parameters():
                 p.add_(torch.randn(p.shape, generator=make_generator(b, "perturb")) * 0.1)
@@ -32,7 +32,7 @@ def test_save_load_gives_identical_outputs(tiny_cfg, tmp_path):
     labels = torch.tensor([0, 1, 2, 3, 4, 10])
     from diffusionblocks.blocks import BlockwiseDenoiser
 
-    original = BlockwiseDenoiser([s.denoiser for s in states], build_partition(tiny_cfg)).eval()
+    original = BlockwiseDenoiser([s.denoiser for s in states], get_task(tiny_cfg.task).partition(tiny_cfg)).eval()
     with torch.no_grad():
         assert torch.equal(model(x, sigma, class_labels=labels), original(x, sigma, class_labels=labels))
     assert checkpoint.block_step(tmp_path, 1) == 7
@@ -54,7 +54,7 @@ def test_corrupt_checkpoint_is_named(tiny_cfg, tmp_path):
     state = checkpoint.block_state_path(tmp_path, 0)
     state.write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="block_00.state.pt.*corrupt"):
-        init_block_state(tiny_cfg, 0, torch.device("cpu"), tmp_path)
+        init_block_state(get_task(tiny_cfg.task), tiny_cfg, 0, torch.device("cpu"), tmp_path)
 
 
 def test_mismatched_checkpoint_is_named(tiny_cfg, tmp_path):
@@ -64,7 +64,7 @@ def test_mismatched_checkpoint_is_named(tiny_cfg, tmp_path):
     # The metadata names the field; a block file without a config in its metadata is checked tensor by tensor.
     with pytest.raises(ConfigError, match=r"another model.hidden_size \(32, not 64\)"):
         checkpoint.from_pretrained(tmp_path)
-    block = build_block(wider, 0)
+    block = get_task(wider.task).build_block(wider, 0)
     with pytest.raises(ConfigError, match="does not match the config: .* has shape"):
         checkpoint.load_block_weights(tmp_path, 0, block)
 
@@ -92,4 +92,4 @@ def test_block_file_carries_its_config(tiny_cfg, tmp_path):
     trained_run(tiny_cfg, tmp_path)
     with safe_open(str(checkpoint.block_weights_path(tmp_path, 0)), framework="pt") as f:
         meta = f.metadata()
-    assert RunConfig.from_dict(json.loads(meta["config"])) == tiny_cfg and meta["block"] == "0"
+    assert config_from_dict(json.loads(meta["config"])) == tiny_cfg and meta["block"] == "0"

@@ -2,17 +2,15 @@
 
 import pytest
 import torch
-
 from conftest import assert_schedules_agree
+
 from diffusionblocks import checkpoint
-from diffusionblocks.tasks.classification import chain_logits, evaluate_classifier
 from diffusionblocks.cli import main
-from diffusionblocks.config import ConfigError, apply_overrides
-from diffusionblocks.data import DataConfig
-from diffusionblocks.tasks import default_config
-from diffusionblocks.data import load_image_data
-from diffusionblocks.blocks import build_block, build_partition
+from diffusionblocks.config import ConfigError
+from diffusionblocks.data import DataConfig, load_image_data
 from diffusionblocks.precond import get_scalings
+from diffusionblocks.tasks import apply_overrides, default_config, get_task
+from diffusionblocks.tasks.classification import chain_logits, evaluate_classifier
 from diffusionblocks.train import train
 
 TINY = ["task=classify", "model.arch=vit", "model.hidden_size=32", "model.num_heads=2", "model.depth=3",
@@ -33,7 +31,7 @@ def digits():
 def test_vit_block_at_init_is_the_skip_path_through_the_head(cfg):
     """adaLN-Zero: at init every layer is the identity, so the CLS output is c_in z itself and
     D = c_skip z + c_out LN(c_in z); the logits are that D through the final adaLN and the zero head."""
-    block = build_block(cfg, 1, torch.Generator().manual_seed(0))
+    block = get_task(cfg.task).build_block(cfg, 1, torch.Generator().manual_seed(0))
     z = torch.randn(4, 32)
     sigma = torch.tensor([0.01, 0.2, 1.0, 20.0])
     images = torch.randn(4, 1, 8, 8)
@@ -54,7 +52,7 @@ def test_vit_block_at_init_is_the_skip_path_through_the_head(cfg):
 
 
 def test_label_table_is_normalised_and_shared_by_fixed_blocks(cfg):
-    E = [build_block(cfg, b, torch.Generator().manual_seed(b)).E for b in range(3)]
+    E = [get_task(cfg.task).build_block(cfg, b, torch.Generator().manual_seed(b)).E for b in range(3)]
     assert torch.equal(E[0], E[1]) and torch.equal(E[1], E[2])
     # Orthonormal rows (K=10 <= D=32).
     assert torch.allclose(E[0] @ E[0].T, torch.eye(10), atol=1e-5)
@@ -81,8 +79,8 @@ class Counting(torch.nn.Module):
 def test_inference_runs_each_block_once_highest_noise_first(cfg):
     from diffusionblocks.blocks import BlockwiseDenoiser
 
-    blocks = [Counting(build_block(cfg, b, torch.Generator().manual_seed(b))) for b in range(3)]
-    model = BlockwiseDenoiser(blocks, build_partition(cfg))
+    blocks = [Counting(get_task(cfg.task).build_block(cfg, b, torch.Generator().manual_seed(b))) for b in range(3)]
+    model = BlockwiseDenoiser(blocks, get_task(cfg.task).partition(cfg))
     logits = chain_logits(model, torch.randn(5, 1, 8, 8))
     assert len(logits) == 3 and logits[-1].shape == (5, 10)
     assert [len(b.calls) for b in blocks] == [1, 1, 1]
@@ -96,25 +94,25 @@ def test_sequential_and_interleaved_give_identical_blocks(cfg, digits):
 def test_learned_first_freezes_block_zeros_table_for_the_others(cfg, digits, tmp_path):
     c = apply_overrides(cfg, ["classify.label_embedding=learned_first"])
     checkpoint.save_config(tmp_path, c)
-    train(c, digits.train, tmp_path, progress=False)
+    train(get_task(c.task), c, digits.train, tmp_path, progress=False)
     E = [checkpoint.load_block_tensor(tmp_path, b, "label_embedding") for b in range(3)]
-    initial = build_block(c, 0).label_embedding
+    initial = get_task(c.task).build_block(c, 0).label_embedding
     assert not torch.equal(E[0], initial)  # learned by block 0
     assert torch.equal(E[0], E[1]) and torch.equal(E[0], E[2])  # then frozen for blocks 1 and 2
-    assert isinstance(build_block(c, 1).label_embedding, torch.Tensor) and \
-        not isinstance(build_block(c, 1).label_embedding, torch.nn.Parameter)
+    assert isinstance(get_task(c.task).build_block(c, 1).label_embedding, torch.Tensor) and \
+        not isinstance(get_task(c.task).build_block(c, 1).label_embedding, torch.nn.Parameter)
     with pytest.raises(ConfigError, match="must be trained to the end before block 1"):
-        train(c, digits.train, None, blocks=[1], progress=False)
+        train(get_task(c.task), c, digits.train, None, blocks=[1], progress=False)
 
 
 def test_learned_joint_shares_one_table(cfg, digits, tmp_path):
     c = apply_overrides(cfg, ["classify.label_embedding=learned_joint", "train.schedule=interleaved"])
     checkpoint.save_config(tmp_path, c)
-    states = train(c, digits.train, tmp_path, progress=False)
+    states = train(get_task(c.task), c, digits.train, tmp_path, progress=False)
     assert states[0].denoiser.label_embedding is states[2].denoiser.label_embedding
     E = [checkpoint.load_block_tensor(tmp_path, b, "label_embedding") for b in range(3)]
     assert torch.equal(E[0], E[1]) and torch.equal(E[1], E[2])
-    assert not torch.equal(E[0], build_block(c, 0).label_embedding)
+    assert not torch.equal(E[0], get_task(c.task).build_block(c, 0).label_embedding)
     with pytest.raises(ConfigError, match="needs train.schedule='interleaved'"):
         apply_overrides(cfg, ["classify.label_embedding=learned_joint"])
 

@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import TINY
+
 from diffusionblocks.cli import main
 
 

@@ -1,10 +1,10 @@
 import json
 
 import pytest
-
 from conftest import TINY
+
 from diffusionblocks.cli import main
-from diffusionblocks.compare import even_split
+from diffusionblocks.config import even_split
 
 
 def test_even_split():

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY
+
 from diffusionblocks import checkpoint
 from diffusionblocks.cli import main
 from diffusionblocks.compose import COMPOSITION_FILE, parse_block_sources

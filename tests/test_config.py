@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from diffusionblocks.config import ConfigError, RunConfig, apply_overrides, load_config
-from diffusionblocks.tasks import default_config
+from diffusionblocks.config import ConfigError, RunConfig
+from diffusionblocks.tasks import apply_overrides, default_config, load_config
 
 
 def test_json_round_trip(tmp_path):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import logging
 import hashlib
 import io
+import logging
 import os
 import pickle
 import tarfile
@@ -18,9 +18,8 @@ import torch
 
 from diffusionblocks import data as data_mod
 from diffusionblocks.config import ConfigError
-from diffusionblocks.data import DataConfig
-from diffusionblocks.data import (BatchSampler, ImageData, ImageSplits, derive_seed, load_image_data,
-                                  make_generator)
+from diffusionblocks.data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data
+from diffusionblocks.seeding import derive_seed, make_generator
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 MNIST_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",

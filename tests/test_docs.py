@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from diffusionblocks.cli import _parse, _run_task, build_parser, main
-from diffusionblocks.config import apply_overrides, load_config
-from diffusionblocks.tasks import available, get_task
+from diffusionblocks.tasks import apply_overrides, available, get_task, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

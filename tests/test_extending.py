@@ -11,8 +11,8 @@ import torch
 
 from diffusionblocks.checkpoint import from_pretrained, read_config
 from diffusionblocks.cli import main
-from diffusionblocks.config import ConfigError, apply_overrides, load_config
-from diffusionblocks.tasks import default_config, get_task, register
+from diffusionblocks.config import ConfigError
+from diffusionblocks.tasks import apply_overrides, default_config, get_task, load_config, register
 from diffusionblocks.train import train
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -76,7 +76,7 @@ def test_python_api_with_a_registered_name(tmp_path, in_examples):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(cfg.to_json())
-    states = train(cfg, data.train, run, progress=False)
+    states = train(get_task(cfg.task), cfg, data.train, run, progress=False)
     assert sorted(states) == [0, 1, 2] and all(s.step == 300 for s in states.values())
     model, loaded = from_pretrained(run)
     assert loaded == cfg
@@ -86,9 +86,9 @@ def test_python_api_with_a_registered_name(tmp_path, in_examples):
     def in_mode(points):
         return float((torch.cdist(points, data.centres).min(1).values < 3 * data.std).double().mean())
 
-    from diffusionblocks.blocks import BlockwiseDenoiser, build_partition
+    from diffusionblocks.blocks import BlockwiseDenoiser
 
-    fresh = BlockwiseDenoiser([s.denoiser.eval() for s in untrained.values()], build_partition(cfg))
+    fresh = BlockwiseDenoiser([s.denoiser.eval() for s in untrained.values()], get_task(cfg.task).partition(cfg))
     assert in_mode(x) > 0.25 > 0.15 > in_mode(sample_points(fresh, 300, 20, seed=0))
 
 

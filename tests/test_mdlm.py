@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_schedules_agree, kill_training_once
 from torch import nn
 
-from conftest import assert_schedules_agree, kill_training_once
 from diffusionblocks import checkpoint
-from diffusionblocks.blocks import BlockwiseDenoiser, build_block, build_partition
+from diffusionblocks.blocks import BlockwiseDenoiser
 from diffusionblocks.cli import main
-from diffusionblocks.config import ConfigError, apply_overrides
+from diffusionblocks.config import ConfigError
 from diffusionblocks.models.mdlm import elbo_weight
 from diffusionblocks.noise import MaskingTime, Partition
-from diffusionblocks.tasks import default_config, get_task
+from diffusionblocks.tasks import apply_overrides, default_config, get_task
 from diffusionblocks.tasks.masked_diffusion import evaluate_bpc, sample_text
 from diffusionblocks.text import TextConfig, Vocabulary, load_text, read_text8
 
@@ -55,7 +55,7 @@ def test_elbo_weight_and_partition_match_closed_forms():
 
 
 def test_masking_rate_is_one_minus_alpha(cfg, shakespeare):
-    block = build_block(cfg, 0, torch.Generator().manual_seed(0))
+    block = get_task(cfg.task).build_block(cfg, 0, torch.Generator().manual_seed(0))
     seen = {}
     block.forward = lambda x, t: seen.setdefault("x", x) is None or torch.zeros(*x.shape, 65)  # record the input
     tokens = shakespeare.train.tokens[:32].repeat(4000, 1)  # (4000, 32)
@@ -88,15 +88,15 @@ def test_bpc_of_the_true_marginal_is_the_entropy_and_of_an_untrained_model_log2_
     assert abs(r["bpc"] - entropy) < 4 * r["bpc_se"] + 0.01, r
     assert sum(r["bpc_per_block"]) == pytest.approx(r["bpc"], rel=1e-9)
     # A fresh block predicts the uniform distribution (zero head): log2(V) bits per character.
-    blocks = [build_block(cfg, b, torch.Generator().manual_seed(b)) for b in range(3)]
+    blocks = [get_task(cfg.task).build_block(cfg, b, torch.Generator().manual_seed(b)) for b in range(3)]
     tokens = torch.randint(65, (100, 32), generator=torch.Generator().manual_seed(1))
-    r = evaluate_bpc(BlockwiseDenoiser(blocks, build_partition(cfg)).eval(), tokens, strata=6, repeats=3)
+    r = evaluate_bpc(BlockwiseDenoiser(blocks, get_task(cfg.task).partition(cfg)).eval(), tokens, strata=6, repeats=3)
     assert abs(r["bpc"] - math.log2(65)) < 4 * r["bpc_se"] + 0.01, r
 
 
 def test_sampling_keeps_what_is_given_and_never_overwrites_the_prompt(cfg):
-    blocks = [build_block(cfg, b, torch.Generator().manual_seed(b)) for b in range(3)]
-    model = BlockwiseDenoiser(blocks, build_partition(cfg)).eval()
+    blocks = [get_task(cfg.task).build_block(cfg, b, torch.Generator().manual_seed(b)) for b in range(3)]
+    model = BlockwiseDenoiser(blocks, get_task(cfg.task).partition(cfg)).eval()
     given = torch.randint(65, (32,), generator=torch.Generator().manual_seed(0))
     out = sample_text(model, 3, 32, steps=8, prompt=given, seed=0)
     assert torch.equal(out, given.expand(3, 32))

@@ -3,8 +3,9 @@ import json
 import torch
 
 from diffusionblocks.cli import main
-from diffusionblocks.membench import MemCase, bench_config, memory_cases, saved_activation_bytes
+from diffusionblocks.membench import MemCase, case_config, memory_cases, model_config, saved_activation_bytes
 from diffusionblocks.memory import PeakMemory, peak_of_allocations
+from diffusionblocks.tasks import get_task
 from diffusionblocks.train import init_block_state
 
 
@@ -13,14 +14,14 @@ def test_cases_cover_every_configuration():
     assert names == ["end-to-end", "end-to-end + ckpt", "B=2 interleaved", "B=2 sequential offloaded",
                      "B=2 sequential offloaded + ckpt", "B=3 interleaved", "B=3 sequential offloaded",
                      "B=3 sequential offloaded + ckpt"]
-    assert bench_config("dit-s2", 32, 3, 8, MemCase("sequential", 6)).layer_split() == (2,) * 6
-    assert bench_config("dit-s2", 32, 3, 8, MemCase("sequential", 5)).layer_split() == (3, 3, 2, 2, 2)
+    assert case_config(model_config("dit-s2", 32, 3, 8), MemCase("sequential", 6)).layer_split() == (2,) * 6
+    assert case_config(model_config("dit-s2", 32, 3, 8), MemCase("sequential", 5)).layer_split() == (3, 3, 2, 2, 2)
 
 
 def test_saved_activations_shrink_with_blocks_and_checkpointing():
     def act(case):
-        cfg = bench_config("tiny", 8, 1, 16, case)
-        s = init_block_state(cfg, 0, torch.device("cpu"))
+        cfg = case_config(model_config("tiny", 8, 1, 16), case)
+        s = init_block_state(get_task(cfg.task), cfg, 0, torch.device("cpu"))
         return saved_activation_bytes(s, cfg, (torch.randn(16, 1, 8, 8), torch.randint(10, (16,))))
 
     e2e, b3, b3_ckpt = act(MemCase("e2e", 1)), act(MemCase("sequential", 3)), act(MemCase("sequential", 3, True))

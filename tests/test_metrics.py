@@ -37,8 +37,7 @@ def blur(x):
 
 
 def test_fd_grows_as_samples_are_blurred_or_noised():
-    from diffusionblocks.data import DataConfig
-    from diffusionblocks.data import load_image_data
+    from diffusionblocks.data import DataConfig, load_image_data
 
     d = load_image_data(DataConfig())
     real, ref = d.train.images[:800], d.train.images[800:1500]

@@ -1,11 +1,11 @@
 import torch
 
-from diffusionblocks.blocks import build_block
 from diffusionblocks.precond import get_scalings
+from diffusionblocks.tasks import apply_overrides, get_task
 
 
 def test_fresh_block_denoiser_returns_c_skip_z(tiny_cfg):
-    block = build_block(tiny_cfg, 1, torch.Generator().manual_seed(0))
+    block = get_task(tiny_cfg.task).build_block(tiny_cfg, 1, torch.Generator().manual_seed(0))
     z = torch.randn(5, 1, 8, 8)
     sigma = torch.tensor([0.01, 0.1, 0.3, 1.0, 10.0])
     c_skip = get_scalings(sigma, 0.5)[0]
@@ -14,7 +14,7 @@ def test_fresh_block_denoiser_returns_c_skip_z(tiny_cfg):
 
 
 def test_blocks_are_self_contained_and_split_the_layers(tiny_cfg):
-    blocks = [build_block(tiny_cfg, b, torch.Generator().manual_seed(b)) for b in range(3)]
+    blocks = [get_task(tiny_cfg.task).build_block(tiny_cfg, b, torch.Generator().manual_seed(b)) for b in range(3)]
     assert [len(b.inner_model.layers) for b in blocks] == [1, 1, 1]
     ptrs = [{p.data_ptr() for p in b.parameters()} for b in blocks]
     assert not (ptrs[0] & ptrs[1]) and not (ptrs[1] & ptrs[2])
@@ -26,16 +26,14 @@ def test_blocks_are_self_contained_and_split_the_layers(tiny_cfg):
 
 
 def test_initialisation_depends_only_on_the_generator(tiny_cfg):
-    a = build_block(tiny_cfg, 0, torch.Generator().manual_seed(3)).state_dict()
+    a = get_task(tiny_cfg.task).build_block(tiny_cfg, 0, torch.Generator().manual_seed(3)).state_dict()
     torch.manual_seed(123)  # the global RNG must not matter
-    b = build_block(tiny_cfg, 0, torch.Generator().manual_seed(3)).state_dict()
-    c = build_block(tiny_cfg, 0, torch.Generator().manual_seed(4)).state_dict()
+    b = get_task(tiny_cfg.task).build_block(tiny_cfg, 0, torch.Generator().manual_seed(3)).state_dict()
+    c = get_task(tiny_cfg.task).build_block(tiny_cfg, 0, torch.Generator().manual_seed(4)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["inner_model.layers.0.attn.qkv.weight"], c["inner_model.layers.0.attn.qkv.weight"])
 
 
 def test_layers_per_block_explicit_split(tiny_cfg):
-    from diffusionblocks.config import apply_overrides
-
     cfg = apply_overrides(tiny_cfg, ["model.depth=5", "blocks.layers_per_block=[2,2,1]"])
-    assert [len(build_block(cfg, b).inner_model.layers) for b in range(3)] == [2, 2, 1]
+    assert [len(get_task(cfg.task).build_block(cfg, b).inner_model.layers) for b in range(3)] == [2, 2, 1]

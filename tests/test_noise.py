@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from diffusionblocks.noise import (LogNormalSigma, Partition, get_sigmas_karras, get_sigmas_quantile,
-                                   sample_truncated, steps_per_block)
+from diffusionblocks.noise import (LogNormalSigma, Partition, get_sigmas_karras, get_sigmas_quantile, sample_truncated,
+                                   steps_per_block)
 
 AXIS = LogNormalSigma()
 TABLE = {  # method.md section 2, ascending

@@ -1,14 +1,13 @@
 """One block resident: offloaded training, kill and resume, per-block retraining, streamed inference."""
 
 import torch
-
 from conftest import TINY, kill_training_once
+
 from diffusionblocks import checkpoint
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides
-from diffusionblocks.data import DataConfig
-from diffusionblocks.data import load_image_data
+from diffusionblocks.data import DataConfig, load_image_data
 from diffusionblocks.generate import generate
+from diffusionblocks.tasks import apply_overrides, get_task
 from diffusionblocks.train import train
 
 
@@ -27,16 +26,16 @@ def assert_same(w1, w2, atol=0.0):
 
 def test_offloaded_and_resident_sequential_training_give_identical_weights(tiny_cfg, tmp_path):
     data = load_image_data(DataConfig()).train
-    resident = train(tiny_cfg, data, None, progress=False)
+    resident = train(get_task(tiny_cfg.task), tiny_cfg, data, None, progress=False)
     checkpoint.save_config(tmp_path, tiny_cfg)
-    offloaded = train(tiny_cfg, data, tmp_path, progress=False)
+    offloaded = train(get_task(tiny_cfg.task), tiny_cfg, data, tmp_path, progress=False)
     assert all(s.resident for s in resident.values()) and not any(s.resident for s in offloaded.values())
     assert_same({b: s.denoiser.state_dict() for b, s in resident.items()}, disk_weights(tmp_path, 3))
 
 
 def test_activation_checkpointing_gives_the_same_training(tiny_cfg):
     data = load_image_data(DataConfig()).train
-    plain = train(tiny_cfg, data, None, progress=False)
+    plain = train(get_task(tiny_cfg.task), tiny_cfg, data, None, progress=False)
     ckpt = train(apply_overrides(tiny_cfg, ["train.activation_checkpointing=true"]), data, None, progress=False)
     assert_same({b: s.denoiser.state_dict() for b, s in plain.items()},
                 {b: s.denoiser.state_dict() for b, s in ckpt.items()}, atol=1e-6)

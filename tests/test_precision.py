@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY, assert_schedules_agree
+
 from diffusionblocks import checkpoint, precision
 from diffusionblocks.cli import main
-from diffusionblocks.config import ConfigError, apply_overrides
+from diffusionblocks.config import ConfigError
 from diffusionblocks.data import load_image_data
-from diffusionblocks.tasks import default_config
+from diffusionblocks.tasks import apply_overrides, default_config, get_task
 from diffusionblocks.train import train
 
 STEPS = ["train.steps_per_block=40", "train.log_every=5", "train.checkpoint_every=20", "train.lr_warmup_steps=5"]
@@ -63,12 +63,12 @@ def test_bf16_schedules_agree_and_resume_is_exact(tmp_path, one_thread):
     cfg = apply_overrides(default_config(), [*TINY, "train.precision=bf16"])
     data = load_image_data(cfg.data).train
     assert_schedules_agree(cfg, data)
-    whole = train(cfg, data, None, progress=False)
+    whole = train(get_task(cfg.task), cfg, data, None, progress=False)
     run = tmp_path / "r"
     run.mkdir()
     half = apply_overrides(cfg, ["train.steps_per_block=3"])
-    train(half, data, run, progress=False)
-    resumed = train(cfg, data, run, progress=False)  # continues each block from its checkpoint at step 3
+    train(get_task(half.task), half, data, run, progress=False)
+    resumed = train(get_task(cfg.task), cfg, data, run, progress=False)  # continues each block from its checkpoint at step 3
     for b in range(3):
         saved = checkpoint.load_train_state(run, b)["model"]
         ref = whole[b].denoiser.state_dict()

@@ -97,14 +97,12 @@ def test_the_denoiser_is_causal_and_its_cache_equals_the_training_forward():
 
 
 def test_inference_runs_the_core_k_times_and_the_prelude_once_per_token():
-    from diffusionblocks.blocks import build_partition
-    from diffusionblocks.config import apply_overrides
-    from diffusionblocks.tasks import default_config
+    from diffusionblocks.tasks import apply_overrides, default_config, get_task
     from diffusionblocks.tasks.autoregressive import generate_chain
 
     class Chain:
         blocks, num_blocks = [_denoiser()], 1
-        partition = build_partition(apply_overrides(default_config("arlm"), ["blocks.num_blocks=1", "model.depth=1"]))
+        partition = get_task("arlm").partition(apply_overrides(default_config("arlm"), ["blocks.num_blocks=1", "model.depth=1"]))
 
     prompts = torch.randint(11, (2, 4), generator=torch.Generator().manual_seed(5))
     for K in (1, 3, 8):
@@ -131,8 +129,8 @@ def test_both_models_train_sample_and_evaluate_through_the_cli(tmp_path, capsys)
     import pytest
 
     from diffusionblocks.cli import main
-    from diffusionblocks.config import ConfigError, apply_overrides
-    from diffusionblocks.tasks import default_config
+    from diffusionblocks.config import ConfigError
+    from diffusionblocks.tasks import apply_overrides, default_config
 
     judge = tmp_path / "judge"
     assert main(["train", "--task", "arlm", "--out", str(judge), "--no-progress", "blocks.num_blocks=1",
@@ -179,11 +177,10 @@ def test_the_bits_average_the_draws_of_the_starting_noise():
     """Huginn's bits after r iterations: its position j's softmax (the distribution of token j + 1), averaged over
     `samples` initial states; the denoiser's: the last sampler step's position j (the distribution of token j),
     averaged over `samples` teacher-forced chains. With one draw both are the plain cross-entropy."""
-    from diffusionblocks.blocks import build_partition
-    from diffusionblocks.config import apply_overrides
-    from diffusionblocks.data import make_generator
+
     from diffusionblocks.generate import sigma_grid
-    from diffusionblocks.tasks import default_config
+    from diffusionblocks.seeding import make_generator
+    from diffusionblocks.tasks import apply_overrides, default_config, get_task
     from diffusionblocks.tasks.autoregressive import _teacher_forced_chain
     from diffusionblocks.tasks.recurrent_depth import bits_after
 
@@ -209,7 +206,7 @@ def test_the_bits_average_the_draws_of_the_starting_noise():
 
     class Chain:
         blocks, num_blocks = [_denoiser()], 1
-        partition = build_partition(apply_overrides(default_config("arlm"), ["blocks.num_blocks=1", "model.depth=1"]))
+        partition = get_task("arlm").partition(apply_overrides(default_config("arlm"), ["blocks.num_blocks=1", "model.depth=1"]))
 
     dcfg = apply_overrides(default_config("recurrent"), [])
     sigmas = sigma_grid(Chain.partition.axis, 3)

@@ -9,12 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from diffusionblocks import reference as ev
-from diffusionblocks.data import DataConfig
-from diffusionblocks.data import ImageData, ImageSplits, load_image_data, make_generator
+from diffusionblocks.data import DataConfig, ImageData, ImageSplits, load_image_data
 from diffusionblocks.reference import (ReferenceClassifier, accuracy, conditional_accuracy, data_fingerprint,
-                                        load_or_train_reference_classifier, predict, random_shift,
-                                        train_reference_classifier)
-
+                                       load_or_train_reference_classifier, predict, random_shift,
+                                       train_reference_classifier)
+from diffusionblocks.seeding import make_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 
+import digests
 import pytest
 import torch
 
-import digests
 from diffusionblocks.cli import main
-from diffusionblocks.tasks import image_generation
+from diffusionblocks.tasks import config_from_dict, get_task, image_generation
 
 _RUNS: dict[str, dict] = {}
 
@@ -104,16 +104,15 @@ def test_recording_an_environment_keeps_the_others(tmp_path, monkeypatch):
 
 def test_configs_written_before_the_refactor_load():
     """Every recorded config (fe85824's form has the sections DROPPED lists) loads as its task's config."""
-    from diffusionblocks.config import RunConfig
 
     for recording in digests.load()["recordings"]:
         for case in recording["cases"].values():
             for f in case["digests"]["files"].values():
                 if f["config"] is None:  # label_embedding.safetensors
                     continue
-                cfg = RunConfig.from_dict(f["config"])
+                cfg = config_from_dict(f["config"])
                 assert json.loads(cfg.to_json()) == digests.current_form(f["config"])
-                assert RunConfig.from_dict(cfg.to_dict()) == cfg
+                assert config_from_dict(cfg.to_dict()) == cfg
 
 
 def test_a_run_directory_of_the_old_form_samples_resumes_and_shows_status(tmp_path, tiny_cfg, capsys):
@@ -125,7 +124,7 @@ def test_a_run_directory_of_the_old_form_samples_resumes_and_shows_status(tmp_pa
     old = {**tiny_cfg.to_dict(), "classify": {"mode": "diffusion", "label_embedding": "fixed",
                                               "loss_weighting": "per_sample", "inference_steps": 0}}
     (run / "config.json").write_text(json.dumps(old, indent=2))
-    train(tiny_cfg, load_image_data(tiny_cfg.data).train, run, progress=False)
+    train(get_task(tiny_cfg.task), tiny_cfg, load_image_data(tiny_cfg.data).train, run, progress=False)
     assert main(["status", str(run)]) == 0 and "3/3 trained" in capsys.readouterr().out
     assert main(["sample", str(run), "--num", "4", "--steps", "3", "--out", str(tmp_path / "x.npz")]) == 0
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0

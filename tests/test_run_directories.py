@@ -15,7 +15,7 @@ import torch
 
 from diffusionblocks import checkpoint, compose
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides
+from diffusionblocks.tasks import apply_overrides
 
 HERE = Path(__file__).parent
 # Two blocks of one layer, 4 steps each (checkpoints at 2 and 4): small enough to train in a second.
@@ -92,6 +92,7 @@ import torch
 torch.set_num_threads(1)
 logging.basicConfig(level=logging.WARNING)
 from diffusionblocks.cli import main
+from diffusionblocks.tasks import apply_overrides
 print("ready", flush=True)
 for line in sys.stdin:
     err = io.StringIO()

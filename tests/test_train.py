@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from diffusionblocks import checkpoint
-from diffusionblocks.config import ConfigError, apply_overrides
-from diffusionblocks.data import BatchSampler, load_image_data, make_generator
-from diffusionblocks.blocks import build_partition
+from diffusionblocks.config import ConfigError
+from diffusionblocks.data import BatchSampler, load_image_data
+from diffusionblocks.seeding import make_generator
+from diffusionblocks.tasks import apply_overrides, get_task
 from diffusionblocks.train import init_block_state, train
 
 
@@ -19,7 +20,7 @@ def fixed_loss(cfg, state, data):
     """The block's loss on a fixed batch, noise levels and noise (independent of the training streams)."""
     y, labels = BatchSampler(data, 64, seed=99, stream=0).batch(0)
     g = make_generator(99, "eval")
-    sigma = build_partition(cfg).sample(state.b, 64, generator=g).float()
+    sigma = get_task(cfg.task).partition(cfg).sample(state.b, 64, generator=g).float()
     noise = torch.randn(y.shape, generator=g)
     with torch.no_grad():
         return state.denoiser.loss(y, sigma, noise, class_labels=labels).mean().item()
@@ -43,8 +44,8 @@ def assert_same(w1, w2):
 
 def test_short_training_lowers_each_blocks_loss(tiny_cfg, digits):
     cfg = apply_overrides(tiny_cfg, ["train.steps_per_block=60", "train.lr=2e-3", "train.batch_size=32"])
-    before = {b: fixed_loss(cfg, init_block_state(cfg, b, torch.device("cpu")), digits) for b in range(3)}
-    states = train(cfg, digits, None, progress=False)
+    before = {b: fixed_loss(cfg, init_block_state(get_task(cfg.task), cfg, b, torch.device("cpu")), digits) for b in range(3)}
+    states = train(get_task(cfg.task), cfg, digits, None, progress=False)
     for b in range(3):
         after = fixed_loss(cfg, states[b], digits)
         assert after < 0.95 * before[b], (b, before[b], after)
@@ -56,7 +57,7 @@ def test_sequential_and_interleaved_give_identical_weights(tiny_cfg, digits):
     assert all(s.step == tiny_cfg.train.steps_per_block for s in inter.values())
     assert_same(weights(seq), weights(inter))
     # A block trained alone equals the same block trained among the others.
-    alone = train(tiny_cfg, digits, None, blocks=[1], progress=False)
+    alone = train(get_task(tiny_cfg.task), tiny_cfg, digits, None, blocks=[1], progress=False)
     assert_same({1: weights(seq)[1]}, weights(alone))
 
 
@@ -66,10 +67,10 @@ def test_data_on_the_device_trains_the_same_weights(tiny_cfg, digits):
     from diffusionblocks.data import tensor_bytes, to_device
     from diffusionblocks.train import resident_data
 
-    host = train(tiny_cfg, digits, None, progress=False)
+    host = train(get_task(tiny_cfg.task), tiny_cfg, digits, None, progress=False)
     for schedule in ("sequential", "interleaved"):
         cfg = apply_overrides(tiny_cfg, [f"train.schedule={schedule}", "train.data_on_device=on"])
-        assert_same(weights(host), weights(train(cfg, digits, None, progress=False)))
+        assert_same(weights(host), weights(train(get_task(cfg.task), cfg, digits, None, progress=False)))
     moved = to_device(digits, "cpu")
     assert torch.equal(moved.images, digits.images) and moved.labels is digits.labels and moved.name == digits.name
     assert tensor_bytes(digits) == digits.images.nbytes + digits.labels.nbytes
@@ -80,7 +81,7 @@ def test_data_on_the_device_trains_the_same_weights(tiny_cfg, digits):
 
 
 def test_resume_continues_exactly(tiny_cfg, digits, tmp_path):
-    full = train(tiny_cfg, digits, None, progress=False)
+    full = train(get_task(tiny_cfg.task), tiny_cfg, digits, None, progress=False)
     for schedule in ("sequential", "interleaved"):
         cfg = apply_overrides(tiny_cfg, [f"train.schedule={schedule}"])
         run = tmp_path / schedule
@@ -89,7 +90,7 @@ def test_resume_continues_exactly(tiny_cfg, digits, tmp_path):
         # Interrupted after the first checkpoint (step 3 of 6): train 3 steps and stop.
         train(apply_overrides(cfg, ["train.steps_per_block=3"]), digits, run, progress=False)
         assert checkpoint.block_step(run, 0) == 3
-        resumed = train(cfg, digits, run, progress=False)
+        resumed = train(get_task(cfg.task), cfg, digits, run, progress=False)
         assert_same(weights(full), weights_on_disk(run, range(3)))
         assert all(not s.resident for s in resumed.values()) == (schedule == "sequential")
         assert checkpoint.block_step(run, 2) == 6
@@ -98,7 +99,7 @@ def test_resume_continues_exactly(tiny_cfg, digits, tmp_path):
 def test_ema_weights_are_saved_for_inference(tiny_cfg, digits, tmp_path):
     cfg = apply_overrides(tiny_cfg, ["train.ema_halflife_steps=2"])
     checkpoint.save_config(tmp_path, cfg)
-    states = train(cfg, digits, tmp_path, progress=False)
+    states = train(get_task(cfg.task), cfg, digits, tmp_path, progress=False)
     model, _ = checkpoint.from_pretrained(tmp_path)
     assert not states[0].resident  # sequential: saved, then offloaded
     ema = checkpoint.load_train_state(tmp_path, 0)["ema"]
@@ -143,7 +144,7 @@ def test_every_draw_of_a_step_is_made_where_its_generator_is(task, overrides, mo
     for name in ("rand", "randn", "randint", "randperm"):  # (poisson and multinomial draw where their input is)
         monkeypatch.setattr(torch, name, watched(getattr(torch, name)))
     batch = sampler.batch(0)
-    t.loss_inputs(cfg, build_partition(cfg), 0, batch, make_generator(0, 0, 0, "noise"))
+    t.loss_inputs(cfg, get_task(cfg.task).partition(cfg), 0, batch, make_generator(0, 0, 0, "noise"))
     monkeypatch.undo()
     assert calls
     missing = [name for name, device, at in calls if torch.device(device or "meta") != at]

@@ -1,6 +1,6 @@
 """The block router: B independently trained block denoisers chained as one denoiser (method.md section 4).
 
-Also the two functions that make a run's blocks and partition from its config, whatever its task.
+A run's blocks and partition are its task's (`Task.build_block`, `Task.partition`); the router only chains them.
 """
 
 from __future__ import annotations
@@ -10,23 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import RunConfig
 from .noise import Partition
-
-
-def build_partition(cfg: RunConfig) -> Partition:
-    """The run's partition of its task's noise axis into cfg.blocks.num_blocks ranges (method.md section 2)."""
-    from .tasks import get_task
-
-    return Partition(get_task(cfg.task).noise_axis(cfg), cfg.blocks.num_blocks, kind=cfg.blocks.partition,
-                     gamma=cfg.blocks.gamma)
-
-
-def build_block(cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> nn.Module:
-    """Block b of the run, as its task builds it, initialised from `generator`."""
-    from .tasks import get_task
-
-    return get_task(cfg.task).build_block(cfg, b, generator)
 
 
 class StreamingBlocks:

@@ -232,7 +232,9 @@ def read_config(run_dir: str | Path) -> RunConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{str(path)!r} is not valid JSON: {e}") from None
     try:
-        return RunConfig.from_dict(d)
+        from .tasks import config_from_dict
+
+        return config_from_dict(d)
     except ConfigError as e:
         raise ConfigError(f"{str(path)!r}: {e}") from None
 
@@ -324,7 +326,9 @@ def check_block_metadata(path: Path, b: int, cfg: RunConfig) -> None:
     if "config" not in meta:
         return
     try:
-        theirs = identity(RunConfig.from_dict(json.loads(meta["config"])).to_dict())
+        from .tasks import config_from_dict
+
+        theirs = identity(config_from_dict(json.loads(meta["config"])).to_dict())
     except (ConfigError, json.JSONDecodeError) as e:
         raise ConfigError(f"checkpoint {str(path)!r} carries an unreadable config: {e}") from None
     ours = identity(cfg.to_dict())
@@ -648,10 +652,12 @@ def from_pretrained(run_dir: str | Path, device: str | torch.device = "cpu", str
 
     stream: keep one block in memory at a time, loading each from disk when the sampler reaches it.
     """
-    from .blocks import BlockwiseDenoiser, StreamingBlocks, build_block, build_partition
+    from .blocks import BlockwiseDenoiser, StreamingBlocks
+    from .tasks import get_task
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
+    task = get_task(cfg.task)
     missing = [b for b in range(cfg.blocks.num_blocks) if not block_weights_path(run_dir, b).is_file()]
     if missing:
         raise ConfigError(f"run {str(run_dir)!r} is missing the weights of block(s) {', '.join(map(str, missing))} "
@@ -660,7 +666,7 @@ def from_pretrained(run_dir: str | Path, device: str | torch.device = "cpu", str
     verified: set[int] = set()  # copied blocks whose sha256 was checked: streaming loads a block many times
 
     def load(b: int) -> torch.nn.Module:
-        block = build_block(cfg, b)
+        block = task.build_block(cfg, b)
         load_block_weights(run_dir, b, block, cfg, verify=b not in verified)
         verified.add(b)
         return block.to(device).eval()
@@ -668,6 +674,6 @@ def from_pretrained(run_dir: str | Path, device: str | torch.device = "cpu", str
     if stream:
         for b in range(cfg.blocks.num_blocks):  # a wrong or corrupt file fails now, not halfway through sampling
             check_block_metadata(block_weights_path(run_dir, b), b, cfg)
-        return BlockwiseDenoiser(StreamingBlocks(cfg.blocks.num_blocks, load), build_partition(cfg)), cfg
-    model = BlockwiseDenoiser([load(b) for b in range(cfg.blocks.num_blocks)], build_partition(cfg)).eval()
+        return BlockwiseDenoiser(StreamingBlocks(cfg.blocks.num_blocks, load), task.partition(cfg)), cfg
+    model = BlockwiseDenoiser([load(b) for b in range(cfg.blocks.num_blocks)], task.partition(cfg)).eval()
     return model, cfg

@@ -18,9 +18,9 @@ import torch
 
 from . import checkpoint, precision
 from .compose import compose_run, copy_block, parse_block_sources, source_record
-from .config import PRECISIONS, ConfigError, RunConfig, apply_overrides, load_config
+from .config import PRECISIONS, ConfigError, RunConfig
 from .memory import PeakMemory
-from .tasks import available, default_config, get_task
+from .tasks import apply_overrides, available, default_config, get_task, load_config
 
 logger = logging.getLogger("diffusionblocks")
 
@@ -214,7 +214,7 @@ def _blocks_to_resume(run_dir: Path, cfg: RunConfig, blocks: list[int],
         elif step > total:
             raise ConfigError(f"train.steps_per_block={total} is below the {step} steps block {b} has trained; "
                               "a block cannot be made to have trained less")
-        init_block_state(cfg, b, torch.device("cpu"), run_dir, starts)  # raises on a corrupt or mismatched state
+        init_block_state(get_task(cfg.task), cfg, b, torch.device("cpu"), run_dir, starts)  # raises on a corrupt or mismatched state
         if checkpoint.repair_block(run_dir, b, cfg):
             logger.info("block %d: its weights were older than its training state; rewrote them from it", b)
         todo.append(b)
@@ -391,14 +391,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         run_dir, todo, init_from = found
         args.run_dir = run_dir
         if rank == 0:
-            get_task(cfg.task).prepare_run(cfg, run_dir, data)
+            task.prepare_run(cfg, run_dir, data)
             logger.info("run directory: %s", run_dir)
             logger.info("task %s: %s training / %s held-out examples; B=%d blocks of %s layers, training block(s) "
                         "%s, %s schedule, %d steps per block, device %s%s", cfg.task, _size(data.train),
                         _size(data.test), B, list(cfg.layer_split()), todo, cfg.train.schedule,
                         cfg.train.steps_per_block, device, _starting_from(init_from))
         with PeakMemory(device) as mem:
-            train(cfg, data.train, run_dir, device=device, blocks=todo, progress=not args.no_progress,
+            train(task, cfg, data.train, run_dir, device=device, blocks=todo, progress=not args.no_progress,
                   init_from=init_from, claim=False)
         distributed.barrier()
         if rank == 0:
@@ -539,8 +539,6 @@ def cmd_compose(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     """What each block's files say, read the way --resume reads them: a block's training state says where it is,
     and a block copied from another run is judged by its source (checkpoint.progress)."""
-    from .blocks import build_partition
-
     run = Path(args.run)
     cfg = checkpoint.read_config(run)
     total = cfg.train.steps_per_block
@@ -549,10 +547,11 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"{run}: {cfg.name}, B={B} blocks of {list(cfg.layer_split())} layers, "
           f"{total} steps per block, {cfg.train.schedule} schedule")
     done, missing, todo, stuck = [], [], [], []
-    noise = get_task(cfg.task).noise_symbol
+    task = get_task(cfg.task)
+    partition = task.partition(cfg)
     for b, p in enumerate(progress):
-        lo, hi = build_partition(cfg).block_range(b)
-        where = f"  block {b} ({noise} {lo:.3g}-{hi:.3g}):"
+        lo, hi = partition.block_range(b)
+        where = f"  block {b} ({task.noise_symbol} {lo:.3g}-{hi:.3g}):"
         lock = checkpoint.block_lock_path(run, b)
         busy = " (a job holds its lock: training now)" if lock.is_file() and checkpoint.lock_holder(run, b) else ""
         source = checkpoint.block_source(run, b)

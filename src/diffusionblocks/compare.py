@@ -20,24 +20,15 @@ from typing import Any
 import torch
 
 from .checkpoint import new_run_dir, save_config
-from .config import ConfigError, RunConfig
-from .tasks import get_task, importable_by_name
+from .config import ConfigError, RunConfig, even_split
+from .tasks import get_task, importable_by_name, Task
 
 logger = logging.getLogger(__name__)
-
-
-def even_split(L: int, B: int) -> tuple[int, ...] | None:
-    """None when L layers split evenly into B blocks, else the most even explicit split (earlier blocks larger)."""
-    if L % B == 0:
-        return None
-    return tuple(L // B + (1 if i < L % B else 0) for i in range(B))
 
 
 def comparison_configs(cfg: RunConfig, num_blocks: list[int]) -> dict[int, RunConfig]:
     """One config per B (B=1 always included), identical but for the partition of the layers; B=1 is the
     task's end-to-end baseline."""
-    from .tasks import Task
-
     task = get_task(cfg.task)
     missing = [m for m in ("evaluate", "write_comparison") if getattr(type(task), m) is getattr(Task, m)]
     if missing:
@@ -116,57 +107,6 @@ def run_comparison(cfg: RunConfig, out_dir: Path, *, num_blocks: list[int] = (2,
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     task.write_comparison(out_dir, configs, results, artifacts)
     return report
-
-
-def training_cost(c: RunConfig, result: dict[str, Any]) -> dict[str, str]:
-    """The report's cells on what a run cost to train: its layers, time, speed and peak memory."""
-    ts = result["train_summary"]
-    blocks = ts["blocks"]
-    mem = ts.get("peak_train_memory_bytes")
-    return {"layers per block": "/".join(map(str, c.layer_split())),
-            "train s": f"{sum(b['train_time_s'] for b in blocks):.0f}",
-            "job wall s": f"{ts.get('wall_time_s', 0):.0f}",
-            "ms/step per block": " / ".join(f"{1000 * b['train_time_s'] / b['steps']:.1f}" for b in blocks),
-            "peak train mem MiB": f"{mem / 2**20:.0f}" if mem is not None else "n/a"}
-
-
-def markdown_table(header: list[str], rows: list[dict[str, str]]) -> list[str]:
-    """The lines of a markdown table whose columns are `header`, each row a dict over those names."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(row[h] for h in header) + " |" for row in rows)]
-
-
-def memory_note(result: dict[str, Any]) -> str:
-    """What the peak-memory column measured."""
-    return "Peak train memory: " + ("CUDA max_memory_allocated" if "cuda" in str(result["train_summary"].get("device"))
-                                    else "peak resident set size above the process' size before training") + "."
-
-
-def plot_loss_curves(out_dir: Path, configs: dict[int, RunConfig]) -> None:
-    """loss_curves.png: one panel per run, one curve per block, from each run's metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .plotting import read_metrics
-
-    Bs = list(configs)
-    fig, axes = plt.subplots(1, len(Bs), figsize=(3.4 * len(Bs), 3), squeeze=False, sharey=True)
-    for ax, B in zip(axes[0], Bs):
-        rows = read_metrics(out_dir / f"B{B}" / "metrics.jsonl")
-        for b in range(B):
-            r = [row for row in rows if row["block"] == b]
-            ax.plot([x["step"] for x in r], [x["loss"] for x in r], lw=1, label=f"block {b}")
-        ax.set_title(f"B={B}")
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("weighted loss")
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss_curves.png", dpi=110)
-    plt.close(fig)
 
 
 def prepare_out_dir(out: str | None, runs_root: str, name: str, resume: bool) -> Path:

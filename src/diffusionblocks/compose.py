@@ -35,7 +35,8 @@ from typing import Any
 
 from . import checkpoint
 from .checkpoint import COMPOSITION_FILE, read_composition  # noqa: F401 (where composed runs are read)
-from .config import ConfigError, RunConfig, apply_overrides
+from .config import ConfigError, RunConfig
+from .tasks import apply_overrides, get_task
 from .text import VOCAB_FILE, vocabulary_difference
 
 try:
@@ -206,8 +207,6 @@ def compose_run(sources: dict[int, Path], out: Path, overrides: list[str] = ()) 
         raise ConfigError(f"override {bad[0]!r}: a composed run may only set {', '.join(OVERRIDABLE)}; the rest "
                           "is what its blocks were trained as")
     cfg = apply_overrides(ref, [f"name={ref.name}-composed", *overrides])
-    from .tasks import get_task
-
     get_task(cfg.task).load_run_data(cfg, sources[0])  # the data it will be evaluated on, as its blocks read it
     _check_free(out)
     with _staging(out) as target:

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
+__all__ = ["BlocksConfig", "ConfigError", "NoiseConfig", "PRECISIONS", "RunConfig", "TrainConfig", "check_choice",
+           "even_split", "overridden", "read_config_file", "switched_task", "where"]
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
-
-
-class ConfigError(ValueError):
-    """A configuration, data path, checkpoint or argument that cannot be used, with a message naming it."""
 
 
 @dataclass(frozen=True)
@@ -120,16 +120,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        """The config of the task that d names ("task", default "generate"), with its fields checked."""
-        from .tasks import get_task
-
-        if not isinstance(d, dict):
-            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
-        task_name = d.get("task", "generate")
-        if not isinstance(task_name, str):
-            raise ConfigError(f"task must be a string, got {task_name!r}")
-        task = get_task(task_name)
-        cfg = _build(task.config_class, task.upgrade_config({**d, "task": task_name}), "")
+        """This config class built from d (parsed JSON), every field checked; the registry's
+        `diffusionblocks.tasks.config_from_dict` picks the class from d["task"]."""
+        if cls is RunConfig:
+            raise TypeError("RunConfig.from_dict needs the task's config class; diffusionblocks.tasks.config_from_dict "
+                            "picks it from the task the dict names")
+        cfg = _build(cls, d, "")
         cfg.validate()
         return cfg
 
@@ -141,12 +137,11 @@ class RunConfig:
         return (L // B,) * B
 
     def validate(self) -> None:
-        """Checks every section (its own `validate`), the layer split, then the task's rules across sections."""
-        from .tasks import get_task
-
+        """Checks every section (its own `validate`) and the layer split; a task's config class adds its rules across
+        sections by extending this method."""
         if type(self) is RunConfig or self.model is None:
             raise ConfigError("a run's config is its task's RunConfig subclass, with a model section: make one with "
-                              "diffusionblocks.tasks.default_config(task) or RunConfig.from_dict")
+                              "diffusionblocks.tasks.default_config(task) or diffusionblocks.tasks.config_from_dict")
 
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
@@ -166,7 +161,7 @@ class RunConfig:
             if L % b.num_blocks:
                 raise ConfigError(
                     f"model.depth={L} layers do not split evenly into blocks.num_blocks={b.num_blocks}; "
-                    f"give blocks.layers_per_block explicitly (e.g. {_uneven_example(L, b.num_blocks)})")
+                    f"give blocks.layers_per_block explicitly (e.g. {list(even_split(L, b.num_blocks))})")
         else:
             split = b.layers_per_block
             if len(split) != b.num_blocks:
@@ -176,7 +171,6 @@ class RunConfig:
             if sum(split) != L:
                 raise ConfigError(f"blocks.layers_per_block {list(split)} adds up to {sum(split)} layers "
                                   f"but model.depth={L}")
-        get_task(self.task).validate(self)
 
 
 def where(path: str | Path) -> str:
@@ -191,8 +185,10 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
-def _uneven_example(L: int, B: int) -> list[int]:
-    return [L // B + (1 if i < L % B else 0) for i in range(B)]
+def even_split(L: int, B: int) -> tuple[int, ...] | None:
+    """blocks.layers_per_block for L layers in B blocks: None when they split evenly, else the most even explicit
+    split (earlier blocks larger)."""
+    return None if L % B == 0 else tuple(L // B + (1 if i < L % B else 0) for i in range(B))
 
 
 def _build(cls: type, d: Any, prefix: str) -> Any:
@@ -265,12 +261,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for {name}")
 
 
-def _switch_task(cfg: RunConfig, name: str) -> dict[str, Any]:
-    """The default config of task `name` as a dict, with the fields cfg set away from its task's defaults."""
-    from .tasks import get_task
-
-    new = get_task(name).default_config().to_dict()
-    old, old_default = cfg.to_dict(), get_task(cfg.task).default_config().to_dict()
+def switched_task(d: dict[str, Any], d_default: dict[str, Any], new_default: dict[str, Any]) -> dict[str, Any]:
+    """new_default (a config dict of another task) with the fields d set away from its own task's defaults
+    (d_default) carried over where the new task has them: a dataset, a seed, a name."""
+    new = json.loads(json.dumps(new_default))  # a deep copy
 
     def carry(into: dict, given: dict, default: dict) -> None:
         for k, v in given.items():
@@ -281,12 +275,12 @@ def _switch_task(cfg: RunConfig, name: str) -> dict[str, Any]:
             elif not isinstance(into[k], dict) and v != default.get(k):
                 into[k] = v
 
-    carry(new, old, old_default)
+    carry(new, d, d_default)
     return new
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Reads a JSON config file; missing fields take their defaults."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a config file, before it is checked (`diffusionblocks.tasks.load_config` checks it)."""
     path = Path(path)
     if path.is_dir():
         hint = (f" (the config of that run is {str(path / 'config.json')!r}; `train --resume {path}` continues it)"
@@ -295,24 +289,15 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        d = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
-    return RunConfig.from_dict(d)
 
 
-def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Applies `section.field=value` overrides; values are parsed as JSON, else taken as strings.
-
-    `task=NAME` (applied first) starts from that task's default config and keeps, of the config
-    given, the fields it changed from its own task's defaults where the new task has them (a
-    dataset, a seed, a name); the other overrides then apply to it.
-    """
-    d = cfg.to_dict()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if key == "task" and sep:  # the same task keeps cfg as it is (every field it set is carried over)
-            d = _switch_task(cfg, raw)
+def overridden(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Config dict d with `section.field=value` overrides set (values parsed as JSON, else taken as strings);
+    `task=...` is set like any field (`diffusionblocks.tasks.apply_overrides` switches the task first)."""
+    d = json.loads(json.dumps(d))  # a deep copy
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -330,4 +315,4 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if last not in node:
             raise ConfigError(f"override {item!r}: unknown field {key!r}")
         node[last] = value
-    return RunConfig.from_dict(d)
+    return d

@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 
-from .data import ImageData, make_generator
-from .reference import ReferenceClassifier, predict
+from .data import ImageData
 from .generate import initial_noise, sigma_grid
 from .metrics import frechet_distance
 from .precond import append_dims, get_scalings, loss_weight
+from .reference import ReferenceClassifier, predict
 from .sampling import SAMPLERS, CFGDenoiser
+from .seeding import make_generator
 
 
 @torch.no_grad()
@@ -91,14 +93,10 @@ def chain_diagnostics(model, real: ImageData | Sequence[ImageData], clf: Referen
 
 def plot_chain_diagnostics(diag: dict[str, Any], out_path: str | Path, title: str = "") -> None:
     """Oracle vs chain accuracy per step (their gap is the composition error) and the input shift."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = diag["per_step"]
     steps = [r["step"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    fig = Figure(figsize=(8, 5.5))
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
     ax1.plot(steps, [r["oracle_accuracy"] for r in rows], label="oracle input y + sigma eps", lw=1.5)
     ax1.plot(steps, [r["chain_accuracy"] for r in rows], label="chain trajectory", lw=1.5)
     ax1.set_ylabel("classifier accuracy of D(x)")
@@ -119,7 +117,6 @@ def plot_chain_diagnostics(diag: dict[str, Any], out_path: str | Path, title: st
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
-    plt.close(fig)
 
 
 def write_chain_diagnostics(diag: dict[str, Any], out_dir: Path, title: str = "") -> None:

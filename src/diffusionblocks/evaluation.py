@@ -17,11 +17,12 @@ import torch
 
 from .checkpoint import from_pretrained
 from .config import ConfigError
-from .data import load_image_data, make_generator
+from .data import load_image_data
 from .diagnostics import chain_diagnostics
 from .generate import class_labels_evenly, generate
 from .metrics import frechet_distance, kernel_distance
 from .reference import accuracy, conditional_accuracy, load_or_train_reference_classifier
+from .seeding import make_generator
 
 logger = logging.getLogger(__name__)
 

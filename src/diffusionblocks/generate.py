@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import torch
 
-from .data import make_generator
 from .noise import NoiseAxis, get_sigmas_karras, get_sigmas_quantile
 from .sampling import SAMPLERS, CFGDenoiser
+from .seeding import make_generator
 
 
 def sigma_grid(axis: NoiseAxis, steps: int, grid: str = "quantile", rho: float = 7.0) -> torch.Tensor:

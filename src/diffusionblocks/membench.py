@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 
-from .blocks import build_partition
-from .config import BlocksConfig, ConfigError, RunConfig, TrainConfig
-from .data import ImageData, make_generator
+from .config import BlocksConfig, ConfigError, RunConfig, TrainConfig, even_split
+from .data import ImageData
 from .memory import CPU_MEASURES, PeakMemory
-from .tasks import get_task
+from .seeding import make_generator
+from .tasks import config_from_dict, get_task
 from .tasks.image_generation import DiTModelConfig, GenerationConfig
 from .train import BlockState, init_block_state, save_block_state, train_step
 
@@ -80,17 +81,13 @@ def model_config(size: str, image_size: int, channels: int, batch: int) -> RunCo
 def case_config(base: RunConfig, case: MemCase) -> RunConfig:
     """base with the case's B (layers split as evenly as possible), schedule and checkpointing."""
     L, B = base.model.depth, case.num_blocks
-    split = None if L % B == 0 else tuple(L // B + (1 if i < L % B else 0) for i in range(B))
+    split = even_split(L, B)
     train = dataclasses.replace(base.train, schedule="sequential" if case.mode != "interleaved" else "interleaved",
                                 lr_warmup_steps=0, grad_clip=0.0, activation_checkpointing=case.checkpointing)
     cfg = get_task(base.task).comparison_config(dataclasses.replace(
         base, blocks=dataclasses.replace(base.blocks, num_blocks=B, layers_per_block=split), train=train))
     cfg.validate()
     return cfg
-
-
-def bench_config(size: str, image_size: int, channels: int, batch: int, case: MemCase) -> RunConfig:
-    return case_config(model_config(size, image_size, channels, batch), case)
 
 
 def bench_data(cfg: RunConfig, random_images: bool):
@@ -113,7 +110,8 @@ def saved_activation_bytes(state: BlockState, cfg: RunConfig, batch, device: tor
             seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
         return t
 
-    inputs = get_task(cfg.task).loss_inputs(cfg, build_partition(cfg), state.b, batch, make_generator(0, "membench"))
+    task = get_task(cfg.task)
+    inputs = task.loss_inputs(cfg, task.partition(cfg), state.b, batch, make_generator(0, "membench"))
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     params = {p.untyped_storage().data_ptr() for p in state.denoiser.parameters()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -127,9 +125,10 @@ def _warm_up(cfg: RunConfig, data, device: torch.device) -> None:
     pools are in place before the measurement starts and are not counted as training memory."""
     small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=1),
                                 blocks=BlocksConfig(num_blocks=1), train=dataclasses.replace(cfg.train, batch_size=2))
-    small = get_task(cfg.task).comparison_config(small)
-    s = init_block_state(small, 0, device)
-    train_step(s, small, build_partition(small), get_task(cfg.task).batch_sampler(small, data, 99), device)
+    task = get_task(cfg.task)
+    small = task.comparison_config(small)
+    s = init_block_state(task, small, 0, device)
+    train_step(task, s, small, task.partition(small), task.batch_sampler(small, data, 99), device)
     with tempfile.TemporaryDirectory() as tmp:
         save_block_state(Path(tmp), s, small)
     del s
@@ -143,14 +142,14 @@ def run_case(base: RunConfig, random_images: bool, steps: int, case: MemCase, de
     cfg = case_config(base, case)
     task = get_task(cfg.task)
     data = bench_data(cfg, random_images)
-    partition = build_partition(cfg)
+    partition = task.partition(cfg)
     B = case.num_blocks
     step_times: dict[int, list[float]] = {b: [] for b in range(B)}
     params = [0] * B
 
     def step(state: BlockState, sampler) -> None:
         t0 = time.perf_counter()
-        train_step(state, cfg, partition, sampler, device)
+        train_step(task, state, cfg, partition, sampler, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_times[state.b].append(time.perf_counter() - t0)
@@ -160,7 +159,7 @@ def run_case(base: RunConfig, random_images: bool, steps: int, case: MemCase, de
     with tempfile.TemporaryDirectory() as tmp, PeakMemory(device, cpu_measure) as mem:
         run_dir = Path(tmp)
         if case.mode == "interleaved":
-            states = [init_block_state(cfg, b, device) for b in range(B)]
+            states = [init_block_state(task, cfg, b, device) for b in range(B)]
             for s in states:
                 params[s.b] = sum(p.numel() for p in s.denoiser.parameters())
             for _ in range(steps):
@@ -168,7 +167,7 @@ def run_case(base: RunConfig, random_images: bool, steps: int, case: MemCase, de
                     step(s, samplers[s.b])
         else:
             for b in range(B):
-                s = init_block_state(cfg, b, device)
+                s = init_block_state(task, cfg, b, device)
                 params[b] = sum(p.numel() for p in s.denoiser.parameters())
                 for _ in range(steps):
                     step(s, samplers[b])
@@ -178,7 +177,7 @@ def run_case(base: RunConfig, random_images: bool, steps: int, case: MemCase, de
                 gc.collect()
     # Activations of the largest block's forward pass (after the measurement, so it cannot disturb it).
     b_max = max(range(B), key=lambda b: params[b])
-    act_bytes = saved_activation_bytes(init_block_state(cfg, b_max, device), cfg, samplers[b_max].batch(0), device)
+    act_bytes = saved_activation_bytes(init_block_state(task, cfg, b_max, device), cfg, samplers[b_max].batch(0), device)
     resident_params = sum(params) if case.mode == "interleaved" else max(params)
     return {
         "case": case.name, "mode": case.mode, "num_blocks": B, "checkpointing": case.checkpointing,
@@ -203,9 +202,7 @@ def child_main(spec: str) -> None:
     a = json.loads(spec)
     case = MemCase(**a["case"])
     torch.set_num_threads(a.get("threads") or torch.get_num_threads())
-    from .config import RunConfig
-
-    r = run_case(RunConfig.from_dict(a["config"]), a["random_images"], a["steps"], case, torch.device(a["device"]),
+    r = run_case(config_from_dict(a["config"]), a["random_images"], a["steps"], case, torch.device(a["device"]),
                  a.get("cpu_measure", "rss"))
     print(json.dumps(r))
 
@@ -277,16 +274,12 @@ def format_table(results: list[dict[str, Any]], title: str) -> str:
 
 
 def plot_memory(results: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     mib = 2 ** 20
     names = [r["case"] for r in results]
     kinds = list(results[0]["peaks"])
     width = 0.8 / (len(kinds) + 1)
-    fig, ax = plt.subplots(figsize=(max(7, 0.65 * len(results)), 4.2))
+    fig = Figure(figsize=(max(7, 0.65 * len(results)), 4.2))
+    ax = fig.subplots()
     x = range(len(results))
     for j, k in enumerate(kinds):
         ax.bar([i - 0.4 + (j + 0.5) * width for i in x], [r["peaks"][k] / mib for r in results], width=width,
@@ -305,4 +298,3 @@ def plot_memory(results: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

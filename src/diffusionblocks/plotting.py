@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
 
@@ -49,13 +50,9 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_losses(metrics_path: str | Path, out_path: str | Path, num_blocks: int, title: str = "") -> None:
     """One panel per block: the weighted denoising loss against the block's steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_metrics(metrics_path)
-    fig, axes = plt.subplots(1, num_blocks, figsize=(3.6 * num_blocks, 3.0), squeeze=False, sharey=True)
+    fig = Figure(figsize=(3.6 * num_blocks, 3.0))
+    axes = fig.subplots(1, num_blocks, squeeze=False, sharey=True)
     for b, ax in enumerate(axes[0]):
         r = [row for row in rows if row["block"] == b]
         ax.plot([row["step"] for row in r], [row["loss"] for row in r], lw=1.2)
@@ -68,4 +65,3 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path, num_blocks: int,
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
-    plt.close(fig)

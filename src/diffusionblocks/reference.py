@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import BatchSampler, ImageData, make_generator
+from .data import BatchSampler, ImageData
+from .seeding import make_generator
 
 log = logging.getLogger(__name__)
 

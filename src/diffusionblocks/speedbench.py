@@ -1,7 +1,7 @@
 """`diffusionblocks bench speed`: training throughput end to end and per block, for each precision and compile mode.
 
 For every mode it times two things on the same model and device:
-- the loop's step: `train._timed_step` as training runs it (the batch and the noise drawn from
+- the loop's step: `train.timed_step` as training runs it (the batch and the noise drawn from
   (seed, block, step), the step, the loss kept for the log), without checkpoints;
 - the bare step: forward, backward and AdamW on one batch prepared in advance, nothing else.
 Their ratio is the loop's overhead. The end-to-end model (B=1) and each block of B blocks are measured,
@@ -21,13 +21,11 @@ from typing import Any
 import torch
 
 from . import precision as precision_mode
-from .blocks import build_partition
-from .config import ConfigError, RunConfig
-from .data import make_generator
+from .config import PRECISIONS, ConfigError, RunConfig
 from .membench import MemCase, bench_data, case_config, write_results
+from .seeding import make_generator
 from .tasks import get_task
-from .train import MetricsLog, _device_of, _timed_step, init_block_state, resident_data
-from .tasks.base import Coupling
+from .train import Coupling, MetricsLog, device_of, init_block_state, resident_data, timed_step
 
 logger = logging.getLogger(__name__)
 
@@ -52,22 +50,23 @@ def _median_step_s(run_steps, steps: int, windows: int, device: torch.device) ->
 def measure_block(cfg: RunConfig, b: int, data, device: torch.device, steps: int, warmup: int,
                   windows: int) -> dict[str, float]:
     """Seconds per step of block b: the loop's step and the bare step."""
-    task, partition = get_task(cfg.task), build_partition(cfg)
+    task = get_task(cfg.task)
+    partition = task.partition(cfg)
     sampler = task.batch_sampler(cfg, data, b)
-    state = init_block_state(cfg, b, device)
+    state = init_block_state(task, cfg, b, device)
     log = MetricsLog(None, cfg.train.log_every)
 
     def loop(n: int) -> None:
         for _ in range(n):
-            _timed_step(state, cfg, partition, sampler, device, log, None, Coupling())
+            timed_step(task, state, cfg, partition, sampler, device, log, None, Coupling())
 
     loop(warmup)
     loop_s = _median_step_s(loop, steps, windows, device)
 
-    bare = init_block_state(cfg, b, device)
+    bare = init_block_state(task, cfg, b, device)
     batch = sampler.batch(0)
     inputs = task.loss_inputs(cfg, partition, b, batch, make_generator(cfg.train.seed, b, 0, "noise",
-                                                                        device=_device_of(batch)))
+                                                                        device=device_of(batch)))
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     def bare_steps(n: int) -> None:
@@ -131,8 +130,6 @@ def format_table(results: list[dict[str, Any]], title: str) -> str:
 
 
 def parse_modes(precisions: str, compiles: str) -> tuple[list[str], list[bool]]:
-    from .config import PRECISIONS
-
     ps = [p.strip() for p in precisions.split(",") if p.strip()]
     bad = [p for p in ps if p not in PRECISIONS]
     if bad or not ps:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, check_choice, where
-from .data import make_generator
+from .seeding import make_generator
 
 logger = logging.getLogger(__name__)
 

@@ -13,20 +13,64 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import checkpoint, precision
-from .blocks import build_block, build_partition
+from . import checkpoint, distributed, precision
 from .config import ConfigError, RunConfig
-from .data import make_generator, tensor_bytes, to_device
+from .data import tensor_bytes, to_device
 from .noise import Partition
-from .tasks import Coupling, get_task
+from .seeding import make_generator
 
 logger = logging.getLogger(__name__)
+
+
+class Coupling:
+    """What the blocks of one run hand each other, or share, while they train. The default: nothing.
+
+    DiffusionBlocks' blocks are independent, and most tasks need none of this. One exception is the
+    classifier whose label-embedding table is learned by block 0 and then frozen for the others, or
+    learned jointly by all of them (`tasks/classification.py`).
+    """
+
+    # Blocks share trained parameters: after interleaved training every block's files are written
+    # again, so that each holds the final values.
+    rewrite_at_end: bool = False
+
+    def attach(self, b: int, block: nn.Module) -> None:
+        """Block b was just built and moved to its device: give it what it takes from other blocks.
+
+        Runs before its optimiser is made, so a parameter put in here is trained by it.
+        """
+
+    def resumed(self, blocks: dict[int, nn.Module]) -> None:
+        """The schedule has built its resident blocks and loaded whatever training state they had saved."""
+
+    def save(self, run_dir: Path, block: nn.Module) -> None:
+        """A block is being checkpointed: write what the blocks share (before the block's own files)."""
+
+
+class Task(Protocol):
+    """What the trainer asks of a run's task (`diffusionblocks.tasks.Task` implements it): the partition of its
+    noise axis, its blocks, each block's batches and loss inputs, and what blocks hand each other."""
+
+    noise_symbol: ClassVar[str]
+
+    def partition(self, cfg: RunConfig) -> Partition: ...
+
+    def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> nn.Module: ...
+
+    def batch_sampler(self, cfg: RunConfig, data: Any, b: int) -> Any: ...
+
+    def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: Any,
+                    generator: torch.Generator) -> dict[str, Any]: ...
+
+    def coupling(self, cfg: RunConfig, run_dir: Path | None, device: torch.device,
+                 trained: dict[int, Any]) -> Coupling: ...
 
 
 @dataclass
@@ -81,16 +125,16 @@ def make_optimizer(denoiser: nn.Module, cfg: RunConfig, device: torch.device | N
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=fused or None, foreach=None if fused else True)
 
 
-def init_block_state(cfg: RunConfig, b: int, device: torch.device, run_dir: Path | None = None,
+def init_block_state(task: Task, cfg: RunConfig, b: int, device: torch.device, run_dir: Path | None = None,
                      init_from: Path | dict[int, Path] | None = None, coupling: Coupling | None = None) -> BlockState:
     """Block b freshly initialised from (seed, b), or resumed from its training state in run_dir.
 
     init_from: a trained run whose block b gives the starting weights (fine-tuning), used when run_dir
     holds no state for the block yet; the optimiser starts afresh. A dict {block: run} names it per block
     (a block it lacks starts from scratch).
-    coupling: what the task's blocks hand each other (tasks.Coupling), attached before the optimiser.
+    coupling: what the task's blocks hand each other (`Coupling`), attached before the optimiser.
     """
-    denoiser = build_block(cfg, b, make_generator(cfg.train.seed, b, "init"))
+    denoiser = task.build_block(cfg, b, make_generator(cfg.train.seed, b, "init"))
     for module in denoiser.modules():
         if hasattr(module, "checkpointing"):
             module.checkpointing = cfg.train.activation_checkpointing
@@ -127,7 +171,7 @@ def save_block_state(run_dir: Path, state: BlockState, cfg: RunConfig, coupling:
         "ema": state.ema.state_dict() if state.ema is not None else None}, cfg)
 
 
-def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
+def train_step(task: Task, state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
                shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """One optimiser step of one block (method.md section 3); returns the batch's mean weighted loss (a 0-d tensor
     on the device: reading it waits for the step, so the loop reads it only when it logs).
@@ -140,8 +184,8 @@ def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler,
     # 1-2. A batch, and this step's noise levels and noise (and the task's other draws), from (seed, b, s), drawn
     # where the batch is (on the device when the data lives there: `resident_data`).
     batch = sampler.batch(s)
-    gen = make_generator(t.seed, b, s, "noise", device=_device_of(batch))
-    inputs = get_task(cfg.task).loss_inputs(cfg, partition, b, batch, gen)
+    gen = make_generator(t.seed, b, s, "noise", device=device_of(batch))
+    inputs = task.loss_inputs(cfg, partition, b, batch, gen)
     lr = t.lr * min(1.0, (s + 1) / t.lr_warmup_steps) if t.lr_warmup_steps > 0 else t.lr
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -171,7 +215,7 @@ def train_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler,
     return loss
 
 
-def _device_of(batch) -> torch.device:
+def device_of(batch) -> torch.device:
     """The device of a batch's (first) tensor; the CPU if it has none."""
     for x in batch if isinstance(batch, (tuple, list)) else (batch,):
         if torch.is_tensor(x):
@@ -231,12 +275,14 @@ class MetricsLog:
             checkpoint.drop_metrics_after(self.path, state.b, state.step)
 
 
-def train(cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.device = "cpu",
+def train(task: Task, cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.device = "cpu",
           blocks: list[int] | None = None, progress: bool = True, init_from: Path | dict[int, Path] | None = None,
           claim: bool = True) -> dict[int, BlockState]:
     """Trains the run's blocks (all by default) with its schedule, resuming any saved state in run_dir.
 
-    data: the training split, as the run's task loads it (`task.load_data(cfg).train`).
+    task: the run's task (`diffusionblocks.tasks.get_task(cfg.task)`); it builds the blocks, their batches and
+    loss inputs.
+    data: the training split, as the task loads it (`task.load_data(cfg).train`).
     Returns the final state of each block trained. The sequential schedule keeps one block in memory:
     with a run_dir, a finished block is saved and offloaded (its returned state holds only counters)
     before the next is built. With run_dir None nothing is written and every state is returned whole.
@@ -249,38 +295,38 @@ def train(cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.dev
     """
     device = torch.device(device)
     with precision.matmul_mode(precision.resolve(cfg.train.precision, device)):
-        return _train(cfg, data, run_dir, device, blocks, progress, init_from, claim)
+        return _train(task, cfg, data, run_dir, device, blocks, progress, init_from, claim)
 
 
-def _train(cfg: RunConfig, data, run_dir: Path | None, device: torch.device, blocks: list[int] | None,
+def _train(task: Task, cfg: RunConfig, data, run_dir: Path | None, device: torch.device, blocks: list[int] | None,
            progress: bool, init_from: Path | dict[int, Path] | None, claim: bool) -> dict[int, BlockState]:
     blocks = list(range(cfg.blocks.num_blocks)) if blocks is None else blocks
-    partition = build_partition(cfg)
+    partition = task.partition(cfg)
     data = resident_data(cfg, data, device)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None else None, cfg.train.log_every)
     states: dict[int, BlockState] = {}
-    coupling = get_task(cfg.task).coupling(cfg, run_dir, device, states)
+    coupling = task.coupling(cfg, run_dir, device, states)
     if cfg.train.schedule == "parallel":
-        return _train_parallel(cfg, blocks, data, run_dir, partition, device, progress, init_from, coupling, claim)
+        return _train_parallel(task, cfg, blocks, data, run_dir, partition, device, progress, init_from, coupling, claim)
     claims = checkpoint.BlockClaims(run_dir) if run_dir is not None and claim else None
     try:
         for b in blocks if claims is not None else ():
             claims.claim(b)
         if cfg.train.schedule == "sequential":
             for b in blocks:
-                states[b] = _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress,
+                states[b] = _train_sequential_block(task, cfg, b, data, run_dir, partition, log, device, progress,
                                                     init_from, coupling=coupling)
             return states
-        return _train_interleaved(cfg, blocks, data, run_dir, partition, log, device, progress, init_from, coupling)
+        return _train_interleaved(task, cfg, blocks, data, run_dir, partition, log, device, progress, init_from, coupling)
     finally:
         if claims is not None:
             claims.release()
 
 
-def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
+def timed_step(task: Task, state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
                 log: MetricsLog, run_dir: Path | None, coupling: Coupling, shard: tuple[int, int] = (0, 1)) -> float:
     t0 = time.perf_counter()
-    loss = train_step(state, cfg, partition, sampler, device, shard)
+    loss = train_step(task, state, cfg, partition, sampler, device, shard)
     done = state.step >= cfg.train.steps_per_block
     saving = run_dir is not None and (state.step % cfg.train.checkpoint_every == 0 or done)
     if device.type == "cuda" and (saving or state.step % cfg.train.log_every == 0):
@@ -296,29 +342,27 @@ def _timed_step(state: BlockState, cfg: RunConfig, partition: Partition, sampler
     return loss
 
 
-def _train_sequential_block(cfg: RunConfig, b: int, data, run_dir: Path | None, partition: Partition,
+def _train_sequential_block(task: Task, cfg: RunConfig, b: int, data, run_dir: Path | None, partition: Partition,
                             log: MetricsLog, device: torch.device, progress: bool,
                             init_from: Path | dict[int, Path] | None = None, group=None, shard: tuple[int, int] = (0, 1),
                             leader: bool = True, coupling: Coupling | None = None) -> BlockState:
     """Trains block b to the end; with a process group, data-parallel over it (only the leader writes)."""
     coupling = coupling or Coupling()
-    state = init_block_state(cfg, b, device, run_dir, init_from, coupling)
+    state = init_block_state(task, cfg, b, device, run_dir, init_from, coupling)
     coupling.resumed({b: state.denoiser})
     _note_resumed(state, cfg, log)
     if shard[1] > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         state.ddp = DistributedDataParallel(DenoiserLoss(state.denoiser), process_group=group,
                                             device_ids=[device] if device.type == "cuda" else None)
-    sampler = get_task(cfg.task).batch_sampler(cfg, data, b)
+    sampler = task.batch_sampler(cfg, data, b)
     total = cfg.train.steps_per_block
     lo, hi = partition.block_range(b)
-    noise = get_task(cfg.task).noise_symbol
+    noise = task.noise_symbol
     with tqdm(total=total, initial=min(state.step, total), desc=f"block {b + 1}/{cfg.blocks.num_blocks}",
               disable=not progress, unit="step", dynamic_ncols=True) as bar:
         bar.set_postfix_str(f"{noise} [{lo:.3g}, {hi:.3g}]")
         while state.step < total:
-            loss = _timed_step(state, cfg, partition, sampler, device, log, run_dir if leader else None, coupling,
+            loss = timed_step(task, state, cfg, partition, sampler, device, log, run_dir if leader else None, coupling,
                                shard)
             bar.update(1)
             if state.step % 10 == 0 or state.step == total:
@@ -337,12 +381,10 @@ def _note_resumed(state: BlockState, cfg: RunConfig, log: MetricsLog) -> None:
     log.resumed(state)
 
 
-def _train_parallel(cfg: RunConfig, blocks: list[int], data, run_dir: Path | None, partition: Partition,
+def _train_parallel(task: Task, cfg: RunConfig, blocks: list[int], data, run_dir: Path | None, partition: Partition,
                     device: torch.device, progress: bool, init_from: Path | dict[int, Path] | None = None,
                     coupling: Coupling | None = None, claim: bool = True) -> dict[int, BlockState]:
     """This rank's share of block-parallel training: its group's blocks, one after the other (distributed.py)."""
-    from . import distributed
-
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1)
     a = distributed.assign(rank, world, blocks)
@@ -359,7 +401,7 @@ def _train_parallel(cfg: RunConfig, blocks: list[int], data, run_dir: Path | Non
     try:
         for b in a.my_blocks if claims is not None else ():
             claims.claim(b)
-        return {b: _train_sequential_block(cfg, b, data, run_dir, partition, log, device, progress and a.is_leader,
+        return {b: _train_sequential_block(task, cfg, b, data, run_dir, partition, log, device, progress and a.is_leader,
                                            init_from, groups[a.group], a.shard, a.is_leader, coupling)
                 for b in a.my_blocks}
     finally:
@@ -367,7 +409,7 @@ def _train_parallel(cfg: RunConfig, blocks: list[int], data, run_dir: Path | Non
             claims.release()
 
 
-def _train_interleaved(cfg: RunConfig, blocks: list[int], data, run_dir: Path | None,
+def _train_interleaved(task: Task, cfg: RunConfig, blocks: list[int], data, run_dir: Path | None,
                        partition: Partition, log: MetricsLog, device: torch.device,
                        progress: bool, init_from: Path | dict[int, Path] | None = None,
                        coupling: Coupling | None = None) -> dict[int, BlockState]:
@@ -377,11 +419,10 @@ def _train_interleaved(cfg: RunConfig, blocks: list[int], data, run_dir: Path | 
     when they run; at the end every block's files are written again with its final value.
     """
     coupling = coupling or Coupling()
-    states = {b: init_block_state(cfg, b, device, run_dir, init_from, coupling) for b in blocks}
+    states = {b: init_block_state(task, cfg, b, device, run_dir, init_from, coupling) for b in blocks}
     coupling.resumed({b: s.denoiser for b, s in states.items()})
     for state in states.values():
         _note_resumed(state, cfg, log)
-    task = get_task(cfg.task)
     samplers = {b: task.batch_sampler(cfg, data, b) for b in blocks}
     total = cfg.train.steps_per_block
     losses: dict[int, float] = {}
@@ -396,7 +437,7 @@ def _train_interleaved(cfg: RunConfig, blocks: list[int], data, run_dir: Path | 
             t = sum(states[b].step for b in blocks)
             g = make_generator(cfg.train.seed, "schedule", t)
             b = unfinished[int(torch.randint(len(unfinished), (1,), generator=g))]
-            losses[b] = _timed_step(states[b], cfg, partition, samplers[b], device, log, run_dir, coupling)
+            losses[b] = timed_step(task, states[b], cfg, partition, samplers[b], device, log, run_dir, coupling)
             bar.update(1)
             if t % 10 == 0:
                 bar.set_postfix_str(" ".join(f"b{k}={v:.4f}" for k, v in sorted(losses.items())))

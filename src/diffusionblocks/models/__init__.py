@@ -1,7 +1,7 @@
 """Denoiser architectures: the DiT block of image generation, the ViT label denoiser and plain ViT of classification.
 
 Which architecture a run's blocks use is its task's choice (`diffusionblocks.tasks`); build a run's block
-with `diffusionblocks.blocks.build_block`.
+with its task's `build_block` (`diffusionblocks.tasks.get_task(cfg.task).build_block(cfg, b)`).
 """
 
 from .dit import DiT

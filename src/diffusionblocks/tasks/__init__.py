@@ -5,7 +5,9 @@
     {"task": "my_package.my_module:MixtureTask", ...}
 
 The built-in tasks are imported on first use. This module is the only place that maps a task's
-name to its code; nothing else in the package asks which task it runs.
+name to its code: a config dict names its task, and `config_from_dict`, `load_config` and
+`apply_overrides` read it into that task's config class. Everything below the tasks (the trainer,
+the router) is handed the `Task` object and never looks one up.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import importlib
 import os
 import sys
 import traceback
+from typing import Any
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, overridden, read_config_file, switched_task
 from .base import Coupling, Evaluation, Task
 
-__all__ = ["BUILTIN_TASKS", "Coupling", "Evaluation", "Task", "available", "default_config", "get_task",
-           "importable_by_name", "register"]
+__all__ = ["BUILTIN_TASKS", "Coupling", "Evaluation", "Task", "apply_overrides", "available", "config_from_dict",
+           "default_config", "get_task", "importable_by_name", "load_config", "register"]
 
 BUILTIN_TASKS = {  # name -> "module:class", imported when first asked for
     "generate": "diffusionblocks.tasks.image_generation:ImageGenerationTask",
@@ -93,3 +96,34 @@ def importable_by_name(name: str) -> bool:
 def default_config(name: str = "generate") -> RunConfig:
     """The default config of a task: `default_config()` is the main job, the digits DiT."""
     return get_task(name).default_config()
+
+
+def config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """The config of the task that d names ("task", default "generate"), upgraded from older forms and checked."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+    task_name = d.get("task", "generate")
+    if not isinstance(task_name, str):
+        raise ConfigError(f"task must be a string, got {task_name!r}")
+    task = get_task(task_name)
+    return task.config_class.from_dict(task.upgrade_config({**d, "task": task_name}))
+
+
+def load_config(path) -> RunConfig:
+    """Reads a JSON config file into its task's config; missing fields take their defaults."""
+    return config_from_dict(read_config_file(path))
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """cfg with `section.field=value` overrides; values are parsed as JSON, else taken as strings.
+
+    `task=NAME` (applied first) starts from that task's default config and keeps, of the config
+    given, the fields it changed from its own task's defaults where the new task has them (a
+    dataset, a seed, a name); the other overrides then apply to it.
+    """
+    d = cfg.to_dict()
+    for item in overrides:
+        key, sep, name = item.partition("=")
+        if key == "task" and sep:  # the same task keeps cfg as it is (every field it set is carried over)
+            d = switched_task(cfg.to_dict(), default_config(cfg.task).to_dict(), default_config(name).to_dict())
+    return config_from_dict(overridden(d, overrides))

@@ -36,10 +36,14 @@ import torch
 import torch.nn.functional as F
 
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
-from ..data import make_generator
+from ..generate import sigma_grid
+from ..models.arlm import ARDenoiser, CausalLM, KVCache
+from ..models.vit import label_embedding_table
 from ..noise import Partition
+from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
+from ..seeding import make_generator
 from ..text import TextConfig, held_out_windows, usable_logits
-from .base import TextTask, Evaluation
+from .base import Evaluation, TextTask
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +104,16 @@ class AutoregressiveConfig(RunConfig):
     data: TextConfig = field(default_factory=TextConfig)
     sample: ARSampleConfig = field(default_factory=ARSampleConfig)
 
+    def validate(self) -> None:
+        """The fields checked by section, then the rules across sections."""
+        super().validate()
+        if self.model.mode == "plain" and self.blocks.num_blocks != 1:
+            raise ConfigError(f"model.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
+                              f"got {self.blocks.num_blocks}")
+
 
 def run_token_embedding(cfg: RunConfig) -> torch.Tensor:
     """The run's target table E (V x hidden_size), the same for every block: drawn from (seed, "token-embedding")."""
-    from ..models.vit import label_embedding_table
-
     return label_embedding_table(cfg.model.vocab_size, cfg.model.hidden_size,
                                  make_generator(cfg.train.seed, "token-embedding"))
 
@@ -131,8 +140,6 @@ class _Context:
     a window when full; with `cached`, a KV cache per model (block) of the window, re-filled when it moves."""
 
     def __init__(self, trunks: dict[int, Any], tokens: torch.Tensor, window: int, cached: bool):
-        from ..models.arlm import KVCache
-
         self.trunks, self.window, self.cached = trunks, window, cached
         self.tokens, self.start = tokens, 0
         self._new_cache = lambda trunk: KVCache(len(trunk.layers))
@@ -179,8 +186,6 @@ def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps
     Without the cache every denoising step runs the block's full training forward over the window
     (`ARDenoiser.denoise`); with it, the clean window is kept as keys and values (`ARDenoiser.denoise_next`).
     """
-    from ..generate import sigma_grid
-
     N = prompts.shape[0]
     device = prompts.device
     steps = steps or model.num_blocks
@@ -235,8 +240,6 @@ def generate_plain(model, prompts: torch.Tensor, new: int, *, window: int, tempe
 
 
 def is_plain(model) -> bool:
-    from ..models.arlm import CausalLM
-
     return isinstance(model.blocks[0], CausalLM)
 
 
@@ -303,8 +306,6 @@ def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None =
     """The chain teacher-forced on held-out windows: per step, the bits per token of the owning block's logits on
     the chain's own state and on the oracle input E[x] + sigma eps, and the norm of the chain's estimate (a
     collapse toward 0 shows here). Positions 1..L-1, as next_token_bits (position 0 has no context)."""
-    from ..generate import sigma_grid
-
     steps = steps or model.num_blocks
     sigmas = sigma_grid(model.partition.axis, steps).to(windows.device, torch.float32)
     rows = [{"step": k, "sigma": float(sigmas[k]), "block": int(model.partition.owner(sigmas[k:k + 1])[0]),
@@ -342,8 +343,6 @@ def sampler_bits(model, windows: torch.Tensor, *, bridge: str, steps: int, sampl
     """Held-out bits per token (positions 1..L-1) of the distribution the sampler draws the next token from after
     `steps` steps, q_K(x) = E_chain[softmax(last step's logits)](x), estimated by the mean over `samples`
     teacher-forced chains per window (log of a mean of `samples` draws: biased up for small `samples`)."""
-    from ..generate import sigma_grid
-
     sigmas = sigma_grid(model.partition.axis, steps).to(windows.device, torch.float32)
     total, n = 0.0, 0
     per_batch = max(batch_size // samples, 1)  # windows per batch of batch_size chains
@@ -402,27 +401,19 @@ class AutoregressiveTask(TextTask):
     config_class = AutoregressiveConfig
     sample_suffixes = (".txt",)
 
-    def validate(self, cfg: RunConfig) -> None:
-        if cfg.model.mode == "plain" and cfg.blocks.num_blocks != 1:
-            raise ConfigError(f"model.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
-                              f"got {cfg.blocks.num_blocks}")
-
     def comparison_config(self, cfg: RunConfig) -> RunConfig:
         """B=1: the plain causal transformer with the same layers; B>1: denoising blocks."""
         mode = "plain" if cfg.blocks.num_blocks == 1 else "diffusion"
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mode=mode))
 
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None):
-        from ..blocks import build_partition
-        from ..models.arlm import ARDenoiser, CausalLM
-
         m = cfg.model
         size = dict(hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
         if m.mode == "plain":
             net = CausalLM(m.vocab_size, depth=m.depth, **size)
             net.initialize_weights(generator)
             return net
-        lo, hi = build_partition(cfg).training_range(b)
+        lo, hi = self.partition(cfg).training_range(b)
         net = ARDenoiser(m.vocab_size, depth=cfg.layer_split()[b], sigma_data=cfg.noise.sigma_data,
                          sigma_min=lo, sigma_max=hi, **size)
         net.initialize_weights(generator)
@@ -606,7 +597,6 @@ def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dic
                       artifacts: dict[int, Any]) -> None:
     """compare's report: the samples of every run scored by the B=1 run (the judge), one row per run and bridge."""
     from ..checkpoint import from_pretrained
-    from ..compare import markdown_table, memory_note, plot_loss_curves, training_cost
 
     c1, r1 = configs[1], results[1]
     judge, _ = from_pretrained(r1["run"])

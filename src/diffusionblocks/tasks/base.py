@@ -34,37 +34,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..checkpoint import save_text
 from ..config import ConfigError, RunConfig
 from ..noise import LogNormalSigma, NoiseAxis, Partition
-from ..checkpoint import save_text
 from ..text import VOCAB_FILE, WindowSampler, held_out_windows, load_text, load_vocabulary, vocabulary_difference
+from ..train import Coupling
 
 logger = logging.getLogger(__name__)
-
-
-class Coupling:
-    """What the blocks of one run hand each other, or share, while they train. The default: nothing.
-
-    DiffusionBlocks' blocks are independent, and most tasks need none of this. One exception is the
-    classifier whose label-embedding table is learned by block 0 and then frozen for the others, or
-    learned jointly by all of them (`tasks/classification.py`).
-    """
-
-    # Blocks share trained parameters: after interleaved training every block's files are written
-    # again, so that each holds the final values.
-    rewrite_at_end: bool = False
-
-    def attach(self, b: int, block: nn.Module) -> None:
-        """Block b was just built and moved to its device: give it what it takes from other blocks.
-
-        Runs before its optimiser is made, so a parameter put in here is trained by it.
-        """
-
-    def resumed(self, blocks: dict[int, nn.Module]) -> None:
-        """The schedule has built its resident blocks and loaded whatever training state they had saved."""
-
-    def save(self, run_dir: Path, block: nn.Module) -> None:
-        """A block is being checkpointed: write what the blocks share (before the block's own files)."""
 
 
 @dataclass
@@ -100,13 +76,14 @@ class Task:
         """A config dict as an older version of this task wrote it, in today's form (default: unchanged)."""
         return d
 
-    def validate(self, cfg: RunConfig) -> None:
-        """Rules across sections; each section checks its own fields in its `validate` method."""
-
     def noise_axis(self, cfg: RunConfig) -> NoiseAxis:
         """The noise axis the blocks partition: EDM's log-normal sigma from cfg.noise by default."""
         n = cfg.noise
         return LogNormalSigma(P_mean=n.P_mean, P_std=n.P_std, sigma_min=n.sigma_min, sigma_max=n.sigma_max)
+
+    def partition(self, cfg: RunConfig) -> Partition:
+        """The run's partition of the noise axis into cfg.blocks.num_blocks ranges (method.md section 2)."""
+        return Partition(self.noise_axis(cfg), cfg.blocks.num_blocks, kind=cfg.blocks.partition, gamma=cfg.blocks.gamma)
 
     def comparison_config(self, cfg: RunConfig) -> RunConfig:
         """The run `compare` trains for cfg.blocks.num_blocks blocks (B=1: the end-to-end baseline); default: cfg."""

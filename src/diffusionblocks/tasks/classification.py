@@ -24,13 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from ..config import ConfigError, RunConfig, check_choice
-from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data, make_generator
+from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data
 from ..generate import sigma_grid
+from ..models.vit import ViTClassifier, ViTLabelDenoiser, label_embedding_table
 from ..noise import Partition
 from ..precond import append_dims
+from ..report import markdown_table, memory_note, training_cost
+from ..seeding import make_generator
 from .base import Coupling, Evaluation, Task
 from .image_generation import ImageModelConfig, add_steps_argument, image_batch_sampler, load_matching_images
 
@@ -63,14 +67,30 @@ class ClassificationConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
+    def validate(self) -> None:
+        """The fields checked by section, then the rules across sections."""
+        super().validate()
+        check_choice("model.arch", self.model.arch, ("vit",))
+        c, B, schedule = self.classify, self.blocks.num_blocks, self.train.schedule
+        if c.mode == "plain" and B != 1:
+            raise ConfigError(f"classify.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
+                              f"got {B}")
+        if c.label_embedding == "learned_joint" and B > 1 and schedule != "interleaved":
+            raise ConfigError("classify.label_embedding='learned_joint' is shared by the blocks: it needs "
+                              f"train.schedule='interleaved', got {schedule!r} (use 'fixed' or "
+                              "'learned_first' for independent blocks)")
+        if c.label_embedding == "learned_first" and B > 1 and schedule != "sequential":
+            raise ConfigError("classify.label_embedding='learned_first' needs block 0 trained before the "
+                              f"others: it needs train.schedule='sequential', got {schedule!r} (use 'fixed')")
+        if self.model.num_classes < 2:
+            raise ConfigError(f"classification needs model.num_classes >= 2, got {self.model.num_classes}")
+
 
 JOINT_LABEL_FILE = "label_embedding.safetensors"  # the shared table of "learned_joint" runs
 
 
 def run_label_embedding(cfg: RunConfig) -> torch.Tensor:
     """The run's initial label-embedding table, the same for every block: drawn from (seed, "label-embedding")."""
-    from ..models.vit import label_embedding_table
-
     return label_embedding_table(cfg.model.num_classes, cfg.model.hidden_size,
                                  make_generator(cfg.train.seed, "label-embedding"))
 
@@ -88,22 +108,6 @@ class ClassificationTask(Task):
             d["model"] = {k: v for k, v in d["model"].items() if k != "class_dropout"}
         return d
 
-    def validate(self, cfg: RunConfig) -> None:
-        check_choice("model.arch", cfg.model.arch, ("vit",))
-        c, B, schedule = cfg.classify, cfg.blocks.num_blocks, cfg.train.schedule
-        if c.mode == "plain" and B != 1:
-            raise ConfigError(f"classify.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
-                              f"got {B}")
-        if c.label_embedding == "learned_joint" and B > 1 and schedule != "interleaved":
-            raise ConfigError("classify.label_embedding='learned_joint' is shared by the blocks: it needs "
-                              f"train.schedule='interleaved', got {schedule!r} (use 'fixed' or "
-                              "'learned_first' for independent blocks)")
-        if c.label_embedding == "learned_first" and B > 1 and schedule != "sequential":
-            raise ConfigError("classify.label_embedding='learned_first' needs block 0 trained before the "
-                              f"others: it needs train.schedule='sequential', got {schedule!r} (use 'fixed')")
-        if cfg.model.num_classes < 2:
-            raise ConfigError(f"classification needs model.num_classes >= 2, got {cfg.model.num_classes}")
-
     def comparison_config(self, cfg: RunConfig) -> RunConfig:
         """B=1: the plain ViT classifier with the same layers; B>1: label-denoising blocks."""
         import dataclasses
@@ -119,9 +123,6 @@ class ClassificationTask(Task):
 
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> nn.Module:
         """A ViT label denoiser of block b's layers (for classify.mode="plain", the whole ViT as a classifier)."""
-        from ..blocks import build_partition
-        from ..models.vit import ViTClassifier, ViTLabelDenoiser
-
         m = cfg.model
         vit = dict(image_size=m.image_size, in_channels=m.in_channels, patch_size=m.patch_size,
                    hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, num_classes=m.num_classes)
@@ -129,7 +130,7 @@ class ClassificationTask(Task):
             net = ViTClassifier(depth=m.depth, **vit)
             net.initialize_weights(generator)
             return net
-        lo, hi = build_partition(cfg).training_range(b)
+        lo, hi = self.partition(cfg).training_range(b)
         mode = cfg.classify.label_embedding
         learn = mode == "learned_joint" or (mode == "learned_first" and b == 0)
         net = ViTLabelDenoiser(depth=cfg.layer_split()[b], sigma_data=cfg.noise.sigma_data, sigma_min=lo,
@@ -257,8 +258,6 @@ def chain_logits(model, images: torch.Tensor, steps: int | None = None, grid: st
 def predict_logits(model, images: torch.Tensor, steps: int | None = None, batch_size: int = 500,
                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(final logits, logits per step) for a chain of label denoisers, or for a plain classifier (one step), batched."""
-    from ..models.vit import ViTClassifier
-
     plain = isinstance(model.blocks[0], ViTClassifier)
     finals, per_step = [], []
     for i in range(0, len(images), batch_size):
@@ -349,7 +348,6 @@ def format_classifier_evaluation(r: dict[str, Any]) -> str:
 
 def write_classification_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict]) -> None:
     """compare's report.md for classifiers: accuracy, per-step chain accuracy and oracle accuracy per block."""
-    from ..compare import markdown_table, memory_note, training_cost
 
     c1, cfg = configs[1], configs[max(configs)]
     top5 = c1.model.num_classes > 5
@@ -378,13 +376,9 @@ def write_classification_report(out_dir: Path, configs: dict[int, RunConfig], re
 
 
 def _plot_classifier_comparison(out_dir: Path, results: dict[int, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     Bs = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    axes = fig.subplots(1, 2)
     axes[0].plot(Bs, [results[B]["top1"] for B in Bs], "o-")
     axes[0].set_xlabel("B (1 = end-to-end ViT)")
     axes[0].set_xticks(Bs)
@@ -399,4 +393,3 @@ def _plot_classifier_comparison(out_dir: Path, results: dict[int, dict]) -> None
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "metrics_vs_B.png", dpi=110)
-    plt.close(fig)

@@ -18,11 +18,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from ..config import ConfigError, RunConfig, TrainConfig, check_choice
 from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data
+from ..diagnostics import write_chain_diagnostics
+from ..evaluation import evaluate_run, format_evaluation
+from ..generate import class_labels_evenly, generate
+from ..models.dit import DiT
 from ..noise import Partition
+from ..plotting import image_grid, save_image_grid
 from ..precond import Denoiser
+from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
 from .base import Evaluation, Task
 
 logger = logging.getLogger(__name__)
@@ -100,6 +107,11 @@ class GenerationConfig(RunConfig):
                                                                    ema_halflife_steps=100.0))
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def validate(self) -> None:
+        """The fields checked by section, then the rules across sections."""
+        super().validate()
+        check_choice("model.arch", self.model.arch, ("dit",))
+
 
 # ---- shared by the image tasks
 
@@ -159,9 +171,6 @@ class ImageGenerationTask(Task):
         # Configs written before tasks had their own sections carried an unused "classify" section.
         return {k: v for k, v in d.items() if k != "classify"}
 
-    def validate(self, cfg: RunConfig) -> None:
-        check_choice("model.arch", cfg.model.arch, ("dit",))
-
     def load_data(self, cfg: RunConfig) -> ImageSplits:
         return load_matching_images(cfg, conditional_ok=True)
 
@@ -170,15 +179,12 @@ class ImageGenerationTask(Task):
 
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> Denoiser:
         """An EDM denoiser around a DiT of block b's layers, advertising its training range of sigma."""
-        from ..blocks import build_partition
-        from ..models.dit import DiT
-
         m = cfg.model
         net = DiT(image_size=m.image_size, in_channels=m.in_channels, patch_size=m.patch_size,
                   hidden_size=m.hidden_size, depth=cfg.layer_split()[b], num_heads=m.num_heads,
                   mlp_ratio=m.mlp_ratio, num_classes=m.num_classes)
         net.initialize_weights(generator)
-        lo, hi = build_partition(cfg).training_range(b)
+        lo, hi = self.partition(cfg).training_range(b)
         return Denoiser(net, sigma_data=cfg.noise.sigma_data, sigma_min=lo, sigma_max=hi)
 
     def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: tuple[torch.Tensor, torch.Tensor],
@@ -201,9 +207,6 @@ class ImageGenerationTask(Task):
     def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
         """samples.png: one row per class, sample.samples_per_class columns."""
         from ..checkpoint import from_pretrained
-        from ..generate import class_labels_evenly, generate
-        from ..plotting import save_image_grid
-
         model, _ = from_pretrained(run_dir, device)
         m, s = cfg.model, cfg.sample
         k = max(m.num_classes, 1)
@@ -222,9 +225,6 @@ class ImageGenerationTask(Task):
 
     def sample(self, model: torch.nn.Module, cfg: RunConfig, args: argparse.Namespace) -> None:
         """A .png grid, or an .npz of images (N, C, H, W in [-1, 1]) and labels."""
-        from ..generate import class_labels_evenly, generate
-        from ..plotting import save_image_grid
-
         m, s = cfg.model, cfg.sample
         steps = steps_argument(args, s.steps)
         guidance = guidance_argument(args, s.guidance)
@@ -260,8 +260,6 @@ class ImageGenerationTask(Task):
     def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
         """Conditional accuracy, FD and KID with their real-vs-real floors, and the chain diagnostics."""
         from ..checkpoint import read_config
-        from ..evaluation import evaluate_run
-
         if args.num < 2:
             raise ConfigError(f"--num must be at least 2, got {args.num}")
         steps, sampler, guidance = self._settings(read_config(run_dir), args)
@@ -276,15 +274,10 @@ class ImageGenerationTask(Task):
         return f"eval-{sampler}-{steps}steps-w{guidance:g}-n{args.num}-seed{args.seed}"
 
     def format_evaluation(self, result: dict[str, Any]) -> str:
-        from ..evaluation import format_evaluation
-
         return format_evaluation(result)
 
     def write_evaluation(self, out_dir: Path, cfg: RunConfig, evaluation: Evaluation) -> None:
         """chain_diagnostics.json and .png, and samples.png (up to 10 per class, one row per class)."""
-        from ..diagnostics import write_chain_diagnostics
-        from ..plotting import save_image_grid
-
         result, images = evaluation.result, evaluation.artifacts
         if "chain" in result:
             write_chain_diagnostics(result["chain"], out_dir, title=f"{cfg.name}: oracle vs chain")
@@ -303,7 +296,6 @@ class ImageGenerationTask(Task):
 
 def write_generation_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict], grids: dict) -> None:
     """compare's report.md for image generation, and the plots it links."""
-    from ..compare import markdown_table, memory_note, training_cost
 
     cfg1, r1 = configs[1], results[1]
     header = ["B", "layers per block", "cond. acc.", "FD", "KID", "train s", "job wall s", "ms/step per block",
@@ -342,17 +334,10 @@ def write_generation_report(out_dir: Path, configs: dict[int, RunConfig], result
 
 
 def _plot_comparison(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict], grids: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..compare import plot_loss_curves
-    from ..plotting import image_grid
-
     Bs = list(configs)
     r1 = results[1]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig = Figure(figsize=(11, 3.2))
+    axes = fig.subplots(1, 3)
     axes[0].plot(Bs, [results[B]["conditional_accuracy"] for B in Bs], "o-")
     axes[0].set_title("conditional accuracy")
     axes[1].plot(Bs, [results[B]["fd"] for B in Bs], "o-", label="samples")
@@ -368,11 +353,11 @@ def _plot_comparison(out_dir: Path, configs: dict[int, RunConfig], results: dict
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "metrics_vs_B.png", dpi=110)
-    plt.close(fig)
 
     plot_loss_curves(out_dir, configs)
 
-    fig, axes = plt.subplots(1, len(Bs), figsize=(3.2 * len(Bs), 3.6), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(Bs), 3.6))
+    axes = fig.subplots(1, len(Bs), squeeze=False)
     for ax, B in zip(axes[0], Bs):
         g = image_grid(grids[B], nrow=8)
         ax.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap="gray", interpolation="nearest")
@@ -380,9 +365,9 @@ def _plot_comparison(out_dir: Path, configs: dict[int, RunConfig], results: dict
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_dir / "samples_side_by_side.png", dpi=110)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    fig = Figure(figsize=(8, 3.4))
+    ax = fig.subplots()
     for B in Bs:
         rows = results[B]["chain"]["per_step"]
         line, = ax.plot([r["step"] for r in rows], [r["chain_accuracy"] for r in rows], lw=1.3, label=f"B={B} chain")
@@ -394,7 +379,6 @@ def _plot_comparison(out_dir: Path, configs: dict[int, RunConfig], results: dict
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "chain_gap.png", dpi=110)
-    plt.close(fig)
 
 
 def guidance_argument(args: argparse.Namespace, default: float) -> float:

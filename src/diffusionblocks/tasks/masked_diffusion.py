@@ -23,12 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 
 from ..config import ConfigError, RunConfig, check_choice
-from ..data import make_generator
+from ..models.mdlm import T_FLOOR, MaskedDiffusionTransformer
 from ..noise import MaskingTime, Partition
+from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
+from ..seeding import make_generator
 from ..text import TextConfig, Vocabulary, held_out_windows, usable_logits
-from .base import TextTask, Evaluation
+from .base import Evaluation, TextTask
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,13 @@ class MaskedDiffusionConfig(RunConfig):
     data: TextConfig = field(default_factory=TextConfig)
     sample: TextSampleConfig = field(default_factory=TextSampleConfig)
 
+    def validate(self) -> None:
+        """The fields checked by section, then the rules across sections."""
+        super().validate()
+        if self.data.tokenizer != "char":
+            raise ConfigError("the masked-diffusion task reads characters (its bits per character are the ELBO's per "
+                              "token): data.tokenizer='bpe' is for the arlm task")
+
 
 # ---- sampling and the ELBO
 
@@ -135,8 +145,6 @@ def elbo_bits(model, windows: torch.Tensor, *, strata: int, seed: int, batch_siz
     so the ELBO is the mean over strata. Every t is evaluated by the block that owns it (the router), and
     its bits are counted for that block, so the per-block values add up to the ELBO.
     """
-    from ..models.mdlm import T_FLOOR
-
     axis, mask_id = model.partition.axis, model.blocks[0].mask_id
     M, L = windows.shape
     per_stratum = torch.zeros(strata, dtype=torch.float64)
@@ -181,20 +189,12 @@ class MaskedDiffusionTask(TextTask):
     noise_symbol = "t"
     sample_suffixes = (".txt",)
 
-    def validate(self, cfg: RunConfig) -> None:
-        if cfg.data.tokenizer != "char":
-            raise ConfigError("the masked-diffusion task reads characters (its bits per character are the ELBO's per "
-                              "token): data.tokenizer='bpe' is for the arlm task")
-
     def noise_axis(self, cfg: RunConfig) -> MaskingTime:
         return MaskingTime(cfg.noise.schedule)
 
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None):
-        from ..blocks import build_partition
-        from ..models.mdlm import MaskedDiffusionTransformer
-
         m = cfg.model
-        partition = build_partition(cfg)
+        partition = self.partition(cfg)
         lo, hi = partition.training_range(b)
         net = MaskedDiffusionTransformer(m.vocab_size, m.seq_len, m.hidden_size, cfg.layer_split()[b], m.num_heads,
                                          m.mlp_ratio, axis=partition.axis, t_min=lo, t_max=hi)
@@ -316,7 +316,6 @@ class MaskedDiffusionTask(TextTask):
 
     def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
                          artifacts: dict[int, Any]) -> None:
-        from ..compare import markdown_table, memory_note, plot_loss_curves, training_cost
 
         c1, r1 = configs[1], results[1]
         header = ["B", "layers per block", "BPC", "+- SE", "vs B=1", "train s", "ms/step per block",
@@ -348,13 +347,9 @@ class MaskedDiffusionTask(TextTask):
 
 
 def _plot_bpc(out_dir: Path, results: dict[int, dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     Bs = list(results)
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig = Figure(figsize=(4.5, 3.2))
+    ax = fig.subplots()
     ax.errorbar(Bs, [results[B]["bpc"] for B in Bs], yerr=[results[B]["bpc_se"] for B in Bs], fmt="o-", capsize=3)
     ax.set_xlabel("B (1 = end-to-end)")
     ax.set_xticks(Bs)
@@ -362,7 +357,6 @@ def _plot_bpc(out_dir: Path, results: dict[int, dict[str, Any]]) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "bpc_vs_B.png", dpi=110)
-    plt.close(fig)
 
 
 def _check_steps(steps: int | None) -> None:

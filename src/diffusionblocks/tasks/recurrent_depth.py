@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
-from ..data import make_generator
+from ..models.recurrent import HuginnLM, RecurrentDenoiser, lognormal_poisson
 from ..noise import Partition
+from ..seeding import make_generator
 from ..text import TextConfig, held_out_windows, usable_logits
-from .autoregressive import (ARSampleConfig, _check_windows, _Context, _readout, distinct_n, generate_chain, judge_bits,
-                             longest_repeated_run, mixture_bits, run_token_embedding, sampler_bits)
+from .autoregressive import (ARSampleConfig, _check_windows, _Context, _readout, distinct_n, generate_chain, is_plain,
+                             judge_bits, longest_repeated_run, mixture_bits, run_token_embedding, sampler_bits)
 from .base import Evaluation, TextTask
 
 
@@ -70,14 +71,19 @@ class RecurrentConfig(RunConfig):
     data: TextConfig = field(default_factory=TextConfig)
     sample: ARSampleConfig = field(default_factory=ARSampleConfig)  # sample.steps: K (0 = model.mean_recurrence)
 
+    def validate(self) -> None:
+        """The fields checked by section, then the rules across sections."""
+        super().validate()
+        if self.blocks.num_blocks != 1:
+            raise ConfigError(f"a recurrent-depth model is one network (weights tied across iterations): "
+                              f"blocks.num_blocks must be 1, got {self.blocks.num_blocks}")
+
 
 def default_iterations(cfg: RunConfig) -> int:
     return cfg.sample.steps or round(cfg.model.mean_recurrence)
 
 
 def is_huginn(model) -> bool:
-    from ..models.recurrent import HuginnLM
-
     return isinstance(model.blocks[0], HuginnLM)
 
 
@@ -141,15 +147,7 @@ class RecurrentDepthTask(TextTask):
     config_class = RecurrentConfig
     sample_suffixes = (".txt",)
 
-    def validate(self, cfg: RunConfig) -> None:
-        if cfg.blocks.num_blocks != 1:
-            raise ConfigError(f"a recurrent-depth model is one network (weights tied across iterations): "
-                              f"blocks.num_blocks must be 1, got {cfg.blocks.num_blocks}")
-
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None):
-        from ..blocks import build_partition
-        from ..models.recurrent import HuginnLM, RecurrentDenoiser
-
         m = cfg.model
         shape = dict(hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, prelude=m.prelude,
                      core=m.core, coda=m.coda)
@@ -157,7 +155,7 @@ class RecurrentDepthTask(TextTask):
             net = HuginnLM(m.vocab_size, state_std=m.state_std, **shape)
             net.initialize_weights(generator)
             return net
-        lo, hi = build_partition(cfg).training_range(b)
+        lo, hi = self.partition(cfg).training_range(b)
         net = RecurrentDenoiser(m.vocab_size, sigma_data=cfg.noise.sigma_data, sigma_min=lo, sigma_max=hi, **shape)
         net.initialize_weights(generator)
         with torch.no_grad():
@@ -167,8 +165,6 @@ class RecurrentDepthTask(TextTask):
     def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: torch.Tensor,
                     generator: torch.Generator) -> dict[str, Any]:
         """Huginn: this step's number of iterations, then its noise state; the denoiser: a sigma and noise per position."""
-        from ..models.recurrent import lognormal_poisson
-
         m = cfg.model
         N, L = batch.shape
         at = generator.device  # every draw where the generator is (the device, when the data is resident there)
@@ -245,8 +241,6 @@ class RecurrentDepthTask(TextTask):
 
     def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
         from ..checkpoint import from_pretrained
-        from .autoregressive import is_plain
-
         try:
             Ks = [int(k) for k in args.iterations.split(",") if k.strip()]
         except ValueError:
