@@ -237,7 +237,7 @@ class MixtureTask(Task):
 
     def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
                          artifacts: dict[int, Any]) -> None:
-        from diffusionblocks.compare import markdown_table, training_cost
+        from diffusionblocks.report import markdown_table, training_cost
 
         header = ["B", "layers per block", "log-lik.", "in-mode", "modes", "train s", "ms/step per block"]
         lines = [f"# End-to-end vs DiffusionBlocks: mixture of {configs[1].data.modes} Gaussians", "",

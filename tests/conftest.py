@@ -37,11 +37,10 @@ def one_thread():
 
 def assert_schedules_agree(cfg, data) -> None:
     """Sequential and interleaved training give bit-identical blocks (every draw comes from (seed, block, step))."""
-    from diffusionblocks.tasks import apply_overrides
     from diffusionblocks.train import train
 
     seq = train(get_task(cfg.task), cfg, data, None, progress=False)
-    inter = train(apply_overrides(cfg, ["train.schedule=interleaved"]), data, None, progress=False)
+    inter = train(get_task(cfg.task), apply_overrides(cfg, ["train.schedule=interleaved"]), data, None, progress=False)
     for b in seq:
         a, c = seq[b].denoiser.state_dict(), inter[b].denoiser.state_dict()
         assert all(torch.equal(a[k], c[k]) for k in a), b

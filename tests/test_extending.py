@@ -72,7 +72,7 @@ def test_python_api_with_a_registered_name(tmp_path, in_examples):
     assert cfg.task == "mixture"
     task = get_task("mixture")
     data = task.load_data(cfg)
-    untrained = train(apply_overrides(cfg, ["train.steps_per_block=1"]), data.train, None, progress=False)
+    untrained = train(get_task(cfg.task), apply_overrides(cfg, ["train.steps_per_block=1"]), data.train, None, progress=False)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(cfg.to_json())

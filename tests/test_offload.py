@@ -36,7 +36,7 @@ def test_offloaded_and_resident_sequential_training_give_identical_weights(tiny_
 def test_activation_checkpointing_gives_the_same_training(tiny_cfg):
     data = load_image_data(DataConfig()).train
     plain = train(get_task(tiny_cfg.task), tiny_cfg, data, None, progress=False)
-    ckpt = train(apply_overrides(tiny_cfg, ["train.activation_checkpointing=true"]), data, None, progress=False)
+    ckpt = train(get_task(tiny_cfg.task), apply_overrides(tiny_cfg, ["train.activation_checkpointing=true"]), data, None, progress=False)
     assert_same({b: s.denoiser.state_dict() for b, s in plain.items()},
                 {b: s.denoiser.state_dict() for b, s in ckpt.items()}, atol=1e-6)
 

@@ -356,11 +356,11 @@ def test_ctrl_c_names_the_run_and_the_same_command_starts_a_run_that_never_check
     run = tmp_path / "r"
     real, calls = train_module.train_step, []
 
-    def interrupted(state, *args, **kwargs):
+    def interrupted(task, state, *args, **kwargs):
         calls.append(state.step)
         if len(calls) == 1:  # before the first checkpoint
             raise KeyboardInterrupt
-        return real(state, *args, **kwargs)
+        return real(task, state, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_step", interrupted)
     code, err, _ = run_cli(capsys, "train", "--out", str(run), "--no-progress", *SMALL)

@@ -52,8 +52,8 @@ def test_short_training_lowers_each_blocks_loss(tiny_cfg, digits):
 
 
 def test_sequential_and_interleaved_give_identical_weights(tiny_cfg, digits):
-    seq = train(apply_overrides(tiny_cfg, ["train.schedule=sequential"]), digits, None, progress=False)
-    inter = train(apply_overrides(tiny_cfg, ["train.schedule=interleaved"]), digits, None, progress=False)
+    seq = train(get_task(tiny_cfg.task), apply_overrides(tiny_cfg, ["train.schedule=sequential"]), digits, None, progress=False)
+    inter = train(get_task(tiny_cfg.task), apply_overrides(tiny_cfg, ["train.schedule=interleaved"]), digits, None, progress=False)
     assert all(s.step == tiny_cfg.train.steps_per_block for s in inter.values())
     assert_same(weights(seq), weights(inter))
     # A block trained alone equals the same block trained among the others.
@@ -88,7 +88,7 @@ def test_resume_continues_exactly(tiny_cfg, digits, tmp_path):
         run.mkdir()
         checkpoint.save_config(run, cfg)
         # Interrupted after the first checkpoint (step 3 of 6): train 3 steps and stop.
-        train(apply_overrides(cfg, ["train.steps_per_block=3"]), digits, run, progress=False)
+        train(get_task(cfg.task), apply_overrides(cfg, ["train.steps_per_block=3"]), digits, run, progress=False)
         assert checkpoint.block_step(run, 0) == 3
         resumed = train(get_task(cfg.task), cfg, digits, run, progress=False)
         assert_same(weights(full), weights_on_disk(run, range(3)))

@@ -21,7 +21,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["BlocksConfig", "ConfigError", "NoiseConfig", "PRECISIONS", "RunConfig", "TrainConfig", "check_choice",
-           "even_split", "overridden", "read_config_file", "switched_task", "where"]
+           "even_split", "overridden", "read_config_file", "switched_task", "shown_path"]
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
@@ -173,7 +173,7 @@ class RunConfig:
                                   f"but model.depth={L}")
 
 
-def where(path: str | Path) -> str:
+def shown_path(path: str | Path) -> str:
     """A path for a message: a relative one says where it was looked for (data paths in a config are taken
     relative to the working directory, not to the config file, so that presets/ can name ../shared/data)."""
     path = Path(path)

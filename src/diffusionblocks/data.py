@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, check_choice, where
+from .config import ConfigError, check_choice, shown_path
 from .seeding import make_generator
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ def _root(cfg: DataConfig) -> Path:
         raise ConfigError(f"data.root '{root}' is not a directory")
     if not root.exists():
         if not cfg.download:
-            raise ConfigError(f"data.root {where(root)} does not exist "
+            raise ConfigError(f"data.root {shown_path(root)} does not exist "
                               "(data.download=true creates it and fetches the files)")
         root.mkdir(parents=True, exist_ok=True)
     return root
@@ -562,7 +562,7 @@ class BatchSampler:
     ``torch.nn.functional.pad(..., mode="replicate")``) and cropped back to its size at an offset
     (dy, dx) drawn uniformly from [0, 2p] x [0, 2p] per image from ``make_generator(seed, stream, s,
     "crop")``; (p, p) is the identity. The crop is one gather with clamped indices, with no padded
-    copy and no loop over images. The dataset is never modified. Batches are returned on the CPU.
+    copy and no loop over images. The dataset is never modified.
     """
 
     _CACHE = 2  # Permutations kept; they only save time, never change results.
@@ -631,7 +631,7 @@ class BatchSampler:
         if self.hflip:  # a select, not a masked assignment (which would wait for the device to count the mask)
             gen = make_generator(self.seed, self.stream, step, "flip", device=self.device)
             flip = torch.rand(len(idx), generator=gen, device=self.device) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            images = torch.shown_path(flip[:, None, None, None], images.flip(-1), images)
         if self.crop_padding > 0:
             images = _random_crop(images, self.crop_offsets(step), self.crop_padding)
         return images, labels

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 
 def _status_kib(field: str) -> int | None:
@@ -82,8 +83,6 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         elif self.cpu_measure == "allocated":
-            from torch.profiler import ProfilerActivity, profile
-
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self._profiler.start()
         else:

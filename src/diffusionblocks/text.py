@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, check_choice, where
+from .config import ConfigError, check_choice, shown_path
 from .seeding import make_generator
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ TEXT8_SPLIT = (90_000_000, 5_000_000, 5_000_000)  # train, validation, test char
 
 @dataclass(frozen=True)
 class TextConfig:
-    """A character-level corpus."""
+    """A text corpus and how it is read: as characters (the default) or as the tokens of a BPE trained on it."""
 
     path: str = "../shared/data/tinyshakespeare.txt"  # UTF-8 text file, or text8.zip (format "text8").
     format: str = "text"          # "text" (any UTF-8 file, split 90/10 by position) or "text8" (the standard zip).
@@ -87,13 +87,6 @@ class Vocabulary:
     def save(self, path: Path) -> None:
         """Writes the vocabulary to `path` (a run's is written atomically by its task: `TextTask.prepare_run`)."""
         Path(path).write_text(self.to_json(), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: Path) -> Vocabulary:
-        vocab = load_vocabulary(path)
-        if not isinstance(vocab, Vocabulary):
-            raise ConfigError(f"{str(path)!r} is a BPE, not a vocabulary of characters")
-        return vocab
 
 
 class BPEVocabulary:
@@ -261,7 +254,7 @@ def load_text(cfg: TextConfig, seq_len: int, vocab: Vocabulary | BPEVocabulary |
     the training part when None; raises ConfigError naming what is wrong with the file."""
     path = Path(cfg.path)
     if not path.is_file():
-        raise ConfigError(f"data.path {where(cfg.path)} is not a file")
+        raise ConfigError(f"data.path {shown_path(cfg.path)} is not a file")
     if cfg.format == "text8":
         train, test = read_text8(path)
     else:

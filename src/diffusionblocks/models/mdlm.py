@@ -25,11 +25,6 @@ T_SCALE = 1000.0  # t in [0, 1] enters the sinusoidal time embedding as 1000 t (
 T_FLOOR = 1e-6    # t is kept above this in the loss, where 1 / (1 - alpha(t)) would be infinite
 
 
-def elbo_weight(axis: MaskingTime, t: torch.Tensor) -> torch.Tensor:
-    """-alpha'(t) / (1 - alpha(t)): the ELBO integrand's weight (linear alpha: 1 / t)."""
-    return axis.density(t) / (1 - axis.alpha(t))
-
-
 class MaskedDiffusionTransformer(nn.Module):
     """Logits over the vocabulary at every position of x_t, given the masking time t; `depth` layers of one block.
 

@@ -18,6 +18,7 @@ block's optimiser updates, the reference code's) make blocks depend on each othe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,8 +111,6 @@ class ClassificationTask(Task):
 
     def comparison_config(self, cfg: RunConfig) -> RunConfig:
         """B=1: the plain ViT classifier with the same layers; B>1: label-denoising blocks."""
-        import dataclasses
-
         mode = "plain" if cfg.blocks.num_blocks == 1 else "diffusion"
         return dataclasses.replace(cfg, classify=dataclasses.replace(cfg.classify, mode=mode))
 

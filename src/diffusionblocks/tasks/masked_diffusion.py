@@ -35,8 +35,6 @@ from .base import Evaluation, TextTask
 
 logger = logging.getLogger(__name__)
 
-VOCAB_FILE = TextTask.VOCAB_FILE
-
 
 @dataclass(frozen=True)
 class MaskedLMConfig:
@@ -224,7 +222,7 @@ class MaskedDiffusionTask(TextTask):
 
     def _samples(self, model, cfg: RunConfig, run_dir: Path, num: int, steps: int, prompt: str, temperature: float,
                  seed: int, device) -> tuple[list[str], float]:
-        vocab = Vocabulary.load(Path(run_dir) / VOCAB_FILE)
+        vocab = self.run_vocabulary(run_dir)
         L = cfg.model.seq_len
         t0 = time.perf_counter()
         ids = sample_text(model, num, L, steps or L, prompt=self._prompt(vocab, prompt, L), temperature=temperature,

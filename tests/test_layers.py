@@ -1,0 +1,151 @@
+"""The package's layering: each module imports only from its own layer or the layers below, with no circle.
+
+Read from the source (not by importing it), so the test also sees imports that never run in a test.
+A module added to the package must be placed in LAYERS; docs/extending.md shows the table.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffusionblocks"
+
+# Lowest first. A module may import from its own layer and from any layer before it.
+LAYERS = [
+    ("errors and seeds", ["errors", "seeding"]),
+    ("configuration and utilities", ["config", "precision", "memory", "metrics", "plotting", "distributed"]),
+    ("the math", ["noise", "precond", "sampling", "blocks"]),
+    ("models", ["models", "models.layers", "models.dit", "models.vit", "models.arlm", "models.mdlm",
+                "models.recurrent"]),
+    ("data", ["data", "text", "reference", "generate", "diagnostics"]),
+    ("the run directory", ["rundir", "checkpoint"]),
+    ("training", ["train"]),
+    ("evaluation and reports", ["evaluation", "report"]),
+    ("tasks", ["tasks.base", "tasks.text", "tasks.image_generation", "tasks.classification", "tasks.masked_diffusion",
+               "tasks.autoregressive", "tasks.recurrent_depth", "tasks"]),
+    ("the run's life and tools", ["runs", "compare", "compose", "membench", "speedbench"]),
+    ("the command line", ["cli", "__main__", ""]),
+]
+LAYER_OF = {m: i for i, (_, modules) in enumerate(LAYERS) for m in modules}
+
+# Third-party imports allowed inside a function, and why. Everything else is imported at the top of its module.
+DEFERRED = {
+    "tokenizers": "an optional extra (pip install diffusionblocks[bpe]), needed only for data.tokenizer='bpe'",
+    "sklearn": "the digits loader's; importing scikit-learn costs about a second, two thirds of the command's start",
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules() -> dict[str, ast.Module]:
+    return {module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported(name: str, is_package: bool, node: ast.ImportFrom | ast.Import) -> list[str]:
+    """The package modules an import statement reads (relative to the package, '' for the package itself)."""
+    if isinstance(node, ast.Import):
+        targets = [a.name for a in node.names]
+    else:
+        if node.level == 0:
+            base = node.module or ""
+        else:
+            here = name.split(".") if name else []
+            here = here if is_package else here[:-1]
+            here = here[:len(here) - (node.level - 1)]
+            base = ".".join(["diffusionblocks", *here, *([node.module] if node.module else [])])
+        # `from . import checkpoint` reads a module; `from .config import RunConfig` reads .config.
+        targets = [f"{base}.{a.name}" if f"{base}.{a.name}".removeprefix("diffusionblocks.") in LAYER_OF else base
+                   for a in node.names]
+    out = []
+    for t in targets:
+        if t == "diffusionblocks" or t.startswith("diffusionblocks."):
+            out.append(t.removeprefix("diffusionblocks").removeprefix("."))
+    return out
+
+
+def import_graph() -> tuple[dict[str, set[str]], list[str]]:
+    """(module -> the package modules it imports at its top level, the imports found inside functions)."""
+    graph, inner = {}, []
+    for name, tree in modules().items():
+        is_package = (PACKAGE / Path(*name.split(".")) / "__init__.py").is_file() if name else True
+        graph[name] = set()
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            targets = imported(name, is_package, node)
+            if node.col_offset == 0:
+                graph[name] |= {t for t in targets if t != name}
+                continue
+            third_party = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) else \
+                [(node.module or "").split(".")[0]] if node.level == 0 else []
+            if targets or any(t not in DEFERRED and t != "fcntl" for t in third_party):
+                inner.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    return graph, inner
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted(set(modules()) - set(LAYER_OF))
+    assert not unplaced, f"place these modules in tests/test_layers.py LAYERS: {unplaced}"
+
+
+def test_no_upward_import():
+    graph, _ = import_graph()
+    upward = [f"{m or 'diffusionblocks'} ({LAYERS[LAYER_OF[m]][0]}) imports {t} ({LAYERS[LAYER_OF[t]][0]})"
+              for m, targets in graph.items() for t in sorted(targets) if t in LAYER_OF and LAYER_OF[t] > LAYER_OF[m]]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_circle():
+    graph, _ = import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                pytest.fail("import circle: " + " -> ".join(path[path.index(t):] + [m, t]))
+            if t not in state:
+                visit(t, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_imports_sit_at_the_top_of_their_module():
+    _, inner = import_graph()
+    assert not inner, "imports inside functions (only " + ", ".join(DEFERRED) + " may be):\n" + "\n".join(inner)
+
+
+def test_only_the_registry_imports_by_name():
+    """importlib.import_module of a package module hides an edge from the graph: the task registry alone may (a
+    config names its task as 'package.module:Class'), and a call elsewhere must name a module outside the package."""
+    dynamic = {"data": "the CIFAR unpickler resolves numpy's array reconstructors by their names"}
+    found = []
+    for name, tree in modules().items():
+        for node in ast.walk(tree):
+            called = getattr(node, "func", None)
+            if not isinstance(node, ast.Call) or getattr(called, "attr", getattr(called, "id", "")) not in (
+                    "import_module", "__import__") or name == "tasks" or name in dynamic:
+                continue
+            arg = node.args[0] if node.args else None
+            if not isinstance(arg, ast.Constant) or str(arg.value).startswith(("diffusionblocks", ".")):
+                found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "\n".join(found)
+
+
+def test_the_checker_sees_what_it_must():
+    """The checker itself: a circle, an upward import and a function-level import, each in made-up source."""
+    tree = ast.parse("from .train import x\n\ndef f():\n    from .tasks import get_task\n")
+    nodes = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert imported("config", False, nodes[0]) == ["train"]
+    assert imported("tasks.base", False, ast.parse("from .. import checkpoint").body[0]) == ["checkpoint"]
+    assert imported("tasks", True, ast.parse("from .base import Task").body[0]) == ["tasks.base"]
+    assert nodes[1].col_offset > 0 and LAYER_OF["train"] > LAYER_OF["config"]
