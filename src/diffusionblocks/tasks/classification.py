@@ -26,11 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..blocks import BridgedDenoiser
 from ..config import ConfigError, RunConfig, check_choice
 from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data, make_generator
 from ..generate import sigma_grid
 from ..noise import Partition
 from ..precond import append_dims
+from ..sampling import SAMPLERS
 from .base import Coupling, Evaluation, Task
 from .image_generation import ImageModelConfig, add_steps_argument, image_batch_sampler, load_matching_images
 
@@ -232,24 +234,24 @@ class LabelCoupling(Coupling):
 # ---- inference and evaluation
 
 
+def label_bridge(block: nn.Module, D: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The estimate between inference steps: softmax(logits) @ E (method.md section 5)."""
+    return logits.softmax(-1) @ block.E  # (N, D)
+
+
 @torch.no_grad()
 def chain_logits(model, images: torch.Tensor, steps: int | None = None, grid: str = "quantile",
-                 seed: int = 0) -> list[torch.Tensor]:
-    """Logits (N, K) at every inference step of a BlockwiseDenoiser of ViT label denoisers; the last is the answer."""
+                 seed: int = 0, sampler: str = "euler") -> list[torch.Tensor]:
+    """Logits (N, K) at every inference step of a BlockwiseDenoiser of ViT label denoisers (those of each step's first
+    evaluation, at its own sigma); the last is the answer."""
     steps = steps or model.num_blocks
     sigmas = sigma_grid(model.partition.axis, steps, grid).to(images.device, torch.float32)
-    first = model.blocks[int(model.partition.owner(sigmas[:1])[0])]
-    N, D = images.shape[0], first.label_embedding.shape[1]
+    N, D = images.shape[0], model.blocks[0].label_embedding.shape[1]  # block 0 owns sigma_max, the first step's
     z = torch.randn(N, D, generator=make_generator(seed, "classify")).to(images.device) * sigmas[0]
-    s_in = z.new_ones([N])
+    chain = BridgedDenoiser(model, label_bridge)
     out = []
-    for i in range(steps):
-        block = model.blocks[int(model.partition.owner(sigmas[i:i + 1])[0])]
-        _, logits = block.denoise(z, sigmas[i] * s_in, images)
-        y_hat = logits.softmax(-1) @ block.E  # (N, D): the estimate between steps
-        # Euler step (the last one, to sigma = 0, lands on the estimate).
-        z = z + (sigmas[i + 1] - sigmas[i]) * (z - y_hat) / sigmas[i]
-        out.append(logits.float())
+    SAMPLERS[sampler](chain, z, sigmas, extra_args={"images": images}, callback=lambda _: out.append(chain.logits.float()),
+                      disable=True)
     return out
 
 
