@@ -90,7 +90,7 @@ def generate_huginn(model, prompts: torch.Tensor, new: int, *, window: int, iter
     (the vocabulary's size) on are never drawn."""
     D = model.tok_embed.embedding_dim
     gens = [make_generator(s, "recurrent-sample") for s in seeds]
-    ctx = _Context({}, prompts, window, cached=False)
+    ctx = _Context(prompts, window, cached=False)
     for _ in range(new):
         w = ctx.window_tokens
         state = torch.stack([torch.randn(w.shape[1], D, generator=g) for g in gens]).to(prompts.device)  # (N, T, D)
