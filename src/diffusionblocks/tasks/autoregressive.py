@@ -3,8 +3,9 @@ section 5, fourth row; the paper's LM1B / OpenWebText setting at small scale on 
 
 Each block is a `models.arlm.ARDenoiser` of its layers: it denoises the embedding of token i, E[x_i] + sigma
 eps, given the clean tokens before i, for the sigma of its range of EDM's noise axis (partition overlap
-gamma 0.1 by default). Generation: for each new token, `sample.steps` denoising steps from sigma_max down a
-quantile grid (default B: each block once), the chain's estimate handed from step to step by a *bridge*
+gamma 0.1 by default). Generation: for each new token, `sample.steps` denoising steps of `sample.sampler` (Euler by
+default) from sigma_max down a quantile grid (default B: each block once), through the router
+(`blocks.BridgedDenoiser`), the chain's estimate handed from step to step by a *bridge*
 (the estimate D itself, softmax(logits) @ E, E[argmax], or E[a token drawn from the step's logits]), and the
 last step's logits read out greedily or by temperature / top-p sampling. Measured on tinyshakespeare
 (benchmarks/results/arlm-shakespeare), the later blocks copy what they are handed, so only the sampling bridge
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from ..blocks import BridgedDenoiser
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
 from ..data import make_generator
-from ..noise import Partition
+from ..noise import Partition, sigma_grid
 from ..precond import append_dims
 from ..sampling import SAMPLERS
 from ..text import TextConfig, held_out_windows, usable_logits
@@ -73,6 +74,7 @@ class ARModelConfig:
 @dataclass(frozen=True)
 class ARSampleConfig:
     steps: int = 0               # Denoising steps per token; 0 = B (each block once).
+    sampler: str = "euler"       # The sampler of each token's chain, a name of sampling.SAMPLERS ("euler": the paper's).
     bridge: str = "sample"       # What a step hands the next: "estimate" (D), "softmax" (softmax(logits) @ E),
                                  # "argmax" (E[argmax logits]) or "sample" (E[a token drawn from the logits as the
                                  # readout draws]).
@@ -86,6 +88,7 @@ class ARSampleConfig:
 
     def validate(self) -> None:
         check_choice("sample.bridge", self.bridge, BRIDGES)
+        check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
         if self.steps < 0 or self.num < 0 or self.new_chars < 1 or self.prompt_chars < 1:
             raise ConfigError("sample.steps and sample.num must be >= 0, sample.new_chars and sample.prompt_chars >= 1")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -189,8 +192,6 @@ def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps
     Without the cache every evaluation runs the block's full training forward over the window
     (`ARDenoiser.denoise`); with it, the clean window is kept as keys and values (`ARDenoiser.denoise_next`).
     """
-    from ..generate import sigma_grid
-
     N = prompts.shape[0]
     device = prompts.device
     steps = steps or model.num_blocks
@@ -254,8 +255,10 @@ def is_plain(model) -> bool:
 
 def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bridge: str | None = None,
                   steps: int | None = None, seeds: list[int] | None = None, cache: bool = True,
-                  batch_size: int = 100, num_tokens: int | None = None, **readout) -> torch.Tensor:
-    """Either model kind, batched; readout: temperature, top_p, greedy; num_tokens: the vocabulary's size."""
+                  batch_size: int = 100, num_tokens: int | None = None, sampler: str | None = None,
+                  **readout) -> torch.Tensor:
+    """Either model kind, batched; readout: temperature, top_p, greedy; num_tokens: the vocabulary's size; bridge and
+    sampler: default the run's."""
     out = []
     seeds = list(range(len(prompts))) if seeds is None else seeds
     for i in range(0, len(prompts), batch_size):
@@ -265,7 +268,8 @@ def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bri
                                       num_tokens=num_tokens, **readout))
         else:
             out.append(generate_chain(model, p, new, window=cfg.model.seq_len, steps=steps, bridge=bridge or
-                                      cfg.sample.bridge, seeds=s, cache=cache, num_tokens=num_tokens, **readout))
+                                      cfg.sample.bridge, seeds=s, cache=cache, num_tokens=num_tokens,
+                                      sampler=sampler or cfg.sample.sampler, **readout))
     return torch.cat(out)
 
 
@@ -331,8 +335,6 @@ def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None =
     """The chain teacher-forced on held-out windows: per step, the bits per token of the owning block's logits on
     the chain's own state and on the oracle input E[x] + sigma eps, and the norm of the chain's estimate (a
     collapse toward 0 shows here). Positions 1..L-1, as next_token_bits (position 0 has no context)."""
-    from ..generate import sigma_grid
-
     steps = steps or model.num_blocks
     sigmas = sigma_grid(model.partition.axis, steps).to(windows.device, torch.float32)
     rows = [{"step": k, "sigma": float(sigmas[k]), "block": int(model.partition.owner(sigmas[k:k + 1])[0]),
@@ -373,8 +375,6 @@ def sampler_bits(model, windows: torch.Tensor, *, bridge: str, steps: int, sampl
     """Held-out bits per token (positions 1..L-1) of the distribution the sampler draws the next token from after
     `steps` steps, q_K(x) = E_chain[softmax(last step's logits)](x), estimated by the mean over `samples`
     teacher-forced chains per window (log of a mean of `samples` draws: biased up for small `samples`)."""
-    from ..generate import sigma_grid
-
     sigmas = sigma_grid(model.partition.axis, steps).to(windows.device, torch.float32)
     total, n = 0.0, 0
     per_batch = max(batch_size // samples, 1)  # windows per batch of batch_size chains
@@ -499,6 +499,7 @@ class AutoregressiveTask(TextTask):
         parser.add_argument("--bridge", choices=BRIDGES, help="what each denoising step hands the next (default: the "
                             "run's sample.bridge)")
         parser.add_argument("--steps", type=int, help="denoising steps per token (default: sample.steps, or B)")
+        parser.add_argument("--sampler", choices=list(SAMPLERS), help="default: the run's sample.sampler")
         parser.add_argument("--temperature", type=float, help="default: the run's sample.temperature")
         parser.add_argument("--top-p", type=float, help="default: the run's sample.top_p")
         parser.add_argument("--greedy", action="store_true", help="argmax readout")
@@ -523,7 +524,7 @@ class AutoregressiveTask(TextTask):
         t0 = time.perf_counter()
         ids = generate_text(model, cfg, prompts, new, bridge=args.bridge, steps=args.steps or s.steps or None,
                             seeds=[args.seed * 1000 + i for i in range(args.num)], cache=not args.no_cache,
-                            num_tokens=len(vocab), **self._readout_args(cfg, args))
+                            num_tokens=len(vocab), sampler=args.sampler, **self._readout_args(cfg, args))
         seconds = time.perf_counter() - t0
         texts = [vocab.decode(row) for row in ids.cpu()]
         Path(args.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
@@ -569,7 +570,8 @@ class AutoregressiveTask(TextTask):
                              "chars_per_token": data.test.chars_per_token}
         r["bpc"] = r["bits_per_token"] / r["chars_per_token"]
         if not is_plain(model):
-            r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=args.seed) for b in bridges}
+            r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=args.seed, sampler=cfg.sample.sampler)
+                          for b in bridges}
         readout = self._readout_args(cfg, argparse.Namespace())
         vocab = data.vocab
         r["samples"], ids_of = {}, {}

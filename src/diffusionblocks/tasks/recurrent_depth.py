@@ -110,7 +110,8 @@ def generate(model, cfg: RunConfig, prompts: torch.Tensor, new: int, iterations:
                                        seeds=s, num_tokens=num_tokens, **readout))
         else:
             out.append(generate_chain(model, p, new, window=cfg.model.seq_len, steps=iterations,
-                                      bridge=cfg.sample.bridge, seeds=s, num_tokens=num_tokens, **readout))
+                                      bridge=cfg.sample.bridge, seeds=s, num_tokens=num_tokens,
+                                      sampler=cfg.sample.sampler, **readout))
     return torch.cat(out)
 
 
@@ -122,7 +123,7 @@ def bits_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: int, sa
     initial states, or the denoiser's sampler distribution (`sampler_bits`)."""
     if not is_huginn(model):
         return sampler_bits(model, windows, bridge=cfg.sample.bridge, steps=iterations, samples=samples, seed=seed,
-                            batch_size=batch_size)
+                            batch_size=batch_size, sampler=cfg.sample.sampler)
     m = model.blocks[0]
     total, count = 0.0, 0
     step = max(batch_size // samples, 1)
