@@ -5,6 +5,7 @@ with `diffusionblocks.blocks.build_block`.
 """
 
 from .dit import DiT
-from .vit import ViTClassifier, ViTLabelDenoiser, label_embedding_table
+from .layers import label_embedding_table
+from .vit import ViTClassifier, ViTLabelDenoiser
 
 __all__ = ["DiT", "ViTClassifier", "ViTLabelDenoiser", "label_embedding_table"]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..blocks import BridgedDenoiser
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
 from ..data import make_generator
+from ..models.layers import label_embedding_table
 from ..noise import Partition, sigma_grid
 from ..precond import append_dims
 from ..sampling import SAMPLERS
@@ -109,8 +110,6 @@ class AutoregressiveConfig(RunConfig):
 
 def run_token_embedding(cfg: RunConfig) -> torch.Tensor:
     """The run's target table E (V x hidden_size), the same for every block: drawn from (seed, "token-embedding")."""
-    from ..models.vit import label_embedding_table
-
     return label_embedding_table(cfg.model.vocab_size, cfg.model.hidden_size,
                                  make_generator(cfg.train.seed, "token-embedding"))
 

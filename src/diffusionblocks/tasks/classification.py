@@ -29,6 +29,7 @@ from torch import nn
 from ..blocks import BridgedDenoiser
 from ..config import ConfigError, RunConfig, check_choice
 from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data, make_generator
+from ..models.layers import label_embedding_table
 from ..noise import Partition, sigma_grid
 from ..precond import append_dims
 from ..sampling import SAMPLERS
@@ -72,8 +73,6 @@ JOINT_LABEL_FILE = "label_embedding.safetensors"  # the shared table of "learned
 
 def run_label_embedding(cfg: RunConfig) -> torch.Tensor:
     """The run's initial label-embedding table, the same for every block: drawn from (seed, "label-embedding")."""
-    from ..models.vit import label_embedding_table
-
     return label_embedding_table(cfg.model.num_classes, cfg.model.hidden_size,
                                  make_generator(cfg.train.seed, "label-embedding"))
 
