@@ -74,6 +74,9 @@ CASES.update({
 # every earlier recording implicitly had (on a CPU, "auto" is fp32 and the data on the host).
 DROPPED = {"generate": ["classify"], "classify": ["sample", "model.class_dropout"]}
 ADDED = {"train.precision": "auto", "train.compile": False, "train.data_on_device": "auto"}
+# Fields added since to one task's sections, with the value its earlier recordings implicitly had (the Euler chain).
+ADDED_BY_TASK = {"classify": {"classify.sampler": "euler"}, "arlm": {"sample.sampler": "euler"},
+                 "recurrent": {"sample.sampler": "euler"}}
 # What the tolerant mode compares, with the unit of each deviation.
 QUANTITIES = {
     "loss": "relative difference of a logged loss",
@@ -208,7 +211,8 @@ def _without_timing(node):
 # ---- old recordings in today's form
 
 def current_form(config: dict) -> dict:
-    """A recorded config as today's code writes it: DROPPED removed where present, ADDED set where absent."""
+    """A recorded config as today's code writes it: DROPPED removed where present, ADDED (and the task's
+    ADDED_BY_TASK) set where absent."""
     config = json.loads(json.dumps(config))
     for path in DROPPED.get(config["task"], []):
         *parents, last = path.split(".")
@@ -216,7 +220,7 @@ def current_form(config: dict) -> dict:
         for p in parents:
             node = node.get(p, {})
         node.pop(last, None)
-    for path, value in ADDED.items():
+    for path, value in {**ADDED, **ADDED_BY_TASK.get(config["task"], {})}.items():
         section, field = path.split(".")
         config[section].setdefault(field, value)
     return config

@@ -88,20 +88,17 @@ def test_the_cached_next_position_equals_the_training_forward():
         assert torch.allclose(m.denoise_next(z[:, 4], sigma[:, 4], wrong)[1], logits[:, 4], atol=1e-5)
 
 
-class _Chain:
-    """The parts of a BlockwiseDenoiser that generate_chain uses."""
+def _chain(blocks, cfg):
+    from diffusionblocks.blocks import BlockwiseDenoiser
 
-    def __init__(self, blocks, cfg):
-
-
-        self.blocks, self.partition, self.num_blocks = blocks, get_task(cfg.task).partition(cfg), len(blocks)
+    return BlockwiseDenoiser(blocks, get_task(cfg.task).partition(cfg))
 
 
 @pytest.mark.parametrize("bridge", ["estimate", "softmax", "argmax", "sample"])
 @pytest.mark.parametrize("greedy", [True, False])
 def test_generation_with_the_cache_equals_generation_without_it(bridge, greedy):
     cfg = apply_overrides(default_config("arlm"), TINY)
-    chain = _Chain([_block(seed=b) for b in range(3)], cfg)
+    chain = _chain([_block(seed=b) for b in range(3)], cfg)
     prompts = torch.randint(11, (3, 4), generator=torch.Generator().manual_seed(3))
     kw = dict(window=8, bridge=bridge, greedy=greedy, seeds=[5, 6, 7], temperature=0.8, top_p=0.9)
     # 4 + 14 tokens through a window of 8: the context moves on (and the cache is re-filled) several times.

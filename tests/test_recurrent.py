@@ -97,13 +97,12 @@ def test_the_denoiser_is_causal_and_its_cache_equals_the_training_forward():
 
 
 def test_inference_runs_the_core_k_times_and_the_prelude_once_per_token():
+    from diffusionblocks.blocks import BlockwiseDenoiser
     from diffusionblocks.tasks import apply_overrides, default_config, get_task
     from diffusionblocks.tasks.autoregressive import generate_chain
 
-    class Chain:
-        blocks, num_blocks = [_denoiser()], 1
-        partition = get_task("arlm").partition(apply_overrides(default_config("arlm"), ["blocks.num_blocks=1", "model.depth=1"]))
-
+    Chain = BlockwiseDenoiser([_denoiser()], get_task("arlm").partition(apply_overrides(default_config("arlm"),
+                                                                             ["blocks.num_blocks=1", "model.depth=1"])))
     prompts = torch.randint(11, (2, 4), generator=torch.Generator().manual_seed(5))
     for K in (1, 3, 8):
         core, prelude = [], []
@@ -177,8 +176,8 @@ def test_the_bits_average_the_draws_of_the_starting_noise():
     """Huginn's bits after r iterations: its position j's softmax (the distribution of token j + 1), averaged over
     `samples` initial states; the denoiser's: the last sampler step's position j (the distribution of token j),
     averaged over `samples` teacher-forced chains. With one draw both are the plain cross-entropy."""
-
-    from diffusionblocks.generate import sigma_grid
+    from diffusionblocks.blocks import BlockwiseDenoiser
+    from diffusionblocks.noise import sigma_grid
     from diffusionblocks.seeding import make_generator
     from diffusionblocks.tasks import apply_overrides, default_config, get_task
     from diffusionblocks.tasks.autoregressive import _teacher_forced_chain
@@ -204,15 +203,14 @@ def test_the_bits_average_the_draws_of_the_starting_noise():
         want = -torch.log2(q.gather(-1, targets[..., None])).sum() / 15
         assert abs(bits_after(One, cfg, windows, 3, samples=4, batch_size=8) - float(want)) < 1e-5
 
-    class Chain:
-        blocks, num_blocks = [_denoiser()], 1
-        partition = get_task("arlm").partition(apply_overrides(default_config("arlm"), ["blocks.num_blocks=1", "model.depth=1"]))
-
+    Chain = BlockwiseDenoiser([_denoiser()], get_task("arlm").partition(apply_overrides(default_config("arlm"),
+                                                                             ["blocks.num_blocks=1", "model.depth=1"])))
     dcfg = apply_overrides(default_config("recurrent"), [])
     sigmas = sigma_grid(Chain.partition.axis, 3)
     for samples in (1, 2):
-        *_, (k, _, logits, _) = _teacher_forced_chain(Chain, windows.repeat_interleave(samples, 0), sigmas,
-                                                      dcfg.sample.bridge, make_generator(0, "arlm-sampler-bits", 0))
+        steps = []
+        logits = _teacher_forced_chain(Chain, windows.repeat_interleave(samples, 0), sigmas, dcfg.sample.bridge,
+                                       make_generator(0, "arlm-sampler-bits", 0), callback=lambda k, *_: steps.append(k))
         q = logits[:, 1:].softmax(-1).view(3, samples, 5, 11).mean(1)
         want = -torch.log2(q.gather(-1, targets[..., None])).sum() / 15
-        assert k == 2 and abs(bits_after(Chain, dcfg, windows, 3, samples=samples, batch_size=8) - float(want)) < 1e-5
+        assert steps == [0, 1, 2] and abs(bits_after(Chain, dcfg, windows, 3, samples=samples, batch_size=8) - float(want)) < 1e-5

@@ -56,15 +56,55 @@ class BlockwiseDenoiser(nn.Module):
         return len(self.blocks)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        return self.route(_call, x, sigma, **cond)
+
+    def route(self, call: Callable, x: torch.Tensor, sigma: torch.Tensor, **cond):
+        """call(block, x, sigma, **cond) on the block that owns each sample's sigma (N,); its output, a tensor or a
+        tuple of tensors with the samples first, merged in the batch's order."""
         owner = self.partition.owner(sigma)  # (N,)
         first = int(owner[0])
         if bool((owner == first).all()):
-            return self.blocks[first](x, sigma, **cond)
-        out = None
+            return call(self.blocks[first], x, sigma, **cond)
+        merged = None
         for b in owner.unique().tolist():
             m = owner == b
             sub = {k: v[m] if torch.is_tensor(v) and v.shape[:1] == sigma.shape else v for k, v in cond.items()}
-            D_b = self.blocks[b](x[m], sigma[m], **sub)
-            out = D_b.new_empty((x.shape[0], *D_b.shape[1:])) if out is None else out
-            out[m] = D_b
-        return out
+            out = call(self.blocks[b], x[m], sigma[m], **sub)
+            parts = out if isinstance(out, tuple) else (out,)
+            if merged is None:
+                merged = tuple(p.new_empty((x.shape[0], *p.shape[1:])) for p in parts)
+            for whole, p in zip(merged, parts):
+                whole[m] = p
+        return merged if isinstance(out, tuple) else merged[0]
+
+
+def _call(block: nn.Module, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    return block(x, sigma, **cond)
+
+
+class BridgedDenoiser(nn.Module):
+    """The samplers' D(x, sigma, **cond) over a router of blocks whose denoiser returns (D, logits) (method.md
+    section 5: label and token denoisers).
+
+    Each call runs the owning block's `denoise(block, x, sigma, **cond) -> (D, logits)` and hands the sampler the
+    estimate between steps, `bridge(block, D, logits)`: classification's softmax(logits) @ E, the language models'
+    bridges. `logits` keeps the latest call's logits (a sampler's callback reads the step's own).
+
+    Args:
+        model: the router of the blocks.
+        bridge: bridge(block, D, logits) -> the estimate in the denoised space, shaped like D.
+        denoise: how a block is called; default `block.denoise(x, sigma, **cond)`.
+    """
+
+    def __init__(self, model: BlockwiseDenoiser, bridge: Callable, denoise: Callable | None = None):
+        super().__init__()
+        self.model, self.bridge, self.denoise = model, bridge, denoise
+        self.logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        estimate, self.logits = self.model.route(self._step, x, sigma, **cond)
+        return estimate
+
+    def _step(self, block: nn.Module, x: torch.Tensor, sigma: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        D, logits = block.denoise(x, sigma, **cond) if self.denoise is None else self.denoise(block, x, sigma, **cond)
+        return self.bridge(block, D, logits), logits

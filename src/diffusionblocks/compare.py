@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import new_run_dir, save_config
 from .config import ConfigError, RunConfig, even_split
-from .tasks import get_task, importable_by_name, Task
+from .tasks import Task, get_task, importable_by_name
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,9 @@ import torch
 from matplotlib.figure import Figure
 
 from .data import ImageData
-from .generate import initial_noise, sigma_grid
+from .generate import initial_noise
 from .metrics import frechet_distance
+from .noise import sigma_grid
 from .precond import append_dims, get_scalings, loss_weight
 from .reference import ReferenceClassifier, predict
 from .sampling import SAMPLERS, CFGDenoiser

@@ -6,18 +6,9 @@ from collections.abc import Callable
 
 import torch
 
-from .noise import NoiseAxis, get_sigmas_karras, get_sigmas_quantile
+from .noise import sigma_grid
 from .sampling import SAMPLERS, CFGDenoiser
 from .seeding import make_generator
-
-
-def sigma_grid(axis: NoiseAxis, steps: int, grid: str = "quantile", rho: float = 7.0) -> torch.Tensor:
-    """The inference grid: descending noise levels ending in 0 (method.md section 4)."""
-    if grid == "quantile":
-        return get_sigmas_quantile(axis, steps)
-    if grid == "karras":
-        return get_sigmas_karras(steps, axis.lo, axis.hi, rho)
-    raise ValueError(f"unknown sigma grid {grid!r}")
 
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:

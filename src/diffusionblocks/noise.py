@@ -8,6 +8,7 @@ All schedule arithmetic is done in float64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -238,6 +239,25 @@ def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7
     ramp = torch.linspace(0, 1, n, dtype=_f64)
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
+
+
+def _quantile_grid(axis: NoiseAxis, n: int, rho: float) -> torch.Tensor:
+    return get_sigmas_quantile(axis, n)
+
+
+def _karras_grid(axis: NoiseAxis, n: int, rho: float) -> torch.Tensor:
+    return get_sigmas_karras(n, axis.lo, axis.hi, rho)
+
+
+# The inference grids by name: grid(axis, steps, rho) -> descending noise levels, then 0.
+GRIDS: dict[str, Callable[[NoiseAxis, int, float], torch.Tensor]] = {"quantile": _quantile_grid, "karras": _karras_grid}
+
+
+def sigma_grid(axis: NoiseAxis, steps: int, grid: str = "quantile", rho: float = 7.0) -> torch.Tensor:
+    """The inference grid named `grid` (GRIDS): descending noise levels ending in 0 (method.md section 4)."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown sigma grid {grid!r} (known: {', '.join(GRIDS)})")
+    return GRIDS[grid](axis, steps, rho)
 
 
 def steps_per_block(partition: Partition, sigmas: torch.Tensor) -> list[int]:

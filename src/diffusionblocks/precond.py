@@ -20,6 +20,11 @@ def get_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, 
     return c_skip, c_out, c_in, c_noise
 
 
+def denoised(z: torch.Tensor, F_x: torch.Tensor, c_skip: torch.Tensor, c_out: torch.Tensor) -> torch.Tensor:
+    """D = c_skip z + c_out F (method.md section 1), in float32 whatever F's dtype."""
+    return c_skip * z + c_out * F_x.float()
+
+
 def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2, so that lambda * c_out^2 = 1."""
     return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
@@ -44,7 +49,7 @@ class Denoiser(nn.Module):
         z, sigma = z.float(), sigma.float()
         c_skip, c_out, c_in, c_noise = (append_dims(c, z.ndim) for c in get_scalings(sigma, self.sigma_data))
         F_x = self.inner_model(c_in * z, c_noise.flatten(), **cond)
-        return c_skip * z + c_out * F_x.float()
+        return denoised(z, F_x, c_skip, c_out)
 
     def loss(self, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, **cond) -> torch.Tensor:
         """Per-sample lambda(sigma) |D(y + sigma eps) - y|^2 / dim, computed as |F - (y - c_skip z) / c_out|^2."""

@@ -20,6 +20,12 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
     return (x - denoised) / append_dims(sigma, x.ndim)
 
 
+def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """x moved along the slope (x - D) / sigma from noise level sigma to sigma_next (scalars; method.md section 4);
+    to sigma_next = 0 it lands on D. The product comes before the quotient: the label and token chains' order."""
+    return x + (sigma_next - sigma) * (x - denoised) / sigma
+
+
 @torch.no_grad()
 def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                  callback: Callable | None = None, disable: bool | None = None) -> torch.Tensor:
@@ -28,11 +34,9 @@ def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_a
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable, leave=False):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        d = to_d(x, sigmas[i] * s_in, denoised)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        # Move along the slope to the next noise level (to sigma = 0 on the last step, which lands on D).
-        x = x + (sigmas[i + 1] - sigmas[i]) * d
+        x = euler_step(x, denoised, sigmas[i], sigmas[i + 1])
     return x
 
 
@@ -49,8 +53,8 @@ def sample_heun(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
-            # No slope exists at sigma = 0: the final step is a plain first-order one.
-            x = x + d * dt
+            # No slope exists at sigma = 0: the final step is Euler's.
+            x = euler_step(x, denoised, sigmas[i], sigmas[i + 1])
         else:
             # Trapezoidal rule: a trial first-order step, the slope again where it lands (from the block
             # that owns sigma_{i+1}), then the step taken with the mean of the two slopes.

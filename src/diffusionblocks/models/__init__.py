@@ -5,6 +5,7 @@ with its task's `build_block` (`diffusionblocks.tasks.get_task(cfg.task).build_b
 """
 
 from .dit import DiT
-from .vit import ViTClassifier, ViTLabelDenoiser, label_embedding_table
+from .layers import label_embedding_table
+from .vit import ViTClassifier, ViTLabelDenoiser
 
 __all__ = ["DiT", "ViTClassifier", "ViTLabelDenoiser", "label_embedding_table"]

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..precond import get_scalings, loss_weight
-from .dit import NoiseEmbedder, zero_init
+from ..precond import denoised, get_scalings, loss_weight
+from .layers import NoiseEmbedder, modulate, zero_init
 
 ROPE_BASE = 10000.0
 CAUSAL = "causal"  # an attention mask: each query sees the keys up to its own index (top-left aligned)
@@ -85,11 +85,6 @@ def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return apply_rotary(x, rotary(pos, x.shape[-1], x.dtype))
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN with shift and scale broadcastable to x (N, T, D): per token, per sequence or constant."""
-    return x * (1 + scale) + shift
-
-
 def _by_stretch(fn, x: torch.Tensor, mods: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
     """fn(x_k, mods[k]) on each of the len(mods) equal consecutive stretches of x (N, T, D), concatenated."""
     if len(mods) == 1:
@@ -113,7 +108,10 @@ class KVCache:
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
 
-class Attention(nn.Module):
+class RotaryAttention(nn.Module):
+    """Masked multi-head attention with rotary positions, past keys and values, queries from the first positions only
+    and folded weights (the [noisy ; clean] streams); kept apart from dit.SelfAttention, which has none of these."""
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -180,7 +178,7 @@ class LlamaLayer(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
         self.norm1 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
-        self.attn = Attention(dim, num_heads)
+        self.attn = RotaryAttention(dim, num_heads)
         self.norm2 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
         self.mlp = SwiGLU(dim, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -366,7 +364,7 @@ class ARDenoiser(nn.Module):
     def _readout(self, z: torch.Tensor, h: torch.Tensor, sigma: torch.Tensor, c: torch.Tensor):
         """(D, logits) from the noisy input z (..., D), the trunk's output h there, sigma (...) and conditioning c."""
         c_skip, c_out, _, _ = (s[..., None] for s in get_scalings(sigma, self.sigma_data))
-        D = c_skip * z + c_out * self.norm_out(h).float()
+        D = denoised(z, self.norm_out(h), c_skip, c_out)
         shift, scale = self.adaLN_final(c).chunk(2, dim=-1)
         logits = self.head(modulate(self.norm_final(D), shift, scale))
         return D, logits.float()

@@ -15,10 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, with per-sample shift and scale broadcast over tokens."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+from .layers import NoiseEmbedder, modulate
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
@@ -48,40 +45,9 @@ def xavier_init(module: nn.Module, x_embedder: nn.Conv2d, generator: torch.Gener
     nn.init.zeros_(x_embedder.bias)
 
 
-class NoiseEmbedder(nn.Module):
-    """Embeds c_noise = ln(sigma)/4 with EDM's sinusoidal positional embedding, then an MLP."""
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention with biased projections; positions are added to the input (DiT)."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, max_positions: int = 10000):
-        super().__init__()
-        self.frequency_embedding_size = frequency_embedding_size
-        self.max_positions = max_positions
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size))
-
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """N(0, 0.02) weights and zero biases, drawn from generator (the label-denoising and language blocks')."""
-        for lin in (self.mlp[0], self.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02, generator=generator)
-            nn.init.zeros_(lin.bias)
-
-    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        half = self.frequency_embedding_size // 2
-        freqs = (1 / self.max_positions) ** (torch.arange(half, device=c_noise.device, dtype=torch.float32) / (half - 1))
-        args = c_noise.float()[:, None] * freqs[None]  # (N, half)
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (N, frequency_embedding_size)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
-
-
-@torch.no_grad()
-def zero_init(*linears: nn.Linear) -> None:
-    """Zero weights and biases: heads and adaLN modulations that start as nothing."""
-    for lin in linears:
-        nn.init.zeros_(lin.weight)
-        nn.init.zeros_(lin.bias)
-
-
-class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -101,7 +67,7 @@ class DiTLayer(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = SelfAttention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"),
@@ -110,8 +76,8 @@ class DiTLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa[:, None], scale_msa[:, None]))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp[:, None], scale_mlp[:, None]))
         return x
 
 
@@ -124,7 +90,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift[:, None], scale[:, None]))
 
 
 class DiT(nn.Module):

@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..noise import MaskingTime
-from .dit import DiTLayer, NoiseEmbedder, modulate
+from .dit import DiTLayer
+from .layers import NoiseEmbedder, modulate
 
 T_SCALE = 1000.0  # t in [0, 1] enters the sinusoidal time embedding as 1000 t (DDPM's timestep range)
 T_FLOOR = 1e-6    # t is kept above this in the loss, where 1 / (1 - alpha(t)) would be infinite
@@ -87,7 +88,7 @@ class MaskedDiffusionTransformer(nn.Module):
             else:
                 h = layer(h, c)  # (N, L, D)
         shift, scale = self.adaLN_final(c).chunk(2, dim=1)
-        return self.head(modulate(self.norm_final(h), shift, scale)).float()  # (N, L, V)
+        return self.head(modulate(self.norm_final(h), shift[:, None], scale[:, None])).float()  # (N, L, V)
 
     def loss(self, tokens: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Per-sequence ELBO integrand in nats per token (N,); position i is masked where u_i < 1 - alpha(t)."""

@@ -22,19 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..precond import append_dims, get_scalings, loss_weight
-from .dit import DiTLayer, NoiseEmbedder, get_2d_sincos_pos_embed, modulate, xavier_init, zero_init
-
-
-def label_embedding_table(num_classes: int, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """A random table with orthonormal rows where num_classes <= dim (QR of a Gaussian), else unit rows."""
-    g = torch.randn(dim, num_classes, generator=generator)
-    if num_classes <= dim:
-        q, _ = torch.linalg.qr(g)  # (dim, K), orthonormal columns
-        E = q.T
-    else:
-        E = g.T
-    return F.normalize(E, dim=-1)
+from ..precond import append_dims, denoised, get_scalings, loss_weight
+from .dit import DiTLayer, get_2d_sincos_pos_embed, xavier_init
+from .layers import NoiseEmbedder, modulate, zero_init
 
 
 class _ViTTrunk(nn.Module):
@@ -112,9 +102,9 @@ class ViTLabelDenoiser(nn.Module):
         c_skip, c_out, c_in, c_noise = (append_dims(c, z.ndim) for c in get_scalings(sigma, self.sigma_data))
         c = self.t_embedder(c_noise.flatten())  # (N, D)
         h = self.trunk.run(c_in * z, images, c)  # (N, D)
-        D = c_skip * z + c_out * self.norm_out(h)  # (N, D)
+        D = denoised(z, self.norm_out(h), c_skip, c_out)  # (N, D)
         shift, scale = self.adaLN_final(c).chunk(2, dim=1)
-        logits = self.head(modulate(self.norm_final(D)[:, None], shift, scale)[:, 0])  # (N, K)
+        logits = self.head(modulate(self.norm_final(D), shift, scale))  # (N, K)
         return D, logits
 
     def forward(self, z: torch.Tensor, sigma: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

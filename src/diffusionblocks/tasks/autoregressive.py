@@ -3,8 +3,9 @@ section 5, fourth row; the paper's LM1B / OpenWebText setting at small scale on 
 
 Each block is a `models.arlm.ARDenoiser` of its layers: it denoises the embedding of token i, E[x_i] + sigma
 eps, given the clean tokens before i, for the sigma of its range of EDM's noise axis (partition overlap
-gamma 0.1 by default). Generation: for each new token, `sample.steps` denoising steps from sigma_max down a
-quantile grid (default B: each block once), the chain's estimate handed from step to step by a *bridge*
+gamma 0.1 by default). Generation: for each new token, `sample.steps` denoising steps of `sample.sampler` (Euler by
+default) from sigma_max down a quantile grid (default B: each block once), through the router
+(`blocks.BridgedDenoiser`), the chain's estimate handed from step to step by a *bridge*
 (the estimate D itself, softmax(logits) @ E, E[argmax], or E[a token drawn from the step's logits]), and the
 last step's logits read out greedily or by temperature / top-p sampling. Measured on tinyshakespeare
 (benchmarks/results/arlm-shakespeare), the later blocks copy what they are handed, so only the sampling bridge
@@ -35,12 +36,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..blocks import BridgedDenoiser
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
-from ..generate import sigma_grid
 from ..models.arlm import ARDenoiser, CausalLM, KVCache
-from ..models.vit import label_embedding_table
-from ..noise import Partition
+from ..models.layers import label_embedding_table
+from ..noise import Partition, sigma_grid
+from ..precond import append_dims
 from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
+from ..sampling import SAMPLERS
 from ..seeding import make_generator
 from ..text import TextConfig, held_out_windows, usable_logits
 from .base import Evaluation, TextTask
@@ -74,6 +77,7 @@ class ARModelConfig:
 @dataclass(frozen=True)
 class ARSampleConfig:
     steps: int = 0               # Denoising steps per token; 0 = B (each block once).
+    sampler: str = "euler"       # The sampler of each token's chain, a name of sampling.SAMPLERS ("euler": the paper's).
     bridge: str = "sample"       # What a step hands the next: "estimate" (D), "softmax" (softmax(logits) @ E),
                                  # "argmax" (E[argmax logits]) or "sample" (E[a token drawn from the logits as the
                                  # readout draws]).
@@ -87,6 +91,7 @@ class ARSampleConfig:
 
     def validate(self) -> None:
         check_choice("sample.bridge", self.bridge, BRIDGES)
+        check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
         if self.steps < 0 or self.num < 0 or self.new_chars < 1 or self.prompt_chars < 1:
             raise ConfigError("sample.steps and sample.num must be >= 0, sample.new_chars and sample.prompt_chars >= 1")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -137,14 +142,16 @@ def _readout(logits: torch.Tensor, temperature: float, top_p: float, greedy: boo
 
 class _Context:
     """The clean tokens a generation step may read: a window of at most `window` - 1 tokens that moves on by half
-    a window when full; with `cached`, a KV cache per model (block) of the window, re-filled when it moves."""
+    a window when full; with `cached`, a KV cache of the window for each trunk that asks for one (`cache`), re-filled
+    when the window moves. `last[trunk]`: the trunk's output at the window's last token."""
 
-    def __init__(self, trunks: dict[int, Any], tokens: torch.Tensor, window: int, cached: bool):
-        self.trunks, self.window, self.cached = trunks, window, cached
+    def __init__(self, tokens: torch.Tensor, window: int, cached: bool, trunks: tuple = ()):
+        self.window, self.cached = window, cached
         self.tokens, self.start = tokens, 0
-        self._new_cache = lambda trunk: KVCache(len(trunk.layers))
+        self.caches, self.last = {}, {}
         self._move()
-        self._refill()
+        for trunk in trunks if cached else ():
+            self.cache(trunk)
 
     def _move(self) -> bool:
         moved = False
@@ -153,14 +160,13 @@ class _Context:
             moved = True
         return moved
 
-    def _refill(self) -> None:
-        self.caches, self.last = {}, {}
-        if not self.cached:
-            return
-        for key, trunk in self.trunks.items():
-            self.caches[key] = self._new_cache(trunk)
+    def cache(self, trunk) -> Any:
+        """trunk's KV cache of the window, made and filled on first use."""
+        if trunk not in self.caches:
+            self.caches[trunk] = KVCache(len(trunk.layers))
             if self.tokens.shape[1] > self.start:
-                self.last[key] = trunk.extend(self.caches[key], self.tokens[:, self.start:])[:, -1]
+                self.last[trunk] = trunk.extend(self.caches[trunk], self.tokens[:, self.start:])[:, -1]
+        return self.caches[trunk]
 
     @property
     def window_tokens(self) -> torch.Tensor:
@@ -169,54 +175,62 @@ class _Context:
     def append(self, token: torch.Tensor) -> None:
         self.tokens = torch.cat([self.tokens, token[:, None]], dim=1)
         if self._move():
-            self._refill()
-        elif self.cached:
-            for key, trunk in self.trunks.items():
-                self.last[key] = trunk.extend(self.caches[key], token[:, None])[:, -1]
+            trunks = list(self.caches)
+            self.caches, self.last = {}, {}
+            for trunk in trunks:
+                self.cache(trunk)
+        else:
+            for trunk, cache in self.caches.items():
+                self.last[trunk] = trunk.extend(cache, token[:, None])[:, -1]
 
 
 @torch.no_grad()
 def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps: int | None = None,
                    bridge: str = "sample", temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                   seeds: list[int] | None = None, cache: bool = True, num_tokens: int | None = None) -> torch.Tensor:
-    """Continues prompts (N, P) by `new` tokens with a chain of ARDenoiser blocks (a BlockwiseDenoiser's blocks and
-    partition); returns (N, P + new). Sample i draws its noise and readout uniforms from the generator of seed i.
-    num_tokens: the vocabulary's size, when the model has more ids; the ids above it are never drawn or bridged.
+                   seeds: list[int] | None = None, cache: bool = True, num_tokens: int | None = None,
+                   sampler: str = "euler") -> torch.Tensor:
+    """Continues prompts (N, P) by `new` tokens with a BlockwiseDenoiser of ARDenoiser blocks; returns (N, P + new).
+    Each token is `sampler` run down the quantile grid of `steps` points (default B), the estimate handed on by the
+    bridge, the last evaluation's logits read out. Sample i draws its noise and readout uniforms from the generator
+    of seed i (the `sample` bridge: one more uniform per evaluation). num_tokens: the vocabulary's size, when the
+    model has more ids; the ids above it are never drawn or bridged.
 
-    Without the cache every denoising step runs the block's full training forward over the window
+    Without the cache every evaluation runs the block's full training forward over the window
     (`ARDenoiser.denoise`); with it, the clean window is kept as keys and values (`ARDenoiser.denoise_next`).
     """
     N = prompts.shape[0]
     device = prompts.device
     steps = steps or model.num_blocks
     sigmas = sigma_grid(model.partition.axis, steps).to(device, torch.float32)  # (steps + 1,), last 0
-    owners = [int(model.partition.owner(sigmas[k:k + 1])[0]) for k in range(steps)]
-    blocks = {b: model.blocks[b] for b in sorted(set(owners))}
-    D_dim = blocks[owners[0]].E.shape[1]
+    D_dim = model.blocks[0].E.shape[1]
     gens = [make_generator(s, "arlm-sample") for s in (seeds if seeds is not None else range(N))]
-    ctx = _Context({b: blk.trunk for b, blk in blocks.items()}, prompts, window, cache)
-    ones = torch.ones(N, device=device)
+    ctx = _Context(prompts, window, cache)
+
+    def denoise(block, z: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache:
+            D, logits = block.denoise_next(z, sigma, ctx.cache(block.trunk))
+        else:  # the training forward on the window, the new position last (its clean token is never seen)
+            w = ctx.window_tokens
+            n, T = z.shape[0], w.shape[1] + 1
+            zs = torch.cat([torch.zeros(n, T - 1, D_dim, device=device), z[:, None]], dim=1)
+            unseen = torch.zeros(n, 1, dtype=torch.long, device=device)  # the new position's clean token
+            D, logits = block.denoise(zs, sigma[:, None].expand(n, T), torch.cat([w, unseen], dim=1))
+            D, logits = D[:, -1], logits[:, -1]
+        return D, usable_logits(logits, num_tokens)
+
+    def carry(block, D: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        token = None
+        if bridge == "sample":  # a uniform per evaluation for the token it draws
+            u_step = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(device)
+            token = _readout(logits, temperature, top_p, greedy, u_step)
+        return block.estimate(D, logits, bridge, token)
+
+    chain = BridgedDenoiser(model, carry, denoise)
     for _ in range(new):
         eps = torch.stack([torch.randn(D_dim, generator=g) for g in gens]).to(device)  # (N, D)
         u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(device)
-        if bridge == "sample":  # a uniform per step for the token each step draws
-            u_steps = torch.stack([torch.rand(steps, generator=g, dtype=torch.float64) for g in gens]).to(device)
-        z = eps * sigmas[0]
-        for k in range(steps):
-            blk, sigma = blocks[owners[k]], sigmas[k] * ones
-            if cache:
-                D, logits = blk.denoise_next(z, sigma, ctx.caches[owners[k]])
-            else:  # the training forward on the window, the new position last (its clean token is never seen)
-                w = ctx.window_tokens
-                T = w.shape[1] + 1
-                zs = torch.cat([torch.zeros(N, T - 1, D_dim, device=device), z[:, None]], dim=1)
-                unseen = torch.zeros(N, 1, dtype=torch.long, device=device)  # the new position's clean token
-                D, logits = blk.denoise(zs, sigma[:, None].expand(N, T), torch.cat([w, unseen], dim=1))
-                D, logits = D[:, -1], logits[:, -1]
-            logits = usable_logits(logits, num_tokens)
-            token = _readout(logits, temperature, top_p, greedy, u_steps[:, k]) if bridge == "sample" else None
-            z = z + (sigmas[k + 1] - sigmas[k]) * (z - blk.estimate(D, logits, bridge, token)) / sigmas[k]
-        ctx.append(_readout(logits, temperature, top_p, greedy, u))
+        SAMPLERS[sampler](chain, eps * sigmas[0], sigmas, disable=True)
+        ctx.append(_readout(chain.logits, temperature, top_p, greedy, u))  # the last evaluation's logits
     return ctx.tokens
 
 
@@ -228,12 +242,12 @@ def generate_plain(model, prompts: torch.Tensor, new: int, *, window: int, tempe
     N = prompts.shape[0]
     D_dim = model.trunk.tok_embed.embedding_dim
     gens = [make_generator(s, "arlm-sample") for s in (seeds if seeds is not None else range(N))]
-    ctx = _Context({0: model.trunk}, prompts, window, cache)
+    ctx = _Context(prompts, window, cache, (model.trunk,))
     for _ in range(new):
         for g in gens:  # the chain's noise draw, skipped, so that a sample's readout uniforms match
             torch.randn(D_dim, generator=g)
         u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(prompts.device)
-        logits = model.next_logits(ctx.last[0]) if cache else model(ctx.window_tokens)[:, -1]
+        logits = model.next_logits(ctx.last[model.trunk]) if cache else model(ctx.window_tokens)[:, -1]
         logits = usable_logits(logits, num_tokens)
         ctx.append(_readout(logits, temperature, top_p, greedy, u))
     return ctx.tokens
@@ -245,8 +259,10 @@ def is_plain(model) -> bool:
 
 def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bridge: str | None = None,
                   steps: int | None = None, seeds: list[int] | None = None, cache: bool = True,
-                  batch_size: int = 100, num_tokens: int | None = None, **readout) -> torch.Tensor:
-    """Either model kind, batched; readout: temperature, top_p, greedy; num_tokens: the vocabulary's size."""
+                  batch_size: int = 100, num_tokens: int | None = None, sampler: str | None = None,
+                  **readout) -> torch.Tensor:
+    """Either model kind, batched; readout: temperature, top_p, greedy; num_tokens: the vocabulary's size; bridge and
+    sampler: default the run's."""
     out = []
     seeds = list(range(len(prompts))) if seeds is None else seeds
     for i in range(0, len(prompts), batch_size):
@@ -256,7 +272,8 @@ def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bri
                                       num_tokens=num_tokens, **readout))
         else:
             out.append(generate_chain(model, p, new, window=cfg.model.seq_len, steps=steps, bridge=bridge or
-                                      cfg.sample.bridge, seeds=s, cache=cache, num_tokens=num_tokens, **readout))
+                                      cfg.sample.bridge, seeds=s, cache=cache, num_tokens=num_tokens,
+                                      sampler=sampler or cfg.sample.sampler, **readout))
     return torch.cat(out)
 
 
@@ -282,27 +299,43 @@ def next_token_bits(model, windows: torch.Tensor, *, seed: int = 0, batch_size: 
     return total / count / math.log(2)
 
 
+def _at_each_position(sigma: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The samplers' noise level per sequence (N,) at every position of tokens (N, L), as a contiguous (N, L)."""
+    return sigma[:, None].expand(tokens.shape).contiguous()
+
+
 @torch.no_grad()
-def _teacher_forced_chain(model, x: torch.Tensor, sigmas: torch.Tensor, bridge: str, g: torch.Generator):
+def _teacher_forced_chain(model, x: torch.Tensor, sigmas: torch.Tensor, bridge: str, g: torch.Generator, *,
+                          sampler: str = "euler", callback=None) -> torch.Tensor:
     """The sampler's chain on every position of windows x (N, L) at once, the clean context given (the training
-    forward): yields (k, block, logits, estimate) at each step before the step's update; the noise and the
-    `sample` bridge's draws (temperature 1) come from g."""
-    z = torch.randn(*x.shape, model.blocks[0].E.shape[1], generator=g).to(x.device) * sigmas[0]  # (N, L, D)
-    for k in range(len(sigmas) - 1):
-        blk = model.blocks[int(model.partition.owner(sigmas[k:k + 1])[0])]
-        D, logits = blk.denoise(z, sigmas[k] * torch.ones(x.shape, device=x.device), x)
+    forward); returns the last evaluation's logits (N, L, V). callback(k, logits, estimate) after step k's evaluation at
+    its own sigma. The noise and the `sample` bridge's draws (temperature 1) come from g."""
+    def denoise(block, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor):
+        return block.denoise(z, _at_each_position(sigma, tokens), tokens)
+
+    def carry(block, D: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         token = None
         if bridge == "sample":
-            u = torch.rand(x.shape, generator=g, dtype=torch.float64).to(x.device).flatten()
-            token = _readout(logits.flatten(0, 1), 1.0, 1.0, False, u).view(x.shape)
-        est = blk.estimate(D, logits, bridge, token)
-        yield k, blk, logits, est
-        z = z + (sigmas[k + 1] - sigmas[k]) * (z - est) / sigmas[k]
+            u = torch.rand(logits.shape[:-1], generator=g, dtype=torch.float64).to(x.device).flatten()
+            token = _readout(logits.flatten(0, 1), 1.0, 1.0, False, u).view(logits.shape[:-1])
+        return block.estimate(D, logits, bridge, token)
+
+    chain = BridgedDenoiser(model, carry, denoise)
+    step = None if callback is None else lambda d: callback(d["i"], chain.logits, d["denoised"])
+    z = torch.randn(*x.shape, model.blocks[0].E.shape[1], generator=g).to(x.device) * sigmas[0]  # (N, L, D)
+    SAMPLERS[sampler](chain, z, sigmas, extra_args={"tokens": x}, callback=step, disable=True)
+    return chain.logits
+
+
+def _oracle(block, eps: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's (D, logits) on E[tokens] + sigma eps, the noisy input it was trained on."""
+    z = block.E[tokens] + append_dims(sigma, eps.ndim) * eps
+    return block.denoise(z, _at_each_position(sigma, tokens), tokens)
 
 
 @torch.no_grad()
 def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None = None, seed: int = 0,
-               batch_size: int = 64) -> list[dict[str, Any]]:
+               batch_size: int = 64, sampler: str = "euler") -> list[dict[str, Any]]:
     """The chain teacher-forced on held-out windows: per step, the bits per token of the owning block's logits on
     the chain's own state and on the oracle input E[x] + sigma eps, and the norm of the chain's estimate (a
     collapse toward 0 shows here). Positions 1..L-1, as next_token_bits (position 0 has no context)."""
@@ -314,13 +347,16 @@ def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None =
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size]
         g = make_generator(seed, "arlm-chain", i)
-        for k, blk, logits, est in _teacher_forced_chain(model, x, sigmas, bridge, g):
-            oracle = blk.E[x] + sigmas[k] * torch.randn(*x.shape, blk.E.shape[1], generator=g).to(x.device)
-            _, logits_oracle = blk.denoise(oracle, sigmas[k] * torch.ones(x.shape, device=x.device), x)
+
+        def measure(k: int, logits: torch.Tensor, est: torch.Tensor, x: torch.Tensor = x, g: torch.Generator = g):
+            eps = torch.randn(*x.shape, est.shape[-1], generator=g).to(x.device)
+            _, logits_oracle = model.route(_oracle, eps, sigmas[k] * torch.ones(len(x), device=x.device), tokens=x)
             rows[k]["chain_bits"] += float(F.cross_entropy(logits[:, 1:].transpose(1, 2), x[:, 1:], reduction="sum"))
             rows[k]["oracle_bits"] += float(F.cross_entropy(logits_oracle[:, 1:].transpose(1, 2), x[:, 1:],
                                                             reduction="sum"))
             rows[k]["estimate_norm"] += float(est[:, 1:].norm(dim=-1).sum())
+
+        _teacher_forced_chain(model, x, sigmas, bridge, g, sampler=sampler, callback=measure)
         n += x[:, 1:].numel()
     for row in rows:
         row["chain_bits"] /= n * math.log(2)
@@ -339,7 +375,7 @@ def mixture_bits(probs: torch.Tensor, targets: torch.Tensor, samples: int) -> fl
 
 @torch.no_grad()
 def sampler_bits(model, windows: torch.Tensor, *, bridge: str, steps: int, samples: int = 8, seed: int = 0,
-                 batch_size: int = 64) -> float:
+                 batch_size: int = 64, sampler: str = "euler") -> float:
     """Held-out bits per token (positions 1..L-1) of the distribution the sampler draws the next token from after
     `steps` steps, q_K(x) = E_chain[softmax(last step's logits)](x), estimated by the mean over `samples`
     teacher-forced chains per window (log of a mean of `samples` draws: biased up for small `samples`)."""
@@ -348,10 +384,10 @@ def sampler_bits(model, windows: torch.Tensor, *, bridge: str, steps: int, sampl
     per_batch = max(batch_size // samples, 1)  # windows per batch of batch_size chains
     for i in range(0, len(windows), per_batch):
         x = windows[i:i + per_batch]
-        for k, _, logits, _ in _teacher_forced_chain(model, x.repeat_interleave(samples, 0), sigmas, bridge,
-                                                  make_generator(seed, "arlm-sampler-bits", i)):
-            if k == steps - 1:  # position j's logits are the distribution of token j (its context is tokens < j)
-                total += mixture_bits(logits[:, 1:].float().softmax(-1), x[:, 1:], samples)
+        logits = _teacher_forced_chain(model, x.repeat_interleave(samples, 0), sigmas, bridge,
+                                       make_generator(seed, "arlm-sampler-bits", i), sampler=sampler)
+        # Position j's logits are the distribution of token j (its context is tokens < j).
+        total += mixture_bits(logits[:, 1:].float().softmax(-1), x[:, 1:], samples)
         n += x[:, 1:].numel()
     return total / n
 
@@ -459,6 +495,7 @@ class AutoregressiveTask(TextTask):
         parser.add_argument("--bridge", choices=BRIDGES, help="what each denoising step hands the next (default: the "
                             "run's sample.bridge)")
         parser.add_argument("--steps", type=int, help="denoising steps per token (default: sample.steps, or B)")
+        parser.add_argument("--sampler", choices=list(SAMPLERS), help="default: the run's sample.sampler")
         parser.add_argument("--temperature", type=float, help="default: the run's sample.temperature")
         parser.add_argument("--top-p", type=float, help="default: the run's sample.top_p")
         parser.add_argument("--greedy", action="store_true", help="argmax readout")
@@ -483,7 +520,7 @@ class AutoregressiveTask(TextTask):
         t0 = time.perf_counter()
         ids = generate_text(model, cfg, prompts, new, bridge=args.bridge, steps=args.steps or s.steps or None,
                             seeds=[args.seed * 1000 + i for i in range(args.num)], cache=not args.no_cache,
-                            num_tokens=len(vocab), **self._readout_args(cfg, args))
+                            num_tokens=len(vocab), sampler=args.sampler, **self._readout_args(cfg, args))
         seconds = time.perf_counter() - t0
         texts = [vocab.decode(row) for row in ids.cpu()]
         Path(args.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
@@ -529,7 +566,8 @@ class AutoregressiveTask(TextTask):
                              "chars_per_token": data.test.chars_per_token}
         r["bpc"] = r["bits_per_token"] / r["chars_per_token"]
         if not is_plain(model):
-            r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=args.seed) for b in bridges}
+            r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=args.seed, sampler=cfg.sample.sampler)
+                          for b in bridges}
         readout = self._readout_args(cfg, argparse.Namespace())
         vocab = data.vocab
         r["samples"], ids_of = {}, {}

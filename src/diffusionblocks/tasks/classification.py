@@ -28,13 +28,15 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from ..blocks import BridgedDenoiser
 from ..config import ConfigError, RunConfig, check_choice
 from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data
-from ..generate import sigma_grid
-from ..models.vit import ViTClassifier, ViTLabelDenoiser, label_embedding_table
-from ..noise import Partition
+from ..models.layers import label_embedding_table
+from ..models.vit import ViTClassifier, ViTLabelDenoiser
+from ..noise import Partition, sigma_grid
 from ..precond import append_dims
 from ..report import markdown_table, memory_note, training_cost
+from ..sampling import SAMPLERS
 from ..seeding import make_generator
 from .base import Coupling, Evaluation, Task
 from .image_generation import ImageModelConfig, add_steps_argument, image_batch_sampler, load_matching_images
@@ -51,11 +53,13 @@ class ClassifyConfig:
     loss_weighting: str = "per_sample"    # "per_sample": lambda(sigma_i) CE_i; "batch_mean": mean(lambda) CE_i,
                                           # the reference code's.
     inference_steps: int = 0              # Denoising steps at inference; 0 = B (each block once).
+    sampler: str = "euler"                # Inference sampler, a name of sampling.SAMPLERS ("euler": the paper's).
 
     def validate(self) -> None:
         check_choice("classify.mode", self.mode, ("diffusion", "plain"))
         check_choice("classify.label_embedding", self.label_embedding, ("fixed", "learned_first", "learned_joint"))
         check_choice("classify.loss_weighting", self.loss_weighting, ("per_sample", "batch_mean"))
+        check_choice("classify.sampler", self.sampler, tuple(SAMPLERS))
         if self.inference_steps < 0:
             raise ConfigError(f"classify.inference_steps must be >= 0, got {self.inference_steps}")
 
@@ -99,7 +103,7 @@ def run_label_embedding(cfg: RunConfig) -> torch.Tensor:
 class ClassificationTask(Task):
     name = "classify"
     config_class = ClassificationConfig
-    resumable_fields = ("classify.inference_steps",)
+    resumable_fields = ("classify.inference_steps", "classify.sampler")
 
     def upgrade_config(self, d: dict[str, Any]) -> dict[str, Any]:
         # Configs written before tasks had their own sections carried the generator's unused "sample" section
@@ -166,15 +170,18 @@ class ClassificationTask(Task):
 
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_steps_argument(parser, "classify.inference_steps, or B")
+        parser.add_argument("--sampler", choices=list(SAMPLERS), help="default: the run's classify.sampler")
 
     def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
         """Top-1 (and top-5), the accuracy after each step of the chain and each block's oracle accuracy."""
         if args.steps is not None and args.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {args.steps}")
-        return Evaluation(evaluate_classifier(run_dir, steps=args.steps, device=args.device, seed=args.seed))
+        return Evaluation(evaluate_classifier(run_dir, steps=args.steps, device=args.device, seed=args.seed,
+                                              sampler=args.sampler))
 
     def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
-        return f"eval-classify-{args.steps or 'B'}steps"
+        sampler = args.sampler or cfg.classify.sampler
+        return f"eval-classify-{args.steps or 'B'}steps" + ("" if sampler == "euler" else f"-{sampler}")
 
     def format_evaluation(self, result: dict[str, Any]) -> str:
         return format_classifier_evaluation(result)
@@ -232,36 +239,36 @@ class LabelCoupling(Coupling):
 # ---- inference and evaluation
 
 
+def label_bridge(block: nn.Module, D: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The estimate between inference steps: softmax(logits) @ E (method.md section 5)."""
+    return logits.softmax(-1) @ block.E  # (N, D)
+
+
 @torch.no_grad()
 def chain_logits(model, images: torch.Tensor, steps: int | None = None, grid: str = "quantile",
-                 seed: int = 0) -> list[torch.Tensor]:
-    """Logits (N, K) at every inference step of a BlockwiseDenoiser of ViT label denoisers; the last is the answer."""
+                 seed: int = 0, sampler: str = "euler") -> list[torch.Tensor]:
+    """Logits (N, K) at every inference step of a BlockwiseDenoiser of ViT label denoisers (those of each step's first
+    evaluation, at its own sigma); the last is the answer."""
     steps = steps or model.num_blocks
     sigmas = sigma_grid(model.partition.axis, steps, grid).to(images.device, torch.float32)
-    first = model.blocks[int(model.partition.owner(sigmas[:1])[0])]
-    N, D = images.shape[0], first.label_embedding.shape[1]
+    N, D = images.shape[0], model.blocks[0].label_embedding.shape[1]  # block 0 owns sigma_max, the first step's
     z = torch.randn(N, D, generator=make_generator(seed, "classify")).to(images.device) * sigmas[0]
-    s_in = z.new_ones([N])
+    chain = BridgedDenoiser(model, label_bridge)
     out = []
-    for i in range(steps):
-        block = model.blocks[int(model.partition.owner(sigmas[i:i + 1])[0])]
-        _, logits = block.denoise(z, sigmas[i] * s_in, images)
-        y_hat = logits.softmax(-1) @ block.E  # (N, D): the estimate between steps
-        # Euler step (the last one, to sigma = 0, lands on the estimate).
-        z = z + (sigmas[i + 1] - sigmas[i]) * (z - y_hat) / sigmas[i]
-        out.append(logits.float())
+    SAMPLERS[sampler](chain, z, sigmas, extra_args={"images": images}, callback=lambda _: out.append(chain.logits.float()),
+                      disable=True)
     return out
 
 
 @torch.no_grad()
 def predict_logits(model, images: torch.Tensor, steps: int | None = None, batch_size: int = 500,
-                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   device: str | torch.device = "cpu", sampler: str = "euler") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(final logits, logits per step) for a chain of label denoisers, or for a plain classifier (one step), batched."""
     plain = isinstance(model.blocks[0], ViTClassifier)
     finals, per_step = [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)
-        logits = [model.blocks[0].logits(x)] if plain else chain_logits(model, x, steps)
+        logits = [model.blocks[0].logits(x)] if plain else chain_logits(model, x, steps, sampler=sampler)
         finals.append(logits[-1].cpu())
         per_step.append([l.cpu() for l in logits])
     steps_logits = [torch.cat([p[j] for p in per_step]) for j in range(len(per_step[0]))]
@@ -292,7 +299,7 @@ def oracle_accuracy(model, data: ImageData, b: int, sigmas: list[float], seed: i
 
 
 def evaluate_classifier(run_dir: str | Path, *, steps: int | None = None, device: str | torch.device = "cpu",
-                        seed: int = 0) -> dict[str, Any]:
+                        seed: int = 0, sampler: str | None = None) -> dict[str, Any]:
     """Held-out accuracy (top-1, top-5 where there are more than 5 classes), per-step chain accuracy and the
     oracle accuracy of each block at the noise levels of its own inference steps."""
     from ..checkpoint import from_pretrained
@@ -301,9 +308,10 @@ def evaluate_classifier(run_dir: str | Path, *, steps: int | None = None, device
     data = load_image_data(cfg.data).test
     K = cfg.model.num_classes
     steps = steps or cfg.classify.inference_steps or cfg.blocks.num_blocks
+    sampler = sampler or cfg.classify.sampler
     t0 = time.perf_counter()
     logits, per_step = predict_logits(model, data.images, steps if cfg.classify.mode == "diffusion" else None,
-                                      device=device)
+                                      device=device, sampler=sampler)
     infer_s = time.perf_counter() - t0
     r: dict[str, Any] = {"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "mode": cfg.classify.mode,
                          "num_test": len(data), "top1": topk_accuracy(logits, data.labels, 1),

@@ -26,10 +26,11 @@ from ..diagnostics import write_chain_diagnostics
 from ..evaluation import evaluate_run, format_evaluation
 from ..generate import class_labels_evenly, generate
 from ..models.dit import DiT
-from ..noise import Partition
+from ..noise import GRIDS, Partition
 from ..plotting import image_grid, save_image_grid
 from ..precond import Denoiser
 from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
+from ..sampling import SAMPLERS
 from .base import Evaluation, Task
 
 logger = logging.getLogger(__name__)
@@ -74,16 +75,16 @@ class DiTModelConfig(ImageModelConfig):
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "euler"           # "euler" (the paper's), "heun" (EDM Alg. 1) or "dpmpp_2m".
+    sampler: str = "euler"           # A name of sampling.SAMPLERS: "euler" (the paper's), "heun" (EDM Alg. 1)...
     steps: int = 50                  # Denoising steps (network evaluations per sample for Euler).
-    grid: str = "quantile"           # "quantile" (equal mass, the paper's) or "karras" (rho schedule).
+    grid: str = "quantile"           # A name of noise.GRIDS: "quantile" (equal mass, the paper's), "karras" (rho).
     rho: float = 7.0                 # Karras schedule exponent.
     guidance: float = 2.0            # Classifier-free guidance weight w; 1 = no guidance.
     samples_per_class: int = 10      # Columns of the sample grid written after training.
 
     def validate(self) -> None:
-        check_choice("sample.sampler", self.sampler, ("euler", "heun", "dpmpp_2m"))
-        check_choice("sample.grid", self.grid, ("quantile", "karras"))
+        check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
+        check_choice("sample.grid", self.grid, tuple(GRIDS))
         if self.steps < 1:
             raise ConfigError(f"sample.steps must be at least 1, got {self.steps}")
         if self.guidance < 0:
@@ -392,8 +393,8 @@ def guidance_argument(args: argparse.Namespace, default: float) -> float:
 def _add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     """Sampling options that default to the run's sample.* config."""
     add_steps_argument(p, "the run's sample.steps")
-    p.add_argument("--sampler", choices=["euler", "heun", "dpmpp_2m"], help="default: the run's sample.sampler")
-    p.add_argument("--grid", choices=["quantile", "karras"], help="sigma grid (default: the run's sample.grid)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: the run's sample.sampler")
+    p.add_argument("--grid", choices=list(GRIDS), help="sigma grid (default: the run's sample.grid)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's)")
 
 

@@ -96,7 +96,7 @@ def generate_huginn(model, prompts: torch.Tensor, new: int, *, window: int, iter
     (the vocabulary's size) on are never drawn."""
     D = model.tok_embed.embedding_dim
     gens = [make_generator(s, "recurrent-sample") for s in seeds]
-    ctx = _Context({}, prompts, window, cached=False)
+    ctx = _Context(prompts, window, cached=False)
     for _ in range(new):
         w = ctx.window_tokens
         state = torch.stack([torch.randn(w.shape[1], D, generator=g) for g in gens]).to(prompts.device)  # (N, T, D)
@@ -116,7 +116,8 @@ def generate(model, cfg: RunConfig, prompts: torch.Tensor, new: int, iterations:
                                        seeds=s, num_tokens=num_tokens, **readout))
         else:
             out.append(generate_chain(model, p, new, window=cfg.model.seq_len, steps=iterations,
-                                      bridge=cfg.sample.bridge, seeds=s, num_tokens=num_tokens, **readout))
+                                      bridge=cfg.sample.bridge, seeds=s, num_tokens=num_tokens,
+                                      sampler=cfg.sample.sampler, **readout))
     return torch.cat(out)
 
 
@@ -128,7 +129,7 @@ def bits_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: int, sa
     initial states, or the denoiser's sampler distribution (`sampler_bits`)."""
     if not is_huginn(model):
         return sampler_bits(model, windows, bridge=cfg.sample.bridge, steps=iterations, samples=samples, seed=seed,
-                            batch_size=batch_size)
+                            batch_size=batch_size, sampler=cfg.sample.sampler)
     m = model.blocks[0]
     total, count = 0.0, 0
     step = max(batch_size // samples, 1)
