@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_schedules_agree
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, pretrained, rundir
 from diffusionblocks.tasks.classification import chain_logits, evaluate_classifier
 from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError, apply_overrides
@@ -95,7 +95,7 @@ def test_sequential_and_interleaved_give_identical_blocks(cfg, digits):
 
 def test_learned_first_freezes_block_zeros_table_for_the_others(cfg, digits, tmp_path):
     c = apply_overrides(cfg, ["classify.label_embedding=learned_first"])
-    checkpoint.save_config(tmp_path, c)
+    rundir.save_config(tmp_path, c)
     train(c, digits.train, tmp_path, progress=False)
     E = [checkpoint.load_block_tensor(tmp_path, b, "label_embedding") for b in range(3)]
     initial = build_block(c, 0).label_embedding
@@ -109,7 +109,7 @@ def test_learned_first_freezes_block_zeros_table_for_the_others(cfg, digits, tmp
 
 def test_learned_joint_shares_one_table(cfg, digits, tmp_path):
     c = apply_overrides(cfg, ["classify.label_embedding=learned_joint", "train.schedule=interleaved"])
-    checkpoint.save_config(tmp_path, c)
+    rundir.save_config(tmp_path, c)
     states = train(c, digits.train, tmp_path, progress=False)
     assert states[0].denoiser.label_embedding is states[2].denoiser.label_embedding
     E = [checkpoint.load_block_tensor(tmp_path, b, "label_embedding") for b in range(3)]
@@ -126,8 +126,8 @@ def test_save_load_exact_and_short_training_beats_chance(tmp_path, capsys):
     r = evaluate_classifier(run)
     assert r["top1"] > 0.3  # chance is 0.1 (measured: 0.58)
     assert [b["block"] for b in r["per_block"]] == [0, 1, 2]
-    model, cfg = checkpoint.from_pretrained(run)
-    again, _ = checkpoint.from_pretrained(run)
+    model, cfg = pretrained.from_pretrained(run)
+    again, _ = pretrained.from_pretrained(run)
     x = load_image_data(cfg.data).test.images[:16]
     assert all(torch.equal(a, b) for a, b in zip(chain_logits(model, x), chain_logits(again, x)))
     assert main(["sample", str(run), "--out", str(tmp_path / "x.png")]) == 2

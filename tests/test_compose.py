@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, pretrained
 from diffusionblocks.cli import main
 from diffusionblocks.compose import COMPOSITION_FILE, parse_block_sources
 from diffusionblocks.config import ConfigError
@@ -200,7 +200,7 @@ def test_chain_diagnostics_take_each_blocks_own_domain(runs):
     from diffusionblocks.reference import ReferenceClassifier
 
     a, _ = runs
-    model, _ = checkpoint.from_pretrained(a)
+    model, _ = pretrained.from_pretrained(a)
     plain, thick = load_image_data(DataConfig()).test, load_image_data(DataConfig(dataset="digits-thick")).test
     clf = ReferenceClassifier(1, 10).eval()
     kw = dict(num=8, steps=6)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, pretrained
 from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
 from diffusionblocks.text import TextConfig, Vocabulary, load_text, usable_logits, vocabulary_difference
@@ -256,7 +256,7 @@ def test_a_bpe_smaller_than_asked_says_so_and_samples_only_its_tokens(corpus, tm
     assert size < 2000
     assert f"data.bpe_vocab_size=2000: the training text makes a BPE of only {size} tokens" in caplog.text
     assert f"ids {size}..1999 of model.vocab_size=2000 mean nothing and are never sampled" in caplog.text
-    model, cfg = checkpoint.from_pretrained(run)
+    model, cfg = pretrained.from_pretrained(run)
     prompts = torch.zeros(4, 2, dtype=torch.long)
     ids = generate_text(model, cfg, prompts, 20, seeds=list(range(4)), num_tokens=size)
     assert int(ids.max()) < size

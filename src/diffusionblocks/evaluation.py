@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import from_pretrained
+from .pretrained import from_pretrained
 from .config import ConfigError
 from .data import load_image_data, make_generator
 from .diagnostics import chain_diagnostics

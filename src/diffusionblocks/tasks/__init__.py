@@ -16,10 +16,10 @@ import sys
 import traceback
 
 from ..config import ConfigError, RunConfig
-from .base import Coupling, Evaluation, Task
+from .base import ComparingTask, Coupling, EvaluatingTask, Evaluation, SamplingTask, Task
 
-__all__ = ["BUILTIN_TASKS", "Coupling", "Evaluation", "Task", "available", "default_config", "get_task",
-           "importable_by_name", "register"]
+__all__ = ["BUILTIN_TASKS", "ComparingTask", "Coupling", "EvaluatingTask", "Evaluation", "SamplingTask", "Task",
+           "available", "default_config", "get_task", "importable_by_name", "register"]
 
 BUILTIN_TASKS = {  # name -> "module:class", imported when first asked for
     "generate": "diffusionblocks.tasks.image_generation:ImageGenerationTask",

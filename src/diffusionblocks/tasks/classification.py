@@ -17,7 +17,6 @@ block's optimiser updates, the reference code's) make blocks depend on each othe
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +29,11 @@ from ..config import ConfigError, RunConfig, check_choice
 from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data, make_generator
 from ..generate import sigma_grid
 from ..noise import Partition
+from ..options import EvaluateOptions, option
 from ..precond import append_dims
+from ..pretrained import from_pretrained
 from .base import Coupling, Evaluation, Task
-from .image_generation import ImageModelConfig, add_steps_argument, image_batch_sampler, load_matching_images
+from .image_generation import ImageModelConfig, image_batch_sampler, load_matching_images
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class ClassificationConfig(RunConfig):
 JOINT_LABEL_FILE = "label_embedding.safetensors"  # the shared table of "learned_joint" runs
 
 
+@dataclass(frozen=True)
+class ClassifyEvaluateOptions(EvaluateOptions):
+    steps: int | None = option(None, "denoising steps (default: classify.inference_steps, or B)")
+
+
 def run_label_embedding(cfg: RunConfig) -> torch.Tensor:
     """The run's initial label-embedding table, the same for every block: drawn from (seed, "label-embedding")."""
     from ..models.vit import label_embedding_table
@@ -79,6 +85,7 @@ class ClassificationTask(Task):
     name = "classify"
     config_class = ClassificationConfig
     resumable_fields = ("classify.inference_steps",)
+    evaluate_options = ClassifyEvaluateOptions
 
     def upgrade_config(self, d: dict[str, Any]) -> dict[str, Any]:
         # Configs written before tasks had their own sections carried the generator's unused "sample" section
@@ -164,17 +171,14 @@ class ClassificationTask(Task):
         print(format_classifier_evaluation(result))
         return {"evaluation": result}
 
-    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
-        add_steps_argument(parser, "classify.inference_steps, or B")
-
-    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
+    def evaluate(self, run_dir: Path, options: ClassifyEvaluateOptions) -> Evaluation:
         """Top-1 (and top-5), the accuracy after each step of the chain and each block's oracle accuracy."""
-        if args.steps is not None and args.steps < 1:
-            raise ConfigError(f"--steps must be at least 1, got {args.steps}")
-        return Evaluation(evaluate_classifier(run_dir, steps=args.steps, device=args.device, seed=args.seed))
+        if options.steps is not None and options.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {options.steps}")
+        return Evaluation(evaluate_classifier(run_dir, steps=options.steps, device=options.device, seed=options.seed))
 
-    def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
-        return f"eval-classify-{args.steps or 'B'}steps"
+    def evaluation_name(self, cfg: RunConfig, options: ClassifyEvaluateOptions) -> str:
+        return f"eval-classify-{options.steps or 'B'}steps"
 
     def format_evaluation(self, result: dict[str, Any]) -> str:
         return format_classifier_evaluation(result)
@@ -297,7 +301,6 @@ def evaluate_classifier(run_dir: str | Path, *, steps: int | None = None, device
                         seed: int = 0) -> dict[str, Any]:
     """Held-out accuracy (top-1, top-5 where there are more than 5 classes), per-step chain accuracy and the
     oracle accuracy of each block at the noise levels of its own inference steps."""
-    from ..checkpoint import from_pretrained
 
     model, cfg = from_pretrained(run_dir, device)
     data = load_image_data(cfg.data).test
