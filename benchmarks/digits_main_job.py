@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from diffusionblocks.checkpoint import from_pretrained
+from diffusionblocks.pretrained import from_pretrained
 
 from diffusionblocks.data import DataConfig, load_image_data
 from diffusionblocks.reference import accuracy, conditional_accuracy, load_or_train_reference_classifier

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionblocks.pretrained import from_pretrained
-from diffusionblocks.rundir import read_config
 from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError, apply_overrides, load_config
+from diffusionblocks.pretrained import from_pretrained
+from diffusionblocks.rundir import read_config
 from diffusionblocks.tasks import default_config, get_task, register
 from diffusionblocks.train import train
 

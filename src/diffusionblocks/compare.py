@@ -89,8 +89,9 @@ def run_comparison(cfg: RunConfig, out_dir: Path, *, num_blocks: list[int] = (2,
         if not _trained(c, run):
             _train(c, run, config_path, device, progress)
     # The task's own options at their defaults (the runs' settings), the same for every run.
-    options = task.evaluate_options(num=num_samples, seed=seed, cache_dir=None if cache_dir is None else str(cache_dir),
-                                    progress=progress, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    options = task.evaluate_options(num=num_samples, seed=seed, progress=progress,
+                                    cache_dir=None if cache_dir is None else str(cache_dir),
+                                    device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results, artifacts = {}, {}
     for B in configs:
         run = out_dir / f"B{B}"

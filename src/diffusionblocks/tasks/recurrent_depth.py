@@ -243,7 +243,8 @@ class RecurrentDepthTask(TextTask):
         if new < 1 or K < 1:
             raise ConfigError("--new and --iterations must be at least 1")
         prompts = self._prompts(cfg, options.num, options.prompt or cfg.sample.prompt, run_dir).to(options.device)
-        ids = self._generate(model, cfg, run_dir, prompts, new, K, [options.seed * 1000 + i for i in range(options.num)])
+        seeds = [options.seed * 1000 + i for i in range(options.num)]
+        ids = self._generate(model, cfg, run_dir, prompts, new, K, seeds)
         texts = self._texts(run_dir, ids)
         Path(options.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
         for text in texts[:3]:
@@ -255,7 +256,8 @@ class RecurrentDepthTask(TextTask):
         try:
             Ks = [int(k) for k in options.iterations.split(",") if k.strip()]
         except ValueError:
-            raise ConfigError(f"--iterations {options.iterations!r} is not a comma-separated list of integers") from None
+            raise ConfigError(f"--iterations {options.iterations!r} is not a comma-separated list of "
+                              "integers") from None
         if not Ks or min(Ks) < 1 or options.prompts < 1 or options.new < 1 or options.draws < 1:
             raise ConfigError("--iterations, --prompts, --new and --draws must be at least 1")
         _check_windows(options.windows)
