@@ -4,7 +4,8 @@ Every task's options extend SampleOptions or EvaluateOptions with its own fields
 with its default and help. The command line is made from the fields (cli.py): a field is the flag of its
 name (`top_p` is `--top-p`; a trailing underscore is dropped, `class_` is `--class`), typed by its
 annotation; a bool field that is False by default is the switch `--name`, one that is True by default
-the switch `--no-name`. From Python, the same options are keyword arguments:
+the switch `--no-name` (its help says what that switch does). From Python, the same options are keyword
+arguments:
 
     runs.sample_run(run, out="sevens.npz", num=500, class_=7, sampler="heun", steps=30)
 """
