@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from diffusionblocks.checkpoint import from_pretrained
 from diffusionblocks.data import DataConfig, load_image_data
 from diffusionblocks.generate import class_labels_evenly, generate
 from diffusionblocks.plotting import save_image_grid
+from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.reference import accuracy, conditional_accuracy, load_or_train_reference_classifier
 
 

@@ -33,14 +33,16 @@ from pathlib import Path
 
 import torch
 
-from diffusionblocks.checkpoint import block_info, from_pretrained, read_config
+from diffusionblocks.checkpoint import block_info
 from diffusionblocks.data import DataConfig, load_image_data
 from diffusionblocks.diagnostics import chain_diagnostics
 from diffusionblocks.evaluation import features
 from diffusionblocks.generate import class_labels_evenly, generate
 from diffusionblocks.metrics import frechet_distance
 from diffusionblocks.plotting import image_grid
+from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.reference import load_or_train_reference_classifier, predict, union
+from diffusionblocks.tasks import read_config
 
 PRESET = Path(__file__).resolve().parent.parent / "presets" / "digits-dit.json"
 

@@ -19,7 +19,6 @@ through this file.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,9 @@ from torch import nn
 
 from diffusionblocks.config import ConfigError, RunConfig
 from diffusionblocks.noise import Partition, get_sigmas_quantile
+from diffusionblocks.options import EvaluateOptions, SampleOptions, option
 from diffusionblocks.precond import Denoiser
+from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.sampling import sample_euler
 from diffusionblocks.seeding import make_generator
 from diffusionblocks.tasks import Evaluation, Task
@@ -165,6 +166,19 @@ def save_scatter(points: torch.Tensor, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+# ---- the options of `sample` and `evaluate`: each field is an option (`steps` is --steps), with its default and help
+
+
+@dataclass(frozen=True)
+class MixtureSampleOptions(SampleOptions):
+    steps: int | None = option(None, "Euler steps (default: the run's sample.steps)")
+
+
+@dataclass(frozen=True)
+class MixtureEvaluateOptions(EvaluateOptions):
+    steps: int | None = option(None, "Euler steps (default: the run's sample.steps)")
+
+
 # ---- the task
 
 
@@ -172,6 +186,8 @@ class MixtureTask(Task):
     name = "gaussian_mixture:MixtureTask"
     config_class = MixtureConfig
     sample_suffixes = (".png", ".npz")
+    sample_options = MixtureSampleOptions
+    evaluate_options = MixtureEvaluateOptions
 
     def load_data(self, cfg: RunConfig) -> Points:
         return make_points(cfg.data, cfg.train.seed)
@@ -192,32 +208,23 @@ class MixtureTask(Task):
         return {"y": batch, "sigma": sigma, "noise": torch.randn(batch.shape, generator=generator, device=at)}
 
     def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
-        from diffusionblocks.checkpoint import from_pretrained
-
         model, _ = from_pretrained(run_dir, device)
         points = sample_points(model, cfg.sample.num, cfg.sample.steps, cfg.train.seed, device)
         save_scatter(points, run_dir / "samples.png", f"{cfg.name}, B={cfg.blocks.num_blocks}")
         return {}
 
-    def add_sample_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--steps", type=int, help="Euler steps (default: the run's sample.steps)")
-
-    def sample(self, model: nn.Module, cfg: RunConfig, args: argparse.Namespace) -> None:
-        points = sample_points(model, args.num, args.steps or cfg.sample.steps, args.seed, args.device, args.progress)
-        if args.out.endswith(".npz"):
-            np.savez(args.out, points=points.numpy())
+    def sample(self, run_dir: Path, model: nn.Module, cfg: RunConfig, options: MixtureSampleOptions) -> None:
+        points = sample_points(model, options.num, options.steps or cfg.sample.steps, options.seed, options.device,
+                               options.progress)
+        if options.out.endswith(".npz"):
+            np.savez(options.out, points=points.numpy())
         else:
-            save_scatter(points, Path(args.out), f"{args.num} samples")
+            save_scatter(points, Path(options.out), f"{options.num} samples")
 
-    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
-        self.add_sample_arguments(parser)
-
-    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
-        from diffusionblocks.checkpoint import from_pretrained
-
-        model, cfg = from_pretrained(run_dir, args.device)
+    def evaluate(self, run_dir: Path, options: MixtureEvaluateOptions) -> Evaluation:
+        model, cfg = from_pretrained(run_dir, options.device)
         data = self.load_data(cfg)
-        x = sample_points(model, args.num, args.steps or cfg.sample.steps, args.seed, args.device)
+        x = sample_points(model, options.num, options.steps or cfg.sample.steps, options.seed, options.device)
         nearest = torch.cdist(x, data.centres).min(1)  # distance and index of the nearest centre
         share = torch.bincount(nearest.indices, minlength=len(data.centres)).double() / len(x)
         result = {"num_samples": len(x), "num_blocks": cfg.blocks.num_blocks,

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, pretrained
 from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
 from diffusionblocks.models.arlm import ARDenoiser, CausalLM, KVCache, training_mask
@@ -199,7 +199,7 @@ def test_config_rules():
 
 def test_every_trained_block_is_causal_in_training_and_with_the_cache(trained):
     chain, _ = trained
-    model, cfg = checkpoint.from_pretrained(chain)
+    model, cfg = pretrained.from_pretrained(chain)
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(cfg.model.vocab_size, (2, cfg.model.seq_len), generator=g)
     later = tokens.clone()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, pretrained, rundir
 from diffusionblocks.config import ConfigError
 from diffusionblocks.seeding import make_generator
 from diffusionblocks.tasks import apply_overrides, config_from_dict, get_task
@@ -10,7 +10,7 @@ from diffusionblocks.train import init_block_state, save_block_state
 
 def trained_run(cfg, run):
     """A run directory whose blocks have random (non-initial) weights."""
-    checkpoint.save_config(run, cfg)
+    rundir.save_config(run, cfg)
     states = []
     for b in range(cfg.blocks.num_blocks):
         s = init_block_state(get_task(cfg.task), cfg, b, torch.device("cpu"))
@@ -25,7 +25,7 @@ def trained_run(cfg, run):
 
 def test_save_load_gives_identical_outputs(tiny_cfg, tmp_path):
     states = trained_run(tiny_cfg, tmp_path)
-    model, cfg = checkpoint.from_pretrained(tmp_path)
+    model, cfg = pretrained.from_pretrained(tmp_path)
     assert cfg == tiny_cfg
     x = torch.randn(6, 1, 8, 8)
     sigma = torch.tensor([50.0, 2.0, 0.4, 0.2, 0.05, 0.003])
@@ -42,7 +42,7 @@ def test_missing_block_is_named(tiny_cfg, tmp_path):
     trained_run(tiny_cfg, tmp_path)
     checkpoint.block_weights_path(tmp_path, 1).unlink()
     with pytest.raises(ConfigError, match=r"missing the weights of block\(s\) 1 of 3"):
-        checkpoint.from_pretrained(tmp_path)
+        pretrained.from_pretrained(tmp_path)
 
 
 def test_corrupt_checkpoint_is_named(tiny_cfg, tmp_path):
@@ -50,7 +50,7 @@ def test_corrupt_checkpoint_is_named(tiny_cfg, tmp_path):
     path = checkpoint.block_weights_path(tmp_path, 2)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ConfigError, match="block_02.safetensors.*corrupt"):
-        checkpoint.from_pretrained(tmp_path)
+        pretrained.from_pretrained(tmp_path)
     state = checkpoint.block_state_path(tmp_path, 0)
     state.write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="block_00.state.pt.*corrupt"):
@@ -60,10 +60,10 @@ def test_corrupt_checkpoint_is_named(tiny_cfg, tmp_path):
 def test_mismatched_checkpoint_is_named(tiny_cfg, tmp_path):
     trained_run(tiny_cfg, tmp_path)
     wider = apply_overrides(tiny_cfg, ["model.hidden_size=64"])
-    checkpoint.save_config(tmp_path, wider)
+    rundir.save_config(tmp_path, wider)
     # The metadata names the field; a block file without a config in its metadata is checked tensor by tensor.
     with pytest.raises(ConfigError, match=r"another model.hidden_size \(32, not 64\)"):
-        checkpoint.from_pretrained(tmp_path)
+        pretrained.from_pretrained(tmp_path)
     block = get_task(wider.task).build_block(wider, 0)
     with pytest.raises(ConfigError, match="does not match the config: .* has shape"):
         checkpoint.load_block_weights(tmp_path, 0, block)
@@ -71,15 +71,15 @@ def test_mismatched_checkpoint_is_named(tiny_cfg, tmp_path):
 
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        checkpoint.from_pretrained(tmp_path / "nope")
+        pretrained.from_pretrained(tmp_path / "nope")
     with pytest.raises(ConfigError, match="has no config.json"):
-        checkpoint.from_pretrained(tmp_path)
+        pretrained.from_pretrained(tmp_path)
 
 
 def test_new_run_dirs_are_numbered_and_never_reused(tmp_path):
-    a = checkpoint.new_run_dir(tmp_path, "x")
+    a = rundir.new_run_dir(tmp_path, "x")
     (a / "keep").write_text("mine")
-    b = checkpoint.new_run_dir(tmp_path, "x")
+    b = rundir.new_run_dir(tmp_path, "x")
     assert (a.name, b.name) == ("00000-x", "00001-x")
     assert (a / "keep").read_text() == "mine"
 

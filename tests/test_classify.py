@@ -4,12 +4,12 @@ import pytest
 import torch
 from conftest import assert_schedules_agree
 
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, pretrained, rundir
 from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
 from diffusionblocks.data import DataConfig, load_image_data
 from diffusionblocks.precond import get_scalings
-from diffusionblocks.tasks import apply_overrides, default_config, get_task
+from diffusionblocks.tasks import apply_overrides, default_config, get_task, read_config
 from diffusionblocks.tasks.classification import chain_logits, evaluate_classifier
 from diffusionblocks.train import train
 
@@ -93,7 +93,7 @@ def test_sequential_and_interleaved_give_identical_blocks(cfg, digits):
 
 def test_learned_first_freezes_block_zeros_table_for_the_others(cfg, digits, tmp_path):
     c = apply_overrides(cfg, ["classify.label_embedding=learned_first"])
-    checkpoint.save_config(tmp_path, c)
+    rundir.save_config(tmp_path, c)
     train(get_task(c.task), c, digits.train, tmp_path, progress=False)
     E = [checkpoint.load_block_tensor(tmp_path, b, "label_embedding") for b in range(3)]
     initial = get_task(c.task).build_block(c, 0).label_embedding
@@ -107,7 +107,7 @@ def test_learned_first_freezes_block_zeros_table_for_the_others(cfg, digits, tmp
 
 def test_learned_joint_shares_one_table(cfg, digits, tmp_path):
     c = apply_overrides(cfg, ["classify.label_embedding=learned_joint", "train.schedule=interleaved"])
-    checkpoint.save_config(tmp_path, c)
+    rundir.save_config(tmp_path, c)
     states = train(get_task(c.task), c, digits.train, tmp_path, progress=False)
     assert states[0].denoiser.label_embedding is states[2].denoiser.label_embedding
     E = [checkpoint.load_block_tensor(tmp_path, b, "label_embedding") for b in range(3)]
@@ -124,8 +124,8 @@ def test_save_load_exact_and_short_training_beats_chance(tmp_path, capsys):
     r = evaluate_classifier(run)
     assert r["top1"] > 0.3  # chance is 0.1 (measured: 0.58)
     assert [b["block"] for b in r["per_block"]] == [0, 1, 2]
-    model, cfg = checkpoint.from_pretrained(run)
-    again, _ = checkpoint.from_pretrained(run)
+    model, cfg = pretrained.from_pretrained(run)
+    again, _ = pretrained.from_pretrained(run)
     x = load_image_data(cfg.data).test.images[:16]
     assert all(torch.equal(a, b) for a, b in zip(chain_logits(model, x), chain_logits(again, x)))
     assert main(["sample", str(run), "--out", str(tmp_path / "x.png")]) == 2
@@ -169,6 +169,6 @@ def test_inference_steps_may_change_on_resume_but_the_model_may_not(tmp_path, ca
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--no-progress", *TINY, "train.steps_per_block=2"]) == 0
     assert main(["train", "--resume", str(run), "--no-progress", "classify.inference_steps=6"]) == 0
-    assert checkpoint.read_config(run).classify.inference_steps == 6
+    assert read_config(run).classify.inference_steps == 6
     assert main(["train", "--resume", str(run), "classify.label_embedding=learned_first"]) == 2
     assert "would change what the run" in capsys.readouterr().err

@@ -8,12 +8,14 @@ import pytest
 import torch
 from conftest import TINY
 
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, pretrained
+from diffusionblocks.checkpoint import COMPOSITION_FILE
 from diffusionblocks.cli import main
-from diffusionblocks.compose import COMPOSITION_FILE, parse_block_sources
+from diffusionblocks.compose import parse_block_sources
 from diffusionblocks.config import ConfigError
 from diffusionblocks.data import DATASETS, DataConfig, invert, load_image_data, thicken
 from diffusionblocks.reference import union
+from diffusionblocks.tasks import read_config
 
 
 def run_cli(capsys, *argv):
@@ -53,7 +55,7 @@ def test_a_composed_run_chains_both_sources_and_records_them(runs, tmp_path, cap
     a, b = runs
     c = tmp_path / "c"
     assert main(["compose", "--block", f"0={a}", "--block", f"1,2={b}", "--out", str(c), "name=mix"]) == 0
-    cfg = checkpoint.read_config(c)
+    cfg = read_config(c)
     assert cfg.name == "mix" and cfg.data.dataset == "digits"  # block 0's source's config, with the override
     rows = json.loads((c / COMPOSITION_FILE).read_text())["blocks"]
     assert [(r["block"], r["run"], r["data"]["dataset"]) for r in rows] == [
@@ -189,7 +191,7 @@ def test_fine_tuning_on_another_domain_with_from(runs, tmp_path):
     new = tmp_path / "ft"
     assert main(["train", "--from", str(a), "--blocks", "2", "--out", str(new), "--no-progress",
                  "data.dataset=digits-thick", "train.steps_per_block=2"]) == 0
-    assert checkpoint.read_config(new).data.dataset == "digits-thick"
+    assert read_config(new).data.dataset == "digits-thick"
     for b in (0, 1):
         assert checkpoint.block_weights_path(new, b).read_bytes() == checkpoint.block_weights_path(a, b).read_bytes()
     assert checkpoint.block_step(new, 2) == 2
@@ -200,7 +202,7 @@ def test_chain_diagnostics_take_each_blocks_own_domain(runs):
     from diffusionblocks.reference import ReferenceClassifier
 
     a, _ = runs
-    model, _ = checkpoint.from_pretrained(a)
+    model, _ = pretrained.from_pretrained(a)
     plain, thick = load_image_data(DataConfig()).test, load_image_data(DataConfig(dataset="digits-thick")).test
     clf = ReferenceClassifier(1, 10).eval()
     kw = dict(num=8, steps=6)

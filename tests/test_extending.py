@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionblocks.checkpoint import from_pretrained, read_config
 from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
-from diffusionblocks.tasks import apply_overrides, default_config, get_task, load_config, register
+from diffusionblocks.pretrained import from_pretrained
+from diffusionblocks.tasks import apply_overrides, default_config, get_task, load_config, read_config, register
 from diffusionblocks.train import train
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -14,16 +14,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffusionblocks"
 # Lowest first. A module may import from its own layer and from any layer before it.
 LAYERS = [
     ("errors and seeds", ["errors", "seeding"]),
-    ("configuration and utilities", ["config", "precision", "memory", "metrics", "plotting", "distributed"]),
+    ("configuration and utilities", ["config", "options", "precision", "memory", "metrics", "plotting", "distributed"]),
     ("the math", ["noise", "precond", "sampling", "blocks"]),
     ("models", ["models", "models.layers", "models.dit", "models.vit", "models.arlm", "models.mdlm",
                 "models.recurrent"]),
     ("data", ["data", "text", "reference", "generate", "diagnostics"]),
-    ("the run directory", ["rundir", "checkpoint"]),
+    ("the run directory", ["changes", "rundir", "checkpoint"]),
     ("training", ["train"]),
     ("evaluation and reports", ["evaluation", "report"]),
     ("tasks", ["tasks.base", "tasks.text", "tasks.image_generation", "tasks.classification", "tasks.masked_diffusion",
-               "tasks.autoregressive", "tasks.recurrent_depth", "tasks"]),
+               "tasks.autoregressive", "tasks.recurrent_depth", "tasks", "pretrained"]),
     ("the run's life and tools", ["runs", "compare", "compose", "membench", "speedbench"]),
     ("the command line", ["cli", "__main__", ""]),
 ]

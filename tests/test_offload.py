@@ -3,7 +3,7 @@
 import torch
 from conftest import TINY, kill_training_once
 
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, pretrained, rundir
 from diffusionblocks.cli import main
 from diffusionblocks.data import DataConfig, load_image_data
 from diffusionblocks.generate import generate
@@ -27,7 +27,7 @@ def assert_same(w1, w2, atol=0.0):
 def test_offloaded_and_resident_sequential_training_give_identical_weights(tiny_cfg, tmp_path):
     data = load_image_data(DataConfig()).train
     resident = train(get_task(tiny_cfg.task), tiny_cfg, data, None, progress=False)
-    checkpoint.save_config(tmp_path, tiny_cfg)
+    rundir.save_config(tmp_path, tiny_cfg)
     offloaded = train(get_task(tiny_cfg.task), tiny_cfg, data, tmp_path, progress=False)
     assert all(s.resident for s in resident.values()) and not any(s.resident for s in offloaded.values())
     assert_same({b: s.denoiser.state_dict() for b, s in resident.items()}, disk_weights(tmp_path, 3))
@@ -96,10 +96,10 @@ def test_streamed_inference_equals_resident_and_loads_each_block_once(tmp_path):
     assert main(["train", "--out", str(run), "--no-progress", *TINY]) == 0
     labels = torch.arange(10)
     kw = dict(image_shape=(1, 8, 8), num_classes=10, steps=12, guidance=2.0)
-    resident, _ = checkpoint.from_pretrained(run)
-    streamed, _ = checkpoint.from_pretrained(run, stream=True)
+    resident, _ = pretrained.from_pretrained(run)
+    streamed, _ = pretrained.from_pretrained(run, stream=True)
     assert torch.equal(generate(resident, labels, **kw), generate(streamed, labels, **kw))
     assert streamed.blocks.loads == 3
-    streamed_heun, _ = checkpoint.from_pretrained(run, stream=True)
+    streamed_heun, _ = pretrained.from_pretrained(run, stream=True)
     assert torch.equal(generate(resident, labels, sampler="heun", **kw), generate(streamed_heun, labels, sampler="heun", **kw))
     assert streamed_heun.blocks.loads == 3

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, rundir
 from diffusionblocks.cli import main
+from diffusionblocks.tasks import read_config
 
 HERE = Path(__file__).parent
 # Two blocks of one layer, two checkpoints each (steps 2 and 4): small enough to kill many times.
@@ -179,7 +180,7 @@ def test_a_second_job_is_refused_naming_the_holder_and_sigterm_stops_the_first(t
     long = faulty(-1, "kill", *args)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and checkpoint.lock_holder(run, 0) is None:
+        while time.time() < deadline and rundir.lock_holder(run, 0) is None:
             time.sleep(0.05)
         refused(capsys, args, f"is being trained by another job (pid {long.pid} on ")
         refused(capsys, ["train", "--resume", str(run), "--blocks", "0"], f"(pid {long.pid} on ")
@@ -193,7 +194,7 @@ def test_a_second_job_is_refused_naming_the_holder_and_sigterm_stops_the_first(t
         long.kill()
     assert long.returncode == 143
     assert err.strip().splitlines()[-1] == f"terminated; continue with `diffusionblocks train --resume {run}`"
-    assert checkpoint.lock_holder(run, 0) is None
+    assert rundir.lock_holder(run, 0) is None
     # The corrected command: finish the block with fewer steps than it was started with, from its checkpoint.
     step = checkpoint.state_step(run, 0)
     code, err, _ = run_cli(capsys, "train", "--resume", str(run), "--no-progress", f"train.steps_per_block={step + 3}")
@@ -375,7 +376,7 @@ def test_overrides_may_stand_anywhere_among_the_options(tmp_path, capsys, one_th
     code, err, _ = run_cli(capsys, "train", *SMALL[:4], "--out", str(run), *SMALL[4:], "--no-progress",
                            "train.seed=3")
     assert code == 0, err
-    assert checkpoint.read_config(run).train.seed == 3
+    assert read_config(run).train.seed == 3
     with pytest.raises(SystemExit) as e:  # argparse's usage line and its message
         main(["train", "--out", str(tmp_path / "x"), "--bogus", *SMALL])
     assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

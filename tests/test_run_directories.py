@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusionblocks import checkpoint, compose
+from diffusionblocks import checkpoint, compose, pretrained, rundir
 from diffusionblocks.cli import main
-from diffusionblocks.tasks import apply_overrides
+from diffusionblocks.tasks import apply_overrides, read_config
 
 HERE = Path(__file__).parent
 # Two blocks of one layer, 4 steps each (checkpoints at 2 and 4): small enough to train in a second.
@@ -62,7 +62,7 @@ def assert_whole(run: Path, source: Path) -> None:
     assert [r["run"] for r in rows] == [str(source.resolve())] * 2
     for r in rows:
         assert checkpoint.sha256_file(checkpoint.block_weights_path(run, r["block"])) == r["sha256"]
-    assert checkpoint.read_config(run).name.endswith("-composed")
+    assert read_config(run).name.endswith("-composed")
     umask = os.umask(0)
     os.umask(umask)
     assert run.stat().st_mode & 0o777 == 0o777 & ~umask  # a directory like any other, not a temporary's
@@ -246,10 +246,10 @@ def test_a_plain_run_is_loaded_without_hashing_and_a_composed_one_hashes_each_bl
     from diffusionblocks.generate import generate
 
     for stream in (False, True):
-        model, _ = checkpoint.from_pretrained(a, stream=stream)
+        model, _ = pretrained.from_pretrained(a, stream=stream)
         generate(model, torch.arange(4), image_shape=(1, 8, 8), num_classes=10, steps=6)
         assert hashed == []
-    model, _ = checkpoint.from_pretrained(c, stream=True)
+    model, _ = pretrained.from_pretrained(c, stream=True)
     for seed in range(2):  # every sample passes through both blocks: each is loaded four times
         generate(model, torch.arange(4), image_shape=(1, 8, 8), num_classes=10, steps=6, seed=seed)
     assert model.blocks.loads == 4 and sorted(hashed) == ["block_00.safetensors", "block_01.safetensors"]
@@ -265,7 +265,7 @@ def partial(runs, tmp_path_factory):
     a, _ = runs
     p = tmp_path_factory.mktemp("partial") / "p"
     shutil.copytree(a, p)
-    checkpoint.save_config(p, apply_overrides(checkpoint.read_config(p), ["train.steps_per_block=8"]))
+    rundir.save_config(p, apply_overrides(read_config(p), ["train.steps_per_block=8"]))
     return p
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, pretrained, rundir
 from diffusionblocks.config import ConfigError
 from diffusionblocks.data import BatchSampler, load_image_data
 from diffusionblocks.seeding import make_generator
@@ -86,7 +86,7 @@ def test_resume_continues_exactly(tiny_cfg, digits, tmp_path):
         cfg = apply_overrides(tiny_cfg, [f"train.schedule={schedule}"])
         run = tmp_path / schedule
         run.mkdir()
-        checkpoint.save_config(run, cfg)
+        rundir.save_config(run, cfg)
         # Interrupted after the first checkpoint (step 3 of 6): train 3 steps and stop.
         train(get_task(cfg.task), apply_overrides(cfg, ["train.steps_per_block=3"]), digits, run, progress=False)
         assert checkpoint.block_step(run, 0) == 3
@@ -98,9 +98,9 @@ def test_resume_continues_exactly(tiny_cfg, digits, tmp_path):
 
 def test_ema_weights_are_saved_for_inference(tiny_cfg, digits, tmp_path):
     cfg = apply_overrides(tiny_cfg, ["train.ema_halflife_steps=2"])
-    checkpoint.save_config(tmp_path, cfg)
+    rundir.save_config(tmp_path, cfg)
     states = train(get_task(cfg.task), cfg, digits, tmp_path, progress=False)
-    model, _ = checkpoint.from_pretrained(tmp_path)
+    model, _ = pretrained.from_pretrained(tmp_path)
     assert not states[0].resident  # sequential: saved, then offloaded
     ema = checkpoint.load_train_state(tmp_path, 0)["ema"]
     raw = checkpoint.load_train_state(tmp_path, 0)["model"]

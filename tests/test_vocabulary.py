@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, pretrained
 from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
+from diffusionblocks.tasks import read_config
 from diffusionblocks.text import TextConfig, Vocabulary, load_text, usable_logits, vocabulary_difference
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -137,7 +138,7 @@ def test_evaluate_reads_the_edited_data_through_the_run_vocabulary(runs, corpus,
     assert len(Vocabulary(corpus_copy.read_text(encoding="utf-8")[:cut])) < len(Vocabulary(text[:cut]))
     cfg_path = run / "config.json"
     cfg_path.write_text(cfg_path.read_text().replace(json.dumps(str(corpus)), json.dumps(str(corpus_copy))))
-    assert checkpoint.read_config(run).data.path == str(corpus_copy)
+    assert read_config(run).data.path == str(corpus_copy)
     assert held_out_bpc(capsys, run, tmp_path / "after") == before
     corpus_copy.write_text(text[:-1] + "~", encoding="utf-8")
     refused(capsys, ["evaluate", str(run), "--out", str(tmp_path / "x"), "--no-progress"], "'~'",
@@ -256,7 +257,7 @@ def test_a_bpe_smaller_than_asked_says_so_and_samples_only_its_tokens(corpus, tm
     assert size < 2000
     assert f"data.bpe_vocab_size=2000: the training text makes a BPE of only {size} tokens" in caplog.text
     assert f"ids {size}..1999 of model.vocab_size=2000 mean nothing and are never sampled" in caplog.text
-    model, cfg = checkpoint.from_pretrained(run)
+    model, cfg = pretrained.from_pretrained(run)
     prompts = torch.zeros(4, 2, dtype=torch.long)
     ids = generate_text(model, cfg, prompts, 20, seeds=list(range(4)), num_tokens=size)
     assert int(ids.max()) < size
@@ -282,7 +283,7 @@ def test_held_out_text_with_too_few_prompt_windows_is_refused_before_training(co
     assert main(["train", "--out", str(run), "--no-progress", *args("arlm", small, "sample.num=0")]) == 0
     refused(capsys, ["train", "--resume", str(run), "--no-progress", "train.steps_per_block=4",
                      "sample.num=4", "sample.prompt_chars=16"], "fewer than sample.num=4 prompts")
-    assert checkpoint.block_step(run, 0) == 2 and checkpoint.read_config(run).sample.num == 0
+    assert checkpoint.block_step(run, 0) == 2 and read_config(run).sample.num == 0
     mdlm = tmp_path / "mdlm"
     refused(capsys, ["train", "--out", str(mdlm), "--no-progress", *args("mdlm", small, "sample.prompt=caf\u00e9")],
             "sample.prompt has character(s) '\u00e9' outside the vocabulary")

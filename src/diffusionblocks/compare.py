@@ -8,7 +8,6 @@ writes the report (its metrics, plots and samples) next to report.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -19,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import new_run_dir, save_config
 from .config import ConfigError, RunConfig, even_split
-from .tasks import Task, get_task, importable_by_name
+from .rundir import new_run_dir, save_config
+from .tasks import ComparingTask, get_task, importable_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +29,8 @@ def comparison_configs(cfg: RunConfig, num_blocks: list[int]) -> dict[int, RunCo
     """One config per B (B=1 always included), identical but for the partition of the layers; B=1 is the
     task's end-to-end baseline."""
     task = get_task(cfg.task)
-    missing = [m for m in ("evaluate", "write_comparison") if getattr(type(task), m) is getattr(Task, m)]
-    if missing:
+    if not isinstance(task, ComparingTask):
+        missing = [m for m in ("evaluate_options", "evaluate", "write_comparison") if not hasattr(task, m)]
         raise ConfigError(f"task {cfg.task!r} cannot be compared: it does not define {' or '.join(missing)}")
     if not importable_by_name(cfg.task):
         raise ConfigError(f"compare trains each run in a fresh process, where task {cfg.task!r} (registered from "
@@ -68,17 +67,6 @@ def _trained(cfg: RunConfig, run: Path) -> bool:
     return all(b["steps"] >= cfg.train.steps_per_block for b in s["blocks"])
 
 
-def evaluation_args(task, *, num: int, seed: int, device: str, cache_dir: str | Path | None,
-                    progress: bool, argv: list[str] | None = None) -> argparse.Namespace:
-    """The arguments of task.evaluate: the shared ones, and the task's own options parsed from argv
-    (their defaults, the run's settings, when argv is empty)."""
-    parser = argparse.ArgumentParser(prog=f"diffusionblocks evaluate (task {task.name})")
-    task.add_evaluate_arguments(parser)
-    args = parser.parse_args(argv or [])
-    args.num, args.seed, args.device, args.cache_dir, args.progress = num, seed, device, cache_dir, progress
-    return args
-
-
 def run_comparison(cfg: RunConfig, out_dir: Path, *, num_blocks: list[int] = (2, 3, 4), num_samples: int = 1000,
                    seed: int = 0, device: str | None = None, cache_dir: str | Path | None = None,
                    progress: bool = True) -> dict[str, Any]:
@@ -93,12 +81,14 @@ def run_comparison(cfg: RunConfig, out_dir: Path, *, num_blocks: list[int] = (2,
         run = out_dir / f"B{B}"
         if not _trained(c, run):
             _train(c, run, config_path, device, progress)
-    args = evaluation_args(task, num=num_samples, seed=seed, cache_dir=cache_dir, progress=progress,
-                           device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # The task's own options at their defaults (the runs' settings), the same for every run.
+    options = task.evaluate_options(num=num_samples, seed=seed, progress=progress,
+                                    cache_dir=None if cache_dir is None else str(cache_dir),
+                                    device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results, artifacts = {}, {}
     for B in configs:
         run = out_dir / f"B{B}"
-        ev = task.evaluate(run, args)
+        ev = task.evaluate(run, options)
         ev.result["train_summary"] = json.loads((run / "train_summary.json").read_text())
         (run / "evaluation.json").write_text(json.dumps(ev.result, indent=2) + "\n")
         results[B], artifacts[B] = ev.result, ev.artifacts

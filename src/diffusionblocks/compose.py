@@ -33,10 +33,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
-from .checkpoint import COMPOSITION_FILE, read_composition  # noqa: F401 (where composed runs are read)
+from . import checkpoint, rundir
+from .changes import COMPOSE, changeable, first_difference, identity, refused_overrides
 from .config import ConfigError, RunConfig
-from .tasks import apply_overrides, get_task
+from .tasks import apply_overrides, get_task, read_config
 from .text import VOCAB_FILE, vocabulary_difference
 
 try:
@@ -46,8 +46,6 @@ except ImportError:  # Windows: a staging directory is known to be abandoned by 
 
 logger = logging.getLogger(__name__)
 
-# What a composed run may set for itself: its name, and how it is evaluated and sampled.
-OVERRIDABLE = ("name", "data.", "sample.")
 # The sections chained blocks must agree on, and what each one means for chaining.
 _MEANING = {"task": "task", "noise": "noise axis", "blocks": "partition of the noise axis and of the layers",
             "model": "model (its shape, channels and classes)"}
@@ -77,17 +75,17 @@ def parse_block_sources(specs: list[str]) -> dict[int, Path]:
 
 def _chain_difference(ref: RunConfig, cfg: RunConfig) -> str | None:
     """What keeps blocks of `cfg` from chaining with blocks of `ref`: the first differing field, or None."""
-    ours, theirs = checkpoint.identity(ref.to_dict()), checkpoint.identity(cfg.to_dict())
+    ours, theirs = identity(ref), identity(cfg)
     for section in sorted(set(ours) | set(theirs), key=lambda s: list(_MEANING).index(s) if s in _MEANING else 99):
         if ours.get(section) != theirs.get(section):
-            field = checkpoint.first_difference(theirs.get(section), ours.get(section), section)
+            field = first_difference(theirs.get(section), ours.get(section), section)
             return f"another {_MEANING.get(section, section)}: {field}"
     return None
 
 
 def check_sources(sources: dict[int, Path]) -> tuple[RunConfig, dict[int, RunConfig]]:
     """The config of block 0's source and each source's config, after refusing any block that cannot chain."""
-    configs = {b: checkpoint.read_config(run) for b, run in sources.items()}
+    configs = {b: read_config(run) for b, run in sources.items()}
     if 0 not in sources:
         raise ConfigError("every block needs a source, block 0 too: add --block 0=RUN")
     ref = configs[0]
@@ -161,10 +159,10 @@ def copy_block(run: Path, b: int, cfg: RunConfig, out: Path, role: str) -> dict[
 
 def _copy(src: Path, dst: Path) -> None:
     """src to dst byte for byte, flushed to disk, through a temporary of this process: dst is whole or absent."""
-    tmp = checkpoint.temporary_path(dst)
+    tmp = rundir.temporary_path(dst)
     try:
         shutil.copyfile(src, tmp)
-        checkpoint._atomic_replace(tmp, dst)
+        rundir.atomic_replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -191,7 +189,7 @@ def write_composed_run(target: Path, sources: dict[int, Path], configs: dict[int
                            b, run, rows[-1]["step"], rows[-1]["steps_per_block"])
     _copy_metrics(sources, target)
     copy_vocabulary(sources, target)
-    checkpoint.save_config(target, cfg)
+    rundir.save_config(target, cfg)
     checkpoint.save_composition(target, rows)
 
 
@@ -202,18 +200,18 @@ def compose_run(sources: dict[int, Path], out: Path, overrides: list[str] = ()) 
     """
     ref, configs = check_sources(sources)
     check_vocabularies(sources)
-    bad = [o for o in overrides if not o.split("=", 1)[0].startswith(OVERRIDABLE)]
+    bad = refused_overrides(ref, overrides, COMPOSE, restated_ok=False)
     if bad:
-        raise ConfigError(f"override {bad[0]!r}: a composed run may only set {', '.join(OVERRIDABLE)}; the rest "
-                          "is what its blocks were trained as")
+        raise ConfigError(f"override {bad[0]!r}: a composed run may only set {', '.join(changeable(COMPOSE, ref))}; "
+                          "the rest is what its blocks were trained as")
     cfg = apply_overrides(ref, [f"name={ref.name}-composed", *overrides])
     get_task(cfg.task).load_run_data(cfg, sources[0])  # the data it will be evaluated on, as its blocks read it
     _check_free(out)
     with _staging(out) as target:
         try:
             write_composed_run(target, sources, configs, cfg)
-        except (OSError, checkpoint.CheckpointWriteError) as e:  # (the hidden directory's name would say nothing)
-            reason = e.reason if isinstance(e, checkpoint.CheckpointWriteError) else e.strerror or str(e)
+        except (OSError, rundir.CheckpointWriteError) as e:  # (the hidden directory's name would say nothing)
+            reason = e.reason if isinstance(e, rundir.CheckpointWriteError) else e.strerror or str(e)
             raise ConfigError(f"could not write the composed run {str(out)!r}: {reason}; nothing of it was left "
                               "behind") from None
         _publish(target, out)
@@ -262,7 +260,7 @@ def _remove_abandoned_stagings(out: Path) -> None:
     for path in out.parent.glob(f".{glob.escape(out.name)}.compose.*.tmp"):
         m = _STAGING.fullmatch(path.name)
         if not m or m["name"] != out.name or m["host"] != socket.gethostname() or \
-                checkpoint.pid_alive(int(m["pid"])) or not path.is_dir():
+                rundir.pid_alive(int(m["pid"])) or not path.is_dir():
             continue
         if fcntl is None:
             shutil.rmtree(path, ignore_errors=True)
@@ -284,7 +282,7 @@ def _remove_abandoned_stagings(out: Path) -> None:
 def _publish(target: Path, out: Path) -> None:
     """Renames the whole run `target` to `out`, which must not exist or be empty: atomic, so that of two composes
     into one `out` exactly one succeeds, and the other's files never mix with it."""
-    checkpoint._fsync_dir(target)
+    rundir.fsync_dir(target)
     try:
         try:
             os.rename(target, out)  # POSIX: onto a missing or an empty directory, in one step
@@ -298,4 +296,4 @@ def _publish(target: Path, out: Path) -> None:
             raise ConfigError(f"--out {str(out)!r} was filled by another command while this one composed; this "
                               "composition was not written: choose another --out") from None
         raise
-    checkpoint._fsync_dir(out.parent)
+    rundir.fsync_dir(out.parent)

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 
@@ -110,6 +110,15 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: Any = None           # The task's inference settings.
 
+    # Fields of the task's own sections that `train --resume` may change (how the run is used, not what it is),
+    # besides those every task's may (diffusionblocks.changes.MAY_CHANGE).
+    resumable_fields: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def upgrade_config(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """A config dict as an older version of this class wrote it, in today's form (default: unchanged)."""
+        return d
+
     def to_dict(self) -> dict[str, Any]:
         """Every field, but for the sections the task does not define (typed Any and left None)."""
         hints = typing.get_type_hints(type(self))
@@ -125,7 +134,7 @@ class RunConfig:
         if cls is RunConfig:
             raise TypeError("RunConfig.from_dict needs the task's config class; diffusionblocks.tasks.config_from_dict "
                             "picks it from the task the dict names")
-        cfg = _build(cls, d, "")
+        cfg = _build(cls, cls.upgrade_config(d), "")
         cfg.validate()
         return cfg
 

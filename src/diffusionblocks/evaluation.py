@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import from_pretrained
-from .config import ConfigError
+from .config import ConfigError, RunConfig
 from .data import load_image_data
 from .diagnostics import chain_diagnostics
 from .generate import class_labels_evenly, generate
@@ -43,12 +42,13 @@ def features(clf, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
                       for i in range(0, len(images), batch_size)])
 
 
-def evaluate_run(run_dir: str | Path, *, num_samples: int = 1000, steps: int | None = None,
-                 sampler: str | None = None, guidance: float | None = None, grid: str | None = None,
-                 seed: int = 0, diagnostics: bool = True, device: str | torch.device = "cpu",
-                 cache_dir: str | Path | None = None, progress: bool = False) -> tuple[dict[str, Any], torch.Tensor]:
-    """Evaluates a trained class-conditional generator; returns (metrics, the generated images)."""
-    model, cfg = from_pretrained(run_dir, device)
+def evaluate_generator(model, cfg: RunConfig, run_dir: str | Path, *, num_samples: int = 1000,
+                       steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
+                       grid: str | None = None, seed: int = 0, diagnostics: bool = True,
+                       device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
+                       progress: bool = False) -> tuple[dict[str, Any], torch.Tensor]:
+    """Evaluates the class-conditional generator `model` (the run run_dir, loaded); returns (metrics, the generated
+    images)."""
     if cfg.model.num_classes == 0:
         raise ConfigError("evaluate needs a class-conditional model (model.num_classes > 0)")
     s = cfg.sample

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed, precision
+from . import checkpoint, distributed, precision, rundir
 from .config import ConfigError, RunConfig
 from .data import tensor_bytes, to_device
 from .noise import Partition
@@ -267,12 +267,12 @@ class MetricsLog:
         row = {"block": state.b, "step": state.step, "loss": sum(x.item() for x in losses) / len(losses),
                "steps_per_s": len(losses) / dt if dt > 0 else None, "train_time_s": state.train_time_s,
                "lr": state.optimizer.param_groups[0]["lr"]}
-        checkpoint.append_metrics(self.path, row)
+        rundir.append_metrics(self.path, row)
 
     def resumed(self, state: BlockState) -> None:
         """Block state.b continues from its checkpoint: the rows it logged after it are about to be redone."""
         if self.path is not None:
-            checkpoint.drop_metrics_after(self.path, state.b, state.step)
+            rundir.drop_metrics_after(self.path, state.b, state.step)
 
 
 def train(task: Task, cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.device = "cpu",
@@ -288,7 +288,7 @@ def train(task: Task, cfg: RunConfig, data, run_dir: Path | None, *, device: str
     before the next is built. With run_dir None nothing is written and every state is returned whole.
     init_from: a trained run whose weights start the blocks that have no state in run_dir (fine-tuning), or a dict
     {block: run} naming one per block.
-    claim: take each block's lock in run_dir while training it (checkpoint.BlockClaims), so that no other
+    claim: take each block's lock in run_dir while training it (rundir.BlockClaims), so that no other
     job trains it at the same time; False when the caller holds the locks already (the CLI does).
     On CPU, call torch.set_flush_denormal(True) at the start of the process (the CLI does): low-noise
     blocks produce denormal floats, which are several times slower.
@@ -308,7 +308,7 @@ def _train(task: Task, cfg: RunConfig, data, run_dir: Path | None, device: torch
     coupling = task.coupling(cfg, run_dir, device, states)
     if cfg.train.schedule == "parallel":
         return _train_parallel(task, cfg, blocks, data, run_dir, partition, device, progress, init_from, coupling, claim)
-    claims = checkpoint.BlockClaims(run_dir) if run_dir is not None and claim else None
+    claims = rundir.BlockClaims(run_dir) if run_dir is not None and claim else None
     try:
         for b in blocks if claims is not None else ():
             claims.claim(b)
@@ -397,7 +397,7 @@ def _train_parallel(task: Task, cfg: RunConfig, blocks: list[int], data, run_dir
                           f"of group {a.group}")
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and a.is_leader else None, cfg.train.log_every)
     # Each group's leader holds its blocks' locks, unless the caller (the CLI's rank 0) holds them all.
-    claims = checkpoint.BlockClaims(run_dir) if run_dir is not None and claim and a.is_leader else None
+    claims = rundir.BlockClaims(run_dir) if run_dir is not None and claim and a.is_leader else None
     try:
         for b in a.my_blocks if claims is not None else ():
             claims.claim(b)

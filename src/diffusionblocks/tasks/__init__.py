@@ -16,13 +16,16 @@ import importlib
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, RunConfig, overridden, read_config_file, switched_task
-from .base import Coupling, Evaluation, Task
+from ..rundir import read_config_dict
+from .base import ComparingTask, Coupling, EvaluatingTask, Evaluation, SamplingTask, Task
 
-__all__ = ["BUILTIN_TASKS", "Coupling", "Evaluation", "Task", "apply_overrides", "available", "config_from_dict",
-           "default_config", "get_task", "importable_by_name", "load_config", "register"]
+__all__ = ["BUILTIN_TASKS", "ComparingTask", "Coupling", "EvaluatingTask", "Evaluation", "SamplingTask", "Task",
+           "apply_overrides", "available", "config_from_dict", "default_config", "get_task", "importable_by_name",
+           "load_config", "read_config", "register"]
 
 BUILTIN_TASKS = {  # name -> "module:class", imported when first asked for
     "generate": "diffusionblocks.tasks.image_generation:ImageGenerationTask",
@@ -106,7 +109,17 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
     if not isinstance(task_name, str):
         raise ConfigError(f"task must be a string, got {task_name!r}")
     task = get_task(task_name)
-    return task.config_class.from_dict(task.upgrade_config({**d, "task": task_name}))
+    return task.config_class.from_dict({**d, "task": task_name})
+
+
+def read_config(run_dir) -> RunConfig:
+    """The config of a run directory (its config.json, in its task's config class), with a clear error when the
+    directory is not a run."""
+    d = read_config_dict(run_dir)
+    try:
+        return config_from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{str(Path(run_dir) / 'config.json')!r}: {e}") from None
 
 
 def load_config(path) -> RunConfig:

@@ -23,7 +23,6 @@ repeated run, and characters/s with and without the cache.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -41,7 +40,9 @@ from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
 from ..models.arlm import ARDenoiser, CausalLM, KVCache
 from ..models.layers import label_embedding_table
 from ..noise import Partition, sigma_grid
+from ..options import EvaluateOptions, SampleOptions, option
 from ..precond import append_dims
+from ..pretrained import from_pretrained
 from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator
@@ -432,10 +433,37 @@ def judge_bits(judge, texts: torch.Tensor, prompt_len: int, window: int, batch_s
 # ---- the task
 
 
+@dataclass(frozen=True)
+class ARSampleOptions(SampleOptions):
+    prompt: str | None = option(None, "prompt of every sample (default: the run's sample.prompt, or held-out prompts)")
+    new: int | None = option(None, "characters to add (default: the run's sample.new_chars)")
+    bridge: str | None = option(None, "what each denoising step hands the next (default: the run's sample.bridge)",
+                                choices=BRIDGES)
+    steps: int | None = option(None, "denoising steps per token (default: sample.steps, or B)")
+    sampler: str | None = option(None, "default: the run's sample.sampler", choices=tuple(SAMPLERS))
+    temperature: float | None = option(None, "default: the run's sample.temperature")
+    top_p: float | None = option(None, "default: the run's sample.top_p")
+    greedy: bool = option(False, "argmax readout")
+    cache: bool = option(True, "recompute the context at every step")
+
+
+@dataclass(frozen=True)
+class AREvaluateOptions(EvaluateOptions):
+    judge: str | None = option(None, "a plain (B=1, model.mode=plain) run that scores the samples' generative "
+                               "perplexity")
+    prompts: int = option(100, "held-out prompts continued")
+    new: int = option(200, "characters added to each prompt")
+    bridges: str = option(",".join(BRIDGES), "bridges measured (chain runs)")
+    windows: int = option(0, "held-out windows for the bits (0 = all)")
+    speed_prompts: int = option(8, "prompts timed with and without the cache")
+
+
 class AutoregressiveTask(TextTask):
     name = "arlm"
     config_class = AutoregressiveConfig
     sample_suffixes = (".txt",)
+    sample_options = ARSampleOptions
+    evaluate_options = AREvaluateOptions
 
     def comparison_config(self, cfg: RunConfig) -> RunConfig:
         """B=1: the plain causal transformer with the same layers; B>1: denoising blocks."""
@@ -473,7 +501,6 @@ class AutoregressiveTask(TextTask):
 
     def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
         """samples.txt: sample.num continuations (of sample.prompt, or of held-out prompts)."""
-        from ..checkpoint import from_pretrained
 
         s = cfg.sample
         if s.num == 0:
@@ -488,102 +515,82 @@ class AutoregressiveTask(TextTask):
         logger.info("samples.txt; the first:\n%s", texts[0])
         return {}
 
-    def add_sample_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--prompt", help="prompt of every sample (default: the run's sample.prompt, or held-out "
-                            "prompts)")
-        parser.add_argument("--new", type=int, help="characters to add (default: the run's sample.new_chars)")
-        parser.add_argument("--bridge", choices=BRIDGES, help="what each denoising step hands the next (default: the "
-                            "run's sample.bridge)")
-        parser.add_argument("--steps", type=int, help="denoising steps per token (default: sample.steps, or B)")
-        parser.add_argument("--sampler", choices=list(SAMPLERS), help="default: the run's sample.sampler")
-        parser.add_argument("--temperature", type=float, help="default: the run's sample.temperature")
-        parser.add_argument("--top-p", type=float, help="default: the run's sample.top_p")
-        parser.add_argument("--greedy", action="store_true", help="argmax readout")
-        parser.add_argument("--no-cache", action="store_true", help="recompute the context at every step")
-
-    def _readout_args(self, cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
+    def _readout_args(self, cfg: RunConfig, temperature: float | None = None, top_p: float | None = None,
+                      greedy: bool = False) -> dict[str, Any]:
+        """The readout of the run's sample section, with the options given (None: the run's) in its place."""
         s = cfg.sample
-        t = s.temperature if getattr(args, "temperature", None) is None else args.temperature
-        p = s.top_p if getattr(args, "top_p", None) is None else args.top_p
+        t = s.temperature if temperature is None else temperature
+        p = s.top_p if top_p is None else top_p
         dataclasses.replace(s, temperature=t, top_p=p).validate()
-        return {"temperature": t, "top_p": p, "greedy": s.greedy or bool(getattr(args, "greedy", False))}
+        return {"temperature": t, "top_p": p, "greedy": s.greedy or greedy}
 
-    def sample(self, model, cfg: RunConfig, args: argparse.Namespace) -> None:
+    def sample(self, run_dir: Path, model, cfg: RunConfig, options: ARSampleOptions) -> None:
         """A .txt file, one sample per paragraph; the first few are printed, and the speed logged."""
         s = cfg.sample
-        new = s.new_chars if args.new is None else args.new
-        if new < 1 or (args.steps is not None and args.steps < 0):
+        new = s.new_chars if options.new is None else options.new
+        if new < 1 or (options.steps is not None and options.steps < 0):
             raise ConfigError("--new must be at least 1 and --steps at least 0")
-        vocab = self.run_vocabulary(args.run)
-        prompts = self.prompts(cfg, args.run, args.num, s.prompt if args.prompt is None else args.prompt,
-                                s.prompt_chars).to(args.device)
+        vocab = self.run_vocabulary(run_dir)
+        prompts = self.prompts(cfg, run_dir, options.num, s.prompt if options.prompt is None else options.prompt,
+                               s.prompt_chars).to(options.device)
+        readout = self._readout_args(cfg, options.temperature, options.top_p, options.greedy)
         t0 = time.perf_counter()
-        ids = generate_text(model, cfg, prompts, new, bridge=args.bridge, steps=args.steps or s.steps or None,
-                            seeds=[args.seed * 1000 + i for i in range(args.num)], cache=not args.no_cache,
-                            num_tokens=len(vocab), sampler=args.sampler, **self._readout_args(cfg, args))
+        ids = generate_text(model, cfg, prompts, new, bridge=options.bridge, steps=options.steps or s.steps or None,
+                            seeds=[options.seed * 1000 + i for i in range(options.num)], cache=options.cache,
+                            num_tokens=len(vocab), sampler=options.sampler, **readout)
         seconds = time.perf_counter() - t0
         texts = [vocab.decode(row) for row in ids.cpu()]
-        Path(args.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        Path(options.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
         for text in texts[:3]:
             print(text, end="\n\n")
-        logger.info("%d characters in %.2f s (%.0f characters/s)", args.num * new, seconds, args.num * new / seconds)
+        logger.info("%d characters in %.2f s (%.0f characters/s)", options.num * new, seconds,
+                    options.num * new / seconds)
 
-    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--judge", help="a plain (B=1, model.mode=plain) run that scores the samples' generative "
-                            "perplexity")
-        parser.add_argument("--prompts", type=int, default=100, help="held-out prompts continued")
-        parser.add_argument("--new", type=int, default=200, help="characters added to each prompt")
-        parser.add_argument("--bridges", default=",".join(BRIDGES), help="bridges measured (chain runs)")
-        parser.add_argument("--windows", type=int, default=0, help="held-out windows for the bits (0 = all)")
-        parser.add_argument("--speed-prompts", type=int, default=8, help="prompts timed with and without the cache")
-
-    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
-        from ..checkpoint import from_pretrained
-
-        model, cfg = from_pretrained(run_dir, args.device)
-        bridges = [b for b in args.bridges.split(",") if b]
+    def evaluate(self, run_dir: Path, options: AREvaluateOptions) -> Evaluation:
+        model, cfg = from_pretrained(run_dir, options.device)
+        bridges = [b for b in options.bridges.split(",") if b]
         for b in bridges:
             check_choice("--bridges", b, BRIDGES)
         for name in ("prompts", "new", "speed_prompts"):
-            if getattr(args, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        _check_windows(args.windows)
+            if getattr(options, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
+        _check_windows(options.windows)
         judge = None
-        if args.judge:
-            judge, judge_cfg = from_pretrained(args.judge, args.device)
+        if options.judge:
+            judge, judge_cfg = from_pretrained(options.judge, options.device)
             if not is_plain(judge):
-                raise ConfigError(f"--judge {args.judge}: a judge is a plain run (model.mode='plain'), not a "
+                raise ConfigError(f"--judge {options.judge}: a judge is a plain run (model.mode='plain'), not a "
                                   f"{judge_cfg.blocks.num_blocks}-block chain")
-            self.check_judge(run_dir, args.judge)
+            self.check_judge(run_dir, options.judge)
         data = self.load_run_data(cfg, run_dir)
-        prompts = self.held_out_prompts(data.test, args.prompts, cfg.sample.prompt_chars,
-                                        ("--prompts", "sample.prompt_chars")).to(args.device)
+        prompts = self.held_out_prompts(data.test, options.prompts, cfg.sample.prompt_chars,
+                                        ("--prompts", "sample.prompt_chars")).to(options.device)
         windows = held_out_windows(data.test, cfg.model.seq_len)
-        windows = (windows[:args.windows] if args.windows else windows).to(args.device)
+        windows = (windows[:options.windows] if options.windows else windows).to(options.device)
         r: dict[str, Any] = {"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "mode": cfg.model.mode,
                              "num_windows": len(windows), "seq_len": cfg.model.seq_len,
-                             "bits_per_token": next_token_bits(model, windows, seed=args.seed),
+                             "bits_per_token": next_token_bits(model, windows, seed=options.seed),
                              "chars_per_token": data.test.chars_per_token}
         r["bpc"] = r["bits_per_token"] / r["chars_per_token"]
         if not is_plain(model):
-            r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=args.seed, sampler=cfg.sample.sampler)
+            r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=options.seed, sampler=cfg.sample.sampler)
                           for b in bridges}
-        readout = self._readout_args(cfg, argparse.Namespace())
+        readout = self._readout_args(cfg)
         vocab = data.vocab
         r["samples"], ids_of = {}, {}
         for bridge in ([None] if is_plain(model) else bridges):
-            seeds = [args.seed * 1000 + i for i in range(len(prompts))]
+            seeds = [options.seed * 1000 + i for i in range(len(prompts))]
             t0 = time.perf_counter()
-            ids = generate_text(model, cfg, prompts, args.new, bridge=bridge, seeds=seeds, num_tokens=len(vocab),
+            ids = generate_text(model, cfg, prompts, options.new, bridge=bridge, seeds=seeds, num_tokens=len(vocab),
                                 **readout)
             seconds = time.perf_counter() - t0
-            k = min(args.speed_prompts, len(prompts))
+            k = min(options.speed_prompts, len(prompts))
             t0 = time.perf_counter()
-            slow = generate_text(model, cfg, prompts[:k], args.new, bridge=bridge, seeds=seeds[:k], cache=False,
+            slow = generate_text(model, cfg, prompts[:k], options.new, bridge=bridge, seeds=seeds[:k], cache=False,
                                  num_tokens=len(vocab), **readout)
             slow_s = time.perf_counter() - t0
             texts = [vocab.decode(row[prompts.shape[1]:]) for row in ids.cpu()]
-            entry = {"chars_per_s": len(prompts) * args.new / seconds, "chars_per_s_no_cache": k * args.new / slow_s,
+            entry = {"chars_per_s": len(prompts) * options.new / seconds, "chars_per_s_no_cache": k * options.new / slow_s,
                      "cache_equals_no_cache": bool(torch.equal(slow, ids[:k])),
                      "distinct_2": distinct_n(texts, 2), "distinct_4": distinct_n(texts, 4),
                      "longest_run_mean": sum(map(longest_repeated_run, texts)) / len(texts),
@@ -594,12 +601,12 @@ class AutoregressiveTask(TextTask):
                 entry["gen_ppl"] = 2 ** entry["gen_bits"]
             r["samples"][bridge or "plain"] = entry
             ids_of[bridge or "plain"] = ids.cpu()
-        r.update({"num_prompts": len(prompts), "prompt_chars": prompts.shape[1], "new_chars": args.new,
+        r.update({"num_prompts": len(prompts), "prompt_chars": prompts.shape[1], "new_chars": options.new,
                   "readout": readout})
         return Evaluation(r, ids_of)
 
-    def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
-        return f"eval-p{args.prompts}-n{args.new}-seed{args.seed}"
+    def evaluation_name(self, cfg: RunConfig, options: AREvaluateOptions) -> str:
+        return f"eval-p{options.prompts}-n{options.new}-seed{options.seed}"
 
     def format_evaluation(self, r: dict[str, Any]) -> str:
         lines = [f"{r['run']}: B={r['num_blocks']} ({r['mode']}), held-out next-token BPC {r['bpc']:.4f} "
@@ -634,7 +641,6 @@ def _check_windows(windows: int) -> None:
 def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
                       artifacts: dict[int, Any]) -> None:
     """compare's report: the samples of every run scored by the B=1 run (the judge), one row per run and bridge."""
-    from ..checkpoint import from_pretrained
 
     c1, r1 = configs[1], results[1]
     judge, _ = from_pretrained(r1["run"])

@@ -14,9 +14,13 @@ command's verbs) never asks which task it runs. It calls a `Task`:
   deterministic batches of one block), `build_block` (block b as an `nn.Module` whose `loss(**inputs)`
   returns per-sample losses), `loss_inputs` (those inputs for one batch, drawn from the (seed, block, step) generator)
   and `coupling` (what blocks hand each other, for the rare task whose blocks are not independent);
-- after training: `after_training` (what a finished run writes: a sample grid, an evaluation),
-  `sample` (the `sample` verb), `evaluate` and its companions (the `evaluate` verb and each run of
-  `compare`), and `write_comparison` (`compare`'s report).
+- after training: `after_training` (what a finished run writes: a sample grid, an evaluation); and
+  what a task may do besides, each a protocol it meets by defining its members: `SamplingTask`
+  (`sample_options` and `sample`, the `sample` verb), `EvaluatingTask` (`evaluate_options` and
+  `evaluate`, the `evaluate` verb and each run of `compare`, with `evaluation_name`,
+  `format_evaluation` and `write_evaluation`) and `ComparingTask` (`write_comparison`, `compare`'s
+  report). Their options are frozen dataclasses (`diffusionblocks.options`), from which the command
+  line makes its flags.
 
 A task is added by subclassing `Task` in any module and naming it in a config as
 `"task": "package.module:TaskClass"`, or by `diffusionblocks.tasks.register(name, TaskClass)`.
@@ -25,18 +29,18 @@ docs/extending.md walks through a complete example.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from ..checkpoint import save_text
 from ..config import ConfigError, RunConfig
 from ..noise import LogNormalSigma, NoiseAxis, Partition
+from ..options import EvaluateOptions, SampleOptions
+from ..rundir import save_text
 from ..text import VOCAB_FILE, WindowSampler, held_out_windows, load_text, load_vocabulary, vocabulary_difference
 from ..train import Coupling
 
@@ -62,19 +66,12 @@ class Task:
     config_class: ClassVar[type[RunConfig]] = RunConfig
     noise_symbol: ClassVar[str] = "sigma"       # How the noise axis is called in messages.
     sample_suffixes: ClassVar[tuple[str, ...]] = ()  # Files `sample` can write; () = the task has no samples.
-    # Fields of the task's sections that may change when a run is resumed (how it is used, not what it is);
-    # `train.steps_per_block`, `train.log_every`, `train.checkpoint_every` and `sample.*` always may.
-    resumable_fields: ClassVar[tuple[str, ...]] = ()
 
     # ---- configuration
 
     def default_config(self) -> RunConfig:
         """The config of `diffusionblocks train --task NAME` with no --config."""
         return self.config_class(task=self.name)
-
-    def upgrade_config(self, d: dict[str, Any]) -> dict[str, Any]:
-        """A config dict as an older version of this task wrote it, in today's form (default: unchanged)."""
-        return d
 
     def noise_axis(self, cfg: RunConfig) -> NoiseAxis:
         """The noise axis the blocks partition: EDM's log-normal sigma from cfg.noise by default."""
@@ -135,23 +132,9 @@ class Task:
         """Once every block is trained: write what the run shows (e.g. samples.png); returns summary entries."""
         return {}
 
-    def add_sample_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Options of `diffusionblocks sample` for this task's runs."""
-
-    def sample(self, model: nn.Module, cfg: RunConfig, args: argparse.Namespace) -> None:
-        """Draws args.num samples from a loaded run and writes args.out."""
-        raise ConfigError(f"task {cfg.task!r} has nothing to sample; use `diffusionblocks evaluate`")
-
-    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Options of `diffusionblocks evaluate` for this task's runs (compare uses their defaults)."""
-
-    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
-        """Evaluates a trained run. args: num, seed, device, cache_dir, progress, and the task's options."""
-        raise ConfigError(f"task {self.name!r} has no evaluation")
-
-    def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
+    def evaluation_name(self, cfg: RunConfig, options: EvaluateOptions) -> str:
         """The default name of the directory `evaluate` writes into, inside the run directory."""
-        return f"eval-n{args.num}-seed{args.seed}"
+        return f"eval-n{options.num}-seed{options.seed}"
 
     def format_evaluation(self, result: dict[str, Any]) -> str:
         """A few readable lines for the terminal."""
@@ -160,10 +143,38 @@ class Task:
     def write_evaluation(self, out_dir: Path, cfg: RunConfig, evaluation: Evaluation) -> None:
         """Files beyond evaluation.json (which the core writes): plots, sample grids."""
 
+
+# What a task can do after training besides what every task does: each is a protocol that a Task subclass meets by
+# defining its members (the core asks `isinstance(task, SamplingTask)`), with the options it takes as a class.
+
+
+@runtime_checkable
+class SamplingTask(Protocol):
+    """A task whose runs `diffusionblocks sample` draws from (into a file of one of `sample_suffixes`)."""
+
+    sample_options: type[SampleOptions]  # Its options: SampleOptions and the task's own fields.
+
+    def sample(self, run_dir: Path, model: nn.Module, cfg: RunConfig, options: SampleOptions) -> None:
+        """Draws options.num samples from the loaded run `run_dir` and writes options.out."""
+
+
+@runtime_checkable
+class EvaluatingTask(Protocol):
+    """A task whose runs `diffusionblocks evaluate` measures."""
+
+    evaluate_options: type[EvaluateOptions]  # Its options: EvaluateOptions and the task's own fields.
+
+    def evaluate(self, run_dir: Path, options: EvaluateOptions) -> Evaluation:
+        """Evaluates a trained run; options.device is a device name, resolved."""
+
+
+@runtime_checkable
+class ComparingTask(EvaluatingTask, Protocol):
+    """A task that `diffusionblocks compare` can report on: it evaluates each run and writes the report."""
+
     def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
                          artifacts: dict[int, Any]) -> None:
         """`compare`'s report.md and its plots; results[B] holds the evaluation and its "train_summary"."""
-        raise ConfigError(f"task {self.name!r} does not write a comparison report")
 
 
 class TextTask(Task):

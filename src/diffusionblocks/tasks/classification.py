@@ -17,7 +17,6 @@ block's optimiser updates, the reference code's) make blocks depend on each othe
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -28,18 +27,21 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from .. import checkpoint
 from ..blocks import BridgedDenoiser
 from ..config import ConfigError, RunConfig, check_choice
 from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data
 from ..models.layers import label_embedding_table
 from ..models.vit import ViTClassifier, ViTLabelDenoiser
 from ..noise import Partition, sigma_grid
+from ..options import EvaluateOptions, option
 from ..precond import append_dims
+from ..pretrained import from_pretrained
 from ..report import markdown_table, memory_note, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator
 from .base import Coupling, Evaluation, Task
-from .image_generation import ImageModelConfig, add_steps_argument, image_batch_sampler, load_matching_images
+from .image_generation import ImageModelConfig, image_batch_sampler, load_matching_images
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,17 @@ class ClassificationConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
+    resumable_fields = ("classify.inference_steps", "classify.sampler")
+
+    @classmethod
+    def upgrade_config(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """Configs written before tasks had their own sections carried the generator's unused "sample" section
+        and model.class_dropout."""
+        d = {k: v for k, v in d.items() if k != "sample"}
+        if isinstance(d.get("model"), dict):
+            d["model"] = {k: v for k, v in d["model"].items() if k != "class_dropout"}
+        return d
+
     def validate(self) -> None:
         """The fields checked by section, then the rules across sections."""
         super().validate()
@@ -94,6 +107,12 @@ class ClassificationConfig(RunConfig):
 JOINT_LABEL_FILE = "label_embedding.safetensors"  # the shared table of "learned_joint" runs
 
 
+@dataclass(frozen=True)
+class ClassifyEvaluateOptions(EvaluateOptions):
+    steps: int | None = option(None, "denoising steps (default: classify.inference_steps, or B)")
+    sampler: str | None = option(None, "default: the run's classify.sampler", choices=tuple(SAMPLERS))
+
+
 def run_label_embedding(cfg: RunConfig) -> torch.Tensor:
     """The run's initial label-embedding table, the same for every block: drawn from (seed, "label-embedding")."""
     return label_embedding_table(cfg.model.num_classes, cfg.model.hidden_size,
@@ -103,15 +122,7 @@ def run_label_embedding(cfg: RunConfig) -> torch.Tensor:
 class ClassificationTask(Task):
     name = "classify"
     config_class = ClassificationConfig
-    resumable_fields = ("classify.inference_steps", "classify.sampler")
-
-    def upgrade_config(self, d: dict[str, Any]) -> dict[str, Any]:
-        # Configs written before tasks had their own sections carried the generator's unused "sample" section
-        # and model.class_dropout.
-        d = {k: v for k, v in d.items() if k != "sample"}
-        if isinstance(d.get("model"), dict):
-            d["model"] = {k: v for k, v in d["model"].items() if k != "class_dropout"}
-        return d
+    evaluate_options = ClassifyEvaluateOptions
 
     def comparison_config(self, cfg: RunConfig) -> RunConfig:
         """B=1: the plain ViT classifier with the same layers; B>1: label-denoising blocks."""
@@ -168,20 +179,16 @@ class ClassificationTask(Task):
         print(format_classifier_evaluation(result))
         return {"evaluation": result}
 
-    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
-        add_steps_argument(parser, "classify.inference_steps, or B")
-        parser.add_argument("--sampler", choices=list(SAMPLERS), help="default: the run's classify.sampler")
-
-    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
+    def evaluate(self, run_dir: Path, options: ClassifyEvaluateOptions) -> Evaluation:
         """Top-1 (and top-5), the accuracy after each step of the chain and each block's oracle accuracy."""
-        if args.steps is not None and args.steps < 1:
-            raise ConfigError(f"--steps must be at least 1, got {args.steps}")
-        return Evaluation(evaluate_classifier(run_dir, steps=args.steps, device=args.device, seed=args.seed,
-                                              sampler=args.sampler))
+        if options.steps is not None and options.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {options.steps}")
+        return Evaluation(evaluate_classifier(run_dir, steps=options.steps, device=options.device, seed=options.seed,
+                                              sampler=options.sampler))
 
-    def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
-        sampler = args.sampler or cfg.classify.sampler
-        return f"eval-classify-{args.steps or 'B'}steps" + ("" if sampler == "euler" else f"-{sampler}")
+    def evaluation_name(self, cfg: RunConfig, options: ClassifyEvaluateOptions) -> str:
+        sampler = options.sampler or cfg.classify.sampler
+        return f"eval-classify-{options.steps or 'B'}steps" + ("" if sampler == "euler" else f"-{sampler}")
 
     def format_evaluation(self, result: dict[str, Any]) -> str:
         return format_classifier_evaluation(result)
@@ -211,8 +218,6 @@ class LabelCoupling(Coupling):
 
     def _first_block_table(self, b: int) -> torch.Tensor:
         """Block 0's trained label embedding, which the blocks after it use frozen."""
-        from .. import checkpoint
-
         state = self.trained.get(0)
         if state is not None and state.resident:
             return state.denoiser.label_embedding.detach().clone()
@@ -222,16 +227,12 @@ class LabelCoupling(Coupling):
                           f"be trained to the end before block {b}")
 
     def resumed(self, blocks: dict[int, nn.Module]) -> None:
-        from .. import checkpoint
-
         path = self.run_dir / JOINT_LABEL_FILE if self.run_dir is not None else None
         if self.shared is not None and path is not None and path.is_file():
             with torch.no_grad():  # the blocks' files hold older snapshots; the run's file holds the latest
                 self.shared.copy_(checkpoint.load_tensor_file(path, "label_embedding"))
 
     def save(self, run_dir: Path, block: nn.Module) -> None:
-        from .. import checkpoint
-
         if self.mode == "learned_joint":
             checkpoint.save_tensor_file(run_dir / JOINT_LABEL_FILE, {"label_embedding": block.label_embedding.detach()})
 
@@ -302,8 +303,6 @@ def evaluate_classifier(run_dir: str | Path, *, steps: int | None = None, device
                         seed: int = 0, sampler: str | None = None) -> dict[str, Any]:
     """Held-out accuracy (top-1, top-5 where there are more than 5 classes), per-step chain accuracy and the
     oracle accuracy of each block at the noise levels of its own inference steps."""
-    from ..checkpoint import from_pretrained
-
     model, cfg = from_pretrained(run_dir, device)
     data = load_image_data(cfg.data).test
     K = cfg.model.num_classes

@@ -9,7 +9,6 @@ distance, KID and chain diagnostics.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from dataclasses import dataclass, field
@@ -23,12 +22,14 @@ from matplotlib.figure import Figure
 from ..config import ConfigError, RunConfig, TrainConfig, check_choice
 from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data
 from ..diagnostics import write_chain_diagnostics
-from ..evaluation import evaluate_run, format_evaluation
+from ..evaluation import evaluate_generator, format_evaluation
 from ..generate import class_labels_evenly, generate
 from ..models.dit import DiT
 from ..noise import GRIDS, Partition
+from ..options import EvaluateOptions, SampleOptions, option
 from ..plotting import image_grid, save_image_grid
 from ..precond import Denoiser
+from ..pretrained import from_pretrained
 from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
 from ..sampling import SAMPLERS
 from .base import Evaluation, Task
@@ -108,6 +109,11 @@ class GenerationConfig(RunConfig):
                                                                    ema_halflife_steps=100.0))
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    @classmethod
+    def upgrade_config(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """Configs written before tasks had their own sections carried an unused "classify" section."""
+        return {k: v for k, v in d.items() if k != "classify"}
+
     def validate(self) -> None:
         """The fields checked by section, then the rules across sections."""
         super().validate()
@@ -149,12 +155,27 @@ def per_class_grid(images: torch.Tensor, num_classes: int, columns: int) -> torc
     return images.view(num_classes, per_class, *images.shape[1:])[:, :columns].flatten(0, 1)  # (K * cols, C, H, W)
 
 
-def add_steps_argument(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--steps", type=int, help=f"denoising steps (default: {what})")
+@dataclass(frozen=True)
+class ImageSampleOptions(SampleOptions):
+    class_: int | None = option(None, "class of every sample (default: classes covered evenly)", metavar="CLASS")
+    steps: int | None = option(None, "denoising steps (default: the run's sample.steps)")
+    sampler: str | None = option(None, "default: the run's sample.sampler", choices=tuple(SAMPLERS))
+    grid: str | None = option(None, "sigma grid (default: the run's sample.grid)", choices=tuple(GRIDS))
+    guidance: float | None = option(None, "classifier-free guidance weight (default: the run's)")
 
 
-def steps_argument(args: argparse.Namespace, default: int) -> int:
-    steps = default if getattr(args, "steps", None) is None else args.steps
+@dataclass(frozen=True)
+class ImageEvaluateOptions(EvaluateOptions):
+    steps: int | None = option(None, "denoising steps (default: the run's sample.steps)")
+    sampler: str | None = option(None, "default: the run's sample.sampler", choices=tuple(SAMPLERS))
+    grid: str | None = option(None, "sigma grid (default: the run's sample.grid)", choices=tuple(GRIDS))
+    guidance: float | None = option(None, "classifier-free guidance weight (default: the run's)")
+    diagnostics: bool = option(True, "skip the chain diagnostics")
+
+
+def steps_option(steps: int | None, default: int) -> int:
+    """--steps, or the run's `default` when not given: at least 1."""
+    steps = default if steps is None else steps
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
     return steps
@@ -167,10 +188,8 @@ class ImageGenerationTask(Task):
     name = "generate"
     config_class = GenerationConfig
     sample_suffixes = (".png", ".npz")
-
-    def upgrade_config(self, d: dict[str, Any]) -> dict[str, Any]:
-        # Configs written before tasks had their own sections carried an unused "classify" section.
-        return {k: v for k, v in d.items() if k != "classify"}
+    sample_options = ImageSampleOptions
+    evaluate_options = ImageEvaluateOptions
 
     def load_data(self, cfg: RunConfig) -> ImageSplits:
         return load_matching_images(cfg, conditional_ok=True)
@@ -207,7 +226,6 @@ class ImageGenerationTask(Task):
 
     def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
         """samples.png: one row per class, sample.samples_per_class columns."""
-        from ..checkpoint import from_pretrained
         model, _ = from_pretrained(run_dir, device)
         m, s = cfg.model, cfg.sample
         k = max(m.num_classes, 1)
@@ -219,60 +237,52 @@ class ImageGenerationTask(Task):
         logger.info("samples.png: one row per class")
         return {}
 
-    def add_sample_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--class", dest="class_", type=int, metavar="CLASS",
-                            help="class of every sample (default: classes covered evenly)")
-        _add_sampler_arguments(parser)
-
-    def sample(self, model: torch.nn.Module, cfg: RunConfig, args: argparse.Namespace) -> None:
+    def sample(self, run_dir: Path, model: torch.nn.Module, cfg: RunConfig, options: ImageSampleOptions) -> None:
         """A .png grid, or an .npz of images (N, C, H, W in [-1, 1]) and labels."""
         m, s = cfg.model, cfg.sample
-        steps = steps_argument(args, s.steps)
-        guidance = guidance_argument(args, s.guidance)
-        if args.class_ is not None:
+        steps = steps_option(options.steps, s.steps)
+        guidance = guidance_option(options.guidance, s.guidance)
+        if options.class_ is not None:
             if m.num_classes == 0:
                 raise ConfigError("--class given but the model is unconditional (model.num_classes=0)")
-            if not 0 <= args.class_ < m.num_classes:
-                raise ConfigError(f"--class {args.class_} is out of range: the model has classes "
+            if not 0 <= options.class_ < m.num_classes:
+                raise ConfigError(f"--class {options.class_} is out of range: the model has classes "
                                   f"0..{m.num_classes - 1}")
-            labels = torch.full((args.num,), args.class_, dtype=torch.long)
+            labels = torch.full((options.num,), options.class_, dtype=torch.long)
         else:
-            labels = class_labels_evenly(args.num, max(m.num_classes, 1))
+            labels = class_labels_evenly(options.num, max(m.num_classes, 1))
         images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
-                          num_classes=m.num_classes, steps=steps, sampler=args.sampler or s.sampler,
-                          guidance=guidance, grid=args.grid or s.grid, rho=s.rho, seed=args.seed,
-                          device=args.device, progress=args.progress)
-        out = Path(args.out)
+                          num_classes=m.num_classes, steps=steps, sampler=options.sampler or s.sampler,
+                          guidance=guidance, grid=options.grid or s.grid, rho=s.rho, seed=options.seed,
+                          device=options.device, progress=options.progress)
+        out = Path(options.out)
         if out.suffix.lower() == ".npz":
             np.savez(out, images=images.numpy().astype(np.float32), labels=labels.numpy().astype(np.int64))
         else:
             k = max(m.num_classes, 1)
-            nrow = args.num // k if args.class_ is None and args.num % k == 0 else min(args.num, 10)
+            nrow = options.num // k if options.class_ is None and options.num % k == 0 else min(options.num, 10)
             save_image_grid(images, out, nrow=max(nrow, 1))
 
-    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _add_sampler_arguments(parser)
-        parser.add_argument("--no-diagnostics", action="store_true", help="skip the chain diagnostics")
-
-    def _settings(self, cfg: RunConfig, args: argparse.Namespace) -> tuple[int, str, float]:
+    def _settings(self, cfg: RunConfig, options: ImageEvaluateOptions) -> tuple[int, str, float]:
         s = cfg.sample
-        return steps_argument(args, s.steps), args.sampler or s.sampler, guidance_argument(args, s.guidance)
+        return (steps_option(options.steps, s.steps), options.sampler or s.sampler,
+                guidance_option(options.guidance, s.guidance))
 
-    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
+    def evaluate(self, run_dir: Path, options: ImageEvaluateOptions) -> Evaluation:
         """Conditional accuracy, FD and KID with their real-vs-real floors, and the chain diagnostics."""
-        from ..checkpoint import read_config
-        if args.num < 2:
-            raise ConfigError(f"--num must be at least 2, got {args.num}")
-        steps, sampler, guidance = self._settings(read_config(run_dir), args)
-        result, images = evaluate_run(run_dir, num_samples=args.num, steps=steps, sampler=sampler,
-                                      guidance=guidance, grid=args.grid, seed=args.seed,
-                                      diagnostics=not args.no_diagnostics, device=args.device,
-                                      cache_dir=args.cache_dir, progress=args.progress)
+        if options.num < 2:
+            raise ConfigError(f"--num must be at least 2, got {options.num}")
+        model, cfg = from_pretrained(run_dir, options.device)
+        steps, sampler, guidance = self._settings(cfg, options)
+        result, images = evaluate_generator(model, cfg, run_dir, num_samples=options.num, steps=steps, sampler=sampler,
+                                            guidance=guidance, grid=options.grid, seed=options.seed,
+                                            diagnostics=options.diagnostics, device=options.device,
+                                            cache_dir=options.cache_dir, progress=options.progress)
         return Evaluation(result, images)
 
-    def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
-        steps, sampler, guidance = self._settings(cfg, args)
-        return f"eval-{sampler}-{steps}steps-w{guidance:g}-n{args.num}-seed{args.seed}"
+    def evaluation_name(self, cfg: RunConfig, options: ImageEvaluateOptions) -> str:
+        steps, sampler, guidance = self._settings(cfg, options)
+        return f"eval-{sampler}-{steps}steps-w{guidance:g}-n{options.num}-seed{options.seed}"
 
     def format_evaluation(self, result: dict[str, Any]) -> str:
         return format_evaluation(result)
@@ -382,20 +392,13 @@ def _plot_comparison(out_dir: Path, configs: dict[int, RunConfig], results: dict
     fig.savefig(out_dir / "chain_gap.png", dpi=110)
 
 
-def guidance_argument(args: argparse.Namespace, default: float) -> float:
-    """--guidance, held to the rule of sample.guidance: a finite number >= 0."""
-    w = default if args.guidance is None else args.guidance
+def guidance_option(guidance: float | None, default: float) -> float:
+    """--guidance, or the run's `default` when not given, held to the rule of sample.guidance: a finite number >= 0."""
+    w = default if guidance is None else guidance
     if not (math.isfinite(w) and w >= 0):
         raise ConfigError(f"--guidance must be a finite number >= 0, got {w}")
     return w
 
 
-def _add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """Sampling options that default to the run's sample.* config."""
-    add_steps_argument(p, "the run's sample.steps")
-    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: the run's sample.sampler")
-    p.add_argument("--grid", choices=list(GRIDS), help="sigma grid (default: the run's sample.grid)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's)")
-
-
-__all__ = ["DiTModelConfig", "GenerationConfig", "ImageGenerationTask", "ImageModelConfig", "SampleConfig"]
+__all__ = ["DiTModelConfig", "GenerationConfig", "ImageEvaluateOptions", "ImageGenerationTask", "ImageModelConfig",
+           "ImageSampleOptions", "SampleConfig"]

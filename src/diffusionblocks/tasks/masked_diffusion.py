@@ -14,7 +14,6 @@ owns its t, with an optional fixed prefix (prompt).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -28,6 +27,8 @@ from matplotlib.figure import Figure
 from ..config import ConfigError, RunConfig, check_choice
 from ..models.mdlm import T_FLOOR, MaskedDiffusionTransformer
 from ..noise import MaskingTime, Partition
+from ..options import EvaluateOptions, SampleOptions, option
+from ..pretrained import from_pretrained
 from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
 from ..seeding import make_generator
 from ..text import TextConfig, Vocabulary, held_out_windows, usable_logits
@@ -181,11 +182,28 @@ def evaluate_bpc(model, windows: torch.Tensor, *, strata: int = 12, repeats: int
 # ---- the task
 
 
+@dataclass(frozen=True)
+class TextSampleOptions(SampleOptions):
+    steps: int | None = option(None, "unmasking steps S (default: the run's sample.steps, or seq_len)")
+    prompt: str | None = option(None, "a fixed prefix of every sample (default: the run's sample.prompt)")
+    temperature: float | None = option(None, "default: the run's sample.temperature")
+
+
+@dataclass(frozen=True)
+class BPCEvaluateOptions(EvaluateOptions):
+    strata: int = option(12, "strata of t in the ELBO estimate")
+    repeats: int = option(4, "independent estimates, for the standard error")
+    windows: int = option(0, "held-out windows used (0 = all)")
+    steps: int | None = option(None, "unmasking steps of the samples (default: the run's)")
+
+
 class MaskedDiffusionTask(TextTask):
     name = "mdlm"
     config_class = MaskedDiffusionConfig
     noise_symbol = "t"
     sample_suffixes = (".txt",)
+    sample_options = TextSampleOptions
+    evaluate_options = BPCEvaluateOptions
 
     def noise_axis(self, cfg: RunConfig) -> MaskingTime:
         return MaskingTime(cfg.noise.schedule)
@@ -232,7 +250,6 @@ class MaskedDiffusionTask(TextTask):
 
     def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
         """samples.txt: sample.num samples, one per paragraph."""
-        from ..checkpoint import from_pretrained
 
         s = cfg.sample
         if s.num == 0:
@@ -243,61 +260,50 @@ class MaskedDiffusionTask(TextTask):
         logger.info("samples.txt; the first:\n%s", texts[0])
         return {}
 
-    def add_sample_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--steps", type=int, help="unmasking steps S (default: the run's sample.steps, or seq_len)")
-        parser.add_argument("--prompt", help="a fixed prefix of every sample (default: the run's sample.prompt)")
-        parser.add_argument("--temperature", type=float, help="default: the run's sample.temperature")
-
-    def sample(self, model, cfg: RunConfig, args: argparse.Namespace) -> None:
+    def sample(self, run_dir: Path, model, cfg: RunConfig, options: TextSampleOptions) -> None:
         """A .txt file, one sample per paragraph; the first few are printed."""
         s = cfg.sample
-        steps = s.steps if args.steps is None else args.steps
-        temperature = s.temperature if args.temperature is None else args.temperature
-        _check_steps(args.steps)
+        steps = s.steps if options.steps is None else options.steps
+        temperature = s.temperature if options.temperature is None else options.temperature
+        _check_steps(options.steps)
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ConfigError(f"--temperature must be a positive finite number, got {temperature}")
-        texts, seconds = self._samples(model, cfg, args.run, args.num, steps, s.prompt if args.prompt is None
-                                       else args.prompt, temperature, args.seed, args.device)
-        Path(args.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        texts, seconds = self._samples(model, cfg, run_dir, options.num, steps, s.prompt if options.prompt is None
+                                       else options.prompt, temperature, options.seed, options.device)
+        Path(options.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
         for text in texts[:3]:
             print(text, end="\n\n")
-        logger.info("%d characters in %.2f s (%.0f characters/s)", args.num * cfg.model.seq_len, seconds,
-                    args.num * cfg.model.seq_len / seconds)
+        logger.info("%d characters in %.2f s (%.0f characters/s)", options.num * cfg.model.seq_len, seconds,
+                    options.num * cfg.model.seq_len / seconds)
 
-    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--strata", type=int, default=12, help="strata of t in the ELBO estimate")
-        parser.add_argument("--repeats", type=int, default=4, help="independent estimates, for the standard error")
-        parser.add_argument("--windows", type=int, default=0, help="held-out windows used (0 = all)")
-        parser.add_argument("--steps", type=int, help="unmasking steps of the samples (default: the run's)")
-
-    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
+    def evaluate(self, run_dir: Path, options: BPCEvaluateOptions) -> Evaluation:
         """Held-out BPC (ELBO) with its standard error, the bits per block interval, and samples with their speed."""
-        from ..checkpoint import from_pretrained
 
         for name in ("strata", "repeats"):
-            if getattr(args, name) < 1:
-                raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
-        if args.windows < 0:
-            raise ConfigError(f"--windows must be >= 0 (0: all of them), got {args.windows}")
-        _check_steps(args.steps)
-        model, cfg = from_pretrained(run_dir, args.device)
+            if getattr(options, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(options, name)}")
+        if options.windows < 0:
+            raise ConfigError(f"--windows must be >= 0 (0: all of them), got {options.windows}")
+        _check_steps(options.steps)
+        model, cfg = from_pretrained(run_dir, options.device)
         windows = held_out_windows(self.load_run_data(cfg, run_dir).test, cfg.model.seq_len)
-        windows = windows[:args.windows] if args.windows else windows
+        windows = windows[:options.windows] if options.windows else windows
         t0 = time.perf_counter()
-        r = evaluate_bpc(model, windows, strata=args.strata, repeats=args.repeats, seed=args.seed, device=args.device)
+        r = evaluate_bpc(model, windows, strata=options.strata, repeats=options.repeats, seed=options.seed,
+                         device=options.device)
         r["eval_s"] = time.perf_counter() - t0
-        steps = (cfg.sample.steps if args.steps is None else args.steps) or cfg.model.seq_len
-        num = min(args.num, 16)
+        steps = (cfg.sample.steps if options.steps is None else options.steps) or cfg.model.seq_len
+        num = min(options.num, 16)
         texts, seconds = self._samples(model, cfg, run_dir, num, steps, cfg.sample.prompt, cfg.sample.temperature,
-                                       args.seed, args.device)
+                                       options.seed, options.device)
         r.update({"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "sample_steps": steps,
                   "num_samples": num, "sampling_s": seconds, "chars_per_s": num * cfg.model.seq_len / seconds,
                   "partition": [list(model.partition.block_range(b)) for b in range(cfg.blocks.num_blocks)],
                   "samples": texts})
         return Evaluation(r)
 
-    def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
-        return f"eval-bpc-K{args.strata}-R{args.repeats}-seed{args.seed}"
+    def evaluation_name(self, cfg: RunConfig, options: BPCEvaluateOptions) -> str:
+        return f"eval-bpc-K{options.strata}-R{options.repeats}-seed{options.seed}"
 
     def format_evaluation(self, r: dict[str, Any]) -> str:
         se = "(one estimate, no standard error)" if r["bpc_se"] is None else f"+- {r['bpc_se']:.4f}"

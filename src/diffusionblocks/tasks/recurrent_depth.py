@@ -13,7 +13,6 @@ their perplexity under a judge (the autoregressive task's plain baseline), disti
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
 from ..models.recurrent import HuginnLM, RecurrentDenoiser, lognormal_poisson
 from ..noise import Partition
+from ..options import EvaluateOptions, SampleOptions, option
+from ..pretrained import from_pretrained
 from ..seeding import make_generator
 from ..text import TextConfig, held_out_windows, usable_logits
 from .autoregressive import (ARSampleConfig, _check_windows, _Context, _readout, distinct_n, generate_chain, is_plain,
@@ -143,10 +144,32 @@ def bits_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: int, sa
     return total / count
 
 
+@dataclass(frozen=True)
+class RecurrentSampleOptions(SampleOptions):
+    prompt: str | None = option(None, "prompt of every sample (default: held-out prompts)")
+    new: int | None = option(None, "characters to add (default: the run's sample.new_chars)")
+    iterations: int | None = option(None, "core iterations (sampler steps) per token (default: sample.steps, or "
+                                    "model.mean_recurrence)")
+
+
+@dataclass(frozen=True)
+class RecurrentEvaluateOptions(EvaluateOptions):
+    iterations: str = option("1,2,4,8,16,32,64", "values of K measured")
+    judge: str | None = option(None, "a plain autoregressive run (task arlm, model.mode=plain) that scores the "
+                               "samples' generative perplexity")
+    prompts: int = option(50, "held-out prompts continued, per K")
+    new: int = option(100, "characters added to each prompt")
+    windows: int = option(64, "held-out windows for the bits (0 = all)")
+    draws: int = option(8, "starting noises (chains) per window whose next-token distributions are averaged for the "
+                        "bits")
+
+
 class RecurrentDepthTask(TextTask):
     name = "recurrent"
     config_class = RecurrentConfig
     sample_suffixes = (".txt",)
+    sample_options = RecurrentSampleOptions
+    evaluate_options = RecurrentEvaluateOptions
 
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None):
         m = cfg.model
@@ -200,7 +223,6 @@ class RecurrentDepthTask(TextTask):
                         **self._readout(cfg))
 
     def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
-        from ..checkpoint import from_pretrained
 
         s = cfg.sample
         if s.num == 0:
@@ -212,77 +234,62 @@ class RecurrentDepthTask(TextTask):
         (run_dir / "samples.txt").write_text("\n\n".join(self._texts(run_dir, ids)) + "\n", encoding="utf-8")
         return {}
 
-    def add_sample_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--prompt", help="prompt of every sample (default: held-out prompts)")
-        parser.add_argument("--new", type=int, help="characters to add (default: the run's sample.new_chars)")
-        parser.add_argument("--iterations", type=int, help="core iterations (sampler steps) per token (default: "
-                            "sample.steps, or model.mean_recurrence)")
-
-    def sample(self, model, cfg: RunConfig, args: argparse.Namespace) -> None:
-        new = cfg.sample.new_chars if args.new is None else args.new
-        K = default_iterations(cfg) if args.iterations is None else args.iterations
+    def sample(self, run_dir: Path, model, cfg: RunConfig, options: RecurrentSampleOptions) -> None:
+        new = cfg.sample.new_chars if options.new is None else options.new
+        K = default_iterations(cfg) if options.iterations is None else options.iterations
         if new < 1 or K < 1:
             raise ConfigError("--new and --iterations must be at least 1")
-        prompts = self._prompts(cfg, args.num, args.prompt or cfg.sample.prompt, args.run).to(args.device)
-        ids = self._generate(model, cfg, args.run, prompts, new, K, [args.seed * 1000 + i for i in range(args.num)])
-        texts = self._texts(args.run, ids)
-        Path(args.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        prompts = self._prompts(cfg, options.num, options.prompt or cfg.sample.prompt, run_dir).to(options.device)
+        seeds = [options.seed * 1000 + i for i in range(options.num)]
+        ids = self._generate(model, cfg, run_dir, prompts, new, K, seeds)
+        texts = self._texts(run_dir, ids)
+        Path(options.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
         for text in texts[:3]:
             print(text, end="\n\n")
 
-    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--iterations", default="1,2,4,8,16,32,64", help="values of K measured")
-        parser.add_argument("--judge", help="a plain autoregressive run (task arlm, model.mode=plain) that scores the "
-                            "samples' generative perplexity")
-        parser.add_argument("--prompts", type=int, default=50, help="held-out prompts continued, per K")
-        parser.add_argument("--new", type=int, default=100, help="characters added to each prompt")
-        parser.add_argument("--windows", type=int, default=64, help="held-out windows for the bits (0 = all)")
-        parser.add_argument("--draws", type=int, default=8, help="starting noises (chains) per window whose "
-                            "next-token distributions are averaged for the bits")
-
-    def evaluate(self, run_dir: Path, args: argparse.Namespace) -> Evaluation:
-        from ..checkpoint import from_pretrained
+    def evaluate(self, run_dir: Path, options: RecurrentEvaluateOptions) -> Evaluation:
         try:
-            Ks = [int(k) for k in args.iterations.split(",") if k.strip()]
+            Ks = [int(k) for k in options.iterations.split(",") if k.strip()]
         except ValueError:
-            raise ConfigError(f"--iterations {args.iterations!r} is not a comma-separated list of integers") from None
-        if not Ks or min(Ks) < 1 or args.prompts < 1 or args.new < 1 or args.draws < 1:
+            raise ConfigError(f"--iterations {options.iterations!r} is not a comma-separated list of "
+                              "integers") from None
+        if not Ks or min(Ks) < 1 or options.prompts < 1 or options.new < 1 or options.draws < 1:
             raise ConfigError("--iterations, --prompts, --new and --draws must be at least 1")
-        _check_windows(args.windows)
-        model, cfg = from_pretrained(run_dir, args.device)
+        _check_windows(options.windows)
+        model, cfg = from_pretrained(run_dir, options.device)
         judge = None
-        if args.judge:
-            judge, _ = from_pretrained(args.judge, args.device)
+        if options.judge:
+            judge, _ = from_pretrained(options.judge, options.device)
             if not is_plain(judge):
-                raise ConfigError(f"--judge {args.judge}: a judge is a plain autoregressive run (task arlm, "
+                raise ConfigError(f"--judge {options.judge}: a judge is a plain autoregressive run (task arlm, "
                                   "model.mode='plain')")
-            self.check_judge(run_dir, args.judge)
+            self.check_judge(run_dir, options.judge)
         data = self.load_run_data(cfg, run_dir)
         windows = held_out_windows(data.test, cfg.model.seq_len)
-        windows = (windows[:args.windows] if args.windows else windows).to(args.device)
-        prompts = self.held_out_prompts(data.test, args.prompts, cfg.sample.prompt_chars,
-                                        ("--prompts", "sample.prompt_chars")).to(args.device)
+        windows = (windows[:options.windows] if options.windows else windows).to(options.device)
+        prompts = self.held_out_prompts(data.test, options.prompts, cfg.sample.prompt_chars,
+                                        ("--prompts", "sample.prompt_chars")).to(options.device)
         rows = []
         for K in Ks:
-            seeds = [args.seed * 1000 + i for i in range(len(prompts))]
+            seeds = [options.seed * 1000 + i for i in range(len(prompts))]
             t0 = time.perf_counter()
-            ids = self._generate(model, cfg, run_dir, prompts, args.new, K, seeds)
+            ids = self._generate(model, cfg, run_dir, prompts, options.new, K, seeds)
             seconds = time.perf_counter() - t0
             texts = self._texts(run_dir, ids, prompts.shape[1])
-            row = {"iterations": K, "bits_per_token": bits_after(model, cfg, windows, K, args.draws, seed=args.seed),
+            row = {"iterations": K, "bits_per_token": bits_after(model, cfg, windows, K, options.draws, seed=options.seed),
                    "distinct_2": distinct_n(texts, 2), "distinct_4": distinct_n(texts, 4),
                    "longest_run_mean": sum(map(longest_repeated_run, texts)) / len(texts),
-                   "chars_per_s": len(prompts) * args.new / seconds, "sample": texts[0]}
+                   "chars_per_s": len(prompts) * options.new / seconds, "sample": texts[0]}
             row["bpc"] = row["bits_per_token"] / data.test.chars_per_token
             if judge is not None:
                 row["gen_ppl"] = 2 ** judge_bits(judge.blocks[0], ids, prompts.shape[1], cfg.model.seq_len)
             rows.append(row)
-        return Evaluation({"run": str(run_dir), "mode": cfg.model.mode, "num_windows": len(windows), "draws": args.draws,
-                           "num_prompts": len(prompts), "new_chars": args.new, "readout": self._readout(cfg),
+        return Evaluation({"run": str(run_dir), "mode": cfg.model.mode, "num_windows": len(windows), "draws": options.draws,
+                           "num_prompts": len(prompts), "new_chars": options.new, "readout": self._readout(cfg),
                            "by_iterations": rows})
 
-    def evaluation_name(self, cfg: RunConfig, args: argparse.Namespace) -> str:
-        return f"eval-K{args.iterations.replace(',', '-')}-p{args.prompts}-seed{args.seed}"
+    def evaluation_name(self, cfg: RunConfig, options: RecurrentEvaluateOptions) -> str:
+        return f"eval-K{options.iterations.replace(',', '-')}-p{options.prompts}-seed{options.seed}"
 
     def format_evaluation(self, r: dict[str, Any]) -> str:
         lines = [f"{r['run']} ({r['mode']}): quality against the core's iterations K"]
