@@ -210,7 +210,9 @@ def test_the_bits_average_the_draws_of_the_starting_noise():
     for samples in (1, 2):
         steps = []
         logits = _teacher_forced_chain(Chain, windows.repeat_interleave(samples, 0), sigmas, dcfg.sample.bridge,
-                                       make_generator(0, "arlm-sampler-bits", 0), callback=lambda k, *_: steps.append(k))
+                                       make_generator(0, "arlm-sampler-bits", 0),
+                                       callback=lambda k, *_: steps.append(k))
         q = logits[:, 1:].softmax(-1).view(3, samples, 5, 11).mean(1)
         want = -torch.log2(q.gather(-1, targets[..., None])).sum() / 15
-        assert steps == [0, 1, 2] and abs(bits_after(Chain, dcfg, windows, 3, samples=samples, batch_size=8) - float(want)) < 1e-5
+        bits = bits_after(Chain, dcfg, windows, 3, samples=samples, batch_size=8)
+        assert steps == [0, 1, 2] and abs(bits - float(want)) < 1e-5

@@ -105,6 +105,7 @@ class BridgedDenoiser(nn.Module):
         estimate, self.logits = self.model.route(self._step, x, sigma, **cond)
         return estimate
 
-    def _step(self, block: nn.Module, x: torch.Tensor, sigma: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, block: nn.Module, x: torch.Tensor, sigma: torch.Tensor,
+              **cond) -> tuple[torch.Tensor, torch.Tensor]:
         D, logits = block.denoise(x, sigma, **cond) if self.denoise is None else self.denoise(block, x, sigma, **cond)
         return self.bridge(block, D, logits), logits

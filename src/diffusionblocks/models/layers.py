@@ -9,7 +9,7 @@ from torch import nn
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN (DiT): x * (1 + scale) + shift, with shift and scale broadcastable to x: per token, per sample or constant."""
+    """adaLN (DiT): x * (1 + scale) + shift; shift and scale broadcastable to x (per token, per sample or constant)."""
     return x * (1 + scale) + shift
 
 

@@ -78,7 +78,7 @@ class ARModelConfig:
 @dataclass(frozen=True)
 class ARSampleConfig:
     steps: int = 0               # Denoising steps per token; 0 = B (each block once).
-    sampler: str = "euler"       # The sampler of each token's chain, a name of sampling.SAMPLERS ("euler": the paper's).
+    sampler: str = "euler"       # Each token's chain: a name of sampling.SAMPLERS ("euler": the paper's).
     bridge: str = "sample"       # What a step hands the next: "estimate" (D), "softmax" (softmax(logits) @ E),
                                  # "argmax" (E[argmax logits]) or "sample" (E[a token drawn from the logits as the
                                  # readout draws]).

@@ -7,8 +7,8 @@ logits its head reads off the denoised estimate, weighted by lambda(sigma). The 
 
 Inference: start from z = sigma_max eps in label-embedding space and walk a descending sigma grid of
 `steps` points (default B: each block once, the cost of one end-to-end forward pass). At each step the
-owning block gives logits; the estimate softmax(logits) @ E drives an Euler step; the prediction is the
-last step's argmax.
+owning block gives logits; the estimate softmax(logits) @ E drives a step of `classify.sampler` (Euler by default,
+through the router: `blocks.BridgedDenoiser`); the prediction is the last step's argmax.
 
 The label table. "fixed" (a random orthonormal table frozen from the seed) keeps the blocks independent.
 "learned_first" (block 0 learns it, the others take it frozen) and "learned_joint" (one table that every
@@ -256,14 +256,15 @@ def chain_logits(model, images: torch.Tensor, steps: int | None = None, grid: st
     z = torch.randn(N, D, generator=make_generator(seed, "classify")).to(images.device) * sigmas[0]
     chain = BridgedDenoiser(model, label_bridge)
     out = []
-    SAMPLERS[sampler](chain, z, sigmas, extra_args={"images": images}, callback=lambda _: out.append(chain.logits.float()),
-                      disable=True)
+    SAMPLERS[sampler](chain, z, sigmas, extra_args={"images": images},
+                      callback=lambda _: out.append(chain.logits.float()), disable=True)
     return out
 
 
 @torch.no_grad()
 def predict_logits(model, images: torch.Tensor, steps: int | None = None, batch_size: int = 500,
-                   device: str | torch.device = "cpu", sampler: str = "euler") -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   device: str | torch.device = "cpu",
+                   sampler: str = "euler") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(final logits, logits per step) for a chain of label denoisers, or for a plain classifier (one step), batched."""
     plain = isinstance(model.blocks[0], ViTClassifier)
     finals, per_step = [], []
