@@ -146,11 +146,11 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, m
 def test_a_run_that_fails_after_a_checkpoint_is_kept_for_resume(tmp_path, monkeypatch, one_thread):
     real, calls = train_module.train_step, []
 
-    def full_disk_later(state, *args, **kwargs):
+    def full_disk_later(task, state, *args, **kwargs):
         calls.append(state.step)
         if len(calls) == 3:  # block 0 checkpointed at step 2
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(state, *args, **kwargs)
+        return real(task, state, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_step", full_disk_later)
     run, seen = tmp_path / "r", []

@@ -10,7 +10,7 @@ from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
 from diffusionblocks.models.arlm import ARDenoiser, CausalLM, KVCache, training_mask
 from diffusionblocks.tasks import apply_overrides, default_config, get_task
-from diffusionblocks.tasks.autoregressive import (_readout, distinct_n, generate_chain, generate_plain, judge_bits,
+from diffusionblocks.tasks.autoregressive import (distinct_n, draw_token, generate_chain, generate_plain, judge_bits,
                                                   longest_repeated_run)
 
 TINY = ["task=arlm", "model.hidden_size=16", "model.num_heads=2", "model.depth=3", "model.seq_len=12",
@@ -130,12 +130,12 @@ def test_the_plain_baseline_generates_the_same_with_and_without_the_cache():
 def test_readout_greedy_top_p_and_temperature():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(4000, 4)
     u = torch.rand(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert (_readout(logits, 1.0, 1.0, True, u) == 0).all()
-    counts = torch.bincount(_readout(logits, 1.0, 1.0, False, u), minlength=4).double() / 4000
+    assert (draw_token(logits, 1.0, 1.0, True, u) == 0).all()
+    counts = torch.bincount(draw_token(logits, 1.0, 1.0, False, u), minlength=4).double() / 4000
     assert torch.allclose(counts, logits[0].softmax(0).double(), atol=0.03)
-    top = _readout(logits, 1.0, 0.7, False, u)  # p = .64, .24, ...: the nucleus of 0.7 is the first two
+    top = draw_token(logits, 1.0, 0.7, False, u)  # p = .64, .24, ...: the nucleus of 0.7 is the first two
     assert set(top.tolist()) == {0, 1}
-    assert (_readout(logits, 1e-4, 1.0, False, u) == 0).all()
+    assert (draw_token(logits, 1e-4, 1.0, False, u) == 0).all()
 
 
 def test_text_metrics():

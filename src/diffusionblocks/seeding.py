@@ -40,3 +40,9 @@ def make_generator(*parts: int | str, device: str | torch.device = "cpu") -> tor
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(*parts))
     return gen
+
+
+def sample_seeds(seed: int, num: int) -> list[int]:
+    """The seeds of samples 0..num-1 drawn under `seed`; every (seed, i) gets its own (seed * 1000 + i would give
+    seed 0's sample 1000 the noise of seed 1's sample 0)."""
+    return [derive_seed(seed, i, "sample") for i in range(num)]

@@ -361,7 +361,7 @@ class ARDenoiser(nn.Module):
         zero_init(self.head, self.adaLN_final[-1])
         # E is the run's table, set by the task after building.
 
-    def _readout(self, z: torch.Tensor, h: torch.Tensor, sigma: torch.Tensor, c: torch.Tensor):
+    def _denoised_and_logits(self, z: torch.Tensor, h: torch.Tensor, sigma: torch.Tensor, c: torch.Tensor):
         """(D, logits) from the noisy input z (..., D), the trunk's output h there, sigma (...) and conditioning c."""
         c_skip, c_out, _, _ = (s[..., None] for s in get_scalings(sigma, self.sigma_data))
         D = denoised(z, self.norm_out(h), c_skip, c_out)
@@ -381,7 +381,7 @@ class ARDenoiser(nn.Module):
         c = (c_noisy, self.trunk.clean_cond)  # per position on the noisy stream, one constant on the clean one
         pos = torch.arange(L, device=z.device).repeat(2)
         h = self.trunk.run(x, c, pos, training_mask(L, z.device), queries=L)  # (N, L, D): the noisy rows
-        return self._readout(z, h, sigma, c_noisy)
+        return self._denoised_and_logits(z, h, sigma, c_noisy)
 
     def denoise_next(self, z: torch.Tensor, sigma: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The next position, after the cached clean tokens: z (N, D), sigma (N,) -> (D (N, D), logits (N, V))."""
@@ -392,7 +392,7 @@ class ARDenoiser(nn.Module):
         pos = self.trunk.rotary(torch.tensor([cache.length], device=z.device))
         for l, layer in self.trunk.noisy_layers():
             x, _ = layer(x, c, pos, None, (cache.k[l], cache.v[l]) if cache.k[l] is not None else None)
-        D, logits = self._readout(z, x, sigma, c)
+        D, logits = self._denoised_and_logits(z, x, sigma, c)
         return D[:, 0], logits[:, 0]
 
     def estimate(self, D: torch.Tensor, logits: torch.Tensor, bridge: str,

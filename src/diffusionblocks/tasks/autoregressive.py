@@ -45,9 +45,10 @@ from ..precond import append_dims
 from ..pretrained import from_pretrained
 from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
 from ..sampling import SAMPLERS
-from ..seeding import make_generator
+from ..seeding import make_generator, sample_seeds
 from ..text import TextConfig, held_out_windows, usable_logits
-from .base import Evaluation, TextTask
+from .base import Evaluation
+from .text import TextModelConfig, TextTask
 
 logger = logging.getLogger(__name__)
 
@@ -55,24 +56,17 @@ BRIDGES = ("estimate", "softmax", "argmax", "sample")
 
 
 @dataclass(frozen=True)
-class ARModelConfig:
+class ARModelConfig(TextModelConfig):
+    """The transformer's fields (TextModelConfig: V at most hidden_size keeps E orthonormal; the MLP is SwiGLU of
+    hidden width 2/3 * mlp_ratio * hidden_size) and which network it is."""
+
     mode: str = "diffusion"      # "diffusion" (blocks denoise each next token's embedding) or "plain" (the
                                  # end-to-end baseline: the same transformer on next-token cross-entropy, B=1).
-    vocab_size: int = 65         # V tokens (tinyshakespeare's characters: 65); at most hidden_size keeps E orthonormal.
-    seq_len: int = 64            # Characters per training window, and the longest context at generation.
-    hidden_size: int = 128       # Transformer width (and the dimension of the token embeddings denoised).
-    depth: int = 6               # L, layers of the whole (end-to-end) network.
-    num_heads: int = 4           # Attention heads; hidden_size must be a multiple, and hidden_size / num_heads even.
-    mlp_ratio: float = 4.0       # SwiGLU: hidden width 2/3 * mlp_ratio * hidden_size.
+    rotary = True
 
     def validate(self) -> None:
+        super().validate()
         check_choice("model.mode", self.mode, ("diffusion", "plain"))
-        for name in ("vocab_size", "seq_len", "hidden_size", "num_heads"):
-            if getattr(self, name) < 2 - (name in ("hidden_size", "num_heads")):
-                raise ConfigError(f"model.{name} is too small: {getattr(self, name)}")
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ConfigError(f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads="
-                              f"{self.num_heads} with an even head width (rotary embeddings rotate pairs)")
 
 
 @dataclass(frozen=True)
@@ -127,7 +121,7 @@ def run_token_embedding(cfg: RunConfig) -> torch.Tensor:
 # ---- generation
 
 
-def _readout(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, u: torch.Tensor) -> torch.Tensor:
+def draw_token(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, u: torch.Tensor) -> torch.Tensor:
     """A token per row of logits (N, V): the argmax, or a draw by inverse CDF from the uniforms u (N,) of the
     temperature-scaled distribution cut to its top-p nucleus."""
     if greedy:
@@ -141,7 +135,7 @@ def _readout(logits: torch.Tensor, temperature: float, top_p: float, greedy: boo
     return order.gather(-1, k[:, None])[:, 0]
 
 
-class _Context:
+class TokenContext:
     """The clean tokens a generation step may read: a window of at most `window` - 1 tokens that moves on by half
     a window when full; with `cached`, a KV cache of the window for each trunk that asks for one (`cache`), re-filled
     when the window moves. `last[trunk]`: the trunk's output at the window's last token."""
@@ -205,7 +199,7 @@ def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps
     sigmas = sigma_grid(model.partition.axis, steps).to(device, torch.float32)  # (steps + 1,), last 0
     D_dim = model.blocks[0].E.shape[1]
     gens = [make_generator(s, "arlm-sample") for s in (seeds if seeds is not None else range(N))]
-    ctx = _Context(prompts, window, cache)
+    ctx = TokenContext(prompts, window, cache)
 
     def denoise(block, z: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if cache:
@@ -223,7 +217,7 @@ def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps
         token = None
         if bridge == "sample":  # a uniform per evaluation for the token it draws
             u_step = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(device)
-            token = _readout(logits, temperature, top_p, greedy, u_step)
+            token = draw_token(logits, temperature, top_p, greedy, u_step)
         return block.estimate(D, logits, bridge, token)
 
     chain = BridgedDenoiser(model, carry, denoise)
@@ -231,7 +225,7 @@ def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps
         eps = torch.stack([torch.randn(D_dim, generator=g) for g in gens]).to(device)  # (N, D)
         u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(device)
         SAMPLERS[sampler](chain, eps * sigmas[0], sigmas, disable=True)
-        ctx.append(_readout(chain.logits, temperature, top_p, greedy, u))  # the last evaluation's logits
+        ctx.append(draw_token(chain.logits, temperature, top_p, greedy, u))  # the last evaluation's logits
     return ctx.tokens
 
 
@@ -243,15 +237,25 @@ def generate_plain(model, prompts: torch.Tensor, new: int, *, window: int, tempe
     N = prompts.shape[0]
     D_dim = model.trunk.tok_embed.embedding_dim
     gens = [make_generator(s, "arlm-sample") for s in (seeds if seeds is not None else range(N))]
-    ctx = _Context(prompts, window, cache, (model.trunk,))
+    ctx = TokenContext(prompts, window, cache, (model.trunk,))
     for _ in range(new):
         for g in gens:  # the chain's noise draw, skipped, so that a sample's readout uniforms match
             torch.randn(D_dim, generator=g)
         u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(prompts.device)
         logits = model.next_logits(ctx.last[model.trunk]) if cache else model(ctx.window_tokens)[:, -1]
         logits = usable_logits(logits, num_tokens)
-        ctx.append(_readout(logits, temperature, top_p, greedy, u))
+        ctx.append(draw_token(logits, temperature, top_p, greedy, u))
     return ctx.tokens
+
+
+def readout_settings(cfg: RunConfig, temperature: float | None = None, top_p: float | None = None,
+                     greedy: bool = False) -> dict[str, Any]:
+    """The readout of the run's sample section, with the options given (None: the run's) in its place."""
+    s = cfg.sample
+    t = s.temperature if temperature is None else temperature
+    p = s.top_p if top_p is None else top_p
+    dataclasses.replace(s, temperature=t, top_p=p).validate()
+    return {"temperature": t, "top_p": p, "greedy": s.greedy or greedy}
 
 
 def is_plain(model) -> bool:
@@ -318,7 +322,7 @@ def _teacher_forced_chain(model, x: torch.Tensor, sigmas: torch.Tensor, bridge: 
         token = None
         if bridge == "sample":
             u = torch.rand(logits.shape[:-1], generator=g, dtype=torch.float64).to(x.device).flatten()
-            token = _readout(logits.flatten(0, 1), 1.0, 1.0, False, u).view(logits.shape[:-1])
+            token = draw_token(logits.flatten(0, 1), 1.0, 1.0, False, u).view(logits.shape[:-1])
         return block.estimate(D, logits, bridge, token)
 
     chain = BridgedDenoiser(model, carry, denoise)
@@ -508,21 +512,12 @@ class AutoregressiveTask(TextTask):
         model, _ = from_pretrained(run_dir, device)
         vocab = self.run_vocabulary(run_dir)
         prompts = self.prompts(cfg, run_dir, s.num, s.prompt, s.prompt_chars).to(device)
-        ids = generate_text(model, cfg, prompts, s.new_chars, seeds=[cfg.train.seed * 1000 + i for i in range(s.num)],
+        ids = generate_text(model, cfg, prompts, s.new_chars, seeds=sample_seeds(cfg.train.seed, s.num),
                             num_tokens=len(vocab), temperature=s.temperature, top_p=s.top_p, greedy=s.greedy)
         texts = [vocab.decode(row) for row in ids.cpu()]
-        (run_dir / "samples.txt").write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        self.write_samples(run_dir / "samples.txt", texts)
         logger.info("samples.txt; the first:\n%s", texts[0])
         return {}
-
-    def _readout_args(self, cfg: RunConfig, temperature: float | None = None, top_p: float | None = None,
-                      greedy: bool = False) -> dict[str, Any]:
-        """The readout of the run's sample section, with the options given (None: the run's) in its place."""
-        s = cfg.sample
-        t = s.temperature if temperature is None else temperature
-        p = s.top_p if top_p is None else top_p
-        dataclasses.replace(s, temperature=t, top_p=p).validate()
-        return {"temperature": t, "top_p": p, "greedy": s.greedy or greedy}
 
     def sample(self, run_dir: Path, model, cfg: RunConfig, options: ARSampleOptions) -> None:
         """A .txt file, one sample per paragraph; the first few are printed, and the speed logged."""
@@ -533,16 +528,14 @@ class AutoregressiveTask(TextTask):
         vocab = self.run_vocabulary(run_dir)
         prompts = self.prompts(cfg, run_dir, options.num, s.prompt if options.prompt is None else options.prompt,
                                s.prompt_chars).to(options.device)
-        readout = self._readout_args(cfg, options.temperature, options.top_p, options.greedy)
+        readout = readout_settings(cfg, options.temperature, options.top_p, options.greedy)
         t0 = time.perf_counter()
         ids = generate_text(model, cfg, prompts, new, bridge=options.bridge, steps=options.steps or s.steps or None,
-                            seeds=[options.seed * 1000 + i for i in range(options.num)], cache=options.cache,
+                            seeds=sample_seeds(options.seed, options.num), cache=options.cache,
                             num_tokens=len(vocab), sampler=options.sampler, **readout)
         seconds = time.perf_counter() - t0
         texts = [vocab.decode(row) for row in ids.cpu()]
-        Path(options.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
-        for text in texts[:3]:
-            print(text, end="\n\n")
+        self.write_samples(options.out, texts, show=3)
         logger.info("%d characters in %.2f s (%.0f characters/s)", options.num * new, seconds,
                     options.num * new / seconds)
 
@@ -554,14 +547,8 @@ class AutoregressiveTask(TextTask):
         for name in ("prompts", "new", "speed_prompts"):
             if getattr(options, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
-        _check_windows(options.windows)
-        judge = None
-        if options.judge:
-            judge, judge_cfg = from_pretrained(options.judge, options.device)
-            if not is_plain(judge):
-                raise ConfigError(f"--judge {options.judge}: a judge is a plain run (model.mode='plain'), not a "
-                                  f"{judge_cfg.blocks.num_blocks}-block chain")
-            self.check_judge(run_dir, options.judge)
+        check_windows(options.windows)
+        judge = self.load_judge(run_dir, options.judge, options.device)
         data = self.load_run_data(cfg, run_dir)
         prompts = self.held_out_prompts(data.test, options.prompts, cfg.sample.prompt_chars,
                                         ("--prompts", "sample.prompt_chars")).to(options.device)
@@ -575,11 +562,11 @@ class AutoregressiveTask(TextTask):
         if not is_plain(model):
             r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=options.seed, sampler=cfg.sample.sampler)
                           for b in bridges}
-        readout = self._readout_args(cfg)
+        readout = readout_settings(cfg)
         vocab = data.vocab
         r["samples"], ids_of = {}, {}
         for bridge in ([None] if is_plain(model) else bridges):
-            seeds = [options.seed * 1000 + i for i in range(len(prompts))]
+            seeds = sample_seeds(options.seed, len(prompts))
             t0 = time.perf_counter()
             ids = generate_text(model, cfg, prompts, options.new, bridge=bridge, seeds=seeds, num_tokens=len(vocab),
                                 **readout)
@@ -632,7 +619,7 @@ class AutoregressiveTask(TextTask):
         write_arlm_report(out_dir, configs, results, artifacts)
 
 
-def _check_windows(windows: int) -> None:
+def check_windows(windows: int) -> None:
     """--windows follows its rule: N >= 0, where 0 means every held-out window."""
     if windows < 0:
         raise ConfigError(f"--windows must be >= 0 (0: all of them), got {windows}")

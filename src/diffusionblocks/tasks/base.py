@@ -5,9 +5,9 @@ schedules, offloading, block-parallel training, checkpoints, run directories, `c
 command's verbs) never asks which task it runs. It calls a `Task`:
 
 - configuration: `config_class`, a `RunConfig` subclass with the task's `model`, `data` and `sample`
-  sections (and any of its own); `validate` for rules across sections; `noise_axis`, the axis the
-  blocks partition (EDM's sigma by default); `comparison_config`, what `compare` trains for each B
-  (the end-to-end baseline at B=1);
+  sections (and any of its own, each checked by its config class); `noise_axis`, the axis the blocks
+  partition (EDM's sigma by default), and `partition`, its ranges; `comparison_config`, what `compare`
+  trains for each B (the end-to-end baseline at B=1);
 - training: `load_data` (train and held-out splits), `load_run_data` (the same as an existing run reads
   them, through its files), `check_after_training` (what a finished run will do with its data, checked
   before any training), `prepare_run` (files of the run besides its blocks), `batch_sampler` (the
@@ -37,11 +37,9 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
 from ..noise import LogNormalSigma, NoiseAxis, Partition
 from ..options import EvaluateOptions, SampleOptions
-from ..rundir import save_text
-from ..text import VOCAB_FILE, WindowSampler, held_out_windows, load_text, load_vocabulary, vocabulary_difference
 from ..train import Coupling
 
 logger = logging.getLogger(__name__)
@@ -175,70 +173,3 @@ class ComparingTask(EvaluatingTask, Protocol):
     def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
                          artifacts: dict[int, Any]) -> None:
         """`compare`'s report.md and its plots; results[B] holds the evaluation and its "train_summary"."""
-
-
-class TextTask(Task):
-    """The data methods of the language tasks on text (`text.py`): the corpus' splits, checked against
-    model.vocab_size; the run's vocabulary, written once into the run and read by everything after; windows of
-    model.seq_len drawn per (seed, block, step); held-out prompts."""
-
-    VOCAB_FILE: ClassVar[str] = VOCAB_FILE
-
-    def load_data(self, cfg: RunConfig, vocab: Any = None) -> Any:
-        """The corpus, through `vocab` (a run's) or, when None, through a vocabulary made from its training part."""
-        data = load_text(cfg.data, cfg.model.seq_len, vocab)
-        what = "distinct characters" if cfg.data.tokenizer == "char" else "BPE tokens"
-        if len(data.vocab) > cfg.model.vocab_size:
-            raise ConfigError(f"data.path {cfg.data.path!r} has {len(data.vocab)} {what} but "
-                              f"model.vocab_size={cfg.model.vocab_size}")
-        if vocab is None and len(data.vocab) < cfg.model.vocab_size:
-            logger.info("data.path %r has %d %s: ids %d..%d of model.vocab_size=%d mean nothing and are never "
-                        "sampled", cfg.data.path, len(data.vocab), what, len(data.vocab), cfg.model.vocab_size - 1,
-                        cfg.model.vocab_size)
-        return data
-
-    def run_vocabulary(self, run_dir: Path) -> Any:
-        """The run's vocabulary (its vocab.json): what every id of its blocks means."""
-        return load_vocabulary(Path(run_dir) / self.VOCAB_FILE)
-
-    def load_run_data(self, cfg: RunConfig, run_dir: Path) -> Any:
-        return self.load_data(cfg, self.run_vocabulary(run_dir))
-
-    def check_after_training(self, cfg: RunConfig, data: Any) -> None:
-        """The samples after training continue sample.prompt, or sample.num held-out prompts of sample.prompt_chars."""
-        s = cfg.sample
-        if s.num and s.prompt:
-            data.vocab.encode(s.prompt, "sample.prompt")
-        elif s.num:
-            self.held_out_prompts(data.test, s.num, s.prompt_chars, ("sample.num", "sample.prompt_chars"))
-
-    def prepare_run(self, cfg: RunConfig, run_dir: Path, data: Any) -> None:
-        """vocab.json: the vocabulary the data was read through (a new run's, or the run's own, left as it is)."""
-        path = run_dir / self.VOCAB_FILE
-        if not path.is_file() or load_vocabulary(path) != data.vocab:  # differs: a run that never trained, restarted
-            save_text(path, data.vocab.to_json())
-
-    def batch_sampler(self, cfg: RunConfig, data: Any, b: int) -> Any:
-        return WindowSampler(data, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed, b)
-
-    def check_judge(self, run_dir: Path, judge: Path) -> None:
-        """Refuses a judge (`evaluate --judge`) whose vocabulary maps a token to another id than the run's."""
-        difference = vocabulary_difference(Path(run_dir) / self.VOCAB_FILE, Path(judge) / self.VOCAB_FILE)
-        if difference is not None:
-            raise ConfigError(f"--judge {judge}: its vocabulary is not the run's: {difference}")
-
-    def held_out_prompts(self, test: Any, num: int, length: int, names: tuple[str, str]) -> torch.Tensor:
-        """num prompts (num, length): the starts of num held-out windows of `length` tokens, spread over the held-out
-        text; names: the options that set num and length, for the message when there are too few."""
-        windows = held_out_windows(test, length)
-        if len(windows) < num:
-            raise ConfigError(f"the held-out text has {len(windows)} windows of {names[1]}={length} tokens, fewer "
-                              f"than {names[0]}={num} prompts")
-        return windows[::len(windows) // num][:num]
-
-    def prompts(self, cfg: RunConfig, run_dir: Path, num: int, prompt: str | None, length: int) -> torch.Tensor:
-        """num prompts (num, P): the one given, or held-out prompts of `length` tokens (`held_out_prompts`)."""
-        if prompt:
-            return self.run_vocabulary(run_dir).encode(prompt, "the prompt")[None].expand(num, -1)
-        return self.held_out_prompts(self.load_run_data(cfg, run_dir).test, num, length,
-                                     ("--num", "sample.prompt_chars"))

@@ -30,29 +30,18 @@ from ..noise import MaskingTime, Partition
 from ..options import EvaluateOptions, SampleOptions, option
 from ..pretrained import from_pretrained
 from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
-from ..seeding import make_generator
+from ..seeding import derive_seed, make_generator
 from ..text import TextConfig, Vocabulary, held_out_windows, usable_logits
-from .base import Evaluation, TextTask
+from .base import Evaluation
+from .text import TextModelConfig, TextTask
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MaskedLMConfig:
-    vocab_size: int = 65         # V characters (tinyshakespeare: 65, text8: 27); the data may use fewer.
+class MaskedLMConfig(TextModelConfig):
     seq_len: int = 256           # Characters per training sequence (and the longest the model takes).
     hidden_size: int = 256       # Transformer width.
-    depth: int = 6               # L, transformer layers of the whole (end-to-end) network.
-    num_heads: int = 4           # Attention heads; hidden_size must be a multiple.
-    mlp_ratio: float = 4.0       # MLP hidden width / hidden_size.
-
-    def validate(self) -> None:
-        for name in ("vocab_size", "seq_len", "hidden_size", "num_heads"):
-            if getattr(self, name) < (2 if name in ("vocab_size", "seq_len") else 1):
-                raise ConfigError(f"model.{name} is too small: {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"model.hidden_size={self.hidden_size} is not a multiple of "
-                              f"model.num_heads={self.num_heads}")
 
 
 @dataclass(frozen=True)
@@ -170,7 +159,8 @@ def evaluate_bpc(model, windows: torch.Tensor, *, strata: int = 12, repeats: int
                  device: str | torch.device = "cpu") -> dict[str, Any]:
     """Held-out BPC (the ELBO), its standard error over `repeats` independent estimates, and the bits of each
     block's interval of t (they add up to the BPC)."""
-    runs = [elbo_bits(model, windows, strata=strata, seed=seed * 1000 + r, device=device) for r in range(repeats)]
+    runs = [elbo_bits(model, windows, strata=strata, seed=derive_seed(seed, r, "elbo-repeat"), device=device)
+            for r in range(repeats)]
     totals = torch.stack([s.mean() for s, _ in runs])  # (R,)
     se = float(totals.std(unbiased=True) / math.sqrt(repeats)) if repeats > 1 else None  # one estimate: none
     return {"bpc": float(totals.mean()), "bpc_se": se, "repeats": repeats, "strata": strata,
@@ -256,7 +246,7 @@ class MaskedDiffusionTask(TextTask):
             return {}
         model, _ = from_pretrained(run_dir, device)
         texts, _ = self._samples(model, cfg, run_dir, s.num, s.steps, s.prompt, s.temperature, cfg.train.seed, device)
-        (run_dir / "samples.txt").write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        self.write_samples(run_dir / "samples.txt", texts)
         logger.info("samples.txt; the first:\n%s", texts[0])
         return {}
 
@@ -270,9 +260,7 @@ class MaskedDiffusionTask(TextTask):
             raise ConfigError(f"--temperature must be a positive finite number, got {temperature}")
         texts, seconds = self._samples(model, cfg, run_dir, options.num, steps, s.prompt if options.prompt is None
                                        else options.prompt, temperature, options.seed, options.device)
-        Path(options.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
-        for text in texts[:3]:
-            print(text, end="\n\n")
+        self.write_samples(options.out, texts, show=3)
         logger.info("%d characters in %.2f s (%.0f characters/s)", options.num * cfg.model.seq_len, seconds,
                     options.num * cfg.model.seq_len / seconds)
 

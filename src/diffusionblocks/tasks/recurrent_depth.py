@@ -25,21 +25,18 @@ from ..models.recurrent import HuginnLM, RecurrentDenoiser, lognormal_poisson
 from ..noise import Partition
 from ..options import EvaluateOptions, SampleOptions, option
 from ..pretrained import from_pretrained
-from ..seeding import make_generator
+from ..seeding import make_generator, sample_seeds
 from ..text import TextConfig, held_out_windows, usable_logits
-from .autoregressive import (ARSampleConfig, _check_windows, _Context, _readout, distinct_n, generate_chain, is_plain,
-                             judge_bits, longest_repeated_run, mixture_bits, run_token_embedding, sampler_bits)
-from .base import Evaluation, TextTask
+from .autoregressive import (ARSampleConfig, TokenContext, check_windows, distinct_n, draw_token, generate_chain,
+                             judge_bits, longest_repeated_run, mixture_bits, readout_settings, run_token_embedding,
+                             sampler_bits)
+from .base import Evaluation
+from .text import TextModelConfig, TextTask
 
 
 @dataclass(frozen=True)
-class RecurrentModelConfig:
+class RecurrentModelConfig(TextModelConfig):
     mode: str = "diffusion"        # "diffusion" (one denoiser, one forward pass per step) or "huginn" (recurrence + BPTT).
-    vocab_size: int = 65
-    seq_len: int = 64
-    hidden_size: int = 128
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
     prelude: int = 1               # Layers of the prelude, core and coda.
     core: int = 2
     coda: int = 1
@@ -49,16 +46,16 @@ class RecurrentModelConfig:
     bptt: int = 2                  # Huginn: iterations backpropagated through (the last ones).
     state_std: float = 1.0         # Huginn: std of the initial state.
 
+    rotary = True
+
     def validate(self) -> None:
+        super().validate()
         check_choice("model.mode", self.mode, ("diffusion", "huginn"))
         if min(self.prelude, self.core, self.coda) < 1:
             raise ConfigError("model.prelude, model.core and model.coda must each have at least 1 layer")
         if self.depth != self.prelude + self.core + self.coda:
             raise ConfigError(f"model.depth={self.depth} must be model.prelude + model.core + model.coda = "
                               f"{self.prelude + self.core + self.coda}")
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ConfigError(f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads="
-                              f"{self.num_heads} with an even head width")
         if self.mean_recurrence < 1 or self.bptt < 1 or self.recurrence_std <= 0 or self.state_std <= 0:
             raise ConfigError("model.mean_recurrence and model.bptt must be at least 1, the stds positive")
 
@@ -97,13 +94,13 @@ def generate_huginn(model, prompts: torch.Tensor, new: int, *, window: int, iter
     (the vocabulary's size) on are never drawn."""
     D = model.tok_embed.embedding_dim
     gens = [make_generator(s, "recurrent-sample") for s in seeds]
-    ctx = _Context(prompts, window, cached=False)
+    ctx = TokenContext(prompts, window, cached=False)
     for _ in range(new):
         w = ctx.window_tokens
         state = torch.stack([torch.randn(w.shape[1], D, generator=g) for g in gens]).to(prompts.device)  # (N, T, D)
         u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])[:, 0].to(prompts.device)
         logits = usable_logits(model(w, iterations, state)[:, -1], num_tokens)
-        ctx.append(_readout(logits, temperature, top_p, greedy, u))
+        ctx.append(draw_token(logits, temperature, top_p, greedy, u))
     return ctx.tokens
 
 
@@ -212,15 +209,11 @@ class RecurrentDepthTask(TextTask):
         vocab = self.run_vocabulary(run_dir)
         return [vocab.decode(row[skip:]) for row in ids.cpu()]
 
-    def _readout(self, cfg: RunConfig) -> dict[str, Any]:
-        s = cfg.sample
-        return {"temperature": s.temperature, "top_p": s.top_p, "greedy": s.greedy}
-
     def _generate(self, model, cfg: RunConfig, run_dir: Path, prompts: torch.Tensor, new: int, iterations: int,
                   seeds: list[int]) -> torch.Tensor:
         """`generate` with the run's readout, drawing only ids of its vocabulary."""
         return generate(model, cfg, prompts, new, iterations, seeds, num_tokens=len(self.run_vocabulary(run_dir)),
-                        **self._readout(cfg))
+                        **readout_settings(cfg))
 
     def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
 
@@ -230,8 +223,8 @@ class RecurrentDepthTask(TextTask):
         model, _ = from_pretrained(run_dir, device)
         prompts = self._prompts(cfg, s.num, s.prompt, run_dir).to(device)
         ids = self._generate(model, cfg, run_dir, prompts, s.new_chars, default_iterations(cfg),
-                             [cfg.train.seed * 1000 + i for i in range(s.num)])
-        (run_dir / "samples.txt").write_text("\n\n".join(self._texts(run_dir, ids)) + "\n", encoding="utf-8")
+                             sample_seeds(cfg.train.seed, s.num))
+        self.write_samples(run_dir / "samples.txt", self._texts(run_dir, ids))
         return {}
 
     def sample(self, run_dir: Path, model, cfg: RunConfig, options: RecurrentSampleOptions) -> None:
@@ -240,12 +233,9 @@ class RecurrentDepthTask(TextTask):
         if new < 1 or K < 1:
             raise ConfigError("--new and --iterations must be at least 1")
         prompts = self._prompts(cfg, options.num, options.prompt or cfg.sample.prompt, run_dir).to(options.device)
-        seeds = [options.seed * 1000 + i for i in range(options.num)]
+        seeds = sample_seeds(options.seed, options.num)
         ids = self._generate(model, cfg, run_dir, prompts, new, K, seeds)
-        texts = self._texts(run_dir, ids)
-        Path(options.out).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
-        for text in texts[:3]:
-            print(text, end="\n\n")
+        self.write_samples(options.out, self._texts(run_dir, ids), show=3)
 
     def evaluate(self, run_dir: Path, options: RecurrentEvaluateOptions) -> Evaluation:
         try:
@@ -255,15 +245,9 @@ class RecurrentDepthTask(TextTask):
                               "integers") from None
         if not Ks or min(Ks) < 1 or options.prompts < 1 or options.new < 1 or options.draws < 1:
             raise ConfigError("--iterations, --prompts, --new and --draws must be at least 1")
-        _check_windows(options.windows)
+        check_windows(options.windows)
         model, cfg = from_pretrained(run_dir, options.device)
-        judge = None
-        if options.judge:
-            judge, _ = from_pretrained(options.judge, options.device)
-            if not is_plain(judge):
-                raise ConfigError(f"--judge {options.judge}: a judge is a plain autoregressive run (task arlm, "
-                                  "model.mode='plain')")
-            self.check_judge(run_dir, options.judge)
+        judge = self.load_judge(run_dir, options.judge, options.device)
         data = self.load_run_data(cfg, run_dir)
         windows = held_out_windows(data.test, cfg.model.seq_len)
         windows = (windows[:options.windows] if options.windows else windows).to(options.device)
@@ -271,7 +255,7 @@ class RecurrentDepthTask(TextTask):
                                         ("--prompts", "sample.prompt_chars")).to(options.device)
         rows = []
         for K in Ks:
-            seeds = [options.seed * 1000 + i for i in range(len(prompts))]
+            seeds = sample_seeds(options.seed, len(prompts))
             t0 = time.perf_counter()
             ids = self._generate(model, cfg, run_dir, prompts, options.new, K, seeds)
             seconds = time.perf_counter() - t0
@@ -285,7 +269,7 @@ class RecurrentDepthTask(TextTask):
                 row["gen_ppl"] = 2 ** judge_bits(judge.blocks[0], ids, prompts.shape[1], cfg.model.seq_len)
             rows.append(row)
         return Evaluation({"run": str(run_dir), "mode": cfg.model.mode, "num_windows": len(windows), "draws": options.draws,
-                           "num_prompts": len(prompts), "new_chars": options.new, "readout": self._readout(cfg),
+                           "num_prompts": len(prompts), "new_chars": options.new, "readout": readout_settings(cfg),
                            "by_iterations": rows})
 
     def evaluation_name(self, cfg: RunConfig, options: RecurrentEvaluateOptions) -> str:

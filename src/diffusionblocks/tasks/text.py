@@ -1,0 +1,126 @@
+"""What the three language tasks share (masked diffusion, the autoregressive LM, recurrent depth): the fields
+of their models' configs, the run's vocabulary, training windows, held-out prompts, writing samples and loading the
+judge that scores them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import ConfigError, RunConfig
+from ..models.arlm import CausalLM
+from ..pretrained import from_pretrained
+from ..rundir import save_text
+from ..text import VOCAB_FILE, WindowSampler, held_out_windows, load_text, load_vocabulary, vocabulary_difference
+from .base import Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextModelConfig:
+    """The fields every language model of the package has; each task's model section extends it."""
+
+    vocab_size: int = 65         # V tokens (tinyshakespeare's characters: 65, text8's: 27); the data may use fewer.
+    seq_len: int = 64            # Tokens per training window, and the longest context the model takes.
+    hidden_size: int = 128       # Transformer width.
+    depth: int = 6               # L, layers of the whole (end-to-end) network.
+    num_heads: int = 4           # Attention heads; hidden_size must be a multiple.
+    mlp_ratio: float = 4.0       # MLP hidden width / hidden_size.
+
+    # Rotary position embeddings rotate pairs of a head's dimensions: its width must then be even.
+    rotary: ClassVar[bool] = False
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "seq_len", "hidden_size", "num_heads"):
+            if getattr(self, name) < (2 if name in ("vocab_size", "seq_len") else 1):
+                raise ConfigError(f"model.{name} is too small: {getattr(self, name)}")
+        if self.hidden_size % self.num_heads or (self.rotary and (self.hidden_size // self.num_heads) % 2):
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not a multiple of model.num_heads="
+                              f"{self.num_heads}" + (" with an even head width (rotary embeddings rotate pairs)"
+                                                     if self.rotary else ""))
+
+
+class TextTask(Task):
+    """The data methods of the language tasks on text (`text.py`): the corpus' splits, checked against
+    model.vocab_size; the run's vocabulary, written once into the run and read by everything after; windows of
+    model.seq_len drawn per (seed, block, step); held-out prompts."""
+
+    VOCAB_FILE: ClassVar[str] = VOCAB_FILE
+
+    def load_data(self, cfg: RunConfig, vocab: Any = None) -> Any:
+        """The corpus, through `vocab` (a run's) or, when None, through a vocabulary made from its training part."""
+        data = load_text(cfg.data, cfg.model.seq_len, vocab)
+        what = "distinct characters" if cfg.data.tokenizer == "char" else "BPE tokens"
+        if len(data.vocab) > cfg.model.vocab_size:
+            raise ConfigError(f"data.path {cfg.data.path!r} has {len(data.vocab)} {what} but "
+                              f"model.vocab_size={cfg.model.vocab_size}")
+        if vocab is None and len(data.vocab) < cfg.model.vocab_size:
+            logger.info("data.path %r has %d %s: ids %d..%d of model.vocab_size=%d mean nothing and are never "
+                        "sampled", cfg.data.path, len(data.vocab), what, len(data.vocab), cfg.model.vocab_size - 1,
+                        cfg.model.vocab_size)
+        return data
+
+    def run_vocabulary(self, run_dir: Path) -> Any:
+        """The run's vocabulary (its vocab.json): what every id of its blocks means."""
+        return load_vocabulary(Path(run_dir) / self.VOCAB_FILE)
+
+    def load_run_data(self, cfg: RunConfig, run_dir: Path) -> Any:
+        return self.load_data(cfg, self.run_vocabulary(run_dir))
+
+    def check_after_training(self, cfg: RunConfig, data: Any) -> None:
+        """The samples after training continue sample.prompt, or sample.num held-out prompts of sample.prompt_chars."""
+        s = cfg.sample
+        if s.num and s.prompt:
+            data.vocab.encode(s.prompt, "sample.prompt")
+        elif s.num:
+            self.held_out_prompts(data.test, s.num, s.prompt_chars, ("sample.num", "sample.prompt_chars"))
+
+    def prepare_run(self, cfg: RunConfig, run_dir: Path, data: Any) -> None:
+        """vocab.json: the vocabulary the data was read through (a new run's, or the run's own, left as it is)."""
+        path = run_dir / self.VOCAB_FILE
+        if not path.is_file() or load_vocabulary(path) != data.vocab:  # differs: a run that never trained, restarted
+            save_text(path, data.vocab.to_json())
+
+    def batch_sampler(self, cfg: RunConfig, data: Any, b: int) -> Any:
+        return WindowSampler(data, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed, b)
+
+    def load_judge(self, run_dir: Path, judge: str | Path | None, device) -> Any:
+        """The plain autoregressive run `judge` (`evaluate --judge`) that scores a run's samples, loaded; None when
+        no judge is given. Refuses a chain of denoisers, and a vocabulary that maps a token to another id."""
+        if not judge:
+            return None
+        model, cfg = from_pretrained(judge, device)
+        if not isinstance(model.blocks[0], CausalLM):
+            raise ConfigError(f"--judge {judge}: a judge is a plain run (task arlm, model.mode='plain'), not a "
+                              f"{cfg.blocks.num_blocks}-block chain of {cfg.task!r}")
+        difference = vocabulary_difference(Path(run_dir) / self.VOCAB_FILE, Path(judge) / self.VOCAB_FILE)
+        if difference is not None:
+            raise ConfigError(f"--judge {judge}: its vocabulary is not the run's: {difference}")
+        return model
+
+    def write_samples(self, path: Path, texts: list[str], show: int = 0) -> None:
+        """Samples as text, one per paragraph; the first `show` are printed too."""
+        Path(path).write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        for text in texts[:show]:
+            print(text, end="\n\n")
+
+    def held_out_prompts(self, test: Any, num: int, length: int, names: tuple[str, str]) -> torch.Tensor:
+        """num prompts (num, length): the starts of num held-out windows of `length` tokens, spread over the held-out
+        text; names: the options that set num and length, for the message when there are too few."""
+        windows = held_out_windows(test, length)
+        if len(windows) < num:
+            raise ConfigError(f"the held-out text has {len(windows)} windows of {names[1]}={length} tokens, fewer "
+                              f"than {names[0]}={num} prompts")
+        return windows[::len(windows) // num][:num]
+
+    def prompts(self, cfg: RunConfig, run_dir: Path, num: int, prompt: str | None, length: int) -> torch.Tensor:
+        """num prompts (num, P): the one given, or held-out prompts of `length` tokens (`held_out_prompts`)."""
+        if prompt:
+            return self.run_vocabulary(run_dir).encode(prompt, "the prompt")[None].expand(num, -1)
+        return self.held_out_prompts(self.load_run_data(cfg, run_dir).test, num, length,
+                                     ("--num", "sample.prompt_chars"))
