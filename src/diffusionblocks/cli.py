@@ -186,6 +186,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults in the help, and the epilog's lines kept as written."""
 
 
+def _add_run_verb(sub, verb: str, help: str, base: type, func, run_task) -> None:
+    """`sample` or `evaluate` RUN: the options every task's runs take (`base`'s fields), then those of RUN's task."""
+    p = sub.add_parser(verb, help=help, epilog=_task_options_help(verb), formatter_class=_HelpFormatter)
+    p.add_argument("run", metavar="RUN", help="run directory")
+    _add_options(p, base, dataclasses.fields(base))
+    options = getattr(run_task, f"{verb}_options", None) if run_task is not None else None
+    if options is not None:
+        _add_options(p.add_argument_group(f"options of {run_task.name!r} runs"), options, own_fields(options, base))
+    p.set_defaults(func=func, run_task=run_task)
+
+
 def build_parser(run_task=None) -> argparse.ArgumentParser:
     """The command's parser; run_task: the task of the run that `sample` or `evaluate` was given, whose
     options those verbs then take."""
@@ -214,24 +225,9 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="draw samples from a trained run", epilog=_task_options_help("sample"),
-                       formatter_class=_HelpFormatter)
-    p.add_argument("run", metavar="RUN", help="run directory")
-    _add_options(p, SampleOptions, dataclasses.fields(SampleOptions))
-    if run_task is not None and hasattr(run_task, "sample_options"):
-        _add_options(p.add_argument_group(f"options of {run_task.name!r} runs"), run_task.sample_options,
-                     own_fields(run_task.sample_options, SampleOptions))
-    p.set_defaults(func=cmd_sample, run_task=run_task)
-
-    p = sub.add_parser("evaluate", help="the task's metrics of a trained run (images: conditional accuracy, FD, KID, "
-                       "chain diagnostics; classifiers: accuracy along the chain)", epilog=_task_options_help("evaluate"),
-                       formatter_class=_HelpFormatter)
-    p.add_argument("run", metavar="RUN", help="run directory")
-    _add_options(p, EvaluateOptions, dataclasses.fields(EvaluateOptions))
-    if run_task is not None and hasattr(run_task, "evaluate_options"):
-        _add_options(p.add_argument_group(f"options of {run_task.name!r} runs"), run_task.evaluate_options,
-                     own_fields(run_task.evaluate_options, EvaluateOptions))
-    p.set_defaults(func=cmd_evaluate, run_task=run_task)
+    _add_run_verb(sub, "sample", "draw samples from a trained run", SampleOptions, cmd_sample, run_task)
+    _add_run_verb(sub, "evaluate", "the task's metrics of a trained run (images: conditional accuracy, FD, KID, chain "
+                  "diagnostics; classifiers: accuracy along the chain)", EvaluateOptions, cmd_evaluate, run_task)
 
     p = sub.add_parser("compare", help="end-to-end (B=1) vs DiffusionBlocks at several B, equal compute, one report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

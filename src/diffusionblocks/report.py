@@ -26,6 +26,13 @@ def training_cost(c: RunConfig, result: dict[str, Any]) -> dict[str, str]:
             "peak train mem MiB": f"{mem / 2**20:.0f}" if mem is not None else "n/a"}
 
 
+def equal_compute(c: RunConfig, baseline: str, per_example: str = "") -> str:
+    """The report's first sentence, on what each run trained (without its full stop): every block as many steps
+    as the end-to-end `baseline`."""
+    return (f"Equal training compute: every block gets {c.train.steps_per_block} steps of batch {c.train.batch_size}"
+            f"{per_example}, as does the end-to-end {baseline}")
+
+
 def markdown_table(header: list[str], rows: list[dict[str, str]]) -> list[str]:
     """The lines of a markdown table whose columns are `header`, each row a dict over those names."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),

@@ -26,6 +26,15 @@ def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sig
     return x + (sigma_next - sigma) * (x - denoised) / sigma
 
 
+def _denoised_at(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, i: int, s_in: torch.Tensor, extra_args: dict,
+                 callback: Callable | None) -> torch.Tensor:
+    """D(x, sigma_i) of step i, handed to the callback as k-diffusion's samplers do."""
+    denoised = model(x, sigmas[i] * s_in, **extra_args)
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+    return denoised
+
+
 @torch.no_grad()
 def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                  callback: Callable | None = None, disable: bool | None = None) -> torch.Tensor:
@@ -33,9 +42,7 @@ def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_a
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable, leave=False):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        denoised = _denoised_at(model, x, sigmas, i, s_in, extra_args, callback)
         x = euler_step(x, denoised, sigmas[i], sigmas[i + 1])
     return x
 
@@ -47,10 +54,8 @@ def sample_heun(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable, leave=False):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        denoised = _denoised_at(model, x, sigmas, i, s_in, extra_args, callback)
         d = to_d(x, sigmas[i] * s_in, denoised)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
             # No slope exists at sigma = 0: the final step is Euler's.
@@ -76,9 +81,7 @@ def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extr
     s_in = x.new_ones([x.shape[0]])
     D_prev = None
     for i in trange(len(sigmas) - 1, disable=disable, leave=False):
-        D_i = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": D_i})
+        D_i = _denoised_at(model, x, sigmas, i, s_in, extra_args, callback)
         if sigmas[i + 1] == 0:
             x = D_i
         else:

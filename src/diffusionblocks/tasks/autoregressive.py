@@ -38,17 +38,16 @@ import torch.nn.functional as F
 from ..blocks import BridgedDenoiser
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
 from ..models.arlm import ARDenoiser, CausalLM, KVCache
-from ..models.layers import label_embedding_table
 from ..noise import Partition, sigma_grid
 from ..options import EvaluateOptions, SampleOptions, option
 from ..precond import append_dims
 from ..pretrained import from_pretrained
-from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
+from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator, sample_seeds
-from ..text import TextConfig, held_out_windows, usable_logits
+from ..text import held_out_windows, usable_logits
 from .base import Evaluation
-from .text import TextModelConfig, TextTask
+from .text import TextModelConfig, TextRunConfig, TextSampleConfig, TextTask
 
 logger = logging.getLogger(__name__)
 
@@ -70,38 +69,35 @@ class ARModelConfig(TextModelConfig):
 
 
 @dataclass(frozen=True)
-class ARSampleConfig:
-    steps: int = 0               # Denoising steps per token; 0 = B (each block once).
+class ARSampleConfig(TextSampleConfig):
+    """TextSampleConfig's steps are the denoising steps per token (0 = B, each block once); an empty prompt means
+    the starts of held-out windows. The recurrent-depth task shares it (its steps: K, 0 = model.mean_recurrence)."""
+
     sampler: str = "euler"       # Each token's chain: a name of sampling.SAMPLERS ("euler": the paper's).
     bridge: str = "sample"       # What a step hands the next: "estimate" (D), "softmax" (softmax(logits) @ E),
                                  # "argmax" (E[argmax logits]) or "sample" (E[a token drawn from the logits as the
                                  # readout draws]).
-    temperature: float = 1.0     # Readout of the last step's logits: softmax temperature...
-    top_p: float = 1.0           # ...and nucleus; greedy takes the argmax instead.
-    greedy: bool = False
-    num: int = 4                 # Samples written to samples.txt after training.
+    top_p: float = 1.0           # The readout of the last step's logits: nucleus (with the temperature)...
+    greedy: bool = False         # ...or the argmax instead.
     new_chars: int = 200         # Characters (BPE: tokens) each sample adds to its prompt.
-    prompt: str = ""             # A prompt for every sample ("" = the starts of held-out windows).
-    prompt_chars: int = 32       # Length of those held-out prompts, in characters (BPE: tokens).
+    prompt_chars: int = 32       # Length of the held-out prompts ("" prompt), in characters (BPE: tokens).
 
     def validate(self) -> None:
+        super().validate()
         check_choice("sample.bridge", self.bridge, BRIDGES)
         check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
-        if self.steps < 0 or self.num < 0 or self.new_chars < 1 or self.prompt_chars < 1:
-            raise ConfigError("sample.steps and sample.num must be >= 0, sample.new_chars and sample.prompt_chars >= 1")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"sample.temperature must be a positive number, got {self.temperature}")
+        if self.new_chars < 1 or self.prompt_chars < 1:
+            raise ConfigError("sample.new_chars and sample.prompt_chars must be at least 1")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"sample.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass(frozen=True)
-class AutoregressiveConfig(RunConfig):
+class AutoregressiveConfig(TextRunConfig):
     name: str = "shakespeare-arlm"
     task: str = "arlm"
     model: ARModelConfig = field(default_factory=ARModelConfig)
     blocks: BlocksConfig = field(default_factory=lambda: BlocksConfig(gamma=0.1))
-    data: TextConfig = field(default_factory=TextConfig)
     sample: ARSampleConfig = field(default_factory=ARSampleConfig)
 
     def validate(self) -> None:
@@ -110,12 +106,6 @@ class AutoregressiveConfig(RunConfig):
         if self.model.mode == "plain" and self.blocks.num_blocks != 1:
             raise ConfigError(f"model.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
                               f"got {self.blocks.num_blocks}")
-
-
-def run_token_embedding(cfg: RunConfig) -> torch.Tensor:
-    """The run's target table E (V x hidden_size), the same for every block: drawn from (seed, "token-embedding")."""
-    return label_embedding_table(cfg.model.vocab_size, cfg.model.hidden_size,
-                                 make_generator(cfg.train.seed, "token-embedding"))
 
 
 # ---- generation
@@ -482,12 +472,8 @@ class AutoregressiveTask(TextTask):
             net.initialize_weights(generator)
             return net
         lo, hi = self.partition(cfg).training_range(b)
-        net = ARDenoiser(m.vocab_size, depth=cfg.layer_split()[b], sigma_data=cfg.noise.sigma_data,
-                         sigma_min=lo, sigma_max=hi, **size)
-        net.initialize_weights(generator)
-        with torch.no_grad():
-            net.E.copy_(run_token_embedding(cfg))
-        return net
+        return self.with_run_table(ARDenoiser(m.vocab_size, depth=cfg.layer_split()[b], sigma_data=cfg.noise.sigma_data,
+                                              sigma_min=lo, sigma_max=hi, **size), cfg, generator)
 
     def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: torch.Tensor,
                     generator: torch.Generator) -> dict[str, Any]:
@@ -503,21 +489,14 @@ class AutoregressiveTask(TextTask):
 
     # ---- inference
 
-    def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
-        """samples.txt: sample.num continuations (of sample.prompt, or of held-out prompts)."""
-
+    def draw_samples(self, model, cfg: RunConfig, run_dir: Path, device: torch.device) -> list[str]:
+        """sample.num continuations (of sample.prompt, or of held-out prompts)."""
         s = cfg.sample
-        if s.num == 0:
-            return {}
-        model, _ = from_pretrained(run_dir, device)
         vocab = self.run_vocabulary(run_dir)
         prompts = self.prompts(cfg, run_dir, s.num, s.prompt, s.prompt_chars).to(device)
         ids = generate_text(model, cfg, prompts, s.new_chars, seeds=sample_seeds(cfg.train.seed, s.num),
                             num_tokens=len(vocab), temperature=s.temperature, top_p=s.top_p, greedy=s.greedy)
-        texts = [vocab.decode(row) for row in ids.cpu()]
-        self.write_samples(run_dir / "samples.txt", texts)
-        logger.info("samples.txt; the first:\n%s", texts[0])
-        return {}
+        return [vocab.decode(row) for row in ids.cpu()]
 
     def sample(self, run_dir: Path, model, cfg: RunConfig, options: ARSampleOptions) -> None:
         """A .txt file, one sample per paragraph; the first few are printed, and the speed logged."""
@@ -650,8 +629,8 @@ def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dic
                          "chars/s": f"{s['chars_per_s']:.0f}", "no cache": f"{s['chars_per_s_no_cache']:.0f}",
                          **training_cost(configs[B], r)})
     lines = [f"# End-to-end vs DiffusionBlocks: an autoregressive language model on {Path(c1.data.path).name}", "",
-             f"Equal training compute: every block gets {c1.train.steps_per_block} steps of batch {c1.train.batch_size} x "
-             f"{c1.model.seq_len} characters, as does the end-to-end model (B=1, plain next-token cross-entropy). Model: "
+             equal_compute(c1, "model (B=1, plain next-token cross-entropy)", f" x {c1.model.seq_len} characters")
+             + ". Model: "
              f"Llama-style, {c1.model.depth} layers, width {c1.model.hidden_size}. BPC: held-out next-token bits per "
              f"character over {r1['num_windows']} windows (chains: block 0 at sigma_max). Samples: {r1['num_prompts']} "
              f"held-out prompts of {c1.sample.prompt_chars} characters, {r1['new_chars']} new characters each, readout "

@@ -37,7 +37,7 @@ from ..noise import Partition, sigma_grid
 from ..options import EvaluateOptions, option
 from ..precond import append_dims
 from ..pretrained import from_pretrained
-from ..report import markdown_table, memory_note, training_cost
+from ..report import equal_compute, markdown_table, memory_note, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator
 from .base import Coupling, Evaluation, Task
@@ -361,8 +361,7 @@ def write_classification_report(out_dir: Path, configs: dict[int, RunConfig], re
     header = ["B", "layers per block", "top-1", *(["top-5"] if top5 else []), "train s", "ms/step per block",
               "inference s", "peak train mem MiB"]
     lines = [f"# End-to-end ViT vs DiffusionBlocks classification: {c1.data.dataset}", "",
-             f"Equal training compute: every block gets {c1.train.steps_per_block} steps of batch "
-             f"{c1.train.batch_size}, as does the end-to-end ViT (B=1, a plain classifier with the same layers). "
+             equal_compute(c1, "ViT (B=1, a plain classifier with the same layers)") + ". "
              f"ViT: {c1.model.depth} layers, width {c1.model.hidden_size}; label embedding "
              f"{cfg.classify.label_embedding}; {cfg.train.schedule} schedule; inference: "
              f"{cfg.classify.inference_steps or 'B'} steps. Held-out images: {results[1]['num_test']}.", ""]

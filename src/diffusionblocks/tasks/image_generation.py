@@ -30,7 +30,7 @@ from ..options import EvaluateOptions, SampleOptions, option
 from ..plotting import image_grid, save_image_grid
 from ..precond import Denoiser
 from ..pretrained import from_pretrained
-from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
+from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..sampling import SAMPLERS
 from .base import Evaluation, Task
 
@@ -312,9 +312,8 @@ def write_generation_report(out_dir: Path, configs: dict[int, RunConfig], result
     header = ["B", "layers per block", "cond. acc.", "FD", "KID", "train s", "job wall s", "ms/step per block",
               "sampling s", "peak train mem MiB"]
     lines = [f"# End-to-end vs DiffusionBlocks: {cfg1.data.dataset}", "",
-             f"Equal training compute: every block gets {cfg1.train.steps_per_block} steps of batch "
-             f"{cfg1.train.batch_size}, as does the end-to-end model (B=1), so every run evaluates the same number of "
-             f"layers. Model: DiT, {cfg1.model.depth} layers, width {cfg1.model.hidden_size}; {cfg1.train.schedule} "
+             equal_compute(cfg1, "model (B=1)") + ", so every run evaluates the same number of layers. "
+             f"Model: DiT, {cfg1.model.depth} layers, width {cfg1.model.hidden_size}; {cfg1.train.schedule} "
              "schedule. Samples: "
              f"{r1['num_samples']} class-conditional ({r1['sampler']}, {r1['steps']} steps, guidance {r1['guidance']}, "
              f"{r1['grid']} grid, seed {r1['seed']}); held-out real images: {r1['num_heldout']}.", ""]

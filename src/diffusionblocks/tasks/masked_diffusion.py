@@ -29,11 +29,11 @@ from ..models.mdlm import T_FLOOR, MaskedDiffusionTransformer
 from ..noise import MaskingTime, Partition
 from ..options import EvaluateOptions, SampleOptions, option
 from ..pretrained import from_pretrained
-from ..report import markdown_table, memory_note, plot_loss_curves, training_cost
+from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..seeding import derive_seed, make_generator
-from ..text import TextConfig, Vocabulary, held_out_windows, usable_logits
+from ..text import Vocabulary, held_out_windows, usable_logits
 from .base import Evaluation
-from .text import TextModelConfig, TextTask
+from .text import TextModelConfig, TextRunConfig, TextSampleConfig, TextTask
 
 logger = logging.getLogger(__name__)
 
@@ -53,27 +53,13 @@ class MaskingConfig:
 
 
 @dataclass(frozen=True)
-class TextSampleConfig:
-    steps: int = 0               # S unmasking steps; 0 = model.seq_len.
-    num: int = 4                 # Samples written to samples.txt after training.
-    prompt: str = ""             # A fixed prefix every sample keeps.
-    temperature: float = 1.0     # Softmax temperature of the predicted distribution.
-
-    def validate(self) -> None:
-        if self.steps < 0 or self.num < 0:
-            raise ConfigError("sample.steps and sample.num must be non-negative")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"sample.temperature must be a positive number, got {self.temperature}")
-
-
-@dataclass(frozen=True)
-class MaskedDiffusionConfig(RunConfig):
+class MaskedDiffusionConfig(TextRunConfig):
     name: str = "shakespeare-mdlm"
     task: str = "mdlm"
     model: MaskedLMConfig = field(default_factory=MaskedLMConfig)
     noise: MaskingConfig = field(default_factory=MaskingConfig)
-    data: TextConfig = field(default_factory=TextConfig)
-    sample: TextSampleConfig = field(default_factory=TextSampleConfig)
+    sample: TextSampleConfig = field(default_factory=TextSampleConfig)  # steps: S unmasking steps (0 = seq_len);
+                                                                        # prompt: a fixed prefix ("" = none)
 
     def validate(self) -> None:
         """The fields checked by section, then the rules across sections."""
@@ -238,17 +224,10 @@ class MaskedDiffusionTask(TextTask):
         seconds = time.perf_counter() - t0
         return [vocab.decode(row) for row in ids], seconds
 
-    def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
-        """samples.txt: sample.num samples, one per paragraph."""
-
+    def draw_samples(self, model, cfg: RunConfig, run_dir: Path, device: torch.device) -> list[str]:
+        """sample.num samples of sample.steps unmasking steps."""
         s = cfg.sample
-        if s.num == 0:
-            return {}
-        model, _ = from_pretrained(run_dir, device)
-        texts, _ = self._samples(model, cfg, run_dir, s.num, s.steps, s.prompt, s.temperature, cfg.train.seed, device)
-        self.write_samples(run_dir / "samples.txt", texts)
-        logger.info("samples.txt; the first:\n%s", texts[0])
-        return {}
+        return self._samples(model, cfg, run_dir, s.num, s.steps, s.prompt, s.temperature, cfg.train.seed, device)[0]
 
     def sample(self, run_dir: Path, model, cfg: RunConfig, options: TextSampleOptions) -> None:
         """A .txt file, one sample per paragraph; the first few are printed."""
@@ -316,8 +295,7 @@ class MaskedDiffusionTask(TextTask):
                  "vs B=1": f"{100 * (r['bpc'] / r1['bpc'] - 1):+.1f}%", "sampling chars/s": f"{r['chars_per_s']:.0f}",
                  **training_cost(configs[B], r)} for B, r in results.items()]
         lines = [f"# End-to-end vs DiffusionBlocks: masked diffusion on {Path(c1.data.path).name}", "",
-                 f"Equal training compute: every block gets {c1.train.steps_per_block} steps of batch "
-                 f"{c1.train.batch_size} x {c1.model.seq_len} characters, as does the end-to-end model (B=1). "
+                 equal_compute(c1, "model (B=1)", f" x {c1.model.seq_len} characters") + ". "
                  f"Model: {c1.model.depth} layers, width {c1.model.hidden_size}, {c1.noise.schedule} alpha(t); "
                  f"{c1.train.schedule} schedule. BPC: the ELBO on {r1['num_windows']} held-out windows, t stratified "
                  f"in {r1['strata']} strata (each evaluated by the block that owns it), mean and standard error over "

@@ -26,12 +26,11 @@ from ..noise import Partition
 from ..options import EvaluateOptions, SampleOptions, option
 from ..pretrained import from_pretrained
 from ..seeding import make_generator, sample_seeds
-from ..text import TextConfig, held_out_windows, usable_logits
+from ..text import held_out_windows, usable_logits
 from .autoregressive import (ARSampleConfig, TokenContext, check_windows, distinct_n, draw_token, generate_chain,
-                             judge_bits, longest_repeated_run, mixture_bits, readout_settings, run_token_embedding,
-                             sampler_bits)
+                             judge_bits, longest_repeated_run, mixture_bits, readout_settings, sampler_bits)
 from .base import Evaluation
-from .text import TextModelConfig, TextTask
+from .text import TextModelConfig, TextRunConfig, TextTask
 
 
 @dataclass(frozen=True)
@@ -61,12 +60,11 @@ class RecurrentModelConfig(TextModelConfig):
 
 
 @dataclass(frozen=True)
-class RecurrentConfig(RunConfig):
+class RecurrentConfig(TextRunConfig):
     name: str = "shakespeare-recurrent"
     task: str = "recurrent"
     model: RecurrentModelConfig = field(default_factory=RecurrentModelConfig)
     blocks: BlocksConfig = field(default_factory=lambda: BlocksConfig(num_blocks=1))
-    data: TextConfig = field(default_factory=TextConfig)
     sample: ARSampleConfig = field(default_factory=ARSampleConfig)  # sample.steps: K (0 = model.mean_recurrence)
 
     def validate(self) -> None:
@@ -177,11 +175,8 @@ class RecurrentDepthTask(TextTask):
             net.initialize_weights(generator)
             return net
         lo, hi = self.partition(cfg).training_range(b)
-        net = RecurrentDenoiser(m.vocab_size, sigma_data=cfg.noise.sigma_data, sigma_min=lo, sigma_max=hi, **shape)
-        net.initialize_weights(generator)
-        with torch.no_grad():
-            net.E.copy_(run_token_embedding(cfg))
-        return net
+        return self.with_run_table(RecurrentDenoiser(m.vocab_size, sigma_data=cfg.noise.sigma_data, sigma_min=lo,
+                                                     sigma_max=hi, **shape), cfg, generator)
 
     def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: torch.Tensor,
                     generator: torch.Generator) -> dict[str, Any]:
@@ -215,17 +210,13 @@ class RecurrentDepthTask(TextTask):
         return generate(model, cfg, prompts, new, iterations, seeds, num_tokens=len(self.run_vocabulary(run_dir)),
                         **readout_settings(cfg))
 
-    def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
-
+    def draw_samples(self, model, cfg: RunConfig, run_dir: Path, device: torch.device) -> list[str]:
+        """sample.num continuations of K = default_iterations core iterations per token."""
         s = cfg.sample
-        if s.num == 0:
-            return {}
-        model, _ = from_pretrained(run_dir, device)
         prompts = self._prompts(cfg, s.num, s.prompt, run_dir).to(device)
         ids = self._generate(model, cfg, run_dir, prompts, s.new_chars, default_iterations(cfg),
                              sample_seeds(cfg.train.seed, s.num))
-        self.write_samples(run_dir / "samples.txt", self._texts(run_dir, ids))
-        return {}
+        return self._texts(run_dir, ids)
 
     def sample(self, run_dir: Path, model, cfg: RunConfig, options: RecurrentSampleOptions) -> None:
         new = cfg.sample.new_chars if options.new is None else options.new

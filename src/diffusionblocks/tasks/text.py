@@ -5,7 +5,8 @@ judge that scores them."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,9 +14,12 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..models.arlm import CausalLM
+from ..models.layers import label_embedding_table
 from ..pretrained import from_pretrained
 from ..rundir import save_text
-from ..text import VOCAB_FILE, WindowSampler, held_out_windows, load_text, load_vocabulary, vocabulary_difference
+from ..seeding import make_generator
+from ..text import (VOCAB_FILE, TextConfig, WindowSampler, held_out_windows, load_text, load_vocabulary,
+                    vocabulary_difference)
 from .base import Task
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,35 @@ class TextModelConfig:
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not a multiple of model.num_heads="
                               f"{self.num_heads}" + (" with an even head width (rotary embeddings rotate pairs)"
                                                      if self.rotary else ""))
+
+
+def run_token_embedding(cfg: RunConfig) -> torch.Tensor:
+    """The run's target table E (V x hidden_size), the same for every block: drawn from (seed, "token-embedding")."""
+    return label_embedding_table(cfg.model.vocab_size, cfg.model.hidden_size,
+                                 make_generator(cfg.train.seed, "token-embedding"))
+
+
+@dataclass(frozen=True)
+class TextSampleConfig:
+    """The sampling fields every language task has; each task's sample section extends it."""
+
+    steps: int = 0               # Sampler steps; 0 = the task's own count (mdlm: seq_len, arlm: B, recurrent: K).
+    num: int = 4                 # Samples written to samples.txt after training.
+    prompt: str = ""             # A prompt every sample continues (each task says what "" means).
+    temperature: float = 1.0     # Softmax temperature of the distribution tokens are drawn from.
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.num < 0:
+            raise ConfigError("sample.steps and sample.num must be non-negative")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"sample.temperature must be a positive number, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class TextRunConfig(RunConfig):
+    """A language task's config: a text corpus as its data; the task gives its model and sample sections."""
+
+    data: TextConfig = field(default_factory=TextConfig)
 
 
 class TextTask(Task):
@@ -102,6 +135,27 @@ class TextTask(Task):
         if difference is not None:
             raise ConfigError(f"--judge {judge}: its vocabulary is not the run's: {difference}")
         return model
+
+    def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
+        """samples.txt: the trained run's sample.num samples (`draw_samples`), one per paragraph."""
+        if cfg.sample.num == 0:
+            return {}
+        model, _ = from_pretrained(run_dir, device)
+        texts = self.draw_samples(model, cfg, run_dir, device)
+        self.write_samples(run_dir / "samples.txt", texts)
+        logger.info("samples.txt; the first:\n%s", texts[0])
+        return {}
+
+    def draw_samples(self, model, cfg: RunConfig, run_dir: Path, device: torch.device) -> list[str]:
+        """The samples after_training writes, decoded."""
+        raise NotImplementedError
+
+    def with_run_table(self, net: torch.nn.Module, cfg: RunConfig, generator: torch.Generator | None) -> torch.nn.Module:
+        """A denoiser of tokens initialised from generator, with the run's target table E (the same in every block)."""
+        net.initialize_weights(generator)
+        with torch.no_grad():
+            net.E.copy_(run_token_embedding(cfg))
+        return net
 
     def write_samples(self, path: Path, texts: list[str], show: int = 0) -> None:
         """Samples as text, one per paragraph; the first `show` are printed too."""
