@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from diffusionblocks.config import ConfigError, RunConfig
@@ -150,12 +151,8 @@ def mixture_log_density(x: torch.Tensor, centres: torch.Tensor, std: float) -> t
 
 
 def save_scatter(points: torch.Tensor, path: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
     ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
     ax.set_xlim(-1.2, 1.2)
     ax.set_ylim(-1.2, 1.2)
@@ -163,7 +160,6 @@ def save_scatter(points: torch.Tensor, path: Path, title: str = "") -> None:
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---- the options of `sample` and `evaluate`: each field is an option (`steps` is --steps), with its default and help

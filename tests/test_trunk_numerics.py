@@ -75,7 +75,7 @@ def test_the_chain_block_equals_its_per_token_reference():
     c = torch.cat([c_noisy, m.trunk.clean_cond.expand(N, L, -1)], dim=1)
     for layer in m.trunk.layers:
         x = _layer_ref(layer, x, c, torch.arange(L).repeat(2), training_mask(L))
-    _, ref = m._readout(z, x[:, :L], sigma, c_noisy)
+    _, ref = m._denoised_and_logits(z, x[:, :L], sigma, c_noisy)
     _, got = m.denoise(z, sigma, tokens)
     assert (got - ref).abs().max() <= TOL
 

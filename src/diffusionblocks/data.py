@@ -631,7 +631,7 @@ class BatchSampler:
         if self.hflip:  # a select, not a masked assignment (which would wait for the device to count the mask)
             gen = make_generator(self.seed, self.stream, step, "flip", device=self.device)
             flip = torch.rand(len(idx), generator=gen, device=self.device) < 0.5
-            images = torch.shown_path(flip[:, None, None, None], images.flip(-1), images)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if self.crop_padding > 0:
             images = _random_crop(images, self.crop_offsets(step), self.crop_padding)
         return images, labels
