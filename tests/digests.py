@@ -34,6 +34,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from diffusionblocks.cli import main
+from diffusionblocks.tasks import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGESTS = Path(__file__).with_name("regression_digests.json")
@@ -49,7 +50,7 @@ CASES = {
     "vit-fixed-interleaved": ("digits-vit.json", ["--schedule", "interleaved"]),
     "vit-learned_first": ("digits-vit.json", ["classify.label_embedding=learned_first"]),
     "vit-learned_joint": ("digits-vit.json", ["--schedule", "interleaved", "classify.label_embedding=learned_joint"]),
-    "vit-plain": ("digits-vit.json", ["classify.mode=plain", "blocks.num_blocks=1"]),
+    "vit-plain": ("digits-vit.json", ["model.mode=plain", "blocks.num_blocks=1"]),
 }
 # The text tasks at a tiny size, on Tiny Shakespeare (the presets' relative path: the cases run from the repository).
 TEXT = ["model.hidden_size=32", "model.num_heads=2", "model.seq_len=32", "sample.num=2"]
@@ -70,13 +71,6 @@ CASES.update({
     "recurrent": ("shakespeare-recurrent.json", [*TEXT, *GENERATED, *RECURRENT]),
     "recurrent-huginn": ("shakespeare-recurrent.json", [*TEXT, *GENERATED, *RECURRENT, "model.mode=huginn"]),
 })
-# Fields dropped from the configs by the task refactor (fe85824 wrote them), and fields added since with the value
-# every earlier recording implicitly had (on a CPU, "auto" is fp32 and the data on the host).
-DROPPED = {"generate": ["classify"], "classify": ["sample", "model.class_dropout"]}
-ADDED = {"train.precision": "auto", "train.compile": False, "train.data_on_device": "auto"}
-# Fields added since to one task's sections, with the value its earlier recordings implicitly had (the Euler chain).
-ADDED_BY_TASK = {"classify": {"classify.sampler": "euler"}, "arlm": {"sample.sampler": "euler"},
-                 "recurrent": {"sample.sampler": "euler"}}
 # What the tolerant mode compares, with the unit of each deviation.
 QUANTITIES = {
     "loss": "relative difference of a logged loss",
@@ -211,19 +205,9 @@ def _without_timing(node):
 # ---- old recordings in today's form
 
 def current_form(config: dict) -> dict:
-    """A recorded config as today's code writes it: DROPPED removed where present, ADDED (and the task's
-    ADDED_BY_TASK) set where absent."""
-    config = json.loads(json.dumps(config))
-    for path in DROPPED.get(config["task"], []):
-        *parents, last = path.split(".")
-        node = config
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(last, None)
-    for path, value in {**ADDED, **ADDED_BY_TASK.get(config["task"], {})}.items():
-        section, field = path.split(".")
-        config[section].setdefault(field, value)
-    return config
+    """A recorded config as today's code writes it: read through its task's config class (its upgrade_config turns
+    older forms into today's; fields added since take their defaults, the values earlier recordings implicitly had)."""
+    return json.loads(config_from_dict(config).to_json())
 
 
 def expected_digests(case: dict) -> dict:

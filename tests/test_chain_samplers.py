@@ -53,7 +53,7 @@ class Counting(torch.nn.Module):
 
 
 def test_the_names_of_samplers_and_grids_are_the_configs_choices():
-    for task, field in (("generate", "sample.sampler"), ("classify", "classify.sampler"), ("arlm", "sample.sampler"),
+    for task, field in (("generate", "sample.sampler"), ("classify", "sample.sampler"), ("arlm", "sample.sampler"),
                         ("recurrent", "sample.sampler")):
         for name in SAMPLERS:
             assert getattr(getattr(apply_overrides(default_config(task), [f"{field}={name}"]), field.split(".")[0]),

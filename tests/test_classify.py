@@ -135,11 +135,11 @@ def test_save_load_exact_and_short_training_beats_chance(tmp_path, capsys):
 def test_plain_classifier_baseline(tmp_path):
     run = tmp_path / "plain"
     assert main(["train", "--task", "classify", "--out", str(run), "--no-progress", *TINY[2:], "blocks.num_blocks=1",
-                 "classify.mode=plain"]) == 0
+                 "model.mode=plain"]) == 0
     r = evaluate_classifier(run)
     assert r["mode"] == "plain" and 0 <= r["top1"] <= 1 and "per_block" not in r
     with pytest.raises(ConfigError, match="needs blocks.num_blocks=1"):
-        apply_overrides(default_config(), ["task=classify", "model.arch=vit", "classify.mode=plain"])
+        apply_overrides(default_config(), ["task=classify", "model.arch=vit", "model.mode=plain"])
 
 
 def test_compare_classifiers_writes_the_report(tmp_path):
@@ -160,7 +160,7 @@ def test_compare_from_a_plain_classifier_config(tmp_path):
 
     out = tmp_path / "cmp"
     assert main(["compare", "--out", str(out), "--num-blocks", "3", "--no-progress", *TINY, "blocks.num_blocks=1",
-                 "classify.mode=plain", "train.steps_per_block=3"]) == 0
+                 "model.mode=plain", "train.steps_per_block=3"]) == 0
     runs = json.loads((out / "report.json").read_text())["runs"]
     assert runs["1"]["mode"] == "plain" and runs["3"]["mode"] == "diffusion"
 
@@ -168,7 +168,7 @@ def test_compare_from_a_plain_classifier_config(tmp_path):
 def test_inference_steps_may_change_on_resume_but_the_model_may_not(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--no-progress", *TINY, "train.steps_per_block=2"]) == 0
-    assert main(["train", "--resume", str(run), "--no-progress", "classify.inference_steps=6"]) == 0
-    assert read_config(run).classify.inference_steps == 6
+    assert main(["train", "--resume", str(run), "--no-progress", "sample.steps=6"]) == 0
+    assert read_config(run).sample.steps == 6
     assert main(["train", "--resume", str(run), "classify.label_embedding=learned_first"]) == 2
     assert "would change what the run" in capsys.readouterr().err

@@ -1,9 +1,10 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from diffusionblocks.config import ConfigError, RunConfig
-from diffusionblocks.tasks import apply_overrides, default_config, load_config
+from diffusionblocks.tasks import apply_overrides, config_from_dict, default_config, load_config
 
 
 def test_json_round_trip(tmp_path):
@@ -52,8 +53,6 @@ def test_unknown_field_in_file(tmp_path):
 
 
 def test_presets_load():
-    from pathlib import Path
-
     presets = sorted((Path(__file__).resolve().parents[1] / "presets").glob("*.json"))
     assert presets
     for p in presets:
@@ -77,3 +76,38 @@ def test_switching_task_keeps_the_fields_the_config_changed():
     assert text.model.seq_len == 64 and text.noise.schedule == "linear" and text.model.depth == 6
     with pytest.raises(ConfigError, match="its task's RunConfig subclass"):
         RunConfig().validate()
+
+
+def _configs_in(node, where: str):
+    """(where, config dict) of every run config inside a parsed JSON file (a config.json, a report's runs)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("task"), str) and isinstance(node.get("model"), dict):
+            yield where, node
+            return
+        for k, v in node.items():
+            yield from _configs_in(v, f"{where}/{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _configs_in(v, f"{where}[{i}]")
+
+
+def test_presets_and_the_configs_of_committed_results_load_in_todays_form():
+    """Each through its task's config class and upgrade_config: older forms (the classifier's switch and inference
+    settings in "classify") read as today's (model.mode, sample.steps, sample.sampler)."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(root.glob("presets/*.json")) + sorted((root / "benchmarks" / "results").rglob("*.json"))
+    found = [(f"{f.relative_to(root)}{w}", d) for f in files for w, d in _configs_in(json.loads(f.read_text()), "")]
+    assert len(found) >= 20
+    for where, d in found:
+        cfg = config_from_dict(d)
+        assert config_from_dict(cfg.to_dict()) == cfg, where
+
+
+def test_an_older_classifier_config_reads_in_todays_form():
+    old = {"task": "classify", "model": {"arch": "vit", "class_dropout": 0.1},
+           "classify": {"mode": "plain", "inference_steps": 3, "sampler": "heun", "label_embedding": "fixed"},
+           "blocks": {"num_blocks": 1}, "sample": {"guidance": 2.0, "grid": "karras"}}
+    cfg = config_from_dict(old)
+    assert (cfg.model.mode, cfg.sample.steps, cfg.sample.sampler) == ("plain", 3, "heun")
+    assert cfg.classify.label_embedding == "fixed" and "mode" not in cfg.to_dict()["classify"]
+    assert config_from_dict({"task": "classify", "classify": {"mode": "diffusion"}}) == default_config("classify")

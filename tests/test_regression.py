@@ -103,7 +103,7 @@ def test_recording_an_environment_keeps_the_others(tmp_path, monkeypatch):
 
 
 def test_configs_written_before_the_refactor_load():
-    """Every recorded config (fe85824's form has the sections DROPPED lists) loads as its task's config."""
+    """Every recorded config (fe85824's form, the classifier's older one) loads as its task's config."""
 
     for recording in digests.load()["recordings"]:
         for case in recording["cases"].values():

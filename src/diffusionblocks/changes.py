@@ -33,7 +33,7 @@ MAY_CHANGE: dict[str, tuple[str, ...]] = {
     "sample.": (RESUME, FROM, COMPOSE),
 }
 # The operations that may change the fields a task's config class lists in its `resumable_fields` (how its runs
-# are used, e.g. classify.inference_steps).
+# are used).
 TASK_FIELDS_MAY_CHANGE: tuple[str, ...] = (RESUME,)
 
 

@@ -3,11 +3,11 @@
 The class label is a point E[label] of a label-embedding table with L2-normalised rows; each block
 denoises it for its range of sigma, conditioned on the image, and its loss is the cross-entropy of the
 logits its head reads off the denoised estimate, weighted by lambda(sigma). The end-to-end baseline of
-`compare` (classify.mode="plain", B=1) is the same ViT trained as a plain classifier.
+`compare` (model.mode="plain", B=1) is the same ViT trained as a plain classifier.
 
 Inference: start from z = sigma_max eps in label-embedding space and walk a descending sigma grid of
 `steps` points (default B: each block once, the cost of one end-to-end forward pass). At each step the
-owning block gives logits; the estimate softmax(logits) @ E drives a step of `classify.sampler` (Euler by default,
+owning block gives logits; the estimate softmax(logits) @ E drives a step of `sample.sampler` (Euler by default,
 through the router: `blocks.BridgedDenoiser`); the prediction is the last step's argmax.
 
 The label table. "fixed" (a random orthonormal table frozen from the seed) keeps the blocks independent.
@@ -45,53 +45,75 @@ from .image_generation import ImageModelConfig, image_batch_sampler, load_matchi
 
 
 @dataclass(frozen=True)
+class ClassifierModelConfig(ImageModelConfig):
+    mode: str = "diffusion"      # "diffusion" (blocks denoise the label embedding) or "plain" (the end-to-end
+                                 # baseline: the same ViT as an ordinary classifier, B = 1), as the AR LM's model.mode.
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("model.mode", self.mode, ("diffusion", "plain"))
+
+
+@dataclass(frozen=True)
 class ClassifyConfig:
-    mode: str = "diffusion"               # "diffusion" (blocks denoise the label embedding) or "plain" (the
-                                          # end-to-end baseline: the same ViT as an ordinary classifier, B = 1).
     label_embedding: str = "fixed"        # "fixed": a random orthonormal table frozen from the seed, so blocks
                                           # are independent (any schedule); "learned_first": learned with block 0,
                                           # then frozen for the others (sequential); "learned_joint": one table
                                           # learned by whichever block runs (interleaved; the reference code's).
     loss_weighting: str = "per_sample"    # "per_sample": lambda(sigma_i) CE_i; "batch_mean": mean(lambda) CE_i,
                                           # the reference code's.
-    inference_steps: int = 0              # Denoising steps at inference; 0 = B (each block once).
-    sampler: str = "euler"                # Inference sampler, a name of sampling.SAMPLERS ("euler": the paper's).
 
     def validate(self) -> None:
-        check_choice("classify.mode", self.mode, ("diffusion", "plain"))
         check_choice("classify.label_embedding", self.label_embedding, ("fixed", "learned_first", "learned_joint"))
         check_choice("classify.loss_weighting", self.loss_weighting, ("per_sample", "batch_mean"))
-        check_choice("classify.sampler", self.sampler, tuple(SAMPLERS))
-        if self.inference_steps < 0:
-            raise ConfigError(f"classify.inference_steps must be >= 0, got {self.inference_steps}")
+
+
+@dataclass(frozen=True)
+class ClassifySampleConfig:
+    """The chain's inference (sample.steps and sample.sampler mean what they mean in every task)."""
+
+    steps: int = 0               # Denoising steps; 0 = B (each block once).
+    sampler: str = "euler"       # A name of sampling.SAMPLERS ("euler": the paper's).
+
+    def validate(self) -> None:
+        check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
+        if self.steps < 0:
+            raise ConfigError(f"sample.steps must be >= 0, got {self.steps}")
 
 
 @dataclass(frozen=True)
 class ClassificationConfig(RunConfig):
     name: str = "digits-vit"
     task: str = "classify"
-    model: ImageModelConfig = field(default_factory=lambda: ImageModelConfig(arch="vit"))
+    model: ClassifierModelConfig = field(default_factory=lambda: ClassifierModelConfig(arch="vit"))
     data: DataConfig = field(default_factory=DataConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
-
-    resumable_fields = ("classify.inference_steps", "classify.sampler")
+    sample: ClassifySampleConfig = field(default_factory=ClassifySampleConfig)
 
     @classmethod
     def upgrade_config(cls, d: dict[str, Any]) -> dict[str, Any]:
-        """Configs written before tasks had their own sections carried the generator's unused "sample" section
-        and model.class_dropout."""
-        d = {k: v for k, v in d.items() if k != "sample"}
-        if isinstance(d.get("model"), dict):
-            d["model"] = {k: v for k, v in d["model"].items() if k != "class_dropout"}
-        return d
+        """Older configs: the baseline switch and the inference settings sat in "classify" (mode, inference_steps,
+        sampler); before tasks had their own sections a config also carried model.class_dropout and the generator's
+        "sample" section, which meant nothing here."""
+        classify, model = d.get("classify", {}), d.get("model", {})
+        if not (isinstance(classify, dict) and isinstance(model, dict)):
+            return d  # today's form with sections left out, or a malformed one that the checks will name
+        moved = {k: classify[k] for k in ("mode", "inference_steps", "sampler") if k in classify}
+        if not moved and "class_dropout" not in model:
+            return d
+        sample = {new: moved[old] for old, new in (("inference_steps", "steps"), ("sampler", "sampler")) if old in moved}
+        model = {**{k: v for k, v in model.items() if k != "class_dropout"},
+                 **({"mode": moved["mode"]} if "mode" in moved else {})}
+        return {**d, "model": model, "classify": {k: v for k, v in classify.items() if k not in moved},
+                "sample": sample}
 
     def validate(self) -> None:
         """The fields checked by section, then the rules across sections."""
         super().validate()
         check_choice("model.arch", self.model.arch, ("vit",))
         c, B, schedule = self.classify, self.blocks.num_blocks, self.train.schedule
-        if c.mode == "plain" and B != 1:
-            raise ConfigError(f"classify.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
+        if self.model.mode == "plain" and B != 1:
+            raise ConfigError(f"model.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
                               f"got {B}")
         if c.label_embedding == "learned_joint" and B > 1 and schedule != "interleaved":
             raise ConfigError("classify.label_embedding='learned_joint' is shared by the blocks: it needs "
@@ -109,8 +131,8 @@ JOINT_LABEL_FILE = "label_embedding.safetensors"  # the shared table of "learned
 
 @dataclass(frozen=True)
 class ClassifyEvaluateOptions(EvaluateOptions):
-    steps: int | None = option(None, "denoising steps (default: classify.inference_steps, or B)")
-    sampler: str | None = option(None, "default: the run's classify.sampler", choices=tuple(SAMPLERS))
+    steps: int | None = option(None, "denoising steps (default: the run's sample.steps, or B)")
+    sampler: str | None = option(None, "default: the run's sample.sampler", choices=tuple(SAMPLERS))
 
 
 def run_label_embedding(cfg: RunConfig) -> torch.Tensor:
@@ -127,7 +149,7 @@ class ClassificationTask(Task):
     def comparison_config(self, cfg: RunConfig) -> RunConfig:
         """B=1: the plain ViT classifier with the same layers; B>1: label-denoising blocks."""
         mode = "plain" if cfg.blocks.num_blocks == 1 else "diffusion"
-        return dataclasses.replace(cfg, classify=dataclasses.replace(cfg.classify, mode=mode))
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mode=mode))
 
     def load_data(self, cfg: RunConfig) -> ImageSplits:
         return load_matching_images(cfg, conditional_ok=False)
@@ -136,11 +158,11 @@ class ClassificationTask(Task):
         return image_batch_sampler(cfg, data, b)
 
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> nn.Module:
-        """A ViT label denoiser of block b's layers (for classify.mode="plain", the whole ViT as a classifier)."""
+        """A ViT label denoiser of block b's layers (for model.mode="plain", the whole ViT as a classifier)."""
         m = cfg.model
         vit = dict(image_size=m.image_size, in_channels=m.in_channels, patch_size=m.patch_size,
                    hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, num_classes=m.num_classes)
-        if cfg.classify.mode == "plain":
+        if cfg.model.mode == "plain":
             net = ViTClassifier(depth=m.depth, **vit)
             net.initialize_weights(generator)
             return net
@@ -158,7 +180,7 @@ class ClassificationTask(Task):
                     generator: torch.Generator) -> dict[str, Any]:
         """The label's embedding is denoised, conditioned on the image; the plain classifier needs no noise."""
         images, labels = batch
-        if cfg.classify.mode == "plain":
+        if cfg.model.mode == "plain":
             return {"images": images, "labels": labels}
         n = images.shape[0]
         at = generator.device  # every draw where the generator is (the device, when the data is resident there)
@@ -169,7 +191,7 @@ class ClassificationTask(Task):
 
     def coupling(self, cfg: RunConfig, run_dir: Path | None, device: torch.device,
                  trained: dict[int, Any]) -> Coupling:
-        if cfg.classify.mode != "diffusion" or cfg.classify.label_embedding == "fixed":
+        if cfg.model.mode != "diffusion" or cfg.classify.label_embedding == "fixed":
             return Coupling()
         return LabelCoupling(cfg, run_dir, device, trained)
 
@@ -187,7 +209,7 @@ class ClassificationTask(Task):
                                               sampler=options.sampler))
 
     def evaluation_name(self, cfg: RunConfig, options: ClassifyEvaluateOptions) -> str:
-        sampler = options.sampler or cfg.classify.sampler
+        sampler = options.sampler or cfg.sample.sampler
         return f"eval-classify-{options.steps or 'B'}steps" + ("" if sampler == "euler" else f"-{sampler}")
 
     def format_evaluation(self, result: dict[str, Any]) -> str:
@@ -307,18 +329,18 @@ def evaluate_classifier(run_dir: str | Path, *, steps: int | None = None, device
     model, cfg = from_pretrained(run_dir, device)
     data = load_image_data(cfg.data).test
     K = cfg.model.num_classes
-    steps = steps or cfg.classify.inference_steps or cfg.blocks.num_blocks
-    sampler = sampler or cfg.classify.sampler
+    steps = steps or cfg.sample.steps or cfg.blocks.num_blocks
+    sampler = sampler or cfg.sample.sampler
     t0 = time.perf_counter()
-    logits, per_step = predict_logits(model, data.images, steps if cfg.classify.mode == "diffusion" else None,
+    logits, per_step = predict_logits(model, data.images, steps if cfg.model.mode == "diffusion" else None,
                                       device=device, sampler=sampler)
     infer_s = time.perf_counter() - t0
-    r: dict[str, Any] = {"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "mode": cfg.classify.mode,
+    r: dict[str, Any] = {"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "mode": cfg.model.mode,
                          "num_test": len(data), "top1": topk_accuracy(logits, data.labels, 1),
                          "inference_s": infer_s}
     if K > 5:
         r["top5"] = topk_accuracy(logits, data.labels, 5)
-    if cfg.classify.mode == "diffusion":
+    if cfg.model.mode == "diffusion":
         sigmas = sigma_grid(model.partition.axis, steps).tolist()[:-1]
         owners = model.partition.owner(torch.tensor(sigmas)).tolist()
         r["steps"] = steps
@@ -364,7 +386,7 @@ def write_classification_report(out_dir: Path, configs: dict[int, RunConfig], re
              equal_compute(c1, "ViT (B=1, a plain classifier with the same layers)") + ". "
              f"ViT: {c1.model.depth} layers, width {c1.model.hidden_size}; label embedding "
              f"{cfg.classify.label_embedding}; {cfg.train.schedule} schedule; inference: "
-             f"{cfg.classify.inference_steps or 'B'} steps. Held-out images: {results[1]['num_test']}.", ""]
+             f"{cfg.sample.steps or 'B'} steps. Held-out images: {results[1]['num_test']}.", ""]
     lines += markdown_table(header, [{"B": str(B), "top-1": f"{r['top1']:.4f}", "top-5": f"{r.get('top5', 0):.4f}",
                                       "inference s": f"{r['inference_s']:.2f}", **training_cost(configs[B], r)}
                                      for B, r in results.items()])
