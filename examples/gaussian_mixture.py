@@ -34,6 +34,7 @@ from diffusionblocks.noise import Partition, get_sigmas_quantile
 from diffusionblocks.options import EvaluateOptions, SampleOptions, option
 from diffusionblocks.precond import Denoiser
 from diffusionblocks.pretrained import from_pretrained
+from diffusionblocks.report import markdown_table, training_cost
 from diffusionblocks.sampling import sample_euler
 from diffusionblocks.seeding import make_generator
 from diffusionblocks.tasks import Evaluation, Task
@@ -212,7 +213,7 @@ class MixtureTask(Task):
     def sample(self, run_dir: Path, model: nn.Module, cfg: RunConfig, options: MixtureSampleOptions) -> None:
         points = sample_points(model, options.num, options.steps or cfg.sample.steps, options.seed, options.device,
                                options.progress)
-        if options.out.endswith(".npz"):
+        if Path(options.out).suffix.lower() == ".npz":
             np.savez(options.out, points=points.numpy())
         else:
             save_scatter(points, Path(options.out), f"{options.num} samples")
@@ -240,8 +241,6 @@ class MixtureTask(Task):
 
     def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
                          artifacts: dict[int, Any]) -> None:
-        from diffusionblocks.report import markdown_table, training_cost
-
         header = ["B", "layers per block", "log-lik.", "in-mode", "modes", "train s", "ms/step per block"]
         lines = [f"# End-to-end vs DiffusionBlocks: mixture of {configs[1].data.modes} Gaussians", "",
                  f"Held-out real points: log-likelihood {results[1]['log_likelihood_real']:.3f} nats/point.", ""]

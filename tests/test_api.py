@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusionblocks import checkpoint
+from diffusionblocks import tasks as tasks_registry
 from diffusionblocks import train as train_module
 from diffusionblocks.changes import COMPOSE, FROM, RESUME, changeable, identity, may_change
 from diffusionblocks.cli import _parse, build_parser, main
@@ -199,6 +200,7 @@ def mixture(monkeypatch):
     register("mixture", MixtureTask)
     yield
     sys.modules.pop("gaussian_mixture", None)
+    tasks_registry._REGISTRY.pop("mixture", None)  # the next registration imports the module afresh
 
 
 def test_evaluate_from_python_writes_the_commands_directory(mixture, tmp_path, capsys, one_thread):
@@ -255,3 +257,15 @@ def test_one_table_says_what_may_change():
     kept = identity(classify)
     assert set(kept) == set(d) - {"name", "train", "sample", "data"}
     assert "sample" not in kept and kept["classify"] == d["classify"] and kept["model"] == d["model"]
+
+
+def test_a_config_class_names_the_fields_resume_may_change():
+    @dataclasses.dataclass(frozen=True)
+    class Tuned(type(default_config("classify"))):
+        resumable_fields = ("classify.loss_weighting",)
+
+    cfg = Tuned()
+    assert "classify.loss_weighting" in changeable(RESUME, cfg) and may_change("classify.loss_weighting", RESUME, cfg)
+    assert not may_change("classify.loss_weighting", FROM, cfg) and not may_change("classify.loss_weighting", RESUME,
+                                                                                  default_config("classify"))
+    assert "loss_weighting" not in identity(cfg)["classify"] and "label_embedding" in identity(cfg)["classify"]

@@ -105,16 +105,15 @@ def check_block_metadata(path: Path, b: int, cfg: RunConfig) -> None:
         return
     try:
         d = json.loads(meta["config"])
-        task = d.get("task", "generate") if isinstance(d, dict) else None
-        if task != cfg.task:
-            raise ConfigError(f"checkpoint {str(path)!r} was trained for task {task!r}, not this run's {cfg.task!r}: "
-                              "it is not this run's block")
-        theirs = identity(type(cfg).from_dict({**d, "task": cfg.task}))
     except json.JSONDecodeError as e:
         raise ConfigError(f"checkpoint {str(path)!r} carries an unreadable config: {e}") from None
+    task = d.get("task", "generate") if isinstance(d, dict) else None
+    if task != cfg.task:
+        raise ConfigError(f"checkpoint {str(path)!r} was trained for task {task!r}, not this run's {cfg.task!r}: "
+                          "it is not this run's block")
+    try:
+        theirs = identity(type(cfg).from_dict({**d, "task": cfg.task}))
     except ConfigError as e:
-        if "not this run's block" in str(e):
-            raise
         raise ConfigError(f"checkpoint {str(path)!r} carries an unreadable config: {e}") from None
     ours = identity(cfg)
     if theirs != ours:

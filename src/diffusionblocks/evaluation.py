@@ -92,7 +92,7 @@ def evaluate_generator(model, cfg: RunConfig, run_dir: str | Path, *, num_sample
 
 
 def format_evaluation(r: dict[str, Any]) -> str:
-    """A few readable lines summarising evaluate_run's result."""
+    """A few readable lines summarising evaluate_generator's result."""
     lines = [
         f"{r['run']}: B={r['num_blocks']}, {r['sampler']} {r['steps']} steps, guidance {r['guidance']}, "
         f"{r['grid']} grid",

@@ -35,8 +35,8 @@ class SampleOptions:
     num: int = option(100, "number of samples")
     seed: int = option(0, "sample i uses the noise of seed (seed, i)")
     device: str | None = option(None, "cpu, cuda... (default: cuda if available)")
-    out: str | None = option(None, "output file; its kind is the task's (image generation: .png grid, or .npz with "
-                             "images (N,C,H,W in [-1,1]) and labels)", required=True)
+    out: str | None = option(None, "output file, of a kind its task writes (image generation: a .png grid, or .npz "
+                             "with images (N,C,H,W in [-1,1]) and labels; the language tasks: .txt)", required=True)
     overwrite: bool = option(False, "replace --out if it exists")
     precision: str = option("auto", "arithmetic of the network: auto is bf16 autocast on CUDA, fp32 elsewhere; tf32 "
                             "is CUDA's TF32 matmuls", choices=PRECISIONS)
@@ -86,7 +86,7 @@ def own_fields(cls: type, base: type) -> list[dataclasses.Field]:
 def check_value(cls: type, f: dataclasses.Field, value: Any) -> Any:
     """`value` of option f, checked against its type and choices (ConfigError naming its flag); ints become floats
     where a float is asked for. The task checks the rest (a range, say), as it does for the command line."""
-    name, tp = f"--{f.name.rstrip('_').replace('_', '-')}", option_type(cls, f.name)
+    name, tp = flag(f), option_type(cls, f.name)
     if value is None:
         if f.default is not None or f.metadata.get("required"):
             raise ConfigError(f"{name} must be given")

@@ -196,11 +196,11 @@ def join_run(run_dir: Path, cfg: RunConfig) -> None:
         os.link(tmp, path)
     except FileExistsError:
         try:
-            existing = type(cfg).from_dict(read_config_dict(run_dir))
-        except ConfigError:
-            existing = None
+            existing, why = type(cfg).from_dict(read_config_dict(run_dir)), ""
+        except ConfigError as e:
+            existing, why = None, f" (it cannot be read as this job's: {e})"
         if existing != cfg:
-            raise ConfigError(f"{str(path)!r} holds a different config than this job's; a job joining a run "
+            raise ConfigError(f"{str(path)!r} holds a different config than this job's{why}; a job joining a run "
                               "must use the run's config") from None
     finally:
         tmp.unlink()

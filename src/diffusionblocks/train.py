@@ -54,7 +54,7 @@ class Coupling:
         """A block is being checkpointed: write what the blocks share (before the block's own files)."""
 
 
-class Task(Protocol):
+class TrainableTask(Protocol):
     """What the trainer asks of a run's task (`diffusionblocks.tasks.Task` implements it): the partition of its
     noise axis, its blocks, each block's batches and loss inputs, and what blocks hand each other."""
 
@@ -125,7 +125,7 @@ def make_optimizer(denoiser: nn.Module, cfg: RunConfig, device: torch.device | N
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=fused or None, foreach=None if fused else True)
 
 
-def init_block_state(task: Task, cfg: RunConfig, b: int, device: torch.device, run_dir: Path | None = None,
+def init_block_state(task: TrainableTask, cfg: RunConfig, b: int, device: torch.device, run_dir: Path | None = None,
                      init_from: Path | dict[int, Path] | None = None, coupling: Coupling | None = None) -> BlockState:
     """Block b freshly initialised from (seed, b), or resumed from its training state in run_dir.
 
@@ -171,7 +171,7 @@ def save_block_state(run_dir: Path, state: BlockState, cfg: RunConfig, coupling:
         "ema": state.ema.state_dict() if state.ema is not None else None}, cfg)
 
 
-def train_step(task: Task, state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
+def train_step(task: TrainableTask, state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
                shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """One optimiser step of one block (method.md section 3); returns the batch's mean weighted loss (a 0-d tensor
     on the device: reading it waits for the step, so the loop reads it only when it logs).
@@ -275,13 +275,13 @@ class MetricsLog:
             rundir.drop_metrics_after(self.path, state.b, state.step)
 
 
-def train(task: Task, cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.device = "cpu",
+def train(task: TrainableTask, cfg: RunConfig, data, run_dir: Path | None, *, device: str | torch.device = "cpu",
           blocks: list[int] | None = None, progress: bool = True, init_from: Path | dict[int, Path] | None = None,
           claim: bool = True) -> dict[int, BlockState]:
     """Trains the run's blocks (all by default) with its schedule, resuming any saved state in run_dir.
 
-    task: the run's task (`diffusionblocks.tasks.get_task(cfg.task)`); it builds the blocks, their batches and
-    loss inputs.
+    task: the run's task, resolved once from cfg by the caller (the task registry); it builds the blocks, their
+    batches and loss inputs.
     data: the training split, as the task loads it (`task.load_data(cfg).train`).
     Returns the final state of each block trained. The sequential schedule keeps one block in memory:
     with a run_dir, a finished block is saved and offloaded (its returned state holds only counters)
@@ -298,7 +298,7 @@ def train(task: Task, cfg: RunConfig, data, run_dir: Path | None, *, device: str
         return _train(task, cfg, data, run_dir, device, blocks, progress, init_from, claim)
 
 
-def _train(task: Task, cfg: RunConfig, data, run_dir: Path | None, device: torch.device, blocks: list[int] | None,
+def _train(task: TrainableTask, cfg: RunConfig, data, run_dir: Path | None, device: torch.device, blocks: list[int] | None,
            progress: bool, init_from: Path | dict[int, Path] | None, claim: bool) -> dict[int, BlockState]:
     blocks = list(range(cfg.blocks.num_blocks)) if blocks is None else blocks
     partition = task.partition(cfg)
@@ -323,7 +323,7 @@ def _train(task: Task, cfg: RunConfig, data, run_dir: Path | None, device: torch
             claims.release()
 
 
-def timed_step(task: Task, state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
+def timed_step(task: TrainableTask, state: BlockState, cfg: RunConfig, partition: Partition, sampler, device: torch.device,
                 log: MetricsLog, run_dir: Path | None, coupling: Coupling, shard: tuple[int, int] = (0, 1)) -> float:
     t0 = time.perf_counter()
     loss = train_step(task, state, cfg, partition, sampler, device, shard)
@@ -342,7 +342,7 @@ def timed_step(task: Task, state: BlockState, cfg: RunConfig, partition: Partiti
     return loss
 
 
-def _train_sequential_block(task: Task, cfg: RunConfig, b: int, data, run_dir: Path | None, partition: Partition,
+def _train_sequential_block(task: TrainableTask, cfg: RunConfig, b: int, data, run_dir: Path | None, partition: Partition,
                             log: MetricsLog, device: torch.device, progress: bool,
                             init_from: Path | dict[int, Path] | None = None, group=None, shard: tuple[int, int] = (0, 1),
                             leader: bool = True, coupling: Coupling | None = None) -> BlockState:
@@ -381,7 +381,7 @@ def _note_resumed(state: BlockState, cfg: RunConfig, log: MetricsLog) -> None:
     log.resumed(state)
 
 
-def _train_parallel(task: Task, cfg: RunConfig, blocks: list[int], data, run_dir: Path | None, partition: Partition,
+def _train_parallel(task: TrainableTask, cfg: RunConfig, blocks: list[int], data, run_dir: Path | None, partition: Partition,
                     device: torch.device, progress: bool, init_from: Path | dict[int, Path] | None = None,
                     coupling: Coupling | None = None, claim: bool = True) -> dict[int, BlockState]:
     """This rank's share of block-parallel training: its group's blocks, one after the other (distributed.py)."""
@@ -409,7 +409,7 @@ def _train_parallel(task: Task, cfg: RunConfig, blocks: list[int], data, run_dir
             claims.release()
 
 
-def _train_interleaved(task: Task, cfg: RunConfig, blocks: list[int], data, run_dir: Path | None,
+def _train_interleaved(task: TrainableTask, cfg: RunConfig, blocks: list[int], data, run_dir: Path | None,
                        partition: Partition, log: MetricsLog, device: torch.device,
                        progress: bool, init_from: Path | dict[int, Path] | None = None,
                        coupling: Coupling | None = None) -> dict[int, BlockState]:

@@ -119,7 +119,7 @@ def read_config(run_dir) -> RunConfig:
     try:
         return config_from_dict(d)
     except ConfigError as e:
-        raise ConfigError(f"{str(Path(run_dir) / 'config.json')!r}: {e}") from None
+        raise ConfigError(f"{str(Path(run_dir) / 'config.json')!r}: {e}") from e.__cause__
 
 
 def load_config(path) -> RunConfig:

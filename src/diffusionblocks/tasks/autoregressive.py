@@ -256,8 +256,8 @@ def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bri
                   steps: int | None = None, seeds: list[int] | None = None, cache: bool = True,
                   batch_size: int = 100, num_tokens: int | None = None, sampler: str | None = None,
                   **readout) -> torch.Tensor:
-    """Either model kind, batched; readout: temperature, top_p, greedy; num_tokens: the vocabulary's size; bridge and
-    sampler: default the run's."""
+    """Either model kind, batched; readout: temperature, top_p, greedy; num_tokens: the vocabulary's size; steps,
+    bridge and sampler: default the run's (sample.steps 0: B)."""
     out = []
     seeds = list(range(len(prompts))) if seeds is None else seeds
     for i in range(0, len(prompts), batch_size):
@@ -266,7 +266,8 @@ def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bri
             out.append(generate_plain(model.blocks[0], p, new, window=cfg.model.seq_len, seeds=s, cache=cache,
                                       num_tokens=num_tokens, **readout))
         else:
-            out.append(generate_chain(model, p, new, window=cfg.model.seq_len, steps=steps, bridge=bridge or
+            out.append(generate_chain(model, p, new, window=cfg.model.seq_len, steps=steps or cfg.sample.steps or None,
+                                      bridge=bridge or
                                       cfg.sample.bridge, seeds=s, cache=cache, num_tokens=num_tokens,
                                       sampler=sampler or cfg.sample.sampler, **readout))
     return torch.cat(out)
@@ -607,7 +608,6 @@ def check_windows(windows: int) -> None:
 def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
                       artifacts: dict[int, Any]) -> None:
     """compare's report: the samples of every run scored by the B=1 run (the judge), one row per run and bridge."""
-
     c1, r1 = configs[1], results[1]
     judge, _ = from_pretrained(r1["run"])
     for B, r in results.items():

@@ -29,7 +29,6 @@ docs/extending.md walks through a complete example.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -41,8 +40,6 @@ from ..config import RunConfig
 from ..noise import LogNormalSigma, NoiseAxis, Partition
 from ..options import EvaluateOptions, SampleOptions
 from ..train import Coupling
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

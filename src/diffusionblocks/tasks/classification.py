@@ -94,18 +94,23 @@ class ClassificationConfig(RunConfig):
     def upgrade_config(cls, d: dict[str, Any]) -> dict[str, Any]:
         """Older configs: the baseline switch and the inference settings sat in "classify" (mode, inference_steps,
         sampler); before tasks had their own sections a config also carried model.class_dropout and the generator's
-        "sample" section, which meant nothing here."""
-        classify, model = d.get("classify", {}), d.get("model", {})
-        if not (isinstance(classify, dict) and isinstance(model, dict)):
-            return d  # today's form with sections left out, or a malformed one that the checks will name
-        moved = {k: classify[k] for k in ("mode", "inference_steps", "sampler") if k in classify}
-        if not moved and "class_dropout" not in model:
+        "sample" section (guidance, grid...), which meant nothing here."""
+        d = dict(d)
+        classify, model, sample = d.get("classify"), d.get("model"), d.get("sample")
+        if isinstance(sample, dict) and set(sample) & {"guidance", "grid", "rho", "samples_per_class"}:
+            sample = d["sample"] = {k: v for k, v in sample.items() if k in ("steps", "sampler")}
+        if isinstance(model, dict) and "class_dropout" in model:
+            model = d["model"] = {k: v for k, v in model.items() if k != "class_dropout"}
+        if not isinstance(classify, dict) or not {"mode", "inference_steps", "sampler"} & set(classify):
             return d
-        sample = {new: moved[old] for old, new in (("inference_steps", "steps"), ("sampler", "sampler")) if old in moved}
-        model = {**{k: v for k, v in model.items() if k != "class_dropout"},
-                 **({"mode": moved["mode"]} if "mode" in moved else {})}
-        return {**d, "model": model, "classify": {k: v for k, v in classify.items() if k not in moved},
-                "sample": sample}
+        moved = {k: classify[k] for k in ("mode", "inference_steps", "sampler") if k in classify}
+        d["classify"] = {k: v for k, v in classify.items() if k not in moved}
+        if "mode" in moved:
+            d["model"] = {**(model if isinstance(model, dict) else {}), "mode": moved["mode"]}
+        d["sample"] = {**(sample if isinstance(sample, dict) else {}),
+                       **{new: moved[old] for old, new in (("inference_steps", "steps"), ("sampler", "sampler"))
+                          if old in moved}}
+        return d
 
     def validate(self) -> None:
         """The fields checked by section, then the rules across sections."""
@@ -210,7 +215,8 @@ class ClassificationTask(Task):
 
     def evaluation_name(self, cfg: RunConfig, options: ClassifyEvaluateOptions) -> str:
         sampler = options.sampler or cfg.sample.sampler
-        return f"eval-classify-{options.steps or 'B'}steps" + ("" if sampler == "euler" else f"-{sampler}")
+        return f"eval-classify-{options.steps or cfg.sample.steps or 'B'}steps" + ("" if sampler == "euler" else
+                                                                                f"-{sampler}")
 
     def format_evaluation(self, result: dict[str, Any]) -> str:
         return format_classifier_evaluation(result)
@@ -377,7 +383,6 @@ def format_classifier_evaluation(r: dict[str, Any]) -> str:
 
 def write_classification_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict]) -> None:
     """compare's report.md for classifiers: accuracy, per-step chain accuracy and oracle accuracy per block."""
-
     c1, cfg = configs[1], configs[max(configs)]
     top5 = c1.model.num_classes > 5
     header = ["B", "layers per block", "top-1", *(["top-5"] if top5 else []), "train s", "ms/step per block",

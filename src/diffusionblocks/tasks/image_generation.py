@@ -307,7 +307,6 @@ class ImageGenerationTask(Task):
 
 def write_generation_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict], grids: dict) -> None:
     """compare's report.md for image generation, and the plots it links."""
-
     cfg1, r1 = configs[1], results[1]
     header = ["B", "layers per block", "cond. acc.", "FD", "KID", "train s", "job wall s", "ms/step per block",
               "sampling s", "peak train mem MiB"]

@@ -159,7 +159,7 @@ def evaluate_bpc(model, windows: torch.Tensor, *, strata: int = 12, repeats: int
 
 
 @dataclass(frozen=True)
-class TextSampleOptions(SampleOptions):
+class MaskedSampleOptions(SampleOptions):
     steps: int | None = option(None, "unmasking steps S (default: the run's sample.steps, or seq_len)")
     prompt: str | None = option(None, "a fixed prefix of every sample (default: the run's sample.prompt)")
     temperature: float | None = option(None, "default: the run's sample.temperature")
@@ -178,7 +178,7 @@ class MaskedDiffusionTask(TextTask):
     config_class = MaskedDiffusionConfig
     noise_symbol = "t"
     sample_suffixes = (".txt",)
-    sample_options = TextSampleOptions
+    sample_options = MaskedSampleOptions
     evaluate_options = BPCEvaluateOptions
 
     def noise_axis(self, cfg: RunConfig) -> MaskingTime:
@@ -229,7 +229,7 @@ class MaskedDiffusionTask(TextTask):
         s = cfg.sample
         return self._samples(model, cfg, run_dir, s.num, s.steps, s.prompt, s.temperature, cfg.train.seed, device)[0]
 
-    def sample(self, run_dir: Path, model, cfg: RunConfig, options: TextSampleOptions) -> None:
+    def sample(self, run_dir: Path, model, cfg: RunConfig, options: MaskedSampleOptions) -> None:
         """A .txt file, one sample per paragraph; the first few are printed."""
         s = cfg.sample
         steps = s.steps if options.steps is None else options.steps
@@ -245,7 +245,6 @@ class MaskedDiffusionTask(TextTask):
 
     def evaluate(self, run_dir: Path, options: BPCEvaluateOptions) -> Evaluation:
         """Held-out BPC (ELBO) with its standard error, the bits per block interval, and samples with their speed."""
-
         for name in ("strata", "repeats"):
             if getattr(options, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(options, name)}")
