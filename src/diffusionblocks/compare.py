@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import precision
 from .config import ConfigError, RunConfig, even_split
 from .rundir import new_run_dir, save_config
 from .tasks import ComparingTask, get_task, importable_by_name
@@ -86,9 +87,11 @@ def run_comparison(cfg: RunConfig, out_dir: Path, *, num_blocks: list[int] = (2,
                                     cache_dir=None if cache_dir is None else str(cache_dir),
                                     device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results, artifacts = {}, {}
+    mode = precision.resolve(options.precision, torch.device(options.device))
     for B in configs:
         run = out_dir / f"B{B}"
-        ev = task.evaluate(run, options)
+        with precision.matmul_mode(mode), precision.autocast(mode, torch.device(options.device)):
+            ev = task.evaluate(run, options)  # in the arithmetic `evaluate` uses
         ev.result["train_summary"] = json.loads((run / "train_summary.json").read_text())
         (run / "evaluation.json").write_text(json.dumps(ev.result, indent=2) + "\n")
         results[B], artifacts[B] = ev.result, ev.artifacts

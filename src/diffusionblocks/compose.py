@@ -98,7 +98,7 @@ def check_sources(sources: dict[int, Path]) -> tuple[RunConfig, dict[int, RunCon
         if reason is not None:
             raise ConfigError(f"block {b} of {str(run)!r} cannot chain with block 0 of {str(sources[0])!r}: "
                               f"{reason}")
-        path = checkpoint.block_weights_path(run, b)
+        path = rundir.block_weights_path(run, b)
         if not path.is_file():
             raise ConfigError(f"block {b} of {str(run)!r} has no weights (it is not trained yet)")
         checkpoint.check_block_metadata(path, b, cfg)  # a corrupt or misnamed file is refused here
@@ -135,7 +135,7 @@ def source_record(run: Path, b: int, cfg: RunConfig, carry: bool = True) -> dict
     data and the steps it was asked for), `run` added to its `via`. (The caller has checked its sha256, as
     check_sources does.) Otherwise the record describes block b of `run` as it is.
     """
-    path = checkpoint.block_weights_path(run, b)
+    path = rundir.block_weights_path(run, b)
     row = checkpoint.block_source(run, b)
     if carry and checkpoint.is_copy(row):
         return {**row, "via": [*row.get("via", []), str(run.resolve())]}
@@ -150,8 +150,8 @@ def copy_block(run: Path, b: int, cfg: RunConfig, out: Path, role: str) -> dict[
     role: how it comes into the new run (checkpoint.COPY_ROLES).
     """
     row = {**source_record(run, b, cfg), "role": role}
-    dst = checkpoint.block_weights_path(out, b)
-    _copy(checkpoint.block_weights_path(run, b), dst)
+    dst = rundir.block_weights_path(out, b)
+    _copy(rundir.block_weights_path(run, b), dst)
     if checkpoint.sha256_file(dst) != row["sha256"]:
         raise ConfigError(f"block {b} of {str(run)!r} changed while it was copied; copy it again")
     return row

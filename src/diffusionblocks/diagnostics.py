@@ -36,7 +36,7 @@ from .seeding import make_generator
 @torch.no_grad()
 def chain_diagnostics(model, real: ImageData | Sequence[ImageData], clf: ReferenceClassifier, *, num: int = 500,
                       steps: int = 50, sampler: str = "euler", guidance: float = 2.0, grid: str = "quantile",
-                      seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
+                      rho: float = 7.0, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Per-step and per-block oracle vs chain measures for a class-conditional BlockwiseDenoiser.
 
     real: held-out images, or one set per block (a composed model's blocks trained on other domains: each
@@ -49,7 +49,7 @@ def chain_diagnostics(model, real: ImageData | Sequence[ImageData], clf: Referen
         raise ValueError("chain_diagnostics: the blocks' held-out sets must have the same labels in the same order")
     ys = [r.images[:n].to(device) for r in reals]  # per block (n, C, H, W)
     y = ys[0]
-    sigmas = sigma_grid(model.partition.axis, steps, grid).to(device, torch.float32)
+    sigmas = sigma_grid(model.partition.axis, steps, grid, rho).to(device, torch.float32)
     sigma_data = model.blocks[0].sigma_data
     null = model.blocks[0].inner_model.num_classes
     D_guided = CFGDenoiser(model, guidance, null_class=null) if null > 0 else model

@@ -63,7 +63,7 @@ def evaluate_generator(model, cfg: RunConfig, run_dir: str | Path, *, num_sample
     t0 = time.perf_counter()
     images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
                       num_classes=m.num_classes, steps=steps, sampler=sampler, guidance=guidance, grid=grid,
-                      seed=seed, device=device, progress=progress)
+                      rho=s.rho, seed=seed, device=device, progress=progress)
     sampling_s = time.perf_counter() - t0
 
     # Real-vs-real floor: as many real training images as samples, against the same held-out set.
@@ -87,7 +87,8 @@ def evaluate_generator(model, cfg: RunConfig, run_dir: str | Path, *, num_sample
     }
     if diagnostics:
         result["chain"] = chain_diagnostics(model, data.test, clf, num=min(500, len(data.test)), steps=steps,
-                                            sampler=sampler, guidance=guidance, grid=grid, seed=seed, device=device)
+                                            sampler=sampler, guidance=guidance, grid=grid, rho=s.rho, seed=seed,
+                                            device=device)
     return result, images
 
 

@@ -172,10 +172,10 @@ def _copy_untouched_blocks(src: Path, dst: Path, blocks: list[int], B: int, rein
     keep = [b for b in range(B) if b not in blocks]
     rows = []
     for b in keep:
-        if checkpoint.block_weights_path(src, b).is_file():
+        if rundir.block_weights_path(src, b).is_file():
             rows.append(copy_block(src, b, src_cfg, dst, "kept"))
-        if checkpoint.block_state_path(src, b).is_file():
-            shutil.copy2(checkpoint.block_state_path(src, b), checkpoint.block_state_path(dst, b))
+        if rundir.block_state_path(src, b).is_file():
+            shutil.copy2(rundir.block_state_path(src, b), rundir.block_state_path(dst, b))
     if not reinit:  # what --resume starts them from again if this run is stopped before their first checkpoint
         rows += [{**source_record(src, b, src_cfg, carry=False), "role": "start"} for b in blocks]
     if rows:
@@ -204,7 +204,7 @@ def _blocks_to_resume(run_dir: Path, cfg: RunConfig, blocks: list[int],
     """
     total, todo, starts, partial = cfg.train.steps_per_block, [], {}, []
     for b in blocks:
-        path = checkpoint.block_weights_path(run_dir, b)
+        path = rundir.block_weights_path(run_dir, b)
         if path.is_file():
             checkpoint.check_block_metadata(path, b, cfg)
         source = checkpoint.block_source(run_dir, b)
@@ -227,10 +227,10 @@ def _blocks_to_resume(run_dir: Path, cfg: RunConfig, blocks: list[int],
                 continue
             if source is not None:  # a block of `train --from`, stopped before its state was first written
                 start = Path(source["run"])
-                if not checkpoint.block_weights_path(start, b).is_file():
+                if not rundir.block_weights_path(start, b).is_file():
                     raise ConfigError(f"block {b} is fine-tuned from block {b} of {str(start)!r}, whose weights are "
                                       f"gone: start the fine-tuning again with train --from RUN --blocks {b}")
-                checkpoint.check_recorded_sha256(checkpoint.block_weights_path(start, b), source,
+                checkpoint.check_recorded_sha256(rundir.block_weights_path(start, b), source,
                                                  f"block {b} of {str(run_dir)!r} was to be fine-tuned from it")
                 starts[b] = start
             if info is not None:
@@ -290,8 +290,8 @@ def _prepare_run_dir(cfg: RunConfig, blocks: list[int], *, out: str | Path | Non
             raise ConfigError(f"--from {src}: block(s) {missing} have no weights to fine-tune; pass --reinit to "
                               "train them from scratch")
         for b in range(B):
-            if checkpoint.block_weights_path(src, b).is_file():
-                checkpoint.check_block_metadata(checkpoint.block_weights_path(src, b), b, cfg)
+            if rundir.block_weights_path(src, b).is_file():
+                checkpoint.check_block_metadata(rundir.block_weights_path(src, b), b, cfg)
                 checkpoint.copied_block(src, b)  # a copied block must still be the bytes recorded
         run_dir, created = _new_run_dir(out, runs_root, f"{cfg.name}-B{B}-{'retrain' if reinit else 'finetune'}"
                                                         f"-b{'-'.join(map(str, blocks))}")
@@ -312,7 +312,7 @@ def _prepare_run_dir(cfg: RunConfig, blocks: list[int], *, out: str | Path | Non
         rundir.join_run(run_dir, cfg)
         claims = _claim(run_dir, blocks)
         taken = [b for b in blocks if checkpoint.block_step(run_dir, b) is not None
-                 or checkpoint.block_state_path(run_dir, b).exists()]
+                 or rundir.block_state_path(run_dir, b).exists()]
         if taken:
             claims.release()
             raise ConfigError(f"block(s) {taken} of {str(run_dir)!r} already have checkpoints; continue them with "

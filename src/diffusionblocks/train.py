@@ -140,7 +140,7 @@ def init_block_state(task: TrainableTask, cfg: RunConfig, b: int, device: torch.
             module.checkpointing = cfg.train.activation_checkpointing
     if isinstance(init_from, dict):
         init_from = init_from.get(b)
-    if init_from is not None and not (run_dir is not None and checkpoint.block_state_path(run_dir, b).is_file()):
+    if init_from is not None and not (run_dir is not None and rundir.block_state_path(run_dir, b).is_file()):
         checkpoint.load_block_weights(init_from, b, denoiser, cfg)
     denoiser = denoiser.to(device)
     if coupling is not None:
@@ -151,7 +151,7 @@ def init_block_state(task: TrainableTask, cfg: RunConfig, b: int, device: torch.
                        loss_fn=torch.compile(denoiser.loss) if cfg.train.compile else denoiser.loss)
     saved = checkpoint.load_train_state(run_dir, b, map_location=device) if run_dir is not None else None
     if saved is not None:
-        what = f"training state {str(checkpoint.block_state_path(run_dir, b))!r}"
+        what = f"training state {str(rundir.block_state_path(run_dir, b))!r}"
         checkpoint.check_state_dict(saved["model"], denoiser.state_dict(), what)
         denoiser.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])

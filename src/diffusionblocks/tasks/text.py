@@ -106,11 +106,12 @@ class TextTask(Task):
         return self.load_data(cfg, self.run_vocabulary(run_dir))
 
     def check_after_training(self, cfg: RunConfig, data: Any) -> None:
-        """The samples after training continue sample.prompt, or sample.num held-out prompts of sample.prompt_chars."""
+        """The samples after training continue sample.prompt, or (where the sample section has prompt_chars, as the
+        AR and recurrent tasks') sample.num held-out prompts of sample.prompt_chars."""
         s = cfg.sample
         if s.num and s.prompt:
             data.vocab.encode(s.prompt, "sample.prompt")
-        elif s.num:
+        elif s.num and hasattr(s, "prompt_chars"):
             self.held_out_prompts(data.test, s.num, s.prompt_chars, ("sample.num", "sample.prompt_chars"))
 
     def prepare_run(self, cfg: RunConfig, run_dir: Path, data: Any) -> None:
