@@ -29,13 +29,6 @@ LAYERS = [
 ]
 LAYER_OF = {m: i for i, (_, modules) in enumerate(LAYERS) for m in modules}
 
-# Third-party imports allowed inside a function, and why. Everything else is imported at the top of its module.
-DEFERRED = {
-    "tokenizers": "an optional extra (pip install diffusionblocks[bpe]), needed only for data.tokenizer='bpe'",
-    "sklearn": "the digits loader's; importing scikit-learn costs about a second, two thirds of the command's start",
-}
-
-
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -69,23 +62,32 @@ def imported(name: str, is_package: bool, node: ast.ImportFrom | ast.Import) -> 
     return out
 
 
+def _imports(tree: ast.Module) -> list[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every import statement of a module, and whether it runs inside a function (a module-level `try` or `if`
+    around an import, as for an optional extra, is still the module's top level)."""
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.append((child, in_function))
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(tree, False)
+    return found
+
+
 def import_graph() -> tuple[dict[str, set[str]], list[str]]:
     """(module -> the package modules it imports at its top level, the imports found inside functions)."""
     graph, inner = {}, []
     for name, tree in modules().items():
         is_package = (PACKAGE / Path(*name.split(".")) / "__init__.py").is_file() if name else True
         graph[name] = set()
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Import, ast.ImportFrom)):
-                continue
-            targets = imported(name, is_package, node)
-            if node.col_offset == 0:
-                graph[name] |= {t for t in targets if t != name}
-                continue
-            third_party = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) else \
-                [(node.module or "").split(".")[0]] if node.level == 0 else []
-            if targets or any(t not in DEFERRED and t != "fcntl" for t in third_party):
+        for node, in_function in _imports(tree):
+            if in_function:
                 inner.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+            else:
+                graph[name] |= {t for t in imported(name, is_package, node) if t != name}
     return graph, inner
 
 
@@ -121,7 +123,7 @@ def test_no_import_circle():
 
 def test_imports_sit_at_the_top_of_their_module():
     _, inner = import_graph()
-    assert not inner, "imports inside functions (only " + ", ".join(DEFERRED) + " may be):\n" + "\n".join(inner)
+    assert not inner, "imports inside functions:\n" + "\n".join(inner)
 
 
 def test_only_the_registry_imports_by_name():
@@ -142,10 +144,14 @@ def test_only_the_registry_imports_by_name():
 
 
 def test_the_checker_sees_what_it_must():
-    """The checker itself, on made-up source: relative imports resolve to the modules they read."""
-    tree = ast.parse("from .train import x\n\ndef f():\n    from .tasks import get_task\n")
-    nodes = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    """The checker itself, on made-up source: relative imports resolve to the modules they read, and an import in a
+    function is told from one in a module-level `try`."""
+    tree = ast.parse("from .train import x\ntry:\n    import fcntl\nexcept ImportError:\n    fcntl = None\n\n"
+                     "def f():\n    from .tasks import get_task\n")
+    found = _imports(tree)
+    assert [in_function for _, in_function in found] == [False, False, True]
+    nodes = [n for n, _ in found]
     assert imported("config", False, nodes[0]) == ["train"]
     assert imported("tasks.base", False, ast.parse("from .. import checkpoint").body[0]) == ["checkpoint"]
     assert imported("tasks", True, ast.parse("from .base import Task").body[0]) == ["tasks.base"]
-    assert nodes[1].col_offset > 0 and LAYER_OF["train"] > LAYER_OF["config"]
+    assert LAYER_OF["train"] > LAYER_OF["config"]

@@ -107,7 +107,9 @@ def check_block_metadata(path: Path, b: int, cfg: RunConfig) -> None:
         d = json.loads(meta["config"])
     except json.JSONDecodeError as e:
         raise ConfigError(f"checkpoint {str(path)!r} carries an unreadable config: {e}") from None
-    task = d.get("task", "generate") if isinstance(d, dict) else None
+    if not isinstance(d, dict):
+        raise ConfigError(f"checkpoint {str(path)!r} carries an unreadable config: not a JSON object")
+    task = d.get("task", cfg.task)  # (the oldest files do not name it)
     if task != cfg.task:
         raise ConfigError(f"checkpoint {str(path)!r} was trained for task {task!r}, not this run's {cfg.task!r}: "
                           "it is not this run's block")

@@ -39,6 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.datasets import load_digits
 
 from .config import ConfigError, check_choice, shown_path
 from .seeding import make_generator
@@ -272,8 +273,6 @@ def _load_digits(cfg: DataConfig) -> ImageSplits:
     if cfg.split != "train":
         raise ConfigError(f"data.split={cfg.split!r} is not available for data.dataset='digits': it has one "
                           "split; use data.split='train' (data.holdout sets the test size)")
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     images = torch.from_numpy(np.asarray(digits.images, dtype=np.float32)).unsqueeze(1) / 8.0 - 1.0
     labels = torch.from_numpy(np.asarray(digits.target, dtype=np.int64))

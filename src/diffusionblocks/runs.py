@@ -39,7 +39,8 @@ from .memory import PeakMemory
 from .options import EvaluateOptions, SampleOptions, make_options, replace_options
 from .plotting import plot_losses
 from .pretrained import from_pretrained
-from .tasks import EvaluatingTask, SamplingTask, apply_overrides, default_config, get_task, load_config, read_config
+from .tasks import (EvaluatingTask, SamplingTask, Task, apply_overrides, default_config, get_task, load_config,
+                    read_config)
 from .train import init_block_state, train
 
 logger = logging.getLogger("diffusionblocks")
@@ -186,7 +187,7 @@ def _copy_untouched_blocks(src: Path, dst: Path, blocks: list[int], B: int, rein
         (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
-def _blocks_to_resume(run_dir: Path, cfg: RunConfig, blocks: list[int],
+def _blocks_to_resume(task: Task, run_dir: Path, cfg: RunConfig, blocks: list[int],
                       named: bool) -> tuple[list[int], dict[int, Path]]:
     """Checks every block of a resumed run before anything trains; returns the blocks that have steps to do, and
     the run whose weights each of them starts from (the blocks `train --from` fine-tunes that have no state yet).
@@ -239,7 +240,7 @@ def _blocks_to_resume(run_dir: Path, cfg: RunConfig, blocks: list[int],
         elif step > total:
             raise ConfigError(f"train.steps_per_block={total} is below the {step} steps block {b} has trained; "
                               "a block cannot be made to have trained less")
-        init_block_state(get_task(cfg.task), cfg, b, torch.device("cpu"), run_dir, starts)  # raises on a corrupt or mismatched state
+        init_block_state(task, cfg, b, torch.device("cpu"), run_dir, starts)  # raises on a corrupt or mismatched state
         if checkpoint.repair_block(run_dir, b, cfg):
             logger.info("block %d: its weights were older than its training state; rewrote them from it", b)
         todo.append(b)
@@ -266,7 +267,7 @@ class _Prepared:
     created: bool  # whether this command made the directory (and so may remove it when it fails early)
 
 
-def _prepare_run_dir(cfg: RunConfig, blocks: list[int], *, out: str | Path | None, runs_root: str | Path,
+def _prepare_run_dir(task: Task, cfg: RunConfig, blocks: list[int], *, out: str | Path | None, runs_root: str | Path,
                      resume: str | Path | None, from_: str | Path | None, named: bool, reinit: bool) -> _Prepared:
     """The run directory to train into (created or checked, config written), with the blocks to train claimed.
     named: the blocks were chosen (--blocks), not every block of the run."""
@@ -275,7 +276,7 @@ def _prepare_run_dir(cfg: RunConfig, blocks: list[int], *, out: str | Path | Non
         run_dir = Path(resume)
         claims = _claim(run_dir, blocks)
         try:
-            todo, starts = _blocks_to_resume(run_dir, cfg, blocks, named=named)
+            todo, starts = _blocks_to_resume(task, run_dir, cfg, blocks, named=named)
             rundir.save_config(run_dir, cfg)
         except BaseException:
             claims.release()
@@ -431,7 +432,7 @@ def train_run(config: RunConfig | str | Path | None = None, out: str | Path | No
         # Rank 0 makes or checks the run directory; every rank learns its path, or the error, from it.
         if rank == 0:
             try:
-                prepared = _prepare_run_dir(cfg, chosen, out=out, runs_root=runs_root, resume=resume, from_=from_,
+                prepared = _prepare_run_dir(task, cfg, chosen, out=out, runs_root=runs_root, resume=resume, from_=from_,
                                             named=named, reinit=reinit)
                 found: tuple | str = (prepared.run_dir, prepared.blocks, prepared.init_from)
             except ConfigError as e:
@@ -454,7 +455,7 @@ def train_run(config: RunConfig | str | Path | None = None, out: str | Path | No
                   claim=False)
         distributed.barrier()
         if rank == 0:
-            _finish_run(cfg, run_dir, chosen, mem, device, t_start)
+            _finish_run(task, cfg, run_dir, chosen, mem, device, t_start)
     except (ConfigError, OSError):
         if prepared is not None:
             _discard_untrained(prepared, B)
@@ -479,7 +480,7 @@ def _size(split) -> str:
         return "?"
 
 
-def _finish_run(cfg: RunConfig, run_dir: Path, blocks: list[int], mem: PeakMemory, device: torch.device,
+def _finish_run(task: Task, cfg: RunConfig, run_dir: Path, blocks: list[int], mem: PeakMemory, device: torch.device,
                 t_start: float) -> None:
     """train_summary.json, loss.png and, once every block is trained, what the task shows (samples, evaluation)."""
     B = cfg.blocks.num_blocks
@@ -498,7 +499,7 @@ def _finish_run(cfg: RunConfig, run_dir: Path, blocks: list[int], mem: PeakMemor
     if missing:
         logger.info("blocks %s are not trained yet: nothing to sample or evaluate until every block is", missing)
     else:
-        summary.update(get_task(cfg.task).after_training(cfg, run_dir, device))
+        summary.update(task.after_training(cfg, run_dir, device))
     summary["wall_time_s"] = time.perf_counter() - t_start
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for row in summary["blocks"]:

@@ -28,6 +28,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import tokenizers  # the optional extra diffusionblocks[bpe], for data.tokenizer="bpe"
+except ImportError:
+    tokenizers = None
+
 from .config import ConfigError, check_choice, shown_path
 from .seeding import make_generator
 
@@ -126,10 +131,8 @@ class BPEVocabulary:
 
 
 def _tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise ConfigError("data.tokenizer='bpe' needs Hugging Face tokenizers: pip install 'diffusionblocks[bpe]'") from None
+    if tokenizers is None:
+        raise ConfigError("data.tokenizer='bpe' needs Hugging Face tokenizers: pip install 'diffusionblocks[bpe]'")
     return tokenizers
 
 
