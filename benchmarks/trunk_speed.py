@@ -9,10 +9,14 @@ batch of token ids (speed does not depend on the text). Variants:
   4 heads, sequences of 64), batch 32.
 - block: one `ARDenoiser` block of the B=3 chain of the same preset (2 of the 6 layers, [noisy ; clean] of 2 x 64).
 - recurrent: the `RecurrentDenoiser` of presets/shakespeare-recurrent.json (prelude 2, core 4, coda 2, width 128).
+- mdlm: one `MaskedDiffusionTransformer` block of presets/shakespeare-mdlm.json (B=3: 2 of the 6 layers, sequences
+  of 32, batch 64), a DiT-layer trunk issue 26 leaves as it was (timed to show that).
 
-"before" is the code of a base commit (default: main), loaded from git (`git show`) as a module beside the
-package; "after" is the working tree's. The same weights give the same logits in both: the max |delta logit|
-after the timed steps (when the adaLN weights are no longer zero) is printed too.
+"before" is the code of a base commit (default: 97c5b76, the last before issue 26), its package extracted from git
+beside the installed one; "after" is the working tree's, built as the presets build it (the SwiGLU width rounded to
+model.mlp_multiple). The same weights give the same logits in both codes: after the timed steps (when the adaLN
+weights are no longer zero), an unrounded after-model takes the timed one's weights where their shapes agree and
+is loaded, strictly, into the before-model; the max |delta logit| is printed.
 
     python benchmarks/trunk_speed.py --threads 2 --repeats 15 --steps 5 --json out.json
 """
@@ -20,11 +24,13 @@ after the timed steps (when the adaLN weights are no longer zero) is printed too
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -37,22 +43,16 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB, WIDTH, DEPTH, HEADS, SEQ, BATCH = 65, 128, 6, 4, 64, 32
 
 
-def load_before(commit: str) -> tuple[types.ModuleType, types.ModuleType]:
-    """models/arlm.py and models/recurrent.py as they were at commit, as modules of the installed package."""
-
-    def module(name: str, source: str) -> types.ModuleType:
-        mod = types.ModuleType(f"diffusionblocks.models.{name}")
-        mod.__package__ = "diffusionblocks.models"
-        sys.modules[mod.__name__] = mod
-        exec(compile(source, f"{commit[:8]}:{name}", "exec"), mod.__dict__)
-        return mod
-
-    show = lambda path: subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, check=True,  # noqa: E731
-                                       capture_output=True, text=True).stdout
-    arlm = module("_arlm_before", show("src/diffusionblocks/models/arlm.py"))
-    rec = module("_recurrent_before", show("src/diffusionblocks/models/recurrent.py")
-                 .replace("from .arlm import", "from ._arlm_before import"))
-    return arlm, rec
+def load_before(commit: str) -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
+    """models/arlm.py and models/recurrent.py as they were at commit: the whole package of that commit extracted
+    (`git archive`) into a temporary folder under the name `diffusionblocks_before` (its imports are relative)."""
+    folder = Path(tempfile.mkdtemp(prefix="trunk-speed-before-"))
+    archive = subprocess.run(["git", "archive", commit, "src/diffusionblocks"], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    (folder / "src" / "diffusionblocks").rename(folder / "diffusionblocks_before")
+    sys.path.insert(0, str(folder))
+    return tuple(importlib.import_module(f"diffusionblocks_before.models.{m}") for m in ("arlm", "recurrent", "mdlm"))
 
 
 class TextbookGPT(nn.Module):
@@ -95,41 +95,53 @@ class TextbookGPT(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
 
 
-def make_variants(before: types.ModuleType, before_rec: types.ModuleType):
-    """name -> (model, loss closure on a batch, logits closure for the equality check)."""
-    from diffusionblocks.models import arlm, recurrent
+def make_variants(before: tuple[types.ModuleType, ...], multiple: int):
+    """name -> (model, loss closure on a batch, logits closure for the equality check, kind)."""
+    from diffusionblocks.models import arlm, mdlm, recurrent
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(VOCAB, (BATCH, SEQ), generator=g)
     sigma = torch.exp(torch.randn(BATCH, SEQ, generator=g) * 1.2 - 1.2)  # any noise levels: speed does not care
     noise = torch.randn(BATCH, SEQ, WIDTH, generator=g)
     E = F.normalize(torch.randn(VOCAB, WIDTH, generator=g), dim=-1)
-    size = dict(hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0)
+    md_tokens = torch.randint(VOCAB, (64, 32), generator=g)
+    md_t, md_u = torch.rand(64, generator=g), torch.rand(64, 32, generator=g)
 
-    def plain(mod):
-        m = mod.CausalLM(VOCAB, depth=DEPTH, **size)
+    def plain(mod, **kw):
+        m = mod.CausalLM(VOCAB, depth=DEPTH, hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0, **kw)
         m.initialize_weights(torch.Generator().manual_seed(1))
         return m, lambda: m.loss(tokens), lambda: m(tokens)
 
-    def block(mod):
-        m = mod.ARDenoiser(VOCAB, depth=DEPTH // 3, **size)
+    def block(mod, **kw):
+        m = mod.ARDenoiser(VOCAB, depth=DEPTH // 3, hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0, **kw)
         m.initialize_weights(torch.Generator().manual_seed(2))
         m.E.copy_(E)
         return m, lambda: m.loss(tokens, sigma, noise), lambda: m.denoise(E[tokens] + sigma[..., None] * noise,
                                                                            sigma, tokens)[1]
 
-    def rec(mod):
-        m = mod.RecurrentDenoiser(VOCAB, prelude=2, core=4, coda=2, **size)
+    def rec(mod, **kw):
+        m = mod.RecurrentDenoiser(VOCAB, prelude=2, core=4, coda=2, hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0,
+                                  **kw)
         m.initialize_weights(torch.Generator().manual_seed(3))
         m.E.copy_(E)
         return m, lambda: m.loss(tokens, sigma, noise), lambda: m.denoise(E[tokens] + sigma[..., None] * noise,
                                                                            sigma, tokens)[1]
 
+    def masked(mod, **kw):
+        m = mod.MaskedDiffusionTransformer(VOCAB, 32, hidden_size=WIDTH, depth=DEPTH // 3, num_heads=HEADS)
+        m.initialize_weights(torch.Generator().manual_seed(4))
+        return m, lambda: m.loss(md_tokens, md_t, md_u), lambda: m(md_tokens, md_t)
+
+    arlm_b, rec_b, mdlm_b = before
     gpt = TextbookGPT(VOCAB, WIDTH, DEPTH, HEADS, SEQ)
-    return {"gpt": (gpt, lambda: gpt.loss(tokens), None),
-            "plain_before": plain(before), "plain_after": plain(arlm),
-            "block_before": block(before), "block_after": block(arlm),
-            "recurrent_before": rec(before_rec), "recurrent_after": rec(recurrent)}
+    timed = {"gpt": (gpt, lambda: gpt.loss(tokens), None)}
+    same = {}  # kind -> (before-model, its logits, unrounded after-model, its logits)
+    for kind, make, mod_b, mod_a in (("plain", plain, arlm_b, arlm), ("block", block, arlm_b, arlm),
+                                     ("recurrent", rec, rec_b, recurrent), ("mdlm", masked, mdlm_b, mdlm)):
+        timed[f"{kind}_before"] = make(mod_b)
+        timed[f"{kind}_after"] = make(mod_a, **({} if kind == "mdlm" else {"mlp_multiple": multiple}))
+        same[kind] = (timed[f"{kind}_before"], make(mod_a))
+    return timed, same
 
 
 def main() -> None:
@@ -138,7 +150,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15, help="interleaved rounds; each times every variant")
     ap.add_argument("--steps", type=int, default=5, help="training steps per variant per round")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    ap.add_argument("--base", default="main", help="the commit whose code is 'before'")
+    ap.add_argument("--base", default="97c5b76", help="the commit whose code is 'before'")
+    ap.add_argument("--mlp-multiple", type=int, default=16,
+                    help="model.mlp_multiple of the after-models (the presets')")
     ap.add_argument("--only", nargs="*", help="variants to time (default: all)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
@@ -146,8 +160,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout.strip()
-    before, before_rec = load_before(base)
-    variants = make_variants(before, before_rec)
+    variants, same = make_variants(load_before(base), args.mlp_multiple)
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0) for k, (m, _, _) in variants.items()}
@@ -174,10 +187,11 @@ def main() -> None:
               flush=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
+    load = _load_average()
     out: dict = {"machine": {"cpu": _cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
-                             "threads": args.threads, "shared_cpu": True},
-                 "base_commit": base, "repeats": args.repeats, "steps_per_repeat": args.steps,
-                 "batch": BATCH, "seq_len": SEQ, "width": WIDTH, "heads": HEADS,
+                             "threads": args.threads, "load_average_after": load},
+                 "base_commit": base, "mlp_multiple": args.mlp_multiple, "repeats": args.repeats,
+                 "steps_per_repeat": args.steps, "batch": BATCH, "seq_len": SEQ, "width": WIDTH, "heads": HEADS,
                  "median_step_ms": {k: 1e3 * v for k, v in med.items()},
                  "steps_per_s": {k: 1 / v for k, v in med.items()},
                  "iqr_step_ms": {k: [1e3 * q for q in _quartiles(v)] for k, v in times.items()},
@@ -187,24 +201,35 @@ def main() -> None:
         for k in ("plain_before", "plain_after"):
             if k in med:
                 ratios[f"{k}/gpt"] = med[k] / med["gpt"]
-    for kind in ("plain", "block", "recurrent"):
+    for kind in ("plain", "block", "recurrent", "mdlm"):
         if f"{kind}_before" in med and f"{kind}_after" in med:
             ratios[f"{kind} speed-up (before/after step time)"] = med[f"{kind}_before"] / med[f"{kind}_after"]
     out["ratios"] = ratios
-    # The same weights in both codes: the after-models' (trained for the timed steps) loaded into the before-models.
+    # The same weights in both codes: the trained after-model's, where shapes agree, in an unrounded after-model,
+    # which is then loaded strictly into the before-model (so the names and shapes of the weights are unchanged).
     delta = {}
-    for kind in ("plain", "block", "recurrent"):
-        if f"{kind}_before" in variants and f"{kind}_after" in variants:
-            (old, _, old_logits), (new, _, new_logits) = variants[f"{kind}_before"], variants[f"{kind}_after"]
-            old.load_state_dict(new.state_dict())
-            old.eval(), new.eval()
-            with torch.no_grad():
-                delta[kind] = float((old_logits() - new_logits()).abs().max())
+    for kind, ((old, _, old_logits), (new, _, new_logits)) in same.items():
+        if f"{kind}_after" not in variants:
+            continue
+        trained = variants[f"{kind}_after"][0].state_dict()
+        state = new.state_dict()
+        new.load_state_dict({k: trained[k] if trained[k].shape == v.shape else v for k, v in state.items()})
+        old.load_state_dict(new.state_dict())
+        old.eval(), new.eval()
+        with torch.no_grad():
+            delta[kind] = float((old_logits() - new_logits()).abs().max())
     out["max_abs_delta_logit_fp32"] = delta
     print(json.dumps({k: out[k] for k in ("machine", "median_step_ms", "steps_per_s", "ratios",
                                           "max_abs_delta_logit_fp32", "params")}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
 
 
 def _quartiles(v: list[float]) -> list[float]:

@@ -1,13 +1,17 @@
 """The language trunk's fast paths (modulation at the granularity of its condition, rotary tables once per
-forward, the causal flag of attention) against a straightforward per-token computation with the same weights."""
+forward and applied to adjacent pairs, the causal flag of attention, the written-out RMSNorm gradients) against a
+straightforward per-token computation with the same weights."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusionblocks.models.arlm import ARDenoiser, CausalLM, KVCache, LlamaLayer, rope, training_mask
+from diffusionblocks.config import ConfigError
+from diffusionblocks.models.arlm import ARDenoiser, CausalLM, KVCache, LlamaLayer, rope, swiglu_width, training_mask
+from diffusionblocks.models.layers import modulated_rms_norm, rms_norm
 from diffusionblocks.models.recurrent import HuginnLM, RecurrentDenoiser
 from diffusionblocks.precond import get_scalings
+from diffusionblocks.tasks import config_from_dict, default_config, get_task
 
 TOL = 1e-4  # max |delta logit| in fp32 (issue 26)
 
@@ -44,10 +48,11 @@ def _randomise(m, seed):
     return m.eval()
 
 
-def test_rotary_tables_equal_the_concatenating_rope():
+def test_the_complex_rotation_of_adjacent_pairs_equals_the_concatenating_rope():
+    """Half-split pairs laid side by side, rotated by one complex product and put back: the first rope's numbers."""
     x = torch.randn(2, 3, 7, 8)
     pos = torch.arange(5, 12)
-    assert torch.equal(rope(x, pos), _rope_cat(x, pos))
+    torch.testing.assert_close(rope(x, pos), _rope_cat(x, pos), rtol=0, atol=1e-6)
 
 
 def test_the_plain_model_equals_its_per_token_reference():
@@ -138,7 +143,7 @@ def test_gradients_reach_the_constant_conditioning_as_before():
 
 
 def test_bf16_autocast_runs_every_path_close_to_fp32():
-    """Cached rotary tables are float32: under autocast they follow the queries' dtype, as the old rope did."""
+    """Rotary tables are complex64: under autocast the bf16 queries and keys are rotated in float32."""
     tokens = torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(13))
     g = torch.Generator().manual_seed(14)
     z, sigma = torch.randn(2, 8, 32, generator=g), torch.rand(2, 8, generator=g) + 0.05
@@ -153,3 +158,29 @@ def test_bf16_autocast_runs_every_path_close_to_fp32():
             low = run()
         assert low.dtype == torch.float32 and torch.isfinite(low).all(), name
         assert (low - ref).abs().max() <= 0.1 * ref.abs().max(), name
+
+
+@pytest.mark.parametrize("shape", [(16,), (4, 1, 16), (4, 7, 16)], ids=["constant", "per-sequence", "per-token"])
+def test_the_written_out_norm_gradients_are_the_composite_ones(shape):
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(4, 7, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    shift, scale = (torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda x, s, c: modulated_rms_norm(x, s, c), (x, shift, scale))
+    assert torch.autograd.gradcheck(rms_norm, (x,))
+    ref = F.rms_norm(x, (16,), eps=1e-6) * (1 + scale) + shift
+    torch.testing.assert_close(modulated_rms_norm(x, shift, scale), ref)
+    torch.testing.assert_close(rms_norm(x.float()), F.rms_norm(x.float(), (16,), eps=1e-6), rtol=0, atol=1e-6)
+
+
+def test_the_swiglu_width_is_rounded_only_where_the_config_says():
+    assert swiglu_width(128, 4.0) == 341 and swiglu_width(128, 4.0, 16) == 336 and swiglu_width(512, 4.0, 16) == 1360
+    task = get_task("arlm")
+    old = default_config("arlm").to_dict()
+    del old["model"]["mlp_multiple"]  # a config written before the field existed
+    cfg = config_from_dict(old)
+    assert cfg.model.mlp_multiple == 1 and task.build_block(cfg, 0).trunk.layers[0].mlp.w1.out_features == 341
+    rounded = config_from_dict({**old, "model": {**old["model"], "mlp_multiple": 16}})
+    net = task.build_block(rounded, 0)
+    assert net.trunk.layers[0].mlp.w1.out_features == 336
+    with pytest.raises(ConfigError, match="mlp_multiple"):
+        config_from_dict({**old, "model": {**old["model"], "mlp_multiple": 0}})

@@ -10,11 +10,13 @@ transformer whose keys and values do not depend on sigma (its tokens are conditi
 the noisy ones on sigma through adaLN), and a KV cache of it serves every denoising step of every token.
 
 Layers are Llama-style: RMSNorm, rotary position embeddings (noisy i and clean i share position i), SwiGLU;
-adaLN-Zero modulation at the granularity of its condition: per position on the noisy stream; a constant (the
-clean stream's, the plain model's) is folded into the weights, so that the plain model costs what a transformer
-without adaLN does (issue 26). The last layer makes only the noisy rows' output (the clean rows' keys and values
-are all it needs of them). Output: D = c_skip z + c_out RMSNorm(h) at the noisy positions, then a final
-adaLN and a zero-initialised linear head (not tied to E) give logits over the vocabulary. Loss: the
+adaLN-Zero modulation at the granularity of its condition: per position on the noisy stream, once for a constant
+(the clean stream's, the plain model's), whose shift and scale are applied in the pass after the norm and whose
+gates are folded into the output weights, so that the plain model costs about what a transformer without adaLN
+does (issue 26). Query and key heads are computed with their rotary pairs side by side (`paired_rows`), which
+leaves the attention unchanged and makes the rotation one complex product. The last layer makes only the noisy
+rows' output (the clean rows' keys and values are all it needs of them). Output: D = c_skip z + c_out RMSNorm(h)
+at the noisy positions, then a final adaLN and a zero-initialised linear head (not tied to E) give logits over the vocabulary. Loss: the
 cross-entropy of the logits at position i against token i, weighted by lambda(sigma_i), per token.
 
 The end-to-end baseline (`CausalLM`) is the clean stream alone: the same layers, position j's output read
@@ -23,15 +25,13 @@ by a head as the distribution of token j + 1, plain next-token cross-entropy.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..precond import denoised, get_scalings, loss_weight
-from .layers import NoiseEmbedder, modulate, zero_init
+from .layers import NoiseEmbedder, RMSNorm, modulate, modulated_rms_norm, zero_init
 
 ROPE_BASE = 10000.0
 CAUSAL = "causal"  # an attention mask: each query sees the keys up to its own index (top-left aligned)
@@ -41,31 +41,26 @@ CAUSAL = "causal"  # an attention mask: each query sees the keys up to its own i
 # consecutive stretches of the sequence ([noisy ; clean]: (c_noisy (N, L, D), c_clean (D,))).
 Cond = torch.Tensor | tuple[torch.Tensor, ...]
 
-
-class Rotary(NamedTuple):
-    """Rotary tables for positions pos (T,): cos and sin over the half-split pairs, laid out for `apply_rotary`
-    (cos = [cos ; cos], sin = [-sin ; sin], (T, d) each)."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-
+# Rotary tables: e^{i pos theta_j} for positions (T,) and the d/2 frequencies theta_j of a head, complex (T, d/2).
+Rotary = torch.Tensor
 
 _ROTARY_CACHE: dict[tuple, Rotary] = {}
+_PAIRS_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def rotary(pos: torch.Tensor, d: int, dtype: torch.dtype = torch.float32) -> Rotary:
-    """The rotary tables of positions pos (T,) for heads of width d (Su et al. 2021), cached per positions,
-    device and dtype (outside inference mode, whose tensors autograd cannot save), on the CPU only: the key reads
-    the positions, which would wait for an accelerator; there the tables are a few small kernels."""
+def rotary(pos: torch.Tensor, d: int) -> Rotary:
+    """The rotary tables e^{i pos theta_j}, theta_j = base^(-2j/d), of positions pos (T,) for heads of width d (Su et
+    al. 2021): complex64 (T, d/2), cached per positions and device (outside inference mode, whose tensors autograd
+    cannot save), on the CPU only: the key reads the positions, which would wait for an accelerator; there the tables
+    are a few small kernels."""
     cache = pos.device.type == "cpu" and not torch.is_inference_mode_enabled()
-    key = (tuple(pos.tolist()), d, pos.device, dtype) if cache else None
+    key = (tuple(pos.tolist()), d, pos.device) if cache else None
     hit = _ROTARY_CACHE.get(key) if cache else None
     if hit is not None:
         return hit
-    freqs = ROPE_BASE ** (-torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)  # (d/2,)
-    angles = pos.to(torch.float32)[:, None] * freqs  # (T, d/2)
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    tables = Rotary(torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))  # (T, d) each
+    theta = ROPE_BASE ** (-torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)  # (d/2,)
+    angles = pos.to(torch.float32)[:, None] * theta  # (T, d/2)
+    tables = torch.polar(torch.ones_like(angles), angles)  # (T, d/2) complex
     if cache:
         if len(_ROTARY_CACHE) >= 64:
             _ROTARY_CACHE.clear()
@@ -73,16 +68,52 @@ def rotary(pos: torch.Tensor, d: int, dtype: torch.dtype = torch.float32) -> Rot
     return tables
 
 
-def apply_rotary(x: torch.Tensor, rot: Rotary) -> torch.Tensor:
-    """Rotates the half-split pairs (x1, x2) of x (..., T, d) by the tables' angles: [x1 cos - x2 sin ;
-    x2 cos + x1 sin], the same numbers as `rope`, with a roll in place of the concatenation."""
-    cos, sin = (rot.cos, rot.sin) if rot.cos.dtype == x.dtype else (rot.cos.to(x.dtype), rot.sin.to(x.dtype))  # autocast
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+def rotate_pairs(x: torch.Tensor, rot: Rotary) -> torch.Tensor:
+    """Rotates the adjacent pairs (x_2j, x_2j+1) of x (..., T, d) by the angles of rot (T, d/2): one complex product
+    (in float32 for half inputs, which have no complex type)."""
+    dtype = x.dtype
+    xc = torch.view_as_complex((x if dtype in (torch.float32, torch.float64) else x.float()).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rot).flatten(-2).to(dtype)  # (..., T, d)
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding (Su et al. 2021), rotating half-split pairs: x (N, H, T, d), pos (T,) -> (N, H, T, d)."""
-    return apply_rotary(x, rotary(pos, x.shape[-1], x.dtype))
+    """Rotary position embedding as our weights define it, rotating the half-split pairs (x_j, x_j+d/2): x (N, H, T,
+    d), pos (T,) -> (N, H, T, d). The layers compute the same attention on adjacent pairs (`paired_rows`)."""
+    d = x.shape[-1]
+    order = torch.arange(d).view(2, d // 2).T.flatten()  # half-split -> adjacent pairs
+    return rotate_pairs(x[..., order], rotary(pos, d))[..., order.argsort()]
+
+
+def paired_rows(dim: int, num_heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order of a qkv weight's rows (3 D) that lays each query and key head's half-split pairs (j, j + d/2) side
+    by side, and its inverse: scores q.k are unchanged when q and k are permuted alike, and rotating adjacent pairs is
+    one complex product (`rotate_pairs`) where half-split pairs take a roll and four element-wise passes."""
+    key = (dim, num_heads, device)
+    if key not in _PAIRS_CACHE:
+        d = dim // num_heads
+        head = torch.arange(d).view(2, d // 2).T.flatten()  # (d,): 0, d/2, 1, d/2 + 1, ...
+        qk = (torch.arange(2 * num_heads)[:, None] * d + head).flatten()  # (2 D,): every query and key head
+        order = torch.cat([qk, torch.arange(2 * dim, 3 * dim)])  # values keep their order
+        _PAIRS_CACHE[key] = order.to(device), order.argsort().to(device)
+    return _PAIRS_CACHE[key]
+
+
+class _Rows(torch.autograd.Function):
+    """w[order] for a permutation `order` of w's rows, its gradient gathered by the inverse (no scatter into zeros)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return w.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        inverse, = ctx.saved_tensors
+        return g.index_select(0, inverse), None, None
+
+
+def _positions(pos: torch.Tensor, d: int) -> Rotary:
+    return pos if pos.is_complex() else rotary(pos, d)
 
 
 def _by_stretch(fn, x: torch.Tensor, mods: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
@@ -92,12 +123,9 @@ def _by_stretch(fn, x: torch.Tensor, mods: list[tuple[torch.Tensor, ...]]) -> to
     return torch.cat([fn(xk, m) for xk, m in zip(x.chunk(len(mods), dim=1), mods)], dim=1)
 
 
-def _positions(pos: torch.Tensor | Rotary, d: int, dtype: torch.dtype) -> Rotary:
-    return pos if isinstance(pos, Rotary) else rotary(pos, d, dtype)
-
-
 class KVCache:
-    """Keys and values of the clean positions seen so far, per layer: (N, H, T, d) each."""
+    """Keys and values of the clean positions seen so far, per layer: (N, H, T, d) each (keys with their rotary pairs
+    side by side, `paired_rows`)."""
 
     def __init__(self, depth: int):
         self.k: list[torch.Tensor | None] = [None] * depth
@@ -110,7 +138,8 @@ class KVCache:
 
 class RotaryAttention(nn.Module):
     """Masked multi-head attention with rotary positions, past keys and values, queries from the first positions only
-    and folded weights (the [noisy ; clean] streams); kept apart from dit.SelfAttention, which has none of these."""
+    and a gate folded into its output projection (the [noisy ; clean] streams); kept apart from dit.SelfAttention,
+    which has none of these."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -118,37 +147,36 @@ class RotaryAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def _qkv(self, x: torch.Tensor, pos: torch.Tensor | Rotary, w: tuple | None = None) -> tuple[torch.Tensor, ...]:
-        """Rotated queries and keys and the values of x (N, T, D): (N, H, T, d) each; w: see `forward`."""
+    def _qkv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rotated queries and keys and the values of x (N, T, D): (N, H, T, d) each."""
         N, T, D = x.shape
-        d = D // self.num_heads
-        qkv = (self.qkv(x) if w is None else F.linear(x, w[0], w[1])).view(N, T, 3, self.num_heads, d).transpose(1, 3)
-        rot = _positions(pos, d, x.dtype)
-        qk, v = qkv.split([2, 1], dim=2)  # a split, not slices: its backward concatenates, no zero-filled gradient
-        q, k = apply_rotary(qk, rot).unbind(2)  # (N, H, T, d) each: queries and keys rotated in one pass
-        return q, k, v[:, :, 0]
+        H, d = self.num_heads, D // self.num_heads
+        w = _Rows.apply(self.qkv.weight, *paired_rows(D, H, x.device))
+        qkv = F.linear(x, w).view(N, T, 3, H, d).permute(0, 3, 2, 1, 4)  # (N, H, 3, T, d)
+        qk, v = qkv.split([2, 1], dim=2)  # a split: no zero-filled slice gradient
+        # Rotated into a tensor laid out as attention reads it: its gradient comes back in that layout, with no copy.
+        q, k = rotate_pairs(qk, _positions(pos, d)).unbind(2)  # (N, H, T, d) each
+        return q, k, v.squeeze(2)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor | Rotary, mask: torch.Tensor | str | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None,
-                queries: int | None = None, w: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | str | None = None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None, queries: int | None = None,
+                w_proj: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
         """x (N, T, D) at positions pos (T,) (or their rotary tables); attends to the past keys/values (if any) then
         its own, under mask (T, T_past + T) (None: every key; CAUSAL: plain causal, no past). queries: only the
         first `queries` positions ask (their output alone is made; every position gives its key and value).
-        w: (qkv weight, qkv bias, proj weight) in place of the layers' own (a constant modulation folded in).
+        w_proj: the output projection's weight in place of the layer's own (a constant gate folded in).
         Returns the output (N, queries or T, D) and this input's (k, v)."""
         N, T, D = x.shape
-        w_qkv, b_qkv, w_proj = w if w is not None else (self.qkv.weight, None, self.proj.weight)
+        w_proj = self.proj.weight if w_proj is None else w_proj
         if queries is None:
-            q, k, v = self._qkv(x, pos, w)
+            q, k, v = self._qkv(x, pos)
         else:
             H, d = self.num_heads, D // self.num_heads
-            rot = _positions(pos, d, x.dtype)
-            kv = F.linear(x, w_qkv[D:], None if b_qkv is None else b_qkv[D:]).view(N, T, 2, H, d).transpose(1, 3)
-            k, v = kv.unbind(2)  # (N, H, T, d) each
-            k = apply_rotary(k, rot)
-            q = F.linear(x[:, :queries], w_qkv[:D], None if b_qkv is None else b_qkv[:D])
-            q = q.view(N, queries, H, d).transpose(1, 2)  # (N, H, Q, d)
-            q = apply_rotary(q, Rotary(rot.cos[:queries], rot.sin[:queries]))
+            rot = _positions(pos, d)
+            w = _Rows.apply(self.qkv.weight, *paired_rows(D, H, x.device))
+            k, v = F.linear(x, w[D:]).view(N, T, 2, H, d).permute(0, 3, 2, 1, 4).unbind(2)  # (N, H, T, d) each
+            k = rotate_pairs(k, rot)
+            q = rotate_pairs(F.linear(x[:, :queries], w[:D]).view(N, queries, H, d).transpose(1, 2), rot[:queries])
             assert not isinstance(mask, str), "queries with a plain causal mask: give the mask's rows"
             mask = None if mask is None else mask[:queries]
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
@@ -160,27 +188,36 @@ class RotaryAttention(nn.Module):
         return F.linear(out.transpose(1, 2).reshape(N, q.shape[2], D), w_proj), (k, v)
 
 
+def swiglu_width(dim: int, mlp_ratio: float, multiple: int = 1) -> int:
+    """Llama's 2/3 of the width ratio (as many weights as a GELU MLP of mlp_ratio), to the nearest multiple of
+    `multiple` that the matrix kernels prefer (1: unrounded, as every run before issue 26)."""
+    hidden = int(2 * mlp_ratio * dim / 3)
+    return hidden if multiple == 1 else multiple * max(1, round(hidden / multiple))
+
+
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, mlp_ratio: float):
+    def __init__(self, dim: int, mlp_ratio: float, multiple: int = 1):
         super().__init__()
-        hidden = int(2 * mlp_ratio * dim / 3)  # Llama's 2/3 of the width ratio: as many weights as a GELU MLP
+        hidden = swiglu_width(dim, mlp_ratio, multiple)
         self.w1, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, w2: torch.Tensor | None = None) -> torch.Tensor:
+        """w2: the output weight in place of the layer's own (a constant gate folded in)."""
+        return F.linear(F.silu(self.w1(x)) * self.w3(x), self.w2.weight if w2 is None else w2)
 
 
 class LlamaLayer(nn.Module):
     """Pre-norm attention and SwiGLU with adaLN-Zero modulation, conditioned at the granularity of its condition
-    (see `Cond`): the modulation is computed once per distinct condition and broadcast over the tokens."""
+    (see `Cond`): the modulation is computed once per distinct condition and broadcast over the tokens; a constant
+    condition's gates are folded into the output weights."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mlp_multiple: int = 1):
         super().__init__()
-        self.norm1 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.norm1 = RMSNorm(dim, eps=1e-6, elementwise_affine=False)
         self.attn = RotaryAttention(dim, num_heads)
-        self.norm2 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
-        self.mlp = SwiGLU(dim, mlp_ratio)
+        self.norm2 = RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.mlp = SwiGLU(dim, mlp_ratio, mlp_multiple)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def modulation(self, c: Cond) -> list[tuple[torch.Tensor, ...]]:
@@ -191,44 +228,30 @@ class LlamaLayer(nn.Module):
         mods = [self.adaLN_modulation(ck) for ck in c]
         return [m.chunk(6, dim=-1) for m in mods]
 
-    def folded(self, c: torch.Tensor) -> tuple[tuple, tuple]:
-        """A constant condition c (D,) folded into the weights: modulate(h, shift, scale) @ W^T = h @ (W (1 + scale))^T
-        + W shift and gate * (o @ W^T) = o @ (gate W)^T, so that no per-token work is left of the adaLN.
-        Returns the attention's (qkv weight, qkv bias, proj weight) and the MLP's ([w1 ; w3], [b1 ; b3], w2)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (D,) each
-        wqkv, w1, w3 = self.attn.qkv.weight, self.mlp.w1.weight, self.mlp.w3.weight
-        attn = (wqkv * (1 + scale1), wqkv @ shift1, gate1[:, None] * self.attn.proj.weight)
-        w13 = torch.cat([w1, w3])  # one matrix product for both SwiGLU inputs
-        mlp = (w13 * (1 + scale2), w13 @ shift2, gate2[:, None] * self.mlp.w2.weight)
-        return attn, mlp
-
-    def kv(self, x: torch.Tensor, c: Cond, pos: torch.Tensor | Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv(self, x: torch.Tensor, c: Cond, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values this layer's attention makes of x (N, T, D), without running the layer."""
-        if isinstance(c, torch.Tensor) and c.ndim == 1:
-            _, k, v = self.attn._qkv(self.norm1(x), pos, self.folded(c)[0])
-            return k, v
-        h = _by_stretch(lambda h, m: modulate(h, m[0], m[1]), self.norm1(x), self.modulation(c))
+        h = _by_stretch(lambda x, m: modulated_rms_norm(x, m[0], m[1], self.norm1.eps), x, self.modulation(c))
         _, k, v = self.attn._qkv(h, pos)
         return k, v
 
-    def forward(self, x: torch.Tensor, c: Cond, pos: torch.Tensor | Rotary, mask: torch.Tensor | str | None = None,
+    def forward(self, x: torch.Tensor, c: Cond, pos: torch.Tensor, mask: torch.Tensor | str | None = None,
                 past: tuple | None = None, queries: int | None = None) -> tuple[torch.Tensor, tuple]:
         """x (N, T, D) -> (N, T, D) and this input's (k, v); with queries, only the first `queries` positions' output
         (N, queries, D) is made (the others give their keys and values): with a tuple c, queries is the first
         stretch's length."""
-        if isinstance(c, torch.Tensor) and c.ndim == 1:  # a constant: folded into the weights
-            w_attn, (w13, b13, w2) = self.folded(c)
-            a, kv = self.attn(self.norm1(x), pos, mask, past, queries, w_attn)
-            x = (x if queries is None else x[:, :queries]) + a
-            u1, u3 = F.linear(self.norm2(x), w13, b13).chunk(2, dim=-1)  # (N, T, hidden) each
-            return x + F.linear(F.silu(u1) * u3, w2), kv
         mods = self.modulation(c)  # (shift1, scale1, gate1, shift2, scale2, gate2) per stretch
-        h = _by_stretch(lambda h, m: modulate(h, m[0], m[1]), self.norm1(x), mods)
+        h = _by_stretch(lambda x, m: modulated_rms_norm(x, m[0], m[1], self.norm1.eps), x, mods)
+        if isinstance(c, torch.Tensor) and c.ndim == 1:  # a constant: gate (o W^T) = o (gate W)^T
+            _, _, gate1, shift2, scale2, gate2 = mods[0]
+            a, kv = self.attn(h, pos, mask, past, queries, gate1[:, None] * self.attn.proj.weight)
+            x = (x if queries is None else x[:, :queries]) + a
+            h = modulated_rms_norm(x, shift2, scale2, self.norm2.eps)
+            return x + self.mlp(h, gate2[:, None] * self.mlp.w2.weight), kv
         a, kv = self.attn(h, pos, mask, past, queries)
         if queries is not None:
             x, mods = x[:, :queries], _first(mods, queries, x.shape[1])
         x = x + _by_stretch(lambda a, m: m[2] * a, a, mods)
-        h = _by_stretch(lambda h, m: modulate(h, m[3], m[4]), self.norm2(x), mods)
+        h = _by_stretch(lambda x, m: modulated_rms_norm(x, m[3], m[4], self.norm2.eps), x, mods)
         x = x + _by_stretch(lambda f, m: m[5] * f, self.mlp(h), mods)
         return x, kv
 
@@ -281,11 +304,13 @@ def init_llama(module: nn.Module, tok_embed: nn.Embedding, cond: nn.Parameter, l
 class _Trunk(nn.Module):
     """Token embedding, the constant conditioning of clean tokens, the layers; shared by both model kinds."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, vocab_size: int, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float,
+                 mlp_multiple: int = 1):
         super().__init__()
         self.tok_embed = nn.Embedding(vocab_size, hidden_size)
         self.clean_cond = nn.Parameter(torch.zeros(hidden_size))
-        self.layers = nn.ModuleList([LlamaLayer(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.layers = nn.ModuleList([LlamaLayer(hidden_size, num_heads, mlp_ratio, mlp_multiple)
+                                     for _ in range(depth)])
         self.checkpointing = False
 
     def noisy_layers(self) -> list[tuple[int, nn.Module]]:
@@ -325,8 +350,7 @@ class _Trunk(nn.Module):
 
     def rotary(self, pos: torch.Tensor) -> Rotary:
         """The rotary tables of positions pos (T,), computed once per forward for every layer."""
-        return rotary(pos, self.layers[0].attn.qkv.in_features // self.layers[0].attn.num_heads,
-                      self.tok_embed.weight.dtype)
+        return rotary(pos, self.layers[0].attn.qkv.in_features // self.layers[0].attn.num_heads)
 
     def init(self, generator: torch.Generator | None) -> None:
         init_llama(self, self.tok_embed, self.clean_cond, self.layers, generator)
@@ -341,15 +365,16 @@ class ARDenoiser(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int = 128, depth: int = 2, num_heads: int = 4,
                  mlp_ratio: float = 4.0, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 trunk: _Trunk | None = None):
+                 trunk: _Trunk | None = None, mlp_multiple: int = 1):
         """trunk: the layers and clean stream (default: `depth` layers shared by both streams)."""
         super().__init__()
         self.vocab_size, self.sigma_data = vocab_size, sigma_data
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
-        self.trunk = trunk if trunk is not None else _Trunk(vocab_size, hidden_size, depth, num_heads, mlp_ratio)
+        self.trunk = trunk if trunk is not None else _Trunk(vocab_size, hidden_size, depth, num_heads, mlp_ratio,
+                                                                  mlp_multiple)
         self.t_embedder = NoiseEmbedder(hidden_size)
-        self.norm_out = nn.RMSNorm(hidden_size, eps=1e-6)  # F = norm_out(h) at the noisy positions
-        self.norm_final = nn.RMSNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.norm_out = RMSNorm(hidden_size, eps=1e-6)  # F = norm_out(h) at the noisy positions
+        self.norm_final = RMSNorm(hidden_size, eps=1e-6, elementwise_affine=False)
         self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.head = nn.Linear(hidden_size, vocab_size)  # zero-initialised, untied
         self.register_buffer("E", torch.zeros(vocab_size, hidden_size))
@@ -422,11 +447,11 @@ class CausalLM(nn.Module):
     """The end-to-end baseline: the clean stream alone, position j read out as the distribution of token j + 1."""
 
     def __init__(self, vocab_size: int, hidden_size: int = 128, depth: int = 6, num_heads: int = 4,
-                 mlp_ratio: float = 4.0):
+                 mlp_ratio: float = 4.0, mlp_multiple: int = 1):
         super().__init__()
         self.vocab_size = vocab_size
-        self.trunk = _Trunk(vocab_size, hidden_size, depth, num_heads, mlp_ratio)
-        self.norm_final = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.trunk = _Trunk(vocab_size, hidden_size, depth, num_heads, mlp_ratio, mlp_multiple)
+        self.norm_final = RMSNorm(hidden_size, eps=1e-6)
         self.head = nn.Linear(hidden_size, vocab_size)
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
-"""Layers the architectures share: adaLN modulation, the noise embedder, zero initialisation and the tables of
-orthonormal target embeddings (labels, tokens) that label and token denoisers denoise in (method.md section 5)."""
+"""Layers the architectures share: adaLN modulation, RMSNorm, the noise embedder, zero initialisation and the tables
+of orthonormal target embeddings (labels, tokens) that label and token denoisers denoise in (method.md section 5)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,88 @@ from torch import nn
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN (DiT): x * (1 + scale) + shift; shift and scale broadcastable to x (per token, per sample or constant)."""
     return x * (1 + scale) + shift
+
+
+def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dimension of x (..., D): (..., 1), from one reduction pass."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
+
+
+def _rms_norm_backward(g: torch.Tensor, n: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The gradient of n = x r (RMSNorm) with respect to x, from the gradient g of n: (g - n mean(g n)) r."""
+    gn = (g * n).sum(-1, keepdim=True)  # (..., 1): D mean(g n)
+    return torch.addcmul(g, n, gn, value=-1 / n.shape[-1]).mul_(r)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """n = x / sqrt(mean(x^2) + eps) over the last dimension, with its gradient written out: two full passes forward
+    and four back, where PyTorch's CPU RMSNorm has a fused forward but a composite backward of about ten (2.5x slower
+    in a layer of the language trunk, issue 26)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        r = _inverse_rms(x, eps)
+        n = x * r
+        ctx.save_for_backward(n, r)
+        return n
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        n, r = ctx.saved_tensors
+        return _rms_norm_backward(g, n, r), None
+
+
+class _ModulatedRMSNormFunction(torch.autograd.Function):
+    """adaLN on RMSNorm, n (1 + scale) + shift with n = RMSNorm(x), shift and scale broadcastable to x (per token, per
+    sample or constant), as one autograd node: three full passes forward and at most six back, where the composite
+    (norm, 1 + scale, addcmul) takes nine and three nodes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        r = _inverse_rms(x, eps)
+        n = x * r
+        a = 1 + scale
+        ctx.save_for_backward(n, r, a)
+        ctx.shapes = shift.shape, scale.shape
+        return torch.addcmul(shift, n, a)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        n, r, a = ctx.saved_tensors
+        shift_shape, scale_shape = ctx.shapes
+        g_shift = g.sum_to_size(shift_shape) if ctx.needs_input_grad[1] else None
+        g_scale = (g * n).sum_to_size(scale_shape) if ctx.needs_input_grad[2] else None
+        g_x = _rms_norm_backward(g * a, n, r) if ctx.needs_input_grad[0] else None
+        return g_x, g_shift, g_scale, None
+
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm without weights over the last dimension (Zhang and Sennrich 2019): the same numbers as `F.rms_norm`,
+    whose fused kernels serve CUDA; on other devices the written-out gradient above (in float32 for half inputs)."""
+    if x.is_cuda:
+        return F.rms_norm(x, x.shape[-1:], eps=eps)
+    if x.dtype in (torch.float32, torch.float64):
+        return _RMSNormFunction.apply(x, eps)
+    return _RMSNormFunction.apply(x.float(), eps).to(x.dtype)
+
+
+def modulated_rms_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """adaLN (DiT) on RMSNorm: RMSNorm(x) (1 + scale) + shift, shift and scale broadcastable to x (N, T, D)."""
+    if x.is_cuda:
+        return torch.addcmul(shift, F.rms_norm(x, x.shape[-1:], eps=eps), 1 + scale)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, shift.dtype), scale.dtype)
+    if dtype not in (torch.float32, torch.float64):  # half inputs: the norm in float32
+        return _ModulatedRMSNormFunction.apply(x.float(), shift.float(), scale.float(), eps).to(dtype)
+    return _ModulatedRMSNormFunction.apply(x, shift, scale, eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` (the same parameters and state dict) on the faster `rms_norm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = rms_norm(x, 1e-6 if self.eps is None else self.eps)
+        return y if self.weight is None else y * self.weight
 
 
 def label_embedding_table(num_classes: int, dim: int, generator: torch.Generator) -> torch.Tensor:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arlm import CAUSAL, ARDenoiser, Cond, KVCache, LlamaLayer, Rotary, _extend_mask, _Trunk, init_llama, rotary
+from .arlm import CAUSAL, ARDenoiser, Cond, KVCache, LlamaLayer, _extend_mask, _Trunk, init_llama, rotary
+from .layers import RMSNorm
 
 
 def lognormal_poisson(mean: float, std: float, generator: torch.Generator) -> int:
@@ -37,15 +38,16 @@ class HuginnLM(nn.Module):
     """Prelude / recurrent core / coda causal LM; position j's logits are the distribution of token j + 1."""
 
     def __init__(self, vocab_size: int, hidden_size: int = 256, num_heads: int = 4, mlp_ratio: float = 4.0,
-                 prelude: int = 2, core: int = 4, coda: int = 2, state_std: float = 1.0):
+                 prelude: int = 2, core: int = 4, coda: int = 2, state_std: float = 1.0, mlp_multiple: int = 1):
         super().__init__()
         self.vocab_size, self.state_std = vocab_size, state_std
         self.tok_embed = nn.Embedding(vocab_size, hidden_size)
         self.cond = nn.Parameter(torch.zeros(hidden_size))  # the layers' adaLN conditioning: a learned constant
-        layers = lambda n: nn.ModuleList([LlamaLayer(hidden_size, num_heads, mlp_ratio) for _ in range(n)])  # noqa: E731
+        layers = lambda n: nn.ModuleList([LlamaLayer(hidden_size, num_heads, mlp_ratio, mlp_multiple)  # noqa: E731
+                                           for _ in range(n)])
         self.prelude, self.core, self.coda = layers(prelude), layers(core), layers(coda)
         self.adapter = nn.Linear(2 * hidden_size, hidden_size, bias=False)
-        self.norm_final = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.norm_final = RMSNorm(hidden_size, eps=1e-6)
         self.head = nn.Linear(hidden_size, vocab_size)
 
     @torch.no_grad()
@@ -57,9 +59,9 @@ class HuginnLM(nn.Module):
     def _stack(self, layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         L = x.shape[1]
         layer0 = layers[0].attn
-        pos = rotary(torch.arange(L, device=x.device), layer0.qkv.in_features // layer0.num_heads, x.dtype)
+        pos = rotary(torch.arange(L, device=x.device), layer0.qkv.in_features // layer0.num_heads)
         for layer in layers:
-            x, _ = layer(x, self.cond, pos, CAUSAL)  # a constant condition: folded into the weights
+            x, _ = layer(x, self.cond, pos, CAUSAL)  # a constant condition: its gates folded into the weights
         return x
 
     def core_step(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -87,8 +89,9 @@ class _PreludeTrunk(_Trunk):
     """The trunk of a RecurrentDenoiser: layers[:prelude] make the clean stream from the tokens (causal); the
     other layers (core, coda) run the noisy stream and attend to the clean one without changing it."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, num_heads: int, mlp_ratio: float, prelude: int, rest: int):
-        super().__init__(vocab_size, hidden_size, prelude + rest, num_heads, mlp_ratio)
+    def __init__(self, vocab_size: int, hidden_size: int, num_heads: int, mlp_ratio: float, prelude: int, rest: int,
+                 mlp_multiple: int = 1):
+        super().__init__(vocab_size, hidden_size, prelude + rest, num_heads, mlp_ratio, mlp_multiple)
         self.prelude = prelude
 
     def noisy_layers(self) -> list[tuple[int, nn.Module]]:
@@ -101,7 +104,7 @@ class _PreludeTrunk(_Trunk):
         L = x.shape[1] // 2
         noisy, clean = x[:, :L], x[:, L:]  # [noisy ; clean]
         rot = self.rotary(pos)
-        clean_rot = Rotary(rot.cos[L:], rot.sin[L:])
+        clean_rot = rot[L:]
         for layer in self.layers[:self.prelude]:
             clean, _ = layer(clean, c[1], clean_rot, CAUSAL)
         for layer in self.layers[self.prelude:]:
@@ -133,9 +136,10 @@ class RecurrentDenoiser(ARDenoiser):
 
     def __init__(self, vocab_size: int, hidden_size: int = 256, num_heads: int = 4, mlp_ratio: float = 4.0,
                  prelude: int = 2, core: int = 4, coda: int = 2, sigma_data: float = 0.5, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0):
+                 sigma_max: float = 80.0, mlp_multiple: int = 1):
         super().__init__(vocab_size, hidden_size, core + coda, num_heads, mlp_ratio, sigma_data, sigma_min, sigma_max,
-                         trunk=_PreludeTrunk(vocab_size, hidden_size, num_heads, mlp_ratio, prelude, core + coda))
+                         trunk=_PreludeTrunk(vocab_size, hidden_size, num_heads, mlp_ratio, prelude, core + coda,
+                                             mlp_multiple))
         self.num_prelude, self.num_core = prelude, core
 
     @property

@@ -47,7 +47,7 @@ from ..sampling import SAMPLERS
 from ..seeding import make_generator, sample_seeds
 from ..text import held_out_windows, usable_logits
 from .base import Evaluation
-from .text import TextModelConfig, TextRunConfig, TextSampleConfig, TextTask
+from .text import LlamaModelConfig, TextRunConfig, TextSampleConfig, TextTask
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +55,12 @@ BRIDGES = ("estimate", "softmax", "argmax", "sample")
 
 
 @dataclass(frozen=True)
-class ARModelConfig(TextModelConfig):
-    """The transformer's fields (TextModelConfig: V at most hidden_size keeps E orthonormal; the MLP is SwiGLU of
-    hidden width 2/3 * mlp_ratio * hidden_size) and which network it is."""
+class ARModelConfig(LlamaModelConfig):
+    """The transformer's fields (LlamaModelConfig: V at most hidden_size keeps E orthonormal; the MLP is SwiGLU of
+    hidden width 2/3 * mlp_ratio * hidden_size, rounded to model.mlp_multiple) and which network it is."""
 
     mode: str = "diffusion"      # "diffusion" (blocks denoise each next token's embedding) or "plain" (the
                                  # end-to-end baseline: the same transformer on next-token cross-entropy, B=1).
-    rotary = True
 
     def validate(self) -> None:
         super().validate()
@@ -467,7 +466,8 @@ class AutoregressiveTask(TextTask):
 
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None):
         m = cfg.model
-        size = dict(hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
+        size = dict(hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+                    mlp_multiple=m.mlp_multiple)
         if m.mode == "plain":
             net = CausalLM(m.vocab_size, depth=m.depth, **size)
             net.initialize_weights(generator)

@@ -30,11 +30,11 @@ from ..text import held_out_windows, usable_logits
 from .autoregressive import (ARSampleConfig, TokenContext, check_windows, distinct_n, draw_token, generate_chain,
                              judge_bits, longest_repeated_run, mixture_bits, readout_settings, sampler_bits)
 from .base import Evaluation
-from .text import TextModelConfig, TextRunConfig, TextTask
+from .text import LlamaModelConfig, TextRunConfig, TextTask
 
 
 @dataclass(frozen=True)
-class RecurrentModelConfig(TextModelConfig):
+class RecurrentModelConfig(LlamaModelConfig):
     mode: str = "diffusion"        # "diffusion" (one denoiser, one forward pass per step) or "huginn" (recurrence + BPTT).
     prelude: int = 1               # Layers of the prelude, core and coda.
     core: int = 2
@@ -44,8 +44,6 @@ class RecurrentModelConfig(TextModelConfig):
     recurrence_std: float = 0.5    # Huginn: std of the log-normal.
     bptt: int = 2                  # Huginn: iterations backpropagated through (the last ones).
     state_std: float = 1.0         # Huginn: std of the initial state.
-
-    rotary = True
 
     def validate(self) -> None:
         super().validate()
@@ -168,8 +166,8 @@ class RecurrentDepthTask(TextTask):
 
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None):
         m = cfg.model
-        shape = dict(hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, prelude=m.prelude,
-                     core=m.core, coda=m.coda)
+        shape = dict(hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, mlp_multiple=m.mlp_multiple,
+                     prelude=m.prelude, core=m.core, coda=m.coda)
         if m.mode == "huginn":
             net = HuginnLM(m.vocab_size, state_std=m.state_std, **shape)
             net.initialize_weights(generator)

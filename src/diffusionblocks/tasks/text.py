@@ -49,6 +49,21 @@ class TextModelConfig:
                                                      if self.rotary else ""))
 
 
+@dataclass(frozen=True)
+class LlamaModelConfig(TextModelConfig):
+    """The fields of the Llama-style trunk (RMSNorm, rotary positions, SwiGLU) the autoregressive and recurrent tasks
+    build (`models.arlm.LlamaLayer`)."""
+
+    mlp_multiple: int = 1        # SwiGLU's hidden width, 2/3 * mlp_ratio * hidden_size, rounded to the nearest
+                                 # multiple of this (the presets: 16); 1, unrounded, is what configs without it meant.
+    rotary = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mlp_multiple < 1:
+            raise ConfigError(f"model.mlp_multiple must be at least 1, not {self.mlp_multiple}")
+
+
 def run_token_embedding(cfg: RunConfig) -> torch.Tensor:
     """The run's target table E (V x hidden_size), the same for every block: drawn from (seed, "token-embedding")."""
     return label_embedding_table(cfg.model.vocab_size, cfg.model.hidden_size,
