@@ -18,7 +18,11 @@ model.mlp_multiple). The same weights give the same logits in both codes: after 
 weights are no longer zero), an unrounded after-model takes the timed one's weights where their shapes agree and
 is loaded, strictly, into the before-model; the max |delta logit| is printed.
 
-    python benchmarks/trunk_speed.py --threads 2 --repeats 15 --steps 5 --json out.json
+Generation (`--generate`): tokens/s of cached generation under no_grad, 8 prompts of 32 tokens continued by 32:
+the plain model (`extend` of the last token, then its logits) and the B=3 chain (each new token: one `denoise_next`
+per block at sigma 80, 1, 0.05 with the estimate bridge, then every block's `extend`).
+
+    python benchmarks/trunk_speed.py --threads 2 --repeats 15 --steps 5 --generate --json out.json
 """
 
 from __future__ import annotations
@@ -144,6 +148,62 @@ def make_variants(before: tuple[types.ModuleType, ...], multiple: int):
     return timed, same
 
 
+@torch.no_grad()
+def generation_speed(arlm_modules: dict[str, types.ModuleType], multiple: int, threads: int,
+                     repeats: int) -> dict[str, float]:
+    """Tokens/s of cached generation, before and after, interleaved (medians over repeats)."""
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(VOCAB, (8, 32), generator=g)
+    E = F.normalize(torch.randn(VOCAB, WIDTH, generator=g), dim=-1)
+    sigmas = (80.0, 1.0, 0.05)
+    models = {}
+    for when, mod in arlm_modules.items():
+        kw = {} if when == "before" else {"mlp_multiple": multiple}
+        plain = mod.CausalLM(VOCAB, depth=DEPTH, hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0, **kw).eval()
+        plain.initialize_weights(torch.Generator().manual_seed(1))
+        blocks = []
+        for b in range(3):
+            m = mod.ARDenoiser(VOCAB, depth=DEPTH // 3, hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0, **kw).eval()
+            m.initialize_weights(torch.Generator().manual_seed(2 + b))
+            m.E.copy_(E)
+            blocks.append(m)
+        models[when] = (mod, plain, blocks)
+
+    def run_plain(mod, plain) -> None:
+        cache = mod.KVCache(DEPTH)
+        h = plain.trunk.extend(cache, prompt)[:, -1]
+        for _ in range(32):
+            h = plain.trunk.extend(cache, plain.next_logits(h).argmax(-1, keepdim=True))[:, -1]
+
+    def run_chain(mod, blocks) -> None:
+        caches = [mod.KVCache(DEPTH // 3) for _ in blocks]
+        for m, c in zip(blocks, caches):
+            m.trunk.extend(c, prompt)
+        noise = torch.Generator().manual_seed(6)
+        for _ in range(32):
+            z = sigmas[0] * torch.randn(8, WIDTH, generator=noise)
+            for b, (m, c) in enumerate(zip(blocks, caches)):
+                D, logits = m.denoise_next(z, torch.full((8,), sigmas[b]), c)
+                z = D + (sigmas[b + 1] * torch.randn(8, WIDTH, generator=noise) if b + 1 < len(blocks) else 0)
+            token = logits.argmax(-1, keepdim=True)
+            for m, c in zip(blocks, caches):
+                m.trunk.extend(c, token)
+
+    runs = {f"{kind}_{when}": (lambda f=f, a=a: f(*a))
+            for when, (mod, plain, blocks) in models.items()
+            for kind, f, a in (("plain", run_plain, (mod, plain)), ("chain", run_chain, (mod, blocks)))}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for name in runs:
+        runs[name]()
+    for r in range(repeats):
+        names = list(runs)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {k: 8 * 32 / statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -154,13 +214,15 @@ def main() -> None:
     ap.add_argument("--mlp-multiple", type=int, default=16,
                     help="model.mlp_multiple of the after-models (the presets')")
     ap.add_argument("--only", nargs="*", help="variants to time (default: all)")
+    ap.add_argument("--generate", action="store_true", help="also time cached generation, before and after")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout.strip()
-    variants, same = make_variants(load_before(base), args.mlp_multiple)
+    before = load_before(base)
+    variants, same = make_variants(before, args.mlp_multiple)
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0) for k, (m, _, _) in variants.items()}
@@ -219,8 +281,15 @@ def main() -> None:
         with torch.no_grad():
             delta[kind] = float((old_logits() - new_logits()).abs().max())
     out["max_abs_delta_logit_fp32"] = delta
+    if args.generate:
+        from diffusionblocks.models import arlm
+        out["generated_tokens_per_s"] = gen = generation_speed({"before": before[0], "after": arlm}, args.mlp_multiple,
+                                                               args.threads, max(3, args.repeats // 2))
+        for kind in ("plain", "chain"):
+            ratios[f"{kind} generation speed-up (after/before tokens/s)"] = gen[f"{kind}_after"] / gen[f"{kind}_before"]
     print(json.dumps({k: out[k] for k in ("machine", "median_step_ms", "steps_per_s", "ratios",
-                                          "max_abs_delta_logit_fp32", "params")}, indent=1))
+                                          "max_abs_delta_logit_fp32", "params", "generated_tokens_per_s") if k in out},
+                     indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 

@@ -98,6 +98,11 @@ def paired_rows(dim: int, num_heads: int, device: torch.device) -> tuple[torch.T
     return _PAIRS_CACHE[key]
 
 
+def _rows(w: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """w[order], through `_Rows` where w needs its gradient."""
+    return _Rows.apply(w, order, inverse) if torch.is_grad_enabled() and w.requires_grad else w.index_select(0, order)
+
+
 class _Rows(torch.autograd.Function):
     """w[order] for a permutation `order` of w's rows, its gradient gathered by the inverse (no scatter into zeros)."""
 
@@ -151,7 +156,7 @@ class RotaryAttention(nn.Module):
         """Rotated queries and keys and the values of x (N, T, D): (N, H, T, d) each."""
         N, T, D = x.shape
         H, d = self.num_heads, D // self.num_heads
-        w = _Rows.apply(self.qkv.weight, *paired_rows(D, H, x.device))
+        w = _rows(self.qkv.weight, *paired_rows(D, H, x.device))
         qkv = F.linear(x, w).view(N, T, 3, H, d).permute(0, 3, 2, 1, 4)  # (N, H, 3, T, d)
         qk, v = qkv.split([2, 1], dim=2)  # a split: no zero-filled slice gradient
         # Rotated into a tensor laid out as attention reads it: its gradient comes back in that layout, with no copy.
@@ -173,7 +178,7 @@ class RotaryAttention(nn.Module):
         else:
             H, d = self.num_heads, D // self.num_heads
             rot = _positions(pos, d)
-            w = _Rows.apply(self.qkv.weight, *paired_rows(D, H, x.device))
+            w = _rows(self.qkv.weight, *paired_rows(D, H, x.device))
             k, v = F.linear(x, w[D:]).view(N, T, 2, H, d).permute(0, 3, 2, 1, 4).unbind(2)  # (N, H, T, d) each
             k = rotate_pairs(k, rot)
             q = rotate_pairs(F.linear(x[:, :queries], w[:D]).view(N, queries, H, d).transpose(1, 2), rot[:queries])

@@ -67,10 +67,15 @@ class _ModulatedRMSNormFunction(torch.autograd.Function):
         return g_x, g_shift, g_scale, None
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm without weights over the last dimension (Zhang and Sennrich 2019): the same numbers as `F.rms_norm`,
-    whose fused kernels serve CUDA; on other devices the written-out gradient above (in float32 for half inputs)."""
-    if x.is_cuda:
+    whose fused kernels serve CUDA and every forward without gradient; on other devices in training, the written-out
+    gradient above (in float32 for half inputs)."""
+    if x.is_cuda or not _needs_grad(x):
         return F.rms_norm(x, x.shape[-1:], eps=eps)
     if x.dtype in (torch.float32, torch.float64):
         return _RMSNormFunction.apply(x, eps)
@@ -79,7 +84,7 @@ def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def modulated_rms_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """adaLN (DiT) on RMSNorm: RMSNorm(x) (1 + scale) + shift, shift and scale broadcastable to x (N, T, D)."""
-    if x.is_cuda:
+    if x.is_cuda or not _needs_grad(x, shift, scale):
         return torch.addcmul(shift, F.rms_norm(x, x.shape[-1:], eps=eps), 1 + scale)
     dtype = torch.promote_types(torch.promote_types(x.dtype, shift.dtype), scale.dtype)
     if dtype not in (torch.float32, torch.float64):  # half inputs: the norm in float32
