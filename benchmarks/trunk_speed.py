@@ -99,7 +99,7 @@ class TextbookGPT(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
 
 
-def make_variants(before: tuple[types.ModuleType, ...], multiple: int):
+def make_variants(before: tuple[types.ModuleType, ...] | None, multiple: int, device: torch.device):
     """name -> (model, loss closure on a batch, logits closure for the equality check, kind)."""
     from diffusionblocks.models import arlm, mdlm, recurrent
 
@@ -110,16 +110,19 @@ def make_variants(before: tuple[types.ModuleType, ...], multiple: int):
     E = F.normalize(torch.randn(VOCAB, WIDTH, generator=g), dim=-1)
     md_tokens = torch.randint(VOCAB, (64, 32), generator=g)
     md_t, md_u = torch.rand(64, generator=g), torch.rand(64, 32, generator=g)
+    tokens, sigma, noise, E, md_tokens, md_t, md_u = (t.to(device) for t in (tokens, sigma, noise, E, md_tokens, md_t,
+                                                                              md_u))
 
     def plain(mod, **kw):
         m = mod.CausalLM(VOCAB, depth=DEPTH, hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0, **kw)
         m.initialize_weights(torch.Generator().manual_seed(1))
+        m.to(device)
         return m, lambda: m.loss(tokens), lambda: m(tokens)
 
     def block(mod, **kw):
         m = mod.ARDenoiser(VOCAB, depth=DEPTH // 3, hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0, **kw)
         m.initialize_weights(torch.Generator().manual_seed(2))
-        m.E.copy_(E)
+        m.to(device).E.copy_(E)
         return m, lambda: m.loss(tokens, sigma, noise), lambda: m.denoise(E[tokens] + sigma[..., None] * noise,
                                                                            sigma, tokens)[1]
 
@@ -127,45 +130,48 @@ def make_variants(before: tuple[types.ModuleType, ...], multiple: int):
         m = mod.RecurrentDenoiser(VOCAB, prelude=2, core=4, coda=2, hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0,
                                   **kw)
         m.initialize_weights(torch.Generator().manual_seed(3))
-        m.E.copy_(E)
+        m.to(device).E.copy_(E)
         return m, lambda: m.loss(tokens, sigma, noise), lambda: m.denoise(E[tokens] + sigma[..., None] * noise,
                                                                            sigma, tokens)[1]
 
     def masked(mod, **kw):
         m = mod.MaskedDiffusionTransformer(VOCAB, 32, hidden_size=WIDTH, depth=DEPTH // 3, num_heads=HEADS)
         m.initialize_weights(torch.Generator().manual_seed(4))
+        m.to(device)
         return m, lambda: m.loss(md_tokens, md_t, md_u), lambda: m(md_tokens, md_t)
 
-    arlm_b, rec_b, mdlm_b = before
-    gpt = TextbookGPT(VOCAB, WIDTH, DEPTH, HEADS, SEQ)
+    arlm_b, rec_b, mdlm_b = before or (None, None, None)
+    gpt = TextbookGPT(VOCAB, WIDTH, DEPTH, HEADS, SEQ).to(device)
     timed = {"gpt": (gpt, lambda: gpt.loss(tokens), None)}
     same = {}  # kind -> (before-model, its logits, unrounded after-model, its logits)
     for kind, make, mod_b, mod_a in (("plain", plain, arlm_b, arlm), ("block", block, arlm_b, arlm),
                                      ("recurrent", rec, rec_b, recurrent), ("mdlm", masked, mdlm_b, mdlm)):
-        timed[f"{kind}_before"] = make(mod_b)
         timed[f"{kind}_after"] = make(mod_a, **({} if kind == "mdlm" else {"mlp_multiple": multiple}))
-        same[kind] = (timed[f"{kind}_before"], make(mod_a))
+        if mod_b is not None:
+            timed[f"{kind}_before"] = make(mod_b)
+            same[kind] = (timed[f"{kind}_before"], make(mod_a))
     return timed, same
 
 
 @torch.no_grad()
-def generation_speed(arlm_modules: dict[str, types.ModuleType], multiple: int, threads: int,
+def generation_speed(arlm_modules: dict[str, types.ModuleType], multiple: int, device: torch.device,
                      repeats: int) -> dict[str, float]:
     """Tokens/s of cached generation, before and after, interleaved (medians over repeats)."""
     g = torch.Generator().manual_seed(5)
-    prompt = torch.randint(VOCAB, (8, 32), generator=g)
-    E = F.normalize(torch.randn(VOCAB, WIDTH, generator=g), dim=-1)
+    prompt = torch.randint(VOCAB, (8, 32), generator=g).to(device)
+    E = F.normalize(torch.randn(VOCAB, WIDTH, generator=g), dim=-1).to(device)
     sigmas = (80.0, 1.0, 0.05)
     models = {}
     for when, mod in arlm_modules.items():
         kw = {} if when == "before" else {"mlp_multiple": multiple}
         plain = mod.CausalLM(VOCAB, depth=DEPTH, hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0, **kw).eval()
         plain.initialize_weights(torch.Generator().manual_seed(1))
+        plain.to(device)
         blocks = []
         for b in range(3):
             m = mod.ARDenoiser(VOCAB, depth=DEPTH // 3, hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0, **kw).eval()
             m.initialize_weights(torch.Generator().manual_seed(2 + b))
-            m.E.copy_(E)
+            m.to(device).E.copy_(E)
             blocks.append(m)
         models[when] = (mod, plain, blocks)
 
@@ -181,10 +187,11 @@ def generation_speed(arlm_modules: dict[str, types.ModuleType], multiple: int, t
             m.trunk.extend(c, prompt)
         noise = torch.Generator().manual_seed(6)
         for _ in range(32):
-            z = sigmas[0] * torch.randn(8, WIDTH, generator=noise)
+            z = sigmas[0] * torch.randn(8, WIDTH, generator=noise).to(device)
             for b, (m, c) in enumerate(zip(blocks, caches)):
-                D, logits = m.denoise_next(z, torch.full((8,), sigmas[b]), c)
-                z = D + (sigmas[b + 1] * torch.randn(8, WIDTH, generator=noise) if b + 1 < len(blocks) else 0)
+                D, logits = m.denoise_next(z, torch.full((8,), sigmas[b], device=device), c)
+                z = D + (sigmas[b + 1] * torch.randn(8, WIDTH, generator=noise).to(device) if b + 1 < len(blocks)
+                         else 0)
             token = logits.argmax(-1, keepdim=True)
             for m, c in zip(blocks, caches):
                 m.trunk.extend(c, token)
@@ -198,15 +205,16 @@ def generation_speed(arlm_modules: dict[str, types.ModuleType], multiple: int, t
     for r in range(repeats):
         names = list(runs)
         for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
+            t0 = _clock(device)
             runs[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(_clock(device) - t0)
     return {k: 8 * 32 / statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=15, help="interleaved rounds; each times every variant")
     ap.add_argument("--steps", type=int, default=5, help="training steps per variant per round")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
@@ -219,10 +227,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, check=True, capture_output=True,
-                          text=True).stdout.strip()
-    before = load_before(base)
-    variants, same = make_variants(before, args.mlp_multiple)
+    try:
+        base = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout.strip()
+        before = load_before(base)
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without its history (a device machine)
+        print(f"no git history of {args.base} here: timing the working tree's code only", flush=True)
+        base, before = None, None
+    device = torch.device(args.device)
+    variants, same = make_variants(before, args.mlp_multiple, device)
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0) for k, (m, _, _) in variants.items()}
@@ -241,17 +254,17 @@ def main() -> None:
     for r in range(args.repeats):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate, so that no variant always runs first
         for name in order:
-            t0 = time.perf_counter()
+            t0 = _clock(device)
             for _ in range(args.steps):
                 step(name)
-            times[name].append((time.perf_counter() - t0) / args.steps)
+            times[name].append((_clock(device) - t0) / args.steps)
         print(f"round {r + 1}/{args.repeats}: " + "  ".join(f"{k} {1e3 * times[k][-1]:.1f}" for k in names),
               flush=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     load = _load_average()
     out: dict = {"machine": {"cpu": _cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
-                             "threads": args.threads, "load_average_after": load},
+                             "threads": args.threads, "device": _device_name(device), "load_average_after": load},
                  "base_commit": base, "mlp_multiple": args.mlp_multiple, "repeats": args.repeats,
                  "steps_per_repeat": args.steps, "batch": BATCH, "seq_len": SEQ, "width": WIDTH, "heads": HEADS,
                  "median_step_ms": {k: 1e3 * v for k, v in med.items()},
@@ -281,10 +294,10 @@ def main() -> None:
         with torch.no_grad():
             delta[kind] = float((old_logits() - new_logits()).abs().max())
     out["max_abs_delta_logit_fp32"] = delta
-    if args.generate:
+    if args.generate and before is not None:
         from diffusionblocks.models import arlm
         out["generated_tokens_per_s"] = gen = generation_speed({"before": before[0], "after": arlm}, args.mlp_multiple,
-                                                               args.threads, max(3, args.repeats // 2))
+                                                               device, max(3, args.repeats // 2))
         for kind in ("plain", "chain"):
             ratios[f"{kind} generation speed-up (after/before tokens/s)"] = gen[f"{kind}_after"] / gen[f"{kind}_before"]
     print(json.dumps({k: out[k] for k in ("machine", "median_step_ms", "steps_per_s", "ratios",
@@ -292,6 +305,17 @@ def main() -> None:
                      indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+
+def _clock(device: torch.device) -> float:
+    """Wall time, after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
 
 
 def _load_average() -> list[float] | None:
