@@ -428,7 +428,7 @@ def train_run(config: RunConfig | str | Path | None = None, out: str | Path | No
     data = task.load_run_data(cfg, source) if source is not None else task.load_data(cfg)  # raises when it does
     task.check_after_training(cfg, data)  # not fit the model, or what the finished run does with it cannot be done
     if cfg.train.distill_weight > 0:
-        check_teacher(cfg)
+        check_teacher(task, cfg)
     rank, world, device = distributed.init(device)
     prepared = None
     try:
@@ -491,9 +491,12 @@ class DistillingTask:
             return {**inputs, **self.task.distillation_inputs(cfg, self.teacher, inputs)}
 
 
-def check_teacher(cfg: RunConfig) -> RunConfig:
-    """The config of cfg's teacher run (train.teacher), after refusing one that cannot teach cfg's blocks: another
-    task, more than one block, another noise axis, or another model but for its depth."""
+def check_teacher(task: Task, cfg: RunConfig) -> RunConfig:
+    """The config of cfg's teacher run (train.teacher), after refusing a task without distillation, and a teacher
+    that cannot teach cfg's blocks: another task, more than one block, another noise axis, another model but for
+    its depth."""
+    if not task.distills(cfg):
+        raise ConfigError(f"task {cfg.task!r} has no distillation: train.distill_weight must be 0")
     teacher = Path(cfg.train.teacher)
     what = f"train.teacher={str(teacher)!r}"
     try:
