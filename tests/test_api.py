@@ -250,7 +250,7 @@ def test_one_table_says_what_may_change():
     assert changeable(FROM, generate) == ("name", "train.", "data.", "sample.")
     assert changeable(COMPOSE, generate) == ("name", "data.", "sample.")
     assert changeable(RESUME, classify) == ("train.steps_per_block", "train.log_every", "train.checkpoint_every",
-                                            "sample.")
+                                            "train.blocks_to_train", "sample.")
     assert may_change("train.lr", FROM, generate) and not may_change("train.lr", RESUME, generate)
     assert not may_change("model.depth", FROM, generate) and not may_change("name", RESUME, generate)
     d = classify.to_dict()
