@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from convert_digits import db, summary_of, trained
+from convert_digits import db, fine_tune_legs, result_rows, summary_of, timing, trained
 
 PRESET = "presets/shakespeare-arlm.json"
 B = 3
@@ -63,30 +63,15 @@ def main() -> None:
     plans = {"depth": (starts["depth"], points), "copy": (starts["copy"], points),
              "e2e": (src, sorted({*points, *(B * k for k in points)}))}
     for name, (start, legs) in plans.items():
-        run = out / name
-        rows = results.setdefault("finetune", {}).setdefault(name, {})
-        for k in legs:
-            if str(k) in rows:
-                continue
-            if not trained(run, k):
-                first = not (run / "train_summary.json").is_file()
-                how = ["--from", str(start), "--out", str(run)] if first else ["--resume", str(run)]
-                db("train", *how, "--no-progress", f"train.steps_per_block={k}", "sample.num=1", "sample.new_chars=20")
-            rows[str(k)] = {**summary_of(run), **evaluate(run, out / "evals" / f"{name}-{k}", args)}
-            path.write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| start | steps per block | BPC through the chain | BPC of block 0 at sigma_max | distinct-4 | train s | "
-             "steps/s |", "|---|---|---|---|---|---|---|"]
+        fine_tune_legs(out, name, ["--from", str(start)], ["sample.num=1", "sample.new_chars=20"], legs, results,
+                       lambda run, where: evaluate(run, where, args))
     s = results["source"]
-    lines.append(f"| source (B=1) | {s['steps']} | {s['bpc_chain']:.3f} | {s['bpc_block0_at_sigma_max']:.3f} | "
-                 f"{s['distinct_4']:.3f} | {s['train_time_s']:.0f} | {s['steps_per_s']:.1f} |")
-    for init in ("depth", "copy"):
-        e = results[f"{init}@0"]
-        lines.append(f"| {init} | 0 | {e['bpc_chain']:.3f} | {e['bpc_block0_at_sigma_max']:.3f} | "
-                     f"{e['distinct_4']:.3f} | - | - |")
-    for name, rows in results["finetune"].items():
-        for k, e in sorted(rows.items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {name} | {k} | {e['bpc_chain']:.3f} | {e['bpc_block0_at_sigma_max']:.3f} | "
-                         f"{e['distinct_4']:.3f} | {e['train_time_s']:.0f} | {e['steps_per_s']:.1f} |")
+    lines = ["| start | steps per block | BPC through the chain | BPC of block 0 at sigma_max | distinct-4 | train s | "
+             "steps/s |", "|---|---|---|---|---|---|---|",
+             f"| source (B=1) | {s['steps']} | {s['bpc_chain']:.3f} | {s['bpc_block0_at_sigma_max']:.3f} | "
+             f"{s['distinct_4']:.3f} | {s['train_time_s']:.0f} | {s['steps_per_s']:.1f} |"]
+    lines += result_rows(results, lambda e: [f"{e['bpc_chain']:.3f}", f"{e['bpc_block0_at_sigma_max']:.3f}",
+                                             f"{e['distinct_4']:.3f}", *timing(e, "train_time_s", "steps_per_s")])
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 

@@ -132,18 +132,39 @@ def main() -> None:
              "e2e": (["--from", str(src)], [], sorted({*points, *(B * k for k in points)}))}
     for name in [] if args.skip_finetune else args.conditions.split(","):
         start, overrides, legs = plans[name]
-        run = out / name
-        rows = results.setdefault("finetune", {}).setdefault(name, {})
-        for k in legs:
-            if str(k) in rows:
-                continue
-            if not trained(run, k):
-                first = not (run / "train_summary.json").is_file()
-                how = start + ["--out", str(run)] if first else ["--resume", str(run)]
-                db("train", *how, "--no-progress", *overrides, f"train.steps_per_block={k}")
-            rows[str(k)] = {**summary_of(run), **evaluate(run, out / "evals" / f"{name}-{k}", args.num)}
-            results_path.write_text(json.dumps(results, indent=2) + "\n")
+        fine_tune_legs(out, name, start, overrides, legs, results,
+                       lambda run, where: evaluate(run, where, args.num))
     write_report(out, results)
+
+
+def fine_tune_legs(out: Path, name: str, start: list[str], overrides: list[str], legs: list[int], results: dict,
+                   evaluate) -> None:
+    """Trains OUT/name (`train START`, then `train --resume` with train.steps_per_block at each leg), evaluating it
+    after each leg with evaluate(run, directory) into results["finetune"][name], saved to OUT/results.json."""
+    run = out / name
+    rows = results.setdefault("finetune", {}).setdefault(name, {})
+    for k in legs:
+        if str(k) in rows:
+            continue
+        if not trained(run, k):
+            first = not (run / "train_summary.json").is_file()
+            how = start + ["--out", str(run)] if first else ["--resume", str(run)]
+            db("train", *how, "--no-progress", *overrides, f"train.steps_per_block={k}")
+        rows[str(k)] = {**summary_of(run), **evaluate(run, out / "evals" / f"{name}-{k}")}
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def result_rows(r: dict, cells) -> list[str]:
+    """Markdown rows of the converted starts (step 0) and of every fine-tuning leg: | start | steps | cells(e) |."""
+    rows = [(init, "0", r[f"{init}@0"]) for init in ("depth", "copy")]
+    rows += [(name, k, e) for name, legs in r.get("finetune", {}).items()
+             for k, e in sorted(legs.items(), key=lambda kv: int(kv[0]))]
+    return [f"| {name} | {k} | {' | '.join(cells(e))} |" for name, k, e in rows]
+
+
+def timing(e: dict, *keys: str) -> list[str]:
+    """The cells of e's training time, steps/s...; '-' for a start that did not train."""
+    return [f"{e[k]:.1f}" if k in e else "-" for k in keys]
 
 
 def write_report(out: Path, r: dict) -> None:
@@ -161,13 +182,8 @@ def write_report(out: Path, r: dict) -> None:
               f"{src['fd_real_floor']:.3f}).", "",
               "| start | steps per block | cond. acc. | FD | train s (this leg's run, all blocks) | steps/s | peak MiB |",
               "|---|---|---|---|---|---|---|"]
-    for init in ("depth", "copy"):
-        e = r[f"{init}@0"]
-        lines.append(f"| {init} | 0 | {e['conditional_accuracy']:.3f} | {e['fd']:.3f} | - | - | - |")
-    for name, rows in r.get("finetune", {}).items():
-        for k, e in sorted(rows.items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {name} | {k} | {e['conditional_accuracy']:.3f} | {e['fd']:.3f} | {e['train_time_s']:.0f} | "
-                         f"{e['steps_per_s']:.1f} | {e['peak_train_memory_mib']:.0f} |")
+    lines += result_rows(r, lambda e: [f"{e['conditional_accuracy']:.3f}", f"{e['fd']:.3f}",
+                                       *timing(e, "train_time_s", "steps_per_s", "peak_train_memory_mib")])
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
