@@ -49,12 +49,16 @@ def trained(run: Path, steps: int) -> bool:
     return summary.is_file() and all(b["steps"] >= steps for b in json.loads(summary.read_text())["blocks"])
 
 
+def fresh_block(z: torch.Tensor, sigma: torch.Tensor, sigma_data: float = 0.5, **cond) -> torch.Tensor:
+    """A block at initialisation (adaLN-Zero: F = 0): D = c_skip z."""
+    return append_dims(sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2), z.ndim) * z
+
+
 @torch.no_grad()
-def loss_per_bin(run: Path, y: torch.Tensor, labels: torch.Tensor, sigma_edges: torch.Tensor,
-                 repeats: int) -> list[float]:
+def loss_per_bin(model, y: torch.Tensor, labels: torch.Tensor, sigma_edges: torch.Tensor, repeats: int,
+                 sigma_data: float = 0.5) -> list[float]:
     """Held-out lambda(sigma) |D - y|^2 / dim per bin of ln sigma (drawn uniformly in the bin), the same draws for
-    every run (generators seeded by the bin and repeat)."""
-    model, cfg = from_pretrained(run)
+    every model (generators seeded by the bin and repeat)."""
     out = []
     for i in range(len(sigma_edges) - 1):
         total = 0.0
@@ -64,7 +68,7 @@ def loss_per_bin(run: Path, y: torch.Tensor, labels: torch.Tensor, sigma_edges: 
             sigma = (lo + (hi - lo) * torch.rand(len(y), generator=g, dtype=torch.float64)).exp().float()
             z = y + append_dims(sigma, y.ndim) * torch.randn(y.shape, generator=g)
             D = model(z, sigma, class_labels=labels)
-            total += float((loss_weight(sigma, cfg.noise.sigma_data) * (D - y).pow(2).flatten(1).mean(1)).mean())
+            total += float((loss_weight(sigma, sigma_data) * (D - y).pow(2).flatten(1).mean(1)).mean())
         out.append(total / repeats)
     return out
 
@@ -98,7 +102,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results["machine"] = {"platform": platform.platform(), "cpu_count": torch.get_num_threads(),
+    results["machine"] = {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
                           "torch": torch.__version__}
 
     src = out / "source"
@@ -118,8 +122,9 @@ def main() -> None:
     test = load_image_data(read_config(src).data).test
     edges = torch.logspace(torch.log10(torch.tensor(0.002)), torch.log10(torch.tensor(80.0)), 13)
     results["gap"] = {"sigma_edges": edges.tolist(),
-                      **{name: loss_per_bin(run, test.images, test.labels, edges, repeats=4)
-                         for name, run in [("source", src), ("depth", starts["depth"]), ("copy", starts["copy"])]}}
+                      **{name: loss_per_bin(from_pretrained(run)[0], test.images, test.labels, edges, repeats=4)
+                         for name, run in [("source", src), ("depth", starts["depth"]), ("copy", starts["copy"])]},
+                      "fresh": loss_per_bin(fresh_block, test.images, test.labels, edges, repeats=4)}
     results_path.write_text(json.dumps(results, indent=2) + "\n")
 
     # 2. Quality against fine-tuning steps.
@@ -170,11 +175,11 @@ def timing(e: dict, *keys: str) -> list[str]:
 def write_report(out: Path, r: dict) -> None:
     lines = ["# Converting the end-to-end digits DiT into B=3 blocks", "",
              "## Conversion gap at step 0 (held-out EDM loss per noise bin)", "",
-             "| sigma bin | source | depth | copy |", "|---|---|---|---|"]
+             "| sigma bin | source | depth | copy | fresh block (F = 0) |", "|---|---|---|---|---|"]
     g = r["gap"]
     for i in range(len(g["sigma_edges"]) - 1):
         lines.append(f"| {g['sigma_edges'][i]:.3g}-{g['sigma_edges'][i + 1]:.3g} | {g['source'][i]:.4f} | "
-                     f"{g['depth'][i]:.4f} | {g['copy'][i]:.4f} |")
+                     f"{g['depth'][i]:.4f} | {g['copy'][i]:.4f} | {g['fresh'][i]:.4f} |")
     src = r["source"]
     lines += ["", "## Quality against fine-tuning steps per block", "",
               f"Source (B=1, {src['steps']} steps, {src['train_time_s']:.0f} s, {src['steps_per_s']:.1f} steps/s): "
