@@ -2,6 +2,7 @@
 converted run, distillation from the source, and train.blocks_to_train."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -198,3 +199,18 @@ def test_distillation_from_the_source_is_checked_and_learns_its_output(source, t
             train_run(from_=tmp_path / "depth", out=tmp_path / "t", blocks=[0], progress=False,
                       overrides=["train.distill_weight=1", f"train.teacher={teacher}"])
         assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("task, overrides", [
+    ("generate", []), ("classify", ["model.mode=diffusion"]), ("arlm", ["model.mode=diffusion"]), ("mdlm", [])])
+def test_each_denoising_task_splits_its_end_to_end_block_into_its_blocks(task, overrides):
+    small = ["model.hidden_size=32", "model.num_heads=2", "model.depth=4", *overrides]
+    e2e = apply_overrides(default_config(task), [*small, "blocks.num_blocks=1", "blocks.layers_per_block=null"])
+    cfg = apply_overrides(e2e, ["blocks.num_blocks=2"])
+    t = get_task(task)
+    whole = t.build_block(e2e, 0, torch.Generator().manual_seed(0)).state_dict()
+    for b in range(2):
+        block = t.build_block(cfg, b)
+        block.load_state_dict(t.split_weights(e2e, whole, 2 * b, 2 * b + 2))  # strict: every tensor, right shapes
+        kept = [k for k in block.state_dict() if not re.search(r"(^|\.)layers\.", k)]
+        assert kept and all(torch.equal(block.state_dict()[k], whole[k]) for k in kept)
