@@ -84,7 +84,8 @@ def test_resume_from_python_continues_in_place_and_refuses_another_model(made, t
     assert all(same_weights(run, api, b) for b in range(2))  # resumed at step 2: the run trained straight to 4
     assert metric_steps(run, 1) == [1, 2, 3, 4]
     with pytest.raises(ConfigError, match="override 'model.depth=4' would change what the run .* is; only "
-                                          "train.steps_per_block, train.log_every, train.checkpoint_every, sample."):
+                                          "train.steps_per_block, train.log_every, train.checkpoint_every, "
+                                          "train.blocks_to_train, sample."):
         train_run(resume=run, overrides=["model.depth=4"])
     with pytest.raises(ConfigError, match="uses the run's own config.json; do not pass --config too"):
         train_run(default_config(), resume=run)
@@ -250,7 +251,7 @@ def test_one_table_says_what_may_change():
     assert changeable(FROM, generate) == ("name", "train.", "data.", "sample.")
     assert changeable(COMPOSE, generate) == ("name", "data.", "sample.")
     assert changeable(RESUME, classify) == ("train.steps_per_block", "train.log_every", "train.checkpoint_every",
-                                            "sample.")
+                                            "train.blocks_to_train", "sample.")
     assert may_change("train.lr", FROM, generate) and not may_change("train.lr", RESUME, generate)
     assert not may_change("model.depth", FROM, generate) and not may_change("name", RESUME, generate)
     d = classify.to_dict()

@@ -24,7 +24,7 @@ LAYERS = [
     ("evaluation and reports", ["evaluation", "report"]),
     ("tasks", ["tasks.base", "tasks.text", "tasks.image_generation", "tasks.classification", "tasks.masked_diffusion",
                "tasks.autoregressive", "tasks.recurrent_depth", "tasks", "pretrained"]),
-    ("the run's life and tools", ["runs", "compare", "compose", "membench", "speedbench"]),
+    ("the run's life and tools", ["runs", "compare", "compose", "convert", "membench", "speedbench"]),
     ("the command line", ["cli", "__main__", ""]),
 ]
 LAYER_OF = {m: i for i, (_, modules) in enumerate(LAYERS) for m in modules}

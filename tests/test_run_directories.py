@@ -140,14 +140,14 @@ def test_the_loser_of_a_race_for_out_says_so_in_one_line_and_leaves_the_winners_
     out = tmp_path / "out"
     if empty_out:
         out.mkdir()
-    publish = compose._publish
+    publish = compose.publish
 
     def the_other_wins_first(target, out_):
-        monkeypatch.setattr(compose, "_publish", publish)
+        monkeypatch.setattr(compose, "publish", publish)
         compose.compose_run({0: b, 1: b}, out_)  # passes the early check too: --out is still free
         publish(target, out_)
 
-    monkeypatch.setattr(compose, "_publish", the_other_wins_first)
+    monkeypatch.setattr(compose, "publish", the_other_wins_first)
     refused(capsys, ["compose", "--block", f"0,1={a}", "--out", str(out)],
             f"--out {str(out)!r} was filled by another command while this one composed")
     assert_whole(out, b)

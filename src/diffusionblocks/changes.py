@@ -28,6 +28,7 @@ MAY_CHANGE: dict[str, tuple[str, ...]] = {
     "train.steps_per_block": (RESUME, FROM),
     "train.log_every": (RESUME, FROM),
     "train.checkpoint_every": (RESUME, FROM),
+    "train.blocks_to_train": (RESUME, FROM),
     "train.": (FROM,),
     "data.": (FROM, COMPOSE),
     "sample.": (RESUME, FROM, COMPOSE),

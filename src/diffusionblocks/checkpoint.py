@@ -205,10 +205,11 @@ def load_train_state(run_dir: Path, b: int, map_location: str | torch.device = "
 # ---- where copied blocks came from (composition.json)
 
 COMPOSITION_FILE = "composition.json"
-# How a recorded block came into its run: "composed" (compose) and "kept" (a block `train --from` left as it was)
-# are copies, this run's file being the recorded bytes; "start" is the block `train --from` fine-tunes, the
-# recorded file (the source's) being where its training starts.
-COPY_ROLES = ("composed", "kept")
+# How a recorded block came into its run: "composed" (compose), "kept" (a block `train --from` left as it was) and
+# "converted" (made by `convert` from an end-to-end run's layers) are copies, this run's file being the recorded
+# bytes; "start" is the block `train --from` fine-tunes, the recorded file (the source's) being where its training
+# starts.
+COPY_ROLES = ("composed", "kept", "converted")
 
 
 def read_composition(run_dir: Path) -> list[dict[str, Any]] | None:

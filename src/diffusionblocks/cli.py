@@ -1,4 +1,4 @@
-"""The `diffusionblocks` command: train, sample, evaluate, compare, compose, status, bench memory and speed.
+"""The `diffusionblocks` command: train, sample, evaluate, compare, compose, convert, status, bench memory and speed.
 
 This module parses the command line and calls the functions that do the work: a run's life is in
 runs.py (train, sample, evaluate, status), which Python code can call the same way.
@@ -22,6 +22,7 @@ from . import rundir, runs
 from .compare import comparison_configs, prepare_out_dir, run_comparison
 from .compose import compose_run, parse_block_sources
 from .config import ConfigError, RunConfig
+from .convert import convert_run
 from .membench import child_main, model_config, run_benchmark
 from .options import EvaluateOptions, SampleOptions, flag, option_type, own_fields
 from .speedbench import parse_modes, run_speed_benchmark
@@ -90,6 +91,15 @@ def cmd_compose(args: argparse.Namespace) -> None:
         logger.info("block %d: from %s", b, run)
     logger.info("wrote %s (%s, B=%d): sample, evaluate and status work on it like on any run", out, cfg.name,
                 cfg.blocks.num_blocks)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    runs.check_output_dir(out)
+    cfg = convert_run(args.run, args.num_blocks, args.init, out, args.overrides)
+    logger.info("wrote %s (%s, B=%d blocks of %s layers, --init %s from %s): fine-tune it with train --from %s; "
+                "sample, evaluate, status and compose work on it like on any run", out, cfg.name, cfg.blocks.num_blocks,
+                list(cfg.layer_split()), args.init, args.run, out)
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -252,6 +262,19 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
                    "INDEX,INDEX...) from RUN; repeat for every block, e.g. --block 0=runs/a --block 1,2=runs/b")
     p.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
     p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("convert", help="a new run of B blocks made from an end-to-end run (B=1): its layers split by "
+                       "depth, or the whole network copied into every block",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", metavar="RUN", help="the end-to-end run (blocks.num_blocks=1) to convert")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="name=..., train.*, data.* or sample.* "
+                   "of the new run (what train --from may change); the model and noise are RUN's")
+    p.add_argument("--num-blocks", type=int, required=True, metavar="B", help="blocks of the new run")
+    p.add_argument("--init", choices=["depth", "copy"], default="depth", help="depth: block b gets layers "
+                   "[bL/B, (b+1)L/B) and its own copies of the embeddings and head; copy: every block is the whole "
+                   "network (L layers per block)")
+    p.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("status", help="which blocks of a run are trained, how far, and which are missing")
     p.add_argument("run", metavar="RUN", help="run directory")

@@ -206,19 +206,19 @@ def compose_run(sources: dict[int, Path], out: Path, overrides: list[str] = ()) 
                           "the rest is what its blocks were trained as")
     cfg = apply_overrides(ref, [f"name={ref.name}-composed", *overrides])
     get_task(cfg.task).load_run_data(cfg, sources[0])  # the data it will be evaluated on, as its blocks read it
-    _check_free(out)
-    with _staging(out) as target:
+    check_free(out)
+    with staging(out) as target:
         try:
             write_composed_run(target, sources, configs, cfg)
         except (OSError, rundir.CheckpointWriteError) as e:  # (the hidden directory's name would say nothing)
             reason = e.reason if isinstance(e, rundir.CheckpointWriteError) else e.strerror or str(e)
             raise ConfigError(f"could not write the composed run {str(out)!r}: {reason}; nothing of it was left "
                               "behind") from None
-        _publish(target, out)
+        publish(target, out)
     return cfg
 
 
-def _check_free(out: Path) -> None:
+def check_free(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {str(out)!r} already exists and is not an empty directory; choose another")
 
@@ -227,7 +227,7 @@ _STAGING = re.compile(r"\.(?P<name>.+)\.compose\.(?P<host>.+)\.(?P<pid>\d+)\.[^.
 
 
 @contextlib.contextmanager
-def _staging(out: Path):
+def staging(out: Path):
     """A new hidden directory beside `out`, locked while this process lives, deleted if the block raises."""
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +279,7 @@ def _remove_abandoned_stagings(out: Path) -> None:
             os.close(fd)
 
 
-def _publish(target: Path, out: Path) -> None:
+def publish(target: Path, out: Path) -> None:
     """Renames the whole run `target` to `out`, which must not exist or be empty: atomic, so that of two composes
     into one `out` exactly one succeeds, and the other's files never mix with it."""
     rundir.fsync_dir(target)

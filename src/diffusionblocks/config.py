@@ -73,6 +73,11 @@ class TrainConfig:
     data_on_device: str = "auto"     # "on": the training data lives on the device and each step's batch and draws
                                      # are made there (no copy, no wait for the host); "off": on the host; "auto":
                                      # on for a CUDA device when the data takes at most a quarter of its memory.
+    blocks_to_train: tuple[int, ...] | None = None  # The blocks a train command trains when --blocks is not given
+                                     # (each machine of a run split over machines its own); None: every block.
+    distill_weight: float = 0.0      # Weight of the distance to the teacher's denoised output in each block's loss.
+    teacher: str | None = None       # The end-to-end (B=1) run distilled from when distill_weight > 0 (convert sets
+                                     # it to the run it converted).
 
     def validate(self) -> None:
         check_choice("train.schedule", self.schedule, ("sequential", "interleaved", "parallel"))
@@ -85,9 +90,12 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if not all(0 <= beta < 1 for beta in self.betas):
             raise ConfigError(f"train.betas must both be in [0, 1), got {list(self.betas)}")
-        for name in ("lr_warmup_steps", "weight_decay", "grad_clip", "ema_halflife_steps"):
+        for name in ("lr_warmup_steps", "weight_decay", "grad_clip", "ema_halflife_steps", "distill_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.distill_weight > 0 and not self.teacher:
+            raise ConfigError(f"train.distill_weight={self.distill_weight} needs train.teacher, the end-to-end run "
+                              "to distill from")
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,11 @@ class RunConfig:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if not 0 <= b.gamma < 1:
             raise ConfigError(f"blocks.gamma must be in [0, 1), got {b.gamma}")
+        chosen = self.train.blocks_to_train
+        if chosen is not None and (not chosen or len(set(chosen)) != len(chosen)
+                                   or not all(0 <= k < b.num_blocks for k in chosen)):
+            raise ConfigError(f"train.blocks_to_train={list(chosen)} must name distinct blocks among "
+                              f"0..{b.num_blocks - 1}")
         L = self.model.depth
         if b.num_blocks > L:
             raise ConfigError(f"blocks.num_blocks={b.num_blocks} is larger than the number of layers model.depth={L}")

@@ -51,11 +51,20 @@ class Denoiser(nn.Module):
         F_x = self.inner_model(c_in * z, c_noise.flatten(), **cond)
         return denoised(z, F_x, c_skip, c_out)
 
-    def loss(self, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, **cond) -> torch.Tensor:
-        """Per-sample lambda(sigma) |D(y + sigma eps) - y|^2 / dim, computed as |F - (y - c_skip z) / c_out|^2."""
+    def loss(self, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, D_teacher: torch.Tensor | None = None,
+             distill_weight: float = 0.0, **cond) -> torch.Tensor:
+        """Per-sample lambda(sigma) |D(y + sigma eps) - y|^2 / dim, computed as |F - (y - c_skip z) / c_out|^2.
+
+        D_teacher: a teacher's denoised output at the same z and sigma; adds distill_weight * lambda |D - D_teacher|^2
+        (method.md section 8), computed in the same form.
+        """
         y, sigma = y.float(), sigma.float()
         z = y + append_dims(sigma, y.ndim) * noise
         c_skip, c_out, c_in, c_noise = (append_dims(c, y.ndim) for c in get_scalings(sigma, self.sigma_data))
         F_x = self.inner_model(c_in * z, c_noise.flatten(), **cond)
         target = (y - c_skip * z) / c_out
-        return (F_x.float() - target).pow(2).flatten(1).mean(1)  # (N,)
+        loss = (F_x.float() - target).pow(2).flatten(1).mean(1)  # (N,)
+        if D_teacher is None:
+            return loss
+        target_teacher = (D_teacher.float() - c_skip * z) / c_out
+        return loss + distill_weight * (F_x.float() - target_teacher).pow(2).flatten(1).mean(1)  # (N,)

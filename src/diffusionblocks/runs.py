@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import checkpoint, distributed, precision, rundir
-from .changes import FROM, RESUME, changeable, refused_overrides
+from .changes import FROM, RESUME, changeable, first_difference, refused_overrides
 from .compose import copy_block, source_record
 from .config import ConfigError, RunConfig
 from .memory import PeakMemory
@@ -310,7 +310,7 @@ def _prepare_run_dir(task: Task, cfg: RunConfig, blocks: list[int], *, out: str 
             created = True
         except FileExistsError:
             created = False
-        rundir.join_run(run_dir, cfg)
+        rundir.join_run(run_dir, replace_train(cfg, blocks_to_train=None))  # each job's own choice is not the run's
         claims = _claim(run_dir, blocks)
         taken = [b for b in blocks if checkpoint.block_step(run_dir, b) is not None
                  or rundir.block_state_path(run_dir, b).exists()]
@@ -408,6 +408,7 @@ def train_run(config: RunConfig | str | Path | None = None, out: str | Path | No
     if reinit and not from_:
         raise ConfigError("--reinit needs --from RUN (it retrains chosen blocks of RUN from scratch)")
     cfg = train_config(config, overrides, resume=resume, from_=from_, out=out)
+    blocks = cfg.train.blocks_to_train if blocks is None else blocks
     B, named = cfg.blocks.num_blocks, blocks is not None
     chosen = parse_blocks(blocks, B)
     device = resolve_device(device)
@@ -426,6 +427,8 @@ def train_run(config: RunConfig | str | Path | None = None, out: str | Path | No
     source = _data_run(out, resume, from_, named)
     data = task.load_run_data(cfg, source) if source is not None else task.load_data(cfg)  # raises when it does
     task.check_after_training(cfg, data)  # not fit the model, or what the finished run does with it cannot be done
+    if cfg.train.distill_weight > 0:
+        check_teacher(task, cfg)
     rank, world, device = distributed.init(device)
     prepared = None
     try:
@@ -451,8 +454,8 @@ def train_run(config: RunConfig | str | Path | None = None, out: str | Path | No
                         _size(data.test), B, list(cfg.layer_split()), todo, cfg.train.schedule,
                         cfg.train.steps_per_block, device, _starting_from(init_from))
         with PeakMemory(device) as mem:
-            train(task, cfg, data.train, run_dir, device=device, blocks=todo, progress=progress, init_from=init_from,
-                  claim=False)
+            train(_with_teacher(task, cfg, device), cfg, data.train, run_dir, device=device, blocks=todo,
+                  progress=progress, init_from=init_from, claim=False)
         distributed.barrier()
         if rank == 0:
             _finish_run(task, cfg, run_dir, chosen, mem, device, t_start)
@@ -465,6 +468,60 @@ def train_run(config: RunConfig | str | Path | None = None, out: str | Path | No
             prepared.claims.release()
         distributed.shutdown()
     return Path(run_dir)
+
+
+def replace_train(cfg: RunConfig, **fields: Any) -> RunConfig:
+    """cfg with some fields of its train section replaced."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **fields))
+
+
+class DistillingTask:
+    """A run's task whose blocks' loss inputs also carry the teacher's denoised output at the same noisy input
+    (`Task.distillation_inputs`), drawn without gradient; the trainer sees it as the task itself."""
+
+    def __init__(self, task: Task, teacher: torch.nn.Module):
+        self.task, self.teacher = task, teacher
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.task, name)
+
+    def loss_inputs(self, cfg: RunConfig, partition, b: int, batch: Any, generator: torch.Generator) -> dict[str, Any]:
+        inputs = self.task.loss_inputs(cfg, partition, b, batch, generator)
+        with torch.no_grad():
+            return {**inputs, **self.task.distillation_inputs(cfg, self.teacher, inputs)}
+
+
+def check_teacher(task: Task, cfg: RunConfig) -> RunConfig:
+    """The config of cfg's teacher run (train.teacher), after refusing a task without distillation, and a teacher
+    that cannot teach cfg's blocks: another task, more than one block, another noise axis, another model but for
+    its depth."""
+    if not task.distills(cfg):
+        raise ConfigError(f"task {cfg.task!r} has no distillation: train.distill_weight must be 0")
+    teacher = Path(cfg.train.teacher)
+    what = f"train.teacher={str(teacher)!r}"
+    try:
+        tcfg = read_config(teacher)
+    except ConfigError as e:
+        raise ConfigError(f"{what}: {e}") from None
+    if tcfg.task != cfg.task:
+        raise ConfigError(f"{what} is a {tcfg.task!r} run; this run's task is {cfg.task!r}")
+    if tcfg.blocks.num_blocks != 1:
+        raise ConfigError(f"{what} has B={tcfg.blocks.num_blocks} blocks; a teacher is an end-to-end run (B=1)")
+    for section in ("noise", "model"):
+        ours, theirs = ({k: v for k, v in (c.to_dict().get(section) or {}).items() if k != "depth"} for c in (cfg, tcfg))
+        if ours != theirs:
+            raise ConfigError(f"{what} has another {first_difference(theirs, ours, section)}: it does not denoise "
+                              "what this run's blocks denoise")
+    return tcfg
+
+
+def _with_teacher(task: Task, cfg: RunConfig, device: torch.device) -> Task | DistillingTask:
+    """The task the trainer is handed: `task`, or with train.distill_weight > 0 the task distilling from the teacher
+    run, loaded on the device in eval mode (its memory counts in the run's peak)."""
+    if cfg.train.distill_weight <= 0:
+        return task
+    teacher, _ = from_pretrained(cfg.train.teacher, device)
+    return DistillingTask(task, teacher.requires_grad_(False))
 
 
 def _starting_from(init_from: Path | dict[int, Path] | None) -> str:
@@ -665,6 +722,9 @@ def run_status(run_dir: str | Path) -> str:
     lines.append(f"  {len(done)}/{B} trained; {ready}")
     for row in checkpoint.read_composition(run) or []:
         how = {"kept": "kept from", "start": "fine-tuned from"}.get(row.get("role"), "composed from")
+        if row.get("role") == "converted":
+            first, last = row["layers"]
+            how = f"converted ({row['init']}: layers {first}-{last - 1} of block {row['source_block']}) from"
         via = f", via {', '.join(row['via'])}" if row.get("via") else ""
         lines.append(f"  block {row['block']} {how} {row['run']} ({row['run_name']}, step {row['step']}{via})")
     return "\n".join(lines)

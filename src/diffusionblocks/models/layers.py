@@ -3,6 +3,8 @@ of orthonormal target embeddings (labels, tokens) that label and token denoisers
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,6 +100,23 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = rms_norm(x, 1e-6 if self.eps is None else self.eps)
         return y if self.weight is None else y * self.weight
+
+
+_LAYER_KEY = re.compile(r"(?:^|(?<=\.))layers\.(\d+)\.")
+
+
+def take_layers(weights: dict[str, torch.Tensor], first: int, last: int) -> dict[str, torch.Tensor]:
+    """The weights of a network made of layers [first, last) of the network `weights` (its `layers.i.` entries,
+    renumbered from 0) and every weight outside its layers (embeddings, embedders, head): a depth split of a trained
+    network (method.md section 8). Each tensor is a copy, so the new network shares nothing with the old."""
+    out = {}
+    for key, w in weights.items():
+        m = _LAYER_KEY.search(key)
+        if m is None:
+            out[key] = w.clone()
+        elif first <= int(m[1]) < last:
+            out[key[:m.start(1)] + str(int(m[1]) - first) + key[m.end(1):]] = w.clone()
+    return out
 
 
 def label_embedding_table(num_classes: int, dim: int, generator: torch.Generator) -> torch.Tensor:

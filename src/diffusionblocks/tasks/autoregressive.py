@@ -46,7 +46,7 @@ from ..report import equal_compute, markdown_table, memory_note, plot_loss_curve
 from ..sampling import SAMPLERS
 from ..seeding import make_generator, sample_seeds
 from ..text import held_out_windows, usable_logits
-from .base import Evaluation
+from .base import Evaluation, layers_of_denoiser
 from .text import LlamaModelConfig, TextRunConfig, TextSampleConfig, TextTask
 
 logger = logging.getLogger(__name__)
@@ -475,6 +475,11 @@ class AutoregressiveTask(TextTask):
         lo, hi = self.partition(cfg).training_range(b)
         return self.with_run_table(ARDenoiser(m.vocab_size, depth=cfg.layer_split()[b], sigma_data=cfg.noise.sigma_data,
                                               sigma_min=lo, sigma_max=hi, **size), cfg, generator)
+
+    def split_weights(self, cfg: RunConfig, weights: dict[str, torch.Tensor], first: int,
+                      last: int) -> dict[str, torch.Tensor]:
+        """Llama layers [first, last) of the [noisy ; clean] denoiser and copies of the rest; a plain LM is refused."""
+        return layers_of_denoiser(cfg, weights, first, last, "causal LM")
 
     def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: torch.Tensor,
                     generator: torch.Generator) -> dict[str, Any]:

@@ -36,7 +36,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
+from ..models.layers import take_layers
 from ..noise import LogNormalSigma, NoiseAxis, Partition
 from ..options import EvaluateOptions, SampleOptions
 from ..train import Coupling
@@ -121,6 +122,26 @@ class Task:
         """What blocks hand each other during one training session; `trained` maps block -> its BlockState."""
         return Coupling()
 
+    # ---- blocks from a trained model (`diffusionblocks convert`, method.md section 8)
+
+    def split_weights(self, cfg: RunConfig, weights: dict[str, torch.Tensor], first: int,
+                      last: int) -> dict[str, torch.Tensor]:
+        """The weights of a block made of layers [first, last) of the end-to-end run of config cfg (B=1), whose one
+        block holds `weights`, with its own copies of the rest (embeddings, embedders, head); raises ConfigError
+        when such a run is not a chain of denoisers of this task's blocks (default: no task's runs are)."""
+        raise ConfigError(f"task {self.name!r} cannot convert its runs into blocks: its end-to-end run is not a "
+                          "denoiser of the same architecture as its blocks")
+
+    def distills(self, cfg: RunConfig) -> bool:
+        """Whether the blocks of cfg can learn a teacher's denoised output (`distillation_inputs`); default: no."""
+        return False
+
+    def distillation_inputs(self, cfg: RunConfig, teacher: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """What block loss inputs `inputs` gain so that the block's loss adds train.distill_weight times the distance
+        to the teacher's denoised output at the same noisy input and noise level (the caller runs it without
+        gradient)."""
+        raise ConfigError(f"task {self.name!r} has no distillation: train.distill_weight must be 0")
+
     # ---- after training
 
     def after_training(self, cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
@@ -137,6 +158,16 @@ class Task:
 
     def write_evaluation(self, out_dir: Path, cfg: RunConfig, evaluation: Evaluation) -> None:
         """Files beyond evaluation.json (which the core writes): plots, sample grids."""
+
+
+def layers_of_denoiser(cfg: RunConfig, weights: dict[str, torch.Tensor], first: int, last: int,
+                       plain: str) -> dict[str, torch.Tensor]:
+    """`Task.split_weights` of a task whose model.mode='plain' end-to-end run is a `plain` network (a classifier, a
+    causal LM) rather than a denoiser of its blocks' architecture: such a run is refused, a denoiser split."""
+    if cfg.model.mode == "plain":
+        raise ConfigError(f"a model.mode='plain' run is a plain {plain}, not a denoiser of the blocks' architecture: "
+                          "it cannot be converted into blocks (train a model.mode='diffusion' run)")
+    return take_layers(weights, first, last)
 
 
 # What a task can do after training besides what every task does: each is a protocol that a Task subclass meets by

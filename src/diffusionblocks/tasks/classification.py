@@ -40,7 +40,7 @@ from ..pretrained import from_pretrained
 from ..report import equal_compute, markdown_table, memory_note, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator
-from .base import Coupling, Evaluation, Task
+from .base import Coupling, Evaluation, Task, layers_of_denoiser
 from .image_generation import ImageModelConfig, image_batch_sampler, load_matching_images
 
 
@@ -180,6 +180,11 @@ class ClassificationTask(Task):
         with torch.no_grad():
             net.label_embedding.copy_(run_label_embedding(cfg))
         return net
+
+    def split_weights(self, cfg: RunConfig, weights: dict[str, torch.Tensor], first: int,
+                      last: int) -> dict[str, torch.Tensor]:
+        """ViT label-denoiser layers [first, last) and copies of the rest; a plain ViT classifier is refused."""
+        return layers_of_denoiser(cfg, weights, first, last, "ViT classifier")
 
     def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: tuple[torch.Tensor, torch.Tensor],
                     generator: torch.Generator) -> dict[str, Any]:

@@ -25,10 +25,11 @@ from ..diagnostics import write_chain_diagnostics
 from ..evaluation import evaluate_generator, format_evaluation
 from ..generate import class_labels_evenly, generate
 from ..models.dit import DiT
+from ..models.layers import take_layers
 from ..noise import GRIDS, Partition
 from ..options import EvaluateOptions, SampleOptions, option
 from ..plotting import image_grid, save_image_grid
-from ..precond import Denoiser
+from ..precond import Denoiser, append_dims
 from ..pretrained import from_pretrained
 from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..sampling import SAMPLERS
@@ -221,6 +222,26 @@ class ImageGenerationTask(Task):
             drop = torch.rand(n, generator=generator, device=at) < cfg.model.class_dropout
             inputs["class_labels"] = torch.where(drop, cfg.model.num_classes, labels)
         return inputs
+
+    # ---- blocks from a trained model
+
+    def split_weights(self, cfg: RunConfig, weights: dict[str, torch.Tensor], first: int,
+                      last: int) -> dict[str, torch.Tensor]:
+        """DiT layers [first, last), with copies of the patch, noise and class embedders and the final layer."""
+        return take_layers(weights, first, last)
+
+    def distills(self, cfg: RunConfig) -> bool:
+        return True
+
+    def distillation_inputs(self, cfg: RunConfig, teacher: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The teacher's D(z, sigma | label) at the block's own z = y + sigma eps (the label as the block sees it),
+        for precond.Denoiser.loss."""
+        at = next(teacher.parameters()).device
+        y, sigma = inputs["y"].float(), inputs["sigma"].float()
+        z = y + append_dims(sigma, y.ndim) * inputs["noise"]
+        cond = {"class_labels": inputs["class_labels"].to(at)} if "class_labels" in inputs else {}
+        D_teacher = teacher(z.to(at), sigma.to(at), **cond).to(y.device)
+        return {"D_teacher": D_teacher, "distill_weight": cfg.train.distill_weight}
 
     # ---- after training
 

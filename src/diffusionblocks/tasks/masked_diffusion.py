@@ -25,6 +25,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..config import ConfigError, RunConfig, check_choice
+from ..models.layers import take_layers
 from ..models.mdlm import T_FLOOR, MaskedDiffusionTransformer
 from ..noise import MaskingTime, Partition
 from ..options import EvaluateOptions, SampleOptions, option
@@ -192,6 +193,11 @@ class MaskedDiffusionTask(TextTask):
                                          m.mlp_ratio, axis=partition.axis, t_min=lo, t_max=hi)
         net.initialize_weights(generator)
         return net
+
+    def split_weights(self, cfg: RunConfig, weights: dict[str, torch.Tensor], first: int,
+                      last: int) -> dict[str, torch.Tensor]:
+        """Transformer layers [first, last), with copies of the token, position and time embeddings and the head."""
+        return take_layers(weights, first, last)
 
     def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: torch.Tensor,
                     generator: torch.Generator) -> dict[str, Any]:
