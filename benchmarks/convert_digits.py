@@ -99,24 +99,11 @@ def main() -> None:
     p.add_argument("--skip-finetune", action="store_true")
     args = p.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    results = open_results(out)
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results["machine"] = {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-                          "torch": torch.__version__}
 
-    src = out / "source"
-    if not trained(src, args.source_steps):
-        db("train", "--config", PRESET, "--out", str(src), "--no-progress", "blocks.num_blocks=1",
-           f"train.steps_per_block={args.source_steps}")
-    results["source"] = {**summary_of(src), **evaluate(src, out / "evals" / "source", args.num)}
-    starts = {}
-    for init in ("depth", "copy"):
-        starts[init] = out / f"{init}{B}"
-        if not starts[init].is_dir():
-            db("convert", str(src), "--num-blocks", str(B), "--init", init, "--out", str(starts[init]))
-        results[f"{init}@0"] = evaluate(starts[init], out / "evals" / f"{init}-0", args.num)
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    src, starts = source_and_starts(out, PRESET, args.source_steps, results,
+                                    lambda run, where: evaluate(run, where, args.num))
 
     # 1. The conversion gap at step 0, per noise bin.
     test = load_image_data(read_config(src).data).test
@@ -129,17 +116,53 @@ def main() -> None:
 
     # 2. Quality against fine-tuning steps.
     points = [int(k) for k in args.points.split(",")]
-    plans = {"depth": (["--from", str(starts["depth"])], [], points),
-             "depth-distill": (["--from", str(starts["depth"])], ["train.distill_weight=1"], points),
-             "copy": (["--from", str(starts["copy"])], [], points),
-             "copy-distill": (["--from", str(starts["copy"])], ["train.distill_weight=1"], points),
-             "scratch": (["--config", PRESET], [f"blocks.num_blocks={B}"], points),
-             "e2e": (["--from", str(src)], [], sorted({*points, *(B * k for k in points)}))}
+    plans = finetune_plans(PRESET, src, starts, points)
     for name in [] if args.skip_finetune else args.conditions.split(","):
         start, overrides, legs = plans[name]
         fine_tune_legs(out, name, start, overrides, legs, results,
                        lambda run, where: evaluate(run, where, args.num))
     write_report(out, results)
+
+
+def open_results(out: Path) -> dict:
+    """OUT (created) and what OUT/results.json holds so far, with this machine recorded."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["machine"] = {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+                          "torch": torch.__version__}
+    return results
+
+
+def source_and_starts(out: Path, preset: str, source_steps: int, results: dict, evaluate) -> tuple[Path, dict]:
+    """OUT/source (preset at B=1, trained source_steps steps) and its B-block conversions OUT/depth3, OUT/copy3,
+    each evaluated with evaluate(run, directory) into results (source, depth@0, copy@0), saved to OUT/results.json."""
+    src = out / "source"
+    if not trained(src, source_steps):
+        db("train", "--config", preset, "--out", str(src), "--no-progress", "blocks.num_blocks=1",
+           f"train.steps_per_block={source_steps}")
+    results["source"] = {**summary_of(src), **evaluate(src, out / "evals" / "source")}
+    starts = {}
+    for init in ("depth", "copy"):
+        starts[init] = out / f"{init}{B}"
+        if not starts[init].is_dir():
+            db("convert", str(src), "--num-blocks", str(B), "--init", init, "--out", str(starts[init]))
+        results[f"{init}@0"] = evaluate(starts[init], out / "evals" / f"{init}-0")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return src, starts
+
+
+def finetune_plans(preset: str, src: Path, starts: dict, points: list[int], overrides: tuple[str, ...] = ()) -> dict:
+    """name -> (start, overrides, legs) of every fine-tuning condition: the conversions with and without
+    distillation, B blocks from scratch, and the source end to end at K and B K steps (equal compute with depth's
+    and copy's K steps per block); overrides (e.g. another dataset) apply to every one."""
+    more = list(overrides)
+    return {"depth": (["--from", str(starts["depth"])], more, points),
+            "depth-distill": (["--from", str(starts["depth"])], [*more, "train.distill_weight=1"], points),
+            "copy": (["--from", str(starts["copy"])], more, points),
+            "copy-distill": (["--from", str(starts["copy"])], [*more, "train.distill_weight=1"], points),
+            "scratch": (["--config", preset], [*more, f"blocks.num_blocks={B}"], points),
+            "e2e": (["--from", str(src)], more, sorted({*points, *(B * k for k in points)}))}
 
 
 def fine_tune_legs(out: Path, name: str, start: list[str], overrides: list[str], legs: list[int], results: dict,
