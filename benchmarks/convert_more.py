@@ -26,7 +26,7 @@ import argparse
 import json
 from pathlib import Path
 
-from convert_digits import (B, db, evaluate, finetune_plans, fine_tune_legs, open_results, result_rows,
+from convert_digits import (B, db, evaluate, fine_tune_legs, finetune_plans, open_results, result_rows,
                             source_and_starts, timing)
 from modular import Judges
 
