@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from diffusionblocks.config import ConfigError
-from diffusionblocks.models.arlm import ARDenoiser, CausalLM, KVCache, LlamaLayer, rope, swiglu_width, training_mask
+from diffusionblocks.models.arlm import (ARDenoiser, CausalLM, KVCache, LlamaLayer, rotary, rotate_pairs, swiglu_width,
+                                         training_mask)
 from diffusionblocks.models.layers import modulated_rms_norm, rms_norm
 from diffusionblocks.models.recurrent import HuginnLM, RecurrentDenoiser
 from diffusionblocks.precond import get_scalings
@@ -46,6 +47,14 @@ def _randomise(m, seed):
         for p in m.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g))
     return m.eval()
+
+
+def rope(x, pos):
+    """The half-split rotation our weights define, computed as the layers do: pairs (j, j + d/2) laid side by side,
+    rotated by one complex product, put back."""
+    d = x.shape[-1]
+    order = torch.arange(d).view(2, d // 2).T.flatten()  # half-split -> adjacent pairs
+    return rotate_pairs(x[..., order], rotary(pos, d))[..., order.argsort()]
 
 
 def test_the_complex_rotation_of_adjacent_pairs_equals_the_concatenating_rope():

@@ -503,16 +503,20 @@ def check_teacher(task: Task, cfg: RunConfig) -> RunConfig:
         tcfg = read_config(teacher)
     except ConfigError as e:
         raise ConfigError(f"{what}: {e}") from None
-    if tcfg.task != cfg.task:
-        raise ConfigError(f"{what} is a {tcfg.task!r} run; this run's task is {cfg.task!r}")
     if tcfg.blocks.num_blocks != 1:
         raise ConfigError(f"{what} has B={tcfg.blocks.num_blocks} blocks; a teacher is an end-to-end run (B=1)")
-    for section in ("noise", "model"):
-        ours, theirs = ({k: v for k, v in (c.to_dict().get(section) or {}).items() if k != "depth"} for c in (cfg, tcfg))
-        if ours != theirs:
-            raise ConfigError(f"{what} has another {first_difference(theirs, ours, section)}: it does not denoise "
-                              "what this run's blocks denoise")
+    ours, theirs = _what_blocks_denoise(cfg), _what_blocks_denoise(tcfg)
+    if ours != theirs:
+        raise ConfigError(f"{what} has another {first_difference(theirs, ours, '')}: it does not denoise what this "
+                          "run's blocks denoise")
     return tcfg
+
+
+def _what_blocks_denoise(cfg: RunConfig) -> dict[str, Any]:
+    """The parts of a config a teacher must share with the blocks it teaches: task, noise axis, model but its depth."""
+    d = cfg.to_dict()
+    return {"task": d["task"], "noise": d.get("noise"),
+            "model": {k: v for k, v in (d.get("model") or {}).items() if k != "depth"}}
 
 
 def _with_teacher(task: Task, cfg: RunConfig, device: torch.device) -> Task | DistillingTask:

@@ -76,14 +76,6 @@ def rotate_pairs(x: torch.Tensor, rot: Rotary) -> torch.Tensor:
     return torch.view_as_real(xc * rot).flatten(-2).to(dtype)  # (..., T, d)
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding as our weights define it, rotating the half-split pairs (x_j, x_j+d/2): x (N, H, T,
-    d), pos (T,) -> (N, H, T, d). The layers compute the same attention on adjacent pairs (`paired_rows`)."""
-    d = x.shape[-1]
-    order = torch.arange(d).view(2, d // 2).T.flatten()  # half-split -> adjacent pairs
-    return rotate_pairs(x[..., order], rotary(pos, d))[..., order.argsort()]
-
-
 def paired_rows(dim: int, num_heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The order of a qkv weight's rows (3 D) that lays each query and key head's half-split pairs (j, j + d/2) side
     by side, and its inverse: scores q.k are unchanged when q and k are permuted alike, and rotating adjacent pairs is
