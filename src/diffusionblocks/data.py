@@ -1,12 +1,15 @@
 """Image datasets and deterministic batch sampling.
 
-Four datasets are supported, all returned as float32 tensors N x C x H x W scaled to [-1, 1]
-with int64 labels:
+Four datasets are built in, and two kinds of the user's own, all returned as float32 tensors N x C x H x W
+scaled to [-1, 1] with int64 labels:
 
 * ``digits``: scikit-learn's embedded 8x8 digits (1,797 images, no files needed).
 * ``mnist``: the standard IDX files (plain or ``.gz``) in ``data.root``.
 * ``cifar10``: the CIFAR-10 "python version" batches in ``data.root``.
 * ``cifar100``: the CIFAR-100 "python version" files in ``data.root`` (the 100 fine labels).
+* ``folder``: a folder of image files in ``data.root``, labelled by class subfolders or unlabelled
+  (`image_folder.py`), fitted to the model's image size and channels.
+* ``hf``: a Hugging Face dataset in ``data.root`` (`hf_datasets.py`): its image and label columns, fitted likewise.
 
 Each grey-scale dataset also comes in two other *domains*, the same images and labels transformed, for
 experiments on adapting and composing blocks across domains: ``digits-thick`` / ``mnist-thick`` (strokes
@@ -42,6 +45,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from .config import ConfigError, check_choice, shown_path
+from .hf_datasets import HF_FORMATS, load_hf_images
+from .image_folder import read_image_folder
 from .seeding import make_generator
 
 log = logging.getLogger(__name__)
@@ -80,7 +85,8 @@ def invert(images: torch.Tensor) -> torch.Tensor:
 # Other domains of a grey-scale dataset: its images transformed, its labels and splits unchanged.
 DOMAINS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"thick": thicken, "inverted": invert}
 _BASE_DATASETS = ("digits", "mnist", "cifar10", "cifar100")
-DATASETS = (*_BASE_DATASETS, *(f"{base}-{d}" for base in ("digits", "mnist") for d in DOMAINS))
+USER_DATASETS = ("folder", "hf")  # the user's images, fitted to the model's image size and channels
+DATASETS = (*_BASE_DATASETS, *(f"{base}-{d}" for base in ("digits", "mnist") for d in DOMAINS), *USER_DATASETS)
 
 
 def split_domain(dataset: str) -> tuple[str, str | None]:
@@ -94,19 +100,31 @@ class DataConfig:
     """The image dataset of the image tasks (generation and classification)."""
 
     dataset: str = "digits"      # "digits" (scikit-learn, embedded), "mnist" (IDX files), "cifar10" or "cifar100";
-                                 # "digits-thick", "digits-inverted", "mnist-thick", "mnist-inverted": other domains.
-    root: str | None = None      # Directory of the dataset files (mnist, cifar10, cifar100).
+                                 # "digits-thick", "digits-inverted", "mnist-thick", "mnist-inverted": other domains;
+                                 # "folder" (image files) or "hf" (a Hugging Face dataset): the user's images.
+    root: str | None = None      # Directory of the dataset files (mnist, cifar10, cifar100, folder), or the Hugging
+                                 # Face dataset (hf: a save_to_disk folder, or data files, a glob or their folder).
     download: bool = False       # Fetch the standard files into root when they are missing.
     split: str = "train"         # Which files to train on: "train", or "test" to train on part of the test files.
     holdout: int = 0             # Images held out of the training split for evaluation (0 = dataset default).
     hflip: bool = False          # Random horizontal flips during training (natural images only).
     crop_padding: int = 0        # Random crops: pad by this many pixels (edge copies), crop back; 0 = off.
+    hf_format: str = "disk"      # hf: "disk" (save_to_disk folder) or a builder of local files: "parquet", "json",
+                                 # "csv", "imagefolder".
+    hf_split: str = "train"      # hf: the split trained on.
+    hf_test_split: str = ""      # hf: the held-out split; "" = data.holdout images of hf_split held out.
+    image_column: str = "image"  # hf: the column of images.
+    label_column: str = "label"  # hf: the column of class labels; "" = none (an unconditional generator).
+    memory_limit_gb: float = 8.0  # folder, hf: the most GiB the decoded images (float32) may take in memory.
 
     def validate(self) -> None:
         check_choice("data.dataset", self.dataset, DATASETS)
         check_choice("data.split", self.split, ("train", "test"))
+        check_choice("data.hf_format", self.hf_format, HF_FORMATS)
         if self.crop_padding < 0 or self.holdout < 0:
             raise ConfigError("data.crop_padding and data.holdout must be non-negative")
+        if not self.memory_limit_gb > 0:
+            raise ConfigError(f"data.memory_limit_gb must be positive, got {self.memory_limit_gb}")
         if split_domain(self.dataset)[0] != "digits" and self.root is None:
             raise ConfigError(f"data.root is required for data.dataset={self.dataset!r}")
 
@@ -175,6 +193,7 @@ class ImageData:
     labels: torch.Tensor
     num_classes: int
     name: str
+    classes: tuple[str, ...] = ()  # The name of each class, where the dataset has them (folder, hf).
 
     def __post_init__(self) -> None:
         """Checks shapes and dtypes."""
@@ -217,8 +236,12 @@ class ImageSplits:
 # Loading
 
 
-def load_image_data(cfg: DataConfig) -> ImageSplits:
+def load_image_data(cfg: DataConfig, image_size: int | None = None, channels: int | None = None) -> ImageSplits:
     """Loads the dataset `cfg` names and splits it into train and test; raises ConfigError on bad input.
+
+    The user's images (folder, hf) are fitted to image_size and channels, the model's (`image_folder.fit_image`);
+    the built-in sets are as they are. A folder, or an hf dataset without data.hf_test_split, is split by the fixed
+    permutation of `_split_fixed`, data.holdout images held out (0 means a tenth).
 
     split="train" trains on the dataset's training files and tests on its test files (for mnist,
     cifar10 and cifar100 ``holdout`` is then ignored); split="test" uses only the test files, split by
@@ -240,7 +263,9 @@ def load_image_data(cfg: DataConfig) -> ImageSplits:
     if cfg.crop_padding > 0 and base == "digits":
         log.warning("data.crop_padding=%d on digits: random crops of 8x8 images shift the digit by up to %d "
                     "pixel(s) and replicate its edges", cfg.crop_padding, cfg.crop_padding)
-    if base == "digits":
+    if base in USER_DATASETS:
+        splits = _load_user_images(cfg, image_size, channels)
+    elif base == "digits":
         splits = _load_digits(cfg)
     elif base == "mnist":
         splits = _load_mnist(cfg)
@@ -255,7 +280,7 @@ def load_image_data(cfg: DataConfig) -> ImageSplits:
 
 
 def _split_fixed(images: torch.Tensor, labels: torch.Tensor, holdout: int, num_classes: int,
-                 dataset: str) -> ImageSplits:
+                 dataset: str, classes: tuple[str, ...] = ()) -> ImageSplits:
     """Splits one image set into train (N - holdout) and test (holdout) by a fixed permutation."""
     n = len(images)
     if not 0 < holdout < n:
@@ -264,8 +289,39 @@ def _split_fixed(images: torch.Tensor, labels: torch.Tensor, holdout: int, num_c
     train_idx, _ = perm[: n - holdout].sort()
     test_idx, _ = perm[n - holdout:].sort()
     return ImageSplits(
-        train=ImageData(images[train_idx], labels[train_idx], num_classes, f"{dataset}-train"),
-        test=ImageData(images[test_idx], labels[test_idx], num_classes, f"{dataset}-test"))
+        train=ImageData(images[train_idx], labels[train_idx], num_classes, f"{dataset}-train", classes),
+        test=ImageData(images[test_idx], labels[test_idx], num_classes, f"{dataset}-test", classes))
+
+
+def _load_user_images(cfg: DataConfig, image_size: int | None, channels: int | None) -> ImageSplits:
+    """A folder of images or a Hugging Face dataset, fitted to the model: its test split, or data.holdout held out."""
+    if cfg.split != "train":
+        raise ConfigError(f"data.split={cfg.split!r} is not available for data.dataset={cfg.dataset!r}: use "
+                          "data.split='train'" + (" and data.hf_test_split" if cfg.dataset == "hf" else "")
+                          + " (data.holdout sets the held-out size)")
+    if cfg.root is None:
+        raise ConfigError(f"data.root is required for data.dataset={cfg.dataset!r}")
+    if cfg.dataset == "folder":
+        images, labels, classes = read_image_folder(cfg.root, image_size, channels, cfg.memory_limit_gb)
+        test = None
+    else:
+        (images, labels), test, classes = load_hf_images(
+            cfg.root, cfg.hf_format, cfg.hf_split, cfg.hf_test_split, cfg.image_column, cfg.label_column,
+            image_size, channels, cfg.memory_limit_gb)
+    K = len(classes)
+    name = Path(cfg.root).name or cfg.dataset
+    for part in (labels, *(() if test is None else (test[1],))):
+        _check_labels(part, K or 1, f"data.root {shown_path(cfg.root)}")
+    if test is not None:
+        if cfg.holdout:
+            log.warning("data.holdout=%d is ignored: data.hf_test_split=%r is the test set", cfg.holdout,
+                        cfg.hf_test_split)
+        return ImageSplits(train=ImageData(_uint8_to_unit(images), torch.from_numpy(labels), K, f"{name}-train",
+                                           classes),
+                           test=ImageData(_uint8_to_unit(test[0]), torch.from_numpy(test[1]), K, f"{name}-test",
+                                          classes))
+    holdout = cfg.holdout or max(1, len(images) // 10)
+    return _split_fixed(_uint8_to_unit(images), torch.from_numpy(labels), holdout, K, name, classes)
 
 
 def _load_digits(cfg: DataConfig) -> ImageSplits:

@@ -55,7 +55,7 @@ def evaluate_generator(model, cfg: RunConfig, run_dir: str | Path, *, num_sample
     steps, sampler = steps or s.steps, sampler or s.sampler
     guidance = s.guidance if guidance is None else guidance
     grid = grid or s.grid
-    data = load_image_data(cfg.data)
+    data = load_image_data(cfg.data, cfg.model.image_size, cfg.model.in_channels)
     clf, clf_meta = load_or_train_reference_classifier(data.train, cache_dir or default_cache_dir(), seed=0,
                                                        device=device, progress=progress)
     m = cfg.model

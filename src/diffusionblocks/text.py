@@ -1,7 +1,11 @@
-"""Text data for the language tasks: any UTF-8 file, or text8 from its standard zip, as characters or BPE tokens.
+"""Text data for the language tasks: UTF-8 files, JSON lines, a Hugging Face dataset's text column, or text8 from its
+standard zip, as characters or BPE tokens.
 
-A plain text file is split by position, the first 90% for training and the rest held out; its
-vocabulary is the sorted set of characters of the training part. text8 (Mahoney's first 10^8
+Text (format "text": one file, a glob, or the list data.paths; "jsonl": the field data.text_column of each line of
+such files; "hf": the column data.text_column of a Hugging Face dataset, `hf_datasets.py`) is one corpus: the files
+in sorted path order (a list: in its order), the lines or rows in order, joined by data.separator. The corpus is
+split by position, the first 90% for training and the rest held out (a Hugging Face dataset may name a held-out
+split instead); its vocabulary is the sorted set of characters of the training part. text8 (Mahoney's first 10^8
 characters of a cleaned Wikipedia, 27 characters) is read from `text8.zip` as it is distributed and
 split as is usual: 90M characters train, 5M validation, 5M test (the held-out split is the test part).
 Training batches are windows of the token stream at offsets drawn from (seed, block, step).
@@ -20,6 +24,7 @@ that mean nothing (`usable_logits`); its bits per character still count the prob
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import zipfile
@@ -34,6 +39,7 @@ except ImportError:
     tokenizers = None
 
 from .config import ConfigError, check_choice, shown_path
+from .hf_datasets import HF_FORMATS, load_hf_text
 from .seeding import make_generator
 
 logger = logging.getLogger(__name__)
@@ -46,14 +52,27 @@ TEXT8_SPLIT = (90_000_000, 5_000_000, 5_000_000)  # train, validation, test char
 class TextConfig:
     """A text corpus and how it is read: as characters (the default) or as the tokens of a BPE trained on it."""
 
-    path: str = "../shared/data/tinyshakespeare.txt"  # UTF-8 text file, or text8.zip (format "text8").
-    format: str = "text"          # "text" (any UTF-8 file, split 90/10 by position) or "text8" (the standard zip).
-    train_fraction: float = 0.9   # Format "text": the leading part trained on; the rest is held out.
+    path: str = "../shared/data/tinyshakespeare.txt"  # UTF-8 text file or a glob of them (formats "text", "jsonl"),
+                                  # text8.zip (format "text8"), or the Hugging Face dataset (format "hf").
+    format: str = "text"          # "text" (UTF-8 files, split 90/10 by position), "jsonl" (JSON lines, a text field
+                                  # each), "hf" (a Hugging Face dataset's text column) or "text8" (the standard zip).
+    train_fraction: float = 0.9   # The leading part trained on; the rest is held out (not text8, nor hf_test_split).
     tokenizer: str = "char"       # "char" (a token per character) or "bpe" (byte-level BPE trained on the training part).
     bpe_vocab_size: int = 4096    # Tokens of the BPE, its 256 bytes included.
+    paths: tuple[str, ...] = ()   # Formats "text", "jsonl": files (or globs) read in this order instead of data.path.
+    separator: str = "\n"         # Joins the files, lines or rows of a corpus.
+    text_column: str = "text"     # Formats "jsonl", "hf": the field / column that holds the text.
+    hf_format: str = "disk"       # Format "hf": "disk" (a save_to_disk folder) or a builder of local files: "parquet",
+                                  # "json", "csv".
+    hf_split: str = "train"       # Format "hf": the split trained on.
+    hf_test_split: str = ""       # Format "hf": the held-out split; "" = the last 1 - train_fraction of hf_split.
 
     def validate(self) -> None:
-        check_choice("data.format", self.format, ("text", "text8"))
+        check_choice("data.format", self.format, ("text", "text8", "jsonl", "hf"))
+        check_choice("data.hf_format", self.hf_format, tuple(f for f in HF_FORMATS if f != "imagefolder"))
+        if self.paths and self.format not in ("text", "jsonl"):
+            raise ConfigError(f"data.paths lists files of format 'text' or 'jsonl', not data.format={self.format!r} "
+                              "(which reads data.path)")
         check_choice("data.tokenizer", self.tokenizer, ("char", "bpe"))
         if self.bpe_vocab_size < 257:
             raise ConfigError(f"data.bpe_vocab_size must be above the 256 bytes, got {self.bpe_vocab_size}")
@@ -252,23 +271,89 @@ def read_text8(path: Path) -> tuple[str, str]:
     return text[:n_train], text[n_train + n_valid:]
 
 
+def corpus_files(cfg: TextConfig) -> list[Path]:
+    """The files of format "text" or "jsonl": data.paths in order (a glob: its matches sorted), else data.path (a
+    glob: its matches sorted)."""
+    patterns, field = (cfg.paths, "data.paths") if cfg.paths else ((cfg.path,), "data.path")
+    files = []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            matches = sorted(Path(f) for f in glob.glob(str(Path(pattern).expanduser()), recursive=True)
+                             if Path(f).is_file())
+            if not matches:
+                raise ConfigError(f"{field} {shown_path(pattern)} matches no file")
+            files += matches
+        elif not Path(pattern).expanduser().is_file():
+            raise ConfigError(f"{field} {shown_path(pattern)} is not a file")
+        else:
+            files.append(Path(pattern).expanduser())
+    return files
+
+
+def _read_utf8(path: Path, field: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{field} {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_json_lines(path: Path, column: str, field: str) -> list[str]:
+    """The field `column` of every JSON line of a file (blank lines skipped); ConfigError naming the line."""
+    texts = []
+    for n, line in enumerate(_read_utf8(path, field).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"{field} {str(path)!r} line {n} is not JSON: {e}") from None
+        if not isinstance(row, dict) or column not in row:
+            have = ", ".join(map(repr, row)) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+            raise ConfigError(f"{field} {str(path)!r} line {n} has no field data.text_column={column!r} "
+                              f"(it has {have})")
+        if not isinstance(row[column], str):
+            raise ConfigError(f"{field} {str(path)!r} line {n}: field {column!r} is a JSON "
+                              f"{type(row[column]).__name__}, not text")
+        texts.append(row[column])
+    return texts
+
+
+def read_corpus(cfg: TextConfig) -> tuple[str, str, str, str]:
+    """(training text, held-out text, the corpus' name, the field that names it for messages)."""
+    if cfg.format in ("text8", "hf"):
+        field, name = "data.path", Path(cfg.path).name
+    else:
+        files = corpus_files(cfg)
+        field = "data.paths" if cfg.paths else "data.path"
+        name = files[0].name if len(files) == 1 else f"{files[0].stem}+{len(files) - 1}"
+    if cfg.format == "text8":
+        path = Path(cfg.path)
+        if not path.is_file():
+            raise ConfigError(f"data.path {shown_path(cfg.path)} is not a file")
+        return (*read_text8(path), name, field)
+    test = None
+    if cfg.format == "hf":
+        text, test = load_hf_text(cfg.path, cfg.hf_format, cfg.hf_split, cfg.hf_test_split, cfg.text_column,
+                                  cfg.separator)
+    elif cfg.format == "jsonl":
+        text = cfg.separator.join(t for f in files for t in read_json_lines(f, cfg.text_column, field))
+    else:
+        text = cfg.separator.join(_read_utf8(f, field) for f in files)
+    shown = f"{field} {cfg.path!r}" if field == "data.path" else f"{field} {list(cfg.paths)!r}"
+    if not text:
+        raise ConfigError(f"{shown} is empty")
+    if test is not None:
+        if not test:
+            raise ConfigError(f"{shown}: data.hf_test_split={cfg.hf_test_split!r} is empty")
+        return text, test, name, shown
+    cut = int(len(text) * cfg.train_fraction)
+    return text[:cut], text[cut:], name, shown
+
+
 def load_text(cfg: TextConfig, seq_len: int, vocab: Vocabulary | BPEVocabulary | None = None) -> TextSplits:
     """The corpus' train and held-out splits, encoded through `vocab` (a run's), or through a vocabulary made from
     the training part when None; raises ConfigError naming what is wrong with the file."""
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise ConfigError(f"data.path {shown_path(cfg.path)} is not a file")
-    if cfg.format == "text8":
-        train, test = read_text8(path)
-    else:
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"data.path {cfg.path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if not text:
-            raise ConfigError(f"data.path {cfg.path!r} is empty")
-        cut = int(len(text) * cfg.train_fraction)
-        train, test = text[:cut], text[cut:]
+    train, test, name, shown = read_corpus(cfg)
     if vocab is not None:
         chars = isinstance(vocab, Vocabulary)
         if chars != (cfg.tokenizer == "char"):
@@ -276,7 +361,7 @@ def load_text(cfg: TextConfig, seq_len: int, vocab: Vocabulary | BPEVocabulary |
                               f"{'of characters' if chars else 'a BPE'}")
         unknown = (set(train) | set(test)) - set(vocab.index) if chars else set()  # a BPE encodes any text
         if unknown:
-            raise ConfigError(f"data.path {cfg.path!r} has character(s) {''.join(sorted(unknown))!r} outside the "
+            raise ConfigError(f"{shown} has character(s) {''.join(sorted(unknown))!r} outside the "
                               f"run's vocabulary {str(vocab.path)!r} ({len(vocab)} characters), through which the "
                               "run reads its data")
     elif cfg.tokenizer == "bpe":
@@ -289,15 +374,15 @@ def load_text(cfg: TextConfig, seq_len: int, vocab: Vocabulary | BPEVocabulary |
         unknown = set(test) - set(vocab.index)
         if unknown:
             n = sum(c in unknown for c in test)
-            raise ConfigError(f"data.path {cfg.path!r}: {n} of the {len(test)} held-out characters "
+            raise ConfigError(f"{shown}: {n} of the {len(test)} held-out characters "
                               f"({100 * n / len(test):.2g}%) are {''.join(sorted(unknown))!r}, which the training part "
                               "(the vocabulary) never has, so their bits could not be counted: change the file or "
                               "data.train_fraction")
-    splits = TextSplits(TokenStream(vocab.encode(train), vocab, f"{path.name}-train", len(train)),
-                        TokenStream(vocab.encode(test), vocab, f"{path.name}-test", len(test)))
+    splits = TextSplits(TokenStream(vocab.encode(train), vocab, f"{name}-train", len(train)),
+                        TokenStream(vocab.encode(test), vocab, f"{name}-test", len(test)))
     for part, what in ((splits.train, "training"), (splits.test, "held-out")):
         if len(part) < seq_len + 1:
-            raise ConfigError(f"data.path {cfg.path!r}: its {what} part has {len(part)} tokens, fewer than one "
+            raise ConfigError(f"{shown}: its {what} part has {len(part)} tokens, fewer than one "
                               f"sequence of model.seq_len={seq_len} (+1)")
     return splits
 

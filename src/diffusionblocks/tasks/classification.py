@@ -41,7 +41,7 @@ from ..report import equal_compute, markdown_table, memory_note, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator
 from .base import Coupling, Evaluation, Task, layers_of_denoiser
-from .image_generation import ImageModelConfig, image_batch_sampler, load_matching_images
+from .image_generation import ImageModelConfig, image_batch_sampler, load_matching_images, write_classes
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,9 @@ class ClassificationTask(Task):
 
     def batch_sampler(self, cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
         return image_batch_sampler(cfg, data, b)
+
+    def prepare_run(self, cfg: RunConfig, run_dir: Path, data: ImageSplits) -> None:
+        write_classes(run_dir, data)
 
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> nn.Module:
         """A ViT label denoiser of block b's layers (for model.mode="plain", the whole ViT as a classifier)."""
@@ -338,7 +341,7 @@ def evaluate_classifier(run_dir: str | Path, *, steps: int | None = None, device
     """Held-out accuracy (top-1, top-5 where there are more than 5 classes), per-step chain accuracy and the
     oracle accuracy of each block at the noise levels of its own inference steps."""
     model, cfg = from_pretrained(run_dir, device)
-    data = load_image_data(cfg.data).test
+    data = load_image_data(cfg.data, cfg.model.image_size, cfg.model.in_channels).test
     K = cfg.model.num_classes
     steps = steps or cfg.sample.steps or cfg.blocks.num_blocks
     sampler = sampler or cfg.sample.sampler

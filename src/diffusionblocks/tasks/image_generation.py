@@ -9,6 +9,7 @@ distance, KID and chain diagnostics.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -32,10 +33,13 @@ from ..plotting import image_grid, save_image_grid
 from ..precond import Denoiser, append_dims
 from ..pretrained import from_pretrained
 from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
+from ..rundir import save_text
 from ..sampling import SAMPLERS
 from .base import Evaluation, Task
 
 logger = logging.getLogger(__name__)
+
+CLASSES_FILE = "classes.json"  # a run's class names (image folders, Hugging Face datasets), id order
 
 
 @dataclass(frozen=True)
@@ -129,8 +133,8 @@ def load_matching_images(cfg: RunConfig, conditional_ok: bool) -> ImageSplits:
 
     conditional_ok: model.num_classes may also be 0 (an unconditional generator).
     """
-    data = load_image_data(cfg.data)
     m = cfg.model
+    data = load_image_data(cfg.data, m.image_size, m.in_channels)
     C, H = data.train.num_channels, data.train.image_size
     if (C, H) != (m.in_channels, m.image_size):
         raise ConfigError(f"data.dataset={cfg.data.dataset!r} has {C}-channel {H}x{H} images but the model expects "
@@ -139,6 +143,13 @@ def load_matching_images(cfg: RunConfig, conditional_ok: bool) -> ImageSplits:
         raise ConfigError(f"data.dataset={cfg.data.dataset!r} has {data.train.num_classes} classes "
                           f"but model.num_classes={m.num_classes}")
     return data
+
+
+def write_classes(run_dir: Path, data: ImageSplits) -> None:
+    """classes.json: the name of each class id, where the dataset names its classes (an image folder's
+    subfolders, a Hugging Face dataset's labels)."""
+    if data.train.classes:
+        save_text(Path(run_dir) / CLASSES_FILE, json.dumps(list(data.train.classes), ensure_ascii=False) + "\n")
 
 
 def image_batch_sampler(cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
@@ -197,6 +208,9 @@ class ImageGenerationTask(Task):
 
     def batch_sampler(self, cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
         return image_batch_sampler(cfg, data, b)
+
+    def prepare_run(self, cfg: RunConfig, run_dir: Path, data: ImageSplits) -> None:
+        write_classes(run_dir, data)
 
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> Denoiser:
         """An EDM denoiser around a DiT of block b's layers, advertising its training range of sigma."""
