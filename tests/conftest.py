@@ -4,6 +4,10 @@ import subprocess
 import sys
 import time
 
+# Nothing downloads in a test: the Hugging Face libraries read these when first imported (by diffusionblocks).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 
