@@ -143,6 +143,9 @@ def read_images(dataset, indices: np.ndarray, image_column: str, label_column: s
                 raise ConfigError(f"cannot read the image of {where}: {e}") from None
         if label_column:
             for j, y in enumerate(batch[label_column]):
+                if isinstance(y, str) and y not in index:
+                    raise ConfigError(f"row {chunk[j]} of {what}: label {y!r} is not among the classes of "
+                                      f"data.hf_split ({', '.join(classes)})")
                 labels[start + j] = index[y] if isinstance(y, str) else y
     return images, labels
 
