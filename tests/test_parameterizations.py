@@ -1,22 +1,28 @@
 """A model's own parameterization (noise.parameterization): rectified flow's and DDPM's noise axes, their denoisers
 and losses, the config, and digits runs trained, sampled and resumed with each."""
 
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from diffusionblocks import checkpoint, rundir  # noqa: E402
+from diffusionblocks.blocks import BlockwiseDenoiser  # noqa: E402
 from diffusionblocks.cli import main  # noqa: E402
 from diffusionblocks.config import ConfigError  # noqa: E402
+from diffusionblocks.convert import convert_run  # noqa: E402
 from diffusionblocks.data import DataConfig, load_image_data  # noqa: E402
 from diffusionblocks.generate import generate  # noqa: E402
 from diffusionblocks.noise import FlowTime, LogNormalSigma, Partition, VPTimestep, sample_truncated  # noqa: E402
 from diffusionblocks.precond import Denoiser, FlowDenoiser, VPEpsDenoiser  # noqa: E402
 from diffusionblocks.pretrained import from_pretrained  # noqa: E402
+from diffusionblocks.runs import train_run  # noqa: E402
 from diffusionblocks.tasks import apply_overrides, config_from_dict, default_config, get_task  # noqa: E402
 from diffusionblocks.train import train  # noqa: E402
 
@@ -290,7 +296,6 @@ def test_a_short_training_learns_and_samples(kind, tiny_cfg, digits, one_thread)
     after = losses([states[b].denoiser for b in range(3)])
     assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)
     assert all(type(s.denoiser) is {"flow": FlowDenoiser, "vp-eps": VPEpsDenoiser}[kind] for s in states.values())
-    from diffusionblocks.blocks import BlockwiseDenoiser
     model = BlockwiseDenoiser([s.denoiser.eval() for s in states.values()], partition)
     images = generate(model, torch.arange(10), image_shape=(1, 8, 8), num_classes=10, steps=6)
     assert images.shape == (10, 1, 8, 8) and images.isfinite().all()
@@ -312,8 +317,6 @@ def test_resume_continues_exactly(kind, tiny_cfg, digits, tmp_path, one_thread):
 
 def test_a_flow_run_trains_samples_and_reports_from_its_config(tmp_path, capsys, one_thread):
     """The command line reads the run's parameterization from its config.json: train, status, sample."""
-    from conftest import TINY
-
     run = tmp_path / "flow"
     assert main(["train", "--out", str(run), "--no-progress", *TINY, *PARAMS["flow"]]) == 0
     model, cfg = from_pretrained(run)
@@ -323,3 +326,30 @@ def test_a_flow_run_trains_samples_and_reports_from_its_config(tmp_path, capsys,
     assert "3/3 trained" in capsys.readouterr().out
     assert main(["sample", str(run), "--out", str(tmp_path / "s.npz"), "--num", "10", "--steps", "4",
                  "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("kind", sorted(PARAMS))
+def test_convert_distill_and_compose_keep_the_parameterization(kind, tmp_path, capsys, one_thread):
+    """A copy conversion of an end-to-end run samples what its source samples; its blocks distil from the source
+    (a copy is its own teacher: the first step's loss is the plain one); compose refuses blocks of another
+    parameterization."""
+    e2e = tmp_path / "e2e"
+    assert main(["train", "--out", str(e2e), "--no-progress", *TINY, "blocks.num_blocks=1", *PARAMS[kind]]) == 0
+    conv = tmp_path / "conv"
+    convert_run(e2e, 2, "copy", conv)
+    drawn = []
+    for run in (e2e, conv):
+        out = tmp_path / f"{run.name}.npz"
+        assert main(["sample", str(run), "--num", "10", "--seed", "3", "--out", str(out), "--no-progress"]) == 0
+        drawn.append(np.load(out)["images"])
+    assert np.array_equal(*drawn)
+    runs = {w: train_run(from_=conv, out=tmp_path / f"w{w}", blocks=[1], progress=False,
+                         overrides=[f"train.distill_weight={w}", "train.steps_per_block=1", "train.log_every=1"])
+            for w in (0, 1)}
+    loss = {w: json.loads((r / "metrics.jsonl").read_text().splitlines()[-1])["loss"] for w, r in runs.items()}
+    assert loss[1] == pytest.approx(loss[0], rel=1e-5)
+    edm = tmp_path / "edm"
+    assert main(["train", "--out", str(edm), "--no-progress", *TINY, "model.depth=6", "blocks.num_blocks=2"]) == 0
+    capsys.readouterr()
+    assert main(["compose", "--block", f"0={conv}", "--block", f"1={edm}", "--out", str(tmp_path / "c")]) != 0
+    assert "another noise axis: noise.parameterization" in capsys.readouterr().err
