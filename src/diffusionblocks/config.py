@@ -2,7 +2,8 @@
 
 The JSON describes *what* is trained (model, noise, blocks, data, optimisation, sampling);
 command-line flags describe *how this process* runs it (device, output directory, resume).
-This module holds the sections every task shares (blocks, train, and EDM's noise levels); each
+This module holds the sections every task shares (blocks, train, and EDM's noise levels, or a model's own
+parameterization of them: `ParameterizedNoiseConfig`); each
 task defines its own model, data and sample sections (`diffusionblocks.tasks`).
 Unknown keys and values of the wrong type are errors, never silently ignored.
 """
