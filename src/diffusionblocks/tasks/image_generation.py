@@ -314,6 +314,11 @@ class ImageGenerationTask(Task):
             return diffusers_dit.split_state_dict(weights, first, last, prefix="inner_model.")
         return take_layers(weights, first, last)
 
+    def pretrained(self, cfg: RunConfig) -> str | None:
+        """model.pretrained, when it holds weights (model.arch='diffusers-dit')."""
+        m = cfg.model
+        return m.pretrained if m.pretrained is not None and diffusers_dit.has_weights(m.pretrained) else None
+
     def distills(self, cfg: RunConfig) -> bool:
         return True
 
