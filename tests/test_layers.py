@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffusionblocks"
 LAYERS = [
     ("errors and seeds", ["errors", "seeding"]),
     ("configuration and utilities", ["config", "options", "precision", "memory", "metrics", "plotting", "distributed"]),
-    ("the math", ["noise", "precond", "sampling", "blocks"]),
+    ("the math", ["noise", "precond", "parameterizations", "sampling", "blocks"]),
     ("models", ["models", "models.layers", "models.dit", "models.diffusers_dit", "models.vit", "models.arlm",
                 "models.mdlm", "models.recurrent"]),
     ("data", ["data", "text", "reference", "generate", "diagnostics"]),

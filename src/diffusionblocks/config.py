@@ -2,7 +2,8 @@
 
 The JSON describes *what* is trained (model, noise, blocks, data, optimisation, sampling);
 command-line flags describe *how this process* runs it (device, output directory, resume).
-This module holds the sections every task shares (blocks, train, and EDM's noise levels); each
+This module holds the sections every task shares (blocks, train, and EDM's noise levels, or a model's own
+parameterization of them: `ParameterizedNoiseConfig`); each
 task defines its own model, data and sample sections (`diffusionblocks.tasks`).
 Unknown keys and values of the wrong type are errors, never silently ignored.
 """
@@ -20,7 +21,7 @@ from typing import Any, ClassVar
 
 from .errors import ConfigError
 
-__all__ = ["BlocksConfig", "ConfigError", "NoiseConfig", "PRECISIONS", "RunConfig", "TrainConfig", "check_choice",
+__all__ = ["BlocksConfig", "ConfigError", "NoiseConfig", "PARAMETERIZATIONS", "ParameterizedNoiseConfig", "PRECISIONS", "RunConfig", "TrainConfig", "check_choice",
            "even_split", "overridden", "read_config_file", "switched_task", "shown_path"]
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
@@ -41,6 +42,51 @@ class NoiseConfig:
             raise ConfigError(f"noise needs 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
         if self.P_std <= 0 or self.sigma_data <= 0:
             raise ConfigError("noise.P_std and noise.sigma_data must be positive")
+
+
+PARAMETERIZATIONS = ("edm", "flow", "vp-eps")
+
+
+@dataclass(frozen=True)
+class ParameterizedNoiseConfig(NoiseConfig):
+    """Gaussian noise levels under the model's own parameterization (`diffusionblocks.parameterizations`): EDM's
+    (the default: preconditioning, log-normal sigma), rectified flow's (SD3, Flux) or DDPM's (DiT). Each field
+    below the first applies to one parameterization; P_mean, P_std and sigma_data to "edm" only, sigma_min and
+    sigma_max to "edm" and "flow" (a "vp-eps" axis spans its timesteps' noise levels)."""
+
+    parameterization: str = "edm"   # "edm", "flow" (predicts v = eps - y at x_t = (1 - t) y + t eps) or "vp-eps"
+                                    # (predicts eps at x_t = sqrt(alpha_bar) y + sqrt(1 - alpha_bar) eps).
+    time_density: str = "logit-normal"  # flow: training density of t before the shift, "logit-normal" or "uniform".
+    logit_mean: float = 0.0         # flow: m of logit(t) ~ N(m, s^2) (SD3: 0).
+    logit_std: float = 1.0          # flow: s (SD3: 1).
+    shift: float = 1.0              # flow: SD3's timestep shift t' = shift t / (1 + (shift - 1) t); 1 = none.
+    timestep_scale: float = 1000.0  # flow: the network's time input is t * timestep_scale (diffusers: 1000).
+    num_timesteps: int = 1000       # vp-eps: T, timesteps 0..T-1.
+    beta_start: float = 1e-4        # vp-eps: betas linear from beta_start...
+    beta_end: float = 0.02          # vp-eps: ...to beta_end (DDPM's).
+
+    OWN_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "flow": ("time_density", "logit_mean", "logit_std", "shift", "timestep_scale"),
+        "vp-eps": ("num_timesteps", "beta_start", "beta_end")}
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("noise.parameterization", self.parameterization, PARAMETERIZATIONS)
+        check_choice("noise.time_density", self.time_density, ("logit-normal", "uniform"))
+        for name in ("logit_std", "shift", "timestep_scale"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"noise.{name} must be positive, got {getattr(self, name)}")
+        if self.num_timesteps < 2:
+            raise ConfigError(f"noise.num_timesteps must be at least 2, got {self.num_timesteps}")
+        if not 0 < self.beta_start <= self.beta_end < 1:
+            raise ConfigError(f"noise needs 0 < beta_start <= beta_end < 1, got {self.beta_start} and {self.beta_end}")
+        default = type(self)()
+        for parameterization, names in self.OWN_FIELDS.items():
+            changed = [n for n in names if getattr(self, n) != getattr(default, n)]
+            if changed and parameterization != self.parameterization:
+                raise ConfigError(f"noise.{changed[0]}={getattr(self, changed[0])!r} applies to "
+                                  f"noise.parameterization={parameterization!r} only, not to "
+                                  f"{self.parameterization!r}: remove it or set the parameterization")
 
 
 @dataclass(frozen=True)

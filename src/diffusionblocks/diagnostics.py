@@ -50,7 +50,9 @@ def chain_diagnostics(model, real: ImageData | Sequence[ImageData], clf: Referen
     ys = [r.images[:n].to(device) for r in reals]  # per block (n, C, H, W)
     y = ys[0]
     sigmas = sigma_grid(model.partition.axis, steps, grid, rho).to(device, torch.float32)
-    sigma_data = model.blocks[0].sigma_data
+    # EDM's weighting and input scaling of the measures; a block of another parameterization (flow, vp-eps) has no
+    # sigma_data of its own and is measured with EDM's default 0.5.
+    sigma_data = getattr(model.blocks[0], "sigma_data", 0.5)
     null = model.blocks[0].inner_model.num_classes
     D_guided = CFGDenoiser(model, guidance, null_class=null) if null > 0 else model
     s_in = y.new_ones([n])

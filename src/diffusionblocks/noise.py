@@ -1,8 +1,9 @@
 """Noise levels, their training density, the partition into blocks, and inference grids.
 
 method.md sections 1, 2 and 4. The partition is built as "equal mass under the training density
-of the noise axis", so the same code partitions EDM's sigma (log-normal density) and, later, the
-masking time t of masked diffusion (density -alpha'(t)); only the `NoiseAxis` differs.
+of the noise axis", so the same code partitions EDM's sigma (log-normal density), the masking time t of
+masked diffusion (density -alpha'(t)), and the time of a model trained with its own parameterization
+(rectified flow's t, DDPM's timesteps) read as a VE noise level sigma; only the `NoiseAxis` differs.
 All schedule arithmetic is done in float64.
 """
 
@@ -124,6 +125,137 @@ class MaskingTime:
 
     def unwarp(self, w: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(w, dtype=_f64)
+
+
+def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """The piecewise-linear function through the points (xp, fp), xp ascending, held constant beyond its ends
+    (numpy.interp), in float64 on x's device."""
+    x = torch.as_tensor(x, dtype=_f64)
+    xp, fp = xp.to(x.device, _f64), fp.to(x.device, _f64)
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)  # xp[i - 1] <= x <= xp[i] inside
+    w = ((x - xp[i - 1]) / (xp[i] - xp[i - 1])).clamp(0, 1)
+    return fp[i - 1] + w * (fp[i] - fp[i - 1])
+
+
+@dataclass(frozen=True)
+class FlowTime:
+    """Rectified flow's time t (SD3, Esser et al. 2024, Eq. 3), read as a VE noise level: x_t = (1 - t) y + t eps
+    is z = x_t / (1 - t) = y + sigma eps with sigma = t / (1 - t).
+
+    The training density of t is SD3's: u ~ logit-normal(m, s) (logit(u) ~ N(m, s^2), their Eq. 19) or uniform,
+    then the timestep shift t = shift u / (1 + (shift - 1) u) (their Eq. 23; shift = 1: none). The axis spans
+    sigma in [sigma_min, sigma_max], t in [sigma_min / (1 + sigma_min), sigma_max / (1 + sigma_max)]; its natural
+    coordinate (`warp`) is t, so boundaries and overlaps read in the model's own time.
+    """
+
+    density: str = "logit-normal"
+    m: float = 0.0
+    s: float = 1.0
+    shift: float = 1.0
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+    @property
+    def lo(self) -> float:
+        return self.sigma_min
+
+    @property
+    def hi(self) -> float:
+        return self.sigma_max
+
+    def time(self, sigma: torch.Tensor) -> torch.Tensor:
+        """t = sigma / (1 + sigma)."""
+        sigma = torch.as_tensor(sigma, dtype=_f64)
+        return sigma / (1 + sigma)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma = t / (1 - t)."""
+        t = torch.as_tensor(t, dtype=_f64)
+        return t / (1 - t)
+
+    def shifted(self, u: torch.Tensor) -> torch.Tensor:
+        """t = shift u / (1 + (shift - 1) u)."""
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    def unshifted(self, t: torch.Tensor) -> torch.Tensor:
+        """u = t / (shift - (shift - 1) t), the inverse of `shifted`."""
+        return t / (self.shift - (self.shift - 1) * t)
+
+    def cdf(self, s: torch.Tensor) -> torch.Tensor:
+        """P(sigma' <= s) = P(u <= unshifted(t(s))): Phi((logit u - m) / s) for logit-normal u, u for uniform."""
+        u = self.unshifted(self.time(s))
+        return Phi((torch.logit(u) - self.m) / self.s) if self.density == "logit-normal" else u
+
+    def icdf(self, q: torch.Tensor) -> torch.Tensor:
+        """sigma(shifted(u)) with u = sigmoid(m + s Phi^-1(q)) (logit-normal) or q (uniform)."""
+        q = torch.as_tensor(q, dtype=_f64)
+        u = torch.sigmoid(self.m + self.s * Phi_inv(q)) if self.density == "logit-normal" else q
+        return self.sigma(self.shifted(u))
+
+    def warp(self, s: torch.Tensor) -> torch.Tensor:
+        return self.time(s)
+
+    def unwarp(self, w: torch.Tensor) -> torch.Tensor:
+        """sigma(t) of t held to [0, 1] (an overlap widened beyond the axis' time reaches sigma = 0 or infinity)."""
+        return self.sigma(torch.as_tensor(w, dtype=_f64).clamp(0, 1))
+
+
+@dataclass(frozen=True)
+class VPTimestep:
+    """DDPM's timesteps k = 0..T-1 (Ho et al. 2020), read as VE noise levels: betas linear from beta_start to
+    beta_end, alpha_bar_k = prod_{i <= k} (1 - beta_i), x_k = sqrt(alpha_bar_k) y + sqrt(1 - alpha_bar_k) eps is
+    z = x_k / sqrt(alpha_bar_k) = y + sigma_k eps with sigma_k = sqrt((1 - alpha_bar_k) / alpha_bar_k) (Karras et
+    al. 2022, Table 1, VP).
+
+    Between timesteps the time is continuous, ln sigma linear in it (k-diffusion's discrete schedules). The
+    training density is uniform over the timesteps, taken continuous: cdf(sigma) = t(sigma) / (T - 1). The
+    axis spans [sigma_0, sigma_{T-1}]; its natural coordinate (`warp`) is the timestep t.
+    """
+
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha_bar_k, k = 0..T-1."""
+        betas = torch.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=_f64)
+        return torch.cumprod(1 - betas, 0)
+
+    def log_sigmas(self) -> torch.Tensor:
+        """ln sigma_k = ln sqrt((1 - alpha_bar_k) / alpha_bar_k), ascending in k."""
+        ab = self.alphas_cumprod()
+        return 0.5 * ((1 - ab) / ab).log()
+
+    @property
+    def lo(self) -> float:
+        return float(self.log_sigmas()[0].exp())
+
+    @property
+    def hi(self) -> float:
+        return float(self.log_sigmas()[-1].exp())
+
+    def time(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The continuous timestep of sigma: ln sigma interpolated between the ln sigma_k."""
+        ln_sigma = torch.as_tensor(sigma, dtype=_f64).log()
+        return interp(ln_sigma, self.log_sigmas(), torch.arange(self.num_timesteps, dtype=_f64))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """The noise level of continuous timestep t, the inverse of `time`."""
+        t = torch.as_tensor(t, dtype=_f64)
+        return interp(t, torch.arange(self.num_timesteps, dtype=_f64), self.log_sigmas()).exp()
+
+    def cdf(self, s: torch.Tensor) -> torch.Tensor:
+        """t(s) / (T - 1): the uniform density over the timesteps."""
+        return self.time(s) / (self.num_timesteps - 1)
+
+    def icdf(self, q: torch.Tensor) -> torch.Tensor:
+        return self.sigma(torch.as_tensor(q, dtype=_f64) * (self.num_timesteps - 1))
+
+    def warp(self, s: torch.Tensor) -> torch.Tensor:
+        return self.time(s)
+
+    def unwarp(self, w: torch.Tensor) -> torch.Tensor:
+        return self.sigma(w)
 
 
 def sample_truncated(axis: NoiseAxis, n: int, lo: float, hi: float, *, generator: torch.Generator | None = None,

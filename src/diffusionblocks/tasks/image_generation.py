@@ -2,7 +2,8 @@
 
 Each block is an EDM denoiser around a DiT of the block's layers, with its own patch, noise and class
 embedders and final layer. A block's loss is EDM's L2 on y + sigma eps, the label dropped to the null
-class with probability model.class_dropout (for classifier-free guidance). Inference is any sampler of
+class with probability model.class_dropout (for classifier-free guidance). noise.parameterization may
+instead make each block a rectified-flow or DDPM network with its own loss and time (`parameterizations`). Inference is any sampler of
 `sampling.py` over the chain of blocks; evaluation is `evaluation.py`'s conditional accuracy, Frechet
 distance, KID and chain diagnostics.
 """
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from ..config import ConfigError, RunConfig, TrainConfig, check_choice
+from ..config import ConfigError, ParameterizedNoiseConfig, RunConfig, TrainConfig, check_choice
 from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data
 from ..diagnostics import write_chain_diagnostics
 from ..evaluation import evaluate_generator, format_evaluation
@@ -27,10 +28,11 @@ from ..generate import class_labels_evenly, generate
 from ..models import diffusers_dit
 from ..models.dit import DiT
 from ..models.layers import take_layers
-from ..noise import GRIDS, Partition
+from ..noise import GRIDS, NoiseAxis, Partition
 from ..options import EvaluateOptions, SampleOptions, option
+from ..parameterizations import denoiser, noise_axis, parameterization
 from ..plotting import image_grid, save_image_grid
-from ..precond import Denoiser, append_dims
+from ..precond import append_dims
 from ..pretrained import from_pretrained
 from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..sampling import SAMPLERS
@@ -130,6 +132,7 @@ class GenerationConfig(RunConfig):
     name: str = "digits-dit"
     task: str = "generate"
     model: DiTModelConfig = field(default_factory=lambda: DiTModelConfig(hidden_size=96))
+    noise: ParameterizedNoiseConfig = field(default_factory=ParameterizedNoiseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps_per_block=800, batch_size=64, lr=2e-3,
                                                                    ema_halflife_steps=100.0))
@@ -188,7 +191,10 @@ def diffusers_block(cfg: GenerationConfig, b: int, generator: torch.Generator | 
     head)."""
     m = cfg.model
     first, last = source_layers(cfg, b)
-    net = diffusers_dit.DiffusersDiT(m.diffusers, cfg.layer_split()[b], has_first_layer=first == 0)
+    # EDM's Denoiser hands the network c_noise; DDPM's and flow's hand it their timestep, diffusers' own input.
+    noise_input = "edm" if parameterization(cfg.noise) == "edm" else "timestep"
+    net = diffusers_dit.DiffusersDiT(m.diffusers, cfg.layer_split()[b], has_first_layer=first == 0,
+                                     noise_input=noise_input)
     net.initialize_weights(generator)
     if m.pretrained is not None and diffusers_dit.has_weights(m.pretrained):
         weights = diffusers_dit.split_state_dict(diffusers_dit.load_pretrained_weights(m.pretrained), first, last)
@@ -276,8 +282,13 @@ class ImageGenerationTask(Task):
     def batch_sampler(self, cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
         return image_batch_sampler(cfg, data, b)
 
-    def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> Denoiser:
-        """An EDM denoiser around a DiT of block b's layers, advertising its training range of sigma."""
+    def noise_axis(self, cfg: RunConfig) -> NoiseAxis:
+        """The axis of noise.parameterization: EDM's sigma, rectified flow's t or DDPM's timesteps, read as sigma."""
+        return noise_axis(cfg.noise)
+
+    def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> torch.nn.Module:
+        """A DiT of block b's layers in the denoiser of noise.parameterization (EDM's by default), advertising its
+        training range of sigma."""
         m = cfg.model
         if m.arch == "diffusers-dit":
             net = diffusers_block(cfg, b, generator)
@@ -287,7 +298,7 @@ class ImageGenerationTask(Task):
                       mlp_ratio=m.mlp_ratio, num_classes=m.num_classes)
             net.initialize_weights(generator)
         lo, hi = self.partition(cfg).training_range(b)
-        return Denoiser(net, sigma_data=cfg.noise.sigma_data, sigma_min=lo, sigma_max=hi)
+        return denoiser(cfg.noise, net, lo, hi)
 
     def loss_inputs(self, cfg: RunConfig, partition: Partition, b: int, batch: tuple[torch.Tensor, torch.Tensor],
                     generator: torch.Generator) -> dict[str, Any]:
@@ -324,7 +335,7 @@ class ImageGenerationTask(Task):
 
     def distillation_inputs(self, cfg: RunConfig, teacher: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """The teacher's D(z, sigma | label) at the block's own z = y + sigma eps (the label as the block sees it),
-        for precond.Denoiser.loss."""
+        for the block's loss (any parameterization's: each reads the teacher's D as its own target)."""
         at = next(teacher.parameters()).device
         y, sigma = inputs["y"].float(), inputs["sigma"].float()
         z = y + append_dims(sigma, y.ndim) * inputs["noise"]
