@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-diffusers-dit", help="directory for the runs")
     parser.add_argument("--num", type=int, default=1000, help="samples evaluate scores")
     parser.add_argument("--skip-train", action="store_true", help="evaluate the runs already in --out")
+    parser.add_argument("--skip-eval", action="store_true", help="read the evaluations already in the runs")
     parser.add_argument("--rounds", type=int, default=7, help="rounds of the interleaved step timing")
     args = parser.parse_args()
     out = Path(args.out)
@@ -87,7 +88,9 @@ def main() -> None:
             wall = run(["train", "--config", preset, "--out", str(run_dir), "--no-progress", *args.overrides])
         eval_dir = run_dir / f"eval-n{args.num}"
         t0 = time.perf_counter()
-        run(["evaluate", str(run_dir), "--num", str(args.num), "--out", str(eval_dir), "--overwrite", "--no-progress"])
+        if not args.skip_eval:
+            run(["evaluate", str(run_dir), "--num", str(args.num), "--out", str(eval_dir), "--overwrite",
+                 "--no-progress"])
         eval_s = time.perf_counter() - t0
         ev = json.loads((eval_dir / "evaluation.json").read_text())
         summary = json.loads((run_dir / "train_summary.json").read_text())
@@ -103,7 +106,7 @@ def main() -> None:
             "peak_train_memory_mib": (summary["peak_train_memory_bytes"] / 2 ** 20
                                       if summary.get("peak_train_memory_bytes") is not None else None),
             "parameters_per_block": params, "parameters": sum(params),
-            "evaluate_s": eval_s,
+            "evaluate_s": None if args.skip_eval else eval_s,
         }
     speed = interleaved_speed(args.rounds, 30)
     for name, per_round in speed.items():

@@ -17,6 +17,7 @@ from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
 from diffusionblocks.convert import convert_run, import_run
 from diffusionblocks.models.diffusers_dit import DiffusersDiT, diffusers_timestep
+from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.tasks import apply_overrides, config_from_dict, default_config, get_task, read_config
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -62,6 +63,11 @@ def weights(run, b):
     return load_file(str(checkpoint.block_weights_path(run, b)))
 
 
+def sample(run, path):
+    assert main(["sample", str(run), "--num", "10", "--seed", "3", "--out", str(path), "--no-progress"]) == 0
+    return np.load(path)["images"]
+
+
 def inputs(n=5, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 8, 8, generator=g)
@@ -91,6 +97,35 @@ def test_raw_output_is_diffusers_forward_for_the_same_weights(tmp_path, out_chan
         theirs = model(x, timestep=diffusers_timestep(c_noise), class_labels=labels).sample
     assert ours.shape == x.shape and theirs.shape[1] == (out_channels or 1)
     assert (ours - theirs[:, :1]).abs().max() <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def imported_vp(pretrained, tmp_path_factory):
+    """The saved model imported as an end-to-end run in DDPM's own parameterization (vp-eps)."""
+    path, _ = pretrained
+    run = tmp_path_factory.mktemp("ddit") / "e2e-vp"
+    cfg = apply_overrides(default_config(), [*TINY, "model.arch=diffusers-dit", f"model.pretrained={path}",
+                                             "blocks.num_blocks=1", "noise.parameterization=vp-eps"])
+    import_run(cfg, run)
+    return run
+
+
+def test_vp_eps_import_predicts_diffusers_epsilon(imported_vp, pretrained):
+    _, model = pretrained
+    block = from_pretrained(imported_vp)[0].blocks[0]
+    x, _, labels = inputs()
+    t = torch.tensor([0.0, 10.0, 250.0, 640.0, 999.0])
+    sigma = block.schedule.sigma(t).float()
+    with torch.no_grad():
+        ours = block.epsilon(x, sigma, class_labels=labels)
+        theirs = model(x, timestep=t, class_labels=labels).sample
+    assert (ours - theirs).abs().max() <= 1e-6
+
+
+def test_vp_eps_copy_conversion_samples_exactly_what_the_import_samples(imported_vp, tmp_path):
+    out = tmp_path / "copy"
+    convert_run(imported_vp, 3, "copy", out)
+    assert np.array_equal(sample(out, tmp_path / "c.npz"), sample(imported_vp, tmp_path / "s.npz"))
 
 
 def test_timesteps_span_diffusers_range_and_grow_with_sigma():
@@ -151,12 +186,7 @@ def test_a_copy_conversion_samples_exactly_what_the_import_samples(imported, tmp
     cfg = convert_run(imported, 2, "copy", out)
     assert cfg.model.depth == 2 * L and cfg.layer_split() == (L, L)
 
-    def sample(run, name):
-        assert main(["sample", str(run), "--num", "10", "--seed", "3", "--out", str(tmp_path / name),
-                     "--no-progress"]) == 0
-        return np.load(tmp_path / name)["images"]
-
-    assert np.array_equal(sample(out, "c.npz"), sample(imported, "s.npz"))
+    assert np.array_equal(sample(out, tmp_path / "c.npz"), sample(imported, tmp_path / "s.npz"))
 
 
 def test_train_sample_and_resume(tmp_path, one_thread):
