@@ -1,4 +1,5 @@
-"""The `diffusionblocks` command: train, sample, evaluate, compare, compose, convert, status, bench memory and speed.
+"""The `diffusionblocks` command: train, sample, evaluate, compare, compose, convert, import, status, bench memory and
+speed.
 
 This module parses the command line and calls the functions that do the work: a run's life is in
 runs.py (train, sample, evaluate, status), which Python code can call the same way.
@@ -22,7 +23,7 @@ from . import rundir, runs
 from .compare import comparison_configs, prepare_out_dir, run_comparison
 from .compose import compose_run, parse_block_sources
 from .config import ConfigError, RunConfig
-from .convert import convert_run
+from .convert import convert_run, import_run
 from .membench import child_main, model_config, run_benchmark
 from .options import EvaluateOptions, SampleOptions, flag, option_type, own_fields
 from .speedbench import parse_modes, run_speed_benchmark
@@ -100,6 +101,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
     logger.info("wrote %s (%s, B=%d blocks of %s layers, --init %s from %s): fine-tune it with train --from %s; "
                 "sample, evaluate, status and compose work on it like on any run", out, cfg.name, cfg.blocks.num_blocks,
                 list(cfg.layer_split()), args.init, args.run, out)
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    runs.check_output_dir(out)
+    cfg = import_run(apply_overrides(load_config(args.config), args.overrides), out)
+    logger.info("wrote %s (%s, B=1, the pretrained model %s): sample, evaluate, convert it into blocks or fine-tune it "
+                "with train --from %s", out, cfg.name, cfg.model.pretrained, out)
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -275,6 +284,15 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
                    "network (L layers per block)")
     p.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("import", help="an end-to-end run (B=1) whose block is a pretrained model (model.pretrained: "
+                       "a diffusers DiT saved by save_pretrained), to sample, evaluate, convert or fine-tune",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides, e.g. "
+                   "model.pretrained=DIR")
+    p.add_argument("--config", required=True, help="JSON config file (see presets/)")
+    p.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("status", help="which blocks of a run are trained, how far, and which are missing")
     p.add_argument("run", metavar="RUN", help="run directory")

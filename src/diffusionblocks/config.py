@@ -299,6 +299,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, name)
+    if origin is dict:  # a JSON object kept as it is (another library's config, e.g. a diffusers model's)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a JSON object, got {value!r}")
+        return json.loads(json.dumps(value))
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

@@ -1,4 +1,5 @@
-"""Blocks from a trained model: an end-to-end run (B=1) converted into a run of B blocks (method.md section 8).
+"""Blocks from a trained model: an end-to-end run (B=1) converted into a run of B blocks (method.md section 8), and
+a pretrained model (a diffusers DiT saved by save_pretrained) imported as such an end-to-end run.
 
     depth   block b is the source's layers [b L/B, (b+1) L/B) with its own copies of the input embedding, the
             noise and condition embedders and the head: an ordinary B-block run of L/B layers per block, whose
@@ -114,6 +115,38 @@ def convert_run(source: str | Path, num_blocks: int, init: str, out: str | Path,
             raise ConfigError(f"could not write the converted run {str(out)!r}: {reason}; nothing of it was left "
                               "behind") from None
         publish(target, out)
+    return cfg
+
+
+def import_run(cfg: RunConfig, out: str | Path) -> RunConfig:
+    """Writes the run `out` (new, or an empty directory): the end-to-end run (B=1) of config cfg whose block is the
+    pretrained model it names (`Task.pretrained`, e.g. model.pretrained of a diffusers DiT), saved as trained (at
+    step train.steps_per_block), so that sample, evaluate, convert and train --from take it. Everything is checked
+    before anything is written."""
+    out = Path(out)
+    task = get_task(cfg.task)
+    if cfg.blocks.num_blocks != 1:
+        raise ConfigError(f"import makes an end-to-end run: blocks.num_blocks must be 1, got {cfg.blocks.num_blocks} "
+                          "(convert the imported run into blocks afterwards)")
+    source = task.pretrained(cfg)
+    if source is None:
+        raise ConfigError("import needs a pretrained model with weights: the config names none (model.pretrained, a "
+                          "directory written by save_pretrained with its weights, for model.arch='diffusers-dit')")
+    data = task.load_data(cfg)
+    task.check_after_training(cfg, data)
+    weights = task.build_block(cfg, 0).state_dict()
+    check_free(out)
+    with staging(out) as target:
+        try:
+            task.prepare_run(cfg, target, data)
+            checkpoint.save_block(target, 0, weights, cfg.train.steps_per_block, cfg, 0.0)
+            rundir.save_config(target, cfg)
+        except (OSError, rundir.CheckpointWriteError) as e:
+            reason = e.reason if isinstance(e, rundir.CheckpointWriteError) else e.strerror or str(e)
+            raise ConfigError(f"could not write the imported run {str(out)!r}: {reason}; nothing of it was left "
+                              "behind") from None
+        publish(target, out)
+    logger.info("imported %s as block 0 of %s", source, out)
     return cfg
 
 

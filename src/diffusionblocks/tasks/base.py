@@ -124,6 +124,11 @@ class Task:
 
     # ---- blocks from a trained model (`diffusionblocks convert`, method.md section 8)
 
+    def pretrained(self, cfg: RunConfig) -> str | None:
+        """The model directory whose weights block 0 of cfg is built from (`build_block` loads them), which
+        `diffusionblocks import` makes an end-to-end run of; None (the default): blocks start from random weights."""
+        return None
+
     def split_weights(self, cfg: RunConfig, weights: dict[str, torch.Tensor], first: int,
                       last: int) -> dict[str, torch.Tensor]:
         """The weights of a block made of layers [first, last) of the end-to-end run of config cfg (B=1), whose one

@@ -26,11 +26,12 @@ from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_
 from ..diagnostics import write_chain_diagnostics
 from ..evaluation import evaluate_generator, format_evaluation
 from ..generate import class_labels_evenly, generate
+from ..models import diffusers_dit
 from ..models.dit import DiT
 from ..models.layers import take_layers
 from ..noise import GRIDS, NoiseAxis, Partition
 from ..options import EvaluateOptions, SampleOptions, option
-from ..parameterizations import denoiser, noise_axis
+from ..parameterizations import denoiser, noise_axis, parameterization
 from ..plotting import image_grid, save_image_grid
 from ..precond import append_dims
 from ..pretrained import from_pretrained
@@ -74,11 +75,35 @@ class ImageModelConfig:
 @dataclass(frozen=True)
 class DiTModelConfig(ImageModelConfig):
     class_dropout: float = 0.1   # Probability of replacing a training label by the null class (for guidance).
+    pretrained: str | None = None  # arch "diffusers-dit": a model directory written by diffusers' save_pretrained
+                                 # (config.json, and weights, which every block built afresh starts from).
+    diffusers: dict[str, Any] | None = None  # arch "diffusers-dit": the DiTTransformer2DModel config (read from
+                                 # model.pretrained when not given); our fields above agree with it or come from it.
 
     def validate(self) -> None:
         super().validate()
         if not 0 <= self.class_dropout < 1:
             raise ConfigError(f"model.class_dropout must be in [0, 1), got {self.class_dropout}")
+        if self.arch != "diffusers-dit":
+            given = [name for name in ("pretrained", "diffusers") if getattr(self, name) is not None]
+            if given:
+                raise ConfigError(f"model.{given[0]} is for model.arch='diffusers-dit' (model.arch={self.arch!r})")
+            return
+        if self.diffusers is None:
+            raise ConfigError("model.arch='diffusers-dit' needs the model's config: model.pretrained (a directory "
+                              "written by save_pretrained) or model.diffusers (a DiTTransformer2DModel config)")
+        ours = {name: getattr(self, name) for name in diffusers_dit.OUR_FIELDS}
+        # A run converted with --init copy chains B whole models: model.depth is B x the model's layers.
+        ours["depth"] = diffusers_dit.derived_fields(self.diffusers)["depth"] if self.copies_whole_model else self.depth
+        message = diffusers_dit.disagreement(ours, self.diffusers)
+        if message:
+            raise ConfigError(message)
+
+    @property
+    def copies_whole_model(self) -> bool:
+        """Whether model.depth counts several whole diffusers models (a run converted with --init copy)."""
+        L = self.diffusers.get("num_layers") if self.diffusers else None
+        return isinstance(L, int) and L > 0 and self.depth != L and self.depth % L == 0
 
 
 @dataclass(frozen=True)
@@ -119,13 +144,69 @@ class GenerationConfig(RunConfig):
 
     @classmethod
     def upgrade_config(cls, d: dict[str, Any]) -> dict[str, Any]:
-        """Configs written before tasks had their own sections carried an unused "classify" section."""
-        return {k: v for k, v in d.items() if k != "classify"}
+        """Configs written before tasks had their own sections carried an unused "classify" section. A
+        diffusers-dit model given as a directory gets its config read from it, and the model fields not given
+        are taken from that config."""
+        d = {k: v for k, v in d.items() if k != "classify"}
+        m = d.get("model")
+        if isinstance(m, dict) and m.get("arch") == "diffusers-dit":
+            d["model"] = with_diffusers_fields(m)
+        return d
 
     def validate(self) -> None:
         """The fields checked by section, then the rules across sections."""
         super().validate()
-        check_choice("model.arch", self.model.arch, ("dit",))
+        check_choice("model.arch", self.model.arch, ("dit", "diffusers-dit"))
+        if self.model.arch == "diffusers-dit" and self.model.copies_whole_model:
+            L = self.model.diffusers["num_layers"]
+            if self.layer_split() != (L,) * self.blocks.num_blocks:
+                whole = [L] * (self.model.depth // L)
+                raise ConfigError(f"model.depth={self.model.depth} is not the diffusers model's num_layers={L}: "
+                                  f"only a chain of whole models (blocks.layers_per_block={whole}, as convert "
+                                  "--init copy writes) may count more layers")
+
+
+def with_diffusers_fields(m: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers-dit model section with model.diffusers read from model.pretrained when not given, and the model
+    fields it leaves out taken from model.diffusers (diffusers not installed: unchanged, for validate to say so)."""
+    if diffusers_dit.DiTTransformer2DModel is None:
+        return m
+    m = dict(m)
+    if m.get("diffusers") is None and isinstance(m.get("pretrained"), str):
+        m["diffusers"] = diffusers_dit.read_pretrained_config(m["pretrained"])
+    if isinstance(m.get("diffusers"), dict):
+        for name, value in diffusers_dit.derived_fields(m["diffusers"]).items():
+            m.setdefault(name, value)
+    return m
+
+
+def source_layers(cfg: GenerationConfig, b: int) -> tuple[int, int]:
+    """The layers [first, last) of the diffusers model that block b is made of: its share of the layer split, or,
+    in a chain of whole models (convert --init copy), all of them."""
+    if cfg.model.copies_whole_model:
+        return 0, cfg.model.diffusers["num_layers"]
+    split = cfg.layer_split()
+    return sum(split[:b]), sum(split[:b + 1])
+
+
+def diffusers_block(cfg: GenerationConfig, b: int, generator: torch.Generator | None) -> diffusers_dit.DiffusersDiT:
+    """Block b's diffusers DiT: transformer blocks of its layers, initialised from `generator`, then, when
+    model.pretrained holds weights, set to those layers of the pretrained model (with copies of its embedding and
+    head)."""
+    m = cfg.model
+    first, last = source_layers(cfg, b)
+    # EDM's Denoiser hands the network c_noise; DDPM's and flow's hand it their timestep, diffusers' own input.
+    noise_input = "edm" if parameterization(cfg.noise) == "edm" else "timestep"
+    net = diffusers_dit.DiffusersDiT(m.diffusers, cfg.layer_split()[b], has_first_layer=first == 0,
+                                     noise_input=noise_input)
+    net.initialize_weights(generator)
+    if m.pretrained is not None and diffusers_dit.has_weights(m.pretrained):
+        weights = diffusers_dit.split_state_dict(diffusers_dit.load_pretrained_weights(m.pretrained), first, last)
+        missing, unexpected = net.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"model.pretrained={m.pretrained!r} does not hold the weights of model.diffusers: "
+                              f"{'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]}")
+    return net
 
 
 # ---- shared by the image tasks
@@ -223,10 +304,13 @@ class ImageGenerationTask(Task):
         """A DiT of block b's layers in the denoiser of noise.parameterization (EDM's by default), advertising its
         training range of sigma."""
         m = cfg.model
-        net = DiT(image_size=m.image_size, in_channels=m.in_channels, patch_size=m.patch_size,
-                  hidden_size=m.hidden_size, depth=cfg.layer_split()[b], num_heads=m.num_heads,
-                  mlp_ratio=m.mlp_ratio, num_classes=m.num_classes)
-        net.initialize_weights(generator)
+        if m.arch == "diffusers-dit":
+            net = diffusers_block(cfg, b, generator)
+        else:
+            net = DiT(image_size=m.image_size, in_channels=m.in_channels, patch_size=m.patch_size,
+                      hidden_size=m.hidden_size, depth=cfg.layer_split()[b], num_heads=m.num_heads,
+                      mlp_ratio=m.mlp_ratio, num_classes=m.num_classes)
+            net.initialize_weights(generator)
         lo, hi = self.partition(cfg).training_range(b)
         return denoiser(cfg.noise, net, lo, hi)
 
@@ -249,8 +333,16 @@ class ImageGenerationTask(Task):
 
     def split_weights(self, cfg: RunConfig, weights: dict[str, torch.Tensor], first: int,
                       last: int) -> dict[str, torch.Tensor]:
-        """DiT layers [first, last), with copies of the patch, noise and class embedders and the final layer."""
+        """DiT layers [first, last), with copies of the patch, noise and class embedders and the final layer (for
+        diffusers' DiT: its transformer blocks, patch embedding and head, and layer 0's embedding for the head)."""
+        if cfg.model.arch == "diffusers-dit":
+            return diffusers_dit.split_state_dict(weights, first, last, prefix="inner_model.")
         return take_layers(weights, first, last)
+
+    def pretrained(self, cfg: RunConfig) -> str | None:
+        """model.pretrained, when it holds weights (model.arch='diffusers-dit')."""
+        m = cfg.model
+        return m.pretrained if m.pretrained is not None and diffusers_dit.has_weights(m.pretrained) else None
 
     def distills(self, cfg: RunConfig) -> bool:
         return True
