@@ -17,7 +17,7 @@ LAYERS = [
     ("configuration and utilities", ["config", "options", "precision", "memory", "metrics", "plotting", "distributed"]),
     ("the math", ["noise", "precond", "sampling", "blocks"]),
     ("models", ["models", "models.layers", "models.dit", "models.vit", "models.arlm", "models.mdlm",
-                "models.recurrent"]),
+                "models.recurrent", "models.hf_llama"]),
     ("data", ["data", "text", "reference", "generate", "diagnostics"]),
     ("the run directory", ["changes", "rundir", "checkpoint"]),
     ("training", ["train"]),
