@@ -170,6 +170,21 @@ def test_ar_and_mdlm_train_sample_resume_through_the_cli(tmp_path):
                      "--no-progress", *(["--prompts", "2", "--new", "3", "--speed-prompts", "1"] if name == "ar"
                                         else ["--repeats", "2", "--strata", "2", "--num", "2"])]) == 0
         assert 0 < json.loads((tmp_path / f"ev-{name}" / "evaluation.json").read_text())["bpc"] < 10
+    ar = tmp_path / "ar"
+    assert main(["compose", "--block", f"0={ar}", "--block", f"1,2={ar}", "--out", str(tmp_path / "mix")]) == 0
+    assert main(["status", str(tmp_path / "mix")]) == 0
+    ours = tmp_path / "ours"
+    assert main(["train", "--out", str(ours), "--no-progress", *AR, "model.backbone=ours", "sample.num=0"]) == 0
+    assert main(["compose", "--block", f"0={ar}", "--block", f"1,2={ours}", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_compare_trains_and_reports_both_on_the_backbone(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--out", str(out), "--num-blocks", "3", "--num", "2", "--no-progress", *MDLM,
+                 f"model.vocab_size={V}", f"data.path={_tiny_text(tmp_path)}", "sample.num=0"]) == 0
+    assert (out / "report.md").is_file()
+    configs = [json.loads(p.read_text()) for p in out.glob("*/config.json")]
+    assert len(configs) == 2 and all(c["model"]["backbone"] == "transformers" for c in configs)
 
 
 @pytest.fixture
@@ -179,12 +194,23 @@ def llama_dir(tmp_path):
     return path
 
 
-def test_pretrained_weights_give_the_source_models_logits(llama_dir):
-    source = transformers.LlamaForCausalLM.from_pretrained(llama_dir).eval()
-    net, _ = _build([*PLAIN, f"model.pretrained={llama_dir}", "model.mlp_ratio=3.9375"])
+@pytest.mark.parametrize("kv_heads, tie", [(2, False), (1, True)])  # grouped keys and values; a tied head
+def test_pretrained_weights_give_the_source_models_logits(tmp_path, kv_heads, tie):
+    path = tmp_path / "llama"
+    _llama(kv_heads, tie=tie).save_pretrained(path)
+    source = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    net, _ = _build([*PLAIN, f"model.pretrained={path}", "model.mlp_ratio=3.9375"])
     tokens = torch.randint(V, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (net.eval()(tokens) - source(input_ids=tokens).logits).abs().max() < 1e-5
+    # The cache through grouped key/value heads, and a masked-diffusion block from the same weights.
+    prompts = tokens[:, :3]
+    assert torch.equal(generate_plain(net, prompts, 6, window=8, seeds=[1, 2]),
+                       generate_plain(net, prompts, 6, window=8, seeds=[1, 2], cache=False))
+    mdlm, _ = _build([*MDLM, "blocks.num_blocks=1", f"model.pretrained={path}", "model.mlp_ratio=3.9375"])
+    assert torch.equal(mdlm.trunk.tok_embed.weight[:V], source.model.embed_tokens.weight)
+    assert torch.equal(mdlm.trunk.layers[2].layer.self_attn.k_proj.weight,
+                       source.model.layers[2].self_attn.k_proj.weight)
 
 
 def test_a_pretrained_run_converts_into_blocks(llama_dir, tmp_path):
