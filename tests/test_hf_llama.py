@@ -258,3 +258,18 @@ def test_bad_model_directories_get_one_message_each(llama_dir, tmp_path):
         apply_overrides(default_config("arlm"), ["model.backbone=transformers", f"model.pretrained={llama_dir}"])
     with pytest.raises(ConfigError, match="model.backbone"):
         apply_overrides(default_config("mdlm"), ["model.backbone=hf"])
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    net, _ = _build(AR)
+    _randomise(net, 2).train()
+    g = torch.Generator().manual_seed(3)
+    tokens, sigma = torch.randint(V, (2, 6), generator=g), torch.rand(2, 6, generator=g) + 0.1
+    noise = torch.randn(2, 6, 16, generator=g)
+    grads = []
+    for on in (False, True):
+        net.zero_grad()
+        net.trunk.checkpointing = on
+        net.loss(tokens, sigma, noise).sum().backward()
+        grads.append([p.grad.clone() for p in net.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
