@@ -250,6 +250,9 @@ def test_bad_model_directories_get_one_message_each(llama_dir, tmp_path):
         build(other)
     with pytest.raises(ConfigError, match="hidden_size=16 but model.hidden_size=32: set model.hidden_size=16"):
         build(llama_dir, "model.hidden_size=32")
+    with pytest.raises(ConfigError, match="intermediate_size=42 but model.mlp_ratio=3.0 gives a SwiGLU width of 32"
+                       ".*set model.mlp_ratio=3.9375 and model.mlp_multiple=1"):
+        _build([*PLAIN, f"model.pretrained={llama_dir}", "model.mlp_ratio=3.0"])
     with pytest.raises(ConfigError, match="vocab_size=11 but model.vocab_size=65"):
         _build([*PLAIN, f"model.pretrained={llama_dir}", "model.mlp_ratio=3.9375"], vocab=65)
     with pytest.raises(ConfigError, match="needs model.backbone='transformers'"):

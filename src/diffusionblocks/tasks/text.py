@@ -109,8 +109,12 @@ def llama_trunk_config(cfg: RunConfig, b: int, vocab_size: int, intermediate_siz
         hf_llama.check_llama_sizes(source, {
             "model.vocab_size": (m.vocab_size, "vocab_size"), "model.hidden_size": (m.hidden_size, "hidden_size"),
             "model.num_heads": (m.num_heads, "num_attention_heads"),
-            "model.mlp_ratio (the SwiGLU width)": (intermediate_size, "intermediate_size"),
             **({"model.depth": (m.depth, "num_hidden_layers")} if cfg.blocks.num_blocks == 1 else {})}, m.pretrained)
+        if source.intermediate_size != intermediate_size:
+            raise ConfigError(f"model.pretrained={m.pretrained!r} has intermediate_size={source.intermediate_size} but "
+                              f"model.mlp_ratio={m.mlp_ratio} gives a SwiGLU width of {intermediate_size} (2/3 * "
+                              f"mlp_ratio * hidden_size, rounded to model.mlp_multiple): set model.mlp_ratio="
+                              f"{1.5 * source.intermediate_size / m.hidden_size:g} and model.mlp_multiple=1")
     return hf_llama.llama_config(vocab_size, m.hidden_size, depth, m.num_heads, intermediate_size, max_positions,
                                  source)
 
