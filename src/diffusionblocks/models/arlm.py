@@ -444,10 +444,12 @@ class CausalLM(nn.Module):
     """The end-to-end baseline: the clean stream alone, position j read out as the distribution of token j + 1."""
 
     def __init__(self, vocab_size: int, hidden_size: int = 128, depth: int = 6, num_heads: int = 4,
-                 mlp_ratio: float = 4.0, mlp_multiple: int = 1):
+                 mlp_ratio: float = 4.0, mlp_multiple: int = 1, trunk: nn.Module | None = None):
+        """trunk: the layers (default: `depth` of our own; `hf_llama.HFTrunk` has the same interface)."""
         super().__init__()
         self.vocab_size = vocab_size
-        self.trunk = _Trunk(vocab_size, hidden_size, depth, num_heads, mlp_ratio, mlp_multiple)
+        self.trunk = trunk if trunk is not None else _Trunk(vocab_size, hidden_size, depth, num_heads, mlp_ratio,
+                                                            mlp_multiple)
         self.norm_final = RMSNorm(hidden_size, eps=1e-6)
         self.head = nn.Linear(hidden_size, vocab_size)
 

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from ..blocks import BridgedDenoiser
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
-from ..models.arlm import ARDenoiser, CausalLM, KVCache
+from ..models.arlm import ARDenoiser, CausalLM, KVCache, swiglu_width
+from ..models.hf_llama import HFTrunk
 from ..noise import Partition, sigma_grid
 from ..options import EvaluateOptions, SampleOptions, option
 from ..precond import append_dims
@@ -47,7 +48,8 @@ from ..sampling import SAMPLERS
 from ..seeding import make_generator, sample_seeds
 from ..text import held_out_windows, usable_logits
 from .base import Evaluation, layers_of_denoiser
-from .text import LlamaModelConfig, TextRunConfig, TextSampleConfig, TextTask
+from .text import (BackboneConfig, LlamaModelConfig, TextRunConfig, TextSampleConfig, TextTask, check_pretrained_run,
+                   llama_trunk_config, load_pretrained)
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ BRIDGES = ("estimate", "softmax", "argmax", "sample")
 
 
 @dataclass(frozen=True)
-class ARModelConfig(LlamaModelConfig):
+class ARModelConfig(BackboneConfig, LlamaModelConfig):
     """The transformer's fields (LlamaModelConfig: V at most hidden_size keeps E orthonormal; the MLP is SwiGLU of
     hidden width 2/3 * mlp_ratio * hidden_size, rounded to model.mlp_multiple) and which network it is."""
 
@@ -65,6 +67,7 @@ class ARModelConfig(LlamaModelConfig):
     def validate(self) -> None:
         super().validate()
         check_choice("model.mode", self.mode, ("diffusion", "plain"))
+        self.check_backbone()
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class AutoregressiveConfig(TextRunConfig):
         if self.model.mode == "plain" and self.blocks.num_blocks != 1:
             raise ConfigError(f"model.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
                               f"got {self.blocks.num_blocks}")
+        check_pretrained_run(self)
 
 
 # ---- generation
@@ -468,13 +472,30 @@ class AutoregressiveTask(TextTask):
         m = cfg.model
         size = dict(hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
                     mlp_multiple=m.mlp_multiple)
+        trunk = None
+        if m.backbone == "transformers":  # transformers' Llama layers, 2 L positions: [noisy ; clean]
+            config = llama_trunk_config(cfg, b, m.vocab_size, swiglu_width(m.hidden_size, m.mlp_ratio, m.mlp_multiple),
+                                        2 * m.seq_len)
+            trunk = HFTrunk(config, m.vocab_size)
         if m.mode == "plain":
-            net = CausalLM(m.vocab_size, depth=m.depth, **size)
+            net = CausalLM(m.vocab_size, depth=m.depth, trunk=trunk, **size)
             net.initialize_weights(generator)
+            if trunk is not None:
+                net.norm_final.eps = trunk.layers[0].layer.input_layernorm.variance_epsilon
+            self.load_pretrained(cfg, b, net, generator, "norm_final.weight")
             return net
         lo, hi = self.partition(cfg).training_range(b)
-        return self.with_run_table(ARDenoiser(m.vocab_size, depth=cfg.layer_split()[b], sigma_data=cfg.noise.sigma_data,
-                                              sigma_min=lo, sigma_max=hi, **size), cfg, generator)
+        net = self.with_run_table(ARDenoiser(m.vocab_size, depth=cfg.layer_split()[b], sigma_data=cfg.noise.sigma_data,
+                                             sigma_min=lo, sigma_max=hi, trunk=trunk, **size), cfg, generator)
+        self.load_pretrained(cfg, b, net, generator, "norm_out.weight")
+        return net
+
+    def load_pretrained(self, cfg: RunConfig, b: int, net: torch.nn.Module, generator: torch.Generator | None,
+                        norm: str) -> None:
+        """A fresh block (built with a generator) of an end-to-end run with model.pretrained starts from its weights
+        (the final norm into `norm`; the head of a denoiser reads its normalised estimate)."""
+        if cfg.model.pretrained and generator is not None and cfg.blocks.num_blocks == 1:
+            load_pretrained(cfg, b, net, "trunk", norm, "head.weight")
 
     def split_weights(self, cfg: RunConfig, weights: dict[str, torch.Tensor], first: int,
                       last: int) -> dict[str, torch.Tensor]:

@@ -25,6 +25,8 @@ import torch
 from matplotlib.figure import Figure
 
 from ..config import ConfigError, RunConfig, check_choice
+from ..models.arlm import swiglu_width
+from ..models.hf_llama import HFMaskedDiffusion
 from ..models.layers import take_layers
 from ..models.mdlm import T_FLOOR, MaskedDiffusionTransformer
 from ..noise import MaskingTime, Partition
@@ -34,15 +36,23 @@ from ..report import equal_compute, markdown_table, memory_note, plot_loss_curve
 from ..seeding import derive_seed, make_generator
 from ..text import Vocabulary, held_out_windows, usable_logits
 from .base import Evaluation
-from .text import TextModelConfig, TextRunConfig, TextSampleConfig, TextTask
+from .text import (BackboneConfig, TextModelConfig, TextRunConfig, TextSampleConfig, TextTask, check_pretrained_run,
+                   llama_trunk_config, load_pretrained)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MaskedLMConfig(TextModelConfig):
+class MaskedLMConfig(BackboneConfig, TextModelConfig):
+    """Our trunk is DiT's layers (LayerNorm, GELU MLP, learned positions); backbone "transformers" is Llama's (RMSNorm,
+    rotary positions, SwiGLU of hidden width 2/3 * mlp_ratio * hidden_size), bidirectional."""
+
     seq_len: int = 256           # Characters per training sequence (and the longest the model takes).
     hidden_size: int = 256       # Transformer width.
+
+    def validate(self) -> None:
+        super().validate()
+        self.check_backbone()
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,7 @@ class MaskedDiffusionConfig(TextRunConfig):
         if self.data.tokenizer != "char":
             raise ConfigError("the masked-diffusion task reads characters (its bits per character are the ELBO's per "
                               "token): data.tokenizer='bpe' is for the arlm task")
+        check_pretrained_run(self)
 
 
 # ---- sampling and the ELBO
@@ -189,6 +200,13 @@ class MaskedDiffusionTask(TextTask):
         m = cfg.model
         partition = self.partition(cfg)
         lo, hi = partition.training_range(b)
+        if m.backbone == "transformers":
+            config = llama_trunk_config(cfg, b, m.vocab_size + 1, swiglu_width(m.hidden_size, m.mlp_ratio), m.seq_len)
+            net = HFMaskedDiffusion(config, m.vocab_size, m.seq_len, axis=partition.axis, t_min=lo, t_max=hi)
+            net.initialize_weights(generator)
+            if m.pretrained and generator is not None and cfg.blocks.num_blocks == 1:
+                load_pretrained(cfg, b, net, "trunk", "norm_final.weight", "head.weight")
+            return net
         net = MaskedDiffusionTransformer(m.vocab_size, m.seq_len, m.hidden_size, cfg.layer_split()[b], m.num_heads,
                                          m.mlp_ratio, axis=partition.axis, t_min=lo, t_max=hi)
         net.initialize_weights(generator)
@@ -217,6 +235,7 @@ class MaskedDiffusionTask(TextTask):
 
     def check_after_training(self, cfg: RunConfig, data: Any) -> None:
         """The samples after training keep sample.prompt: it must be of the vocabulary and leave room."""
+        self.check_pretrained(cfg)
         if cfg.sample.num:
             self._prompt(data.vocab, cfg.sample.prompt, cfg.model.seq_len, "sample.prompt")
 

@@ -12,9 +12,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, check_choice
+from ..models import hf_llama
 from ..models.arlm import CausalLM
-from ..models.layers import label_embedding_table
+from ..models.layers import label_embedding_table, take_layers
 from ..pretrained import from_pretrained
 from ..rundir import save_text
 from ..seeding import make_generator
@@ -62,6 +63,69 @@ class LlamaModelConfig(TextModelConfig):
         super().validate()
         if self.mlp_multiple < 1:
             raise ConfigError(f"model.mlp_multiple must be at least 1, not {self.mlp_multiple}")
+
+
+BACKBONES = ("ours", "transformers")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Which layers make the trunk (the autoregressive and masked-diffusion tasks; `models.hf_llama`)."""
+
+    backbone: str = "ours"       # "ours" or "transformers": transformers' LlamaDecoderLayer with our adaLN around it
+                                 # (pip install 'diffusionblocks[hf]').
+    pretrained: str = ""         # backbone "transformers": a directory written by LlamaForCausalLM / LlamaModel
+                                 # .save_pretrained whose weights (embeddings, layers, final norm, head) start an
+                                 # end-to-end (B=1) run; its sizes must be the model section's. A B>1 run keeps it
+                                 # only as the record of the run it was converted from.
+
+    def check_backbone(self) -> None:
+        check_choice("model.backbone", self.backbone, BACKBONES)
+        if self.backbone == "transformers":
+            hf_llama.require_transformers()
+            if (self.hidden_size // self.num_heads) % 2:
+                raise ConfigError(f"model.backbone='transformers' rotates pairs of a head's dimensions: "
+                                  f"model.hidden_size={self.hidden_size} / model.num_heads={self.num_heads} is odd")
+        elif self.pretrained:
+            raise ConfigError("model.pretrained loads a transformers Llama: it needs model.backbone='transformers'")
+
+
+def check_pretrained_run(cfg: RunConfig) -> None:
+    """A cross-section rule of model.pretrained: it starts an end-to-end run; a B>1 run has it only when converted
+    from one (train.teacher names the source)."""
+    if cfg.model.pretrained and cfg.blocks.num_blocks != 1 and not cfg.train.teacher:
+        raise ConfigError(f"model.pretrained starts an end-to-end run (blocks.num_blocks=1), not "
+                          f"{cfg.blocks.num_blocks} blocks: train it with B=1, then `diffusionblocks convert` it")
+
+
+def llama_trunk_config(cfg: RunConfig, b: int, vocab_size: int, intermediate_size: int, max_positions: int):
+    """The LlamaConfig of block b's layers: the model section's sizes, or model.pretrained's config (checked against
+    them) with block b's depth."""
+    m = cfg.model
+    depth = cfg.layer_split()[b]
+    source = None
+    if m.pretrained:
+        source = hf_llama.read_llama_config(m.pretrained)
+        hf_llama.check_llama_sizes(source, {
+            "model.vocab_size": (m.vocab_size, "vocab_size"), "model.hidden_size": (m.hidden_size, "hidden_size"),
+            "model.num_heads": (m.num_heads, "num_attention_heads"),
+            **({"model.depth": (m.depth, "num_hidden_layers")} if cfg.blocks.num_blocks == 1 else {})}, m.pretrained)
+        if source.intermediate_size != intermediate_size:
+            raise ConfigError(f"model.pretrained={m.pretrained!r} has intermediate_size={source.intermediate_size} but "
+                              f"model.mlp_ratio={m.mlp_ratio} gives a SwiGLU width of {intermediate_size} (2/3 * "
+                              f"mlp_ratio * hidden_size, rounded to model.mlp_multiple): set model.mlp_ratio="
+                              f"{1.5 * source.intermediate_size / m.hidden_size:g} and model.mlp_multiple=1")
+    return hf_llama.llama_config(vocab_size, m.hidden_size, depth, m.num_heads, intermediate_size, max_positions,
+                                 source)
+
+
+def load_pretrained(cfg: RunConfig, b: int, net: torch.nn.Module, trunk: str, norm: str, head: str) -> None:
+    """model.pretrained's weights into block b of an end-to-end run (B=1): embeddings, layers, final norm, head."""
+    m = cfg.model
+    weights = hf_llama.pretrained_weights(m.pretrained)
+    tied = bool(getattr(hf_llama.read_llama_config(m.pretrained), "tie_word_embeddings", False))
+    named = hf_llama.our_names(weights, trunk, norm, head, m.depth, tied)
+    hf_llama.load_into(net, take_layers(named, 0, m.depth), m.pretrained)
 
 
 def run_token_embedding(cfg: RunConfig) -> torch.Tensor:
@@ -123,11 +187,18 @@ class TextTask(Task):
     def check_after_training(self, cfg: RunConfig, data: Any) -> None:
         """The samples after training continue sample.prompt, or (where the sample section has prompt_chars, as the
         AR and recurrent tasks') sample.num held-out prompts of sample.prompt_chars."""
+        self.check_pretrained(cfg)
         s = cfg.sample
         if s.num and s.prompt:
             data.vocab.encode(s.prompt, "sample.prompt")
         elif s.num and hasattr(s, "prompt_chars"):
             self.held_out_prompts(data.test, s.num, s.prompt_chars, ("sample.num", "sample.prompt_chars"))
+
+    def check_pretrained(self, cfg: RunConfig) -> None:
+        """model.pretrained of an end-to-end run, read, checked against the model section and loaded into block 0 once
+        before anything is trained (a directory without config.json, of another class or other sizes stops here)."""
+        if getattr(cfg.model, "pretrained", "") and cfg.blocks.num_blocks == 1:
+            self.build_block(cfg, 0, make_generator(cfg.train.seed, 0, "init"))
 
     def prepare_run(self, cfg: RunConfig, run_dir: Path, data: Any) -> None:
         """vocab.json: the vocabulary the data was read through (a new run's, or the run's own, left as it is)."""
