@@ -18,7 +18,7 @@ LAYERS = [
     ("the math", ["noise", "precond", "sampling", "blocks"]),
     ("models", ["models", "models.layers", "models.dit", "models.vit", "models.arlm", "models.mdlm",
                 "models.recurrent"]),
-    ("data", ["data", "text", "reference", "generate", "diagnostics"]),
+    ("data", ["data", "text", "reference", "latents", "generate", "diagnostics"]),
     ("the run directory", ["changes", "rundir", "checkpoint"]),
     ("training", ["train"]),
     ("evaluation and reports", ["evaluation", "report"]),
