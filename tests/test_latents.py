@@ -11,6 +11,7 @@ from conftest import TINY
 from diffusers import AutoencoderKL, UNet2DModel
 from safetensors.torch import load_file, save_file
 
+from diffusionblocks.compose import compose_run
 from diffusionblocks.config import ConfigError
 from diffusionblocks.data import DataConfig, load_image_data
 from diffusionblocks.latents import RUN_FILE, LatentDataConfig, encode_splits, load_vae
@@ -130,3 +131,11 @@ def test_train_sample_evaluate_and_resume_on_digits_latents(vaes, tmp_path, one_
     # Fine-tuning with another VAE is refused: the blocks were trained in the first one's latents.
     with pytest.raises(ConfigError, match="is not the VAE the blocks"):
         train_run(from_=whole, blocks=[1], out=tmp_path / "other", overrides=[f"data.vae={vaes[1]}"], progress=False)
+    # A composed run carries its sources' VAE record; blocks of runs in different latent spaces do not chain.
+    compose_run({0: whole, 1: part, 2: whole}, tmp_path / "composed")
+    assert (tmp_path / "composed" / RUN_FILE).read_bytes() == (whole / RUN_FILE).read_bytes()
+    assert sample_run(tmp_path / "composed", out=str(tmp_path / "c.png"), num=10, steps=4).is_file()
+    other = train_run(out=tmp_path / "b", overrides=[*latent_overrides(vaes[1], tmp_path / "cache"),
+                                                     "sample.samples_per_class=1"], progress=False)
+    with pytest.raises(ConfigError, match="latents of another VAE"):
+        compose_run({0: whole, 1: other, 2: whole}, tmp_path / "mixed")
