@@ -90,11 +90,11 @@ def evaluate_generator(model, cfg: RunConfig, run_dir: str | Path, *, num_sample
         result.update({"fd_vae_floor": frechet_distance(f_vae, f_test), "vae": str(space.path),
                        "kid_vae_floor": kernel_distance(f_vae, f_test, subset_size=min(1000, len(data.test)),
                                                         seed=seed)[0]})
-    if diagnostics:
-        result["chain"] = chain_diagnostics(model, data.test if latent is None else latent[1].test, clf,
-                                            decode=None if latent is None else latent[0].decode, num=min(500, len(data.test)), steps=steps,
+    if diagnostics:  # for a latent model, on held-out latents, its estimates decoded for the classifier
+        held_out, decode = (data.test, None) if latent is None else (latent[1].test, latent[0].decode)
+        result["chain"] = chain_diagnostics(model, held_out, clf, num=min(500, len(data.test)), steps=steps,
                                             sampler=sampler, guidance=guidance, grid=grid, rho=s.rho, seed=seed,
-                                            device=device)
+                                            device=device, decode=decode)
     return result, images
 
 

@@ -105,10 +105,11 @@ class LatentSpace:
     @torch.no_grad()
     def encode(self, images: torch.Tensor, noise: torch.Tensor | None = None, progress: bool | None = False
                ) -> torch.Tensor:
-        """z = (mu - shift) * scale, or (mu + std * noise - shift) * scale with noise (N, c, h, w); in batches."""
+        """z = (mu - shift) * scale, or (mu + std * noise - shift) * scale with noise (N, c, h, w); in batches.
+        progress: a bar; None: a bar on a terminal only."""
         out = []
-        for i in tqdm(range(0, len(images), self.batch_size), desc="encoding images", disable=not progress,
-                      unit="batch"):
+        for i in tqdm(range(0, len(images), self.batch_size), desc="encoding images", unit="batch",
+                      disable=None if progress is None else not progress):
             posterior = self.vae.encode(images[i:i + self.batch_size].to(self.device)).latent_dist
             z = posterior.mean
             if noise is not None:

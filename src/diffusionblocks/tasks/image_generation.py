@@ -365,7 +365,9 @@ def write_generation_report(out_dir: Path, configs: dict[int, RunConfig], result
     lines += ["", f"Real-vs-real floor ({r1['num_real_floor']} real training images vs the held-out set): "
               f"FD {r1['fd_real_floor']:.3f}, KID {r1['kid_real_floor']:.4f}. Reference classifier: held-out accuracy "
               f"{r1['reference_classifier']['heldout_accuracy']:.4f} on {r1['reference_classifier']['num_heldout']} "
-              "images.", "",
+              "images." + (f" VAE reconstruction floor (the same real images encoded and decoded by {r1['vae']}): FD "
+                           f"{r1['fd_vae_floor']:.3f}, KID {r1['kid_vae_floor']:.4f}." if "fd_vae_floor" in r1 else ""),
+              "",
               memory_note(r1) + " Sampling time: all samples, the same number of steps for every B (each step runs "
               "one block's layers).",
               "", "## Chain diagnostics (composition)", "",
