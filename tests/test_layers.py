@@ -19,7 +19,7 @@ LAYERS = [
     ("models", ["models", "models.layers", "models.dit", "models.diffusers_dit", "models.vit", "models.arlm",
                 "models.mdlm", "models.recurrent",
                 "models.hf_llama"]),
-    ("data", ["image_folder", "hf_datasets", "data", "text", "reference", "generate", "diagnostics"]),
+    ("data", ["image_folder", "hf_datasets", "data", "text", "reference", "latents", "generate", "diagnostics"]),
     ("the run directory", ["changes", "rundir", "checkpoint"]),
     ("training", ["train"]),
     ("evaluation and reports", ["evaluation", "report"]),

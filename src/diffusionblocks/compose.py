@@ -12,6 +12,7 @@ partition, and the model's shape (for images: size, channels and classes; one mo
                              source asked of it, sha256 (checked by status and whenever the block is loaded)
     RUN/metrics.jsonl        each block's rows of its source's metrics
     RUN/vocab.json           a copy of the sources' vocabulary (text tasks), which they must share
+    RUN/latents.json         a copy of the sources' record of their VAE (latent diffusion), which they must share
 
 The run is written into a hidden sibling of RUN (.RUN.compose.HOST.PID.XXXX.tmp) and renamed into place
 in one step: of two composes into one RUN only one succeeds, and a compose killed at any instant leaves
@@ -36,6 +37,7 @@ from typing import Any
 from . import checkpoint, rundir
 from .changes import COMPOSE, changeable, first_difference, identity, refused_overrides
 from .config import ConfigError, RunConfig
+from .latents import RUN_FILE as LATENTS_FILE
 from .tasks import apply_overrides, get_task, read_config
 from .text import VOCAB_FILE, vocabulary_difference
 
@@ -123,9 +125,25 @@ def check_vocabularies(sources: dict[int, Path]) -> None:
 
 
 def copy_vocabulary(sources: dict[int, Path], out: Path) -> None:
-    """The sources' vocabulary (they share one: `check_vocabularies`), byte for byte into the composed run `out`."""
-    if (sources[0] / VOCAB_FILE).is_file():
-        _copy(sources[0] / VOCAB_FILE, out / VOCAB_FILE)
+    """The sources' vocabulary (they share one: `check_vocabularies`), byte for byte into the composed run `out`, and
+    the record of their VAE (latent diffusion; they share one: `check_latent_spaces`)."""
+    for name in (VOCAB_FILE, LATENTS_FILE):
+        if (sources[0] / name).is_file():
+            _copy(sources[0] / name, out / name)
+
+
+def check_latent_spaces(sources: dict[int, Path]) -> None:
+    """Refuses blocks trained in the latents of different VAEs (or some in latents, some in pixels)."""
+    def vae(run: Path) -> str | None:
+        path = run / LATENTS_FILE
+        return json.loads(path.read_text()).get("vae_sha256") if path.is_file() else None
+
+    first = vae(sources[0])
+    for b, run in sorted(sources.items()):
+        if vae(run) != first:
+            raise ConfigError(f"block {b} of {str(run)!r} cannot chain with block 0 of {str(sources[0])!r}: its "
+                              f"blocks were trained in the latents of another VAE ({LATENTS_FILE}: sha256 "
+                              f"{(vae(run) or 'none, pixels')[:16]}, not {(first or 'none, pixels')[:16]})")
 
 
 def source_record(run: Path, b: int, cfg: RunConfig, carry: bool = True) -> dict[str, Any]:
@@ -200,6 +218,7 @@ def compose_run(sources: dict[int, Path], out: Path, overrides: list[str] = ()) 
     """
     ref, configs = check_sources(sources)
     check_vocabularies(sources)
+    check_latent_spaces(sources)
     bad = refused_overrides(ref, overrides, COMPOSE, restated_ok=False)
     if bad:
         raise ConfigError(f"override {bad[0]!r}: a composed run may only set {', '.join(changeable(COMPOSE, ref))}; "

@@ -16,7 +16,7 @@ hands each block exactly the distribution it was trained on).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,16 @@ from .seeding import make_generator
 @torch.no_grad()
 def chain_diagnostics(model, real: ImageData | Sequence[ImageData], clf: ReferenceClassifier, *, num: int = 500,
                       steps: int = 50, sampler: str = "euler", guidance: float = 2.0, grid: str = "quantile",
-                      rho: float = 7.0, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
+                      rho: float = 7.0, seed: int = 0, device: str | torch.device = "cpu",
+                      decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """Per-step and per-block oracle vs chain measures for a class-conditional BlockwiseDenoiser.
 
     real: held-out images, or one set per block (a composed model's blocks trained on other domains: each
     block's oracle is its own training distribution); the sets must carry the same labels in the same order.
+    decode: for a model of latents (`real` holds latents), maps its estimates to the pixel images the classifier
+    judges; the input shift is then measured between latents.
     """
+    judged = (lambda x: x.clamp(-1, 1)) if decode is None else (lambda x: decode(x).clamp(-1, 1))  # noqa: E731
     reals = [real] * model.num_blocks if isinstance(real, ImageData) else list(real)
     n = min(num, *(len(r) for r in reals))
     labels = reals[0].labels[:n].to(device)  # (n,)
@@ -74,8 +78,8 @@ def chain_diagnostics(model, real: ImageData | Sequence[ImageData], clf: Referen
         c_in = float(get_scalings(sigmas[i], sigma_data)[2])
         rows.append({
             "step": i, "sigma": float(sigmas[i]), "block": b,
-            "oracle_accuracy": float((predict(clf, D_oracle.clamp(-1, 1)) == labels.cpu()).double().mean()),
-            "chain_accuracy": float((predict(clf, D_chain.clamp(-1, 1)) == labels.cpu()).double().mean()),
+            "oracle_accuracy": float((predict(clf, judged(D_oracle)) == labels.cpu()).double().mean()),
+            "chain_accuracy": float((predict(clf, judged(D_chain)) == labels.cpu()).double().mean()),
             "oracle_weighted_mse": float((loss_weight(sigma, sigma_data)
                                           * (D_oracle - y).pow(2).flatten(1).mean(1)).mean()),
             "input_shift_fd": frechet_distance(c_in * x_i, c_in * z),

@@ -8,7 +8,6 @@ training images and the held-out images: the floor that makes the number readabl
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,22 +15,15 @@ from typing import Any
 import torch
 
 from .config import ConfigError, RunConfig
-from .data import load_image_data
+from .data import ImageSplits, load_image_data
 from .diagnostics import chain_diagnostics
 from .generate import class_labels_evenly, generate
+from .latents import LatentSpace, default_cache_dir
 from .metrics import frechet_distance, kernel_distance
 from .reference import accuracy, conditional_accuracy, load_or_train_reference_classifier
 from .seeding import make_generator
 
 logger = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    """Where reference classifiers are cached: $DIFFUSIONBLOCKS_CACHE, else ~/.cache/diffusionblocks."""
-    env = os.environ.get("DIFFUSIONBLOCKS_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffusionblocks"
 
 
 @torch.no_grad()
@@ -46,9 +38,15 @@ def evaluate_generator(model, cfg: RunConfig, run_dir: str | Path, *, num_sample
                        steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                        grid: str | None = None, seed: int = 0, diagnostics: bool = True,
                        device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
-                       progress: bool = False) -> tuple[dict[str, Any], torch.Tensor]:
+                       progress: bool = False, latent: tuple[LatentSpace, ImageSplits] | None = None
+                       ) -> tuple[dict[str, Any], torch.Tensor]:
     """Evaluates the class-conditional generator `model` (the run run_dir, loaded); returns (metrics, the generated
-    images)."""
+    images).
+
+    latent: for a model of latents, the VAE and the run's cached latents: samples are decoded before they are judged,
+    and the VAE's reconstruction of the real training images gives a second floor (what a perfect model of the
+    latents would score).
+    """
     if cfg.model.num_classes == 0:
         raise ConfigError("evaluate needs a class-conditional model (model.num_classes > 0)")
     s = cfg.sample
@@ -63,7 +61,8 @@ def evaluate_generator(model, cfg: RunConfig, run_dir: str | Path, *, num_sample
     t0 = time.perf_counter()
     images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
                       num_classes=m.num_classes, steps=steps, sampler=sampler, guidance=guidance, grid=grid,
-                      rho=s.rho, seed=seed, device=device, progress=progress)
+                      rho=s.rho, seed=seed, device=device, progress=progress,
+                      decode=None if latent is None else latent[0].decode)
     sampling_s = time.perf_counter() - t0
 
     # Real-vs-real floor: as many real training images as samples, against the same held-out set.
@@ -85,10 +84,17 @@ def evaluate_generator(model, cfg: RunConfig, run_dir: str | Path, *, num_sample
                                  "num_heldout": len(data.test), "num_train": len(data.train),
                                  "path": clf_meta.get("path"), "cached": clf_meta.get("cached")},
     }
-    if diagnostics:
-        result["chain"] = chain_diagnostics(model, data.test, clf, num=min(500, len(data.test)), steps=steps,
+    if latent is not None:  # the floor of latent diffusion: decode(encode(x)) for the real training images of the floor
+        space, latents = latent
+        f_vae = features(clf, space.decode(latents.train.images[perm]).clamp(-1, 1))
+        result.update({"fd_vae_floor": frechet_distance(f_vae, f_test), "vae": str(space.path),
+                       "kid_vae_floor": kernel_distance(f_vae, f_test, subset_size=min(1000, len(data.test)),
+                                                        seed=seed)[0]})
+    if diagnostics:  # for a latent model, on held-out latents, its estimates decoded for the classifier
+        held_out, decode = (data.test, None) if latent is None else (latent[1].test, latent[0].decode)
+        result["chain"] = chain_diagnostics(model, held_out, clf, num=min(500, len(data.test)), steps=steps,
                                             sampler=sampler, guidance=guidance, grid=grid, rho=s.rho, seed=seed,
-                                            device=device)
+                                            device=device, decode=decode)
     return result, images
 
 
@@ -101,6 +107,8 @@ def format_evaluation(r: dict[str, Any]) -> str:
         f"  FD {r['fd']:.3f}  (real-vs-real floor {r['fd_real_floor']:.3f}: {r['num_real_floor']} real vs "
         f"{r['num_heldout']} held-out)",
         f"  KID {r['kid']:.5f} +- {r['kid_std']:.5f}  (floor {r['kid_real_floor']:.5f})",
+        *([f"  VAE reconstruction floor: FD {r['fd_vae_floor']:.3f}, KID {r['kid_vae_floor']:.5f} (the real images "
+           f"encoded and decoded by {r['vae']})"] if "fd_vae_floor" in r else []),
         f"  reference classifier: held-out accuracy {r['reference_classifier']['heldout_accuracy']:.4f} "
         f"on {r['reference_classifier']['num_heldout']} images",
         f"  sampling {r['sampling_s']:.1f} s",

@@ -25,11 +25,13 @@ def class_labels_evenly(num: int, num_classes: int) -> torch.Tensor:
 def generate(model, labels: torch.Tensor, *, image_shape: tuple[int, ...], num_classes: int, steps: int = 50,
              sampler: str = "euler", guidance: float = 2.0, grid: str = "quantile", rho: float = 7.0, seed: int = 0,
              batch_size: int = 500, device: str | torch.device = "cpu", progress: bool = False,
-             callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+             callback: Callable[[dict], None] | None = None,
+             decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Samples images for `labels` from `model` (a BlockwiseDenoiser); returns float32 N x C x H x W in [-1, 1].
 
     Sample i starts from the noise of seed (seed, i), whatever the batch size. callback: called after each
     step of each batch with the sampler's dict (x, i, sigma, denoised...) and "batch_start", the batch's first index.
+    decode: maps each batch of samples (of image_shape, a latent) to pixel images (latents.LatentSpace.decode).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
@@ -43,5 +45,7 @@ def generate(model, labels: torch.Tensor, *, image_shape: tuple[int, ...], num_c
         extra = {"class_labels": labels[idx].to(device)} if num_classes > 0 else {}
         step_callback = None if callback is None else lambda d, start=start: callback({**d, "batch_start": start})
         x = SAMPLERS[sampler](D, x, sigmas, extra_args=extra, callback=step_callback, disable=not progress)
+        if decode is not None:
+            x = decode(x)
         out.append(x.clamp(-1, 1).float().cpu())
     return torch.cat(out)

@@ -22,10 +22,11 @@ import torch
 from matplotlib.figure import Figure
 
 from ..config import ConfigError, ParameterizedNoiseConfig, RunConfig, TrainConfig, check_choice
-from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data
+from ..data import BatchSampler, ImageData, ImageSplits, load_image_data
 from ..diagnostics import write_chain_diagnostics
 from ..evaluation import evaluate_generator, format_evaluation
 from ..generate import class_labels_evenly, generate
+from ..latents import LatentDataConfig, check_run, load_latents, load_vae, record, run_decoder
 from ..models import diffusers_dit
 from ..models.dit import DiT
 from ..models.layers import take_layers
@@ -137,7 +138,7 @@ class GenerationConfig(RunConfig):
     task: str = "generate"
     model: DiTModelConfig = field(default_factory=lambda: DiTModelConfig(hidden_size=96))
     noise: ParameterizedNoiseConfig = field(default_factory=ParameterizedNoiseConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: LatentDataConfig = field(default_factory=LatentDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps_per_block=800, batch_size=64, lr=2e-3,
                                                                    ema_halflife_steps=100.0))
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -288,7 +289,24 @@ class ImageGenerationTask(Task):
     evaluate_options = ImageEvaluateOptions
 
     def load_data(self, cfg: RunConfig) -> ImageSplits:
-        return load_matching_images(cfg, conditional_ok=True)
+        if cfg.data.vae is None:
+            return load_matching_images(cfg, conditional_ok=True)
+        return _latents(cfg)[0]
+
+    # ---- latent diffusion (data.vae): the blocks train on cached latents; their samples are decoded
+
+    def load_run_data(self, cfg: RunConfig, run_dir: Path) -> ImageSplits:
+        """The data, and for a latent run the VAE checked against the one the run's blocks were trained in."""
+        if cfg.data.vae is None:
+            return self.load_data(cfg)
+        latents, space = _latents(cfg)
+        check_run(run_dir, space)
+        return latents
+
+    def prepare_run(self, cfg: RunConfig, run_dir: Path, data: ImageSplits) -> None:
+        """A latent run records its VAE (latents.json)."""
+        if cfg.data.vae is not None:
+            record(run_dir, cfg.data, load_vae(cfg.data.vae, batch_size=cfg.data.vae_batch_size))
 
     def batch_sampler(self, cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
         return image_batch_sampler(cfg, data, b)
@@ -367,7 +385,8 @@ class ImageGenerationTask(Task):
         labels = class_labels_evenly(k * s.samples_per_class, k)
         images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
                           num_classes=m.num_classes, steps=s.steps, sampler=s.sampler, guidance=s.guidance,
-                          grid=s.grid, rho=s.rho, seed=cfg.train.seed, device=device)
+                          grid=s.grid, rho=s.rho, seed=cfg.train.seed, device=device,
+                          decode=_decoder(cfg, run_dir, device))
         save_image_grid(images, run_dir / "samples.png", nrow=s.samples_per_class)
         logger.info("samples.png: one row per class")
         return {}
@@ -389,7 +408,8 @@ class ImageGenerationTask(Task):
         images = generate(model, labels, image_shape=(m.in_channels, m.image_size, m.image_size),
                           num_classes=m.num_classes, steps=steps, sampler=options.sampler or s.sampler,
                           guidance=guidance, grid=options.grid or s.grid, rho=s.rho, seed=options.seed,
-                          device=options.device, progress=options.progress)
+                          device=options.device, progress=options.progress,
+                          decode=_decoder(cfg, run_dir, options.device))
         out = Path(options.out)
         if out.suffix.lower() == ".npz":
             np.savez(out, images=images.numpy().astype(np.float32), labels=labels.numpy().astype(np.int64))
@@ -412,7 +432,8 @@ class ImageGenerationTask(Task):
         result, images = evaluate_generator(model, cfg, run_dir, num_samples=options.num, steps=steps, sampler=sampler,
                                             guidance=guidance, grid=options.grid, seed=options.seed,
                                             diagnostics=options.diagnostics, device=options.device,
-                                            cache_dir=options.cache_dir, progress=options.progress)
+                                            cache_dir=options.cache_dir, progress=options.progress,
+                                            latent=_latent_evaluation(cfg, run_dir, options.device))
         return Evaluation(result, images)
 
     def evaluation_name(self, cfg: RunConfig, options: ImageEvaluateOptions) -> str:
@@ -458,7 +479,9 @@ def write_generation_report(out_dir: Path, configs: dict[int, RunConfig], result
     lines += ["", f"Real-vs-real floor ({r1['num_real_floor']} real training images vs the held-out set): "
               f"FD {r1['fd_real_floor']:.3f}, KID {r1['kid_real_floor']:.4f}. Reference classifier: held-out accuracy "
               f"{r1['reference_classifier']['heldout_accuracy']:.4f} on {r1['reference_classifier']['num_heldout']} "
-              "images.", "",
+              "images." + (f" VAE reconstruction floor (the same real images encoded and decoded by {r1['vae']}): FD "
+                           f"{r1['fd_vae_floor']:.3f}, KID {r1['kid_vae_floor']:.4f}." if "fd_vae_floor" in r1 else ""),
+              "",
               memory_note(r1) + " Sampling time: all samples, the same number of steps for every B (each step runs "
               "one block's layers).",
               "", "## Chain diagnostics (composition)", "",
@@ -523,6 +546,30 @@ def _plot_comparison(out_dir: Path, configs: dict[int, RunConfig], results: dict
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "chain_gap.png", dpi=110)
+
+
+def _latents(cfg: RunConfig, device: str | torch.device | None = None):
+    """(The run's latents, its LatentSpace), checked against the model's shape and classes."""
+    m = cfg.model
+    latents, space = load_latents(cfg.data, m.in_channels, m.image_size, device)
+    if m.num_classes not in (0, latents.train.num_classes):
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r} has {latents.train.num_classes} classes "
+                          f"but model.num_classes={m.num_classes}")
+    return latents, space
+
+
+def _decoder(cfg: RunConfig, run_dir: Path, device: str | torch.device):
+    """None for a pixel run; for a latent run, its VAE's decoder."""
+    return None if cfg.data.vae is None else run_decoder(cfg.data, run_dir, device)
+
+
+def _latent_evaluation(cfg: RunConfig, run_dir: Path, device: str | torch.device):
+    """None for a pixel run; for a latent run, (its VAE, its latents), for evaluate_generator."""
+    if cfg.data.vae is None:
+        return None
+    latents, space = _latents(cfg, device)
+    check_run(run_dir, space)
+    return space, latents
 
 
 def guidance_option(guidance: float | None, default: float) -> float:
