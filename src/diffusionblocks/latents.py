@@ -252,7 +252,7 @@ def encode_splits(space: LatentSpace, data: LatentDataConfig, pixels: ImageSplit
                                     generator=make_generator(0, "vae-posterior", split))
             tensors[split] = space.encode(images, noise, progress=progress)
         _write_cache(path, tensors, meta)
-    splits = ImageSplits(*(ImageData(tensors[k], s.labels, s.num_classes, f"{s.name}-latents")
+    splits = ImageSplits(*(ImageData(tensors[k], s.labels, s.num_classes, f"{s.name}-latents", s.classes)
                            for k, s in (("train", pixels.train), ("test", pixels.test))))
     return splits, {"path": str(path), "cached": cached}
 

@@ -304,15 +304,13 @@ class ImageGenerationTask(Task):
         return latents
 
     def prepare_run(self, cfg: RunConfig, run_dir: Path, data: ImageSplits) -> None:
-        """A latent run records its VAE (latents.json)."""
+        """classes.json where the dataset names its classes; a latent run records its VAE (latents.json)."""
+        write_classes(run_dir, data)
         if cfg.data.vae is not None:
             record(run_dir, cfg.data, load_vae(cfg.data.vae, batch_size=cfg.data.vae_batch_size))
 
     def batch_sampler(self, cfg: RunConfig, data: ImageData, b: int) -> BatchSampler:
         return image_batch_sampler(cfg, data, b)
-
-    def prepare_run(self, cfg: RunConfig, run_dir: Path, data: ImageSplits) -> None:
-        write_classes(run_dir, data)
 
     def noise_axis(self, cfg: RunConfig) -> NoiseAxis:
         """The axis of noise.parameterization: EDM's sigma, rectified flow's t or DDPM's timesteps, read as sigma."""
