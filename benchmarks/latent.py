@@ -11,7 +11,8 @@ reconstructions (on the originals for comparison).
 
 Memory: `bench memory`'s measuring child (`diffusionblocks bench memory --child`, one fresh process per
 configuration, CPU allocator peak: the bytes PyTorch's CPU allocator holds above the start, the CPU counterpart of
-CUDA's max_memory_allocated), one training step per block, end-to-end (B=1) and B=4 sequential with the inactive
+CUDA's max_memory_allocated), two training steps per block (the second is the steady state, AdamW's state resident
+while the activations are), end-to-end (B=1) and B=4 sequential with the inactive
 blocks offloaded; DiT-S/2 (hidden 384, 12 layers, 6 heads, patch 2) on random data of the latent shape 32x32x4 (the
 latents of 256x256 images by an SD-shaped AutoencoderKL, built randomly here and run once to check the shape), and of
 pixel shape at the resolutions the CPU can step in time (--pixel-sizes), extrapolated to 256x256 by token count.
@@ -91,11 +92,11 @@ def sd_shaped_latent_shape(size: int = 256) -> dict:
             "encode_one_image_s": time.perf_counter() - t0}
 
 
-def measure_case(image_size: int, channels: int, batch: int, case: MemCase, timeout_s: float) -> dict:
+def measure_case(image_size: int, channels: int, batch: int, case: MemCase, steps: int, timeout_s: float) -> dict:
     """One configuration in `bench memory`'s fresh measuring process; {"timed_out": True} after timeout_s."""
     cfg = model_config("dit-s2", image_size, channels, batch)
     spec = {"case": {"mode": case.mode, "num_blocks": case.num_blocks, "checkpointing": case.checkpointing},
-            "config": cfg.to_dict(), "random_images": True, "steps": 1, "device": "cpu", "cpu_measure": "allocated",
+            "config": cfg.to_dict(), "random_images": True, "steps": steps, "device": "cpu", "cpu_measure": "allocated",
             "threads": 1}
     cmd = [sys.executable, "-m", "diffusionblocks", "bench", "memory", "--child", json.dumps(spec)]
     t0 = time.perf_counter()
@@ -136,6 +137,9 @@ def main() -> None:
     p.add_argument("--pixel-sizes", default="64,128", help="pixel resolutions measured (256 when the CPU can)")
     p.add_argument("--batches", default="1,4", help="batch sizes of the latent runs")
     p.add_argument("--pixel-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2, help="training steps per block: the first creates AdamW's state "
+                   "after its backward pass, so only from the second on does the state share the peak with the "
+                   "activations")
     p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
     p.add_argument("--skip-round-trip", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
@@ -159,7 +163,7 @@ def main() -> None:
         rows = []
         for size, channels, batch in shapes:
             for case in cases:
-                r = measure_case(size, channels, batch, case, a.timeout)
+                r = measure_case(size, channels, batch, case, a.steps, a.timeout)
                 rows.append(r)
                 if r.get("timed_out"):
                     print(f"{size}x{size}x{channels} batch {batch} {case.name}: timed out after {a.timeout:.0f} s")
