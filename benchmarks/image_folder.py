@@ -39,7 +39,7 @@ from diffusionblocks.evaluation import default_cache_dir, evaluate_generator
 from diffusionblocks.hf_datasets import read_images
 from diffusionblocks.image_folder import read_image_folder
 from diffusionblocks.pretrained import from_pretrained
-from diffusionblocks.tasks import read_config
+from diffusionblocks.tasks import load_config
 
 MNIST = "../shared/data/mnist"
 PNG, HF = Path("data/mnist-png"), Path("data/mnist-hf")
@@ -121,7 +121,7 @@ def hf_throughput(repeats: int = 20, batch: int = 128) -> dict:
 def train_and_judge(out: Path, steps: int, num: int) -> dict:
     """Both presets trained `steps` per block in fresh processes; samples judged against MNIST's held-out set."""
     results = {}
-    mnist_cfg = read_config(PRESETS["mnist"])
+    mnist_cfg = load_config(PRESETS["mnist"])
     for name, preset in PRESETS.items():
         run = out / name
         summary = run / "train_summary.json"
@@ -172,7 +172,7 @@ def main() -> None:
     for name, r in result["training"].items():
         sps = steps_per_s(r["train_summary"])
         r["train_steps_per_s_median"] = sps
-        r["train_images_per_s"] = sps * read_config(PRESETS[name]).train.batch_size
+        r["train_images_per_s"] = sps * load_config(PRESETS[name]).train.batch_size
         print(f"{name}: {sps:.2f} steps/s per block ({r['train_images_per_s']:.0f} images/s), last losses "
               f"{[round(v, 4) for v in r['last_loss_per_block'].values()]}, cond. acc. {r['conditional_accuracy']:.3f},"
               f" FD {r['fd']:.3f} (floor {r['fd_real_floor']:.3f})")

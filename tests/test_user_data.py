@@ -267,6 +267,11 @@ def test_bad_hf_datasets_are_refused_with_one_message(hf_disk, tmp_path):
     numbers = datasets.Dataset.from_dict({"img": [1, 2], "y": [0, 1]})
     numbers.save_to_disk(str(tmp_path / "numbers"))
     refused(hf(root=str(tmp_path / "numbers"), holdout=1), "row 0", "is not an image")
+    named = datasets.Dataset.from_dict({"img": [pixels(0), pixels(1)], "y": ["cat", "dog"]})
+    datasets.DatasetDict({"train": named, "test": named.select([0]).map(lambda r: {"y": "owl"})}).save_to_disk(
+        str(tmp_path / "named"))
+    assert load_image_data(hf(root=str(tmp_path / "named"), holdout=1), 8, 1).train.classes == ("cat", "dog")
+    refused(hf(root=str(tmp_path / "named"), hf_test_split="test"), "label 'owl' is not among the classes")
 
 
 # ---- text
