@@ -10,7 +10,9 @@ optimiser steps per block of the same batches (same seed, batch, learning-rate s
 presets' budget), then
 - arlm: held-out next-token bits per character (block 0 at sigma_max, every held-out window of 64, as `evaluate`);
 - mdlm: the held-out ELBO in bits per character (12 strata of t, --repeats estimates, the first --windows windows),
-with each block's median steps/s over its logged intervals and the parameters of a block. Writes report.json in
+with each block's median steps/s over its logged intervals (the two trainings share the machine's load) and the
+parameters of a block; then the bare training step of block 0 of each, timed alternately in this process (medians
+over --speed-repeats). Writes report.json in
 --out and prints a table; rerunning skips the trainings that are done.
 """
 
@@ -29,7 +31,8 @@ from statistics import median
 import torch
 
 from diffusionblocks.pretrained import from_pretrained
-from diffusionblocks.tasks import get_task
+from diffusionblocks.seeding import make_generator
+from diffusionblocks.tasks import apply_overrides, get_task, load_config
 from diffusionblocks.tasks.autoregressive import next_token_bits
 from diffusionblocks.tasks.masked_diffusion import evaluate_bpc
 from diffusionblocks.text import held_out_windows
@@ -83,6 +86,32 @@ def bpc(task: str, run: Path, windows: int, repeats: int) -> dict:
     return {"bpc": r["bpc"], "bpc_se": r["bpc_se"], "num_windows": r["num_windows"]}
 
 
+def step_speed(preset: Path, steps: int, repeats: int) -> dict[str, float]:
+    """Steps/s of the bare training step (loss, backward, AdamW) of block 0 of each backbone at the preset's size and
+    batch, on one thread in this process: `repeats` timings of `steps` steps, the backbones alternating, medians."""
+    times: dict[str, list[float]] = {b: [] for b in BACKBONES}
+    setups = {}
+    for backbone in BACKBONES:
+        cfg = apply_overrides(load_config(preset), [f"model.backbone={backbone}"])
+        task = get_task(cfg.task)
+        block = task.build_block(cfg, 0, make_generator(cfg.train.seed, 0, "init")).train()
+        data = task.load_data(cfg)
+        sampler = task.batch_sampler(cfg, data.train, 0)
+        partition = task.partition(cfg)
+        inputs = [task.loss_inputs(cfg, partition, 0, sampler.batch(i), make_generator(cfg.train.seed, 0, i, "noise"))
+                  for i in range(steps)]
+        setups[backbone] = block, torch.optim.AdamW(block.parameters(), lr=1e-4, foreach=True), inputs
+    for _ in range(repeats + 1):  # the first round warms up
+        for backbone, (block, opt, inputs) in setups.items():
+            t = time.perf_counter()
+            for kw in inputs:
+                opt.zero_grad(set_to_none=True)
+                block.loss(**kw).mean().backward()
+                opt.step()
+            times[backbone].append(time.perf_counter() - t)
+    return {b: steps / median(ts[1:]) for b, ts in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/hf-llama")
@@ -90,6 +119,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=1000, help="held-out windows of the mdlm ELBO")
     parser.add_argument("--repeats", type=int, default=2, help="independent ELBO estimates (mdlm)")
     parser.add_argument("--tasks", default="arlm,mdlm")
+    parser.add_argument("--speed-steps", type=int, default=10, help="steps per timing of the bare step")
+    parser.add_argument("--speed-repeats", type=int, default=5, help="timings of the bare step, per backbone")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -104,12 +135,17 @@ def main() -> None:
         for backbone, run in runs.items():
             report["results"][f"{task}/{backbone}"] = {**cost(run), **bpc(task, run, args.windows, args.repeats)}
             print(task, backbone, json.dumps(report["results"][f"{task}/{backbone}"]), flush=True)
+        report["results"][f"{task}/step_speed"] = step_speed(PRESETS[task], args.speed_steps, args.speed_repeats)
+        print(task, "bare step, steps/s:", json.dumps(report["results"][f"{task}/step_speed"]), flush=True)
     report["wall_s"] = time.time() - t0
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{'task':6} {'backbone':13} {'BPC':>7} {'vs ours':>8} {'steps/s per block':>24} {'train s':>8} "
           f"{'params/block':>12}")
     for key, r in report["results"].items():
         task, backbone = key.split("/")
+        if backbone == "step_speed":
+            print(f"{task:6} bare step (steps/s, medians): " + ", ".join(f"{b} {v:.2f}" for b, v in r.items()))
+            continue
         ours = report["results"].get(f"{task}/ours", r)["bpc"]
         sps = ", ".join(f"{s:.1f}" for s in r["steps_per_s"])
         print(f"{task:6} {backbone:13} {r['bpc']:7.4f} {100 * (r['bpc'] / ours - 1):+7.2f}% {sps:>24} "
