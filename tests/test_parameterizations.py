@@ -323,7 +323,10 @@ def test_a_flow_run_trains_samples_and_reports_from_its_config(tmp_path, capsys,
     assert cfg.noise.parameterization == "flow" and isinstance(model.partition.axis, FlowTime)
     assert all(type(b) is FlowDenoiser for b in model.blocks)
     assert main(["status", str(run)]) == 0
-    assert "3/3 trained" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "3/3 trained" in shown
+    t1 = float(FlowTime(shift=2.0).time(torch.tensor(model.partition.block_range(2)[1])))
+    assert f"block 2 (sigma 0.002-{model.partition.block_range(2)[1]:.3g}, t 0.002-{t1:.3g})" in shown  # its own time
     assert main(["sample", str(run), "--out", str(tmp_path / "s.npz"), "--num", "10", "--steps", "4",
                  "--no-progress"]) == 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -148,6 +148,8 @@ class FlowTime:
     coordinate (`warp`) is t, so boundaries and overlaps read in the model's own time.
     """
 
+    time_name: ClassVar[str] = "t"  # The model's own time, as `status` names it beside sigma.
+
     density: str = "logit-normal"
     m: float = 0.0
     s: float = 1.0
@@ -211,6 +213,8 @@ class VPTimestep:
     training density is uniform over the timesteps, taken continuous: cdf(sigma) = t(sigma) / (T - 1). The
     axis spans [sigma_0, sigma_{T-1}]; its natural coordinate (`warp`) is the timestep t.
     """
+
+    time_name: ClassVar[str] = "timestep"
 
     num_timesteps: int = 1000
     beta_start: float = 1e-4

@@ -655,6 +655,16 @@ def evaluate_run(run_dir: str | Path, options: EvaluateOptions | None = None, **
 # ---- status
 
 
+def own_time(axis: Any, lo: float, hi: float) -> str:
+    """", t 0.394-0.606": a range of the noise axis in the model's own time (its `warp`), for an axis that names one
+    (rectified flow's t, DDPM's timesteps); "" for the others."""
+    name = getattr(axis, "time_name", None)
+    if name is None:
+        return ""
+    w_lo, w_hi = (float(axis.warp(torch.tensor(s))) for s in (lo, hi))
+    return f", {name} {w_lo:.3g}-{w_hi:.3g}"
+
+
 def run_status(run_dir: str | Path) -> str:
     """Which blocks of a run are trained, how far, and which are missing, in lines for the terminal.
 
@@ -674,7 +684,7 @@ def run_status(run_dir: str | Path) -> str:
     noise, partition = task.noise_symbol, task.partition(cfg)
     for b, p in enumerate(progress):
         lo, hi = partition.block_range(b)
-        where = f"  block {b} ({noise} {lo:.3g}-{hi:.3g}):"
+        where = f"  block {b} ({noise} {lo:.3g}-{hi:.3g}{own_time(partition.axis, lo, hi)}):"
         lock = rundir.block_lock_path(run, b)
         busy = " (a job holds its lock: training now)" if lock.is_file() and rundir.lock_holder(run, b) else ""
         source = checkpoint.block_source(run, b)

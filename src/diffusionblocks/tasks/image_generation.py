@@ -2,10 +2,10 @@
 
 Each block is an EDM denoiser around a DiT of the block's layers, with its own patch, noise and class
 embedders and final layer. A block's loss is EDM's L2 on y + sigma eps, the label dropped to the null
-class with probability model.class_dropout (for classifier-free guidance). noise.parameterization may
-instead make each block a rectified-flow or DDPM network with its own loss and time (`parameterizations`). Inference is any sampler of
-`sampling.py` over the chain of blocks; evaluation is `evaluation.py`'s conditional accuracy, Frechet
-distance, KID and chain diagnostics.
+class with probability model.class_dropout (for classifier-free guidance); noise.parameterization may
+instead make each block a rectified-flow or DDPM network with its own loss and time (`parameterizations`).
+Inference is any sampler of `sampling.py` over the chain of blocks; evaluation is `evaluation.py`'s
+conditional accuracy, Frechet distance, KID and chain diagnostics.
 """
 
 from __future__ import annotations
