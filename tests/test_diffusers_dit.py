@@ -232,7 +232,8 @@ def test_refusals(tmp_path, pretrained):
         "model.depth=4 but model.diffusers gives 3 (num_layers)")
     assert refusal([*tiny_args(), "model.depth=6"]).startswith(
         "model.depth=6 is not the diffusers model's num_layers=3")
-    assert refusal([*tiny_args(), "model.hidden_size=64"]).startswith("model.hidden_size=64 but model.diffusers gives 32")
+    assert refusal([*tiny_args(), "model.hidden_size=64"]).startswith(
+        "model.hidden_size=64 but model.diffusers gives 32")
     assert "unknown key 'nope'" in refusal(tiny_args(nope=1))
     assert "dropout=0.1 must be 0" in refusal(tiny_args(dropout=0.1))
     assert "out_channels=3" in refusal(tiny_args(out_channels=3))
