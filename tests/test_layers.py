@@ -5,16 +5,21 @@ A module added to the package must be placed in LAYERS; the README's Layout show
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from diffusionblocks import extras
+from diffusionblocks.errors import ConfigError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffusionblocks"
 
 # Lowest first. A module may import from its own layer and from any layer before it.
 LAYERS = [
     ("errors and seeds", ["errors", "seeding"]),
-    ("configuration and utilities", ["config", "options", "precision", "memory", "metrics", "plotting", "distributed"]),
+    ("configuration and utilities", ["config", "extras", "options", "precision", "memory", "metrics", "plotting", "distributed"]),
     ("the math", ["noise", "precond", "parameterizations", "sampling", "blocks"]),
     ("models", ["models", "models.layers", "models.dit", "models.diffusers_dit", "models.vit", "models.arlm",
                 "models.mdlm", "models.recurrent",
@@ -130,7 +135,8 @@ def test_imports_sit_at_the_top_of_their_module():
 def test_only_the_registry_imports_by_name():
     """importlib.import_module of a package module hides an edge from the graph: the task registry alone may (a
     config names its task as 'package.module:Class'), and a call elsewhere must name a module outside the package."""
-    dynamic = {"data": "the CIFAR unpickler resolves numpy's array reconstructors by their names"}
+    dynamic = {"data": "the CIFAR unpickler resolves numpy's array reconstructors by their names",
+               "extras": "the optional dependencies in its EXTRA_OF table, imported on first use"}
     found = []
     for name, tree in modules().items():
         for node in ast.walk(tree):
@@ -156,3 +162,17 @@ def test_the_checker_sees_what_it_must():
     assert imported("tasks.base", False, ast.parse("from .. import checkpoint").body[0]) == ["checkpoint"]
     assert imported("tasks", True, ast.parse("from .base import Task").body[0]) == ["tasks.base"]
     assert LAYER_OF["train"] > LAYER_OF["config"]
+
+
+def test_a_plain_command_imports_no_optional_dependency(monkeypatch):
+    """The CLI with our own models imports neither diffusers, transformers nor datasets (seconds of start-up);
+    a missing one stops its user with a message naming the extra."""
+    code = ("import sys, diffusionblocks.cli, diffusionblocks.tasks; "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    monkeypatch.setitem(extras.EXTRA_OF, "no_such_package", "diffusers")
+    with pytest.raises(ConfigError, match=r"data.vae needs no_such_package .*pip install -e '\.\[diffusers\]'"):
+        extras.load("no_such_package", "data.vae")
+    with pytest.raises(KeyError):  # only the listed dependencies, never a module of the package
+        extras.load("diffusionblocks.train", "a test")

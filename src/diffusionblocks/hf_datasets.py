@@ -13,14 +13,11 @@ import glob
 import io
 import logging
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
-try:
-    import datasets  # the optional extra diffusionblocks[hf]
-except ImportError:
-    datasets = None
-
+from . import extras
 from .config import ConfigError, shown_path
 from .image_folder import check_memory, check_model_shape, fit_image, pillow
 
@@ -31,11 +28,9 @@ _SUFFIXES = {"parquet": (".parquet",), "json": (".json", ".jsonl"), "csv": (".cs
 _ROWS_PER_READ = 256  # rows decoded per slice read
 
 
-def _datasets():
-    if datasets is None:
-        raise ConfigError("data.dataset='hf' / data.format='hf' needs Hugging Face datasets: "
-                          "pip install 'diffusionblocks[hf]'")
-    return datasets
+def _datasets() -> ModuleType:
+    """Hugging Face datasets, imported on first use (the optional extra diffusionblocks[hf])."""
+    return extras.load("datasets", "data.dataset='hf' / data.format='hf'")
 
 
 def _data_files(path: str, fmt: str, field: str) -> list[str]:
@@ -79,7 +74,7 @@ def open_dataset(path: str | None, fmt: str, field: str):
 
 def select_split(dataset, split: str, field: str, what: str):
     """The Dataset of split `split` (the config field `field`) of a DatasetDict; a Dataset is its own split."""
-    if isinstance(dataset, datasets.DatasetDict):
+    if isinstance(dataset, _datasets().DatasetDict):
         if split not in dataset:
             raise ConfigError(f"{field}={split!r} is not a split of {what}; it has {', '.join(map(repr, dataset))}")
         return dataset[split]
@@ -99,7 +94,7 @@ def check_column(dataset, column: str, field: str, what: str) -> None:
 def label_names(dataset, column: str) -> tuple[str, ...]:
     """The class names of a label column: a ClassLabel's names, the sorted distinct strings, or 0..max for ints."""
     feature = dataset.features[column]
-    if isinstance(feature, datasets.ClassLabel):
+    if isinstance(feature, _datasets().ClassLabel):
         return tuple(feature.names)
     values = dataset.unique(column)
     if all(isinstance(v, str) for v in values):

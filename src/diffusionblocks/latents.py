@@ -30,15 +30,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import extras
 from .config import ConfigError, check_choice, shown_path
 from .data import DataConfig, ImageData, ImageSplits, load_image_data
 from .reference import data_fingerprint
 from .seeding import make_generator
-
-try:
-    from diffusers import AutoencoderKL
-except ImportError:  # the optional extra: pip install 'diffusionblocks[diffusers]'
-    AutoencoderKL = None
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +144,7 @@ def load_vae(vae: str, device: str | torch.device = "cpu", batch_size: int = 64)
     if name != "AutoencoderKL":
         raise ConfigError(f"data.vae={shown_path(path)} holds a {name or 'model of no class'} "
                           "(config.json's _class_name), not an AutoencoderKL")
-    if AutoencoderKL is None:
-        raise ConfigError("data.vae needs diffusers: pip install 'diffusionblocks[diffusers]'")
+    AutoencoderKL = extras.load("diffusers", "data.vae").AutoencoderKL
     try:
         model = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:

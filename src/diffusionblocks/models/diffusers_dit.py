@@ -28,6 +28,7 @@ import inspect
 import json
 import math
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -35,15 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import extras
 from ..config import ConfigError, shown_path
 from .dit import xavier_init
 from .layers import modulate
-
-try:
-    from diffusers import DiTTransformer2DModel
-    from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
-except ImportError:
-    DiTTransformer2DModel = CombinedTimestepLabelEmbeddings = None
 
 CLASS_NAME = "DiTTransformer2DModel"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -67,15 +63,14 @@ SOURCE_KEY = {"image_size": "sample_size", "in_channels": "in_channels", "patch_
               "mlp_ratio": "(fixed: 4)"}
 
 
-def require_diffusers() -> None:
-    if DiTTransformer2DModel is None:
-        raise ConfigError("model.arch='diffusers-dit' needs diffusers: pip install 'diffusionblocks[diffusers]'")
+def _diffusers() -> ModuleType:
+    """diffusers, imported on first use (the optional extra diffusionblocks[diffusers])."""
+    return extras.load("diffusers", "model.arch='diffusers-dit'")
 
 
 def default_config() -> dict[str, Any]:
     """The arguments of DiTTransformer2DModel and their defaults."""
-    require_diffusers()
-    params = inspect.signature(DiTTransformer2DModel.__init__).parameters
+    params = inspect.signature(_diffusers().DiTTransformer2DModel.__init__).parameters
     return {k: p.default for k, p in params.items() if k != "self"}
 
 
@@ -154,9 +149,8 @@ def has_weights(path: str | Path) -> bool:
 
 def load_pretrained_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of the DiTTransformer2DModel saved in the local directory `path` (nothing downloads)."""
-    require_diffusers()
     try:
-        model = DiTTransformer2DModel.from_pretrained(str(path), local_files_only=True)
+        model = _diffusers().DiTTransformer2DModel.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"model.pretrained={shown_path(path)}: its weights could not be loaded: "
                           f"{' '.join(str(e).split())[:300]}") from None
@@ -215,7 +209,8 @@ class DiffusersDiT(nn.Module):
         if noise_input not in NOISE_INPUTS:
             raise ValueError(f"noise_input must be one of {NOISE_INPUTS}, got {noise_input!r}")
         c = full_config(config)
-        model = DiTTransformer2DModel.from_config({**c, "num_layers": num_layers})
+        diffusers = _diffusers()
+        model = diffusers.DiTTransformer2DModel.from_config({**c, "num_layers": num_layers})
         self.pos_embed = model.pos_embed
         self.transformer_blocks = model.transformer_blocks
         self.norm_out = model.norm_out
@@ -223,7 +218,8 @@ class DiffusersDiT(nn.Module):
         self.proj_out_2 = model.proj_out_2
         self.in_channels, self.out_channels = c["in_channels"], model.out_channels
         self.patch_size, self.num_classes = c["patch_size"], c["num_embeds_ada_norm"]
-        self.head_emb = None if has_first_layer else CombinedTimestepLabelEmbeddings(self.num_classes, model.inner_dim)
+        self.head_emb = None if has_first_layer else diffusers.models.embeddings.CombinedTimestepLabelEmbeddings(
+            self.num_classes, model.inner_dim)
         self.noise_input = noise_input
         self.checkpointing = False  # activation checkpointing of each transformer block in training
         for emb in self.embeddings():

@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-try:
-    import transformers  # the optional extra diffusionblocks[hf]
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
-except ImportError:
-    transformers = None
-
+from .. import extras
 from ..config import ConfigError
 from ..noise import MaskingTime
 from .arlm import CAUSAL, ROPE_BASE, Cond, KVCache, _extend_mask
@@ -44,21 +41,31 @@ RMS_EPS = 1e-6  # our trunk's RMSNorm epsilon
 LLAMA_TYPES = ("llama",)  # model_type of the configs whose layers are LlamaDecoderLayer
 
 
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+
+def llama() -> ModuleType:
+    """transformers' Llama modelling module (LlamaConfig, LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding),
+    imported on first use: the optional extra diffusionblocks[hf]."""
+    return extras.load("transformers.models.llama.modeling_llama", "model.backbone='transformers'")
+
+
 def require_transformers() -> None:
-    if transformers is None:
-        raise ConfigError("model.backbone='transformers' needs transformers: pip install 'diffusionblocks[hf]'")
+    """Raises ConfigError naming the extra when transformers is missing."""
+    llama()
 
 
 def llama_config(vocab_size: int, hidden_size: int, depth: int, num_heads: int, intermediate_size: int,
-                 max_positions: int, source: "transformers.LlamaConfig | None" = None) -> "transformers.LlamaConfig":
+                 max_positions: int, source: LlamaConfig | None = None) -> LlamaConfig:
     """The LlamaConfig of `depth` layers of our model's size (RMSNorm eps 1e-6, rope theta 10,000, no biases), or
     `source`'s (a pretrained model's: its eps, theta, key/value heads) with `depth` layers; attention through SDPA."""
     require_transformers()
     if source is not None:
-        cfg = transformers.LlamaConfig.from_dict(source.to_dict())
+        cfg = llama().LlamaConfig.from_dict(source.to_dict())
         cfg.num_hidden_layers = depth
     else:
-        cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        cfg = llama().LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                                        num_hidden_layers=depth, num_attention_heads=num_heads,
                                        num_key_value_heads=num_heads, rms_norm_eps=RMS_EPS,
                                        max_position_embeddings=max_positions,
@@ -104,10 +111,10 @@ def _attention_mask(mask: torch.Tensor | str | None) -> dict:
 class ConditionedLlamaLayer(nn.Module):
     """A LlamaDecoderLayer with adaLN on its residual stream (see the module's docstring)."""
 
-    def __init__(self, config: "transformers.LlamaConfig", layer_idx: int):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         D = config.hidden_size
-        self.layer = LlamaDecoderLayer(config, layer_idx)
+        self.layer = llama().LlamaDecoderLayer(config, layer_idx)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 3 * D))
 
     def forward(self, x: torch.Tensor, c: Cond, pos: tuple[torch.Tensor, torch.Tensor],
@@ -128,14 +135,14 @@ class HFTrunk(nn.Module):
     interface of `arlm._Trunk` on transformers' layers. bidirectional: the layers' attention is not causal where no
     mask is given (masked diffusion)."""
 
-    def __init__(self, config: "transformers.LlamaConfig", vocab_size: int, bidirectional: bool = False):
+    def __init__(self, config: LlamaConfig, vocab_size: int, bidirectional: bool = False):
         super().__init__()
         require_transformers()
         D = config.hidden_size
         self.tok_embed = nn.Embedding(vocab_size, D)
         self.clean_cond = nn.Parameter(torch.zeros(D))
         self.layers = nn.ModuleList([ConditionedLlamaLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.rotary_emb = LlamaRotaryEmbedding(config)
+        self.rotary_emb = llama().LlamaRotaryEmbedding(config)
         self.bidirectional = bidirectional
         self.checkpointing = False
 
@@ -185,7 +192,7 @@ class HFTrunk(nn.Module):
                 nn.init.xavier_uniform_(m.weight, generator=generator)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, LlamaRMSNorm):
+            elif isinstance(m, llama().LlamaRMSNorm):
                 nn.init.ones_(m.weight)
         nn.init.normal_(self.tok_embed.weight, std=0.02, generator=generator)
         nn.init.normal_(self.clean_cond, std=0.02, generator=generator)
@@ -199,7 +206,7 @@ class HFMaskedDiffusion(MaskedDiffusionTransformer):
     HFTrunk: rotary positions in place of the learned position table, the time condition through each layer's adaLN,
     the final RMSNorm (a pretrained model's `norm`), a final adaLN and the head."""
 
-    def __init__(self, config: "transformers.LlamaConfig", vocab_size: int, seq_len: int, axis: MaskingTime,
+    def __init__(self, config: LlamaConfig, vocab_size: int, seq_len: int, axis: MaskingTime,
                  t_min: float = 0.0, t_max: float = 1.0):
         nn.Module.__init__(self)  # not the DiT layers of MaskedDiffusionTransformer.__init__
         self.vocab_size, self.mask_id, self.seq_len = vocab_size, vocab_size, seq_len
@@ -207,7 +214,7 @@ class HFMaskedDiffusion(MaskedDiffusionTransformer):
         D = config.hidden_size
         self.trunk = HFTrunk(config, vocab_size + 1, bidirectional=True)  # id V: the mask token
         self.t_embedder = NoiseEmbedder(D)
-        self.norm_final = LlamaRMSNorm(D, eps=config.rms_norm_eps)
+        self.norm_final = llama().LlamaRMSNorm(D, eps=config.rms_norm_eps)
         self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.head = nn.Linear(D, vocab_size)
 
@@ -234,7 +241,7 @@ class HFMaskedDiffusion(MaskedDiffusionTransformer):
 # ---- a pretrained Llama from a local directory
 
 
-def read_llama_config(path: str | Path, field: str = "model.pretrained") -> "transformers.LlamaConfig":
+def read_llama_config(path: str | Path, field: str = "model.pretrained") -> LlamaConfig:
     """The LlamaConfig of the directory `path` (written by `save_pretrained`); one ConfigError for a directory that
     is not there, has no config.json, or holds another class of model."""
     require_transformers()
@@ -252,12 +259,12 @@ def read_llama_config(path: str | Path, field: str = "model.pretrained") -> "tra
         raise ConfigError(f"{field}={str(path)!r} holds a {kind!r} model ({', '.join(d.get('architectures') or [])}"
                           f"): the transformers backbone takes Llama models (model_type {', '.join(LLAMA_TYPES)})")
     try:
-        return transformers.LlamaConfig.from_dict(d)
+        return llama().LlamaConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{field}={str(path)!r}: config.json is not a valid LlamaConfig: {e}") from None
 
 
-def check_llama_sizes(source: "transformers.LlamaConfig", sizes: dict[str, int], path: str | Path) -> None:
+def check_llama_sizes(source: LlamaConfig, sizes: dict[str, int], path: str | Path) -> None:
     """Refuses a pretrained config whose sizes are not the model config's: sizes maps our field (model.hidden_size)
     to (its value, the LlamaConfig attribute it must equal)."""
     for ours, (value, theirs) in sizes.items():

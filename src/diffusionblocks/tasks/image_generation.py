@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from .. import extras
 from ..config import ConfigError, ParameterizedNoiseConfig, RunConfig, TrainConfig, check_choice
 from ..data import BatchSampler, ImageData, ImageSplits, load_image_data
 from ..diagnostics import write_chain_diagnostics
@@ -170,7 +171,7 @@ class GenerationConfig(RunConfig):
 def with_diffusers_fields(m: dict[str, Any]) -> dict[str, Any]:
     """A diffusers-dit model section with model.diffusers read from model.pretrained when not given, and the model
     fields it leaves out taken from model.diffusers (diffusers not installed: unchanged, for validate to say so)."""
-    if diffusers_dit.DiTTransformer2DModel is None:
+    if not extras.installed("diffusers"):
         return m
     m = dict(m)
     if m.get("diffusers") is None and isinstance(m.get("pretrained"), str):
