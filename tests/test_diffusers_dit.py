@@ -90,7 +90,7 @@ def test_raw_output_is_diffusers_forward_for_the_same_weights(tmp_path, out_chan
     model = saved_model(tmp_path / "m", out_channels=out_channels)
     cfg = config_from_dict({"task": "generate", "model": {"arch": "diffusers-dit", "pretrained": str(tmp_path / "m")},
                             "blocks": {"num_blocks": 1}})
-    net = get_task("generate").build_block(cfg, 0).inner_model.eval()
+    net = get_task("generate").build_block(cfg, 0, torch.Generator().manual_seed(0)).inner_model.eval()
     x, c_noise, labels = inputs()
     with torch.no_grad():
         ours = net(x, c_noise, class_labels=labels)
@@ -176,7 +176,7 @@ def test_depth_blocks_hold_exactly_the_source_layer_tensors(imported, tmp_path):
     # A B=3 run built afresh from the directory starts from the same weights as the conversion.
     fresh = apply_overrides(read_config(imported), ["blocks.num_blocks=3"])
     for b in range(3):
-        built = get_task("generate").build_block(fresh, b).state_dict()
+        built = get_task("generate").build_block(fresh, b, torch.Generator().manual_seed(b)).state_dict()
         assert sorted(built) == sorted(weights(out, b))
         assert all(torch.equal(built[k], weights(out, b)[k]) for k in built)
 

@@ -11,8 +11,10 @@ import torch
 from diffusionblocks import checkpoint
 from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
+from diffusionblocks.convert import import_run
 from diffusionblocks.models.arlm import CAUSAL, KVCache, training_mask
 from diffusionblocks.models.hf_llama import our_names
+from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.tasks import apply_overrides, default_config, get_task
 from diffusionblocks.tasks.autoregressive import generate_chain, generate_plain
 
@@ -276,3 +278,17 @@ def test_activation_checkpointing_gives_the_same_gradients():
         net.loss(tokens, sigma, noise).sum().backward()
         grads.append([p.grad.clone() for p in net.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_import_makes_a_run_of_the_saved_llama(llama_dir, tmp_path):
+    """`diffusionblocks import` writes the saved model as a trained end-to-end run: loaded back it gives the source's
+    logits. (The run still reads the directory's config, its eps, rope theta and key/value heads, when it is built.)"""
+    cfg = apply_overrides(default_config("arlm"), [*PLAIN, f"model.vocab_size={V}", "model.mlp_ratio=3.9375",
+                                                   f"model.pretrained={llama_dir}",
+                                                   "data.path=" + str(_tiny_text(tmp_path))])
+    import_run(cfg, tmp_path / "imported")
+    source = transformers.LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    model, _ = from_pretrained(tmp_path / "imported")
+    tokens = torch.randint(V, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model.blocks[0](tokens) - source(input_ids=tokens).logits).abs().max() < 1e-5

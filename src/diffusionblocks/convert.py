@@ -29,6 +29,7 @@ from . import checkpoint, rundir
 from .changes import FROM, changeable, refused_overrides
 from .compose import check_free, copy_vocabulary, publish, staging
 from .config import ConfigError, RunConfig
+from .seeding import make_generator
 from .tasks import Task, apply_overrides, get_task, read_config
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def convert_run(source: str | Path, num_blocks: int, init: str, out: str | Path,
 
 def import_run(cfg: RunConfig, out: str | Path) -> RunConfig:
     """Writes the run `out` (new, or an empty directory): the end-to-end run (B=1) of config cfg whose block is the
-    pretrained model it names (`Task.pretrained`, e.g. model.pretrained of a diffusers DiT), saved as trained (at
+    pretrained model it names (`Task.pretrained`: model.pretrained of a diffusers DiT or a transformers Llama), saved as trained (at
     step train.steps_per_block), so that sample, evaluate, convert and train --from take it. Everything is checked
     before anything is written."""
     out = Path(out)
@@ -131,10 +132,11 @@ def import_run(cfg: RunConfig, out: str | Path) -> RunConfig:
     source = task.pretrained(cfg)
     if source is None:
         raise ConfigError("import needs a pretrained model with weights: the config names none (model.pretrained, a "
-                          "directory written by save_pretrained with its weights, for model.arch='diffusers-dit')")
+                          "directory written by save_pretrained with its weights: a diffusers DiT for "
+                          "model.arch='diffusers-dit', a transformers Llama for model.backbone='transformers')")
     data = task.load_data(cfg)
     task.check_after_training(cfg, data)
-    weights = task.build_block(cfg, 0).state_dict()
+    weights = task.build_block(cfg, 0, make_generator(cfg.train.seed, 0, "init")).state_dict()  # as train builds it
     check_free(out)
     with staging(out) as target:
         try:

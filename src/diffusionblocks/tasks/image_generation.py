@@ -192,9 +192,9 @@ def source_layers(cfg: GenerationConfig, b: int) -> tuple[int, int]:
 
 
 def diffusers_block(cfg: GenerationConfig, b: int, generator: torch.Generator | None) -> diffusers_dit.DiffusersDiT:
-    """Block b's diffusers DiT: transformer blocks of its layers, initialised from `generator`, then, when
-    model.pretrained holds weights, set to those layers of the pretrained model (with copies of its embedding and
-    head)."""
+    """Block b's diffusers DiT: transformer blocks of its layers, initialised from `generator`, then, for a fresh
+    block (a generator given) when model.pretrained holds weights, set to those layers of the pretrained model (with
+    copies of its embedding and head). A block built to load a run's checkpoint does not read the directory."""
     m = cfg.model
     first, last = source_layers(cfg, b)
     # EDM's Denoiser hands the network c_noise; DDPM's and flow's hand it their timestep, diffusers' own input.
@@ -202,7 +202,7 @@ def diffusers_block(cfg: GenerationConfig, b: int, generator: torch.Generator | 
     net = diffusers_dit.DiffusersDiT(m.diffusers, cfg.layer_split()[b], has_first_layer=first == 0,
                                      noise_input=noise_input)
     net.initialize_weights(generator)
-    if m.pretrained is not None and diffusers_dit.has_weights(m.pretrained):
+    if generator is not None and m.pretrained is not None and diffusers_dit.has_weights(m.pretrained):
         weights = diffusers_dit.split_state_dict(diffusers_dit.load_pretrained_weights(m.pretrained), first, last)
         missing, unexpected = net.load_state_dict(weights, strict=False)
         if missing or unexpected:

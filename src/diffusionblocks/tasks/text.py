@@ -194,6 +194,10 @@ class TextTask(Task):
         elif s.num and hasattr(s, "prompt_chars"):
             self.held_out_prompts(data.test, s.num, s.prompt_chars, ("sample.num", "sample.prompt_chars"))
 
+    def pretrained(self, cfg: RunConfig) -> str | None:
+        """model.pretrained (backbone 'transformers'), the saved Llama a fresh end-to-end block starts from."""
+        return getattr(cfg.model, "pretrained", "") or None
+
     def check_pretrained(self, cfg: RunConfig) -> None:
         """model.pretrained of an end-to-end run, read, checked against the model section and loaded into block 0 once
         before anything is trained (a directory without config.json, of another class or other sizes stops here)."""
