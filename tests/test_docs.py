@@ -28,8 +28,9 @@ SHORT_DIGITS_SAMPLES = ["sample.steps=4", "sample.samples_per_class=2"]  # the s
 
 
 def commands(page: Path) -> list[tuple[str, list[str], bool]]:
-    """(directory, argv after `diffusionblocks`, runnable) for each command of the page's bash blocks."""
-    out, cwd = [], "."
+    """(directory, argv after `diffusionblocks`, runnable) for each command of the page's bash blocks; a command that
+    reads the run of one that cannot run here (a GPU preset, a user's own model directory) cannot run either."""
+    out, cwd, unmade = [], ".", set()
     for block in re.findall(r"```(?:bash|sh)\n(.*?)```", page.read_text(), re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip()
@@ -47,7 +48,9 @@ def commands(page: Path) -> list[tuple[str, list[str], bool]]:
                 continue
             config = argv[argv.index("--config") + 1] if "--config" in argv else None
             runnable = (not torchrun and argv[0] != "bench" and config in CHEAP_CONFIGS
-                        and not any(a.startswith("/shared/") for a in argv))
+                        and not any(a.startswith("/shared/") or a in unmade for a in argv))
+            if not runnable and "--out" in argv:
+                unmade.add(argv[argv.index("--out") + 1])
             out.append((cwd, argv, runnable))
     return out
 
