@@ -145,20 +145,28 @@ def read_images(dataset, indices: np.ndarray, image_column: str, label_column: s
     return images, labels
 
 
-def load_hf_images(path: str | None, fmt: str, split: str, test_split: str, image_column: str, label_column: str,
-                   image_size: int | None, channels: int | None, memory_limit_gb: float):
-    """(train, test, classes) of a Hugging Face image dataset, each part (uint8 images, int64 labels), or test None
-    when test_split is "" (the caller holds out part of train). Images are decoded once, by row index."""
-    image_size, channels = check_model_shape(image_size, channels, "data.dataset='hf'")
-    opened = open_dataset(path, fmt, "data.root")
+def open_parts(path: str | None, fmt: str, path_field: str, split: str, test_split: str,
+               columns: dict[str, str]) -> tuple[list, str]:
+    """([train part, test part when test_split is not ""], the dataset as messages name it), each part checked to have
+    the columns named by `columns` (config field -> column)."""
+    opened = open_dataset(path, fmt, path_field)
     what = f"the dataset {shown_path(path)}"
     parts = [select_split(opened, split, "data.hf_split", what)]
     if test_split:
         parts.append(select_split(opened, test_split, "data.hf_test_split", what))
     for part in parts:
-        check_column(part, image_column, "data.image_column", what)
-        if label_column:
-            check_column(part, label_column, "data.label_column", what)
+        for field, column in columns.items():
+            check_column(part, column, field, what)
+    return parts, what
+
+
+def load_hf_images(path: str | None, fmt: str, split: str, test_split: str, image_column: str, label_column: str,
+                   image_size: int | None, channels: int | None, memory_limit_gb: float):
+    """(train, test, classes) of a Hugging Face image dataset, each part (uint8 images, int64 labels), or test None
+    when test_split is "" (the caller holds out part of train). Images are decoded once, by row index."""
+    image_size, channels = check_model_shape(image_size, channels, "data.dataset='hf'")
+    columns = {"data.image_column": image_column, **({"data.label_column": label_column} if label_column else {})}
+    parts, what = open_parts(path, fmt, "data.root", split, test_split, columns)
     classes = label_names(parts[0], label_column) if label_column else ()
     check_memory(sum(len(p) for p in parts), image_size, channels, memory_limit_gb, what)
     read = [read_images(p, np.arange(len(p)), image_column, label_column, classes, image_size, channels, what)
@@ -186,12 +194,6 @@ def read_texts(dataset, column: str, separator: str, what: str) -> str:
 def load_hf_text(path: str | None, fmt: str, split: str, test_split: str, column: str,
                  separator: str) -> tuple[str, str | None]:
     """(training text, held-out text or None when test_split is "") of a Hugging Face text dataset."""
-    opened = open_dataset(path, fmt, "data.path")
-    what = f"the dataset {shown_path(path)}"
-    parts = [select_split(opened, split, "data.hf_split", what)]
-    if test_split:
-        parts.append(select_split(opened, test_split, "data.hf_test_split", what))
-    for part in parts:
-        check_column(part, column, "data.text_column", what)
+    parts, what = open_parts(path, fmt, "data.path", split, test_split, {"data.text_column": column})
     texts = [read_texts(p, column, separator, what) for p in parts]
     return texts[0], (texts[1] if test_split else None)
