@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffusionblocks"
 # Lowest first. A module may import from its own layer and from any layer before it.
 LAYERS = [
     ("errors and seeds", ["errors", "seeding"]),
-    ("configuration and utilities", ["config", "extras", "options", "precision", "memory", "metrics", "plotting", "distributed"]),
+    ("configuration and utilities", ["config", "extras", "options", "precision", "memory", "metrics", "plotting",
+                                     "distributed"]),
     ("the math", ["noise", "precond", "parameterizations", "sampling", "blocks"]),
     ("models", ["models", "models.layers", "models.dit", "models.diffusers_dit", "models.vit", "models.arlm",
                 "models.mdlm", "models.recurrent",

@@ -3,8 +3,8 @@
 The JSON describes *what* is trained (model, noise, blocks, data, optimisation, sampling);
 command-line flags describe *how this process* runs it (device, output directory, resume).
 This module holds the sections every task shares (blocks, train, and EDM's noise levels, or a model's own
-parameterization of them: `ParameterizedNoiseConfig`); each
-task defines its own model, data and sample sections (`diffusionblocks.tasks`).
+parameterization of them: `ParameterizedNoiseConfig`); each task defines its own model, data and sample sections
+(`diffusionblocks.tasks`).
 Unknown keys and values of the wrong type are errors, never silently ignored.
 """
 
@@ -21,8 +21,9 @@ from typing import Any, ClassVar
 
 from .errors import ConfigError
 
-__all__ = ["BlocksConfig", "ConfigError", "NoiseConfig", "PARAMETERIZATIONS", "ParameterizedNoiseConfig", "PRECISIONS", "RunConfig", "TrainConfig", "check_choice",
-           "even_split", "overridden", "read_config_file", "switched_task", "shown_path"]
+__all__ = ["BlocksConfig", "ConfigError", "NoiseConfig", "PARAMETERIZATIONS", "ParameterizedNoiseConfig", "PRECISIONS",
+           "RunConfig", "TrainConfig", "check_choice", "even_split", "overridden", "read_config_file", "switched_task",
+           "shown_path"]
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 

@@ -121,9 +121,9 @@ def convert_run(source: str | Path, num_blocks: int, init: str, out: str | Path,
 
 def import_run(cfg: RunConfig, out: str | Path) -> RunConfig:
     """Writes the run `out` (new, or an empty directory): the end-to-end run (B=1) of config cfg whose block is the
-    pretrained model it names (`Task.pretrained`: model.pretrained of a diffusers DiT or a transformers Llama), saved as trained (at
-    step train.steps_per_block), so that sample, evaluate, convert and train --from take it. Everything is checked
-    before anything is written."""
+    pretrained model it names (`Task.pretrained`: model.pretrained of a diffusers DiT or a transformers Llama), saved
+    as trained (at step train.steps_per_block), so that sample, evaluate, convert and train --from take it. Everything
+    is checked before anything is written."""
     out = Path(out)
     task = get_task(cfg.task)
     if cfg.blocks.num_blocks != 1:
