@@ -16,12 +16,24 @@ loader, the same quality after the same training, and a loader that is not the b
    fresh processes), and evaluated by the same judge: samples of both against MNIST's held-out 2,000 images with
    MNIST's reference classifier (conditional accuracy, FD), and the last training losses.
 Writes OUT/results.json and prints the figures.
+
+    OMP_NUM_THREADS=1 python benchmarks/image_folder.py --digits --out runs/image-folder-digits [--steps 800]
+
+--digits instead compares at a real budget on scikit-learn's 8x8 digits: writes them as PNGs in class subfolders,
+data/digits-png/<label>/<index>.png (pixels round((x + 1) * 127.5) of the built-in loader's x in [-1, 1]; the
+round trip checked), then trains presets/digits-dit.json --steps per block (its 800 by default) with
+data.dataset=digits and with data.dataset=folder data.root=data/digits-png data.holdout=297 (both train on
+1,500; same seed, fresh processes, one after the other), and runs `diffusionblocks evaluate` on each: conditional
+accuracy, FD and KID against each run's own held-out set (the folder's is other images: the same split rule
+applied to the folder's order).
+Writes OUT/digits.json and prints the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -34,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusionblocks.data import DataConfig, _mnist_files, _mnist_pair, _split_fixed, load_image_data
+from diffusionblocks.data import DataConfig, _load_digits, _mnist_files, _mnist_pair, _split_fixed, load_image_data
 from diffusionblocks.evaluation import default_cache_dir, evaluate_generator
 from diffusionblocks.hf_datasets import read_images
 from diffusionblocks.image_folder import read_image_folder
@@ -44,6 +56,9 @@ from diffusionblocks.tasks import load_config
 MNIST = "../shared/data/mnist"
 PNG, HF = Path("data/mnist-png"), Path("data/mnist-hf")
 PRESETS = {"mnist": "presets/mnist-dit.json", "folder": "presets/mnist-folder-dit.json"}
+DIGITS_PNG, DIGITS_PRESET = Path("data/digits-png"), "presets/digits-dit.json"
+DIGITS_RUNS = {"digits": ["data.dataset=digits"], "folder": ["data.dataset=folder", f"data.root={DIGITS_PNG}",
+                                                                  "data.holdout=297"]}  # digits' 1,500 / 297
 
 
 def mnist_uint8() -> tuple[np.ndarray, np.ndarray]:
@@ -148,14 +163,99 @@ def steps_per_s(summary: dict) -> float:
     return statistics.median(b["steps_per_s"] for b in summary["blocks"])
 
 
+def digits_uint8() -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """The 1,797 digits as uint8 N x 8 x 8 (round((x + 1) * 127.5) of the built-in loader's x), labels, and x."""
+    splits = _load_digits(DataConfig(dataset="digits", holdout=1))  # every image: train in scikit-learn's order + 1
+    x = torch.cat([splits.train.images, splits.test.images])
+    y = torch.cat([splits.train.labels, splits.test.labels])
+    return ((x[:, 0] + 1) * 127.5).round().to(torch.uint8).numpy(), y.numpy(), x
+
+
+def write_digits(images: np.ndarray, labels: np.ndarray) -> float | None:
+    """data/digits-png/<label>/<index>.png, unless there; the seconds it took."""
+    if DIGITS_PNG.is_dir():
+        return None
+    t0 = time.perf_counter()
+    tmp = DIGITS_PNG.with_name(DIGITS_PNG.name + ".tmp")
+    for k in range(10):
+        (tmp / str(k)).mkdir(parents=True, exist_ok=True)
+    for i, (x, y) in enumerate(zip(images, labels)):
+        Image.fromarray(x, "L").save(tmp / str(y) / f"{i:04d}.png")
+    tmp.rename(DIGITS_PNG)
+    return time.perf_counter() - t0
+
+
+def digits_round_trip(images: np.ndarray, labels: np.ndarray, x: torch.Tensor) -> dict:
+    """The PNGs read back (uint8, and scaled to [-1, 1] as the folder loader does) against what was written and
+    against the built-in loader's values."""
+    order = np.argsort(labels, kind="stable")
+    got, got_labels, classes = read_image_folder(DIGITS_PNG, 8, 1, 8.0)
+    unit = torch.from_numpy(got[:, 0]).float().div(127.5).sub(1)
+    return {"num_images": len(got), "classes": list(classes),
+            "label_mismatches": int((got_labels != labels[order]).sum()),
+            "uint8_max_abs_delta": int(np.abs(got[:, 0].astype(np.int16) - images[order].astype(np.int16)).max()),
+            "unit_max_abs_delta_vs_builtin": float((unit - x[order][:, 0]).abs().max()),
+            "builtin_distinct_values": sorted({round(v, 6) for v in x.unique().tolist()})}
+
+
+def digits_train_and_evaluate(out: Path, steps: int, num: int) -> dict:
+    """digits-dit trained on the built-in digits and on the PNG folder (fresh processes), then evaluated by the CLI."""
+    results = {}
+    for name, overrides in DIGITS_RUNS.items():
+        run = out / name
+        cmd = [sys.executable, "-m", "diffusionblocks", "train", "--config", DIGITS_PRESET, "--out", str(run),
+               "--no-progress", *overrides, f"train.steps_per_block={steps}", "train.checkpoint_every=100000"]
+        t0 = time.perf_counter()
+        if not (run / "train_summary.json").is_file():
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        train_wall = time.perf_counter() - t0
+        evaluation = run / f"eval-num{num}"
+        ev = [sys.executable, "-m", "diffusionblocks", "evaluate", str(run), "--num", str(num),
+              "--out", str(evaluation), "--no-progress"]
+        t0 = time.perf_counter()
+        if not (evaluation / "evaluation.json").is_file():
+            subprocess.run(ev, check=True, stdout=subprocess.DEVNULL)
+        s = json.loads((run / "train_summary.json").read_text())
+        e = json.loads((evaluation / "evaluation.json").read_text())
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        B = len(s["blocks"])
+        results[name] = {"commands": [" ".join(["diffusionblocks", *cmd[3:]]), " ".join(["diffusionblocks", *ev[3:]])],
+                         "steps_per_block": steps, "train_wall_s": train_wall, "evaluate_wall_s":
+                         time.perf_counter() - t0, "train_summary": s,
+                         "last_loss_per_block": {b: [r["loss"] for r in rows if r["block"] == b][-1] for b in range(B)},
+                         "train_steps_per_s_median": steps_per_s(s), "evaluation": e}
+        print(f"{name}: {results[name]['train_steps_per_s_median']:.2f} steps/s per block (median), train "
+              f"{train_wall:.0f} s, " + json.dumps({k: e.get(k) for k in ("conditional_accuracy", "fd",
+                                                                          "fd_real_floor", "kid")}), flush=True)
+    return results
+
+
+def main_digits(out: Path, steps: int, num: int) -> None:
+    images, labels, x = digits_uint8()
+    result = {"machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch "
+                         f"{torch.__version__}, {torch.get_num_threads()} thread", "write_png_s":
+              write_digits(images, labels), "round_trip": digits_round_trip(images, labels, x)}
+    print(json.dumps(result["round_trip"]), flush=True)
+    result["training"] = digits_train_and_evaluate(out, steps, num)
+    (out / "digits.json").write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/image-folder")
-    ap.add_argument("--steps", type=int, default=200, help="training steps per block of each run")
-    ap.add_argument("--num", type=int, default=500, help="samples judged per run")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps per block of each run (default 200; with --digits the preset's 800)")
+    ap.add_argument("--num", type=int, default=None, help="samples judged per run (default 500; --digits 1000)")
     ap.add_argument("--write-only", action="store_true", help="only write data/mnist-png and data/mnist-hf")
+    ap.add_argument("--digits", action="store_true", help="the digits comparison at the preset's budget instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.digits:
+        out = Path(args.out if args.out != "runs/image-folder" else "runs/image-folder-digits")
+        out.mkdir(parents=True, exist_ok=True)
+        main_digits(out, args.steps or load_config(DIGITS_PRESET).train.steps_per_block, args.num or 1000)
+        return
+    args.steps, args.num = args.steps or 200, args.num or 500
     images, labels = mnist_uint8()
     written = write_data(images, labels)
     print(json.dumps(written))
