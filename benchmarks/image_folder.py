@@ -68,18 +68,23 @@ def mnist_uint8() -> tuple[np.ndarray, np.ndarray]:
     return ((images[:, 0] + 1) * 127.5).round().to(torch.uint8).numpy(), labels.numpy()
 
 
+def write_png_folder(dest, images: np.ndarray, labels: np.ndarray, digits: int) -> float:
+    """Grey uint8 images as dest/<label>/<index>.png (written beside it, then renamed into place); the seconds."""
+    t0 = time.perf_counter()
+    tmp = dest.with_name(dest.name + ".tmp")
+    for k in range(10):
+        (tmp / str(k)).mkdir(parents=True, exist_ok=True)
+    for i, (x, y) in enumerate(zip(images, labels)):
+        Image.fromarray(x, "L").save(tmp / str(y) / f"{i:0{digits}d}.png")
+    tmp.rename(dest)
+    return time.perf_counter() - t0
+
+
 def write_data(images: np.ndarray, labels: np.ndarray) -> dict:
     """data/mnist-png and data/mnist-hf, unless there; returns the seconds each took."""
     out = {}
     if not PNG.is_dir():
-        t0 = time.perf_counter()
-        tmp = PNG.with_name(PNG.name + ".tmp")
-        for k in range(10):
-            (tmp / str(k)).mkdir(parents=True, exist_ok=True)
-        for i, (x, y) in enumerate(zip(images, labels)):
-            Image.fromarray(x, "L").save(tmp / str(y) / f"{i:05d}.png")
-        tmp.rename(PNG)
-        out["write_png_s"] = time.perf_counter() - t0
+        out["write_png_s"] = write_png_folder(PNG, images, labels, digits=5)
     if not HF.is_dir():
         t0 = time.perf_counter()
         features = datasets.Features({"image": datasets.Image(),
@@ -173,16 +178,7 @@ def digits_uint8() -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
 
 def write_digits(images: np.ndarray, labels: np.ndarray) -> float | None:
     """data/digits-png/<label>/<index>.png, unless there; the seconds it took."""
-    if DIGITS_PNG.is_dir():
-        return None
-    t0 = time.perf_counter()
-    tmp = DIGITS_PNG.with_name(DIGITS_PNG.name + ".tmp")
-    for k in range(10):
-        (tmp / str(k)).mkdir(parents=True, exist_ok=True)
-    for i, (x, y) in enumerate(zip(images, labels)):
-        Image.fromarray(x, "L").save(tmp / str(y) / f"{i:04d}.png")
-    tmp.rename(DIGITS_PNG)
-    return time.perf_counter() - t0
+    return None if DIGITS_PNG.is_dir() else write_png_folder(DIGITS_PNG, images, labels, digits=4)
 
 
 def digits_round_trip(images: np.ndarray, labels: np.ndarray, x: torch.Tensor) -> dict:

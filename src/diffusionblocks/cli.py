@@ -286,7 +286,8 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("import", help="an end-to-end run (B=1) whose block is a pretrained model (model.pretrained: "
-                       "a diffusers DiT saved by save_pretrained), to sample, evaluate, convert or fine-tune",
+                       "a diffusers DiT or a transformers Llama saved by save_pretrained), to sample, evaluate, "
+                       "convert or fine-tune",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides, e.g. "
                    "model.pretrained=DIR")
