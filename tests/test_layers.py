@@ -30,7 +30,7 @@ LAYERS = [
     ("training", ["train"]),
     ("evaluation and reports", ["evaluation", "report"]),
     ("tasks", ["tasks.base", "tasks.text", "tasks.image_generation", "tasks.classification", "tasks.masked_diffusion",
-               "tasks.autoregressive", "tasks.recurrent_depth", "tasks", "pretrained"]),
+               "tasks.autoregressive", "tasks.recurrent_depth", "tasks", "pretrained", "judge"]),
     ("the run's life and tools", ["runs", "compare", "compose", "convert", "membench", "speedbench"]),
     ("the command line", ["cli", "__main__", ""]),
 ]

@@ -1,4 +1,4 @@
-"""The optional dependencies (diffusers, transformers, datasets), imported the first time a run uses them.
+"""The optional dependencies (diffusers, transformers, datasets, mauve-text), imported the first time a run uses them.
 
 Importing diffusers or transformers' Llama layers costs seconds (they pull in torch's compiler stack); a command
 that trains our own DiT on the digits must not pay for them. Each is named once here and imported by `load`, which
@@ -14,7 +14,7 @@ from types import ModuleType
 from .errors import ConfigError
 
 # The top-level package of each optional dependency -> the extra of pyproject.toml that installs it.
-EXTRA_OF = {"diffusers": "diffusers", "transformers": "hf", "datasets": "hf"}
+EXTRA_OF = {"diffusers": "diffusers", "transformers": "hf", "datasets": "hf", "mauve": "mauve"}
 
 
 def load(module: str, needed_by: str) -> ModuleType:

@@ -459,12 +459,16 @@ class CausalLM(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (N, L) -> logits (N, L, V), position j's for token j + 1."""
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (N, L) -> the final normalised hidden states (N, L, D) the head reads, position j's from tokens <= j."""
         L = tokens.shape[1]
         h = self.trunk.run(self.trunk.tok_embed(tokens), self.trunk.clean_cond, torch.arange(L, device=tokens.device),
                            CAUSAL)
-        return self.head(self.norm_final(h)).float()
+        return self.norm_final(h)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (N, L) -> logits (N, L, V), position j's for token j + 1."""
+        return self.head(self.hidden(tokens)).float()
 
     def next_logits(self, h_last: torch.Tensor) -> torch.Tensor:
         """Logits of the next token from the clean stream's last output (N, D)."""

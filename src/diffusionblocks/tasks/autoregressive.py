@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 from ..blocks import BridgedDenoiser
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
+from ..judge import (Judge, distinct_n, generative_bits, held_out_continuations, longest_repeated_run, mauve_bounds,
+                     resolve_judge, text_quality)
 from ..models.arlm import ARDenoiser, CausalLM, KVCache, swiglu_width
 from ..models.hf_llama import HFTrunk
 from ..noise import Partition, sigma_grid
@@ -391,41 +393,10 @@ def sampler_bits(model, windows: torch.Tensor, *, bridge: str, steps: int, sampl
     return total / n
 
 
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct n-grams over all n-grams of the texts (pooled): 1 = no n-gram repeats."""
-    grams = [t[i:i + n] for t in texts for i in range(len(t) - n + 1)]
-    return len(set(grams)) / max(len(grams), 1)
-
-
-def longest_repeated_run(text: str, max_unit: int = 16) -> int:
-    """Characters covered by the longest stretch of one unit (1 to max_unit characters) repeated back to back at
-    least twice: 'abababx' -> 6, 'aaaa' -> 4, no repetition -> 0."""
-    best = 0
-    for u in range(1, max_unit + 1):
-        run = 0
-        for i in range(u, len(text)):
-            run = run + 1 if text[i] == text[i - u] else 0
-            if run >= u:  # at least two copies of the unit
-                best = max(best, run + u)
-    return best
-
-
-@torch.no_grad()
 def judge_bits(judge, texts: torch.Tensor, prompt_len: int, window: int, batch_size: int = 50) -> float:
     """Bits per character of the continuations (texts (N, T) after their first prompt_len >= 1 tokens) under a
-    plain judge model. Each forward pass over `window` characters scores its second half, so every character
-    is scored once, with at least window / 2 characters before it (or all there are)."""
-    N, T = texts.shape
-    total, count, t = 0.0, 0, prompt_len  # t: the first position not scored yet
-    while t < T:
-        s = max(0, t - window // 2)
-        seg = texts[:, s:s + window]  # (N, w)
-        logits = torch.cat([judge(seg[i:i + batch_size]) for i in range(0, N, batch_size)])  # (N, w, V)
-        lo = t - s
-        ce = F.cross_entropy(logits[:, lo - 1:-1].transpose(1, 2), seg[:, lo:], reduction="sum")
-        total, count = total + float(ce), count + seg[:, lo:].numel()
-        t = s + seg.shape[1]
-    return total / max(count, 1) / math.log(2)
+    plain model (a CausalLM) of context `window`: `judge.generative_bits`."""
+    return generative_bits(Judge(judge, window), texts, prompt_len, batch_size)
 
 
 # ---- the task
@@ -447,13 +418,17 @@ class ARSampleOptions(SampleOptions):
 
 @dataclass(frozen=True)
 class AREvaluateOptions(EvaluateOptions):
-    judge: str | None = option(None, "a plain (B=1, model.mode=plain) run that scores the samples' generative "
-                               "perplexity")
+    judge: str = option("auto", "what scores the samples (generative perplexity, MAUVE's features): auto = the "
+                        "independent judge of the run's data, cached under --cache-dir/judges and trained first if "
+                        "missing; none; or a plain run (task arlm, model.mode=plain) with the run's vocabulary")
     prompts: int = option(100, "held-out prompts continued")
     new: int = option(200, "characters added to each prompt")
     bridges: str = option(",".join(BRIDGES), "bridges measured (chain runs)")
     windows: int = option(0, "held-out windows for the bits (0 = all)")
     speed_prompts: int = option(8, "prompts timed with and without the cache")
+    mauve_prompts: int = option(500, "held-out prompts continued for MAUVE against their held-out continuations "
+                                "(0: no MAUVE)")
+    mauve_new: int = option(128, "characters each MAUVE continuation adds")
 
 
 class AutoregressiveTask(TextTask):
@@ -554,7 +529,10 @@ class AutoregressiveTask(TextTask):
             if getattr(options, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
         check_windows(options.windows)
-        judge = self.load_judge(run_dir, options.judge, options.device)
+        if options.mauve_prompts < 0 or options.mauve_new < 1:
+            raise ConfigError("--mauve-prompts must be at least 0 and --mauve-new at least 1")
+        judge, judge_info = resolve_judge(options.judge, cfg, run_dir, cache_dir=options.cache_dir,
+                                          device=options.device, progress=options.progress)
         data = self.load_run_data(cfg, run_dir)
         prompts = self.held_out_prompts(data.test, options.prompts, cfg.sample.prompt_chars,
                                         ("--prompts", "sample.prompt_chars")).to(options.device)
@@ -570,6 +548,14 @@ class AutoregressiveTask(TextTask):
                           for b in bridges}
         readout = readout_settings(cfg)
         vocab = data.vocab
+        mauve_on = judge is not None and options.mauve_prompts > 0
+        if judge is not None:
+            r["judge"] = judge_info
+        if mauve_on:
+            P = cfg.sample.prompt_chars
+            reference, _, _ = held_out_continuations(data.test, options.mauve_prompts, P, options.mauve_new)
+            r["judge"]["bounds"] = mauve_bounds(judge, data, options.mauve_prompts, P, options.mauve_new,
+                                                seed=options.seed)
         r["samples"], ids_of = {}, {}
         for bridge in ([None] if is_plain(model) else bridges):
             seeds = sample_seeds(options.seed, len(prompts))
@@ -590,8 +576,13 @@ class AutoregressiveTask(TextTask):
                      "longest_run_max": max(map(longest_repeated_run, texts)),
                      "prompts": [vocab.decode(p) for p in prompts[:4].cpu()], "texts": texts}
             if judge is not None:
-                entry["gen_bits"] = judge_bits(judge.blocks[0], ids, prompts.shape[1], cfg.model.seq_len)
+                entry["gen_bits"] = generative_bits(judge, ids, prompts.shape[1]) / data.test.chars_per_token
                 entry["gen_ppl"] = 2 ** entry["gen_bits"]
+            if mauve_on:
+                generated = generate_text(model, cfg, reference[:, :P].to(options.device), options.mauve_new,
+                                          bridge=bridge, seeds=sample_seeds(options.seed, len(reference)),
+                                          num_tokens=len(vocab), **readout)
+                entry["mauve"] = text_quality(judge, generated.cpu(), reference, P, seed=options.seed)
             r["samples"][bridge or "plain"] = entry
             ids_of[bridge or "plain"] = ids.cpu()
         r.update({"num_prompts": len(prompts), "prompt_chars": prompts.shape[1], "new_chars": options.new,
@@ -604,8 +595,16 @@ class AutoregressiveTask(TextTask):
     def format_evaluation(self, r: dict[str, Any]) -> str:
         lines = [f"{r['run']}: B={r['num_blocks']} ({r['mode']}), held-out next-token BPC {r['bpc']:.4f} "
                  f"({r['num_windows']} windows of {r['seq_len']})"]
+        if "judge" in r:
+            lines.append(f"  judge {r['judge']['run']}: held-out BPC {r['judge']['held_out_bpc']:.4f}")
+            for bound, b in r["judge"].get("bounds", {}).items():
+                if isinstance(b, dict):
+                    lines.append(f"  MAUVE {bound}: {b['mauve']:.3f} ({b['num_p']} vs {b['num_q']}, "
+                                 f"{b['clusters']} clusters)")
         for name, s in r["samples"].items():
             ppl = f"gen. perplexity {s['gen_ppl']:.2f}, " if "gen_ppl" in s else ""
+            if "mauve" in s:
+                ppl += f"MAUVE {s['mauve']['mauve']:.3f}, "
             lines.append(f"  {name}: {ppl}distinct-2 {s['distinct_2']:.3f}, distinct-4 {s['distinct_4']:.3f}, longest "
                          f"run {s['longest_run_mean']:.1f} (max {s['longest_run_max']}), {s['chars_per_s']:.0f} chars/s "
                          f"({s['chars_per_s_no_cache']:.0f} without the cache)")
@@ -631,25 +630,75 @@ def check_windows(windows: int) -> None:
         raise ConfigError(f"--windows must be >= 0 (0: all of them), got {windows}")
 
 
-def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
-                      artifacts: dict[int, Any]) -> None:
-    """compare's report: the samples of every run scored by the B=1 run (the judge), one row per run and bridge."""
-    c1, r1 = configs[1], results[1]
-    judge, _ = from_pretrained(r1["run"])
+def judge_section(configs: dict[int, RunConfig], results: dict[int, dict[str, Any]]) -> tuple[dict | None, list[str]]:
+    """The independent judge the runs were evaluated with (the same for all, and none of them) and the report's lines
+    on it: its held-out BPC against every judged model's (flagged when not below all), MAUVE's ceiling and floor."""
+    judges = {r["judge"]["run"] for r in results.values() if "judge" in r}
+    if not judges:
+        return None, ["**No judge**: the runs were evaluated with `--judge none`; no generative perplexity or MAUVE.", ""]
+    if len(judges) > 1 or any("judge" not in r for r in results.values()):
+        raise ConfigError(f"the runs were evaluated with different judges ({', '.join(sorted(judges))}): evaluate "
+                          "them with one")
+    judge = next(r["judge"] for r in results.values())
+    compared = {Path(r["run"]).resolve() for r in results.values()}
+    if Path(judge["run"]).resolve() in compared:
+        raise ConfigError(f"the judge {judge['run']} is one of the compared runs: use an independent judge")
+    worse = [f"B={B} ({r['bpc']:.4f})" for B, r in results.items() if not judge["held_out_bpc"] < r["bpc"]]
+    lines = [f"Judge: `{judge['run']}`, a plain causal LM trained on the training split ({judge.get('steps')} steps), "
+             f"never one of the compared runs; its held-out BPC {judge['held_out_bpc']:.4f} over "
+             f"{judge.get('held_out_windows')} windows of {judge.get('seq_len')}.", ""]
+    if worse:
+        lines += [f"**WARNING: the judge's held-out BPC {judge['held_out_bpc']:.4f} is NOT below every judged model's: "
+                  f"{', '.join(worse)}. Its perplexities and MAUVE cannot rank these models.**", ""]
+    return judge, lines
+
+
+def mauve_section(results: dict[int, dict[str, Any]], judge: dict | None) -> list[str]:
+    """The report's MAUVE table: each run and bridge against held-out continuations of the same prompts, with the
+    ceiling (held-out against held-out) and floor (unigram draws) rows, each with its sample counts and clusters."""
+    bounds = (judge or {}).get("bounds")
+    if not bounds:
+        return []
+    rows = []
+
+    def row(what: str, m: dict) -> dict[str, str]:
+        return {"text": what, "MAUVE": f"{m['mauve']:.3f}", "gen. ppl (judge)": f"{2 ** m['gen_bits']:.2f}",
+                "distinct-4": f"{m['distinct_4']:.3f}" if "distinct_4" in m else "-",
+                "samples": f"{m['num_p']} vs {m['num_q']}", "clusters": str(m["clusters"])}
+
     for B, r in results.items():
         for name, s in r["samples"].items():
-            if "gen_ppl" not in s:
-                s["gen_bits"] = judge_bits(judge.blocks[0], artifacts[B][name], r["prompt_chars"], c1.model.seq_len)
-                s["gen_ppl"] = 2 ** s["gen_bits"]
+            if "mauve" in s:
+                rows.append(row(f"B={B}, {'plain' if name == 'plain' else 'bridge ' + name}", s["mauve"]))
+    c, f = bounds["ceiling"], bounds["floor"]
+    rows.append(row(f"ceiling: other held-out text ({c['overlap']:.0%} of its characters also in the reference)", c))
+    rows.append(row("floor: unigram draws of the training split", f))
+    ok = c["mauve"] > f["mauve"]
+    return ["", "## MAUVE", "",
+            f"MAUVE (mauve-text, PCA to 90% of the variance, k-means; Pillutla et al. 2021) of {bounds['num']} "
+            f"continuations of {bounds['new']} characters after held-out prompts of {bounds['prompt_len']}, against the "
+            "held-out continuations of the same prompts, on the independent judge's features (its final normalised "
+            "hidden states averaged over the continuation). gen. ppl: these continuations' perplexity under the judge.",
+            ""] + markdown_table(["text", "MAUVE", "gen. ppl (judge)", "distinct-4", "samples", "clusters"], rows) + [
+            "", "The judge's features tell held-out text from unigram noise: ceiling above floor." if ok else
+            "**WARNING: MAUVE's ceiling is not above its floor: the judge's features do not tell text from noise.**"]
+
+
+def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
+                      artifacts: dict[int, Any]) -> None:
+    """compare's report: every run's samples scored by the independent judge (`judge.py`, never a compared run), one
+    row per run and bridge, MAUVE with its ceiling and floor."""
+    c1, r1 = configs[1], results[1]
+    judge, judge_lines = judge_section(configs, results)
     (out_dir / "generative_perplexity.json").write_text(json.dumps(
-        {B: {name: s["gen_ppl"] for name, s in r["samples"].items()} for B, r in results.items()}, indent=2) + "\n")
+        {B: {name: s.get("gen_ppl") for name, s in r["samples"].items()} for B, r in results.items()}, indent=2) + "\n")
     header = ["B", "readout", "BPC", "gen. ppl", "distinct-2", "distinct-4", "longest run", "chars/s", "no cache",
               "train s", "ms/step per block", "peak train mem MiB"]
     rows = []
     for B, r in results.items():
         for name, s in r["samples"].items():
             rows.append({"B": str(B), "readout": "next-token CE (plain)" if name == "plain" else f"bridge {name}",
-                         "BPC": f"{r['bpc']:.4f}", "gen. ppl": f"{s['gen_ppl']:.2f}",
+                         "BPC": f"{r['bpc']:.4f}", "gen. ppl": f"{s['gen_ppl']:.2f}" if "gen_ppl" in s else "-",
                          "distinct-2": f"{s['distinct_2']:.3f}", "distinct-4": f"{s['distinct_4']:.3f}",
                          "longest run": f"{s['longest_run_mean']:.1f} / {s['longest_run_max']}",
                          "chars/s": f"{s['chars_per_s']:.0f}", "no cache": f"{s['chars_per_s_no_cache']:.0f}",
@@ -660,9 +709,10 @@ def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dic
              f"Llama-style, {c1.model.depth} layers, width {c1.model.hidden_size}. BPC: held-out next-token bits per "
              f"character over {r1['num_windows']} windows (chains: block 0 at sigma_max). Samples: {r1['num_prompts']} "
              f"held-out prompts of {c1.sample.prompt_chars} characters, {r1['new_chars']} new characters each, readout "
-             f"{r1['readout']}; gen. ppl: their perplexity per character under the B=1 model; longest run: the "
-             "longest stretch of a repeated unit, mean / max over samples.", ""]
+             f"{r1['readout']}; gen. ppl: their perplexity per character under the independent judge (below); longest "
+             "run: the longest stretch of a repeated unit, mean / max over samples.", ""] + judge_lines
     lines += markdown_table(header, rows)
+    lines += mauve_section(results, judge)
     lines += ["", memory_note(r1), "", "## Chain diagnostics", "",
               "Teacher-forced on the held-out windows: bits per character of each step's logits on the chain's own state "
               "and on the oracle input E[x] + sigma eps, and the mean norm of the estimate the bridge hands on (the "
