@@ -60,7 +60,8 @@ RECURRENT = ["model.prelude=1", "model.core=1", "model.coda=1", "model.depth=3",
 # The `evaluate` options of the cases that are evaluated by the command (the text tasks), at a tiny size.
 GENERATION = ["--windows", "8", "--prompts", "2", "--new", "16"]
 EVALUATE = {"mdlm": ["--windows", "8", "--repeats", "2", "--strata", "4", "--num", "2"],
-            "arlm": [*GENERATION, "--speed-prompts", "1"], "arlm-plain": [*GENERATION, "--speed-prompts", "1"],
+            "arlm": [*GENERATION, "--speed-prompts", "1", "--judge", "none"],
+            "arlm-plain": [*GENERATION, "--speed-prompts", "1", "--judge", "none"],
             "recurrent": [*GENERATION, "--iterations", "1,4", "--draws", "2"],
             "recurrent-huginn": [*GENERATION, "--iterations", "1,4", "--draws", "2"]}
 CASES.update({

@@ -175,7 +175,8 @@ def test_training_sampling_and_evaluation_through_the_cli(trained, tmp_path, cap
     assert text.startswith("ROMEO") and text.count("ROMEO") >= 3 and len(text) == 3 * 11 + 2 * 2 + 1
     ev = tmp_path / "ev"
     assert main(["evaluate", str(chain), "--judge", str(plain), "--prompts", "4", "--new", "6", "--windows", "8",
-                 "--speed-prompts", "2", "--out", str(ev), "--no-progress"]) == 0
+                 "--speed-prompts", "2", "--mauve-prompts", "20", "--mauve-new", "6", "--out", str(ev),
+                 "--no-progress"]) == 0
     r = json.loads((ev / "evaluation.json").read_text())
     assert set(r["samples"]) == {"estimate", "softmax", "argmax", "sample"} and set(r["chain"]) == set(r["samples"])
     for s in r["samples"].values():
@@ -237,7 +238,7 @@ def test_a_bpe_run_reports_bits_per_character(tmp_path):
     assert main(["train", "--out", str(run), "--no-progress", *bpe]) == 0
     ev = tmp_path / "ev"
     assert main(["evaluate", str(run), "--prompts", "2", "--new", "4", "--windows", "4", "--bridges", "argmax",
-                 "--speed-prompts", "1", "--out", str(ev), "--no-progress"]) == 0
+                 "--speed-prompts", "1", "--judge", "none", "--out", str(ev), "--no-progress"]) == 0
     r = json.loads((ev / "evaluation.json").read_text())
     assert r["bpc"] == pytest.approx(r["bits_per_token"] / r["chars_per_token"]) and r["chars_per_token"] > 1
     with pytest.raises(ConfigError, match="for the arlm task"):

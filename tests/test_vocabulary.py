@@ -192,8 +192,8 @@ def test_a_judge_with_another_vocabulary_is_refused(runs, corpus, tmp_path, caps
         assert not ev.exists()
     ev = tmp_path / "ev"  # the judge of the same vocabulary is taken
     assert main(["evaluate", str(runs["arlm"]), "--judge", str(runs["judge"]), "--prompts", "2", "--new", "3",
-                 "--windows", "2", "--bridges", "argmax", "--speed-prompts", "1", "--out", str(ev),
-                 "--no-progress"]) == 0
+                 "--windows", "2", "--bridges", "argmax", "--speed-prompts", "1", "--mauve-prompts", "0", "--out",
+                 str(ev), "--no-progress"]) == 0
     assert json.loads((ev / "evaluation.json").read_text())["samples"]["argmax"]["gen_ppl"] > 1
 
 
@@ -229,7 +229,8 @@ def test_a_corpus_with_fewer_characters_than_vocab_size_trains_samples_and_evalu
     assert main(["sample", str(run), "--num", "3", "--out", str(out), "--no-progress"]) == 0
     assert set(out.read_text(encoding="utf-8")) <= chars | {"\n"}
     ev = {"mdlm": ["--windows", "4", "--strata", "2", "--repeats", "2", "--num", "2"],
-          "arlm": ["--windows", "4", "--prompts", "2", "--new", "3", "--bridges", "sample", "--speed-prompts", "1"],
+          "arlm": ["--windows", "4", "--prompts", "2", "--new", "3", "--bridges", "sample", "--speed-prompts", "1",
+                   "--judge", "none"],
           "recurrent": ["--windows", "4", "--prompts", "2", "--new", "3", "--iterations", "1"]}[task]
     assert main(["evaluate", str(run), *ev, "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
     assert (tmp_path / "ev" / "evaluation.json").is_file()

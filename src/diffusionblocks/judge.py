@@ -144,12 +144,17 @@ def judge_dir(jcfg: RunConfig, key: str, cache_dir: str | Path | None = None) ->
     return Path(cache_dir or default_cache_dir()) / "judges" / f"{safe}-{key[:16]}"
 
 
+def _device(module: nn.Module) -> torch.device:
+    """Where the module's parameters are (the CPU when it has none)."""
+    return next(module.parameters(), torch.empty(0)).device
+
+
 @torch.no_grad()
 def held_out_bits(judge: Judge, windows: torch.Tensor, batch_size: int = 64) -> float:
     """Bits per token of each held-out window's tokens 1..L-1 given those before (what `next_token_bits` of
     tasks/autoregressive.py gives for a plain run)."""
     total, count = 0.0, 0
-    device = next(judge.parameters()).device
+    device = _device(judge)
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size].to(device)
         ce = F.cross_entropy(judge(x)[:, :-1].transpose(1, 2), x[:, 1:], reduction="sum")
@@ -341,7 +346,7 @@ def generative_bits(judge: Judge, ids: torch.Tensor, prompt_len: int, batch_size
     """Bits per token of the continuations, ids (N, T) after their first prompt_len >= 1 tokens, under the judge:
     -mean log2 p_judge(x_t | x_<t) over t >= prompt_len (the log of their generative perplexity)."""
     N, T = ids.shape
-    device = next(judge.parameters()).device
+    device = _device(judge)
     total, count = 0.0, 0
     for s, t in _segments(T, prompt_len, judge.window):
         seg = ids[:, s:s + judge.window].to(device)  # (N, w)
@@ -363,7 +368,7 @@ def features(judge: Judge, ids: torch.Tensor, prompt_len: int, batch_size: int =
     much longer contexts than a continuation; a 6-layer character model's last state is mostly about the next few
     characters)."""
     N, T = ids.shape
-    device = next(judge.parameters()).device
+    device = _device(judge)
     total = None
     for s, t in _segments(T, prompt_len, judge.window):
         seg = ids[:, s:s + judge.window].to(device)
