@@ -17,6 +17,7 @@ from diffusionblocks.config import ConfigError
 from diffusionblocks.models.arlm import CausalLM
 from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.tasks import apply_overrides, default_config
+from diffusionblocks.tasks import autoregressive as AR
 from diffusionblocks.tasks.autoregressive import next_token_bits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,6 +275,9 @@ def test_held_out_sets_and_the_floor(tmp_path):
     freq = torch.bincount(data.train.tokens, minlength=len(data.vocab)).double()
     drawn = torch.bincount(floor[:, 4:].flatten(), minlength=len(data.vocab)).double()
     assert torch.allclose(drawn / drawn.sum(), freq / freq.sum(), atol=0.02)
+    skewed = J.unigram_continuations(torch.tensor([0] * 900 + [2] * 100), ref[:, :4], 500, 3,
+                                     torch.Generator().manual_seed(0))[:, 4:]
+    assert abs(float((skewed == 0).double().mean()) - 0.9) < 0.02 and not (skewed == 1).any()
     with pytest.raises(ConfigError, match="too few"):
         J.held_out_continuations(data.test, 10_000, 4, 8)
 
@@ -314,3 +318,61 @@ def test_evaluate_reports_the_judge_and_mauve(built, tmp_path, monkeypatch):
                  "--bridges", "argmax", "--speed-prompts", "1", "--out", str(ev2), "--no-progress"]) == 0
     r = json.loads((ev2 / "evaluation.json").read_text())
     assert "judge" not in r and all("gen_ppl" not in s and "mauve" not in s for s in r["samples"].values())
+
+
+def _result(run: str, bpc: float, judge: dict) -> dict:
+    m = {"mauve": 0.8, "gen_bits": 2.0, "distinct_4": 0.9, "num_p": 500, "num_q": 500, "clusters": 50}
+    return {"run": run, "bpc": bpc, "judge": judge, "samples": {"plain": {"mauve": m}}}
+
+
+def test_the_report_uses_one_independent_judge_and_flags_a_weak_one():
+    bounds = {"num": 500, "prompt_len": 32, "new": 128,
+              "ceiling": {"mauve": 0.95, "gen_bits": 1.9, "overlap": 0.27, "num_p": 500, "num_q": 500, "clusters": 50},
+              "floor": {"mauve": 0.004, "gen_bits": 6.0, "num_p": 500, "num_q": 500, "clusters": 50}}
+    judge = {"run": "/cache/judges/shakespeare-judge-0123", "held_out_bpc": 1.6, "steps": 3000,
+             "held_out_windows": 871, "seq_len": 128, "bounds": bounds}
+    results = {1: _result("/c/B1", 2.0, judge), 3: _result("/c/B3", 2.1, judge)}
+    found, lines = AR.judge_section({}, results)
+    assert found is judge and "held-out BPC 1.6000" in "\n".join(lines) and "WARNING" not in "\n".join(lines)
+    table = "\n".join(AR.mauve_section(results, judge))
+    assert "ceiling: other held-out text (27% of its characters" in table and "| 0.950 |" in table
+    assert "floor: unigram draws" in table and "| 0.004 |" in table and "500 vs 500" in table
+    assert "B=3, plain" in table and "ceiling above floor" in table
+    weak = {**judge, "held_out_bpc": 2.05}
+    _, lines = AR.judge_section({}, {1: _result("/c/B1", 2.0, weak), 3: _result("/c/B3", 2.1, weak)})
+    assert "WARNING: the judge's held-out BPC 2.0500 is NOT below every judged model's: B=1 (2.0000)" in "\n".join(lines)
+    bad = {**bounds, "ceiling": {**bounds["ceiling"], "mauve": 0.001}}
+    assert "WARNING: MAUVE's ceiling is not above its floor" in "\n".join(AR.mauve_section(results, {"bounds": bad}))
+    itself = {**judge, "run": "/c/B1"}
+    with pytest.raises(ConfigError, match="is one of the compared runs"):
+        AR.judge_section({}, {1: _result("/c/B1", 2.0, itself), 3: _result("/c/B3", 2.1, itself)})
+    with pytest.raises(ConfigError, match="different judges"):
+        AR.judge_section({}, {1: _result("/c/B1", 2.0, judge), 3: _result("/c/B3", 2.1, weak | {"run": "/x"})})
+    none = {B: {k: v for k, v in r.items() if k != "judge"} for B, r in results.items()}
+    assert AR.judge_section({}, none)[0] is None and AR.mauve_section(none, None) == []
+
+
+class Bigram(torch.nn.Module):
+    """A judge whose hidden state at position j is the one-hot vector of the bigram (x_{j-1}, x_j)."""
+
+    def __init__(self, V: int):
+        super().__init__()
+        self.V = V
+
+    def forward(self, tokens):
+        return torch.zeros(*tokens.shape, self.V)
+
+    def hidden(self, tokens):
+        prev = torch.cat([tokens[:, :1], tokens[:, :-1]], dim=1)
+        return torch.nn.functional.one_hot(prev * self.V + tokens, self.V * self.V).float()
+
+
+def test_the_bounds_tell_text_from_unigram_noise(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    words = ["the", "king", "and", "queen", "of", "rome", "shall", "speak"]
+    text = " ".join(words[i] for i in torch.randint(len(words), (4000,), generator=g).tolist())
+    (tmp_path / "w.txt").write_text(text)
+    data = J.get_task("arlm").load_data(run_config(tmp_path / "w.txt", "model.vocab_size=32"))
+    b = J.mauve_bounds(J.Judge(Bigram(len(data.vocab)), 16), data, 30, 4, 24, seed=0, num_buckets=3)
+    assert b["ceiling"]["mauve"] > 0.8 and b["floor"]["mauve"] < 0.2 and b["ceiling"]["overlap"] == 0
+    assert b["floor"]["gen_bits"] == pytest.approx(math.log2(len(data.vocab)))
