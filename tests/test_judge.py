@@ -172,7 +172,7 @@ def test_the_build_is_atomic(tmp_path, monkeypatch):
     assert first == [1, 2, 3]  # resumed at step 2, not restarted
 
 
-def test_a_run_trained_elsewhere_is_installed(built, tmp_path):
+def test_a_run_trained_elsewhere_is_installed(built, tmp_path, monkeypatch):
     root, cfg, judge, info = built
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(info["run"], elsewhere)
@@ -183,6 +183,9 @@ def test_a_run_trained_elsewhere_is_installed(built, tmp_path):
     assert meta["cached"] and meta["held_out_bpc"] == pytest.approx(info["held_out_bpc"])
     with pytest.raises(ConfigError, match="already has this judge"):
         J.install_judge(elsewhere, cfg, tmp_path / "cache", judge_config=TINY_JUDGE)
+    monkeypatch.setattr(J, "JUDGE_PRESET", TINY_JUDGE)  # the command, with the run's own data section
+    assert main(["install-judge", str(elsewhere), "--cache-dir", str(tmp_path / "cache-cli")]) == 0
+    assert (tmp_path / "cache-cli" / "judges" / entry.name / "judge.json").is_file()
     same_letters = run_config(corpus(tmp_path / "b.txt", seed=1))  # another text of the same characters
     with pytest.raises(ConfigError, match="was trained on other text"):
         J.install_judge(elsewhere, same_letters, tmp_path / "cache3", judge_config=TINY_JUDGE)

@@ -1,5 +1,5 @@
-"""The `diffusionblocks` command: train, sample, evaluate, compare, compose, convert, import, status, bench memory and
-speed.
+"""The `diffusionblocks` command: train, sample, evaluate, compare, compose, convert, import, status, install-judge,
+bench memory and speed.
 
 This module parses the command line and calls the functions that do the work: a run's life is in
 runs.py (train, sample, evaluate, status), which Python code can call the same way.
@@ -24,6 +24,7 @@ from .compare import comparison_configs, prepare_out_dir, run_comparison
 from .compose import compose_run, parse_block_sources
 from .config import ConfigError, RunConfig
 from .convert import convert_run, import_run
+from .judge import install_judge
 from .membench import child_main, model_config, run_benchmark
 from .options import EvaluateOptions, SampleOptions, flag, option_type, own_fields
 from .speedbench import parse_modes, run_speed_benchmark
@@ -113,6 +114,13 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def cmd_status(args: argparse.Namespace) -> None:
     print(runs.run_status(args.run))
+
+
+def cmd_install_judge(args: argparse.Namespace) -> None:
+    target = read_config(args.run) if args.for_ is None else (
+        read_config(args.for_) if Path(args.for_).is_dir() else load_config(args.for_))
+    entry = install_judge(args.run, target, args.cache_dir)
+    logger.info("installed the judge %s as %s: `evaluate --judge auto` of a run on its data uses it", args.run, entry)
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> None:
@@ -294,6 +302,14 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="JSON config file (see presets/)")
     p.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("install-judge", help="copy a trained judge run (`train --config presets/shakespeare-judge.json`) "
+                       "into the cache of independent judges, checked against the judge its data would get")
+    p.add_argument("run", metavar="RUN", help="the trained judge run")
+    p.add_argument("--for", dest="for_", metavar="RUN_OR_CONFIG", help="a run or config whose data it judges "
+                   "(default: the judge run's own data section)")
+    p.add_argument("--cache-dir", help="judge cache (default: $DIFFUSIONBLOCKS_CACHE or ~/.cache/diffusionblocks)")
+    p.set_defaults(func=cmd_install_judge)
 
     p = sub.add_parser("status", help="which blocks of a run are trained, how far, and which are missing")
     p.add_argument("run", metavar="RUN", help="run directory")
