@@ -16,9 +16,10 @@ B=1) is the same transformer trained on next-token cross-entropy.
 Evaluation: held-out next-token bits per character (block 0 at sigma_max for the chain, the predictive
 distribution of the baseline), the chain diagnostics teacher-forced on held-out text (bits of each step's
 logits on the chain's own state and on the oracle E[x] + sigma eps: is the loss lost in block 0 or in the
-chain?), and samples continuing held-out prompts, for each bridge: their generative perplexity under a
-judge (the plain baseline, `--judge RUN`; `compare` uses its B=1 run), distinct 2- and 4-grams, the longest
-repeated run, and characters/s with and without the cache.
+chain?), and samples continuing held-out prompts, for each bridge: their generative perplexity under the
+independent judge (`judge.py`: a larger plain LM trained on the training split, cached; `--judge RUN` another plain
+run), MAUVE against held-out continuations of the same prompts on its features, distinct 2- and 4-grams, the
+longest repeated run, and characters/s with and without the cache.
 """
 
 from __future__ import annotations
