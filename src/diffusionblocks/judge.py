@@ -417,10 +417,12 @@ def longest_repeated_run(text, max_unit: int = 16) -> int:
 
 
 def text_quality(judge: Judge, generated_ids: torch.Tensor, reference_ids: torch.Tensor, prompt_len: int, *,
-                 seed: int = 0, num_buckets: str | int = "auto") -> dict[str, Any]:
+                 seed: int = 0, num_buckets: str | int = "auto",
+                 reference_features: torch.Tensor | None = None) -> dict[str, Any]:
     """Generated continuations (N, P + new) against held-out ones of the same prompts (M, P + new): their bits per
     token and perplexity under the judge, MAUVE on the judge's features (with its sample counts and clusters), and
-    distinct 2- and 4-grams and the longest repeated run of the generated continuations (over token ids)."""
+    distinct 2- and 4-grams and the longest repeated run of the generated continuations (over token ids).
+    reference_features: features(judge, reference_ids, prompt_len), when already computed."""
     if generated_ids.shape[1] != reference_ids.shape[1]:
         raise ValueError(f"generated and reference continuations differ in length: {generated_ids.shape[1]} vs "
                          f"{reference_ids.shape[1]} tokens")
@@ -428,8 +430,9 @@ def text_quality(judge: Judge, generated_ids: torch.Tensor, reference_ids: torch
     rows = [row.tolist() for row in generated_ids[:, prompt_len:].cpu()]
     runs = [longest_repeated_run(r) for r in rows]
     return {"gen_bits": bits, "gen_ppl": 2 ** bits,
-            **mauve_score(features(judge, generated_ids, prompt_len), features(judge, reference_ids, prompt_len),
-                          num_buckets=num_buckets, seed=seed),
+            **mauve_score(features(judge, generated_ids, prompt_len),
+                          features(judge, reference_ids, prompt_len) if reference_features is None
+                          else reference_features, num_buckets=num_buckets, seed=seed),
             "distinct_2": distinct_n(rows, 2), "distinct_4": distinct_n(rows, 4),
             "longest_run_mean": sum(runs) / len(runs), "longest_run_max": max(runs),
             "num": len(generated_ids), "prompt_len": prompt_len, "new": generated_ids.shape[1] - prompt_len}
@@ -466,15 +469,16 @@ def unigram_continuations(train_tokens: torch.Tensor, prompts: torch.Tensor, new
 
 
 def mauve_bounds(judge: Judge, data: TextSplits, num: int, prompt_len: int, new: int, *, seed: int = 0,
-                 num_buckets: str | int = "auto") -> dict[str, Any]:
+                 num_buckets: str | int = "auto", reference_features: torch.Tensor | None = None) -> dict[str, Any]:
     """MAUVE's ceiling and floor on the judge's features, against the reference held-out continuations
     (`held_out_continuations`) that generated text is measured against: the ceiling, other held-out continuations
     (their overlap with the reference stated); the floor, unigram draws after the reference prompts. A judge whose
-    features tell text from noise has the ceiling near 1 and the floor near 0."""
+    features tell text from noise has the ceiling near 1 and the floor near 0. data: the TextSplits (the floor draws
+    from data.train's unigram distribution); reference_features: the reference's features, when already computed."""
     reference, other, overlap = held_out_continuations(data.test, num, prompt_len, new)
     floor_ids = unigram_continuations(data.train.tokens, reference[:, :prompt_len], new, len(data.vocab),
                                       make_generator(seed, "judge-unigram-floor"))
-    q = features(judge, reference, prompt_len)
+    q = features(judge, reference, prompt_len) if reference_features is None else reference_features
     ceiling = {**mauve_score(features(judge, other, prompt_len), q, num_buckets=num_buckets, seed=seed),
                "gen_bits": generative_bits(judge, other, prompt_len), "overlap": overlap}
     floor = {**mauve_score(features(judge, floor_ids, prompt_len), q, num_buckets=num_buckets, seed=seed),

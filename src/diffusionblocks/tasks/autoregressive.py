@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from ..blocks import BridgedDenoiser
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
-from ..judge import (Judge, distinct_n, generative_bits, held_out_continuations, longest_repeated_run, mauve_bounds,
-                     resolve_judge, text_quality)
+from ..judge import (Judge, distinct_n, features, generative_bits, held_out_continuations, longest_repeated_run,
+                     mauve_bounds, resolve_judge, text_quality)
 from ..models.arlm import ARDenoiser, CausalLM, KVCache, swiglu_width
 from ..models.hf_llama import HFTrunk
 from ..noise import Partition, sigma_grid
@@ -555,8 +555,9 @@ class AutoregressiveTask(TextTask):
         if mauve_on:
             P = cfg.sample.prompt_chars
             reference, _, _ = held_out_continuations(data.test, options.mauve_prompts, P, options.mauve_new)
+            reference_features = features(judge, reference, P)
             r["judge"]["bounds"] = mauve_bounds(judge, data, options.mauve_prompts, P, options.mauve_new,
-                                                seed=options.seed)
+                                                seed=options.seed, reference_features=reference_features)
         r["samples"], ids_of = {}, {}
         for bridge in ([None] if is_plain(model) else bridges):
             seeds = sample_seeds(options.seed, len(prompts))
@@ -583,7 +584,8 @@ class AutoregressiveTask(TextTask):
                 generated = generate_text(model, cfg, reference[:, :P].to(options.device), options.mauve_new,
                                           bridge=bridge, seeds=sample_seeds(options.seed, len(reference)),
                                           num_tokens=len(vocab), **readout)
-                entry["mauve"] = text_quality(judge, generated.cpu(), reference, P, seed=options.seed)
+                entry["mauve"] = text_quality(judge, generated.cpu(), reference, P, seed=options.seed,
+                                              reference_features=reference_features)
             r["samples"][bridge or "plain"] = entry
             ids_of[bridge or "plain"] = ids.cpu()
         r.update({"num_prompts": len(prompts), "prompt_chars": prompts.shape[1], "new_chars": options.new,
