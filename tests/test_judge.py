@@ -379,3 +379,10 @@ def test_the_bounds_tell_text_from_unigram_noise(tmp_path):
     b = J.mauve_bounds(J.Judge(Bigram(len(data.vocab)), 16), data, 30, 4, 24, seed=0, num_buckets=3)
     assert b["ceiling"]["mauve"] > 0.8 and b["floor"]["mauve"] < 0.2 and b["ceiling"]["overlap"] == 0
     assert b["floor"]["gen_bits"] == pytest.approx(math.log2(len(data.vocab)))
+
+
+def test_a_missing_mauve_stops_before_any_work(monkeypatch):
+    monkeypatch.setattr(J.extras, "installed", lambda module: module != "mauve")
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[mauve\]' \(or pass --mauve-prompts 0"):
+        J.require_mauve()
+    assert J.extras.EXTRA_OF["mauve"] == "mauve"

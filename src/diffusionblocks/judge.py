@@ -380,6 +380,13 @@ def features(judge: Judge, ids: torch.Tensor, prompt_len: int, batch_size: int =
     return (total / (T - prompt_len)).cpu()
 
 
+def require_mauve(flag: str = "--mauve-prompts 0") -> None:
+    """Stops before any work when mauve-text is missing, naming the extra that installs it and how to do without."""
+    if not extras.installed("mauve"):
+        raise ConfigError(f"MAUVE needs mauve-text and faiss-cpu: pip install -e '.[mauve]' (or pass {flag} to "
+                          "measure without it)")
+
+
 def mauve_score(p_feats: torch.Tensor, q_feats: torch.Tensor, *, num_buckets: str | int = "auto",
                 seed: int = 0) -> dict[str, Any]:
     """MAUVE between two sets of features (N_p, D) and (N_q, D) by `mauve.compute_mauve` (PCA to 90% of the

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..blocks import BridgedDenoiser
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
 from ..judge import (Judge, distinct_n, features, generative_bits, held_out_continuations, longest_repeated_run,
-                     mauve_bounds, resolve_judge, text_quality)
+                     mauve_bounds, require_mauve, resolve_judge, text_quality)
 from ..models.arlm import ARDenoiser, CausalLM, KVCache, swiglu_width
 from ..models.hf_llama import HFTrunk
 from ..noise import Partition, sigma_grid
@@ -532,6 +532,8 @@ class AutoregressiveTask(TextTask):
         check_windows(options.windows)
         if options.mauve_prompts < 0 or options.mauve_new < 1:
             raise ConfigError("--mauve-prompts must be at least 0 and --mauve-new at least 1")
+        if options.mauve_prompts and options.judge != "none":
+            require_mauve()
         judge, judge_info = resolve_judge(options.judge, cfg, run_dir, cache_dir=options.cache_dir,
                                           device=options.device, progress=options.progress)
         data = self.load_run_data(cfg, run_dir)
