@@ -172,6 +172,23 @@ def test_the_build_is_atomic(tmp_path, monkeypatch):
     assert first == [1, 2, 3]  # resumed at step 2, not restarted
 
 
+def test_one_process_builds_a_judge_and_another_is_told(tmp_path):
+    cfg = run_config(corpus(tmp_path / "a.txt"))
+    jcfg, _, _, key = J._judge_data(cfg, TINY_JUDGE)
+    building = J.judge_dir(jcfg, key, tmp_path / "cache").parent / f".{J.judge_dir(jcfg, key).name}.building"
+    building.mkdir(parents=True)
+    other = J.rundir.BlockClaims(building)
+    other.claim(0)
+    try:
+        with pytest.raises(ConfigError, match="another process is building this judge"):
+            J.load_or_train_judge(cfg, cache_dir=tmp_path / "cache", judge_config=TINY_JUDGE)
+        assert building.is_dir()  # the other process' directory is left alone
+    finally:
+        other.release()
+    _, info = J.load_or_train_judge(cfg, cache_dir=tmp_path / "cache", judge_config=TINY_JUDGE)
+    assert sorted(p.name for p in Path(info["run"]).iterdir() if p.suffix == ".lock") == []
+
+
 def test_a_run_trained_elsewhere_is_installed(built, tmp_path, monkeypatch):
     root, cfg, judge, info = built
     elsewhere = tmp_path / "elsewhere"

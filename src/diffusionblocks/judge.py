@@ -222,37 +222,62 @@ def load_or_train_judge(cfg: RunConfig, *, cache_dir: str | Path | None = None, 
         if entry.exists():
             raise ConfigError(f"{str(entry)!r} exists but is not a judge of this key (no valid {JUDGE_FILE}); move it "
                               "away and run again")
-        building = entry.parent / f".{entry.name}.building"
-        _build(jcfg, data, building, device, progress)
-        info = _record(building, jcfg, data, key, fingerprint, device)
-        os.rename(building, entry)  # the entry appears complete, or not at all
-        logger.info("independent judge %s: held-out BPC %.4f after %d steps", entry, info["held_out_bpc"],
-                    info["steps"])
+        info = _build_entry(jcfg, data, entry, key, fingerprint, device, progress)
+        cached = info.pop("cached")
     _check_vocabulary(entry, run_dir)
     judge, _ = _load(entry, device)
     return judge, {**info, "run": str(entry), "cached": cached}
 
 
-def _build(jcfg: RunConfig, data: TextSplits, building: Path, device: str | torch.device, progress: bool) -> None:
-    """Trains the judge in `building`: resumed when it holds this config's checkpoints, started afresh otherwise; left
-    only when a checkpoint was written (a later call resumes it)."""
-    task = get_task("arlm")
-    if building.exists():
-        try:
-            resumable = read_config(building).to_dict() == jcfg.to_dict()
-        except ConfigError:
-            resumable = False
-        if not resumable:
-            shutil.rmtree(building)
-        else:
-            logger.info("resuming the judge's interrupted build in %s", building)
+def _build_entry(jcfg: RunConfig, data: TextSplits, entry: Path, key: str, fingerprint: str,
+                 device: str | torch.device, progress: bool) -> dict[str, Any]:
+    """Trains the judge in the sibling `.<entry>.building` under its block lock (one process builds it; another is
+    told so), records it, and renames it into `entry`; returns its judge.json, "cached": whether another process
+    finished it first."""
+    building = entry.parent / f".{entry.name}.building"
     building.mkdir(parents=True, exist_ok=True)
+    claims = rundir.BlockClaims(building)
+    try:
+        claims.claim(0)
+    except ConfigError:
+        raise ConfigError(f"another process is building this judge in {building}: wait for it to end") from None
+    try:
+        info = _read_record(entry, key)
+        if info is not None:  # finished by another process while this one waited
+            shutil.rmtree(building, ignore_errors=True)
+            return {**info, "cached": True}
+        _build(jcfg, data, building, device, progress)
+        info = _record(building, jcfg, data, key, fingerprint, device)
+        os.rename(building, entry)  # the entry appears complete, or not at all
+        rundir.block_lock_path(entry, 0).unlink(missing_ok=True)  # the lock came along; it is released below
+    finally:
+        claims.release()
+    logger.info("independent judge %s: held-out BPC %.4f after %d steps", entry, info["held_out_bpc"], info["steps"])
+    return {**info, "cached": False}
+
+
+def _build(jcfg: RunConfig, data: TextSplits, building: Path, device: str | torch.device, progress: bool) -> None:
+    """Trains the judge in `building` (its block 0 claimed by the caller): resumed when it holds this config's
+    checkpoints, started afresh otherwise; left only when a checkpoint was written (a later call resumes it)."""
+    task = get_task("arlm")
+    try:
+        resumable = read_config(building).to_dict() == jcfg.to_dict()
+    except ConfigError:
+        resumable = False
+    if resumable:
+        logger.info("resuming the judge's interrupted build in %s", building)
+    else:
+        for path in building.iterdir():  # what another config left, all but the lock this process holds
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path != rundir.block_lock_path(building, 0):
+                path.unlink()
     try:
         rundir.save_config(building, jcfg)
         task.prepare_run(jcfg, building, data)
         logger.info("training the independent judge (%d layers, width %d, %d steps) in %s", jcfg.model.depth,
                     jcfg.model.hidden_size, jcfg.train.steps_per_block, building)
-        train(task, jcfg, data.train, building, device=device, progress=progress)
+        train(task, jcfg, data.train, building, device=device, progress=progress, claim=False)
     except BaseException:
         if checkpoint.block_step(building, 0) is None and not rundir.block_state_path(building, 0).exists():
             shutil.rmtree(building, ignore_errors=True)
