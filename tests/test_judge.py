@@ -16,8 +16,9 @@ from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
 from diffusionblocks.models.arlm import CausalLM
 from diffusionblocks.pretrained import from_pretrained
-from diffusionblocks.tasks import apply_overrides, default_config
+from diffusionblocks.tasks import apply_overrides
 from diffusionblocks.tasks import autoregressive as AR
+from diffusionblocks.tasks import default_config
 from diffusionblocks.tasks.autoregressive import next_token_bits
 
 ROOT = Path(__file__).resolve().parents[1]
