@@ -450,15 +450,16 @@ def longest_repeated_run(text, max_unit: int = 16) -> int:
 
 def text_quality(judge: Judge, generated_ids: torch.Tensor, reference_ids: torch.Tensor, prompt_len: int, *,
                  seed: int = 0, num_buckets: str | int = "auto",
-                 reference_features: torch.Tensor | None = None) -> dict[str, Any]:
+                 reference_features: torch.Tensor | None = None, chars_per_token: float = 1.0) -> dict[str, Any]:
     """Generated continuations (N, P + new) against held-out ones of the same prompts (M, P + new): their bits per
-    token and perplexity under the judge, MAUVE on the judge's features (with its sample counts and clusters), and
+    character (bits per token / chars_per_token: 1 for characters, the held-out split's for a BPE) and perplexity
+    per character under the judge, MAUVE on the judge's features (with its sample counts and clusters), and
     distinct 2- and 4-grams and the longest repeated run of the generated continuations (over token ids).
     reference_features: features(judge, reference_ids, prompt_len), when already computed."""
     if generated_ids.shape[1] != reference_ids.shape[1]:
         raise ValueError(f"generated and reference continuations differ in length: {generated_ids.shape[1]} vs "
                          f"{reference_ids.shape[1]} tokens")
-    bits = generative_bits(judge, generated_ids, prompt_len)
+    bits = generative_bits(judge, generated_ids, prompt_len) / chars_per_token
     rows = [row.tolist() for row in generated_ids[:, prompt_len:].cpu()]
     runs = [longest_repeated_run(r) for r in rows]
     return {"gen_bits": bits, "gen_ppl": 2 ** bits,
@@ -506,13 +507,15 @@ def mauve_bounds(judge: Judge, data: TextSplits, num: int, prompt_len: int, new:
     (`held_out_continuations`) that generated text is measured against: the ceiling, other held-out continuations
     (their overlap with the reference stated); the floor, unigram draws after the reference prompts. A judge whose
     features tell text from noise has the ceiling near 1 and the floor near 0. data: the TextSplits (the floor draws
-    from data.train's unigram distribution); reference_features: the reference's features, when already computed."""
+    from data.train's unigram distribution); reference_features: the reference's features, when already computed.
+    gen_bits: per character (data.test's characters per token)."""
     reference, other, overlap = held_out_continuations(data.test, num, prompt_len, new)
     floor_ids = unigram_continuations(data.train.tokens, reference[:, :prompt_len], new, len(data.vocab),
                                       make_generator(seed, "judge-unigram-floor"))
     q = features(judge, reference, prompt_len) if reference_features is None else reference_features
+    per_char = data.test.chars_per_token
     ceiling = {**mauve_score(features(judge, other, prompt_len), q, num_buckets=num_buckets, seed=seed),
-               "gen_bits": generative_bits(judge, other, prompt_len), "overlap": overlap}
+               "gen_bits": generative_bits(judge, other, prompt_len) / per_char, "overlap": overlap}
     floor = {**mauve_score(features(judge, floor_ids, prompt_len), q, num_buckets=num_buckets, seed=seed),
-             "gen_bits": generative_bits(judge, floor_ids, prompt_len)}
+             "gen_bits": generative_bits(judge, floor_ids, prompt_len) / per_char}
     return {"ceiling": ceiling, "floor": floor, "num": num, "prompt_len": prompt_len, "new": new}

@@ -587,7 +587,8 @@ class AutoregressiveTask(TextTask):
                                           bridge=bridge, seeds=sample_seeds(options.seed, len(reference)),
                                           num_tokens=len(vocab), **readout)
                 entry["mauve"] = text_quality(judge, generated.cpu(), reference, P, seed=options.seed,
-                                              reference_features=reference_features)
+                                              reference_features=reference_features,
+                                              chars_per_token=data.test.chars_per_token)
             r["samples"][bridge or "plain"] = entry
             ids_of[bridge or "plain"] = ids.cpu()
         r.update({"num_prompts": len(prompts), "prompt_chars": prompts.shape[1], "new_chars": options.new,
