@@ -402,3 +402,19 @@ def test_a_missing_mauve_stops_before_any_work(monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[mauve\]' \(or pass --mauve-prompts 0"):
         J.require_mauve()
     assert J.extras.EXTRA_OF["mauve"] == "mauve"
+
+
+def test_too_little_held_out_text_for_mauve_stops_before_the_judge(built, tmp_path, monkeypatch):
+    root, cfg, _, _ = built
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-progress", "--task", "arlm", f"data.path={cfg.data.path}",
+                 "model.vocab_size=16", "model.seq_len=12", "model.hidden_size=16", "model.num_heads=2",
+                 "model.depth=1", "blocks.num_blocks=1", "model.mode=plain", "train.steps_per_block=1",
+                 "train.batch_size=2", "sample.num=0", "sample.prompt_chars=4"]) == 0
+
+    def no_judge(*args, **kwargs):
+        raise AssertionError("a judge was looked for")
+
+    monkeypatch.setattr(J, "load_or_train_judge", no_judge)
+    with pytest.raises(ConfigError, match="too few for 500 windows of 4 \\+ 128"):
+        J.get_task("arlm").evaluate(run, J.get_task("arlm").evaluate_options(windows=2, prompts=2, new=2))

@@ -532,13 +532,16 @@ class AutoregressiveTask(TextTask):
         check_windows(options.windows)
         if options.mauve_prompts < 0 or options.mauve_new < 1:
             raise ConfigError("--mauve-prompts must be at least 0 and --mauve-new at least 1")
-        if options.mauve_prompts and options.judge != "none":
-            require_mauve()
-        judge, judge_info = resolve_judge(options.judge, cfg, run_dir, cache_dir=options.cache_dir,
-                                          device=options.device, progress=options.progress)
         data = self.load_run_data(cfg, run_dir)
         prompts = self.held_out_prompts(data.test, options.prompts, cfg.sample.prompt_chars,
                                         ("--prompts", "sample.prompt_chars")).to(options.device)
+        P = cfg.sample.prompt_chars
+        mauve_on = options.mauve_prompts > 0 and options.judge != "none"
+        if mauve_on:  # what MAUVE needs, checked before a judge is trained
+            require_mauve()
+            reference, _, _ = held_out_continuations(data.test, options.mauve_prompts, P, options.mauve_new)
+        judge, judge_info = resolve_judge(options.judge, cfg, run_dir, cache_dir=options.cache_dir,
+                                          device=options.device, progress=options.progress)
         windows = held_out_windows(data.test, cfg.model.seq_len)
         windows = (windows[:options.windows] if options.windows else windows).to(options.device)
         r: dict[str, Any] = {"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "mode": cfg.model.mode,
@@ -551,12 +554,9 @@ class AutoregressiveTask(TextTask):
                           for b in bridges}
         readout = readout_settings(cfg)
         vocab = data.vocab
-        mauve_on = judge is not None and options.mauve_prompts > 0
         if judge is not None:
             r["judge"] = judge_info
         if mauve_on:
-            P = cfg.sample.prompt_chars
-            reference, _, _ = held_out_continuations(data.test, options.mauve_prompts, P, options.mauve_new)
             reference_features = features(judge, reference, P)
             r["judge"]["bounds"] = mauve_bounds(judge, data, options.mauve_prompts, P, options.mauve_new,
                                                 seed=options.seed, reference_features=reference_features)
