@@ -391,6 +391,144 @@ def sampler_bits(model, windows: torch.Tensor, *, bridge: str, steps: int, sampl
     return total / n
 
 
+# ---- the chain's own next-token likelihood
+
+
+class LikelihoodTally:
+    """Running sums of a next-token likelihood estimate over windows. add(f) takes f (draws, n, T): each of `draws`
+    independent unbiased estimates of q(x_j | x_<j), the probability the model gives each scored token, for n
+    windows of T scored positions. q is estimated by their mean, whose -log2 is biased up (Jensen): the bias is
+    estimated by the jackknife, (draws - 1) (the mean over m of -log2 of the mean without draw m, minus -log2 q),
+    the estimator's variance by the delta method, Var(f) / (draws q^2 ln(2)^2)."""
+
+    def __init__(self):
+        self.window_bits: list[torch.Tensor] = []  # per window: its mean bits per scored token
+        self.bias, self.mc_var, self.count = 0.0, 0.0, 0
+
+    def add(self, f: torch.Tensor) -> None:
+        f = f.double()
+        M = f.shape[0]
+        q = f.mean(0).clamp_min(torch.finfo(torch.float64).tiny)  # (n, T)
+        self.window_bits.append((-torch.log2(q)).mean(-1).cpu())
+        if M > 1:
+            rel = f.var(0) / (M * q ** 2)  # the variance of q's estimate relative to q^2
+            loo = ((f.sum(0) - f) / (M - 1)).clamp_min(torch.finfo(torch.float64).tiny)  # (M, n, T) leave one out
+            self.bias += float((M - 1) * (-torch.log2(loo).mean(0) + torch.log2(q)).sum())
+            self.mc_var += float(rel.sum()) / math.log(2) ** 2
+        self.count += f[0].numel()
+
+    def result(self, scale: float = 1.0) -> dict[str, Any]:
+        """bits per token (divided by `scale`, e.g. characters per token), its standard error over the windows
+        (the text's spread and the estimator's draws together), the estimator's own standard error (what remains
+        on a fixed set of windows) and its estimated upward bias (0 for an exact likelihood)."""
+        per_window = torch.cat(self.window_bits)
+        W = len(per_window)
+        se = float(per_window.std() / math.sqrt(W)) if W > 1 else float("nan")
+        return {"bits": float(per_window.mean()) / scale, "se": se / scale,
+                "se_estimator": math.sqrt(self.mc_var) / self.count / scale, "bias": self.bias / self.count / scale,
+                "num_windows": W, "per_window": [round(float(b) / scale, 5) for b in per_window]}
+
+
+def first_token_enumeration(p0: torch.Tensor, target: torch.Tensor, top_k: int,
+                            g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first step's token draw y ~ p0 (N, L, V) Rao-Blackwellised for scoring target (N, L): the top_k tokens of
+    p0 and the target, each weighted by its probability (the target's 0 when it is among the top_k), and one token
+    drawn from the rest of p0 weighted by the rest's mass, so that sum_r w_r f(y_r) is unbiased for E_y[f(y)].
+    Returns tokens and weights, (top_k + 2, N, L) each."""
+    V = p0.shape[-1]
+    top_w, top = p0.topk(min(top_k, V), dim=-1)  # (N, L, k)
+    target_w = p0.gather(-1, target[..., None])[..., 0] * ~(top == target[..., None]).any(-1)
+    rest = p0.scatter(-1, top, 0.0).scatter(-1, target[..., None], 0.0)
+    mass = rest.sum(-1)  # (N, L)
+    u = torch.rand(mass.shape, generator=g, dtype=torch.float64).to(p0.device)
+    tail = ((rest.cumsum(-1) / mass[..., None].clamp_min(1e-300)) < u[..., None]).sum(-1).clamp_max(V - 1)
+    tokens = torch.cat([top.movedim(-1, 0), target[None], tail[None]])  # (k + 2, N, L)
+    weights = torch.cat([top_w.movedim(-1, 0), target_w[None], mass[None]])
+    return tokens, weights
+
+
+def _rank0(t: torch.Tensor, R: int, n: int) -> torch.Tensor:
+    """Rows (draws * R * n, ...) ordered draw, rank, window -> rank 0's, (draws * n, ...)."""
+    return t.unflatten(0, (-1, R, n))[:, 0].flatten(0, 1)
+
+
+def _to_ranks(t: torch.Tensor, R: int, n: int) -> torch.Tensor:
+    """The inverse of _rank0 for rows equal across ranks: (draws * n, ...) -> (draws * R * n, ...)."""
+    return t.unflatten(0, (-1, 1, n)).expand(-1, R, -1, *t.shape[1:]).flatten(0, 2)
+
+
+def scored(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The probability each position's distribution probs (..., L, V) gives its token of x (..., L), at positions
+    1..L-1 (position j's distribution is token j's: its context is the tokens before j), (..., L - 1)."""
+    return probs[..., 1:, :].gather(-1, x[..., 1:, None])[..., 0]
+
+
+@torch.no_grad()
+def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, bridge: str = "sample",
+                     sampler: str = "euler", draws: int = 4, top_k: int = 16, seed: int = 0,
+                     batch_size: int = 256) -> dict[str, Any]:
+    """Held-out bits per token (positions 1..L-1) of the chain's own next-token distribution, the one its sampler
+    reads the next token from: q(x) = E[softmax(last step's logits)](x) over the chain's noise and bridge draws
+    (temperature 1, the context given), all blocks, `steps` steps (default B) of `sampler` down the quantile grid.
+
+    q(x) = E_z0[ sum_y p0(y | z0) E_rest[ q(x | the chain continued from y) ] ]: with the `sample` bridge (and more
+    than one step) the first step's draw y, where the chain's uncertainty lives, is enumerated
+    (first_token_enumeration: top_k tokens, the scored one, and a weighted draw from the rest; each rank one
+    batched continuation, positions being independent given the clean context); the start noise and the later
+    steps' draws by `draws` Monte-Carlo draws (deterministic bridges: those draws alone). The estimate of q is
+    unbiased; its -log2 is biased up: in expectation an upper bound on the chain's bits, the bias estimated
+    (LikelihoodTally). batch_size: chains per forward pass."""
+    if draws < 2 or top_k < 0:
+        raise ConfigError(f"the chain likelihood needs at least 2 draws (their spread gives its error and bias) and "
+                          f"top_k >= 0, got {draws} and {top_k}")
+    steps = steps or model.num_blocks
+    sigmas = sigma_grid(model.partition.axis, steps).to(windows.device, torch.float32)
+    enumerated = bridge == "sample" and steps > 1  # one step: the draw hands nothing on
+    R = top_k + 2 if enumerated else 1
+    D_dim = model.blocks[0].E.shape[1]
+    tally = LikelihoodTally()
+    per_batch = max(batch_size // (draws * R), 1)  # windows per batch
+    for i in range(0, len(windows), per_batch):
+        x = windows[i:i + per_batch]
+        n, L = x.shape
+        g = make_generator(seed, "arlm-chain-likelihood", i)
+        xs = x[None, None].expand(draws, R, n, L).reshape(-1, L)  # (draws * R * n, L): draw, rank, window
+        state = {"calls": 0, "weights": None}
+
+        def denoise(block, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor):
+            if state["calls"] > 0 or R == 1:
+                return block.denoise(z, _at_each_position(sigma, tokens), tokens)
+            # The first evaluation is the same for every rank: run once per draw, then shared.
+            z0, sigma0, tokens0 = (_rank0(t, R, n) for t in (z, sigma, tokens))
+            D, logits = block.denoise(z0, _at_each_position(sigma0, tokens0), tokens0)
+            return _to_ranks(D, R, n), _to_ranks(logits, R, n)
+
+        def carry(block, D: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            first, state["calls"] = state["calls"] == 0, state["calls"] + 1
+            if bridge != "sample":
+                return block.estimate(D, logits, bridge)
+            if first and enumerated:
+                p0 = logits.view(draws, R, n, L, -1)[:, 0].double().softmax(-1)  # (draws, n, L, V)
+                tokens, weights = first_token_enumeration(p0, x.expand(draws, n, L), top_k, g)  # (R, draws, n, L)
+                state["weights"] = weights.transpose(0, 1)  # (draws, R, n, L)
+                return block.estimate(D, logits, bridge, tokens.transpose(0, 1).reshape(-1, L))
+            u = torch.rand(logits.shape[:-1], generator=g, dtype=torch.float64).to(x.device).flatten()
+            return block.estimate(D, logits, bridge, draw_token(logits.flatten(0, 1), 1.0, 1.0, False, u).view(
+                logits.shape[:-1]))
+
+        chain = BridgedDenoiser(model, carry, denoise)
+        eps = torch.randn(draws, 1, n, L, D_dim, generator=g).to(x.device).expand(draws, R, n, L, D_dim)
+        SAMPLERS[sampler](chain, eps.reshape(-1, L, D_dim) * sigmas[0], sigmas, extra_args={"tokens": xs},
+                          disable=True)
+        probs = chain.logits.double().softmax(-1).view(draws, R, n, L, -1)
+        f = scored(probs, x.expand(draws, R, n, L))  # (draws, R, n, L - 1)
+        if enumerated:
+            f = f * state["weights"][..., 1:]
+        tally.add(f.sum(1))
+    return {**tally.result(), "steps": steps, "bridge": bridge, "sampler": sampler, "draws": draws,
+            "top_k": top_k if enumerated else None}
+
+
 def distinct_n(texts: list[str], n: int) -> float:
     """Distinct n-grams over all n-grams of the texts (pooled): 1 = no n-gram repeats."""
     grams = [t[i:i + n] for t in texts for i in range(len(t) - n + 1)]
