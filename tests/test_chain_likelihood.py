@@ -164,3 +164,39 @@ def test_shared_windows_spread_over_the_split():
     assert w.shape == (7, 10) and starts[0] == 0 and starts[-1] == 990 and len(set(starts)) == 7
     assert all(s % 10 == 0 for s in starts) and max(b - a for a, b in zip(starts, starts[1:])) <= 170
     assert shared_windows(stream, 10, num=500).shape == (100, 10)  # fewer windows than asked: all of them
+
+
+@pytest.mark.parametrize("K", [2, 4])
+def test_the_recurrent_denoiser_after_k_steps_keeps_the_true_conditional(K):
+    """The recurrent task's denoiser is one block run for K sampler steps: its likelihood (likelihood_after, the
+    run's sampler and bridge) is the true conditional at every K; the first step's draw alone is enumerated, the
+    K - 2 middle draws are in the chain draws."""
+    from diffusionblocks.tasks.recurrent_depth import likelihood_after
+
+    E, log_p = _source()
+    model = _chain(1, [log_p], E)
+    x = _windows(log_p, 32, 16)
+    r = likelihood_after(model, default_config("recurrent"), x, K, chain_draws=32, top_k=2, seed=3)
+    assert r["steps"] == K and r["bridge"] == "sample"
+    assert abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]
+
+
+def test_huginn_likelihood_of_a_bigram_model_is_its_cross_entropy():
+    """A Huginn model whose logits at position j are log p(. | token j), whatever its state: the mean of its softmax
+    over draws is p, so its bits are the bigram cross-entropy of token j + 1, exactly, with no spread."""
+    from diffusionblocks.models.recurrent import HuginnLM
+    from diffusionblocks.tasks.recurrent_depth import huginn_likelihood
+
+    _, log_p = _source()
+
+    class Bigram(HuginnLM):
+        def forward(self, tokens, iterations, state):
+            return log_p[tokens].float() + 0 * state[..., :1]
+
+    class Run:
+        blocks = [Bigram(V, hidden_size=8, num_heads=2, prelude=1, core=1, coda=1)]
+
+    x = _windows(log_p, 8, 10)
+    r = huginn_likelihood(Run, x, 3, draws=4, batch_size=8)
+    assert r["bits"] == pytest.approx(_true_bits(log_p, x), abs=1e-5)
+    assert r["bias"] == pytest.approx(0, abs=1e-9) and r["se_estimator"] == pytest.approx(0, abs=1e-9)

@@ -46,7 +46,7 @@ from ..pretrained import from_pretrained
 from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator, sample_seeds
-from ..text import held_out_windows, usable_logits
+from ..text import held_out_windows, shared_windows, usable_logits
 from .base import Evaluation, layers_of_denoiser
 from .text import (BackboneConfig, LlamaModelConfig, TextRunConfig, TextSampleConfig, TextTask, check_pretrained_run,
                    llama_trunk_config, load_pretrained)
@@ -283,19 +283,25 @@ def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bri
 def next_token_bits(model, windows: torch.Tensor, *, seed: int = 0, batch_size: int = 64) -> float:
     """Held-out bits per character of each window's characters 1..L-1 given those before: the baseline's logits,
     or block 0's at sigma_max (its noisy input is almost pure noise: a predictive distribution from context)."""
-    total, count = 0.0, 0
+    return next_token_likelihood(model, windows, seed=seed, batch_size=batch_size)["bits"]
+
+
+@torch.no_grad()
+def next_token_likelihood(model, windows: torch.Tensor, *, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
+    """next_token_bits with its standard error over the windows (LikelihoodTally's result; one draw: no bias or
+    estimator's error given). For a chain: block 0 alone at sigma_max (L/B layers), one noise draw."""
+    tally = LikelihoodTally()
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size]
         if is_plain(model):
-            logits = model.blocks[0](x)[:, :-1]
+            logits = model.blocks[0](x)[:, :-1]  # position j's: the distribution of token j + 1
         else:
             blk = model.blocks[0]
             sigma = torch.full(x.shape, float(model.partition.axis.hi), device=x.device)
             eps = torch.randn(*x.shape, blk.E.shape[1], generator=make_generator(seed, "arlm-bpc", i)).to(x.device)
-            logits = blk.denoise(eps * sigma[..., None], sigma, x)[1][:, 1:]
-        ce = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="sum")
-        total, count = total + float(ce), count + x[:, 1:].numel()
-    return total / count / math.log(2)
+            logits = blk.denoise(eps * sigma[..., None], sigma, x)[1][:, 1:]  # position j's: token j's
+        tally.add(logits.double().log_softmax(-1).gather(-1, x[:, 1:, None])[None, ..., 0].exp())
+    return tally.result()
 
 
 def _at_each_position(sigma: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -590,8 +596,10 @@ class AREvaluateOptions(EvaluateOptions):
     prompts: int = option(100, "held-out prompts continued")
     new: int = option(200, "characters added to each prompt")
     bridges: str = option(",".join(BRIDGES), "bridges measured (chain runs)")
-    windows: int = option(0, "held-out windows for the bits (0 = all)")
+    windows: int = option(256, "held-out windows for the bits, spread evenly over the split (0 = all)")
     speed_prompts: int = option(8, "prompts timed with and without the cache")
+    draws: int = option(4, "chains per window and enumerated token for the chain likelihood (at least 2)")
+    top_k: int = option(16, "tokens of the first step's draw enumerated for the chain likelihood")
 
 
 class AutoregressiveTask(TextTask):
@@ -696,14 +704,24 @@ class AutoregressiveTask(TextTask):
         data = self.load_run_data(cfg, run_dir)
         prompts = self.held_out_prompts(data.test, options.prompts, cfg.sample.prompt_chars,
                                         ("--prompts", "sample.prompt_chars")).to(options.device)
-        windows = held_out_windows(data.test, cfg.model.seq_len)
-        windows = (windows[:options.windows] if options.windows else windows).to(options.device)
+        windows = evaluation_windows(data.test, cfg.model.seq_len, options.windows).to(options.device)
+        first = next_token_likelihood(model, windows, seed=options.seed)
         r: dict[str, Any] = {"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "mode": cfg.model.mode,
                              "num_windows": len(windows), "seq_len": cfg.model.seq_len,
-                             "bits_per_token": next_token_bits(model, windows, seed=options.seed),
-                             "chars_per_token": data.test.chars_per_token}
+                             "bits_per_token": first["bits"], "chars_per_token": data.test.chars_per_token}
         r["bpc"] = r["bits_per_token"] / r["chars_per_token"]
-        if not is_plain(model):
+        r["bpc_se"] = first["se"] / r["chars_per_token"]
+        r["bpc_label"] = "next-token cross-entropy" if is_plain(model) else (
+            f"block 0 at sigma_max ({cfg.layer_split()[0]} of {cfg.model.depth} layers)")
+        if is_plain(model):  # the exact likelihood: no chain, no estimate
+            r["chain_likelihood"] = {**per_character(first, r["chars_per_token"]), "label": r["bpc_label"]}
+        else:
+            s = cfg.sample
+            steps = s.steps or cfg.blocks.num_blocks
+            chain = chain_likelihood(model, windows, steps=steps, bridge=s.bridge, sampler=s.sampler,
+                                     draws=options.draws, top_k=options.top_k, seed=options.seed)
+            r["chain_likelihood"] = {**per_character(chain, r["chars_per_token"]), "label": (
+                f"chain likelihood (all {cfg.blocks.num_blocks} blocks, {steps} {s.sampler} steps, bridge {s.bridge})")}
             r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=options.seed, sampler=cfg.sample.sampler)
                           for b in bridges}
         readout = readout_settings(cfg)
@@ -742,6 +760,11 @@ class AutoregressiveTask(TextTask):
     def format_evaluation(self, r: dict[str, Any]) -> str:
         lines = [f"{r['run']}: B={r['num_blocks']} ({r['mode']}), held-out next-token BPC {r['bpc']:.4f} "
                  f"({r['num_windows']} windows of {r['seq_len']})"]
+        if "chain_likelihood" in r:
+            c = r["chain_likelihood"]
+            lines[0] += f" +- {r.get('bpc_se', float('nan')):.4f}: {r.get('bpc_label', '')}"
+            lines.append(f"  {c['label']}: BPC {c['bpc']:.4f} +- {c['bpc_se']:.4f} (estimator alone +- "
+                         f"{c['bpc_se_estimator']:.4f}; biased up by about {c['bpc_bias']:.4f})")
         for name, s in r["samples"].items():
             ppl = f"gen. perplexity {s['gen_ppl']:.2f}, " if "gen_ppl" in s else ""
             lines.append(f"  {name}: {ppl}distinct-2 {s['distinct_2']:.3f}, distinct-4 {s['distinct_4']:.3f}, longest "
@@ -763,6 +786,36 @@ class AutoregressiveTask(TextTask):
         write_arlm_report(out_dir, configs, results, artifacts)
 
 
+def evaluation_windows(test, seq_len: int, num: int) -> torch.Tensor:
+    """The windows the bits are measured on: `num` spread evenly over the held-out split (shared_windows), 0 = all."""
+    return shared_windows(test, seq_len, num) if num else held_out_windows(test, seq_len)
+
+
+def per_character(r: dict[str, Any], chars_per_token: float) -> dict[str, Any]:
+    """A LikelihoodTally result with its figures per character added (bpc, bpc_se, bpc_se_estimator, bpc_bias)."""
+    names = {"bits": "bpc", "se": "bpc_se", "se_estimator": "bpc_se_estimator", "bias": "bpc_bias"}
+    return {**r, **{name: r[k] / chars_per_token for k, name in names.items()}}
+
+
+def chain_bpc_cell(cfg: RunConfig, r: dict[str, Any], readout: str) -> str:
+    """The chain likelihood's cell of compare's row of `readout` (a bridge, or "plain"): on the run's own bridge."""
+    c = r.get("chain_likelihood")
+    if c is None or readout not in ("plain", cfg.sample.bridge):
+        return "-"
+    return f"{c['bpc']:.4f} +- {c['bpc_se']:.4f}"
+
+
+def likelihood_rows(r: dict[str, Any]) -> list[tuple]:
+    """(what, BPC, SE, estimator SE, bias, draws) of a run's evaluation: block 0's figure, then the chain's."""
+    rows = [(r.get("bpc_label", "next-token"), r["bpc"], r.get("bpc_se", float("nan")), "-", "-", "1")]
+    c = r.get("chain_likelihood")
+    if c is not None and r["mode"] != "plain":
+        enumerated = "" if c["top_k"] is None else f" x ({c['top_k']} + 2)"
+        rows.append((c["label"], c["bpc"], c["bpc_se"], f"{c['bpc_se_estimator']:.4f}", f"{c['bpc_bias']:.4f}",
+                     f"{c['draws']}{enumerated}"))
+    return rows
+
+
 def check_windows(windows: int) -> None:
     """--windows follows its rule: N >= 0, where 0 means every held-out window."""
     if windows < 0:
@@ -781,13 +834,14 @@ def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dic
                 s["gen_ppl"] = 2 ** s["gen_bits"]
     (out_dir / "generative_perplexity.json").write_text(json.dumps(
         {B: {name: s["gen_ppl"] for name, s in r["samples"].items()} for B, r in results.items()}, indent=2) + "\n")
-    header = ["B", "readout", "BPC", "gen. ppl", "distinct-2", "distinct-4", "longest run", "chars/s", "no cache",
-              "train s", "ms/step per block", "peak train mem MiB"]
+    header = ["B", "readout", "BPC", "chain BPC", "gen. ppl", "distinct-2", "distinct-4", "longest run", "chars/s",
+              "no cache", "train s", "ms/step per block", "peak train mem MiB"]
     rows = []
     for B, r in results.items():
         for name, s in r["samples"].items():
             rows.append({"B": str(B), "readout": "next-token CE (plain)" if name == "plain" else f"bridge {name}",
-                         "BPC": f"{r['bpc']:.4f}", "gen. ppl": f"{s['gen_ppl']:.2f}",
+                         "BPC": f"{r['bpc']:.4f}", "chain BPC": chain_bpc_cell(configs[B], r, name),
+                         "gen. ppl": f"{s['gen_ppl']:.2f}",
                          "distinct-2": f"{s['distinct_2']:.3f}", "distinct-4": f"{s['distinct_4']:.3f}",
                          "longest run": f"{s['longest_run_mean']:.1f} / {s['longest_run_max']}",
                          "chars/s": f"{s['chars_per_s']:.0f}", "no cache": f"{s['chars_per_s_no_cache']:.0f}",
@@ -796,11 +850,23 @@ def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dic
              equal_compute(c1, "model (B=1, plain next-token cross-entropy)", f" x {c1.model.seq_len} characters")
              + ". Model: "
              f"Llama-style, {c1.model.depth} layers, width {c1.model.hidden_size}. BPC: held-out next-token bits per "
-             f"character over {r1['num_windows']} windows (chains: block 0 at sigma_max). Samples: {r1['num_prompts']} "
+             f"character over {r1['num_windows']} windows spread over the held-out split, the same for every run "
+             "(chains: block 0 alone at sigma_max, L/B layers); chain BPC: the chain's own next-token distribution "
+             "(all blocks, the run's steps, sampler and bridge; the row of that bridge), an estimate (ours; the paper "
+             "reports no likelihood for this model) +- its standard error, biased up (see the likelihood table). "
+             f"Samples: {r1['num_prompts']} "
              f"held-out prompts of {c1.sample.prompt_chars} characters, {r1['new_chars']} new characters each, readout "
              f"{r1['readout']}; gen. ppl: their perplexity per character under the B=1 model; longest run: the "
              "longest stretch of a repeated unit, mean / max over samples.", ""]
     lines += markdown_table(header, rows)
+    lines += ["", "## Held-out likelihood", "",
+              "Bits per character on the shared windows, +- the standard error over windows (the text's spread and the "
+              "estimator's draws); the estimator's own error (what remains on these fixed windows, e.g. for a paired "
+              "comparison) and its upward bias (jackknife; the figure is an upper bound in expectation) beside it.", ""]
+    lines += markdown_table(["B", "what", "BPC", "estimator SE", "bias (up)", "draws x enumerated"], [
+        {"B": str(B), "what": what, "BPC": f"{bpc:.4f} +- {se:.4f}", "estimator SE": est, "bias (up)": bias,
+         "draws x enumerated": dr}
+        for B, r in results.items() for what, bpc, se, est, bias, dr in likelihood_rows(r)])
     lines += ["", memory_note(r1), "", "## Chain diagnostics", "",
               "Teacher-forced on the held-out windows: bits per character of each step's logits on the chain's own state "
               "and on the oracle input E[x] + sigma eps, and the mean norm of the estimate the bridge hands on (the "
