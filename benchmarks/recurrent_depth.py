@@ -1,7 +1,7 @@
 """Recurrent depth, measured: Huginn's recurrence with truncated BPTT against DiffusionBlocks' one-pass denoiser of
 the same prelude / core / coda shape, on tinyshakespeare, quality against the number of core iterations K.
 
-    python benchmarks/recurrent_depth.py --out runs/recurrent [--judge RUN] [--steps 1000] [--windows 256]
+    python benchmarks/recurrent_depth.py --out runs/recurrent [--judge RUN] [--steps 1000] [--windows 512]
 
 1. Trains, each in a fresh `diffusionblocks train` process, presets/shakespeare-recurrent.json as Huginn
    (model.mode=huginn) and as the denoiser, both for --steps optimiser steps of the same batches (equal epochs,
@@ -9,8 +9,8 @@ the same prelude / core / coda shape, on tinyshakespeare, quality against the nu
    median steps/s of each (equal wall time: `train --resume` with more steps is the same run continued).
 2. The cost of an optimiser step: steps/s, core forward passes (Huginn: the iterations it drew, recomputed from
    the same (seed, step) generators; the denoiser: one), peak training memory.
-3. `diffusionblocks evaluate --iterations 1,2,4,...,64 --judge JUDGE --windows 256` of each: held-out BPC with its
-   standard error on one set of 256 windows spread evenly over the held-out split, the same for every model and K
+3. `diffusionblocks evaluate --iterations 1,2,4,...,64 --judge JUDGE --windows 512` of each: held-out BPC with its
+   standard error on one set of 512 windows spread evenly over the held-out split, the same for every model and K
    (Huginn: the mean of its softmax over 8 initial states; the denoiser: the chain's own likelihood,
    `chain_likelihood`, an upper bound in expectation whose bias is reported), and the samples' perplexity under the
    judge, distinct-4, longest run.
@@ -70,11 +70,11 @@ def main() -> None:
     parser.add_argument("--out", default="runs/recurrent")
     parser.add_argument("--judge", default=None, help="a plain autoregressive run (task arlm) that scores the samples "
                         "(default: judge_run())")
-    parser.add_argument("--windows", type=int, default=256, help="held-out windows spread over the split, shared by "
+    parser.add_argument("--windows", type=int, default=512, help="held-out windows spread over the split, shared by "
                         "every model and K")
     parser.add_argument("--chain-draws", type=int, default=4, help="the denoiser's chains per window and enumerated "
                         "token")
-    parser.add_argument("--top-k", type=int, default=16, help="the denoiser's enumerated first-step tokens")
+    parser.add_argument("--top-k", type=int, default=4, help="the denoiser's enumerated first-step tokens")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--iterations", default=KS)
     parser.add_argument("--prompts", type=int, default=50)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
 from diffusionblocks.models.arlm import ARDenoiser, CausalLM, KVCache, training_mask
 from diffusionblocks.tasks import apply_overrides, default_config, get_task
-from diffusionblocks.tasks.autoregressive import (chain_likelihood, distinct_n, draw_token, generate_chain, generate_plain,
-                                                  judge_bits, longest_repeated_run, next_token_bits,
+from diffusionblocks.tasks.autoregressive import (chain_likelihood, distinct_n, draw_token, generate_chain,
+                                                  generate_plain, judge_bits, longest_repeated_run, next_token_bits,
                                                   next_token_likelihood)
 from diffusionblocks.text import shared_windows
 
@@ -233,6 +234,29 @@ def test_the_chain_likelihood_is_not_block_zero_alone_when_later_blocks_change_t
     assert abs(chain["bits"] - first["bits"]) > 6 * chain["se_estimator"]
     one = chain_likelihood(model, x, steps=1, draws=8)
     assert one["top_k"] is None and abs(one["bits"] - first["bits"]) < 4 * (one["se"] + first["se"])
+
+
+def test_the_compare_report_shows_block_zero_and_the_chain_with_paired_differences(trained, tmp_path):
+    from diffusionblocks.tasks import load_config
+    from diffusionblocks.tasks.autoregressive import write_arlm_report
+
+    task = get_task("arlm")
+    configs, results, artifacts = {}, {}, {}
+    for B, run in ((1, trained[1]), (3, trained[0])):
+        copy = tmp_path / f"B{B}"
+        shutil.copytree(run, copy)
+        ev = task.evaluate(copy, task.evaluate_options(prompts=2, new=4, windows=6, speed_prompts=1, bridges="sample",
+                                                       draws=2, top_k=2))
+        ev.result["train_summary"] = json.loads((copy / "train_summary.json").read_text())
+        configs[B], results[B], artifacts[B] = load_config(copy / "config.json"), ev.result, ev.artifacts
+    write_arlm_report(tmp_path, configs, results, artifacts)
+    report = (tmp_path / "report.md").read_text()
+    chain, plain = results[3]["chain_likelihood"], results[1]["chain_likelihood"]
+    assert plain["bpc"] == results[1]["bpc"] and plain["bias"] == 0  # the baseline's likelihood is exact
+    assert f"| 3 | bridge sample | {results[3]['bpc']:.4f} | {chain['bpc']:.4f} +- {chain['bpc_se']:.4f} |" in report
+    want = torch.tensor(chain["per_window"]) - torch.tensor(plain["per_window"])
+    assert f"{float(want.mean()):+.4f} +- {float(want.std()) / math.sqrt(6):.4f}" in report
+    assert "## Held-out likelihood" in report and "block 0 at sigma_max (1 of 3 layers)" in report
 
 
 def test_config_rules():

@@ -13,8 +13,10 @@ keeps block 0's distribution: it is the default. A KV cache of each block's clea
 one pass of one token through each block. The end-to-end baseline (`model.mode="plain"`, B=1, `compare`'s
 B=1) is the same transformer trained on next-token cross-entropy.
 
-Evaluation: held-out next-token bits per character (block 0 at sigma_max for the chain, the predictive
-distribution of the baseline), the chain diagnostics teacher-forced on held-out text (bits of each step's
+Evaluation, on windows spread evenly over the held-out split: next-token bits per character (the baseline's
+predictive distribution; for the chain, block 0 alone at sigma_max, and the chain's own next-token likelihood,
+`chain_likelihood`, all blocks with the run's steps, sampler and bridge, an estimate with its standard error and
+upward bias), the chain diagnostics teacher-forced on held-out text (bits of each step's
 logits on the chain's own state and on the oracle E[x] + sigma eps: is the loss lost in block 0 or in the
 chain?), and samples continuing held-out prompts, for each bridge: their generative perplexity under a
 judge (the plain baseline, `--judge RUN`; `compare` uses its B=1 run), distinct 2- and 4-grams, the longest
@@ -472,7 +474,7 @@ def scored(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, bridge: str = "sample",
                      sampler: str = "euler", draws: int = 4, top_k: int = 16, seed: int = 0,
-                     batch_size: int = 256) -> dict[str, Any]:
+                     batch_size: int = 256, num_tokens: int | None = None) -> dict[str, Any]:
     """Held-out bits per token (positions 1..L-1) of the chain's own next-token distribution, the one its sampler
     reads the next token from: q(x) = E[softmax(last step's logits)](x) over the chain's noise and bridge draws
     (temperature 1, the context given), all blocks, `steps` steps (default B) of `sampler` down the quantile grid.
@@ -483,7 +485,8 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
     batched continuation, positions being independent given the clean context); the start noise and the later
     steps' draws by `draws` Monte-Carlo draws (deterministic bridges: those draws alone). The estimate of q is
     unbiased; its -log2 is biased up: in expectation an upper bound on the chain's bits, the bias estimated
-    (LikelihoodTally). batch_size: chains per forward pass."""
+    (LikelihoodTally). batch_size: chains per forward pass; num_tokens: the vocabulary's size, when the model has
+    more ids (never drawn, as in generation)."""
     if draws < 2 or top_k < 0:
         raise ConfigError(f"the chain likelihood needs at least 2 draws (their spread gives its error and bias) and "
                           f"top_k >= 0, got {draws} and {top_k}")
@@ -503,11 +506,12 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
 
         def denoise(block, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor):
             if state["calls"] > 0 or R == 1:
-                return block.denoise(z, _at_each_position(sigma, tokens), tokens)
+                D, logits = block.denoise(z, _at_each_position(sigma, tokens), tokens)
+                return D, usable_logits(logits, num_tokens)
             # The first evaluation is the same for every rank: run once per draw, then shared.
             z0, sigma0, tokens0 = (_rank0(t, R, n) for t in (z, sigma, tokens))
             D, logits = block.denoise(z0, _at_each_position(sigma0, tokens0), tokens0)
-            return _to_ranks(D, R, n), _to_ranks(logits, R, n)
+            return _to_ranks(D, R, n), _to_ranks(usable_logits(logits, num_tokens), R, n)
 
         def carry(block, D: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             first, state["calls"] = state["calls"] == 0, state["calls"] + 1
@@ -596,7 +600,7 @@ class AREvaluateOptions(EvaluateOptions):
     prompts: int = option(100, "held-out prompts continued")
     new: int = option(200, "characters added to each prompt")
     bridges: str = option(",".join(BRIDGES), "bridges measured (chain runs)")
-    windows: int = option(256, "held-out windows for the bits, spread evenly over the split (0 = all)")
+    windows: int = option(512, "held-out windows for the bits, spread evenly over the split (0 = all)")
     speed_prompts: int = option(8, "prompts timed with and without the cache")
     draws: int = option(4, "chains per window and enumerated token for the chain likelihood (at least 2)")
     top_k: int = option(16, "tokens of the first step's draw enumerated for the chain likelihood")
@@ -711,6 +715,7 @@ class AutoregressiveTask(TextTask):
                              "bits_per_token": first["bits"], "chars_per_token": data.test.chars_per_token}
         r["bpc"] = r["bits_per_token"] / r["chars_per_token"]
         r["bpc_se"] = first["se"] / r["chars_per_token"]
+        r["bpc_per_window"] = first["per_window"]  # bits per token, as the likelihoods' per_window
         r["bpc_label"] = "next-token cross-entropy" if is_plain(model) else (
             f"block 0 at sigma_max ({cfg.layer_split()[0]} of {cfg.model.depth} layers)")
         if is_plain(model):  # the exact likelihood: no chain, no estimate
@@ -719,7 +724,8 @@ class AutoregressiveTask(TextTask):
             s = cfg.sample
             steps = s.steps or cfg.blocks.num_blocks
             chain = chain_likelihood(model, windows, steps=steps, bridge=s.bridge, sampler=s.sampler,
-                                     draws=options.draws, top_k=options.top_k, seed=options.seed)
+                                     draws=options.draws, top_k=options.top_k, seed=options.seed,
+                                     num_tokens=len(data.vocab))
             r["chain_likelihood"] = {**per_character(chain, r["chars_per_token"]), "label": (
                 f"chain likelihood (all {cfg.blocks.num_blocks} blocks, {steps} {s.sampler} steps, bridge {s.bridge})")}
             r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=options.seed, sampler=cfg.sample.sampler)
@@ -806,14 +812,32 @@ def chain_bpc_cell(cfg: RunConfig, r: dict[str, Any], readout: str) -> str:
 
 
 def likelihood_rows(r: dict[str, Any]) -> list[tuple]:
-    """(what, BPC, SE, estimator SE, bias, draws) of a run's evaluation: block 0's figure, then the chain's."""
-    rows = [(r.get("bpc_label", "next-token"), r["bpc"], r.get("bpc_se", float("nan")), "-", "-", "1")]
+    """(what, BPC, SE, estimator SE, bias, draws, per-window bits per character) of a run's evaluation: block 0's
+    figure (or the plain model's), then the chain's."""
     c = r.get("chain_likelihood")
+    per_window = r.get("bpc_per_window") or (c["per_window"] if c and r["mode"] == "plain" else None)
+    rows = [(r.get("bpc_label", "next-token"), r["bpc"], r.get("bpc_se", float("nan")), "-", "-", "1",
+             None if per_window is None else [b / r["chars_per_token"] for b in per_window])]
     if c is not None and r["mode"] != "plain":
         enumerated = "" if c["top_k"] is None else f" x ({c['top_k']} + 2)"
         rows.append((c["label"], c["bpc"], c["bpc_se"], f"{c['bpc_se_estimator']:.4f}", f"{c['bpc_bias']:.4f}",
-                     f"{c['draws']}{enumerated}"))
+                     f"{c['draws']}{enumerated}", [b / r["chars_per_token"] for b in c["per_window"]]))
     return rows
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """The mean of a - b over the same windows and its standard error (the spread of the per-window differences)."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    return float(d.mean()), float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def paired_cell(per_window: list[float] | None, r1: dict[str, Any]) -> str:
+    """compare's cell of a row's bits minus the B=1 model's, paired over the shared windows."""
+    base = likelihood_rows(r1)[0][-1]
+    if per_window is None or base is None or len(base) != len(per_window):
+        return "-"
+    mean, se = paired_difference(per_window, base)
+    return f"{mean:+.4f} +- {se:.4f}"
 
 
 def check_windows(windows: int) -> None:
@@ -863,10 +887,12 @@ def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dic
               "Bits per character on the shared windows, +- the standard error over windows (the text's spread and the "
               "estimator's draws); the estimator's own error (what remains on these fixed windows, e.g. for a paired "
               "comparison) and its upward bias (jackknife; the figure is an upper bound in expectation) beside it.", ""]
-    lines += markdown_table(["B", "what", "BPC", "estimator SE", "bias (up)", "draws x enumerated"], [
+    lines += markdown_table(["B", "what", "BPC", "estimator SE", "bias (up)", "draws x enumerated", "minus B=1's"], [
         {"B": str(B), "what": what, "BPC": f"{bpc:.4f} +- {se:.4f}", "estimator SE": est, "bias (up)": bias,
-         "draws x enumerated": dr}
-        for B, r in results.items() for what, bpc, se, est, bias, dr in likelihood_rows(r)])
+         "draws x enumerated": dr, "minus B=1's": paired_cell(per_window, r1)}
+        for B, r in results.items() for what, bpc, se, est, bias, dr, per_window in likelihood_rows(r)])
+    lines += ["", "minus B=1's: the difference from the B=1 model's bits on the same windows, +- the standard error of "
+              "the per-window differences (paired: the text's spread cancels).", ""]
     lines += ["", memory_note(r1), "", "## Chain diagnostics", "",
               "Teacher-forced on the held-out windows: bits per character of each step's logits on the chain's own state "
               "and on the oracle input E[x] + sigma eps, and the mean norm of the estimate the bridge hands on (the "

@@ -7,7 +7,9 @@ Two models of the same prelude / core / coda shape on the autoregressive task's 
 embedding (B=1, weights tied across sampler steps), trained with one forward pass at a sampled sigma. At
 inference both run the core K times per token: Huginn's iterations, or K sampler steps of the denoiser (the
 prelude once per token). `evaluate` measures quality against K: held-out next-character bits of the distribution the
-next token is drawn from (teacher-forced context, averaged over draws of the starting noise) and samples continuing held-out prompts,
+next token is drawn from (teacher-forced context; Huginn's averaged over draws of its initial state, the denoiser's
+by the chain likelihood of the autoregressive task), with standard errors, on one set of windows spread over the
+held-out split for every model and K, and samples continuing held-out prompts,
 their perplexity under a judge (the autoregressive task's plain baseline), distinct 2/4-grams and longest run.
 """
 
@@ -118,7 +120,7 @@ def generate(model, cfg: RunConfig, prompts: torch.Tensor, new: int, iterations:
 
 @torch.no_grad()
 def huginn_likelihood(model, windows: torch.Tensor, iterations: int, draws: int = 8, seed: int = 0,
-                      batch_size: int = 64) -> dict[str, Any]:
+                      batch_size: int = 64, num_tokens: int | None = None) -> dict[str, Any]:
     """Held-out bits per token (positions 1..L-1) of Huginn's next-token distribution after `iterations` core steps,
     the mean of its softmax over `draws` initial states (teacher-forced context), with LikelihoodTally's standard
     errors and bias (its distribution hardly depends on the state: both small)."""
@@ -129,22 +131,23 @@ def huginn_likelihood(model, windows: torch.Tensor, iterations: int, draws: int 
         x = windows[i:i + step]
         xs = x.repeat(draws, 1)  # (draws * n, L): draw, window
         state = torch.randn(*xs.shape, m.tok_embed.embedding_dim, generator=make_generator(seed, "recurrent-bits", i))
-        logits = m(xs, iterations, state.to(x.device))[:, :-1]  # position j's: the distribution of token j + 1
+        logits = usable_logits(m(xs, iterations, state.to(x.device))[:, :-1], num_tokens)  # position j's: token j + 1's
         p = logits.double().softmax(-1).gather(-1, xs[:, 1:, None])[..., 0]  # (draws * n, L - 1)
         tally.add(p.view(draws, len(x), -1))
     return tally.result()
 
 
 def likelihood_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: int, *, draws: int = 8,
-                     chain_draws: int = 4, top_k: int = 16, seed: int = 0) -> dict[str, Any]:
+                     chain_draws: int = 4, top_k: int = 16, seed: int = 0,
+                     num_tokens: int | None = None) -> dict[str, Any]:
     """The held-out bits per token of the distribution the next token is drawn from after K = `iterations` core
     steps: Huginn's (huginn_likelihood, `draws` initial states) or the denoiser's chain of K sampler steps
     (autoregressive.chain_likelihood with the run's sampler and bridge, `chain_draws` draws)."""
     if is_huginn(model):
-        return {**huginn_likelihood(model, windows, iterations, draws, seed), "draws": draws}
+        return {**huginn_likelihood(model, windows, iterations, draws, seed, num_tokens=num_tokens), "draws": draws}
     s = cfg.sample
     return chain_likelihood(model, windows, steps=iterations, bridge=s.bridge, sampler=s.sampler, draws=chain_draws,
-                            top_k=top_k, seed=seed)
+                            top_k=top_k, seed=seed, num_tokens=num_tokens)
 
 
 @dataclass(frozen=True)
@@ -162,12 +165,12 @@ class RecurrentEvaluateOptions(EvaluateOptions):
                                "samples' generative perplexity")
     prompts: int = option(50, "held-out prompts continued, per K")
     new: int = option(100, "characters added to each prompt")
-    windows: int = option(256, "held-out windows for the bits, spread evenly over the split, the same for every "
-                          "model and K (0 = all)")
+    windows: int = option(512, "held-out windows for the bits, spread evenly over the split, the same for every "
+                          "model and K, and the autoregressive task's (0 = all)")
     draws: int = option(8, "Huginn: starting states per window whose next-token distributions are averaged for the "
                         "bits")
     chain_draws: int = option(4, "the denoiser: chains per window and enumerated token for its likelihood (at least 2)")
-    top_k: int = option(16, "the denoiser: tokens of the first step's draw enumerated")
+    top_k: int = option(4, "the denoiser: tokens of the first step's draw enumerated (its cost grows with K)")
 
 
 class RecurrentDepthTask(TextTask):
@@ -263,7 +266,8 @@ class RecurrentDepthTask(TextTask):
             texts = self._texts(run_dir, ids, prompts.shape[1])
             bits = per_character(likelihood_after(model, cfg, windows, K, draws=options.draws,
                                                   chain_draws=options.chain_draws, top_k=options.top_k,
-                                                  seed=options.seed), data.test.chars_per_token)
+                                                  seed=options.seed, num_tokens=len(data.vocab)),
+                                 data.test.chars_per_token)
             row = {"iterations": K, "bits_per_token": bits["bits"], "likelihood": bits,
                    "distinct_2": distinct_n(texts, 2), "distinct_4": distinct_n(texts, 4),
                    "longest_run_mean": sum(map(longest_repeated_run, texts)) / len(texts),
