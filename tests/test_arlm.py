@@ -1,6 +1,8 @@
 """The autoregressive language model as a chain of denoising blocks: its mask, its causality, its cache, its task."""
 
 import json
+import math
+import shutil
 
 import pytest
 import torch
@@ -10,8 +12,10 @@ from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
 from diffusionblocks.models.arlm import ARDenoiser, CausalLM, KVCache, training_mask
 from diffusionblocks.tasks import apply_overrides, default_config, get_task
-from diffusionblocks.tasks.autoregressive import (distinct_n, draw_token, generate_chain, generate_plain, judge_bits,
-                                                  longest_repeated_run)
+from diffusionblocks.tasks.autoregressive import (chain_likelihood, distinct_n, draw_token, generate_chain,
+                                                  generate_plain, judge_bits, longest_repeated_run, next_token_bits,
+                                                  next_token_likelihood)
+from diffusionblocks.text import shared_windows
 
 TINY = ["task=arlm", "model.hidden_size=16", "model.num_heads=2", "model.depth=3", "model.seq_len=12",
         "blocks.num_blocks=3", "train.batch_size=4", "train.steps_per_block=3", "train.log_every=1",
@@ -183,9 +187,77 @@ def test_training_sampling_and_evaluation_through_the_cli(trained, tmp_path, cap
         # Whether the cache changed a character is reported, not asserted here: three steps leave the logits nearly
         # uniform, where rounding decides an argmax (test_generation_with_the_cache_equals... asserts it).
         assert isinstance(s["cache_equals_no_cache"], bool) and s["gen_ppl"] > 1 and 0 < s["distinct_2"] <= 1
-    assert 0 < r["bpc"] < 8 and [row["block"] for row in r["chain"]["argmax"]] == [0, 1, 2]
+    assert [row["block"] for row in r["chain"]["argmax"]] == [0, 1, 2]
+    # The figures are those of the shared windows (8 spread over the held-out split), the run's bridge and steps.
+    model, cfg = pretrained.from_pretrained(chain)
+    windows = shared_windows(get_task("arlm").load_run_data(cfg, chain).test, cfg.model.seq_len, 8)
+    assert r["num_windows"] == 8 and r["bpc"] == pytest.approx(next_token_bits(model, windows), abs=1e-6)
+    c = r["chain_likelihood"]
+    want = chain_likelihood(model, windows, steps=3, bridge=cfg.sample.bridge, sampler="euler", draws=4, top_k=16)
+    assert c["bpc"] == pytest.approx(want["bits"], abs=1e-6) and c["bpc_se"] == pytest.approx(want["se"], abs=1e-6)
+    assert "block 0 at sigma_max (1 of 3 layers)" in r["bpc_label"] and "all 3 blocks" in c["label"]
+    assert "chain likelihood" in capsys.readouterr().out
     code = main(["evaluate", str(plain), "--judge", str(chain), "--out", str(tmp_path / "x")])
     assert code == 2 and "a judge is a plain run" in capsys.readouterr().err
+
+
+def test_next_token_bits_of_a_plain_model_is_its_cross_entropy_prefix_by_prefix():
+    """The baseline's bits against a computation of each token's probability from its own prefix alone (position j's
+    logits are token j + 1's distribution), and their standard error over the windows by hand."""
+    g = torch.Generator().manual_seed(8)
+    m = CausalLM(11, hidden_size=16, depth=2, num_heads=2)
+    m.initialize_weights(g)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+    class Run:
+        blocks = [m.eval()]
+
+    x = torch.randint(11, (3, 7), generator=g)
+    with torch.no_grad():
+        bits = torch.tensor([[-float(m(x[w:w + 1, :j])[0, -1].log_softmax(-1)[x[w, j]]) / math.log(2)
+                              for j in range(1, 7)] for w in range(3)])  # (windows, positions 1..6)
+    r = next_token_likelihood(Run, x, batch_size=2)
+    assert r["bits"] == pytest.approx(float(bits.mean()), abs=1e-5) == next_token_bits(Run, x)
+    assert r["se"] == pytest.approx(float(bits.mean(1).std()) / math.sqrt(3), abs=1e-5)
+    assert r["bias"] == 0 and r["se_estimator"] == 0  # an exact likelihood: no draws
+
+
+def test_the_chain_likelihood_is_not_block_zero_alone_when_later_blocks_change_the_estimate():
+    """Three random blocks: block 0 at sigma_max and the whole chain's distribution differ by many standard errors;
+    a chain of one step is block 0 alone (up to its noise draws)."""
+    cfg = apply_overrides(default_config("arlm"), TINY)
+    model = _chain([_block(seed=b) for b in range(3)], cfg)
+    x = torch.randint(11, (16, 8), generator=torch.Generator().manual_seed(9))
+    chain = chain_likelihood(model, x, draws=4, top_k=4)
+    first = next_token_likelihood(model, x)
+    assert abs(chain["bits"] - first["bits"]) > 6 * chain["se_estimator"]
+    one = chain_likelihood(model, x, steps=1, draws=8)
+    assert one["top_k"] is None and abs(one["bits"] - first["bits"]) < 4 * (one["se"] + first["se"])
+
+
+def test_the_compare_report_shows_block_zero_and_the_chain_with_paired_differences(trained, tmp_path):
+    from diffusionblocks.tasks import load_config
+    from diffusionblocks.tasks.autoregressive import write_arlm_report
+
+    task = get_task("arlm")
+    configs, results, artifacts = {}, {}, {}
+    for B, run in ((1, trained[1]), (3, trained[0])):
+        copy = tmp_path / f"B{B}"
+        shutil.copytree(run, copy)
+        ev = task.evaluate(copy, task.evaluate_options(prompts=2, new=4, windows=6, speed_prompts=1, bridges="sample",
+                                                       draws=2, top_k=2))
+        ev.result["train_summary"] = json.loads((copy / "train_summary.json").read_text())
+        configs[B], results[B], artifacts[B] = load_config(copy / "config.json"), ev.result, ev.artifacts
+    write_arlm_report(tmp_path, configs, results, artifacts)
+    report = (tmp_path / "report.md").read_text()
+    chain, plain = results[3]["chain_likelihood"], results[1]["chain_likelihood"]
+    assert plain["bpc"] == results[1]["bpc"] and plain["bias"] == 0  # the baseline's likelihood is exact
+    assert f"| 3 | bridge sample | {results[3]['bpc']:.4f} | {chain['bpc']:.4f} +- {chain['bpc_se']:.4f} |" in report
+    want = torch.tensor(chain["per_window"]) - torch.tensor(plain["per_window"])
+    assert f"{float(want.mean()):+.4f} +- {float(want.std()) / math.sqrt(6):.4f}" in report
+    assert "## Held-out likelihood" in report and "block 0 at sigma_max (1 of 3 layers)" in report
 
 
 def test_config_rules():
@@ -238,7 +310,7 @@ def test_a_bpe_run_reports_bits_per_character(tmp_path):
     assert main(["train", "--out", str(run), "--no-progress", *bpe]) == 0
     ev = tmp_path / "ev"
     assert main(["evaluate", str(run), "--prompts", "2", "--new", "4", "--windows", "4", "--bridges", "argmax",
-                 "--speed-prompts", "1", "--judge", "none", "--out", str(ev), "--no-progress"]) == 0
+                 "--speed-prompts", "1", "--draws", "2", "--top-k", "2", "--judge", "none", "--out", str(ev), "--no-progress"]) == 0
     r = json.loads((ev / "evaluation.json").read_text())
     assert r["bpc"] == pytest.approx(r["bits_per_token"] / r["chars_per_token"]) and r["chars_per_token"] > 1
     with pytest.raises(ConfigError, match="for the arlm task"):

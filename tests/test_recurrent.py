@@ -1,5 +1,6 @@
 """Recurrent depth (issue "Language III"): Huginn's truncated BPTT, the recurrent denoiser that runs its core once
-per training step and once per sampler step, and the bits of both against the number of iterations."""
+per training step and once per sampler step, and the bits of both against the number of iterations (their
+estimators against known answers: tests/test_chain_likelihood.py)."""
 
 import math
 
@@ -129,7 +130,10 @@ def test_both_models_train_sample_and_evaluate_through_the_cli(tmp_path, capsys)
 
     from diffusionblocks.cli import main
     from diffusionblocks.config import ConfigError
-    from diffusionblocks.tasks import apply_overrides, default_config
+    from diffusionblocks.pretrained import from_pretrained
+    from diffusionblocks.tasks import apply_overrides, default_config, get_task
+    from diffusionblocks.tasks.recurrent_depth import likelihood_after
+    from diffusionblocks.text import shared_windows
 
     judge = tmp_path / "judge"
     assert main(["train", "--task", "arlm", "--out", str(judge), "--no-progress", "blocks.num_blocks=1",
@@ -145,7 +149,14 @@ def test_both_models_train_sample_and_evaluate_through_the_cli(tmp_path, capsys)
         assert main(["evaluate", str(run), "--iterations", "1,3", "--judge", str(judge), "--prompts", "2", "--new",
                      "3", "--windows", "4", "--out", str(ev), "--no-progress"]) == 0
         rows = json.loads((ev / "evaluation.json").read_text())["by_iterations"]
-        assert [r["iterations"] for r in rows] == [1, 3] and all(r["gen_ppl"] > 1 and r["bpc"] > 0 for r in rows)
+        assert [r["iterations"] for r in rows] == [1, 3] and all(r["gen_ppl"] > 1 for r in rows)
+        # Every K on the same 4 windows spread over the held-out split, with the model's own estimator.
+        model, cfg = from_pretrained(run)
+        windows = shared_windows(get_task("recurrent").load_run_data(cfg, run).test, cfg.model.seq_len, 4)
+        for r in rows:
+            want = likelihood_after(model, cfg, windows, r["iterations"], draws=8, chain_draws=4, top_k=4)
+            assert r["bpc"] == pytest.approx(want["bits"], abs=1e-6) and r["bpc_se"] == pytest.approx(want["se"])
+            assert r["likelihood"]["num_windows"] == 4 and r["bpc_bias"] >= 0
         out = tmp_path / f"{mode}.txt"
         assert main(["sample", str(run), "--num", "2", "--prompt", "ROMEO", "--new", "3", "--iterations", "2",
                      "--out", str(out), "--no-progress"]) == 0
@@ -170,49 +181,3 @@ def test_mixture_bits_is_the_log_of_the_mean_distribution():
     sure = probs.clone()
     sure[0::2] = torch.nn.functional.one_hot(targets, 3).float()
     assert mixture_bits(sure, targets, 2) <= 2 * 2 * 1 + 1e-6
-
-
-def test_the_bits_average_the_draws_of_the_starting_noise():
-    """Huginn's bits after r iterations: its position j's softmax (the distribution of token j + 1), averaged over
-    `samples` initial states; the denoiser's: the last sampler step's position j (the distribution of token j),
-    averaged over `samples` teacher-forced chains. With one draw both are the plain cross-entropy."""
-    from diffusionblocks.blocks import BlockwiseDenoiser
-    from diffusionblocks.noise import sigma_grid
-    from diffusionblocks.seeding import make_generator
-    from diffusionblocks.tasks import apply_overrides, default_config, get_task
-    from diffusionblocks.tasks.autoregressive import _teacher_forced_chain
-    from diffusionblocks.tasks.recurrent_depth import bits_after
-
-    F = torch.nn.functional
-    cfg = apply_overrides(default_config("recurrent"), ["model.mode=huginn"])
-    windows = torch.randint(11, (3, 6), generator=torch.Generator().manual_seed(1))
-    targets = windows[:, 1:]
-    huginn = _randomised(HuginnLM(11, hidden_size=16, num_heads=2, prelude=1, core=1, coda=1))
-
-    class One:
-        blocks = [huginn]
-
-    with torch.no_grad():
-        state = torch.randn(3, 6, 16, generator=make_generator(0, "recurrent-bits", 0))
-        ce = F.cross_entropy(huginn(windows, 3, state)[:, :-1].transpose(1, 2), targets, reduction="sum")
-        assert abs(bits_after(One, cfg, windows, 3, samples=1, batch_size=8) - float(ce) / 15 / math.log(2)) < 1e-5
-        xs = windows.repeat_interleave(4, 0)  # 4 draws: windows 0-1 in the first batch of 8 rows, then window 2
-        p = torch.cat([huginn(xs[:8], 3, torch.randn(8, 6, 16, generator=make_generator(0, "recurrent-bits", 0))),
-                       huginn(xs[8:], 3, torch.randn(4, 6, 16, generator=make_generator(0, "recurrent-bits", 2)))])
-        q = p[:, :-1].softmax(-1).view(3, 4, 5, 11).mean(1)
-        want = -torch.log2(q.gather(-1, targets[..., None])).sum() / 15
-        assert abs(bits_after(One, cfg, windows, 3, samples=4, batch_size=8) - float(want)) < 1e-5
-
-    Chain = BlockwiseDenoiser([_denoiser()], get_task("arlm").partition(apply_overrides(default_config("arlm"),
-                                                                             ["blocks.num_blocks=1", "model.depth=1"])))
-    dcfg = apply_overrides(default_config("recurrent"), [])
-    sigmas = sigma_grid(Chain.partition.axis, 3)
-    for samples in (1, 2):
-        steps = []
-        logits = _teacher_forced_chain(Chain, windows.repeat_interleave(samples, 0), sigmas, dcfg.sample.bridge,
-                                       make_generator(0, "arlm-sampler-bits", 0),
-                                       callback=lambda k, *_: steps.append(k))
-        q = logits[:, 1:].softmax(-1).view(3, samples, 5, 11).mean(1)
-        want = -torch.log2(q.gather(-1, targets[..., None])).sum() / 15
-        bits = bits_after(Chain, dcfg, windows, 3, samples=samples, batch_size=8)
-        assert steps == [0, 1, 2] and abs(bits - float(want)) < 1e-5

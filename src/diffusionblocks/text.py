@@ -407,3 +407,12 @@ def held_out_windows(data: TokenStream, seq_len: int) -> torch.Tensor:
     """The held-out split cut into consecutive, non-overlapping windows, (M, seq_len)."""
     m = len(data) // seq_len
     return data.tokens[:m * seq_len].view(m, seq_len)
+
+
+def shared_windows(data: TokenStream, seq_len: int, num: int = 256) -> torch.Tensor:
+    """num of the held_out_windows spread evenly over the split (all of them when there are no more), (num, seq_len):
+    one fixed set for every model and setting compared."""
+    windows = held_out_windows(data, seq_len)
+    if num >= len(windows):
+        return windows
+    return windows[torch.linspace(0, len(windows) - 1, num).round().long()]  # steps >= 1 apart: distinct

@@ -13,8 +13,10 @@ keeps block 0's distribution: it is the default. A KV cache of each block's clea
 one pass of one token through each block. The end-to-end baseline (`model.mode="plain"`, B=1, `compare`'s
 B=1) is the same transformer trained on next-token cross-entropy.
 
-Evaluation: held-out next-token bits per character (block 0 at sigma_max for the chain, the predictive
-distribution of the baseline), the chain diagnostics teacher-forced on held-out text (bits of each step's
+Evaluation, on windows spread evenly over the held-out split: next-token bits per character (the baseline's
+predictive distribution; for the chain, block 0 alone at sigma_max, and the chain's own next-token likelihood,
+`chain_likelihood`, all blocks with the run's steps, sampler and bridge, an estimate with its standard error and
+upward bias), the chain diagnostics teacher-forced on held-out text (bits of each step's
 logits on the chain's own state and on the oracle E[x] + sigma eps: is the loss lost in block 0 or in the
 chain?), and samples continuing held-out prompts, for each bridge: their generative perplexity under the
 independent judge (`judge.py`: a larger plain LM trained on the training split, cached; `--judge RUN` another plain
@@ -49,7 +51,7 @@ from ..pretrained import from_pretrained
 from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator, sample_seeds
-from ..text import held_out_windows, usable_logits
+from ..text import held_out_windows, shared_windows, usable_logits
 from .base import Evaluation, layers_of_denoiser
 from .text import (BackboneConfig, LlamaModelConfig, TextRunConfig, TextSampleConfig, TextTask, check_pretrained_run,
                    llama_trunk_config, load_pretrained)
@@ -286,19 +288,25 @@ def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bri
 def next_token_bits(model, windows: torch.Tensor, *, seed: int = 0, batch_size: int = 64) -> float:
     """Held-out bits per character of each window's characters 1..L-1 given those before: the baseline's logits,
     or block 0's at sigma_max (its noisy input is almost pure noise: a predictive distribution from context)."""
-    total, count = 0.0, 0
+    return next_token_likelihood(model, windows, seed=seed, batch_size=batch_size)["bits"]
+
+
+@torch.no_grad()
+def next_token_likelihood(model, windows: torch.Tensor, *, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
+    """next_token_bits with its standard error over the windows (LikelihoodTally's result; one draw: no bias or
+    estimator's error given). For a chain: block 0 alone at sigma_max (L/B layers), one noise draw."""
+    tally = LikelihoodTally()
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size]
         if is_plain(model):
-            logits = model.blocks[0](x)[:, :-1]
+            logits = model.blocks[0](x)[:, :-1]  # position j's: the distribution of token j + 1
         else:
             blk = model.blocks[0]
             sigma = torch.full(x.shape, float(model.partition.axis.hi), device=x.device)
             eps = torch.randn(*x.shape, blk.E.shape[1], generator=make_generator(seed, "arlm-bpc", i)).to(x.device)
-            logits = blk.denoise(eps * sigma[..., None], sigma, x)[1][:, 1:]
-        ce = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="sum")
-        total, count = total + float(ce), count + x[:, 1:].numel()
-    return total / count / math.log(2)
+            logits = blk.denoise(eps * sigma[..., None], sigma, x)[1][:, 1:]  # position j's: token j's
+        tally.add(logits.double().log_softmax(-1).gather(-1, x[:, 1:, None])[None, ..., 0].exp())
+    return tally.result()
 
 
 def _at_each_position(sigma: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -394,6 +402,147 @@ def sampler_bits(model, windows: torch.Tensor, *, bridge: str, steps: int, sampl
     return total / n
 
 
+# ---- the chain's own next-token likelihood
+
+
+class LikelihoodTally:
+    """Running sums of a next-token likelihood estimate over windows. add(f) takes f (draws, n, T): each of `draws`
+    independent unbiased estimates of q(x_j | x_<j), the probability the model gives each scored token, for n
+    windows of T scored positions. q is estimated by their mean, whose -log2 is biased up (Jensen): the bias is
+    estimated by the jackknife, (draws - 1) (the mean over m of -log2 of the mean without draw m, minus -log2 q),
+    the estimator's variance by the delta method, Var(f) / (draws q^2 ln(2)^2)."""
+
+    def __init__(self):
+        self.window_bits: list[torch.Tensor] = []  # per window: its mean bits per scored token
+        self.bias, self.mc_var, self.count = 0.0, 0.0, 0
+
+    def add(self, f: torch.Tensor) -> None:
+        f = f.double()
+        M = f.shape[0]
+        q = f.mean(0).clamp_min(torch.finfo(torch.float64).tiny)  # (n, T)
+        self.window_bits.append((-torch.log2(q)).mean(-1).cpu())
+        if M > 1:
+            rel = f.var(0) / (M * q ** 2)  # the variance of q's estimate relative to q^2
+            loo = ((f.sum(0) - f) / (M - 1)).clamp_min(torch.finfo(torch.float64).tiny)  # (M, n, T) leave one out
+            self.bias += float((M - 1) * (-torch.log2(loo).mean(0) + torch.log2(q)).sum())
+            self.mc_var += float(rel.sum()) / math.log(2) ** 2
+        self.count += f[0].numel()
+
+    def result(self, scale: float = 1.0) -> dict[str, Any]:
+        """bits per token (divided by `scale`, e.g. characters per token), its standard error over the windows
+        (the text's spread and the estimator's draws together), the estimator's own standard error (what remains
+        on a fixed set of windows) and its estimated upward bias (0 for an exact likelihood)."""
+        per_window = torch.cat(self.window_bits)
+        W = len(per_window)
+        se = float(per_window.std() / math.sqrt(W)) if W > 1 else float("nan")
+        return {"bits": float(per_window.mean()) / scale, "se": se / scale,
+                "se_estimator": math.sqrt(self.mc_var) / self.count / scale, "bias": self.bias / self.count / scale,
+                "num_windows": W, "per_window": [round(float(b) / scale, 5) for b in per_window]}
+
+
+def first_token_enumeration(p0: torch.Tensor, target: torch.Tensor, top_k: int,
+                            g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first step's token draw y ~ p0 (N, L, V) Rao-Blackwellised for scoring target (N, L): the top_k tokens of
+    p0 and the target, each weighted by its probability (the target's 0 when it is among the top_k), and one token
+    drawn from the rest of p0 weighted by the rest's mass, so that sum_r w_r f(y_r) is unbiased for E_y[f(y)].
+    Returns tokens and weights, (top_k + 2, N, L) each."""
+    V = p0.shape[-1]
+    top_w, top = p0.topk(min(top_k, V), dim=-1)  # (N, L, k)
+    target_w = p0.gather(-1, target[..., None])[..., 0] * ~(top == target[..., None]).any(-1)
+    rest = p0.scatter(-1, top, 0.0).scatter(-1, target[..., None], 0.0)
+    mass = rest.sum(-1)  # (N, L)
+    u = torch.rand(mass.shape, generator=g, dtype=torch.float64).to(p0.device)
+    tail = ((rest.cumsum(-1) / mass[..., None].clamp_min(1e-300)) < u[..., None]).sum(-1).clamp_max(V - 1)
+    tokens = torch.cat([top.movedim(-1, 0), target[None], tail[None]])  # (k + 2, N, L)
+    weights = torch.cat([top_w.movedim(-1, 0), target_w[None], mass[None]])
+    return tokens, weights
+
+
+def _rank0(t: torch.Tensor, R: int, n: int) -> torch.Tensor:
+    """Rows (draws * R * n, ...) ordered draw, rank, window -> rank 0's, (draws * n, ...)."""
+    return t.unflatten(0, (-1, R, n))[:, 0].flatten(0, 1)
+
+
+def _to_ranks(t: torch.Tensor, R: int, n: int) -> torch.Tensor:
+    """The inverse of _rank0 for rows equal across ranks: (draws * n, ...) -> (draws * R * n, ...)."""
+    return t.unflatten(0, (-1, 1, n)).expand(-1, R, -1, *t.shape[1:]).flatten(0, 2)
+
+
+def scored(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The probability each position's distribution probs (..., L, V) gives its token of x (..., L), at positions
+    1..L-1 (position j's distribution is token j's: its context is the tokens before j), (..., L - 1)."""
+    return probs[..., 1:, :].gather(-1, x[..., 1:, None])[..., 0]
+
+
+@torch.no_grad()
+def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, bridge: str = "sample",
+                     sampler: str = "euler", draws: int = 4, top_k: int = 16, seed: int = 0,
+                     batch_size: int = 256, num_tokens: int | None = None) -> dict[str, Any]:
+    """Held-out bits per token (positions 1..L-1) of the chain's own next-token distribution, the one its sampler
+    reads the next token from: q(x) = E[softmax(last step's logits)](x) over the chain's noise and bridge draws
+    (temperature 1, the context given), all blocks, `steps` steps (default B) of `sampler` down the quantile grid.
+
+    q(x) = E_z0[ sum_y p0(y | z0) E_rest[ q(x | the chain continued from y) ] ]: with the `sample` bridge (and more
+    than one step) the first step's draw y, where the chain's uncertainty lives, is enumerated
+    (first_token_enumeration: top_k tokens, the scored one, and a weighted draw from the rest; each rank one
+    batched continuation, positions being independent given the clean context); the start noise and the later
+    steps' draws by `draws` Monte-Carlo draws (deterministic bridges: those draws alone). The estimate of q is
+    unbiased; its -log2 is biased up: in expectation an upper bound on the chain's bits, the bias estimated
+    (LikelihoodTally). batch_size: chains per forward pass; num_tokens: the vocabulary's size, when the model has
+    more ids (never drawn, as in generation)."""
+    if draws < 2 or top_k < 0:
+        raise ConfigError(f"the chain likelihood needs at least 2 draws (their spread gives its error and bias) and "
+                          f"top_k >= 0, got {draws} and {top_k}")
+    steps = steps or model.num_blocks
+    sigmas = sigma_grid(model.partition.axis, steps).to(windows.device, torch.float32)
+    enumerated = bridge == "sample" and steps > 1  # one step: the draw hands nothing on
+    R = top_k + 2 if enumerated else 1
+    D_dim = model.blocks[0].E.shape[1]
+    tally = LikelihoodTally()
+    per_batch = max(batch_size // (draws * R), 1)  # windows per batch
+    for i in range(0, len(windows), per_batch):
+        x = windows[i:i + per_batch]
+        n, L = x.shape
+        g = make_generator(seed, "arlm-chain-likelihood", i)
+        xs = x[None, None].expand(draws, R, n, L).reshape(-1, L)  # (draws * R * n, L): draw, rank, window
+        state = {"calls": 0, "weights": None}
+
+        def denoise(block, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor):
+            if state["calls"] > 0 or R == 1:
+                D, logits = block.denoise(z, _at_each_position(sigma, tokens), tokens)
+                return D, usable_logits(logits, num_tokens)
+            # The first evaluation is the same for every rank: run once per draw, then shared.
+            z0, sigma0, tokens0 = (_rank0(t, R, n) for t in (z, sigma, tokens))
+            D, logits = block.denoise(z0, _at_each_position(sigma0, tokens0), tokens0)
+            return _to_ranks(D, R, n), _to_ranks(usable_logits(logits, num_tokens), R, n)
+
+        def carry(block, D: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            first, state["calls"] = state["calls"] == 0, state["calls"] + 1
+            if bridge != "sample":
+                return block.estimate(D, logits, bridge)
+            if first and enumerated:
+                p0 = logits.view(draws, R, n, L, -1)[:, 0].double().softmax(-1)  # (draws, n, L, V)
+                tokens, weights = first_token_enumeration(p0, x.expand(draws, n, L), top_k, g)  # (R, draws, n, L)
+                state["weights"] = weights.transpose(0, 1)  # (draws, R, n, L)
+                return block.estimate(D, logits, bridge, tokens.transpose(0, 1).reshape(-1, L))
+            u = torch.rand(logits.shape[:-1], generator=g, dtype=torch.float64).to(x.device).flatten()
+            return block.estimate(D, logits, bridge, draw_token(logits.flatten(0, 1), 1.0, 1.0, False, u).view(
+                logits.shape[:-1]))
+
+        chain = BridgedDenoiser(model, carry, denoise)
+        eps = torch.randn(draws, 1, n, L, D_dim, generator=g).to(x.device).expand(draws, R, n, L, D_dim)
+        SAMPLERS[sampler](chain, eps.reshape(-1, L, D_dim) * sigmas[0], sigmas, extra_args={"tokens": xs},
+                          disable=True)
+        probs = chain.logits.double().softmax(-1).view(draws, R, n, L, -1)
+        f = scored(probs, x.expand(draws, R, n, L))  # (draws, R, n, L - 1)
+        if enumerated:
+            f = f * state["weights"][..., 1:]
+        tally.add(f.sum(1))
+    return {**tally.result(), "steps": steps, "bridge": bridge, "sampler": sampler, "draws": draws,
+            "top_k": top_k if enumerated else None}
+
+
+@torch.no_grad()
 def judge_bits(judge, texts: torch.Tensor, prompt_len: int, window: int, batch_size: int = 50) -> float:
     """Bits per character of the continuations (texts (N, T) after their first prompt_len >= 1 tokens) under a
     plain model (a CausalLM) of context `window`: `judge.generative_bits`."""
@@ -425,11 +574,13 @@ class AREvaluateOptions(EvaluateOptions):
     prompts: int = option(100, "held-out prompts continued")
     new: int = option(200, "characters added to each prompt")
     bridges: str = option(",".join(BRIDGES), "bridges measured (chain runs)")
-    windows: int = option(0, "held-out windows for the bits (0 = all)")
+    windows: int = option(512, "held-out windows for the bits, spread evenly over the split (0 = all)")
     speed_prompts: int = option(8, "prompts timed with and without the cache")
     mauve_prompts: int = option(500, "held-out prompts continued for MAUVE against their held-out continuations "
                                 "(0: no MAUVE)")
     mauve_new: int = option(128, "characters each MAUVE continuation adds")
+    draws: int = option(4, "chains per window and enumerated token for the chain likelihood (at least 2)")
+    top_k: int = option(16, "tokens of the first step's draw enumerated for the chain likelihood")
 
 
 class AutoregressiveTask(TextTask):
@@ -542,14 +693,26 @@ class AutoregressiveTask(TextTask):
             reference, _, _ = held_out_continuations(data.test, options.mauve_prompts, P, options.mauve_new)
         judge, judge_info = resolve_judge(options.judge, cfg, run_dir, cache_dir=options.cache_dir,
                                           device=options.device, progress=options.progress)
-        windows = held_out_windows(data.test, cfg.model.seq_len)
-        windows = (windows[:options.windows] if options.windows else windows).to(options.device)
+        windows = evaluation_windows(data.test, cfg.model.seq_len, options.windows).to(options.device)
+        first = next_token_likelihood(model, windows, seed=options.seed)
         r: dict[str, Any] = {"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "mode": cfg.model.mode,
                              "num_windows": len(windows), "seq_len": cfg.model.seq_len,
-                             "bits_per_token": next_token_bits(model, windows, seed=options.seed),
-                             "chars_per_token": data.test.chars_per_token}
+                             "bits_per_token": first["bits"], "chars_per_token": data.test.chars_per_token}
         r["bpc"] = r["bits_per_token"] / r["chars_per_token"]
-        if not is_plain(model):
+        r["bpc_se"] = first["se"] / r["chars_per_token"]
+        r["bpc_per_window"] = first["per_window"]  # bits per token, as the likelihoods' per_window
+        r["bpc_label"] = "next-token cross-entropy" if is_plain(model) else (
+            f"block 0 at sigma_max ({cfg.layer_split()[0]} of {cfg.model.depth} layers)")
+        if is_plain(model):  # the exact likelihood: no chain, no estimate
+            r["chain_likelihood"] = {**per_character(first, r["chars_per_token"]), "label": r["bpc_label"]}
+        else:
+            s = cfg.sample
+            steps = s.steps or cfg.blocks.num_blocks
+            chain = chain_likelihood(model, windows, steps=steps, bridge=s.bridge, sampler=s.sampler,
+                                     draws=options.draws, top_k=options.top_k, seed=options.seed,
+                                     num_tokens=len(data.vocab))
+            r["chain_likelihood"] = {**per_character(chain, r["chars_per_token"]), "label": (
+                f"chain likelihood (all {cfg.blocks.num_blocks} blocks, {steps} {s.sampler} steps, bridge {s.bridge})")}
             r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=options.seed, sampler=cfg.sample.sampler)
                           for b in bridges}
         readout = readout_settings(cfg)
@@ -607,6 +770,11 @@ class AutoregressiveTask(TextTask):
                 if isinstance(b, dict):
                     lines.append(f"  MAUVE {bound}: {b['mauve']:.3f} ({b['num_p']} vs {b['num_q']}, "
                                  f"{b['clusters']} clusters)")
+        if "chain_likelihood" in r:
+            c = r["chain_likelihood"]
+            lines[0] += f" +- {r.get('bpc_se', float('nan')):.4f}: {r.get('bpc_label', '')}"
+            lines.append(f"  {c['label']}: BPC {c['bpc']:.4f} +- {c['bpc_se']:.4f} (estimator alone +- "
+                         f"{c['bpc_se_estimator']:.4f}; biased up by about {c['bpc_bias']:.4f})")
         for name, s in r["samples"].items():
             ppl = f"gen. perplexity {s['gen_ppl']:.2f}, " if "gen_ppl" in s else ""
             if "mauve" in s:
@@ -628,6 +796,54 @@ class AutoregressiveTask(TextTask):
     def write_comparison(self, out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],
                          artifacts: dict[int, Any]) -> None:
         write_arlm_report(out_dir, configs, results, artifacts)
+
+
+def evaluation_windows(test, seq_len: int, num: int) -> torch.Tensor:
+    """The windows the bits are measured on: `num` spread evenly over the held-out split (shared_windows), 0 = all."""
+    return shared_windows(test, seq_len, num) if num else held_out_windows(test, seq_len)
+
+
+def per_character(r: dict[str, Any], chars_per_token: float) -> dict[str, Any]:
+    """A LikelihoodTally result with its figures per character added (bpc, bpc_se, bpc_se_estimator, bpc_bias)."""
+    names = {"bits": "bpc", "se": "bpc_se", "se_estimator": "bpc_se_estimator", "bias": "bpc_bias"}
+    return {**r, **{name: r[k] / chars_per_token for k, name in names.items()}}
+
+
+def chain_bpc_cell(cfg: RunConfig, r: dict[str, Any], readout: str) -> str:
+    """The chain likelihood's cell of compare's row of `readout` (a bridge, or "plain"): on the run's own bridge."""
+    c = r.get("chain_likelihood")
+    if c is None or readout not in ("plain", cfg.sample.bridge):
+        return "-"
+    return f"{c['bpc']:.4f} +- {c['bpc_se']:.4f}"
+
+
+def likelihood_rows(r: dict[str, Any]) -> list[tuple]:
+    """(what, BPC, SE, estimator SE, bias, draws, per-window bits per character) of a run's evaluation: block 0's
+    figure (or the plain model's), then the chain's."""
+    c = r.get("chain_likelihood")
+    per_window = r.get("bpc_per_window") or (c["per_window"] if c and r["mode"] == "plain" else None)
+    rows = [(r.get("bpc_label", "next-token"), r["bpc"], r.get("bpc_se", float("nan")), "-", "-", "1",
+             None if per_window is None else [b / r["chars_per_token"] for b in per_window])]
+    if c is not None and r["mode"] != "plain":
+        enumerated = "" if c["top_k"] is None else f" x ({c['top_k']} + 2)"
+        rows.append((c["label"], c["bpc"], c["bpc_se"], f"{c['bpc_se_estimator']:.4f}", f"{c['bpc_bias']:.4f}",
+                     f"{c['draws']}{enumerated}", [b / r["chars_per_token"] for b in c["per_window"]]))
+    return rows
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """The mean of a - b over the same windows and its standard error (the spread of the per-window differences)."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    return float(d.mean()), float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def paired_cell(per_window: list[float] | None, r1: dict[str, Any]) -> str:
+    """compare's cell of a row's bits minus the B=1 model's, paired over the shared windows."""
+    base = likelihood_rows(r1)[0][-1]
+    if per_window is None or base is None or len(base) != len(per_window):
+        return "-"
+    mean, se = paired_difference(per_window, base)
+    return f"{mean:+.4f} +- {se:.4f}"
 
 
 def check_windows(windows: int) -> None:
@@ -698,13 +914,14 @@ def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dic
     judge, judge_lines = judge_section(configs, results)
     (out_dir / "generative_perplexity.json").write_text(json.dumps(
         {B: {name: s.get("gen_ppl") for name, s in r["samples"].items()} for B, r in results.items()}, indent=2) + "\n")
-    header = ["B", "readout", "BPC", "gen. ppl", "distinct-2", "distinct-4", "longest run", "chars/s", "no cache",
-              "train s", "ms/step per block", "peak train mem MiB"]
+    header = ["B", "readout", "BPC", "chain BPC", "gen. ppl", "distinct-2", "distinct-4", "longest run", "chars/s",
+              "no cache", "train s", "ms/step per block", "peak train mem MiB"]
     rows = []
     for B, r in results.items():
         for name, s in r["samples"].items():
             rows.append({"B": str(B), "readout": "next-token CE (plain)" if name == "plain" else f"bridge {name}",
-                         "BPC": f"{r['bpc']:.4f}", "gen. ppl": f"{s['gen_ppl']:.2f}" if "gen_ppl" in s else "-",
+                         "BPC": f"{r['bpc']:.4f}", "chain BPC": chain_bpc_cell(configs[B], r, name),
+                         "gen. ppl": f"{s['gen_ppl']:.2f}" if "gen_ppl" in s else "-",
                          "distinct-2": f"{s['distinct_2']:.3f}", "distinct-4": f"{s['distinct_4']:.3f}",
                          "longest run": f"{s['longest_run_mean']:.1f} / {s['longest_run_max']}",
                          "chars/s": f"{s['chars_per_s']:.0f}", "no cache": f"{s['chars_per_s_no_cache']:.0f}",
@@ -713,12 +930,26 @@ def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dic
              equal_compute(c1, "model (B=1, plain next-token cross-entropy)", f" x {c1.model.seq_len} characters")
              + ". Model: "
              f"Llama-style, {c1.model.depth} layers, width {c1.model.hidden_size}. BPC: held-out next-token bits per "
-             f"character over {r1['num_windows']} windows (chains: block 0 at sigma_max). Samples: {r1['num_prompts']} "
+             f"character over {r1['num_windows']} windows spread over the held-out split, the same for every run "
+             "(chains: block 0 alone at sigma_max, L/B layers); chain BPC: the chain's own next-token distribution "
+             "(all blocks, the run's steps, sampler and bridge; the row of that bridge), an estimate (ours; the paper "
+             "reports no likelihood for this model) +- its standard error, biased up (see the likelihood table). "
+             f"Samples: {r1['num_prompts']} "
              f"held-out prompts of {c1.sample.prompt_chars} characters, {r1['new_chars']} new characters each, readout "
              f"{r1['readout']}; gen. ppl: their perplexity per character under the independent judge (below); longest "
              "run: the longest stretch of a repeated unit, mean / max over samples.", ""] + judge_lines
     lines += markdown_table(header, rows)
     lines += mauve_section(results, judge)
+    lines += ["", "## Held-out likelihood", "",
+              "Bits per character on the shared windows, +- the standard error over windows (the text's spread and the "
+              "estimator's draws); the estimator's own error (what remains on these fixed windows, e.g. for a paired "
+              "comparison) and its upward bias (jackknife; the figure is an upper bound in expectation) beside it.", ""]
+    lines += markdown_table(["B", "what", "BPC", "estimator SE", "bias (up)", "draws x enumerated", "minus B=1's"], [
+        {"B": str(B), "what": what, "BPC": f"{bpc:.4f} +- {se:.4f}", "estimator SE": est, "bias (up)": bias,
+         "draws x enumerated": dr, "minus B=1's": paired_cell(per_window, r1)}
+        for B, r in results.items() for what, bpc, se, est, bias, dr, per_window in likelihood_rows(r)])
+    lines += ["", "minus B=1's: the difference from the B=1 model's bits on the same windows, +- the standard error of "
+              "the per-window differences (paired: the text's spread cancels).", ""]
     lines += ["", memory_note(r1), "", "## Chain diagnostics", "",
               "Teacher-forced on the held-out windows: bits per character of each step's logits on the chain's own state "
               "and on the oracle input E[x] + sigma eps, and the mean norm of the estimate the bridge hands on (the "

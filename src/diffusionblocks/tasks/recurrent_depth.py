@@ -7,7 +7,9 @@ Two models of the same prelude / core / coda shape on the autoregressive task's 
 embedding (B=1, weights tied across sampler steps), trained with one forward pass at a sampled sigma. At
 inference both run the core K times per token: Huginn's iterations, or K sampler steps of the denoiser (the
 prelude once per token). `evaluate` measures quality against K: held-out next-character bits of the distribution the
-next token is drawn from (teacher-forced context, averaged over draws of the starting noise) and samples continuing held-out prompts,
+next token is drawn from (teacher-forced context; Huginn's averaged over draws of its initial state, the denoiser's
+by the chain likelihood of the autoregressive task), with standard errors, on one set of windows spread over the
+held-out split for every model and K, and samples continuing held-out prompts,
 their perplexity under a judge (the autoregressive task's plain baseline), distinct 2/4-grams and longest run.
 """
 
@@ -26,9 +28,10 @@ from ..noise import Partition
 from ..options import EvaluateOptions, SampleOptions, option
 from ..pretrained import from_pretrained
 from ..seeding import make_generator, sample_seeds
-from ..text import held_out_windows, usable_logits
-from .autoregressive import (ARSampleConfig, TokenContext, check_windows, distinct_n, draw_token, generate_chain,
-                             judge_bits, longest_repeated_run, mixture_bits, readout_settings, sampler_bits)
+from ..text import usable_logits
+from .autoregressive import (ARSampleConfig, LikelihoodTally, TokenContext, chain_likelihood, check_windows, distinct_n,
+                             draw_token, evaluation_windows, generate_chain, judge_bits, longest_repeated_run,
+                             per_character, readout_settings)
 from .base import Evaluation
 from .text import LlamaModelConfig, TextRunConfig, TextTask
 
@@ -116,25 +119,35 @@ def generate(model, cfg: RunConfig, prompts: torch.Tensor, new: int, iterations:
 
 
 @torch.no_grad()
-def bits_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: int, samples: int = 8, seed: int = 0,
-               batch_size: int = 64) -> float:
-    """Held-out bits per token (positions 1..L-1) of the next-token distribution after `iterations` core steps,
-    averaged over `samples` draws of the starting noise (teacher-forced context): Huginn's softmax from `samples`
-    initial states, or the denoiser's sampler distribution (`sampler_bits`)."""
-    if not is_huginn(model):
-        return sampler_bits(model, windows, bridge=cfg.sample.bridge, steps=iterations, samples=samples, seed=seed,
-                            batch_size=batch_size, sampler=cfg.sample.sampler)
+def huginn_likelihood(model, windows: torch.Tensor, iterations: int, draws: int = 8, seed: int = 0,
+                      batch_size: int = 64, num_tokens: int | None = None) -> dict[str, Any]:
+    """Held-out bits per token (positions 1..L-1) of Huginn's next-token distribution after `iterations` core steps,
+    the mean of its softmax over `draws` initial states (teacher-forced context), with LikelihoodTally's standard
+    errors and bias (its distribution hardly depends on the state: both small)."""
     m = model.blocks[0]
-    total, count = 0.0, 0
-    step = max(batch_size // samples, 1)
+    tally = LikelihoodTally()
+    step = max(batch_size // draws, 1)
     for i in range(0, len(windows), step):
         x = windows[i:i + step]
-        xs = x.repeat_interleave(samples, 0)  # (N * samples, L)
+        xs = x.repeat(draws, 1)  # (draws * n, L): draw, window
         state = torch.randn(*xs.shape, m.tok_embed.embedding_dim, generator=make_generator(seed, "recurrent-bits", i))
-        logits = m(xs, iterations, state.to(x.device))[:, :-1]  # position j's: the distribution of token j + 1
-        total += mixture_bits(logits.softmax(-1), x[:, 1:], samples)
-        count += x[:, 1:].numel()
-    return total / count
+        logits = usable_logits(m(xs, iterations, state.to(x.device))[:, :-1], num_tokens)  # position j's: token j + 1's
+        p = logits.double().softmax(-1).gather(-1, xs[:, 1:, None])[..., 0]  # (draws * n, L - 1)
+        tally.add(p.view(draws, len(x), -1))
+    return tally.result()
+
+
+def likelihood_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: int, *, draws: int = 8,
+                     chain_draws: int = 4, top_k: int = 16, seed: int = 0,
+                     num_tokens: int | None = None) -> dict[str, Any]:
+    """The held-out bits per token of the distribution the next token is drawn from after K = `iterations` core
+    steps: Huginn's (huginn_likelihood, `draws` initial states) or the denoiser's chain of K sampler steps
+    (autoregressive.chain_likelihood with the run's sampler and bridge, `chain_draws` draws)."""
+    if is_huginn(model):
+        return {**huginn_likelihood(model, windows, iterations, draws, seed, num_tokens=num_tokens), "draws": draws}
+    s = cfg.sample
+    return chain_likelihood(model, windows, steps=iterations, bridge=s.bridge, sampler=s.sampler, draws=chain_draws,
+                            top_k=top_k, seed=seed, num_tokens=num_tokens)
 
 
 @dataclass(frozen=True)
@@ -152,9 +165,12 @@ class RecurrentEvaluateOptions(EvaluateOptions):
                                "samples' generative perplexity")
     prompts: int = option(50, "held-out prompts continued, per K")
     new: int = option(100, "characters added to each prompt")
-    windows: int = option(64, "held-out windows for the bits (0 = all)")
-    draws: int = option(8, "starting noises (chains) per window whose next-token distributions are averaged for the "
+    windows: int = option(512, "held-out windows for the bits, spread evenly over the split, the same for every "
+                          "model and K, and the autoregressive task's (0 = all)")
+    draws: int = option(8, "Huginn: starting states per window whose next-token distributions are averaged for the "
                         "bits")
+    chain_draws: int = option(4, "the denoiser: chains per window and enumerated token for its likelihood (at least 2)")
+    top_k: int = option(4, "the denoiser: tokens of the first step's draw enumerated (its cost grows with K)")
 
 
 class RecurrentDepthTask(TextTask):
@@ -238,8 +254,7 @@ class RecurrentDepthTask(TextTask):
         model, cfg = from_pretrained(run_dir, options.device)
         judge = self.load_judge(run_dir, options.judge, options.device)
         data = self.load_run_data(cfg, run_dir)
-        windows = held_out_windows(data.test, cfg.model.seq_len)
-        windows = (windows[:options.windows] if options.windows else windows).to(options.device)
+        windows = evaluation_windows(data.test, cfg.model.seq_len, options.windows).to(options.device)
         prompts = self.held_out_prompts(data.test, options.prompts, cfg.sample.prompt_chars,
                                         ("--prompts", "sample.prompt_chars")).to(options.device)
         rows = []
@@ -249,11 +264,15 @@ class RecurrentDepthTask(TextTask):
             ids = self._generate(model, cfg, run_dir, prompts, options.new, K, seeds)
             seconds = time.perf_counter() - t0
             texts = self._texts(run_dir, ids, prompts.shape[1])
-            row = {"iterations": K, "bits_per_token": bits_after(model, cfg, windows, K, options.draws, seed=options.seed),
+            bits = per_character(likelihood_after(model, cfg, windows, K, draws=options.draws,
+                                                  chain_draws=options.chain_draws, top_k=options.top_k,
+                                                  seed=options.seed, num_tokens=len(data.vocab)),
+                                 data.test.chars_per_token)
+            row = {"iterations": K, "bits_per_token": bits["bits"], "likelihood": bits,
                    "distinct_2": distinct_n(texts, 2), "distinct_4": distinct_n(texts, 4),
                    "longest_run_mean": sum(map(longest_repeated_run, texts)) / len(texts),
                    "chars_per_s": len(prompts) * options.new / seconds, "sample": texts[0]}
-            row["bpc"] = row["bits_per_token"] / data.test.chars_per_token
+            row.update({k: bits[k] for k in ("bpc", "bpc_se", "bpc_se_estimator", "bpc_bias")})
             if judge is not None:
                 row["gen_ppl"] = 2 ** judge_bits(judge.blocks[0], ids, prompts.shape[1], cfg.model.seq_len)
             rows.append(row)
@@ -268,9 +287,11 @@ class RecurrentDepthTask(TextTask):
         lines = [f"{r['run']} ({r['mode']}): quality against the core's iterations K"]
         for row in r["by_iterations"]:
             ppl = f", gen. perplexity {row['gen_ppl']:.2f}" if "gen_ppl" in row else ""
-            lines.append(f"  K={row['iterations']}: BPC {row['bpc']:.4f}{ppl}, distinct-4 {row['distinct_4']:.3f}, "
+            se = f" +- {row['bpc_se']:.4f}" if "bpc_se" in row else ""
+            lines.append(f"  K={row['iterations']}: BPC {row['bpc']:.4f}{se}{ppl}, distinct-4 {row['distinct_4']:.3f}, "
                          f"longest run {row['longest_run_mean']:.1f}, {row['chars_per_s']:.0f} chars/s")
         return "\n".join(lines)
 
 
-__all__ = ["RecurrentConfig", "RecurrentDepthTask", "RecurrentModelConfig", "bits_after", "generate_huginn"]
+__all__ = ["RecurrentConfig", "RecurrentDepthTask", "RecurrentModelConfig", "generate_huginn", "huginn_likelihood",
+           "likelihood_after"]

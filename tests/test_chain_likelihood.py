@@ -1,0 +1,202 @@
+"""The chain's own next-token likelihood (tasks.autoregressive.chain_likelihood) against a chain whose blocks are exact
+posteriors: a bigram source over a few tokens with fixed embeddings, each block's logits at noise sigma
+log p(x | previous token) - |z - E[x]|^2 / (2 sigma^2), its D the posterior mean, routed by the real partition,
+sampler and bridge. Drawing each step's token from the exact posterior and moving on by Euler's step keeps the
+forward process's joint law of (token, noisy state) from one grid point to the next, so the chain's next-token
+distribution is p(x | previous token), up to its start z0 = sigma_max eps instead of E[x] + sigma_max eps (a KL of
+|E[x]|^2 / (2 sigma_max^2) = 2e-5 nats here)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import diffusionblocks.tasks.autoregressive as ar
+from diffusionblocks.blocks import BlockwiseDenoiser
+from diffusionblocks.models.arlm import ARDenoiser
+from diffusionblocks.tasks import apply_overrides, default_config, get_task
+from diffusionblocks.text import TokenStream, shared_windows
+
+V = 6
+
+
+class ExactPosterior(nn.Module):
+    """The exact denoiser of a bigram source (the first token uniform); records the sigmas it is called at."""
+
+    def __init__(self, E: torch.Tensor, log_p: torch.Tensor):
+        super().__init__()
+        self.register_buffer("E", E)
+        self.register_buffer("log_p", log_p)  # (V, V): row = the previous token
+        self.sigmas: list[torch.Tensor] = []
+
+    def denoise(self, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor):
+        N, L = tokens.shape
+        prior = torch.cat([torch.full((N, 1, V), -math.log(V), dtype=torch.float64), self.log_p[tokens[:, :-1]]], 1)
+        distance2 = ((z.double()[..., None, :] - self.E) ** 2).sum(-1)  # (N, L, V)
+        logits = prior - distance2 / (2 * sigma.double()[..., None] ** 2)
+        self.sigmas.append(sigma.flatten())
+        return logits.softmax(-1) @ self.E, logits
+
+    estimate = ARDenoiser.estimate  # the bridges as the real blocks hand them on
+
+
+def _source(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (orthogonal rows of norm 0.5: posteriors stay soft at sigma 0.3) and a peaked bigram table."""
+    g = torch.Generator().manual_seed(seed)
+    E = 0.5 * torch.linalg.qr(torch.randn(V, V, generator=g, dtype=torch.float64))[0]
+    return E, (2.0 * torch.randn(V, V, generator=g)).log_softmax(-1).double()
+
+
+def _chain(B: int, tables: list[torch.Tensor], E: torch.Tensor) -> BlockwiseDenoiser:
+    """B exact-posterior blocks (block b of bigram table tables[b]) on the arlm partition, the noise axis cut at 0.3."""
+    cfg = apply_overrides(default_config("arlm"), [f"blocks.num_blocks={B}", "noise.sigma_min=0.3"])
+    return BlockwiseDenoiser([ExactPosterior(E, t) for t in tables], get_task("arlm").partition(cfg))
+
+
+def _windows(log_p: torch.Tensor, n: int, L: int, seed: int = 1) -> torch.Tensor:
+    """n windows of L tokens drawn from the source."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, L, dtype=torch.long)
+    x[:, 0] = torch.randint(V, (n,), generator=g)
+    for j in range(1, L):
+        x[:, j] = torch.multinomial(log_p[x[:, j - 1]].exp(), 1, generator=g)[:, 0]
+    return x
+
+
+def _true_bits(log_p: torch.Tensor, x: torch.Tensor) -> float:
+    return float(-log_p[x[:, :-1], x[:, 1:]].mean() / math.log(2))
+
+
+def test_the_first_token_enumeration_is_unbiased():
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(3, 4, V, generator=g).double().softmax(-1)
+    target = torch.randint(V, (3, 4), generator=g)
+    f = torch.randn(V, generator=g).double()  # any function of the first token
+    tokens, weights = ar.first_token_enumeration(p0, target, 2, g)
+    assert tokens.shape == weights.shape == (4, 3, 4)
+    assert torch.allclose(weights.sum(0), torch.ones(3, 4, dtype=torch.float64))
+    assert torch.equal(tokens[2], target)  # the scored token is always enumerated
+    mean = sum((w * f[t]).sum(0) for t, w in (ar.first_token_enumeration(p0, target, 2, g) for _ in range(3000))) / 3000
+    assert torch.allclose(mean, p0 @ f, atol=0.02)
+    tokens, weights = ar.first_token_enumeration(p0, target, V, g)  # every token enumerated: no tail left
+    assert torch.allclose(weights[-1], torch.zeros(3, 4, dtype=torch.float64))
+
+
+def _no_tail(p0, target, top_k, g):
+    tokens, weights = FIRST(p0, target, top_k, g)
+    return tokens, torch.cat([weights[:-1], torch.zeros_like(weights[-1:])])
+
+
+def _uniform_weights(p0, target, top_k, g):
+    tokens, weights = FIRST(p0, target, top_k, g)
+    return tokens, torch.full_like(weights, 1 / len(weights))
+
+
+def _scored_against_the_previous_token(probs, x):  # the plain LM's alignment (position j predicts token j + 1)
+    return probs[..., 1:, :].gather(-1, x[..., :-1, None])[..., 0]
+
+
+FIRST = ar.first_token_enumeration
+MISTAKES = {"first_token_enumeration": {"no tail": _no_tail, "uniform weights": _uniform_weights},
+            "scored": {"off by one": _scored_against_the_previous_token}}
+
+
+@pytest.mark.parametrize("mistake", [None, "no tail", "uniform weights", "off by one"])
+def test_the_chain_likelihood_of_exact_posteriors_is_the_true_conditional(mistake, monkeypatch):
+    """Right: the jackknife-corrected bits within 4 standard errors of the estimator (its draws) of the true
+    cross-entropy; each deliberate mistake, put into the estimator, lands outside."""
+    for name, mistakes in MISTAKES.items():
+        if mistake in mistakes:
+            monkeypatch.setattr(ar, name, mistakes[mistake])
+    E, log_p = _source()
+    model = _chain(2, [log_p, log_p], E)  # two steps: after the enumerated first draw, only the start noise is drawn
+    x = _windows(log_p, 32, 16)
+    r = ar.chain_likelihood(model, x, draws=32, top_k=2, seed=1)
+    tight = r["se_estimator"] < 0.02 and 0 < r["bias"] < 0.05  # the tolerance stays small
+    close = abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]
+    assert (tight and close) == (mistake is None), (r["bits"], r["bias"], r["se_estimator"], _true_bits(log_p, x))
+
+
+def test_three_blocks_route_each_step_and_keep_the_true_conditional():
+    """B=3: the middle step's token is drawn, not enumerated (its spread is in the draws); each step's block is the
+    one the partition gives its sigma."""
+    E, log_p = _source()
+    model = _chain(3, [log_p] * 3, E)
+    x = _windows(log_p, 32, 16)
+    r = ar.chain_likelihood(model, x, draws=32, top_k=2, seed=2)
+    assert abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]
+    for b, block in enumerate(model.blocks):
+        sigmas = torch.cat(block.sigmas)
+        assert len(sigmas) and bool((model.partition.owner(sigmas) == b).all())
+
+
+def test_block_zero_alone_is_not_the_chain():
+    """Block 0 exact, the later blocks the posteriors of another source: next_token_bits (block 0 at sigma_max) is
+    the true conditional, the chain's likelihood is not; with all blocks exact the two agree."""
+    E, log_p = _source()
+    _, other = _source(seed=5)
+    x = _windows(log_p, 32, 16)
+    truth = _true_bits(log_p, x)
+    wrong = _chain(2, [log_p, other], E)
+    assert abs(ar.next_token_bits(wrong, x) - truth) < 0.01  # sigma_max's likelihood term is almost flat
+    r = ar.chain_likelihood(wrong, x, draws=16, top_k=2)
+    assert r["bits"] - r["bias"] - truth > 10 * r["se_estimator"]
+    right = ar.chain_likelihood(_chain(2, [log_p, log_p], E), x, draws=16, top_k=2)
+    assert abs(right["bits"] - right["bias"] - ar.next_token_bits(wrong, x)) < 4 * right["se_estimator"] + 0.01
+
+
+def test_deterministic_bridges_need_no_enumeration_and_the_errors_add_up():
+    E, log_p = _source()
+    x = _windows(log_p, 16, 8)
+    r = ar.chain_likelihood(_chain(2, [log_p, log_p], E), x, bridge="softmax", draws=4)
+    assert r["top_k"] is None and len(r["per_window"]) == 16 == r["num_windows"]
+    assert r["bits"] == pytest.approx(sum(r["per_window"]) / 16, abs=1e-4)
+    assert r["se"] == pytest.approx(torch.tensor(r["per_window"]).std().item() / 4, rel=1e-3)
+    with pytest.raises(Exception, match="at least 2 draws"):
+        ar.chain_likelihood(_chain(2, [log_p, log_p], E), x, draws=1)
+
+
+def test_shared_windows_spread_over_the_split():
+    stream = TokenStream(torch.arange(1000), None, "test")
+    w = shared_windows(stream, 10, num=7)
+    starts = w[:, 0].tolist()
+    assert w.shape == (7, 10) and starts[0] == 0 and starts[-1] == 990 and len(set(starts)) == 7
+    assert all(s % 10 == 0 for s in starts) and max(b - a for a, b in zip(starts, starts[1:])) <= 170
+    assert shared_windows(stream, 10, num=500).shape == (100, 10)  # fewer windows than asked: all of them
+
+
+@pytest.mark.parametrize("K", [2, 4])
+def test_the_recurrent_denoiser_after_k_steps_keeps_the_true_conditional(K):
+    """The recurrent task's denoiser is one block run for K sampler steps: its likelihood (likelihood_after, the
+    run's sampler and bridge) is the true conditional at every K; the first step's draw alone is enumerated, the
+    K - 2 middle draws are in the chain draws."""
+    from diffusionblocks.tasks.recurrent_depth import likelihood_after
+
+    E, log_p = _source()
+    model = _chain(1, [log_p], E)
+    x = _windows(log_p, 32, 16)
+    r = likelihood_after(model, default_config("recurrent"), x, K, chain_draws=32, top_k=2, seed=3)
+    assert r["steps"] == K and r["bridge"] == "sample"
+    assert abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]
+
+
+def test_huginn_likelihood_of_a_bigram_model_is_its_cross_entropy():
+    """A Huginn model whose logits at position j are log p(. | token j), whatever its state: the mean of its softmax
+    over draws is p, so its bits are the bigram cross-entropy of token j + 1, exactly, with no spread."""
+    from diffusionblocks.models.recurrent import HuginnLM
+    from diffusionblocks.tasks.recurrent_depth import huginn_likelihood
+
+    _, log_p = _source()
+
+    class Bigram(HuginnLM):
+        def forward(self, tokens, iterations, state):
+            return log_p[tokens].float() + 0 * state[..., :1]
+
+    class Run:
+        blocks = [Bigram(V, hidden_size=8, num_heads=2, prelude=1, core=1, coda=1)]
+
+    x = _windows(log_p, 8, 10)
+    r = huginn_likelihood(Run, x, 3, draws=4, batch_size=8)
+    assert r["bits"] == pytest.approx(_true_bits(log_p, x), abs=1e-5)
+    assert r["bias"] == pytest.approx(0, abs=1e-9) and r["se_estimator"] == pytest.approx(0, abs=1e-9)
