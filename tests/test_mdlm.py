@@ -363,7 +363,8 @@ def test_elbo_of_a_time_dependent_model_matches_its_closed_form(schedule):
     p = torch.tensor([0.85, 0.1, 0.04, 0.01], dtype=torch.float64)
     windows = torch.multinomial(p, 600 * 32, replacement=True, generator=torch.Generator().manual_seed(0)).view(600, 32)
     f = torch.bincount(windows.flatten(), minlength=4).double() / windows.numel()  # the windows' frequencies
-    model = BlockwiseDenoiser([TimeBlock(p, schedule) for _ in range(3)], Partition(MaskingTime(schedule), 3, gamma=0.05))
+    partition = Partition(MaskingTime(schedule), 3, gamma=0.05)
+    model = BlockwiseDenoiser([TimeBlock(p, schedule) for _ in range(3)], partition)
     r = evaluate_bpc(model, windows, strata=12, repeats=4)
     exact = time_block_bits(f, p, 0, 1)  # given these windows: only the estimator's draws are random
     assert abs(r["bpc"] - exact) < 4 * r["bpc_se_draws"] + 1e-6, (r["bpc"], exact, r["bpc_se_draws"])

@@ -357,7 +357,7 @@ class MaskedDiffusionTask(TextTask):
                  f"in {r1['strata']} strata (each evaluated by the block that owns it), the mean of {r1['repeats']} "
                  "independent estimates; its standard error counts both the choice of windows and the estimator's "
                  "draws (the variance over windows of each window's mean bits, over the number of windows), split "
-                 "into the two parts. Sampling: {r1['num_samples']} samples of "
+                 f"into the two parts. Sampling: {r1['num_samples']} samples of "
                  f"{c1.model.seq_len} characters, {r1['sample_steps']} unmasking steps, for every B.", ""]
         lines += markdown_table(header, rows)
         lines += ["", memory_note(r1), "", "## Where the bits go", "",
