@@ -387,6 +387,7 @@ def test_standard_error_covers_the_choice_of_windows():
         r = evaluate_bpc(model, windows.view(40, 16), strata=4, repeats=3, seed=s)
         assert r["bpc_se"] ** 2 == pytest.approx(r["bpc_se_windows"] ** 2 + r["bpc_se_draws"] ** 2, rel=1e-9) or (
             r["bpc_se_windows"] == 0 and r["bpc_se"] < r["bpc_se_draws"])  # the windows' part estimated below 0
+        assert sum(r["bpc_per_window"]) / 40 == pytest.approx(r["bpc"], rel=1e-12)
         z_total.append(((r["bpc"] - H) / r["bpc_se"]) ** 2)
         z_repeats.append(((r["bpc"] - H) / r["bpc_se_repeats"]) ** 2)
     # mean z^2 over 40 sets ~ chi2(40) / 40: sd 0.22, so [0.5, 1.8] holds but for a chance below 1%.

@@ -192,7 +192,8 @@ def evaluate_bpc(model, windows: torch.Tensor, *, strata: int = 12, repeats: int
             "bpc_se_windows": _sqrt(windows_var), "bpc_se_repeats": _sqrt(float(totals.var()) / R if R > 1 else None),
             "window_lag1_correlation": lag1, "repeats": repeats, "strata": strata, "num_windows": M,
             "seq_len": windows.shape[1], "bpc_per_block": torch.stack([pb for _, pb, _ in runs]).mean(0).tolist(),
-            "bpc_per_stratum": torch.stack([s for s, _, _ in runs]).mean(0).tolist()}
+            "bpc_per_stratum": torch.stack([s for s, _, _ in runs]).mean(0).tolist(),
+            "bpc_per_window": w.tolist()}  # for paired differences between models on the same windows
 
 
 def _sqrt(var: float | None) -> float | None:
