@@ -376,20 +376,27 @@ def test_elbo_of_a_time_dependent_model_matches_its_closed_form(schedule):
 
 
 def test_standard_error_covers_the_choice_of_windows():
-    """Across 40 sets of windows drawn from p, the true-marginal model's BPC should scatter around the entropy by
-    the total standard error (z^2 averaging 1), far more than the estimator's draws alone account for."""
+    """Across 40 sets of 40 windows, each window from p_a or p_b (so windows differ, as passages of a text do; their
+    mixture is p), the marginal model p's BPC should scatter around the entropy of p by the total standard error
+    (z^2 averaging 1), by far more than the estimator's draws alone account for."""
     p = torch.tensor([0.6, 0.2, 0.15, 0.05])
-    H = float(-(p * p.log2()).sum())
+    pa = torch.tensor([0.8, 0.1, 0.05, 0.05])
+    pb = 2 * p - pa
+    H = float(-(p * p.log2()).sum())  # the cross-entropy of the mixture under p
     model = BlockwiseDenoiser([MarginalBlock(p) for _ in range(3)], Partition(MaskingTime(), 3, gamma=0.05))
-    z_total, z_repeats = [], []
+    z_total, z_draws, z_repeats = [], [], []
     for s in range(40):
-        windows = torch.multinomial(p, 40 * 16, replacement=True, generator=torch.Generator().manual_seed(s))
-        r = evaluate_bpc(model, windows.view(40, 16), strata=4, repeats=3, seed=s)
+        g = torch.Generator().manual_seed(s)
+        which = torch.rand(40, generator=g) < 0.5
+        windows = torch.stack([torch.multinomial(pa if a else pb, 16, replacement=True, generator=g) for a in which])
+        r = evaluate_bpc(model, windows, strata=4, repeats=4, seed=s)
         assert r["bpc_se"] ** 2 == pytest.approx(r["bpc_se_windows"] ** 2 + r["bpc_se_draws"] ** 2, rel=1e-9) or (
             r["bpc_se_windows"] == 0 and r["bpc_se"] < r["bpc_se_draws"])  # the windows' part estimated below 0
         assert sum(r["bpc_per_window"]) / 40 == pytest.approx(r["bpc"], rel=1e-12)
         z_total.append(((r["bpc"] - H) / r["bpc_se"]) ** 2)
+        z_draws.append(((r["bpc"] - H) / r["bpc_se_draws"]) ** 2)
         z_repeats.append(((r["bpc"] - H) / r["bpc_se_repeats"]) ** 2)
-    # mean z^2 over 40 sets ~ chi2(40) / 40: sd 0.22, so [0.5, 1.8] holds but for a chance below 1%.
+    # mean z^2 over 40 sets ~ chi2(40) / 40, sd 0.22: [0.5, 1.8] holds but for a chance below 1% (measured: 0.99).
     assert 0.5 < sum(z_total) / 40 < 1.8, sum(z_total) / 40
-    assert sum(z_repeats) / 40 > 3, sum(z_repeats) / 40  # the draws alone understate the error
+    # The draws alone (either estimate of them) understate the error (measured: 4.9 and 8.3).
+    assert sum(z_draws) / 40 > 2.5 and sum(z_repeats) / 40 > 2.5, (sum(z_draws) / 40, sum(z_repeats) / 40)
