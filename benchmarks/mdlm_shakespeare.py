@@ -15,6 +15,13 @@
 3. Both are evaluated as `evaluate` does (every held-out window, 12 strata, 4 repeats), with the standard error
    over the windows and the estimator's draws; report.md / report.json record the commit, the curve and a note.
 
+Cost (measured 2026-11-30 on this project's 2-core CPU, one thread, shared with other jobs): a B=1 step of the
+preset takes 0.84 s of CPU time (1.1-2.8 s of wall time under a load of 4.7-6), a step of one B=3 block about a
+third of that. B=1 to its 8,000-step budget is then ~1.9 h of CPU, B=3 at equal compute about the same, the curve
+(16 points of 256 windows x 12 strata) ~7 min and the final evaluation (871 windows x 12 strata x 4 repeats)
+~6 min for B=1 and ~3 for B=3: about 4 h of CPU in all if B=1 runs to its budget, ~2 h if it converges by 4,000
+steps; several times that in wall time while the machine is shared. On a GPU, minutes.
+
 Everything is resumable: rerun the same command after a kill and it continues (training from the last
 checkpoint, the curve from its last point). Nothing is measured at the preset's size without --full.
 """
@@ -168,7 +175,9 @@ def judge_columns(configs: dict[int, Any], results: dict[int, dict[str, Any]], o
         for B: results[B]["judge"] = text_quality(judge, generated_ids, reference_ids, prompt_len, seed=0)
     with >= 500 generated and 500 held-out continuations of 128 characters (same prompts and lengths), the judge's
     own held-out BPC, MAUVE's ceiling (held-out vs held-out) and floor (unigram draws); their columns then go into
-    the report's table (write_report). Returns {B: {column: value}}; empty until then.
+    the report's table (write_report). `sample_text` takes one prompt for all its samples: held-out prompts, one per
+    continuation, are a call per prompt (num=1, seed=derive_seed(seed, i)), or a per-sample prompt added to it.
+    Returns {B: {column: value}}; empty until then.
     """
     return {}
 
