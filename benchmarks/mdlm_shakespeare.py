@@ -212,6 +212,10 @@ def paired_difference(r1: dict[str, Any], r3: dict[str, Any]) -> tuple[float, fl
             "the two totals combined, which overstates the error of a difference on shared windows")
 
 
+def _number(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"
+
+
 def write_report(cfg, configs, results, curve, stop, plan: Plan, out: Path, commit: str, mode: str) -> None:
     task = get_task("mdlm")
     task.write_comparison(out, configs, results, {})  # report.md's table, bpc_vs_B.png, loss_curves.png
@@ -236,7 +240,9 @@ def write_report(cfg, configs, results, curve, stop, plan: Plan, out: Path, comm
              + ("Within two standard errors: no difference shown. " if abs(diff) < 2 * se else
                 f"{abs(diff) / se:.1f} standard errors{': B=' + str(max(results)) + ' better' if diff < 0 else ''}. ")
              + f"Sequences of {cfg.model.seq_len} characters; each block of B={max(results)} trained "
-               f"{configs[max(results)].train.steps_per_block} steps, as many as the whole B=1 model.",
+               f"{configs[max(results)].train.steps_per_block} steps, as many as the whole B=1 model. The standard "
+               f"errors treat the windows as independent; neighbouring windows' bits correlate "
+               f"{_number(r1.get('window_lag1_correlation'))} (B=1; positive: the errors are understated).",
              "", "## Independent judge (pending)", "",
              "Generative perplexity and MAUVE under the independent judge: "
              + ("see the table above." if judged else "not yet measured (hook `judge_columns` in "
