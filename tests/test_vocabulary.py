@@ -323,5 +323,5 @@ def test_evaluate_with_one_repeat_writes_strict_json_without_a_standard_error(ru
         raise ValueError(f"not strict JSON: {name}")
 
     r = json.loads((ev / "evaluation.json").read_text(), parse_constant=refuse)
-    assert r["bpc_se"] is None and r["bpc"] > 0
-    assert "nan" not in out.lower() and "one estimate, no standard error" in out
+    assert r["bpc_se_draws"] is None and r["bpc_se_windows"] is None and r["bpc_se"] > 0 and r["bpc"] > 0
+    assert "nan" not in out.lower() and "one estimate, so not split" in out

@@ -84,6 +84,17 @@ class MaskedDiffusionConfig(TextRunConfig):
 # ---- sampling and the ELBO
 
 
+def unmasking_grid(axis: MaskingTime, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's times t_0 = 1 > ... > t_S = 0 in equal steps of alpha, and alpha(t_i); float64, (S + 1,) each."""
+    ts = axis.icdf(torch.linspace(1, 0, steps + 1, dtype=torch.float64))
+    return ts, axis.alpha(ts)
+
+
+def reveal_probability(alpha_s: torch.Tensor, alpha_t: torch.Tensor) -> float:
+    """The chance that a position masked at t is unmasked at s < t: (alpha(s) - alpha(t)) / (1 - alpha(t))."""
+    return float((alpha_s - alpha_t) / (1 - alpha_t))
+
+
 @torch.no_grad()
 def sample_text(model, num: int, seq_len: int, steps: int, *, prompt: torch.Tensor | None = None,
                 temperature: float = 1.0, seed: int = 0, device: str | torch.device = "cpu",
@@ -91,13 +102,12 @@ def sample_text(model, num: int, seq_len: int, steps: int, *, prompt: torch.Tens
     """Ancestral unmasking over `steps` steps of t from 1 to 0 (equal steps of alpha); returns (num, seq_len) ids.
 
     At each step t -> s the block owning t predicts every masked position; each masked position is revealed
-    with probability (alpha(s) - alpha(t)) / (1 - alpha(t)), taking a token drawn from that prediction.
+    with probability (alpha(s) - alpha(t)) / (1 - alpha(t)), taking a token drawn from that prediction by
+    Gumbel-max in float64 (argmax of logits / temperature - log(-log U)), as MDLM's reference draws it.
     Positions given (the prompt) are never masked, so never change. Sample i uses the randomness of (seed, i).
     num_tokens: the vocabulary's size, when the model has more ids; those above are never drawn.
     """
-    axis = model.partition.axis
-    ts = axis.icdf(torch.linspace(1, 0, steps + 1, dtype=torch.float64))  # (S + 1,), t_0 = 1 ... t_S = 0
-    alphas = axis.alpha(ts)
+    ts, alphas = unmasking_grid(model.partition.axis, steps)  # t_0 = 1 ... t_S = 0
     mask_id = model.blocks[0].mask_id
     out = []
     for start in range(0, num, batch_size):
@@ -111,12 +121,12 @@ def sample_text(model, num: int, seq_len: int, steps: int, *, prompt: torch.Tens
             if not bool(masked.any()):
                 break
             logits = usable_logits(model(x, torch.full((len(idx),), float(ts[i]), device=device)), num_tokens)
-            probs = torch.softmax(logits / temperature, dim=-1)  # (n, L, V)
-            # Two uniforms per position and sample, from that sample's own generator: reveal?, which token?
-            u = torch.stack([torch.rand(2, seq_len, generator=g, dtype=torch.float64) for g in gens]).to(device)
-            reveal = u[:, 0] < float((alphas[i + 1] - alphas[i]) / (1 - alphas[i]))
-            last = min(num_tokens or probs.shape[-1], probs.shape[-1]) - 1
-            token = (probs.cumsum(-1) < u[:, 1, :, None]).sum(-1).clamp_max(last)  # inverse CDF
+            V = logits.shape[-1]
+            # From each sample's own generator: a uniform per position (reveal?) and one per position and token.
+            u = torch.stack([torch.rand(seq_len, generator=g, dtype=torch.float64) for g in gens]).to(device)  # (n, L)
+            U = torch.stack([torch.rand(seq_len, V, generator=g, dtype=torch.float64) for g in gens]).to(device)
+            reveal = u < reveal_probability(alphas[i + 1], alphas[i])
+            token = (logits.double() / temperature - (-U.log()).log()).argmax(-1)  # Gumbel-max, (n, L)
             x = torch.where(masked & reveal, token, x)
         out.append(x.cpu())
     return torch.cat(out)
@@ -124,16 +134,18 @@ def sample_text(model, num: int, seq_len: int, steps: int, *, prompt: torch.Tens
 
 @torch.no_grad()
 def elbo_bits(model, windows: torch.Tensor, *, strata: int, seed: int, batch_size: int = 64,
-              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """One estimate of the ELBO's bits per character over `windows` (M, L): (per stratum of t (K,), per block (B,)).
+              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One estimate of the ELBO's bits per character over `windows` (M, L): (per stratum of t (K,), per block (B,),
+    per window (M,)).
 
     t for window m in stratum k is icdf((k + v) / K) with v ~ U(0, 1): stratified over the training density,
     so the ELBO is the mean over strata. Every t is evaluated by the block that owns it (the router), and
-    its bits are counted for that block, so the per-block values add up to the ELBO.
+    its bits are counted for that block, so the per-block values add up to the ELBO. Each window draws its
+    own t and masks, so the windows' estimates are independent given the windows.
     """
     axis, mask_id = model.partition.axis, model.blocks[0].mask_id
     M, L = windows.shape
-    per_stratum = torch.zeros(strata, dtype=torch.float64)
+    per_window = torch.zeros(strata, M, dtype=torch.float64)
     per_block = torch.zeros(model.num_blocks, dtype=torch.float64)
     for k in range(strata):
         g = make_generator(seed, k, "elbo")
@@ -148,23 +160,44 @@ def elbo_bits(model, windows: torch.Tensor, *, strata: int, seed: int, batch_siz
             ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x, reduction="none")  # (n, L)
             # The integrand -alpha'/(1 - alpha) over t's density -alpha': bits per character of each window.
             bits = (ce * masked).sum(1).double().cpu() / L / (1 - keep) / math.log(2)  # (n,)
-            per_stratum[k] += bits.sum() / M
+            per_window[k, i:i + batch_size] = bits
             per_block.index_add_(0, model.partition.owner(tt), bits / (M * strata))
-    return per_stratum, per_block
+    return per_window.mean(1), per_block, per_window.mean(0)
 
 
 def evaluate_bpc(model, windows: torch.Tensor, *, strata: int = 12, repeats: int = 4, seed: int = 0,
                  device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Held-out BPC (the ELBO), its standard error over `repeats` independent estimates, and the bits of each
-    block's interval of t (they add up to the BPC)."""
+    """Held-out BPC (the ELBO), its standard errors, and the bits of each block's interval of t (they add up to
+    the BPC).
+
+    The estimate b_rm of window m in repeat r varies with the estimator's draws (t, masks) and with the
+    window. bpc_se, the total, treats the M windows as drawn from the text and each b_rm as a noisy reading
+    of window m's bits: the variance of the grand mean is var_m(mean_r b_rm) / M. It splits into the draws'
+    part, mean_m var_r(b_rm) / (R M), and the windows' part, the rest (None where R = 1). bpc_se_repeats is
+    the spread of the R estimates over the fixed windows (the draws only, as reported before). The windows
+    are consecutive stretches of one text, so neighbours are correlated: the lag-1 correlation of the
+    windows' means is reported, and where positive the total understates the error.
+    """
     runs = [elbo_bits(model, windows, strata=strata, seed=derive_seed(seed, r, "elbo-repeat"), device=device)
             for r in range(repeats)]
-    totals = torch.stack([s.mean() for s, _ in runs])  # (R,)
-    se = float(totals.std(unbiased=True) / math.sqrt(repeats)) if repeats > 1 else None  # one estimate: none
-    return {"bpc": float(totals.mean()), "bpc_se": se, "repeats": repeats, "strata": strata,
-            "num_windows": len(windows), "seq_len": windows.shape[1],
-            "bpc_per_block": torch.stack([b for _, b in runs]).mean(0).tolist(),
-            "bpc_per_stratum": torch.stack([s for s, _ in runs]).mean(0).tolist()}
+    b = torch.stack([w for _, _, w in runs])  # (R, M)
+    R, M = b.shape
+    totals = b.mean(1)  # (R,)
+    w = b.mean(0)  # (M,) each window's bits, averaged over the repeats
+    total_var = float(w.var(unbiased=True)) / M if M > 1 else None
+    draws_var = float(b.var(0, unbiased=True).mean()) / (R * M) if R > 1 else None
+    windows_var = None if total_var is None or draws_var is None else max(total_var - draws_var, 0.0)
+    lag1 = float(torch.corrcoef(torch.stack([w[:-1], w[1:]]))[0, 1]) if M > 2 else None
+    return {"bpc": float(totals.mean()), "bpc_se": _sqrt(total_var), "bpc_se_draws": _sqrt(draws_var),
+            "bpc_se_windows": _sqrt(windows_var), "bpc_se_repeats": _sqrt(float(totals.var()) / R if R > 1 else None),
+            "window_lag1_correlation": lag1, "repeats": repeats, "strata": strata, "num_windows": M,
+            "seq_len": windows.shape[1], "bpc_per_block": torch.stack([pb for _, pb, _ in runs]).mean(0).tolist(),
+            "bpc_per_stratum": torch.stack([s for s, _, _ in runs]).mean(0).tolist(),
+            "bpc_per_window": w.tolist()}  # for paired differences between models on the same windows
+
+
+def _sqrt(var: float | None) -> float | None:
+    return None if var is None else math.sqrt(var)
 
 
 # ---- the task
@@ -297,8 +330,7 @@ class MaskedDiffusionTask(TextTask):
         return f"eval-bpc-K{options.strata}-R{options.repeats}-seed{options.seed}"
 
     def format_evaluation(self, r: dict[str, Any]) -> str:
-        se = "(one estimate, no standard error)" if r["bpc_se"] is None else f"+- {r['bpc_se']:.4f}"
-        lines = [f"{r['run']}: B={r['num_blocks']}, held-out BPC {r['bpc']:.4f} {se} (ELBO; "
+        lines = [f"{r['run']}: B={r['num_blocks']}, held-out BPC {r['bpc']:.4f} {_se_text(r)} (ELBO; "
                  f"{r['num_windows']} windows of {r['seq_len']}, {r['strata']} strata of t, {r['repeats']} repeats)"]
         for b, (bits, (lo, hi)) in enumerate(zip(r["bpc_per_block"], r["partition"])):
             lines.append(f"  block {b} (t {lo:.3g}-{hi:.3g}): {bits:.4f} bits per character")
@@ -313,17 +345,20 @@ class MaskedDiffusionTask(TextTask):
                          artifacts: dict[int, Any]) -> None:
 
         c1, r1 = configs[1], results[1]
-        header = ["B", "layers per block", "BPC", "+- SE", "vs B=1", "train s", "ms/step per block",
-                  "peak train mem MiB", "sampling chars/s"]
-        rows = [{"B": str(B), "BPC": f"{r['bpc']:.4f}", "+- SE": f"{r['bpc_se']:.4f}",
+        header = ["B", "layers per block", "BPC", "+- SE", "SE windows / draws", "vs B=1", "train s",
+                  "ms/step per block", "peak train mem MiB", "sampling chars/s"]
+        rows = [{"B": str(B), "BPC": f"{r['bpc']:.4f}", "+- SE": _number(r["bpc_se"]),
+                 "SE windows / draws": f"{_number(r.get('bpc_se_windows'))} / {_number(r.get('bpc_se_draws'))}",
                  "vs B=1": f"{100 * (r['bpc'] / r1['bpc'] - 1):+.1f}%", "sampling chars/s": f"{r['chars_per_s']:.0f}",
                  **training_cost(configs[B], r)} for B, r in results.items()]
         lines = [f"# End-to-end vs DiffusionBlocks: masked diffusion on {Path(c1.data.path).name}", "",
                  equal_compute(c1, "model (B=1)", f" x {c1.model.seq_len} characters") + ". "
                  f"Model: {c1.model.depth} layers, width {c1.model.hidden_size}, {c1.noise.schedule} alpha(t); "
                  f"{c1.train.schedule} schedule. BPC: the ELBO on {r1['num_windows']} held-out windows, t stratified "
-                 f"in {r1['strata']} strata (each evaluated by the block that owns it), mean and standard error over "
-                 f"{r1['repeats']} independent estimates. Sampling: {r1['num_samples']} samples of "
+                 f"in {r1['strata']} strata (each evaluated by the block that owns it), the mean of {r1['repeats']} "
+                 "independent estimates; its standard error counts both the choice of windows and the estimator's "
+                 "draws (the variance over windows of each window's mean bits, over the number of windows), split "
+                 f"into the two parts. Sampling: {r1['num_samples']} samples of "
                  f"{c1.model.seq_len} characters, {r1['sample_steps']} unmasking steps, for every B.", ""]
         lines += markdown_table(header, rows)
         lines += ["", memory_note(r1), "", "## Where the bits go", "",
@@ -351,6 +386,19 @@ def _plot_bpc(out_dir: Path, results: dict[int, dict[str, Any]]) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "bpc_vs_B.png", dpi=110)
+
+
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _se_text(r: dict[str, Any]) -> str:
+    """The total standard error and its two parts, or why there is none."""
+    if r["bpc_se"] is None:
+        return "(one window, no standard error)"
+    if r.get("bpc_se_draws") is None:
+        return f"+- {r['bpc_se']:.4f} (windows and draws; one estimate, so not split)"
+    return f"+- {r['bpc_se']:.4f} (windows {r['bpc_se_windows']:.4f}, estimator's draws {r['bpc_se_draws']:.4f})"
 
 
 def _check_steps(steps: int | None) -> None:
