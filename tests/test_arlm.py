@@ -247,7 +247,7 @@ def test_the_compare_report_shows_block_zero_and_the_chain_with_paired_differenc
         copy = tmp_path / f"B{B}"
         shutil.copytree(run, copy)
         ev = task.evaluate(copy, task.evaluate_options(prompts=2, new=4, windows=6, speed_prompts=1, bridges="sample",
-                                                       draws=2, top_k=2))
+                                                       draws=2, top_k=2, judge="none"))
         ev.result["train_summary"] = json.loads((copy / "train_summary.json").read_text())
         configs[B], results[B], artifacts[B] = load_config(copy / "config.json"), ev.result, ev.artifacts
     write_arlm_report(tmp_path, configs, results, artifacts)

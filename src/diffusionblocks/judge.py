@@ -41,7 +41,7 @@ from torch import nn
 
 from . import checkpoint, extras, rundir
 from .config import ConfigError, RunConfig
-from .latents import default_cache_dir
+from .latents import compute_device, default_cache_dir
 from .models.arlm import CausalLM
 from .pretrained import from_pretrained
 from .seeding import make_generator
@@ -162,8 +162,8 @@ def held_out_bits(judge: Judge, windows: torch.Tensor, batch_size: int = 64) -> 
     return total / max(count, 1) / math.log(2)
 
 
-def _load(run_dir: Path, device: str | torch.device) -> tuple[Judge, RunConfig]:
-    model, jcfg = from_pretrained(run_dir, device)
+def _load(run_dir: Path, device: str | torch.device | None) -> tuple[Judge, RunConfig]:
+    model, jcfg = from_pretrained(run_dir, compute_device(device))
     if not isinstance(model.blocks[0], CausalLM):
         raise ConfigError(f"judge {str(run_dir)!r}: a judge is a plain run (task arlm, model.mode='plain'), not a "
                           f"{jcfg.blocks.num_blocks}-block chain of {jcfg.task!r}")
@@ -214,6 +214,7 @@ def load_or_train_judge(cfg: RunConfig, *, cache_dir: str | Path | None = None, 
     and cached first if missing. run_dir: the judged run, whose vocab.json the judge's must equal.
 
     Returns (judge in eval mode, its judge.json with "run": the entry and "cached": whether it was there)."""
+    device = compute_device(device)
     jcfg, data, fingerprint, key = _judge_data(cfg, judge_config)
     entry = judge_dir(jcfg, key, cache_dir)
     info = _read_record(entry, key)

@@ -153,8 +153,8 @@ def load_vae(vae: str, device: str | torch.device = "cpu", batch_size: int = 64)
     return LatentSpace(model, path, vae_sha256(path), device, batch_size)
 
 
-def vae_device(device: str | torch.device | None = None) -> torch.device:
-    """Where to encode: the given device, else CUDA when there is one, else the CPU."""
+def compute_device(device: str | torch.device | None = None) -> torch.device:
+    """Where to compute (encode latents, train a judge): the given device, else CUDA when there is one, else the CPU."""
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -258,7 +258,7 @@ def encode_splits(space: LatentSpace, data: LatentDataConfig, pixels: ImageSplit
 def load_latents(data: LatentDataConfig, model_channels: int, model_size: int,
                  device: str | torch.device | None = None) -> tuple[ImageSplits, LatentSpace]:
     """The dataset of `data`, encoded (or read from the cache) by its VAE, checked against the model's shape."""
-    space = load_vae(data.vae, vae_device(device), data.vae_batch_size)
+    space = load_vae(data.vae, compute_device(device), data.vae_batch_size)
     pixels = load_image_data(data)
     check_shapes(space, data, pixels.train.num_channels, pixels.train.image_size, model_channels, model_size)
     splits, where = encode_splits(space, data, pixels)
@@ -299,5 +299,5 @@ def run_decoder(data: LatentDataConfig, run_dir: Path | None, device: str | torc
     return space.decode
 
 
-__all__ = ["LatentDataConfig", "LatentSpace", "cache_path", "check_run", "check_shapes", "default_cache_dir",
-           "encode_splits", "load_latents", "load_vae", "record", "run_decoder", "vae_sha256"]
+__all__ = ["LatentDataConfig", "LatentSpace", "cache_path", "check_run", "check_shapes", "compute_device",
+           "default_cache_dir", "encode_splits", "load_latents", "load_vae", "record", "run_decoder", "vae_sha256"]
