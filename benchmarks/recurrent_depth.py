@@ -245,7 +245,6 @@ def write_report(out: Path, args: argparse.Namespace, costs: dict, results: dict
              "below.", ""]
     if args.findings:
         lines += [Path(args.findings).read_text().strip(), ""]
-    lines += judge_lines(results)
     lines += ["## Training cost", "",
              "| model | steps | train s (as run) | steps/s (median) | steps / median steps/s | core passes / step | "
              "core passes | peak train MiB |",
@@ -272,7 +271,8 @@ def write_report(out: Path, args: argparse.Namespace, costs: dict, results: dict
             cells += [f"{row['bpc']:.4f}{se}", f"{row.get('bpc_bias', float('nan')):.4f}", ppl,
                       f"{row['distinct_4']:.3f}"]
         lines.append(f"| {K} | " + " | ".join(cells) + " |")
-    lines += ["", "![quality against iterations](quality_vs_iterations.png)", "", "## Samples (K = 4 and 64)", ""]
+    lines += ["", "gen. ppl: the samples' perplexity per character under the independent judge:", ""] + judge_lines(results)
+    lines += ["![quality against iterations](quality_vs_iterations.png)", "", "## Samples (K = 4 and 64)", ""]
     for name, r in results.items():
         for row in r["by_iterations"]:
             if row["iterations"] in (4, 64):
