@@ -209,8 +209,8 @@ def plot(path: Path, results: dict) -> None:
                          capsize=2, label=name)
         axes[1].plot(K, [row.get("gen_ppl", float("nan")) for row in rows], "o-", label=name)
         axes[2].plot(K, [row["distinct_4"] for row in rows], "o-", label=name)
-    for ax, label in zip(axes, ("held-out BPC (next-character distribution)", "generative perplexity (independent judge)",
-                                 "distinct 4-grams")):
+    for ax, label in zip(axes, ("held-out BPC (next-character distribution)",
+                                "generative perplexity (independent judge)", "distinct 4-grams")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("core iterations K per token")
         ax.set_ylabel(label)
@@ -271,7 +271,8 @@ def write_report(out: Path, args: argparse.Namespace, costs: dict, results: dict
             cells += [f"{row['bpc']:.4f}{se}", f"{row.get('bpc_bias', float('nan')):.4f}", ppl,
                       f"{row['distinct_4']:.3f}"]
         lines.append(f"| {K} | " + " | ".join(cells) + " |")
-    lines += ["", "gen. ppl: the samples' perplexity per character under the independent judge:", ""] + judge_lines(results)
+    lines += ["", "gen. ppl: the samples' perplexity per character under the independent judge:", ""]
+    lines += judge_lines(results)
     lines += ["![quality against iterations](quality_vs_iterations.png)", "", "## Samples (K = 4 and 64)", ""]
     for name, r in results.items():
         for row in r["by_iterations"]:

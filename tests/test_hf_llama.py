@@ -170,7 +170,8 @@ def test_ar_and_mdlm_train_sample_resume_through_the_cli(tmp_path):
     for name in ("ar", "mdlm"):
         assert main(["evaluate", str(tmp_path / name), "--windows", "4", "--out", str(tmp_path / f"ev-{name}"),
                      "--no-progress", *(["--prompts", "2", "--new", "3", "--speed-prompts", "1", "--judge", "none"] if name == "ar"
-                                        else ["--repeats", "2", "--strata", "2", "--num", "2", "--judge", "none"])]) == 0
+                                        else ["--repeats", "2", "--strata", "2", "--num", "2", "--judge",
+                                              "none"])]) == 0
         assert 0 < json.loads((tmp_path / f"ev-{name}" / "evaluation.json").read_text())["bpc"] < 10
     ar = tmp_path / "ar"
     assert main(["compose", "--block", f"0={ar}", "--block", f"1,2={ar}", "--out", str(tmp_path / "mix")]) == 0

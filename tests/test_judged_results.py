@@ -57,7 +57,8 @@ def test_masked_diffusion_is_judged_and_its_report_states_the_judge(mdlm_runs, c
                for B in (1, 3)}
     for r in results.values():
         judge = r["judge"]
-        assert Path(judge["run"]).parent == cache / "judges" and judge["steps"] == TINY_JUDGE["train"]["steps_per_block"]
+        assert Path(judge["run"]).parent == cache / "judges"
+        assert judge["steps"] == TINY_JUDGE["train"]["steps_per_block"]
         assert r["gen_ppl"] == pytest.approx(2 ** r["gen_bits"]) and r["gen_ppl"] > 1
         m = r["mauve"]  # windows of 32 completed after 8 held-out characters, against their held-out rest
         assert m["num_p"] == m["num_q"] == 20 and m["prompt_len"] == 8 and m["new"] == 24 and 0 < m["mauve"] <= 1 + 1e-9

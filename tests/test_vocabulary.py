@@ -316,7 +316,7 @@ def test_evaluate_refuses_a_negative_number_of_windows(runs, task, tmp_path, cap
 def test_evaluate_with_one_repeat_writes_strict_json_without_a_standard_error(runs, tmp_path, capsys):
     ev = tmp_path / "ev"
     assert main(["evaluate", str(runs["mdlm"]), "--repeats", "1", "--windows", "4", "--strata", "2", "--num", "1",
-                 "--out", str(ev), "--no-progress"]) == 0
+                 "--judge", "none", "--out", str(ev), "--no-progress"]) == 0
     out = capsys.readouterr().out
 
     def refuse(name):
