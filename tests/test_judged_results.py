@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_judge import TINY_JUDGE
 
 from diffusionblocks import judge as J
@@ -116,3 +117,24 @@ def test_recurrent_depth_is_judged_by_the_independent_judge(cache, tiny_judge, t
     r = _evaluation(run, tmp_path / "ev-none", *common, "--judge", "none")
     assert "judge" not in r and r["mauve_iterations"] == []
     assert all("gen_ppl" not in row and "mauve" not in row for row in r["by_iterations"])
+
+
+def test_masked_diffusion_completes_the_held_out_prompts_it_is_measured_against(mdlm_runs, cache, tiny_judge,
+                                                                                tmp_path, monkeypatch):
+    from diffusionblocks.tasks import masked_diffusion as M
+
+    seen = []
+
+    def recording(judge, generated, reference, prompt_len, **kwargs):
+        seen.append((generated, reference, prompt_len))
+        return J.text_quality(judge, generated, reference, prompt_len, **kwargs)
+
+    monkeypatch.setattr(M, "text_quality", recording)
+    _evaluation(mdlm_runs / "B3", tmp_path / "ev", *MDLM_EVAL, "--cache-dir", str(cache), "--mauve-prompts", "12",
+                "--mauve-prompt-chars", "5")
+    ((generated, reference, P),) = seen
+    assert P == 5 and generated.shape == reference.shape == (12, 32)
+    assert torch.equal(generated[:, :5], reference[:, :5])  # one held-out prompt per sample, kept
+    assert not torch.equal(generated[:, 5:], reference[:, 5:])  # the rest is the model's
+    test = get_task("mdlm").load_run_data(read_config(mdlm_runs / "B3"), mdlm_runs / "B3").test
+    assert torch.equal(reference, J.held_out_continuations(test, 12, 5, 27)[0])
