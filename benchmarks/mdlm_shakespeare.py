@@ -13,14 +13,21 @@
    less noisy than each point's own standard error. The curve is kept in curve.json, plotted in convergence.png.
 2. B=3 trains at equal compute: each block gets as many steps as B=1 took in all (`compare`'s rule), the same batches.
 3. Both are evaluated as `evaluate` does (every held-out window, 12 strata, 4 repeats), with the standard error
-   over the windows and the estimator's draws; report.md / report.json record the commit, the curve and a note.
+   over the windows and the estimator's draws, and judged by the independent judge (`--judge auto`: a plain causal
+   LM of presets/shakespeare-judge.json trained on the training split, cached, never one of the compared runs):
+   the samples' generative perplexity, and MAUVE of --mauve-prompts (500) windows of 128 completed after held-out
+   prompts of --mauve-prompt-chars (32) characters against the held-out rest of the same windows, with MAUVE's
+   ceiling (held-out against held-out) and floor (unigram draws) and distinct-n; report.md / report.json record
+   the commit, the curve, the judge and a note.
 
 Cost (measured 2026-11-30 on this project's 2-core CPU, one thread, shared with other jobs): a B=1 step of the
 preset takes 0.84 s of CPU time (1.1-2.8 s of wall time under a load of 4.7-6), a step of one B=3 block about a
 third of that. B=1 to its 8,000-step budget is then ~1.9 h of CPU, B=3 at equal compute about the same, the curve
 (16 points of 256 windows x 12 strata) ~7 min and the final evaluation (871 windows x 12 strata x 4 repeats)
 ~6 min for B=1 and ~3 for B=3: about 4 h of CPU in all if B=1 runs to its budget, ~2 h if it converges by 4,000
-steps; several times that in wall time while the machine is shared. On a GPU, minutes.
+steps; several times that in wall time while the machine is shared. On a GPU, minutes. The judge (not measured
+here; estimated): its 3,000 steps once, then cached (longer than a B=1 step each: 6 layers of width 192); MAUVE's
+500 windows x 128 unmasking steps are about 1.5 times the final BPC evaluation's forward passes per run.
 
 Everything is resumable: rerun the same command after a kill and it continues (training from the last
 checkpoint, the curve from its last point). Nothing is measured at the preset's size without --full.
@@ -69,6 +76,9 @@ class Plan:
     repeats: int = 4
     num_samples: int = 16
     final_windows: int = 0      # 0: all of them
+    judge: str = "auto"         # the independent judge (evaluate --judge: auto, none or a plain run)
+    mauve_prompts: int = 500    # windows completed after held-out prompts for MAUVE (0: none)
+    mauve_prompt_chars: int = 32
 
 
 def code_version() -> str:
@@ -167,33 +177,39 @@ def train_blocks(configs: dict[int, Any], out: Path, device: str) -> None:
 
 
 def judge_columns(configs: dict[int, Any], results: dict[int, dict[str, Any]], out: Path) -> dict[int, dict]:
-    """HOOK (issue 27, independent judge): generative perplexity and MAUVE of every B's samples.
+    """The independent judge's figures of every B, as `evaluate` measured them (the task's report has them in its
+    tables): the judge and its held-out BPC, the samples' generative perplexity, MAUVE with its samples and clusters,
+    distinct-4, and MAUVE's ceiling and floor. {} when the runs were evaluated without a judge."""
+    columns = {}
+    for B, r in results.items():
+        if "judge" not in r:
+            continue
+        judge, m = r["judge"], r.get("mauve", {})
+        columns[B] = {"judge": judge["run"], "judge_held_out_bpc": judge["held_out_bpc"], "bpc": r["bpc"],
+                      "gen_ppl": r.get("gen_ppl"), "mauve": m.get("mauve"), "mauve_gen_ppl": m.get("gen_ppl"),
+                      "mauve_samples": m.get("num_p"), "mauve_clusters": m.get("clusters"),
+                      "distinct_4": m.get("distinct_4", r.get("distinct_4")),
+                      "ceiling": judge.get("bounds", {}).get("ceiling", {}).get("mauve"),
+                      "floor": judge.get("bounds", {}).get("floor", {}).get("mauve")}
+    return columns
 
-    To be filled in once `diffusionblocks.judge` exists (built by another helper; not imported here so that this
-    script runs without it):
-        judge = load_or_train_judge(judge_cfg, ...)                       # presets/shakespeare-judge.json
-        for B: results[B]["judge"] = text_quality(judge, generated_ids, reference_ids, prompt_len, seed=0)
-    with >= 500 generated and 500 held-out continuations of 128 characters (same prompts and lengths), the judge's
-    own held-out BPC, MAUVE's ceiling (held-out vs held-out) and floor (unigram draws); their columns then go into
-    the report's table (write_report). `sample_text` takes one prompt for all its samples: held-out prompts, one per
-    continuation, are a call per prompt (num=1, seed=derive_seed(seed, i)), or a per-sample prompt added to it.
-    Returns {B: {column: value}}; empty until then.
-    """
-    return {}
 
-
-def evaluate(configs: dict[int, Any], out: Path, plan: Plan, device: str) -> dict[int, dict[str, Any]]:
+def evaluate(configs: dict[int, Any], out: Path, plan: Plan, device: str,
+             cache_dir: str | None = None) -> dict[int, dict[str, Any]]:
+    """Every run evaluated (or its evaluation.json reused when made with the same judge settings)."""
     task = get_task("mdlm")
+    judged = {"judge": plan.judge, "mauve_prompts": plan.mauve_prompts, "mauve_prompt_chars": plan.mauve_prompt_chars}
     options = task.evaluate_options(num=plan.num_samples, seed=0, progress=False, device=device, strata=plan.strata,
-                                    repeats=plan.repeats, windows=plan.final_windows)
+                                    repeats=plan.repeats, windows=plan.final_windows, cache_dir=cache_dir, **judged)
     results = {}
     for B in configs:
         run = out / f"B{B}"
         path = run / "evaluation.json"
-        if path.is_file():
+        if path.is_file() and json.loads(path.read_text()).get("judged_with") == judged:
             results[B] = json.loads(path.read_text())
             continue
         r = task.evaluate(run, options).result
+        r["judged_with"] = judged
         r["train_summary"] = json.loads((run / "train_summary.json").read_text())
         path.write_text(json.dumps(r, indent=2) + "\n")
         results[B] = r
@@ -220,6 +236,7 @@ def write_report(cfg, configs, results, curve, stop, plan: Plan, out: Path, comm
     task = get_task("mdlm")
     task.write_comparison(out, configs, results, {})  # report.md's table, bpc_vs_B.png, loss_curves.png
     judged = judge_columns(configs, results, out)
+    first = next(iter(judged.values()), None)
     r1, r3 = results[1], results[max(results)]
     diff, se, how = paired_difference(r1, r3)
     n = curve[-1]["step"]
@@ -243,10 +260,11 @@ def write_report(cfg, configs, results, curve, stop, plan: Plan, out: Path, comm
                f"{configs[max(results)].train.steps_per_block} steps, as many as the whole B=1 model. The standard "
                f"errors treat the windows as independent; neighbouring windows' bits correlate "
                f"{_number(r1.get('window_lag1_correlation'))} (B=1; positive: the errors are understated).",
-             "", "## Independent judge (pending)", "",
-             "Generative perplexity and MAUVE under the independent judge: "
-             + ("see the table above." if judged else "not yet measured (hook `judge_columns` in "
-                                                      "benchmarks/mdlm_shakespeare.py).")]
+             "", "## Independent judge", "",
+             ("Generative perplexity, MAUVE (with its ceiling and floor) and distinct-4 under the independent judge "
+              f"`{first['judge']}` (held-out BPC {first['judge_held_out_bpc']:.4f}): see the tables above."
+              if judged else f"Not measured: the runs were evaluated with --judge {plan.judge}"
+                             f"{' and --mauve-prompts 0' if not plan.mauve_prompts else ''}.")]
     with open(out / "report.md", "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     report = {"commit": commit, "mode": mode, "plan": dataclasses.asdict(plan), "config": cfg.to_dict(),
@@ -262,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        "a 2-core CPU, minutes on a GPU)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and budget: a smoke test of every stage")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache-dir", default=None, help="the judge cache (default: $DIFFUSIONBLOCKS_CACHE or "
+                                                     "~/.cache/diffusionblocks)")
     for f in dataclasses.fields(Plan):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
                        help=f"(default {f.default}; --tiny: {TINY_PLAN.get(f.name, f.default)})")
@@ -295,14 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         (out / "configs").mkdir(exist_ok=True)
         (out / "configs" / f"B{B}.json").write_text(c.to_json() + "\n")
     train_blocks(configs, out, args.device)
-    results = evaluate(configs, out, plan, args.device)
+    results = evaluate(configs, out, plan, args.device, args.cache_dir)
     write_report(cfg, configs, results, curve, stop, plan, out, commit, "--tiny" if args.tiny else "--full")
     logger.info("wrote %s", out / "report.md")
     return 0
 
 
 TINY_PLAN = {"check_every": 20, "max_steps": 100, "curve_windows": 16, "curve_strata": 4, "strata": 4,
-             "repeats": 2, "num_samples": 2, "final_windows": 32}
+             "repeats": 2, "num_samples": 2, "final_windows": 32, "judge": "none"}  # --judge RUN to try one
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,8 @@
 """Recurrent depth, measured: Huginn's recurrence with truncated BPTT against DiffusionBlocks' one-pass denoiser of
 the same prelude / core / coda shape, on tinyshakespeare, quality against the number of core iterations K.
 
-    python benchmarks/recurrent_depth.py --out runs/recurrent [--judge RUN] [--steps 1000] [--windows 512]
+    python benchmarks/recurrent_depth.py --out runs/recurrent [--judge auto|none|RUN] [--steps 1000] [--windows 512]
+        [--mauve-iterations 1,4,16] [--mauve-prompts 500] [--mauve-new 128] [--cache-dir DIR]
 
 1. Trains, each in a fresh `diffusionblocks train` process, presets/shakespeare-recurrent.json as Huginn
    (model.mode=huginn) and as the denoiser, both for --steps optimiser steps of the same batches (equal epochs,
@@ -9,11 +10,15 @@ the same prelude / core / coda shape, on tinyshakespeare, quality against the nu
    median steps/s of each (equal wall time: `train --resume` with more steps is the same run continued).
 2. The cost of an optimiser step: steps/s, core forward passes (Huginn: the iterations it drew, recomputed from
    the same (seed, step) generators; the denoiser: one), peak training memory.
-3. `diffusionblocks evaluate --iterations 1,2,4,...,64 --judge JUDGE --windows 512` of each: held-out BPC with its
+3. `diffusionblocks evaluate --iterations 1,2,4,...,64 --judge auto --windows 512` of each: held-out BPC with its
    standard error on one set of 512 windows spread evenly over the held-out split, the same for every model and K
    (Huginn: the mean of its softmax over 8 initial states; the denoiser: the chain's own likelihood,
    `chain_likelihood`, an upper bound in expectation whose bias is reported), and the samples' perplexity under the
-   judge, distinct-4, longest run.
+   independent judge (`diffusionblocks.judge`: a plain causal LM of presets/shakespeare-judge.json trained on the
+   training split, cached and built on first use, never one of the compared runs; its held-out BPC is reported
+   beside the models'), distinct-4, longest run; at the K's of --mauve-iterations, MAUVE of --mauve-prompts
+   continuations of --mauve-new characters against the held-out continuations of the same prompts, with MAUVE's
+   ceiling and floor.
 Writes report.md, report.json and quality_vs_iterations.png in --out; rerunning skips what is done.
 """
 
@@ -68,8 +73,13 @@ def cost(run: Path, huginn: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/recurrent")
-    parser.add_argument("--judge", default=None, help="a plain autoregressive run (task arlm) that scores the samples "
-                        "(default: judge_run())")
+    parser.add_argument("--judge", default=None, help="what scores the samples: auto (the independent judge), none, "
+                        "or a plain autoregressive run (task arlm) (default: judge_run())")
+    parser.add_argument("--cache-dir", default=None, help="the judge cache (default: $DIFFUSIONBLOCKS_CACHE or "
+                        "~/.cache/diffusionblocks)")
+    parser.add_argument("--mauve-iterations", default="1,4,16", help="the K's whose samples also get MAUVE")
+    parser.add_argument("--mauve-prompts", type=int, default=500, help="held-out prompts continued for MAUVE (0: none)")
+    parser.add_argument("--mauve-new", type=int, default=128, help="characters each MAUVE continuation adds")
     parser.add_argument("--windows", type=int, default=512, help="held-out windows spread over the split, shared by "
                         "every model and K")
     parser.add_argument("--chain-draws", type=int, default=4, help="the denoiser's chains per window and enumerated "
@@ -108,12 +118,20 @@ def main() -> None:
         print(json.dumps(costs, indent=1))
         return
     results = {}
+    judged = args.judge.lower() != "none"
+    mauve_Ks = [int(k) for k in args.iterations.split(",") if k.strip() and k.strip() in
+                {m.strip() for m in args.mauve_iterations.split(",")}] if judged and args.mauve_prompts else []
     for name, run in runs.items():
         ev = run / f"eval-{args.iterations.replace(',', '-')}-w{args.windows}"
-        if not (ev / "evaluation.json").is_file():
+        done = (ev / "evaluation.json").is_file() and _same_judging(json.loads((ev / "evaluation.json").read_text()),
+                                                                     judged, mauve_Ks)
+        if not done:
             cli("evaluate", str(run), "--iterations", args.iterations, "--judge", args.judge, "--prompts",
                 str(args.prompts), "--new", str(args.new), "--windows", str(args.windows), "--chain-draws",
-                str(args.chain_draws), "--top-k", str(args.top_k), "--out", str(ev), "--no-progress", log=log)
+                str(args.chain_draws), "--top-k", str(args.top_k), "--mauve-iterations", args.mauve_iterations,
+                "--mauve-prompts", str(args.mauve_prompts), "--mauve-new", str(args.mauve_new),
+                *(["--cache-dir", args.cache_dir] if args.cache_dir else []), "--out", str(ev), "--no-progress",
+                log=log)
         results[name] = json.loads((ev / "evaluation.json").read_text())
         print(name, json.dumps(costs[name]), flush=True)
     (out / "report.json").write_text(json.dumps({"costs": costs, "results": results}, indent=1) + "\n")
@@ -123,14 +141,58 @@ def main() -> None:
 
 
 def judge_run() -> str:
-    """The run that judges the samples.
+    """The judge of the samples: "auto", the independent judge of the run's data (`diffusionblocks.judge`: a larger
+    plain model trained longer on the training split, cached and built on demand by `evaluate`, never one of the
+    compared runs); its held-out BPC is reported beside the judged models'."""
+    return "auto"
 
-    TODO(issue 27): the independent judge, `diffusionblocks.judge.text_quality` (a larger plain model trained longer,
-    never one of the compared runs), is being built by another change; once it lands, return its cached run here
-    (built on demand) and report its own held-out BPC beside the judged models'. Until then: the autoregressive
-    comparison's plain B=1 run, which is *not* independent of the arlm results.
-    """
-    return "runs/arlm-compare/B1"
+
+def _same_judging(r: dict, judged: bool, mauve_Ks: list[int]) -> bool:
+    """Whether an earlier evaluation was judged as this invocation asks (a judge or none, MAUVE at the same K's)."""
+    return ("judge" in r) == judged and r.get("mauve_iterations") == mauve_Ks
+
+
+def judge_lines(results: dict) -> list[str]:
+    """The report's paragraph on the judge: which, its held-out BPC against every model's at every K (flagged when
+    not below all), and MAUVE's table at the K's that have it, with its ceiling and floor (measured once)."""
+    judges = {r["judge"]["run"] for r in results.values() if "judge" in r}
+    if not judges:
+        return ["**No judge**: the runs were evaluated with `--judge none`; no generative perplexity or MAUVE.", ""]
+    if len(judges) > 1 or any("judge" not in r for r in results.values()):
+        raise SystemExit(f"the runs were evaluated with different judges ({', '.join(sorted(judges))}): rerun them "
+                         "with one")
+    judge = next(iter(results.values()))["judge"]
+    worse = [f"{name} K={row['iterations']} ({row['bpc']:.4f})" for name, r in results.items()
+             for row in r["by_iterations"] if not judge["held_out_bpc"] < row["bpc"]]
+    lines = [f"Judge: `{judge['run']}`, a plain causal LM trained on the training split ({judge.get('steps')} steps), "
+             f"never one of the compared runs; its held-out BPC {judge['held_out_bpc']:.4f} over "
+             f"{judge.get('held_out_windows')} windows of {judge.get('seq_len')}.", ""]
+    if worse:
+        lines += [f"**WARNING: the judge's held-out BPC {judge['held_out_bpc']:.4f} is NOT below every judged "
+                  f"model's: {', '.join(worse)}. Its perplexities and MAUVE cannot rank these models.**", ""]
+    bounds = judge.get("bounds")
+    if not bounds:
+        return lines
+    rows = [(f"{name}, K={row['iterations']}", row["mauve"]) for name, r in results.items()
+            for row in r["by_iterations"] if "mauve" in row]
+    rows += [(f"ceiling: other held-out text ({bounds['ceiling']['overlap']:.0%} of its characters also in the "
+              "reference)", bounds["ceiling"]), ("floor: unigram draws of the training split", bounds["floor"])]
+    lines += ["## MAUVE", "",
+              f"MAUVE (mauve-text, PCA to 90% of the variance, k-means; Pillutla et al. 2021) of {bounds['num']} "
+              f"continuations of {bounds['new']} characters after held-out prompts of {bounds['prompt_len']}, against "
+              "the held-out continuations of the same prompts, on the independent judge's features (its final "
+              "normalised hidden states averaged over the continuation); gen. ppl: these continuations' perplexity "
+              "under the judge.", "",
+              "| text | MAUVE | gen. ppl (judge) | distinct-4 | samples | clusters |", "|---|---|---|---|---|---|"]
+    for what, m in rows:
+        distinct = f"{m['distinct_4']:.3f}" if "distinct_4" in m else "-"
+        lines.append(f"| {what} | {m['mauve']:.3f} | {2 ** m['gen_bits']:.2f} | {distinct} | {m['num_p']} vs "
+                     f"{m['num_q']} | {m['clusters']} |")
+    ok = bounds["ceiling"]["mauve"] > bounds["floor"]["mauve"]
+    lines += ["", "The judge's features tell held-out text from unigram noise: ceiling above floor." if ok else
+              "**WARNING: MAUVE's ceiling is not above its floor: the judge's features do not tell text from "
+              "noise.**", ""]
+    return lines
 
 
 def plot(path: Path, results: dict) -> None:
@@ -145,9 +207,10 @@ def plot(path: Path, results: dict) -> None:
         K = [row["iterations"] for row in rows]
         axes[0].errorbar(K, [row["bpc"] for row in rows], yerr=[row.get("bpc_se", 0) for row in rows], fmt="o-",
                          capsize=2, label=name)
-        axes[1].plot(K, [row["gen_ppl"] for row in rows], "o-", label=name)
+        axes[1].plot(K, [row.get("gen_ppl", float("nan")) for row in rows], "o-", label=name)
         axes[2].plot(K, [row["distinct_4"] for row in rows], "o-", label=name)
-    for ax, label in zip(axes, ("held-out BPC (next-character distribution)", "generative perplexity (judge: plain AR)", "distinct 4-grams")):
+    for ax, label in zip(axes, ("held-out BPC (next-character distribution)",
+                                "generative perplexity (independent judge)", "distinct 4-grams")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("core iterations K per token")
         ax.set_ylabel(label)
@@ -163,7 +226,8 @@ def write_report(out: Path, args: argparse.Namespace, costs: dict, results: dict
     m = cfg.model
     lines = ["# Recurrent depth: Huginn (recurrence, truncated BPTT) vs DiffusionBlocks (one denoiser, one pass)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}. Command: `python "
-             f"benchmarks/recurrent_depth.py --out {args.out} --judge {args.judge} --steps {args.steps}` "
+             f"benchmarks/recurrent_depth.py --out {args.out} --judge {args.judge} --steps {args.steps} "
+             f"--mauve-iterations {args.mauve_iterations} --mauve-prompts {args.mauve_prompts}` "
              f"({seconds / 60:.0f} minutes for what this invocation ran).", "",
              f"Model (presets/shakespeare-recurrent.json): width {m.hidden_size}, {m.num_heads} heads, prelude / core / "
              f"coda {m.prelude} / {m.core} / {m.coda} layers, sequences of {m.seq_len} characters, batch "
@@ -178,7 +242,7 @@ def write_report(out: Path, args: argparse.Namespace, costs: dict, results: dict
              "chain by Monte-Carlo draws; an upper bound in expectation, its estimated bias in the table); "
              f"{results['huginn']['num_prompts']} held-out prompts continued by {results['huginn']['new_chars']} "
              f"characters (temperature {cfg.sample.temperature}, top-p {cfg.sample.top_p}), scored by the judge "
-             f"`{args.judge}` (the autoregressive task's plain 6-layer baseline).", ""]
+             "below.", ""]
     if args.findings:
         lines += [Path(args.findings).read_text().strip(), ""]
     lines += ["## Training cost", "",
@@ -203,10 +267,13 @@ def write_report(out: Path, args: argparse.Namespace, costs: dict, results: dict
         for r in results.values():
             row = r["by_iterations"][i]
             se = f" +- {row['bpc_se']:.4f}" if "bpc_se" in row else ""
-            cells += [f"{row['bpc']:.4f}{se}", f"{row.get('bpc_bias', float('nan')):.4f}", f"{row['gen_ppl']:.2f}",
+            ppl = f"{row['gen_ppl']:.2f}" if "gen_ppl" in row else "-"
+            cells += [f"{row['bpc']:.4f}{se}", f"{row.get('bpc_bias', float('nan')):.4f}", ppl,
                       f"{row['distinct_4']:.3f}"]
         lines.append(f"| {K} | " + " | ".join(cells) + " |")
-    lines += ["", "![quality against iterations](quality_vs_iterations.png)", "", "## Samples (K = 4 and 64)", ""]
+    lines += ["", "gen. ppl: the samples' perplexity per character under the independent judge:", ""]
+    lines += judge_lines(results)
+    lines += ["![quality against iterations](quality_vs_iterations.png)", "", "## Samples (K = 4 and 64)", ""]
     for name, r in results.items():
         for row in r["by_iterations"]:
             if row["iterations"] in (4, 64):

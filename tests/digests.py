@@ -59,11 +59,11 @@ RECURRENT = ["model.prelude=1", "model.core=1", "model.coda=1", "model.depth=3",
              "model.bptt=2"]
 # The `evaluate` options of the cases that are evaluated by the command (the text tasks), at a tiny size.
 GENERATION = ["--windows", "8", "--prompts", "2", "--new", "16"]
-EVALUATE = {"mdlm": ["--windows", "8", "--repeats", "2", "--strata", "4", "--num", "2"],
+EVALUATE = {"mdlm": ["--windows", "8", "--repeats", "2", "--strata", "4", "--num", "2", "--judge", "none"],
             "arlm": [*GENERATION, "--speed-prompts", "1", "--judge", "none"],
             "arlm-plain": [*GENERATION, "--speed-prompts", "1", "--judge", "none"],
-            "recurrent": [*GENERATION, "--iterations", "1,4", "--draws", "2"],
-            "recurrent-huginn": [*GENERATION, "--iterations", "1,4", "--draws", "2"]}
+            "recurrent": [*GENERATION, "--iterations", "1,4", "--draws", "2", "--judge", "none"],
+            "recurrent-huginn": [*GENERATION, "--iterations", "1,4", "--draws", "2", "--judge", "none"]}
 CASES.update({
     "mdlm": ("shakespeare-mdlm.json", [*TEXT, "model.depth=3"]),
     "arlm": ("shakespeare-arlm.json", [*TEXT, *GENERATED, "model.depth=3"]),

@@ -170,7 +170,8 @@ def test_ar_and_mdlm_train_sample_resume_through_the_cli(tmp_path):
     for name in ("ar", "mdlm"):
         assert main(["evaluate", str(tmp_path / name), "--windows", "4", "--out", str(tmp_path / f"ev-{name}"),
                      "--no-progress", *(["--prompts", "2", "--new", "3", "--speed-prompts", "1", "--judge", "none"] if name == "ar"
-                                        else ["--repeats", "2", "--strata", "2", "--num", "2"])]) == 0
+                                        else ["--repeats", "2", "--strata", "2", "--num", "2", "--judge",
+                                              "none"])]) == 0
         assert 0 < json.loads((tmp_path / f"ev-{name}" / "evaluation.json").read_text())["bpc"] < 10
     ar = tmp_path / "ar"
     assert main(["compose", "--block", f"0={ar}", "--block", f"1,2={ar}", "--out", str(tmp_path / "mix")]) == 0
@@ -180,7 +181,16 @@ def test_ar_and_mdlm_train_sample_resume_through_the_cli(tmp_path):
     assert main(["compose", "--block", f"0={ar}", "--block", f"1,2={ours}", "--out", str(tmp_path / "x")]) == 2
 
 
-def test_compare_trains_and_reports_both_on_the_backbone(tmp_path):
+def test_compare_trains_and_reports_both_on_the_backbone(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from diffusionblocks.tasks.masked_diffusion import BPCEvaluateOptions
+
+    @dataclass(frozen=True)
+    class WithoutJudge(BPCEvaluateOptions):  # compare evaluates at the defaults: no 3000-step judge in a test
+        judge: str = "none"
+
+    monkeypatch.setattr(type(get_task("mdlm")), "evaluate_options", WithoutJudge)
     out = tmp_path / "cmp"
     assert main(["compare", "--out", str(out), "--num-blocks", "3", "--num", "2", "--no-progress", *MDLM,
                  f"model.vocab_size={V}", f"data.path={_tiny_text(tmp_path)}", "sample.num=0"]) == 0

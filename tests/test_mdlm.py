@@ -108,6 +108,20 @@ def test_sampling_keeps_what_is_given_and_never_overwrites_the_prompt(cfg):
     assert torch.equal(out, sample_text(model, 5, 32, steps=8, prompt=prompt, seed=1, batch_size=2))
 
 
+def test_sampling_takes_one_prompt_per_sample(cfg):
+    blocks = [get_task(cfg.task).build_block(cfg, b, torch.Generator().manual_seed(b)) for b in range(3)]
+    model = BlockwiseDenoiser(blocks, get_task(cfg.task).partition(cfg)).eval()
+    prompts = torch.randint(65, (4, 6), generator=torch.Generator().manual_seed(2))  # (N, P)
+    out = sample_text(model, 4, 32, steps=8, prompt=prompts, seed=3, batch_size=3)
+    assert torch.equal(out[:, :6], prompts)
+    # Sample i is what the one-prompt sampler gives sample i for its prompt: the same randomness, (seed, i).
+    for i in range(4):
+        assert torch.equal(out[i], sample_text(model, 4, 32, steps=8, prompt=prompts[i], seed=3)[i])
+    assert not torch.equal(out[0, 6:], out[1, 6:])
+    with pytest.raises(ValueError, match="one prompt per sample: 3 samples"):
+        sample_text(model, 3, 32, steps=8, prompt=prompts, seed=3)
+
+
 # ---- data
 
 
@@ -180,7 +194,8 @@ def test_cli_train_sample_evaluate_and_bad_prompt(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "y.txt").exists() and not (tmp_path / "ev").exists()
-    assert main(["evaluate", str(run), "--windows", "8", "--repeats", "2", "--strata", "3", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--windows", "8", "--repeats", "2", "--strata", "3", "--judge", "none",
+                 "--no-progress"]) == 0
     assert "held-out BPC" in capsys.readouterr().out
     assert main(["status", str(run)]) == 0 and "block 0 (t 0.667-1)" in capsys.readouterr().out
 

@@ -147,9 +147,15 @@ def test_both_models_train_sample_and_evaluate_through_the_cli(tmp_path, capsys)
         assert (run / "samples.txt").is_file()
         ev = tmp_path / f"ev-{mode}"
         assert main(["evaluate", str(run), "--iterations", "1,3", "--judge", str(judge), "--prompts", "2", "--new",
-                     "3", "--windows", "4", "--out", str(ev), "--no-progress"]) == 0
-        rows = json.loads((ev / "evaluation.json").read_text())["by_iterations"]
+                     "3", "--windows", "4", "--mauve-prompts", "20", "--mauve-new", "8", "--mauve-iterations", "3,16",
+                     "--out", str(ev), "--no-progress"]) == 0
+        result = json.loads((ev / "evaluation.json").read_text())
+        rows = result["by_iterations"]
         assert [r["iterations"] for r in rows] == [1, 3] and all(r["gen_ppl"] > 1 for r in rows)
+        # MAUVE at the K's of --iterations that --mauve-iterations names (3, not 16), the bounds once per run.
+        assert "mauve" not in rows[0] and rows[1]["mauve"]["num_p"] == rows[1]["mauve"]["num_q"] == 20
+        assert result["mauve_iterations"] == [3] and result["judge"]["run"] == str(judge)
+        assert result["judge"]["bounds"]["ceiling"]["num_p"] == 20
         # Every K on the same 4 windows spread over the held-out split, with the model's own estimator.
         model, cfg = from_pretrained(run)
         windows = shared_windows(get_task("recurrent").load_run_data(cfg, run).test, cfg.model.seq_len, 4)

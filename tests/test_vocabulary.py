@@ -78,7 +78,7 @@ def train_only(text: str, old: str, new: str) -> str:
 
 def held_out_bpc(capsys, run: Path, out: Path) -> float:
     assert main(["evaluate", str(run), "--windows", "8", "--repeats", "2", "--strata", "2", "--num", "1",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--judge", "none", "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()
     return json.loads((out / "evaluation.json").read_text())["bpc"]
 
@@ -184,7 +184,7 @@ def test_a_judge_with_another_vocabulary_is_refused(runs, corpus, tmp_path, caps
     assert main(["train", "--out", str(judge), "--no-progress",
                  *args("arlm", lower, "blocks.num_blocks=1", "model.mode=plain", f"model.vocab_size={size}")]) == 0
     for task, extra in (("arlm", ["--bridges", "argmax", "--speed-prompts", "1"]),
-                        ("recurrent", ["--iterations", "1"])):
+                        ("recurrent", ["--iterations", "1", "--mauve-prompts", "0"])):
         ev = tmp_path / f"ev-{task}"
         refused(capsys, ["evaluate", str(runs[task]), "--judge", str(judge), "--prompts", "2", "--new", "3",
                          "--windows", "2", *extra, "--out", str(ev), "--no-progress"],
@@ -228,10 +228,10 @@ def test_a_corpus_with_fewer_characters_than_vocab_size_trains_samples_and_evalu
     out = tmp_path / "s.txt"
     assert main(["sample", str(run), "--num", "3", "--out", str(out), "--no-progress"]) == 0
     assert set(out.read_text(encoding="utf-8")) <= chars | {"\n"}
-    ev = {"mdlm": ["--windows", "4", "--strata", "2", "--repeats", "2", "--num", "2"],
+    ev = {"mdlm": ["--windows", "4", "--strata", "2", "--repeats", "2", "--num", "2", "--judge", "none"],
           "arlm": ["--windows", "4", "--prompts", "2", "--new", "3", "--bridges", "sample", "--speed-prompts", "1",
                    "--judge", "none"],
-          "recurrent": ["--windows", "4", "--prompts", "2", "--new", "3", "--iterations", "1"]}[task]
+          "recurrent": ["--windows", "4", "--prompts", "2", "--new", "3", "--iterations", "1", "--judge", "none"]}[task]
     assert main(["evaluate", str(run), *ev, "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
     assert (tmp_path / "ev" / "evaluation.json").is_file()
 
@@ -316,7 +316,7 @@ def test_evaluate_refuses_a_negative_number_of_windows(runs, task, tmp_path, cap
 def test_evaluate_with_one_repeat_writes_strict_json_without_a_standard_error(runs, tmp_path, capsys):
     ev = tmp_path / "ev"
     assert main(["evaluate", str(runs["mdlm"]), "--repeats", "1", "--windows", "4", "--strata", "2", "--num", "1",
-                 "--out", str(ev), "--no-progress"]) == 0
+                 "--judge", "none", "--out", str(ev), "--no-progress"]) == 0
     out = capsys.readouterr().out
 
     def refuse(name):

@@ -875,9 +875,11 @@ def judge_section(configs: dict[int, RunConfig], results: dict[int, dict[str, An
     return judge, lines
 
 
-def mauve_section(results: dict[int, dict[str, Any]], judge: dict | None) -> list[str]:
+def mauve_section(results: dict[int, dict[str, Any]], judge: dict | None,
+                  generated: list[tuple[str, dict]] | None = None) -> list[str]:
     """The report's MAUVE table: each run and bridge against held-out continuations of the same prompts, with the
-    ceiling (held-out against held-out) and floor (unigram draws) rows, each with its sample counts and clusters."""
+    ceiling (held-out against held-out) and floor (unigram draws) rows, each with its sample counts and clusters.
+    generated: (row label, text_quality result) of each generated set, when not every run's and bridge's samples."""
     bounds = (judge or {}).get("bounds")
     if not bounds:
         return []
@@ -888,10 +890,10 @@ def mauve_section(results: dict[int, dict[str, Any]], judge: dict | None) -> lis
                 "distinct-4": f"{m['distinct_4']:.3f}" if "distinct_4" in m else "-",
                 "samples": f"{m['num_p']} vs {m['num_q']}", "clusters": str(m["clusters"])}
 
-    for B, r in results.items():
-        for name, s in r["samples"].items():
-            if "mauve" in s:
-                rows.append(row(f"B={B}, {'plain' if name == 'plain' else 'bridge ' + name}", s["mauve"]))
+    if generated is None:
+        generated = [(f"B={B}, {'plain' if name == 'plain' else 'bridge ' + name}", s["mauve"])
+                     for B, r in results.items() for name, s in r["samples"].items() if "mauve" in s]
+    rows += [row(what, m) for what, m in generated]
     c, f = bounds["ceiling"], bounds["floor"]
     rows.append(row(f"ceiling: other held-out text ({c['overlap']:.0%} of its characters also in the reference)", c))
     rows.append(row("floor: unigram draws of the training split", f))

@@ -9,7 +9,9 @@ Evaluation: bits per character as the ELBO on held-out text, with t stratified o
 strata (each evaluated by the block that owns it) and its standard error over R repetitions of the
 estimate's randomness (t within each stratum, and the masks); the bits each block's interval adds up
 to. Sampling: ancestral unmasking from all-masked to clean over S steps, each step by the block that
-owns its t, with an optional fixed prefix (prompt).
+owns its t, with an optional fixed prefix (prompt), one for all samples or one per sample. With a judge
+(`judge.py`, `--judge auto` by default): the samples' perplexity under it, and MAUVE of samples continuing held-out
+prompts against the held-out rest of their windows, with its ceiling and floor.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch
 from matplotlib.figure import Figure
 
 from ..config import ConfigError, RunConfig, check_choice
+from ..judge import (distinct_n, features, generative_bits, held_out_continuations, longest_repeated_run, mauve_bounds,
+                     require_mauve, resolve_judge, text_quality)
 from ..models.arlm import swiglu_width
 from ..models.hf_llama import HFMaskedDiffusion
 from ..models.layers import take_layers
@@ -35,6 +39,7 @@ from ..pretrained import from_pretrained
 from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..seeding import derive_seed, make_generator
 from ..text import Vocabulary, held_out_windows, usable_logits
+from .autoregressive import judge_section, mauve_section
 from .base import Evaluation
 from .text import (BackboneConfig, TextModelConfig, TextRunConfig, TextSampleConfig, TextTask, check_pretrained_run,
                    llama_trunk_config, load_pretrained)
@@ -104,17 +109,21 @@ def sample_text(model, num: int, seq_len: int, steps: int, *, prompt: torch.Tens
     At each step t -> s the block owning t predicts every masked position; each masked position is revealed
     with probability (alpha(s) - alpha(t)) / (1 - alpha(t)), taking a token drawn from that prediction by
     Gumbel-max in float64 (argmax of logits / temperature - log(-log U)), as MDLM's reference draws it.
-    Positions given (the prompt) are never masked, so never change. Sample i uses the randomness of (seed, i).
+    Positions given (the prompt: (P,) for every sample, or (num, P), one per sample) are never masked, so never
+    change. Sample i uses the randomness of (seed, i), whatever its prompt.
     num_tokens: the vocabulary's size, when the model has more ids; those above are never drawn.
     """
+    if prompt is not None and prompt.dim() == 2 and len(prompt) != num:
+        raise ValueError(f"one prompt per sample: {num} samples but prompts of shape {tuple(prompt.shape)}")
     ts, alphas = unmasking_grid(model.partition.axis, steps)  # t_0 = 1 ... t_S = 0
     mask_id = model.blocks[0].mask_id
     out = []
     for start in range(0, num, batch_size):
         idx = range(start, min(start + batch_size, num))
         x = torch.full((len(idx), seq_len), mask_id, dtype=torch.long, device=device)
-        if prompt is not None and len(prompt):
-            x[:, :len(prompt)] = prompt.to(device)
+        if prompt is not None and prompt.shape[-1]:
+            given = prompt if prompt.dim() == 1 else prompt[start:start + len(idx)]  # (P,) or (n, P)
+            x[:, :prompt.shape[-1]] = given.to(device)
         gens = [make_generator(seed, i, "mdlm-sample") for i in idx]
         for i in range(steps):
             masked = x == mask_id  # (n, L)
@@ -216,6 +225,12 @@ class BPCEvaluateOptions(EvaluateOptions):
     repeats: int = option(4, "independent estimates, for the standard error")
     windows: int = option(0, "held-out windows used (0 = all)")
     steps: int | None = option(None, "unmasking steps of the samples (default: the run's)")
+    judge: str = option("auto", "what scores the samples (generative perplexity, MAUVE's features): auto = the "
+                        "independent judge of the run's data, cached under --cache-dir/judges and trained first if "
+                        "missing; none; or a plain run (task arlm, model.mode=plain) with the run's vocabulary")
+    mauve_prompts: int = option(500, "held-out prompts whose windows of model.seq_len the model completes, for MAUVE "
+                                "against the held-out rest of the same windows (0: no MAUVE)")
+    mauve_prompt_chars: int = option(32, "characters of each MAUVE prompt; the samples fill the rest of model.seq_len")
 
 
 class MaskedDiffusionTask(TextTask):
@@ -274,13 +289,19 @@ class MaskedDiffusionTask(TextTask):
 
     def _samples(self, model, cfg: RunConfig, run_dir: Path, num: int, steps: int, prompt: str, temperature: float,
                  seed: int, device) -> tuple[list[str], float]:
+        ids, seconds = self._sample_ids(model, cfg, run_dir, num, steps, prompt, temperature, seed, device)
+        vocab = self.run_vocabulary(run_dir)
+        return [vocab.decode(row) for row in ids], seconds
+
+    def _sample_ids(self, model, cfg: RunConfig, run_dir: Path, num: int, steps: int, prompt: str, temperature: float,
+                    seed: int, device) -> tuple[torch.Tensor, float]:
+        """(num, seq_len) ids of samples after `prompt`, and the seconds they took."""
         vocab = self.run_vocabulary(run_dir)
         L = cfg.model.seq_len
         t0 = time.perf_counter()
         ids = sample_text(model, num, L, steps or L, prompt=self._prompt(vocab, prompt, L), temperature=temperature,
                           seed=seed, device=device, num_tokens=len(vocab))
-        seconds = time.perf_counter() - t0
-        return [vocab.decode(row) for row in ids], seconds
+        return ids, time.perf_counter() - t0
 
     def draw_samples(self, model, cfg: RunConfig, run_dir: Path, device: torch.device) -> list[str]:
         """sample.num samples of sample.steps unmasking steps."""
@@ -302,15 +323,28 @@ class MaskedDiffusionTask(TextTask):
                     options.num * cfg.model.seq_len / seconds)
 
     def evaluate(self, run_dir: Path, options: BPCEvaluateOptions) -> Evaluation:
-        """Held-out BPC (ELBO) with its standard error, the bits per block interval, and samples with their speed."""
+        """Held-out BPC (ELBO) with its standard error, the bits per block interval, and samples with their speed;
+        with a judge, the samples' perplexity under it and MAUVE of completed held-out windows."""
         for name in ("strata", "repeats"):
             if getattr(options, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(options, name)}")
         if options.windows < 0:
             raise ConfigError(f"--windows must be >= 0 (0: all of them), got {options.windows}")
+        if options.mauve_prompts < 0:
+            raise ConfigError(f"--mauve-prompts must be at least 0, got {options.mauve_prompts}")
         _check_steps(options.steps)
         model, cfg = from_pretrained(run_dir, options.device)
-        windows = held_out_windows(self.load_run_data(cfg, run_dir).test, cfg.model.seq_len)
+        data = self.load_run_data(cfg, run_dir)
+        L, P = cfg.model.seq_len, options.mauve_prompt_chars
+        mauve_on = options.mauve_prompts > 0 and options.judge.lower() != "none"
+        if mauve_on:  # what MAUVE needs, checked before a judge is trained
+            if not 1 <= P < L:
+                raise ConfigError(f"--mauve-prompt-chars must be at least 1 and below model.seq_len={L}, got {P}")
+            require_mauve()
+            reference, _, _ = held_out_continuations(data.test, options.mauve_prompts, P, L - P)
+        judge, judge_info = resolve_judge(options.judge, cfg, run_dir, cache_dir=options.cache_dir,
+                                          device=options.device, progress=options.progress)
+        windows = held_out_windows(data.test, cfg.model.seq_len)
         windows = windows[:options.windows] if options.windows else windows
         t0 = time.perf_counter()
         r = evaluate_bpc(model, windows, strata=options.strata, repeats=options.repeats, seed=options.seed,
@@ -318,12 +352,34 @@ class MaskedDiffusionTask(TextTask):
         r["eval_s"] = time.perf_counter() - t0
         steps = (cfg.sample.steps if options.steps is None else options.steps) or cfg.model.seq_len
         num = min(options.num, 16)
-        texts, seconds = self._samples(model, cfg, run_dir, num, steps, cfg.sample.prompt, cfg.sample.temperature,
-                                       options.seed, options.device)
+        ids, seconds = self._sample_ids(model, cfg, run_dir, num, steps, cfg.sample.prompt, cfg.sample.temperature,
+                                        options.seed, options.device)
+        texts = [data.vocab.decode(row) for row in ids]
+        given = len(data.vocab.encode(cfg.sample.prompt, "sample.prompt")) if cfg.sample.prompt else 0
+        generated = [row[given:].tolist() for row in ids]
         r.update({"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "sample_steps": steps,
                   "num_samples": num, "sampling_s": seconds, "chars_per_s": num * cfg.model.seq_len / seconds,
                   "partition": [list(model.partition.block_range(b)) for b in range(cfg.blocks.num_blocks)],
-                  "samples": texts})
+                  "samples": texts, "distinct_2": distinct_n(generated, 2), "distinct_4": distinct_n(generated, 4),
+                  "longest_run_mean": sum(map(longest_repeated_run, generated)) / num,
+                  "longest_run_max": max(map(longest_repeated_run, generated))})
+        if judge is not None:
+            r["judge"] = judge_info
+            # The first character of an unprompted sample has no context: the judge scores those after it.
+            r["gen_bits"] = generative_bits(judge, ids, max(given, 1)) / data.test.chars_per_token
+            r["gen_ppl"] = 2 ** r["gen_bits"]
+        if mauve_on:
+            reference_features = features(judge, reference, P)
+            r["judge"]["bounds"] = mauve_bounds(judge, data, options.mauve_prompts, P, L - P, seed=options.seed,
+                                                reference_features=reference_features)
+            t0 = time.perf_counter()
+            completed = sample_text(model, options.mauve_prompts, L, steps, prompt=reference[:, :P],
+                                    temperature=cfg.sample.temperature, seed=options.seed, device=options.device,
+                                    num_tokens=len(data.vocab))
+            r["mauve"] = {**text_quality(judge, completed, reference, P, seed=options.seed,
+                                         reference_features=reference_features,
+                                         chars_per_token=data.test.chars_per_token),
+                          "sampling_s": time.perf_counter() - t0}
         return Evaluation(r)
 
     def evaluation_name(self, cfg: RunConfig, options: BPCEvaluateOptions) -> str:
@@ -334,6 +390,21 @@ class MaskedDiffusionTask(TextTask):
                  f"{r['num_windows']} windows of {r['seq_len']}, {r['strata']} strata of t, {r['repeats']} repeats)"]
         for b, (bits, (lo, hi)) in enumerate(zip(r["bpc_per_block"], r["partition"])):
             lines.append(f"  block {b} (t {lo:.3g}-{hi:.3g}): {bits:.4f} bits per character")
+        if "judge" in r:
+            lines.append(f"  judge {r['judge']['run']}: held-out BPC {r['judge']['held_out_bpc']:.4f}; the samples' "
+                         f"perplexity under it {r['gen_ppl']:.2f}")
+            for bound, b in r["judge"].get("bounds", {}).items():
+                if isinstance(b, dict):
+                    lines.append(f"  MAUVE {bound}: {b['mauve']:.3f} ({b['num_p']} vs {b['num_q']}, "
+                                 f"{b['clusters']} clusters)")
+        if "mauve" in r:
+            m = r["mauve"]
+            lines.append(f"  MAUVE {m['mauve']:.3f} ({m['num_p']} windows completed after {m['prompt_len']} held-out "
+                         f"characters vs their held-out rest, {m['clusters']} clusters), gen. perplexity "
+                         f"{m['gen_ppl']:.2f}, distinct-4 {m['distinct_4']:.3f}")
+        if "distinct_4" in r:
+            lines.append(f"  samples: distinct-2 {r['distinct_2']:.3f}, distinct-4 {r['distinct_4']:.3f}, longest run "
+                         f"{r['longest_run_mean']:.1f} (max {r['longest_run_max']})")
         lines.append(f"  sampling: {r['chars_per_s']:.0f} characters/s ({r['sample_steps']} steps); a sample:")
         lines.append("  " + r["samples"][0][:200].replace("\n", "\n  "))
         return "\n".join(lines)
@@ -345,11 +416,15 @@ class MaskedDiffusionTask(TextTask):
                          artifacts: dict[int, Any]) -> None:
 
         c1, r1 = configs[1], results[1]
-        header = ["B", "layers per block", "BPC", "+- SE", "SE windows / draws", "vs B=1", "train s",
-                  "ms/step per block", "peak train mem MiB", "sampling chars/s"]
+        judge, judge_lines = judge_section(configs, results)  # refuses a judge that is one of the runs
+        header = ["B", "layers per block", "BPC", "+- SE", "SE windows / draws", "vs B=1", "gen. ppl", "MAUVE",
+                  "distinct-4", "train s", "ms/step per block", "peak train mem MiB", "sampling chars/s"]
         rows = [{"B": str(B), "BPC": f"{r['bpc']:.4f}", "+- SE": _number(r["bpc_se"]),
                  "SE windows / draws": f"{_number(r.get('bpc_se_windows'))} / {_number(r.get('bpc_se_draws'))}",
                  "vs B=1": f"{100 * (r['bpc'] / r1['bpc'] - 1):+.1f}%", "sampling chars/s": f"{r['chars_per_s']:.0f}",
+                 "gen. ppl": f"{r['gen_ppl']:.2f}" if "gen_ppl" in r else "-",
+                 "MAUVE": f"{r['mauve']['mauve']:.3f}" if "mauve" in r else "-",
+                 "distinct-4": f"{r['distinct_4']:.3f}" if "distinct_4" in r else "-",
                  **training_cost(configs[B], r)} for B, r in results.items()]
         lines = [f"# End-to-end vs DiffusionBlocks: masked diffusion on {Path(c1.data.path).name}", "",
                  equal_compute(c1, "model (B=1)", f" x {c1.model.seq_len} characters") + ". "
@@ -359,8 +434,11 @@ class MaskedDiffusionTask(TextTask):
                  "independent estimates; its standard error counts both the choice of windows and the estimator's "
                  "draws (the variance over windows of each window's mean bits, over the number of windows), split "
                  f"into the two parts. Sampling: {r1['num_samples']} samples of "
-                 f"{c1.model.seq_len} characters, {r1['sample_steps']} unmasking steps, for every B.", ""]
+                 f"{c1.model.seq_len} characters, {r1['sample_steps']} unmasking steps, for every B; gen. ppl: their "
+                 "perplexity per character under the independent judge (below); MAUVE and distinct-4: of the "
+                 "windows completed after held-out prompts (below).", ""] + judge_lines
         lines += markdown_table(header, rows)
+        lines += mauve_section(results, judge, [(f"B={B}", r["mauve"]) for B, r in results.items() if "mauve" in r])
         lines += ["", memory_note(r1), "", "## Where the bits go", "",
                   "Bits per character contributed by each block's interval of t (they add up to the BPC; block 0 "
                   "owns the most masked interval).", ""]

@@ -10,7 +10,10 @@ prelude once per token). `evaluate` measures quality against K: held-out next-ch
 next token is drawn from (teacher-forced context; Huginn's averaged over draws of its initial state, the denoiser's
 by the chain likelihood of the autoregressive task), with standard errors, on one set of windows spread over the
 held-out split for every model and K, and samples continuing held-out prompts,
-their perplexity under a judge (the autoregressive task's plain baseline), distinct 2/4-grams and longest run.
+their perplexity under the independent judge (`judge.py`, `--judge auto` by default: a larger plain LM trained on
+the training split, never one of the compared runs), distinct 2/4-grams and longest run, and at the K's of
+`--mauve-iterations` MAUVE of continued held-out prompts against their held-out continuations, with MAUVE's ceiling
+and floor once per run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 import torch
 
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
+from ..judge import (features, generative_bits, held_out_continuations, mauve_bounds, require_mauve, resolve_judge,
+                     text_quality)
 from ..models.recurrent import HuginnLM, RecurrentDenoiser, lognormal_poisson
 from ..noise import Partition
 from ..options import EvaluateOptions, SampleOptions, option
@@ -30,8 +35,8 @@ from ..pretrained import from_pretrained
 from ..seeding import make_generator, sample_seeds
 from ..text import usable_logits
 from .autoregressive import (ARSampleConfig, LikelihoodTally, TokenContext, chain_likelihood, check_windows, distinct_n,
-                             draw_token, evaluation_windows, generate_chain, judge_bits, longest_repeated_run,
-                             per_character, readout_settings)
+                             draw_token, evaluation_windows, generate_chain, longest_repeated_run, per_character,
+                             readout_settings)
 from .base import Evaluation
 from .text import LlamaModelConfig, TextRunConfig, TextTask
 
@@ -161,8 +166,14 @@ class RecurrentSampleOptions(SampleOptions):
 @dataclass(frozen=True)
 class RecurrentEvaluateOptions(EvaluateOptions):
     iterations: str = option("1,2,4,8,16,32,64", "values of K measured")
-    judge: str | None = option(None, "a plain autoregressive run (task arlm, model.mode=plain) that scores the "
-                               "samples' generative perplexity")
+    judge: str = option("auto", "what scores the samples (generative perplexity, MAUVE's features): auto = the "
+                        "independent judge of the run's data, cached under --cache-dir/judges and trained first if "
+                        "missing; none; or a plain run (task arlm, model.mode=plain) with the run's vocabulary")
+    mauve_iterations: str = option("1,4,16", "the K's of --iterations whose samples also get MAUVE (each costs "
+                                   "--mauve-prompts continuations of --mauve-new characters)")
+    mauve_prompts: int = option(500, "held-out prompts continued for MAUVE against their held-out continuations "
+                                "(0: no MAUVE)")
+    mauve_new: int = option(128, "characters each MAUVE continuation adds")
     prompts: int = option(50, "held-out prompts continued, per K")
     new: int = option(100, "characters added to each prompt")
     windows: int = option(512, "held-out windows for the bits, spread evenly over the split, the same for every "
@@ -243,20 +254,32 @@ class RecurrentDepthTask(TextTask):
         self.write_samples(options.out, self._texts(run_dir, ids), show=3)
 
     def evaluate(self, run_dir: Path, options: RecurrentEvaluateOptions) -> Evaluation:
-        try:
-            Ks = [int(k) for k in options.iterations.split(",") if k.strip()]
-        except ValueError:
-            raise ConfigError(f"--iterations {options.iterations!r} is not a comma-separated list of "
-                              "integers") from None
+        Ks = _integers("--iterations", options.iterations)
         if not Ks or min(Ks) < 1 or options.prompts < 1 or options.new < 1 or options.draws < 1:
             raise ConfigError("--iterations, --prompts, --new and --draws must be at least 1")
+        if options.mauve_prompts < 0 or options.mauve_new < 1:
+            raise ConfigError("--mauve-prompts must be at least 0 and --mauve-new at least 1")
         check_windows(options.windows)
         model, cfg = from_pretrained(run_dir, options.device)
-        judge = self.load_judge(run_dir, options.judge, options.device)
         data = self.load_run_data(cfg, run_dir)
+        P = cfg.sample.prompt_chars
+        mauve_Ks = [K for K in Ks if K in _integers("--mauve-iterations", options.mauve_iterations)]
+        mauve_on = options.mauve_prompts > 0 and options.judge.lower() != "none" and bool(mauve_Ks)
+        if mauve_on:  # what MAUVE needs, checked before a judge is trained
+            require_mauve()
+            reference, _, _ = held_out_continuations(data.test, options.mauve_prompts, P, options.mauve_new)
+        judge, judge_info = resolve_judge(options.judge, cfg, run_dir, cache_dir=options.cache_dir,
+                                          device=options.device, progress=options.progress)
         windows = evaluation_windows(data.test, cfg.model.seq_len, options.windows).to(options.device)
         prompts = self.held_out_prompts(data.test, options.prompts, cfg.sample.prompt_chars,
                                         ("--prompts", "sample.prompt_chars")).to(options.device)
+        r: dict[str, Any] = {}
+        if judge is not None:
+            r["judge"] = judge_info
+        if mauve_on:  # ceiling and floor once: they do not depend on K
+            reference_features = features(judge, reference, P)
+            r["judge"]["bounds"] = mauve_bounds(judge, data, options.mauve_prompts, P, options.mauve_new,
+                                                seed=options.seed, reference_features=reference_features)
         rows = []
         for K in Ks:
             seeds = sample_seeds(options.seed, len(prompts))
@@ -274,23 +297,52 @@ class RecurrentDepthTask(TextTask):
                    "chars_per_s": len(prompts) * options.new / seconds, "sample": texts[0]}
             row.update({k: bits[k] for k in ("bpc", "bpc_se", "bpc_se_estimator", "bpc_bias")})
             if judge is not None:
-                row["gen_ppl"] = 2 ** judge_bits(judge.blocks[0], ids, prompts.shape[1], cfg.model.seq_len)
+                row["gen_bits"] = generative_bits(judge, ids, prompts.shape[1]) / data.test.chars_per_token
+                row["gen_ppl"] = 2 ** row["gen_bits"]
+            if mauve_on and K in mauve_Ks:
+                generated = self._generate(model, cfg, run_dir, reference[:, :P].to(options.device), options.mauve_new,
+                                           K, sample_seeds(options.seed, len(reference)))
+                row["mauve"] = text_quality(judge, generated.cpu(), reference, P, seed=options.seed,
+                                            reference_features=reference_features,
+                                            chars_per_token=data.test.chars_per_token)
             rows.append(row)
-        return Evaluation({"run": str(run_dir), "mode": cfg.model.mode, "num_windows": len(windows), "draws": options.draws,
-                           "num_prompts": len(prompts), "new_chars": options.new, "readout": readout_settings(cfg),
-                           "by_iterations": rows})
+        r.update({"run": str(run_dir), "mode": cfg.model.mode, "num_windows": len(windows), "draws": options.draws,
+                  "num_prompts": len(prompts), "new_chars": options.new, "readout": readout_settings(cfg),
+                  "mauve_iterations": mauve_Ks if mauve_on else [], "by_iterations": rows})
+        return Evaluation(r)
 
     def evaluation_name(self, cfg: RunConfig, options: RecurrentEvaluateOptions) -> str:
         return f"eval-K{options.iterations.replace(',', '-')}-p{options.prompts}-seed{options.seed}"
 
     def format_evaluation(self, r: dict[str, Any]) -> str:
         lines = [f"{r['run']} ({r['mode']}): quality against the core's iterations K"]
+        if "judge" in r:
+            j = r["judge"]
+            lines.append(f"  judge {j['run']}: held-out BPC {j['held_out_bpc']:.4f}")
+            worse = [f"K={row['iterations']} ({row['bpc']:.4f})" for row in r["by_iterations"]
+                     if not j["held_out_bpc"] < row["bpc"]]
+            if worse:
+                lines.append(f"  WARNING: the judge's held-out BPC is NOT below the model's at {', '.join(worse)}")
+            for bound, b in j.get("bounds", {}).items():
+                if isinstance(b, dict):
+                    lines.append(f"  MAUVE {bound}: {b['mauve']:.3f} ({b['num_p']} vs {b['num_q']}, "
+                                 f"{b['clusters']} clusters)")
         for row in r["by_iterations"]:
             ppl = f", gen. perplexity {row['gen_ppl']:.2f}" if "gen_ppl" in row else ""
+            if "mauve" in row:
+                ppl += f", MAUVE {row['mauve']['mauve']:.3f}"
             se = f" +- {row['bpc_se']:.4f}" if "bpc_se" in row else ""
             lines.append(f"  K={row['iterations']}: BPC {row['bpc']:.4f}{se}{ppl}, distinct-4 {row['distinct_4']:.3f}, "
                          f"longest run {row['longest_run_mean']:.1f}, {row['chars_per_s']:.0f} chars/s")
         return "\n".join(lines)
+
+
+def _integers(flag: str, text: str) -> list[int]:
+    """A comma-separated list of integers, or one clear message."""
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is not a comma-separated list of integers") from None
 
 
 __all__ = ["RecurrentConfig", "RecurrentDepthTask", "RecurrentModelConfig", "generate_huginn", "huginn_likelihood",
