@@ -37,6 +37,7 @@ from statistics import median
 
 import torch
 
+from diffusionblocks.judge import judge_paragraph, mauve_table
 from diffusionblocks.models.recurrent import lognormal_poisson
 from diffusionblocks.seeding import make_generator
 from diffusionblocks.tasks import load_config
@@ -162,37 +163,13 @@ def judge_lines(results: dict) -> list[str]:
         raise SystemExit(f"the runs were evaluated with different judges ({', '.join(sorted(judges))}): rerun them "
                          "with one")
     judge = next(iter(results.values()))["judge"]
-    worse = [f"{name} K={row['iterations']} ({row['bpc']:.4f})" for name, r in results.items()
-             for row in r["by_iterations"] if not judge["held_out_bpc"] < row["bpc"]]
-    lines = [f"Judge: `{judge['run']}`, a plain causal LM trained on the training split ({judge.get('steps')} steps), "
-             f"never one of the compared runs; its held-out BPC {judge['held_out_bpc']:.4f} over "
-             f"{judge.get('held_out_windows')} windows of {judge.get('seq_len')}.", ""]
-    if worse:
-        lines += [f"**WARNING: the judge's held-out BPC {judge['held_out_bpc']:.4f} is NOT below every judged "
-                  f"model's: {', '.join(worse)}. Its perplexities and MAUVE cannot rank these models.**", ""]
-    bounds = judge.get("bounds")
-    if not bounds:
+    lines = judge_paragraph(judge, [(f"{name} K={row['iterations']}", row["bpc"]) for name, r in results.items()
+                                    for row in r["by_iterations"]])
+    if not judge.get("bounds"):
         return lines
-    rows = [(f"{name}, K={row['iterations']}", row["mauve"]) for name, r in results.items()
-            for row in r["by_iterations"] if "mauve" in row]
-    rows += [(f"ceiling: other held-out text ({bounds['ceiling']['overlap']:.0%} of its characters also in the "
-              "reference)", bounds["ceiling"]), ("floor: unigram draws of the training split", bounds["floor"])]
-    lines += ["## MAUVE", "",
-              f"MAUVE (mauve-text, PCA to 90% of the variance, k-means; Pillutla et al. 2021) of {bounds['num']} "
-              f"continuations of {bounds['new']} characters after held-out prompts of {bounds['prompt_len']}, against "
-              "the held-out continuations of the same prompts, on the independent judge's features (its final "
-              "normalised hidden states averaged over the continuation); gen. ppl: these continuations' perplexity "
-              "under the judge.", "",
-              "| text | MAUVE | gen. ppl (judge) | distinct-4 | samples | clusters |", "|---|---|---|---|---|---|"]
-    for what, m in rows:
-        distinct = f"{m['distinct_4']:.3f}" if "distinct_4" in m else "-"
-        lines.append(f"| {what} | {m['mauve']:.3f} | {2 ** m['gen_bits']:.2f} | {distinct} | {m['num_p']} vs "
-                     f"{m['num_q']} | {m['clusters']} |")
-    ok = bounds["ceiling"]["mauve"] > bounds["floor"]["mauve"]
-    lines += ["", "The judge's features tell held-out text from unigram noise: ceiling above floor." if ok else
-              "**WARNING: MAUVE's ceiling is not above its floor: the judge's features do not tell text from "
-              "noise.**", ""]
-    return lines
+    return lines + mauve_table(judge["bounds"], [(f"{name}, K={row['iterations']}", row["mauve"])
+                                                 for name, r in results.items() for row in r["by_iterations"]
+                                                 if "mauve" in row]) + [""]
 
 
 def plot(path: Path, results: dict) -> None:

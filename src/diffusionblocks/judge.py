@@ -44,6 +44,7 @@ from .config import ConfigError, RunConfig
 from .latents import compute_device, default_cache_dir
 from .models.arlm import CausalLM
 from .pretrained import from_pretrained
+from .report import markdown_table
 from .seeding import make_generator
 from .tasks import config_from_dict, get_task, read_config
 from .text import VOCAB_FILE, TextSplits, TokenStream, held_out_windows, load_vocabulary, vocabulary_difference
@@ -352,6 +353,21 @@ def resolve_judge(spec: str | None, cfg: RunConfig, run_dir: str | Path, *, cach
     return explicit_judge(spec, run_dir=run_dir, device=device)
 
 
+def prepare_judging(spec: str | None, cfg: RunConfig, run_dir: str | Path, test: TokenStream, *, mauve_prompts: int,
+                    prompt_len: int, new: int, cache_dir: str | Path | None = None,
+                    device: str | torch.device | None = None,
+                    progress: bool = False) -> tuple[Judge | None, dict | None, torch.Tensor | None]:
+    """What an evaluation judges with: (the judge, its judge.json, the held-out reference continuations for MAUVE).
+    What MAUVE needs (mauve-text, enough held-out text) is checked before a judge is trained; mauve_prompts 0, or
+    no judge, means no reference."""
+    reference = None
+    if mauve_prompts > 0 and (spec is None or spec.lower() != "none"):
+        require_mauve()
+        reference, _, _ = held_out_continuations(test, mauve_prompts, prompt_len, new)
+    judge, info = resolve_judge(spec, cfg, run_dir, cache_dir=cache_dir, device=device, progress=progress)
+    return judge, info, reference
+
+
 # ---- what the judge measures
 
 
@@ -520,3 +536,51 @@ def mauve_bounds(judge: Judge, data: TextSplits, num: int, prompt_len: int, new:
     floor = {**mauve_score(features(judge, floor_ids, prompt_len), q, num_buckets=num_buckets, seed=seed),
              "gen_bits": generative_bits(judge, floor_ids, prompt_len) / per_char}
     return {"ceiling": ceiling, "floor": floor, "num": num, "prompt_len": prompt_len, "new": new}
+
+
+# ---- how reports show it
+
+
+def judge_paragraph(judge: dict[str, Any], judged: list[tuple[str, float]]) -> list[str]:
+    """A report's lines on its judge (judge.json's record): which run, its held-out BPC, and a warning naming every
+    judged model (label, held-out BPC) whose BPC the judge's is not below."""
+    worse = [f"{label} ({bpc:.4f})" for label, bpc in judged if not judge["held_out_bpc"] < bpc]
+    lines = [f"Judge: `{judge['run']}`, a plain causal LM trained on the training split ({judge.get('steps')} steps), "
+             f"never one of the compared runs; its held-out BPC {judge['held_out_bpc']:.4f} over "
+             f"{judge.get('held_out_windows')} windows of {judge.get('seq_len')}.", ""]
+    if worse:
+        lines += [f"**WARNING: the judge's held-out BPC {judge['held_out_bpc']:.4f} is NOT below every judged model's: "
+                  f"{', '.join(worse)}. Its perplexities and MAUVE cannot rank these models.**", ""]
+    return lines
+
+
+def mauve_table(bounds: dict[str, Any], generated: list[tuple[str, dict]]) -> list[str]:
+    """A report's MAUVE section: each generated set (label, text_quality's result) against the held-out continuations
+    of the same prompts, then mauve_bounds' ceiling and floor rows, each with its sample counts and clusters."""
+    def row(what: str, m: dict) -> dict[str, str]:
+        return {"text": what, "MAUVE": f"{m['mauve']:.3f}", "gen. ppl (judge)": f"{2 ** m['gen_bits']:.2f}",
+                "distinct-4": f"{m['distinct_4']:.3f}" if "distinct_4" in m else "-",
+                "samples": f"{m['num_p']} vs {m['num_q']}", "clusters": str(m["clusters"])}
+
+    c, f = bounds["ceiling"], bounds["floor"]
+    rows = [row(what, m) for what, m in generated]
+    rows.append(row(f"ceiling: other held-out text ({c['overlap']:.0%} of its characters also in the reference)", c))
+    rows.append(row("floor: unigram draws of the training split", f))
+    return ["", "## MAUVE", "",
+            f"MAUVE (mauve-text, PCA to 90% of the variance, k-means; Pillutla et al. 2021) of {bounds['num']} "
+            f"continuations of {bounds['new']} characters after held-out prompts of {bounds['prompt_len']}, against the "
+            "held-out continuations of the same prompts, on the independent judge's features (its final normalised "
+            "hidden states averaged over the continuation). gen. ppl: these continuations' perplexity under the judge.",
+            ""] + markdown_table(["text", "MAUVE", "gen. ppl (judge)", "distinct-4", "samples", "clusters"], rows) + [
+            "", "The judge's features tell held-out text from unigram noise: ceiling above floor." if
+            c["mauve"] > f["mauve"] else
+            "**WARNING: MAUVE's ceiling is not above its floor: the judge's features do not tell text from noise.**"]
+
+
+def bounds_lines(judge: dict[str, Any]) -> list[str]:
+    """An evaluation's printed lines on its judge: the run, its held-out BPC, MAUVE's ceiling and floor."""
+    lines = [f"  judge {judge['run']}: held-out BPC {judge['held_out_bpc']:.4f}"]
+    for bound, b in judge.get("bounds", {}).items():
+        if isinstance(b, dict):
+            lines.append(f"  MAUVE {bound}: {b['mauve']:.3f} ({b['num_p']} vs {b['num_q']}, {b['clusters']} clusters)")
+    return lines

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from ..blocks import BridgedDenoiser
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
-from ..judge import (Judge, distinct_n, features, generative_bits, held_out_continuations, longest_repeated_run,
-                     mauve_bounds, require_mauve, resolve_judge, text_quality)
+from ..judge import (Judge, bounds_lines, distinct_n, features, generative_bits, judge_paragraph,
+                     longest_repeated_run, mauve_bounds, mauve_table, prepare_judging, text_quality)
 from ..models.arlm import ARDenoiser, CausalLM, KVCache, swiglu_width
 from ..models.hf_llama import HFTrunk
 from ..noise import Partition, sigma_grid
@@ -687,12 +687,11 @@ class AutoregressiveTask(TextTask):
         prompts = self.held_out_prompts(data.test, options.prompts, cfg.sample.prompt_chars,
                                         ("--prompts", "sample.prompt_chars")).to(options.device)
         P = cfg.sample.prompt_chars
-        mauve_on = options.mauve_prompts > 0 and options.judge != "none"
-        if mauve_on:  # what MAUVE needs, checked before a judge is trained
-            require_mauve()
-            reference, _, _ = held_out_continuations(data.test, options.mauve_prompts, P, options.mauve_new)
-        judge, judge_info = resolve_judge(options.judge, cfg, run_dir, cache_dir=options.cache_dir,
-                                          device=options.device, progress=options.progress)
+        judge, judge_info, reference = prepare_judging(options.judge, cfg, run_dir, data.test,
+                                                       mauve_prompts=options.mauve_prompts, prompt_len=P,
+                                                       new=options.mauve_new, cache_dir=options.cache_dir,
+                                                       device=options.device, progress=options.progress)
+        mauve_on = reference is not None
         windows = evaluation_windows(data.test, cfg.model.seq_len, options.windows).to(options.device)
         first = next_token_likelihood(model, windows, seed=options.seed)
         r: dict[str, Any] = {"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "mode": cfg.model.mode,
@@ -765,11 +764,7 @@ class AutoregressiveTask(TextTask):
         lines = [f"{r['run']}: B={r['num_blocks']} ({r['mode']}), held-out next-token BPC {r['bpc']:.4f} "
                  f"({r['num_windows']} windows of {r['seq_len']})"]
         if "judge" in r:
-            lines.append(f"  judge {r['judge']['run']}: held-out BPC {r['judge']['held_out_bpc']:.4f}")
-            for bound, b in r["judge"].get("bounds", {}).items():
-                if isinstance(b, dict):
-                    lines.append(f"  MAUVE {bound}: {b['mauve']:.3f} ({b['num_p']} vs {b['num_q']}, "
-                                 f"{b['clusters']} clusters)")
+            lines += bounds_lines(r["judge"])
         if "chain_likelihood" in r:
             c = r["chain_likelihood"]
             lines[0] += f" +- {r.get('bpc_se', float('nan')):.4f}: {r.get('bpc_label', '')}"
@@ -865,47 +860,21 @@ def judge_section(configs: dict[int, RunConfig], results: dict[int, dict[str, An
     compared = {Path(r["run"]).resolve() for r in results.values()}
     if Path(judge["run"]).resolve() in compared:
         raise ConfigError(f"the judge {judge['run']} is one of the compared runs: use an independent judge")
-    worse = [f"B={B} ({r['bpc']:.4f})" for B, r in results.items() if not judge["held_out_bpc"] < r["bpc"]]
-    lines = [f"Judge: `{judge['run']}`, a plain causal LM trained on the training split ({judge.get('steps')} steps), "
-             f"never one of the compared runs; its held-out BPC {judge['held_out_bpc']:.4f} over "
-             f"{judge.get('held_out_windows')} windows of {judge.get('seq_len')}.", ""]
-    if worse:
-        lines += [f"**WARNING: the judge's held-out BPC {judge['held_out_bpc']:.4f} is NOT below every judged model's: "
-                  f"{', '.join(worse)}. Its perplexities and MAUVE cannot rank these models.**", ""]
-    return judge, lines
+    return judge, judge_paragraph(judge, [(f"B={B}", r["bpc"]) for B, r in results.items()])
 
 
 def mauve_section(results: dict[int, dict[str, Any]], judge: dict | None,
                   generated: list[tuple[str, dict]] | None = None) -> list[str]:
-    """The report's MAUVE table: each run and bridge against held-out continuations of the same prompts, with the
-    ceiling (held-out against held-out) and floor (unigram draws) rows, each with its sample counts and clusters.
-    generated: (row label, text_quality result) of each generated set, when not every run's and bridge's samples."""
+    """The report's MAUVE table (`judge.mauve_table`): each run and bridge against held-out continuations of the same
+    prompts, with the ceiling and floor rows. generated: (row label, text_quality result) of each generated set, when
+    not every run's and bridge's samples."""
     bounds = (judge or {}).get("bounds")
     if not bounds:
         return []
-    rows = []
-
-    def row(what: str, m: dict) -> dict[str, str]:
-        return {"text": what, "MAUVE": f"{m['mauve']:.3f}", "gen. ppl (judge)": f"{2 ** m['gen_bits']:.2f}",
-                "distinct-4": f"{m['distinct_4']:.3f}" if "distinct_4" in m else "-",
-                "samples": f"{m['num_p']} vs {m['num_q']}", "clusters": str(m["clusters"])}
-
     if generated is None:
         generated = [(f"B={B}, {'plain' if name == 'plain' else 'bridge ' + name}", s["mauve"])
                      for B, r in results.items() for name, s in r["samples"].items() if "mauve" in s]
-    rows += [row(what, m) for what, m in generated]
-    c, f = bounds["ceiling"], bounds["floor"]
-    rows.append(row(f"ceiling: other held-out text ({c['overlap']:.0%} of its characters also in the reference)", c))
-    rows.append(row("floor: unigram draws of the training split", f))
-    ok = c["mauve"] > f["mauve"]
-    return ["", "## MAUVE", "",
-            f"MAUVE (mauve-text, PCA to 90% of the variance, k-means; Pillutla et al. 2021) of {bounds['num']} "
-            f"continuations of {bounds['new']} characters after held-out prompts of {bounds['prompt_len']}, against the "
-            "held-out continuations of the same prompts, on the independent judge's features (its final normalised "
-            "hidden states averaged over the continuation). gen. ppl: these continuations' perplexity under the judge.",
-            ""] + markdown_table(["text", "MAUVE", "gen. ppl (judge)", "distinct-4", "samples", "clusters"], rows) + [
-            "", "The judge's features tell held-out text from unigram noise: ceiling above floor." if ok else
-            "**WARNING: MAUVE's ceiling is not above its floor: the judge's features do not tell text from noise.**"]
+    return mauve_table(bounds, generated)
 
 
 def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],

@@ -27,8 +27,8 @@ import torch
 from matplotlib.figure import Figure
 
 from ..config import ConfigError, RunConfig, check_choice
-from ..judge import (distinct_n, features, generative_bits, held_out_continuations, longest_repeated_run, mauve_bounds,
-                     require_mauve, resolve_judge, text_quality)
+from ..judge import (bounds_lines, distinct_n, features, generative_bits, longest_repeated_run, mauve_bounds,
+                     prepare_judging, text_quality)
 from ..models.arlm import swiglu_width
 from ..models.hf_llama import HFMaskedDiffusion
 from ..models.layers import take_layers
@@ -336,14 +336,12 @@ class MaskedDiffusionTask(TextTask):
         model, cfg = from_pretrained(run_dir, options.device)
         data = self.load_run_data(cfg, run_dir)
         L, P = cfg.model.seq_len, options.mauve_prompt_chars
-        mauve_on = options.mauve_prompts > 0 and options.judge.lower() != "none"
-        if mauve_on:  # what MAUVE needs, checked before a judge is trained
-            if not 1 <= P < L:
-                raise ConfigError(f"--mauve-prompt-chars must be at least 1 and below model.seq_len={L}, got {P}")
-            require_mauve()
-            reference, _, _ = held_out_continuations(data.test, options.mauve_prompts, P, L - P)
-        judge, judge_info = resolve_judge(options.judge, cfg, run_dir, cache_dir=options.cache_dir,
-                                          device=options.device, progress=options.progress)
+        if options.mauve_prompts > 0 and options.judge.lower() != "none" and not 1 <= P < L:
+            raise ConfigError(f"--mauve-prompt-chars must be at least 1 and below model.seq_len={L}, got {P}")
+        judge, judge_info, reference = prepare_judging(
+            options.judge, cfg, run_dir, data.test, mauve_prompts=options.mauve_prompts, prompt_len=P, new=L - P,
+            cache_dir=options.cache_dir, device=options.device, progress=options.progress)
+        mauve_on = reference is not None
         windows = held_out_windows(data.test, cfg.model.seq_len)
         windows = windows[:options.windows] if options.windows else windows
         t0 = time.perf_counter()
@@ -391,12 +389,9 @@ class MaskedDiffusionTask(TextTask):
         for b, (bits, (lo, hi)) in enumerate(zip(r["bpc_per_block"], r["partition"])):
             lines.append(f"  block {b} (t {lo:.3g}-{hi:.3g}): {bits:.4f} bits per character")
         if "judge" in r:
-            lines.append(f"  judge {r['judge']['run']}: held-out BPC {r['judge']['held_out_bpc']:.4f}; the samples' "
-                         f"perplexity under it {r['gen_ppl']:.2f}")
-            for bound, b in r["judge"].get("bounds", {}).items():
-                if isinstance(b, dict):
-                    lines.append(f"  MAUVE {bound}: {b['mauve']:.3f} ({b['num_p']} vs {b['num_q']}, "
-                                 f"{b['clusters']} clusters)")
+            about_judge = bounds_lines(r["judge"])
+            about_judge[0] += f"; the samples' perplexity under it {r['gen_ppl']:.2f}"
+            lines += about_judge
         if "mauve" in r:
             m = r["mauve"]
             lines.append(f"  MAUVE {m['mauve']:.3f} ({m['num_p']} windows completed after {m['prompt_len']} held-out "

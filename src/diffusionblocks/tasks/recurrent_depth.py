@@ -26,8 +26,7 @@ from typing import Any
 import torch
 
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
-from ..judge import (features, generative_bits, held_out_continuations, mauve_bounds, require_mauve, resolve_judge,
-                     text_quality)
+from ..judge import features, generative_bits, mauve_bounds, prepare_judging, text_quality
 from ..models.recurrent import HuginnLM, RecurrentDenoiser, lognormal_poisson
 from ..noise import Partition
 from ..options import EvaluateOptions, SampleOptions, option
@@ -264,12 +263,11 @@ class RecurrentDepthTask(TextTask):
         data = self.load_run_data(cfg, run_dir)
         P = cfg.sample.prompt_chars
         mauve_Ks = [K for K in Ks if K in _integers("--mauve-iterations", options.mauve_iterations)]
-        mauve_on = options.mauve_prompts > 0 and options.judge.lower() != "none" and bool(mauve_Ks)
-        if mauve_on:  # what MAUVE needs, checked before a judge is trained
-            require_mauve()
-            reference, _, _ = held_out_continuations(data.test, options.mauve_prompts, P, options.mauve_new)
-        judge, judge_info = resolve_judge(options.judge, cfg, run_dir, cache_dir=options.cache_dir,
-                                          device=options.device, progress=options.progress)
+        judge, judge_info, reference = prepare_judging(
+            options.judge, cfg, run_dir, data.test, mauve_prompts=options.mauve_prompts if mauve_Ks else 0,
+            prompt_len=P, new=options.mauve_new, cache_dir=options.cache_dir, device=options.device,
+            progress=options.progress)
+        mauve_on = reference is not None
         windows = evaluation_windows(data.test, cfg.model.seq_len, options.windows).to(options.device)
         prompts = self.held_out_prompts(data.test, options.prompts, cfg.sample.prompt_chars,
                                         ("--prompts", "sample.prompt_chars")).to(options.device)
