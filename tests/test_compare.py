@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import TINY
 
-from diffusionblocks.cli import main
+from diffusionblocks.cli import compared_blocks, main
 from diffusionblocks.config import even_split
 
 
@@ -41,9 +41,12 @@ def test_compare_writes_every_file_of_the_report(tmp_path, cache, capsys):
     # An existing report directory is not overwritten; --resume trains nothing new and rewrites the report.
     assert main(["compare", "--out", str(out), *TINY]) == 2
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("B*/block_*.safetensors")}
-    assert main(["compare", "--out", str(out), "--resume", "--num", "20", "--num-blocks", "2,3",
-                 "--cache-dir", str(cache), "--no-progress"]) == 0
+    # Without --num-blocks, --resume compares the B's the comparison has (never the default 2,3,4: no B=4).
+    assert main(["compare", "--out", str(out), "--resume", "--num", "20", "--cache-dir", str(cache),
+                 "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("B*/block_*.safetensors")} == mtimes
+    assert not (out / "B4").exists() and compared_blocks(str(out), True) == "2,3"
+    assert compared_blocks(str(out), False) == "2,3,4" and compared_blocks(str(tmp_path / "none"), True) == "2,3,4"
 
 
 def test_evaluate_command(tmp_path, cache, capsys):

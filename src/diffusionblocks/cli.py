@@ -61,11 +61,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     logger.info("wrote %s", evaluated.out)
 
 
+def compared_blocks(out: str | None, resume: bool) -> str:
+    """compare's default --num-blocks: on --resume the B's the comparison in `out` has (its configs/B*.json besides
+    B=1), so that resuming never trains a B the comparison did not have; else 2,3,4."""
+    found = sorted(int(p.stem[1:]) for p in Path(out).glob("configs/B*.json") if p.stem[1:].isdigit()) if (
+        resume and out) else []
+    return ",".join(str(B) for B in found if B != 1) or "2,3,4"
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
+    spec = args.num_blocks or compared_blocks(args.out, args.resume)
     try:
-        num_blocks = [int(b) for b in args.num_blocks.split(",") if b.strip()]
+        num_blocks = [int(b) for b in spec.split(",") if b.strip()]
     except ValueError:
-        raise ConfigError(f"--num-blocks {args.num_blocks!r} is not a comma-separated list of integers") from None
+        raise ConfigError(f"--num-blocks {spec!r} is not a comma-separated list of integers") from None
     if args.resume and args.out and (Path(args.out) / "config.json").is_file():
         if args.config or args.overrides:
             raise ConfigError("--resume continues a comparison with its own config.json; do not pass --config or overrides")
@@ -260,7 +269,8 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides for every run")
     p.add_argument("--config", help="JSON config file (see presets/)")
-    p.add_argument("--num-blocks", default="2,3,4", help="values of B to compare with B=1")
+    p.add_argument("--num-blocks", help="values of B to compare with B=1 (default: 2,3,4; on --resume, the "
+                   "comparison's own)")
     p.add_argument("--num", type=int, default=1000, help="samples per run for the metrics")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (the same for every run)")
     p.add_argument("--out", help="report directory (default: a new numbered directory under --runs-root)")
