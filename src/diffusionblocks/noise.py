@@ -13,9 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+import numpy as np
 import torch
+from sklearn.isotonic import IsotonicRegression
 
 _f64 = torch.float64
+PARTITIONS = ("equiprobable", "uniform", "balanced")
 
 
 def _t(x: float) -> torch.Tensor:
@@ -286,27 +289,39 @@ class Partition:
     Args:
         axis: the noise axis and its training density.
         num_blocks: B.
-        kind: "equiprobable" (equal training mass per block, the default) or "uniform" (equal width in
-            the axis' natural coordinate, e.g. ln sigma: the paper's ablation).
+        kind: "equiprobable" (equal training mass per block, the default), "uniform" (equal width in
+            the axis' natural coordinate, e.g. ln sigma: the paper's ablation) or "balanced" (the inner
+            boundaries given by `fitted`: equal shares of a measured curve, `balanced_boundaries`).
         gamma: overlap; each block's training range is widened by gamma of its width in that coordinate.
+        fitted: "balanced" only: the B - 1 inner boundaries, ascending, inside (axis.lo, axis.hi).
     """
 
     axis: NoiseAxis
     num_blocks: int
     kind: str = "equiprobable"
     gamma: float = 0.05
+    fitted: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1, got {self.num_blocks}")
-        if self.kind not in ("equiprobable", "uniform"):
+        if self.kind not in PARTITIONS:
             raise ValueError(f"unknown partition kind {self.kind!r}")
+        if (self.kind == "balanced") != (self.fitted is not None):
+            raise ValueError("a 'balanced' partition is given its fitted inner boundaries, and no other kind is")
+        if self.fitted is not None:
+            s = [self.axis.lo, *self.fitted, self.axis.hi]
+            if len(self.fitted) != self.num_blocks - 1 or any(a >= b for a, b in zip(s, s[1:])):
+                raise ValueError(f"the fitted boundaries {list(self.fitted)} are not {self.num_blocks - 1} ascending "
+                                 f"levels inside ({self.axis.lo}, {self.axis.hi})")
 
     @property
     def boundaries(self) -> torch.Tensor:
         """s_0 < s_1 < ... < s_B, ascending, float64, with s_0 = lo and s_B = hi exactly."""
         a, B = self.axis, self.num_blocks
         k = torch.arange(B + 1, dtype=_f64)
+        if self.kind == "balanced":
+            return torch.tensor([a.lo, *self.fitted, a.hi], dtype=_f64)
         if self.kind == "equiprobable":
             # s_k = exp(P_mean + P_std * Phi^-1(q_min + (q_max - q_min) * k / B))
             q_min, q_max = a.cdf(_t(a.lo)), a.cdf(_t(a.hi))
@@ -353,6 +368,64 @@ class Partition:
     def _check_block(self, b: int) -> None:
         if not 0 <= b < self.num_blocks:
             raise IndexError(f"block {b} out of range for {self.num_blocks} blocks")
+
+
+@dataclass(frozen=True)
+class RemainingCurve:
+    """What is still undecided at each noise level, fitted non-decreasing toward more noise over the axis' coordinate
+    w = warp(s) (ln sigma, or t): for discrete targets the held-out cross-entropy at s (the bits still undecided),
+    for continuous ones the information still to be revealed, I(snr) = 1/2 int_snr^inf mmse (method.md section 8).
+    The fit is isotonic regression (the closest non-decreasing curve in weighted least squares), linear between the
+    measured levels and constant beyond them."""
+
+    w: torch.Tensor  # (n,) the measured levels' coordinates, ascending, float64
+    R: torch.Tensor  # (n,) the fitted curve there, non-decreasing
+
+    @classmethod
+    def fit(cls, axis: NoiseAxis, levels: torch.Tensor, remaining: torch.Tensor,
+            weights: torch.Tensor | None = None) -> RemainingCurve:
+        """The fitted curve of measurements `remaining` (n,) at noise levels `levels` (n,), optionally weighted."""
+        w = axis.warp(torch.as_tensor(levels, dtype=_f64)).cpu().numpy()
+        y = torch.as_tensor(remaining, dtype=_f64).cpu().numpy()
+        if w.shape != y.shape or w.ndim != 1 or len(w) < 2 or not (np.isfinite(w).all() and np.isfinite(y).all()):
+            raise ValueError("a remaining curve needs at least two finite (level, value) pairs of the same length")
+        sw = None if weights is None else torch.as_tensor(weights, dtype=_f64).cpu().numpy()
+        order = np.argsort(w, kind="stable")
+        R = IsotonicRegression(increasing=True).fit_transform(w[order], y[order],
+                                                              sample_weight=None if sw is None else sw[order])
+        w_u, first = np.unique(w[order], return_index=True)  # repeated levels share one fitted value
+        return cls(torch.from_numpy(w_u), torch.from_numpy(R[first]))
+
+    def __call__(self, s: torch.Tensor, axis: NoiseAxis) -> torch.Tensor:
+        """R at noise levels s."""
+        return interp(axis.warp(torch.as_tensor(s, dtype=_f64)), self.w, self.R)
+
+    def shares(self, partition: Partition) -> list[float]:
+        """The share of the decision each block's range removes, block 0 (the noisiest) first; they add up to 1."""
+        R = self(partition.boundaries, partition.axis)  # at s_0 < ... < s_B
+        total = float(R[-1] - R[0])
+        if total <= 0:
+            raise ValueError("the fitted curve is flat over the axis: nothing is decided anywhere")
+        return [float(R[k + 1] - R[k]) / total for k in reversed(range(partition.num_blocks))]
+
+
+def balanced_boundaries(axis: NoiseAxis, curve: RemainingCurve, num_blocks: int) -> tuple[float, ...]:
+    """The inner boundaries s_1 < ... < s_{B-1} at equal shares of the curve: R(s_k) = R(lo) + k / B (R(hi) - R(lo)),
+    inverted linearly between the measured levels (a step in R puts a boundary inside the step)."""
+    ends = curve(torch.tensor([axis.lo, axis.hi], dtype=_f64), axis)
+    if float(ends[1] - ends[0]) <= 0:
+        raise ValueError("the fitted curve is flat over the axis: nothing to balance")
+    w_lo, w_hi = axis.warp(torch.tensor(axis.lo, dtype=_f64)), axis.warp(torch.tensor(axis.hi, dtype=_f64))
+    inside = (curve.w > w_lo) & (curve.w < w_hi)
+    w = torch.cat([w_lo[None], curve.w[inside], w_hi[None]])  # the curve's knots over [lo, hi]
+    R = torch.cat([ends[:1], curve.R[inside], ends[1:]])
+    out = []
+    for k in range(1, num_blocks):
+        y = ends[0] + k / num_blocks * (ends[1] - ends[0])
+        j = int(torch.searchsorted(R, y))  # the first knot with R >= y, so R[j - 1] < y <= R[j]
+        wk = w[j - 1] + (y - R[j - 1]) / (R[j] - R[j - 1]) * (w[j] - w[j - 1])
+        out.append(float(axis.unwarp(wk)))
+    return tuple(out)
 
 
 def append_zero(x: torch.Tensor) -> torch.Tensor:

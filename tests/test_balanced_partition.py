@@ -1,0 +1,73 @@
+"""The fitted ("balanced") partition: boundaries at equal shares of a measured curve of what remains undecided."""
+
+import math
+
+import pytest
+import torch
+
+from diffusionblocks.noise import LogNormalSigma, MaskingTime, Partition, RemainingCurve, balanced_boundaries
+
+AXIS = LogNormalSigma()
+LEVELS = torch.logspace(math.log10(0.002), math.log10(80), 41, dtype=torch.float64)  # 41 levels over the axis
+
+
+@pytest.mark.parametrize("B", [2, 3, 4])
+def test_a_curve_linear_in_log_sigma_gives_equal_widths_in_log_sigma(B):
+    curve = RemainingCurve.fit(AXIS, LEVELS, 3.0 + 0.5 * LEVELS.log())
+    fitted = balanced_boundaries(AXIS, curve, B)
+    uniform = Partition(AXIS, B, kind="uniform").boundaries[1:-1]
+    assert torch.allclose(torch.tensor(fitted, dtype=torch.float64), uniform, rtol=1e-9)
+    assert curve.shares(Partition(AXIS, B, kind="balanced", fitted=fitted)) == pytest.approx([1 / B] * B, abs=1e-9)
+
+
+def test_steps_in_the_curve_put_the_boundaries_inside_the_steps():
+    # Two steps of one bit each, at sigma 0.1 and 3: B = 3 cuts at R = 2/3 and 4/3, inside each step.
+    R = (LEVELS > 0.1).double() + (LEVELS > 3.0).double()
+    s1, s2 = balanced_boundaries(AXIS, RemainingCurve.fit(AXIS, LEVELS, R), 3)
+    for s, step in ((s1, 0.1), (s2, 3.0)):
+        below, above = LEVELS[LEVELS <= step].max(), LEVELS[LEVELS > step].min()
+        assert below < s < above
+    # The equal-density partition (0.1796, 0.5050) gives each step to an end block and nothing to the middle one.
+    shares = RemainingCurve.fit(AXIS, LEVELS, R).shares(Partition(AXIS, 3))
+    assert shares == pytest.approx([0.5, 0.0, 0.5], abs=1e-9)
+
+
+def test_noisy_measurements_are_fitted_non_decreasing_and_shares_add_up():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.sigmoid(2 * (LEVELS.log() + 1))  # the decision made around sigma = exp(-1)
+    curve = RemainingCurve.fit(AXIS, LEVELS, truth + 0.05 * torch.randn(len(LEVELS), generator=g, dtype=torch.float64))
+    assert (curve.R.diff() >= 0).all()
+    fitted = balanced_boundaries(AXIS, curve, 4)
+    p = Partition(AXIS, 4, kind="balanced", fitted=fitted)
+    assert sum(curve.shares(p)) == pytest.approx(1.0)
+    assert curve.shares(p) == pytest.approx([0.25] * 4, abs=1e-9)
+    # The sigmoid's middle half lies within about +-0.55 of ln sigma = -1: the inner boundaries close around it.
+    assert all(abs(math.log(s) + 1) < 1.2 for s in fitted)
+
+
+def test_owner_routes_by_the_fitted_boundaries():
+    p = Partition(AXIS, 3, kind="balanced", fitted=(0.05, 2.0))
+    s = torch.tensor([0.01, 0.049, 0.05, 0.5, 1.99, 2.0, 50.0])
+    # Block 0 owns the noisiest range; a level on a boundary belongs to the noisier block.
+    assert p.owner(s).tolist() == [2, 2, 1, 1, 1, 0, 0]
+    assert p.block_range(0) == (2.0, 80.0) and p.block_range(2) == (0.002, 0.05)
+
+
+def test_masking_time_axis_is_balanced_in_t():
+    axis = MaskingTime()
+    t = torch.linspace(0, 1, 21, dtype=torch.float64)
+    fitted = balanced_boundaries(axis, RemainingCurve.fit(axis, t, t ** 2), 2)  # half the bits above t = 1/sqrt(2)
+    assert fitted[0] == pytest.approx(math.sqrt(0.5), abs=0.01)
+
+
+@pytest.mark.parametrize("kwargs", [dict(kind="balanced"), dict(kind="balanced", fitted=(0.5,)),
+                                    dict(kind="balanced", fitted=(2.0, 0.5)), dict(kind="balanced", fitted=(0.5, 90.0)),
+                                    dict(kind="equiprobable", fitted=(0.5, 2.0))])
+def test_bad_fitted_boundaries_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        Partition(AXIS, 3, **kwargs)
+
+
+def test_a_flat_curve_is_refused():
+    with pytest.raises(ValueError, match="flat"):
+        balanced_boundaries(AXIS, RemainingCurve.fit(AXIS, LEVELS, torch.ones_like(LEVELS)), 3)
