@@ -114,13 +114,20 @@ def test_generation_with_the_cache_equals_generation_without_it(bridge, greedy):
     assert torch.equal(one[0], fast[1])  # a sample does not depend on its batch
 
 
-def test_the_plain_baseline_generates_the_same_with_and_without_the_cache():
-    g = torch.Generator().manual_seed(4)
+def perturbed_causal_lm(g: torch.Generator, scale: float) -> CausalLM:
+    """A tiny plain LM (11 tokens, width 16, 2 layers) initialised from g, every weight moved by scale * N(0, 1) so
+    that no layer is the identity its zero-initialised gates start as."""
     m = CausalLM(11, hidden_size=16, depth=2, num_heads=2)
     m.initialize_weights(g)
     with torch.no_grad():
         for p in m.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return m
+
+
+def test_the_plain_baseline_generates_the_same_with_and_without_the_cache():
+    g = torch.Generator().manual_seed(4)
+    m = perturbed_causal_lm(g, 0.2)
     prompts = torch.randint(11, (2, 3), generator=g)
     a = generate_plain(m, prompts, 12, window=6, seeds=[1, 2], temperature=1.0)
     b = generate_plain(m, prompts, 12, window=6, seeds=[1, 2], cache=False, temperature=1.0)
@@ -205,11 +212,7 @@ def test_next_token_bits_of_a_plain_model_is_its_cross_entropy_prefix_by_prefix(
     """The baseline's bits against a computation of each token's probability from its own prefix alone (position j's
     logits are token j + 1's distribution), and their standard error over the windows by hand."""
     g = torch.Generator().manual_seed(8)
-    m = CausalLM(11, hidden_size=16, depth=2, num_heads=2)
-    m.initialize_weights(g)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    m = perturbed_causal_lm(g, 0.3)
 
     class Run:
         blocks = [m.eval()]
