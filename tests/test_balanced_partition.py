@@ -71,3 +71,25 @@ def test_bad_fitted_boundaries_are_refused(kwargs):
 def test_a_flat_curve_is_refused():
     with pytest.raises(ValueError, match="flat"):
         balanced_boundaries(AXIS, RemainingCurve.fit(AXIS, LEVELS, torch.ones_like(LEVELS)), 3)
+
+
+@pytest.mark.parametrize("kind", ["equiprobable", "uniform"])
+@pytest.mark.parametrize("per_block", [1, 2, 5])
+def test_the_block_grid_gives_each_block_its_own_steps(kind, per_block):
+    from diffusionblocks.noise import sigma_grid, steps_per_block
+    p = Partition(AXIS, 3, kind=kind)
+    s = sigma_grid(AXIS, 3 * per_block, "blocks", partition=p)
+    assert s[0] == AXIS.hi and s[-1] == 0 and bool((s.diff() < 0).all())
+    assert steps_per_block(p, s) == [per_block] * 3
+    assert float(s[:-1].min()) > AXIS.lo  # no step where a block returns its input
+    with pytest.raises(ValueError, match="partition"):
+        sigma_grid(AXIS, 3, "blocks")
+
+
+def test_decision_shares_split_what_the_chain_removes_by_block():
+    from diffusionblocks.report import decision_shares
+    # 6 bits at the start; block 0 takes it to 2.5 in two steps, block 1 to 2.4, block 2 back up to 2.5.
+    rows = decision_shares(6.0, [3.0, 2.5, 2.4, 2.5], [0, 0, 1, 2])
+    assert [(r["block"], r["steps"]) for r in rows] == [(0, 2), (1, 1), (2, 1)]
+    assert [r["share"] for r in rows] == pytest.approx([3.5 / 3.5, 0.1 / 3.5, -0.1 / 3.5])
+    assert sum(r["removed"] for r in rows) == pytest.approx(6.0 - 2.5)

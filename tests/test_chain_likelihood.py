@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import diffusionblocks.tasks.autoregressive as ar
+from diffusionblocks.config import ConfigError
 from diffusionblocks.blocks import BlockwiseDenoiser
 from diffusionblocks.models.arlm import ARDenoiser
 from diffusionblocks.tasks import apply_overrides, default_config, get_task
@@ -232,3 +233,29 @@ def test_a_draw_that_carries_all_of_q_keeps_the_bias_bounded():
     assert r["bits"] == pytest.approx(-math.log2(0.2))
     assert 0 < r["bias"] <= 1 / (2 * math.log(2)) + 1e-12
     assert math.isfinite(r["se_estimator"]) and r["se_estimator"] > 0
+
+
+def test_more_steps_than_blocks_on_the_block_grid_route_each_step_to_its_owner_and_keep_the_conditional():
+    """B=3, 6 steps on the per-block grid: two steps inside each block's range (none on an inner boundary or at
+    sigma_min), each evaluated by the block that owns its sigma, and the chain's next-token distribution still the
+    true conditional."""
+    E, log_p = _source()
+    model = _chain(3, [log_p] * 3, E)
+    sigmas = ar.chain_grid(model, 6, "blocks")[:-1]
+    inner = model.partition.boundaries[1:-1]
+    assert not any(torch.isclose(sigmas, s).any() for s in inner) and float(sigmas.min()) > model.partition.axis.lo
+    x = _windows(log_p, 32, 16)
+    r = ar.chain_likelihood(model, x, steps=6, grid="blocks", draws=32, top_k=2, seed=3)
+    assert abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]
+    for b, block in enumerate(model.blocks):
+        seen = torch.cat(block.sigmas).float().unique()
+        assert bool((model.partition.owner(seen) == b).all())
+        assert torch.allclose(seen, sigmas[model.partition.owner(sigmas) == b].float().unique())
+        assert len(seen) == 2
+
+
+def test_the_block_grid_needs_a_multiple_of_the_blocks():
+    with pytest.raises(ConfigError, match="not a multiple of 3"):
+        ar.chain_grid(_chain(3, [_source()[1]] * 3, _source()[0]), 4, "blocks")
+    with pytest.raises(ConfigError, match="not a multiple of blocks.num_blocks=3"):
+        apply_overrides(default_config("arlm"), ["sample.grid=blocks", "sample.steps=4"])

@@ -87,6 +87,20 @@ def test_inference_runs_each_block_once_highest_noise_first(cfg):
     assert blocks[0].calls[0] == 80 and blocks[2].calls[0] == pytest.approx(0.002)
 
 
+def test_more_steps_than_blocks_on_the_block_grid_run_each_block_at_its_own_levels(cfg):
+    """6 steps on the per-block grid: each block twice, inside its own range, the last step above sigma_min."""
+    from diffusionblocks.blocks import BlockwiseDenoiser
+
+    blocks = [Counting(get_task(cfg.task).build_block(cfg, b, torch.Generator().manual_seed(b))) for b in range(3)]
+    model = BlockwiseDenoiser(blocks, get_task(cfg.task).partition(cfg))
+    logits = chain_logits(model, torch.randn(5, 1, 8, 8), 6, "blocks")
+    assert len(logits) == 6 and [len(b.calls) for b in blocks] == [2, 2, 2]
+    for b, block in enumerate(blocks):
+        lo, hi = model.partition.block_range(b)
+        assert all(lo < s <= hi for s in block.calls) and len(set(block.calls)) == 2
+    assert blocks[0].calls[0] == 80 and min(blocks[2].calls) > 0.002
+
+
 def test_sequential_and_interleaved_give_identical_blocks(cfg, digits):
     assert_schedules_agree(cfg, digits.train)
 
@@ -124,6 +138,8 @@ def test_save_load_exact_and_short_training_beats_chance(tmp_path, capsys):
     r = evaluate_classifier(run)
     assert r["top1"] > 0.3  # chance is 0.1 (measured: 0.58)
     assert [b["block"] for b in r["per_block"]] == [0, 1, 2]
+    assert [b["block"] for b in r["decision"]["chain"]] == [0, 1, 2]
+    assert sum(b["share"] for b in r["decision"]["chain"]) == pytest.approx(1)
     model, cfg = pretrained.from_pretrained(run)
     again, _ = pretrained.from_pretrained(run)
     x = load_image_data(cfg.data).test.images[:16]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import ConfigError
+from .noise import PARTITIONS
 
 __all__ = ["BlocksConfig", "ConfigError", "NoiseConfig", "PARAMETERIZATIONS", "ParameterizedNoiseConfig", "PRECISIONS",
            "RunConfig", "TrainConfig", "check_choice", "even_split", "overridden", "read_config_file", "switched_task",
@@ -93,9 +94,15 @@ class ParameterizedNoiseConfig(NoiseConfig):
 @dataclass(frozen=True)
 class BlocksConfig:
     num_blocks: int = 3                    # B. B = 1 is ordinary end-to-end diffusion training.
-    partition: str = "equiprobable"        # "equiprobable" (equal training mass) or "uniform" (equal width in ln sigma).
+    partition: str = "equiprobable"        # "equiprobable" (equal training mass), "uniform" (equal width in ln sigma)
+                                           # or "balanced" (equal shares of what remains undecided, fitted by a pilot).
     gamma: float = 0.05                    # Overlap: each block trains on its range widened by gamma of its log-width.
     layers_per_block: tuple[int, ...] | None = None  # Explicit split of model.depth; None = even split.
+    boundaries: tuple[float, ...] | None = None  # "balanced": the B - 1 fitted inner boundaries, ascending; None
+                                                 # until the pilot writes them into the run's config.
+    pilot_steps: int = 0                   # "balanced": the pilot's end-to-end steps (0: train.steps_per_block / 4).
+    pilot_levels: int = 24                 # "balanced": noise levels the pilot's curve is measured at.
+    pilot_examples: int = 512              # "balanced": held-out examples measured at each level.
 
 
 @dataclass(frozen=True)
@@ -212,7 +219,18 @@ class RunConfig:
             if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
                 section.validate()
         b = self.blocks
-        check_choice("blocks.partition", b.partition, ("equiprobable", "uniform"))
+        check_choice("blocks.partition", b.partition, PARTITIONS)
+        if b.boundaries is not None:
+            s = list(b.boundaries)
+            if b.partition != "balanced":
+                raise ConfigError(f"blocks.boundaries are a fitted partition's; blocks.partition is {b.partition!r}")
+            if len(s) != b.num_blocks - 1 or any(lo >= hi for lo, hi in zip(s, s[1:])):
+                raise ConfigError(f"blocks.boundaries {s} must be blocks.num_blocks - 1 = {b.num_blocks - 1} "
+                                  "ascending noise levels")
+        for name, value, least in [("blocks.pilot_steps", b.pilot_steps, 0), ("blocks.pilot_levels", b.pilot_levels, 4),
+                                   ("blocks.pilot_examples", b.pilot_examples, 1)]:
+            if value < least:
+                raise ConfigError(f"{name} must be at least {least}, got {value}")
         for name, value in [("model.depth", self.model.depth), ("blocks.num_blocks", b.num_blocks)]:
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")

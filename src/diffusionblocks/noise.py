@@ -462,10 +462,41 @@ def _karras_grid(axis: NoiseAxis, n: int, rho: float) -> torch.Tensor:
 GRIDS: dict[str, Callable[[NoiseAxis, int, float], torch.Tensor]] = {"quantile": _quantile_grid, "karras": _karras_grid}
 
 
-def sigma_grid(axis: NoiseAxis, steps: int, grid: str = "quantile", rho: float = 7.0) -> torch.Tensor:
-    """The inference grid named `grid` (GRIDS): descending noise levels ending in 0 (method.md section 4)."""
+def get_sigmas_blocks(partition: Partition, n: int) -> torch.Tensor:
+    """n levels, n / B inside each block's range, descending, then 0 (issue 28): each block its own steps, evenly
+    spaced in the axis' coordinate at the middles of n / B equal stretches of its range, except that the chain
+    starts at the top of the axis. No step falls on an inner boundary (which belongs to the noisier block) nor at the
+    lowest level, where a block returns its input."""
+    B, a = partition.num_blocks, partition.axis
+    if n < 1 or n % B:
+        raise ValueError(f"the per-block grid gives each of the {B} blocks as many steps: {n} steps are not a "
+                         f"multiple of {B}")
+    k = n // B
+    mid = (torch.arange(k, dtype=_f64) + 0.5) / k  # (k,): fractions of a block's width below its top
+    levels = []
+    for b in range(B):
+        w_lo, w_hi = (a.warp(_t(v)) for v in partition.block_range(b))
+        levels.append(a.unwarp(w_hi - mid * (w_hi - w_lo)))
+    s = torch.cat(levels)
+    s[0] = a.hi
+    return append_zero(s)
+
+
+# A grid that needs the partition, not only the axis: each block's steps inside its own range.
+BLOCK_GRID = "blocks"
+GRID_NAMES = (*GRIDS, BLOCK_GRID)
+
+
+def sigma_grid(axis: NoiseAxis, steps: int, grid: str = "quantile", rho: float = 7.0,
+               partition: Partition | None = None) -> torch.Tensor:
+    """The inference grid named `grid` (GRID_NAMES): descending noise levels ending in 0 (method.md section 4);
+    "blocks" is the partition's (`get_sigmas_blocks`)."""
+    if grid == BLOCK_GRID:
+        if partition is None or partition.axis != axis:
+            raise ValueError("the per-block grid needs the partition of the axis")
+        return get_sigmas_blocks(partition, steps)
     if grid not in GRIDS:
-        raise ValueError(f"unknown sigma grid {grid!r} (known: {', '.join(GRIDS)})")
+        raise ValueError(f"unknown sigma grid {grid!r} (known: {', '.join(GRID_NAMES)})")
     return GRIDS[grid](axis, steps, rho)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, distributed, precision, rundir
+from . import checkpoint, distributed, pilot, precision, rundir
 from .changes import FROM, RESUME, changeable, first_difference, refused_overrides
 from .compose import copy_block, source_record
 from .config import ConfigError, RunConfig
@@ -353,8 +353,8 @@ def _discard_untrained(prepared: _Prepared, B: int) -> None:
     """Removes a run directory this command created when it failed before any block was checkpointed,
     so that the corrected command starts afresh. Only when no other job holds a block of it."""
     run_dir = prepared.run_dir
-    if not prepared.created or not run_dir.is_dir() or _has_block_files(run_dir):
-        return
+    if not prepared.created or not run_dir.is_dir() or _has_block_files(run_dir) or (run_dir / pilot.PILOT_DIR).is_dir():
+        return  # blocks, or a balanced partition's pilot: training time a user keeps
     try:
         for b in range(B):
             prepared.claims.claim(b)
@@ -424,6 +424,11 @@ def train_run(config: RunConfig | str | Path | None = None, out: str | Path | No
                 raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split evenly over the {k} "
                                   f"data-parallel ranks of a block ({world} ranks for {len(chosen)} block(s))")
     task = get_task(cfg.task)
+    pilot.check_pilot(task, cfg)
+    if pilot.needs_pilot(cfg) and (named or distributed.launched_by_torchrun()):
+        raise ConfigError("a balanced partition is fitted by one pilot before any block trains, which block-wise jobs "
+                          "and torchrun ranks cannot share: train the run once without --blocks or torchrun, or give "
+                          "blocks.boundaries (a fitted run's partition.json has them)")
     source = _data_run(out, resume, from_, named)
     data = task.load_run_data(cfg, source) if source is not None else task.load_data(cfg)  # raises when it does
     task.check_after_training(cfg, data)  # not fit the model, or what the finished run does with it cannot be done
@@ -446,6 +451,9 @@ def train_run(config: RunConfig | str | Path | None = None, out: str | Path | No
         run_dir, todo, init_from = found
         if on_run_dir is not None:
             on_run_dir(run_dir)
+        if pilot.needs_pilot(cfg):  # one process (checked above)
+            cfg = pilot.fit_partition(task, cfg, run_dir, device, lambda c, d: _train_pilot(c, d, device, progress))
+            rundir.save_config(run_dir, cfg)
         if rank == 0:
             task.prepare_run(cfg, run_dir, data)
             logger.info("run directory: %s", run_dir)
@@ -468,6 +476,16 @@ def train_run(config: RunConfig | str | Path | None = None, out: str | Path | No
             prepared.claims.release()
         distributed.shutdown()
     return Path(run_dir)
+
+
+def _train_pilot(cfg: RunConfig, pilot_dir: Path, device: torch.device, progress: bool) -> None:
+    """Trains a balanced partition's pilot run, or resumes it where an earlier attempt stopped."""
+    if (pilot_dir / "train_summary.json").is_file():
+        return
+    if (pilot_dir / "config.json").is_file():
+        train_run(resume=pilot_dir, device=device, progress=progress)
+    else:
+        train_run(cfg, out=pilot_dir, device=device, progress=progress)
 
 
 def replace_train(cfg: RunConfig, **fields: Any) -> RunConfig:
@@ -679,6 +697,11 @@ def run_status(run_dir: str | Path) -> str:
     progress = [checkpoint.progress(run, b, cfg) for b in range(B)]
     lines = [f"{run}: {cfg.name}, B={B} blocks of {list(cfg.layer_split())} layers, "
              f"{total} steps per block, {cfg.train.schedule} schedule"]
+    if pilot.needs_pilot(cfg):
+        return "\n".join(lines + [f"  the balanced partition's pilot has not finished ({run / pilot.PILOT_DIR}): "
+                                   f"--resume {run} trains it, fits the boundaries, then trains the blocks"])
+    if cfg.blocks.partition == "balanced":
+        lines.append(f"  {pilot.describe(run)}")
     done, missing, todo, stuck = [], [], [], []
     task = get_task(cfg.task)
     noise, partition = task.noise_symbol, task.partition(cfg)

@@ -44,11 +44,12 @@ from ..judge import (Judge, bounds_lines, distinct_n, features, generative_bits,
                      longest_repeated_run, mauve_bounds, mauve_table, prepare_judging, text_quality)
 from ..models.arlm import ARDenoiser, CausalLM, KVCache, swiglu_width
 from ..models.hf_llama import HFTrunk
-from ..noise import Partition, sigma_grid
+from ..noise import BLOCK_GRID, GRID_NAMES, Partition, sigma_grid
 from ..options import EvaluateOptions, SampleOptions, option
 from ..precond import append_dims
 from ..pretrained import from_pretrained
-from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
+from ..report import (decision_shares, equal_compute, markdown_table, memory_note, plot_loss_curves, shares_text,
+                      training_cost)
 from ..sampling import SAMPLERS
 from ..seeding import make_generator, sample_seeds
 from ..text import held_out_windows, shared_windows, usable_logits
@@ -81,6 +82,8 @@ class ARSampleConfig(TextSampleConfig):
     the starts of held-out windows. The recurrent-depth task shares it (its steps: K, 0 = model.mean_recurrence)."""
 
     sampler: str = "euler"       # Each token's chain: a name of sampling.SAMPLERS ("euler": the paper's).
+    grid: str = "quantile"       # Its noise levels: "quantile" (equal training mass, the paper's), "karras", or
+                                 # "blocks" (steps / B inside each block's range, none at sigma_min; issue 28).
     bridge: str = "sample"       # What a step hands the next: "estimate" (D), "softmax" (softmax(logits) @ E),
                                  # "argmax" (E[argmax logits]) or "sample" (E[a token drawn from the logits as the
                                  # readout draws]).
@@ -93,6 +96,7 @@ class ARSampleConfig(TextSampleConfig):
         super().validate()
         check_choice("sample.bridge", self.bridge, BRIDGES)
         check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
+        check_choice("sample.grid", self.grid, GRID_NAMES)
         if self.new_chars < 1 or self.prompt_chars < 1:
             raise ConfigError("sample.new_chars and sample.prompt_chars must be at least 1")
         if not 0 < self.top_p <= 1:
@@ -114,9 +118,22 @@ class AutoregressiveConfig(TextRunConfig):
             raise ConfigError(f"model.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
                               f"got {self.blocks.num_blocks}")
         check_pretrained_run(self)
+        B, steps = self.blocks.num_blocks, self.sample.steps or self.blocks.num_blocks
+        if self.sample.grid == BLOCK_GRID and steps % B:
+            raise ConfigError(f"sample.grid='blocks' gives each block as many steps: sample.steps={steps} is not a "
+                              f"multiple of blocks.num_blocks={B}")
 
 
 # ---- generation
+
+
+def chain_grid(model, steps: int | None = None, grid: str = "quantile") -> torch.Tensor:
+    """A token's noise levels down the chain: `steps` (default B) of the grid named `grid` over the model's
+    partition, descending, then 0, float64."""
+    try:
+        return sigma_grid(model.partition.axis, steps or model.num_blocks, grid, partition=model.partition)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def draw_token(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, u: torch.Tensor) -> torch.Tensor:
@@ -181,9 +198,9 @@ class TokenContext:
 def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps: int | None = None,
                    bridge: str = "sample", temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
                    seeds: list[int] | None = None, cache: bool = True, num_tokens: int | None = None,
-                   sampler: str = "euler") -> torch.Tensor:
+                   sampler: str = "euler", grid: str = "quantile") -> torch.Tensor:
     """Continues prompts (N, P) by `new` tokens with a BlockwiseDenoiser of ARDenoiser blocks; returns (N, P + new).
-    Each token is `sampler` run down the quantile grid of `steps` points (default B), the estimate handed on by the
+    Each token is `sampler` run down `grid` (`chain_grid`) of `steps` points (default B), the estimate handed on by the
     bridge, the last evaluation's logits read out. Sample i draws its noise and readout uniforms from the generator
     of seed i (the `sample` bridge: one more uniform per evaluation). num_tokens: the vocabulary's size, when the
     model has more ids; the ids above it are never drawn or bridged.
@@ -193,8 +210,7 @@ def generate_chain(model, prompts: torch.Tensor, new: int, *, window: int, steps
     """
     N = prompts.shape[0]
     device = prompts.device
-    steps = steps or model.num_blocks
-    sigmas = sigma_grid(model.partition.axis, steps).to(device, torch.float32)  # (steps + 1,), last 0
+    sigmas = chain_grid(model, steps, grid).to(device, torch.float32)  # (steps + 1,), last 0
     D_dim = model.blocks[0].E.shape[1]
     gens = [make_generator(s, "arlm-sample") for s in (seeds if seeds is not None else range(N))]
     ctx = TokenContext(prompts, window, cache)
@@ -263,9 +279,9 @@ def is_plain(model) -> bool:
 def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bridge: str | None = None,
                   steps: int | None = None, seeds: list[int] | None = None, cache: bool = True,
                   batch_size: int = 100, num_tokens: int | None = None, sampler: str | None = None,
-                  **readout) -> torch.Tensor:
+                  grid: str | None = None, **readout) -> torch.Tensor:
     """Either model kind, batched; readout: temperature, top_p, greedy; num_tokens: the vocabulary's size; steps,
-    bridge and sampler: default the run's (sample.steps 0: B)."""
+    bridge, sampler and grid: default the run's (sample.steps 0: B)."""
     out = []
     seeds = list(range(len(prompts))) if seeds is None else seeds
     for i in range(0, len(prompts), batch_size):
@@ -277,7 +293,8 @@ def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bri
             out.append(generate_chain(model, p, new, window=cfg.model.seq_len, steps=steps or cfg.sample.steps or None,
                                       bridge=bridge or
                                       cfg.sample.bridge, seeds=s, cache=cache, num_tokens=num_tokens,
-                                      sampler=sampler or cfg.sample.sampler, **readout))
+                                      sampler=sampler or cfg.sample.sampler, grid=grid or cfg.sample.grid,
+                                      **readout))
     return torch.cat(out)
 
 
@@ -345,12 +362,12 @@ def _oracle(block, eps: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor)
 
 @torch.no_grad()
 def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None = None, seed: int = 0,
-               batch_size: int = 64, sampler: str = "euler") -> list[dict[str, Any]]:
+               batch_size: int = 64, sampler: str = "euler", grid: str = "quantile") -> list[dict[str, Any]]:
     """The chain teacher-forced on held-out windows: per step, the bits per token of the owning block's logits on
     the chain's own state and on the oracle input E[x] + sigma eps, and the norm of the chain's estimate (a
     collapse toward 0 shows here). Positions 1..L-1, as next_token_bits (position 0 has no context)."""
-    steps = steps or model.num_blocks
-    sigmas = sigma_grid(model.partition.axis, steps).to(windows.device, torch.float32)
+    sigmas = chain_grid(model, steps, grid).to(windows.device, torch.float32)
+    steps = len(sigmas) - 1
     rows = [{"step": k, "sigma": float(sigmas[k]), "block": int(model.partition.owner(sigmas[k:k + 1])[0]),
              "chain_bits": 0.0, "oracle_bits": 0.0, "estimate_norm": 0.0} for k in range(steps)]
     n = 0
@@ -385,11 +402,11 @@ def mixture_bits(probs: torch.Tensor, targets: torch.Tensor, samples: int) -> fl
 
 @torch.no_grad()
 def sampler_bits(model, windows: torch.Tensor, *, bridge: str, steps: int, samples: int = 8, seed: int = 0,
-                 batch_size: int = 64, sampler: str = "euler") -> float:
+                 batch_size: int = 64, sampler: str = "euler", grid: str = "quantile") -> float:
     """Held-out bits per token (positions 1..L-1) of the distribution the sampler draws the next token from after
     `steps` steps, q_K(x) = E_chain[softmax(last step's logits)](x), estimated by the mean over `samples`
     teacher-forced chains per window (log of a mean of `samples` draws: biased up for small `samples`)."""
-    sigmas = sigma_grid(model.partition.axis, steps).to(windows.device, torch.float32)
+    sigmas = chain_grid(model, steps, grid).to(windows.device, torch.float32)
     total, n = 0.0, 0
     per_batch = max(batch_size // samples, 1)  # windows per batch of batch_size chains
     for i in range(0, len(windows), per_batch):
@@ -476,7 +493,7 @@ def scored(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, bridge: str = "sample",
-                     sampler: str = "euler", draws: int = 4, top_k: int = 16, seed: int = 0,
+                     sampler: str = "euler", grid: str = "quantile", draws: int = 4, top_k: int = 16, seed: int = 0,
                      batch_size: int = 256, num_tokens: int | None = None) -> dict[str, Any]:
     """Held-out bits per token (positions 1..L-1) of the chain's own next-token distribution, the one its sampler
     reads the next token from: q(x) = E[softmax(last step's logits)](x) over the chain's noise and bridge draws
@@ -493,8 +510,8 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
     if draws < 2 or top_k < 0:
         raise ConfigError(f"the chain likelihood needs at least 2 draws (their spread gives its error and bias) and "
                           f"top_k >= 0, got {draws} and {top_k}")
-    steps = steps or model.num_blocks
-    sigmas = sigma_grid(model.partition.axis, steps).to(windows.device, torch.float32)
+    sigmas = chain_grid(model, steps, grid).to(windows.device, torch.float32)
+    steps = len(sigmas) - 1
     enumerated = bridge == "sample" and steps > 1  # one step: the draw hands nothing on
     R = top_k + 2 if enumerated else 1
     D_dim = model.blocks[0].E.shape[1]
@@ -595,6 +612,10 @@ class AutoregressiveTask(TextTask):
         """B=1: the plain causal transformer with the same layers; B>1: denoising blocks."""
         mode = "plain" if cfg.blocks.num_blocks == 1 else "diffusion"
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mode=mode))
+
+    def remaining_measure(self, cfg: RunConfig) -> str | None:
+        """Each position's held-out cross-entropy at each noise level (the plain LM has no noise axis)."""
+        return "cross-entropy" if cfg.model.mode == "diffusion" else None
 
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None):
         m = cfg.model
@@ -708,13 +729,20 @@ class AutoregressiveTask(TextTask):
         else:
             s = cfg.sample
             steps = s.steps or cfg.blocks.num_blocks
-            chain = chain_likelihood(model, windows, steps=steps, bridge=s.bridge, sampler=s.sampler,
+            chain = chain_likelihood(model, windows, steps=steps, bridge=s.bridge, sampler=s.sampler, grid=s.grid,
                                      draws=options.draws, top_k=options.top_k, seed=options.seed,
                                      num_tokens=len(data.vocab))
             r["chain_likelihood"] = {**per_character(chain, r["chars_per_token"]), "label": (
-                f"chain likelihood (all {cfg.blocks.num_blocks} blocks, {steps} {s.sampler} steps, bridge {s.bridge})")}
-            r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=options.seed, sampler=cfg.sample.sampler)
+                f"chain likelihood (all {cfg.blocks.num_blocks} blocks, {steps} {s.sampler} steps on the {s.grid} "
+                f"grid, bridge {s.bridge})")}
+            r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=options.seed, sampler=s.sampler, grid=s.grid)
                           for b in bridges}
+            if s.bridge in r["chain"]:  # who decides, along the run's own chain and on each step's oracle input
+                rows, start = r["chain"][s.bridge], math.log2(len(data.vocab))
+                owners = [row["block"] for row in rows]
+                r["decision"] = {"bridge": s.bridge, "start_bits": start,
+                                 "chain": decision_shares(start, [row["chain_bits"] for row in rows], owners),
+                                 "oracle": decision_shares(start, [row["oracle_bits"] for row in rows], owners)}
         readout = readout_settings(cfg)
         vocab = data.vocab
         if judge is not None:
@@ -779,6 +807,11 @@ class AutoregressiveTask(TextTask):
                          f"run {s['longest_run_mean']:.1f} (max {s['longest_run_max']}), {s['chars_per_s']:.0f} chars/s "
                          f"({s['chars_per_s_no_cache']:.0f} without the cache)")
             lines.append("    " + (s["prompts"][0] + "|" + s["texts"][0])[:160].replace("\n", "\n    "))
+        if "decision" in r:
+            d = r["decision"]
+            lines.append(f"  who decides (each block's share of the bits its chain removes from the {d['start_bits']:.2f} "
+                         f"of a uniform guess; bridge {d['bridge']}): along the chain {shares_text(d['chain'])}; on the "
+                         f"oracle input {shares_text(d['oracle'])}")
         for bridge, rows in r.get("chain", {}).items():
             lines.append(f"  chain ({bridge}): " + ", ".join(
                 f"step {row['step']} (block {row['block']}) {row['chain_bits']:.3f} bits vs oracle "
@@ -931,6 +964,13 @@ def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dic
          "sigma": f"{row['sigma']:.3g}", "chain bits": f"{row['chain_bits']:.4f}",
          "oracle bits": f"{row['oracle_bits']:.4f}", "estimate norm": f"{row['estimate_norm']:.3f}"}
         for B, r in results.items() for bridge, chain in r.get("chain", {}).items() for row in chain])
+    decided = {B: r["decision"] for B, r in results.items() if "decision" in r}
+    if decided:
+        lines += ["", "Who decides: each block's share of the bits its chain removes from a uniform guess (log2 V), "
+                  "along the chain (its own state) and on the oracle input, with the run's bridge.", ""]
+        lines += markdown_table(["B", "bridge", "along the chain", "on the oracle input"], [
+            {"B": str(B), "bridge": d["bridge"], "along the chain": shares_text(d["chain"]),
+             "on the oracle input": shares_text(d["oracle"])} for B, d in decided.items()])
     lines += ["", "## Samples", ""]
     for B, r in results.items():
         for name, s in r["samples"].items():

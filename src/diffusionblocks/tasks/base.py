@@ -40,6 +40,7 @@ from ..config import ConfigError, RunConfig
 from ..models.layers import take_layers
 from ..noise import LogNormalSigma, NoiseAxis, Partition
 from ..options import EvaluateOptions, SampleOptions
+from ..precond import loss_weight
 from ..train import Coupling
 
 
@@ -75,8 +76,33 @@ class Task:
         return LogNormalSigma(P_mean=n.P_mean, P_std=n.P_std, sigma_min=n.sigma_min, sigma_max=n.sigma_max)
 
     def partition(self, cfg: RunConfig) -> Partition:
-        """The run's partition of the noise axis into cfg.blocks.num_blocks ranges (method.md section 2)."""
-        return Partition(self.noise_axis(cfg), cfg.blocks.num_blocks, kind=cfg.blocks.partition, gamma=cfg.blocks.gamma)
+        """The run's partition of the noise axis into cfg.blocks.num_blocks ranges (method.md section 2); a "balanced"
+        one from the boundaries its pilot recorded in the run's config (`pilot.fit_partition`)."""
+        b = cfg.blocks
+        fitted = None
+        if b.partition == "balanced":
+            fitted = () if b.num_blocks == 1 else b.boundaries
+            if fitted is None:
+                raise ConfigError("blocks.partition='balanced' has no fitted boundaries yet: `train` fits them with a "
+                                  "pilot run before the blocks train (blocks.pilot_steps)")
+        try:
+            return Partition(self.noise_axis(cfg), b.num_blocks, kind=b.partition, gamma=b.gamma,
+                             fitted=None if fitted is None else tuple(fitted))
+        except ValueError as e:
+            raise ConfigError(f"blocks.boundaries: {e}") from None
+
+    def remaining_measure(self, cfg: RunConfig) -> str | None:
+        """What a "balanced" partition's pilot measures at each noise level: "cross-entropy" (discrete targets: the
+        bits still undecided), "mmse" (continuous targets: the denoising error, integrated into the information still
+        to be revealed, `pilot.information_to_reveal`), or None where the task has no fitted partition."""
+        return None
+
+    def undecided(self, cfg: RunConfig, block: nn.Module, inputs: dict[str, Any], level: float) -> torch.Tensor:
+        """Per example (N,), what block (a pilot over the whole axis) leaves undecided on `inputs`, drawn by
+        `loss_inputs` at the one noise level `level`: by default its loss without the weight lambda(level), the
+        cross-entropy or squared error of an EDM-weighted loss."""
+        return block.loss(**inputs).double() / float(loss_weight(torch.tensor(level, dtype=torch.float64),
+                                                                  block.sigma_data))
 
     def comparison_config(self, cfg: RunConfig) -> RunConfig:
         """The run `compare` trains for cfg.blocks.num_blocks blocks (B=1: the end-to-end baseline); default: cfg."""

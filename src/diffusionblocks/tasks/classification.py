@@ -18,12 +18,14 @@ block's optimiser updates, the reference code's) make blocks depend on each othe
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -33,11 +35,11 @@ from ..config import ConfigError, RunConfig, check_choice
 from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data
 from ..models.layers import label_embedding_table
 from ..models.vit import ViTClassifier, ViTLabelDenoiser
-from ..noise import Partition, sigma_grid
+from ..noise import BLOCK_GRID, GRID_NAMES, Partition, sigma_grid
 from ..options import EvaluateOptions, option
 from ..precond import append_dims
 from ..pretrained import from_pretrained
-from ..report import equal_compute, markdown_table, memory_note, training_cost
+from ..report import decision_shares, equal_compute, markdown_table, memory_note, shares_text, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator
 from .base import Coupling, Evaluation, Task, layers_of_denoiser
@@ -74,9 +76,12 @@ class ClassifySampleConfig:
 
     steps: int = 0               # Denoising steps; 0 = B (each block once).
     sampler: str = "euler"       # A name of sampling.SAMPLERS ("euler": the paper's).
+    grid: str = "quantile"       # The noise levels: "quantile" (equal training mass, the paper's), "karras", or
+                                 # "blocks" (steps / B inside each block's range, none at sigma_min; issue 28).
 
     def validate(self) -> None:
         check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
+        check_choice("sample.grid", self.grid, GRID_NAMES)
         if self.steps < 0:
             raise ConfigError(f"sample.steps must be >= 0, got {self.steps}")
 
@@ -97,7 +102,7 @@ class ClassificationConfig(RunConfig):
         "sample" section (guidance, grid...), which meant nothing here."""
         d = dict(d)
         classify, model, sample = d.get("classify"), d.get("model"), d.get("sample")
-        if isinstance(sample, dict) and set(sample) & {"guidance", "grid", "rho", "samples_per_class"}:
+        if isinstance(sample, dict) and set(sample) & {"guidance", "rho", "samples_per_class"}:
             sample = d["sample"] = {k: v for k, v in sample.items() if k in ("steps", "sampler")}
         if isinstance(model, dict) and "class_dropout" in model:
             model = d["model"] = {k: v for k, v in model.items() if k != "class_dropout"}
@@ -120,6 +125,9 @@ class ClassificationConfig(RunConfig):
         if self.model.mode == "plain" and B != 1:
             raise ConfigError(f"model.mode='plain' is the end-to-end baseline: it needs blocks.num_blocks=1, "
                               f"got {B}")
+        if self.sample.grid == BLOCK_GRID and (self.sample.steps or B) % B:
+            raise ConfigError(f"sample.grid='blocks' gives each block as many steps: sample.steps={self.sample.steps} "
+                              f"is not a multiple of blocks.num_blocks={B}")
         if c.label_embedding == "learned_joint" and B > 1 and schedule != "interleaved":
             raise ConfigError("classify.label_embedding='learned_joint' is shared by the blocks: it needs "
                               f"train.schedule='interleaved', got {schedule!r} (use 'fixed' or "
@@ -155,6 +163,10 @@ class ClassificationTask(Task):
         """B=1: the plain ViT classifier with the same layers; B>1: label-denoising blocks."""
         mode = "plain" if cfg.blocks.num_blocks == 1 else "diffusion"
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mode=mode))
+
+    def remaining_measure(self, cfg: RunConfig) -> str | None:
+        """The label's held-out cross-entropy at each noise level (the plain classifier has no noise axis)."""
+        return "cross-entropy" if cfg.model.mode == "diffusion" else None
 
     def load_data(self, cfg: RunConfig) -> ImageSplits:
         return load_matching_images(cfg, conditional_ok=False)
@@ -287,7 +299,7 @@ def chain_logits(model, images: torch.Tensor, steps: int | None = None, grid: st
     """Logits (N, K) at every inference step of a BlockwiseDenoiser of ViT label denoisers (those of each step's first
     evaluation, at its own sigma); the last is the answer."""
     steps = steps or model.num_blocks
-    sigmas = sigma_grid(model.partition.axis, steps, grid).to(images.device, torch.float32)
+    sigmas = sigma_grid(model.partition.axis, steps, grid, partition=model.partition).to(images.device, torch.float32)
     N, D = images.shape[0], model.blocks[0].label_embedding.shape[1]  # block 0 owns sigma_max, the first step's
     z = torch.randn(N, D, generator=make_generator(seed, "classify")).to(images.device) * sigmas[0]
     chain = BridgedDenoiser(model, label_bridge)
@@ -299,14 +311,14 @@ def chain_logits(model, images: torch.Tensor, steps: int | None = None, grid: st
 
 @torch.no_grad()
 def predict_logits(model, images: torch.Tensor, steps: int | None = None, batch_size: int = 500,
-                   device: str | torch.device = "cpu",
-                   sampler: str = "euler") -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   device: str | torch.device = "cpu", sampler: str = "euler",
+                   grid: str = "quantile") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(final logits, logits per step) for a chain of label denoisers, or for a plain classifier (one step), batched."""
     plain = isinstance(model.blocks[0], ViTClassifier)
     finals, per_step = [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)
-        logits = [model.blocks[0].logits(x)] if plain else chain_logits(model, x, steps, sampler=sampler)
+        logits = [model.blocks[0].logits(x)] if plain else chain_logits(model, x, steps, grid, sampler=sampler)
         finals.append(logits[-1].cpu())
         per_step.append([l.cpu() for l in logits])
     steps_logits = [torch.cat([p[j] for p in per_step]) for j in range(len(per_step[0]))]
@@ -347,7 +359,7 @@ def evaluate_classifier(run_dir: str | Path, *, steps: int | None = None, device
     sampler = sampler or cfg.sample.sampler
     t0 = time.perf_counter()
     logits, per_step = predict_logits(model, data.images, steps if cfg.model.mode == "diffusion" else None,
-                                      device=device, sampler=sampler)
+                                      device=device, sampler=sampler, grid=cfg.sample.grid)
     infer_s = time.perf_counter() - t0
     r: dict[str, Any] = {"run": str(run_dir), "num_blocks": cfg.blocks.num_blocks, "mode": cfg.model.mode,
                          "num_test": len(data), "top1": topk_accuracy(logits, data.labels, 1),
@@ -355,9 +367,11 @@ def evaluate_classifier(run_dir: str | Path, *, steps: int | None = None, device
     if K > 5:
         r["top5"] = topk_accuracy(logits, data.labels, 5)
     if cfg.model.mode == "diffusion":
-        sigmas = sigma_grid(model.partition.axis, steps).tolist()[:-1]
+        sigmas = sigma_grid(model.partition.axis, steps, cfg.sample.grid, partition=model.partition).tolist()[:-1]
         owners = model.partition.owner(torch.tensor(sigmas)).tolist()
         r["steps"] = steps
+        bits = [float(F.cross_entropy(l, data.labels)) / math.log(2) for l in per_step]  # held-out CE after each step
+        r["decision"] = {"start_bits": math.log2(K), "chain": decision_shares(math.log2(K), bits, owners)}
         r["per_step"] = [{"step": i, "sigma": s, "block": o, "chain_accuracy": topk_accuracy(l, data.labels, 1)}
                          for i, (s, o, l) in enumerate(zip(sigmas, owners, per_step))]
         r["per_block"] = []
@@ -383,6 +397,9 @@ def format_classifier_evaluation(r: dict[str, Any]) -> str:
     for b in r.get("per_block", []):
         lines.append(f"  block {b['block']}: oracle accuracy {b['oracle_accuracy']:.4f}, chain "
                      f"{b['chain_accuracy']:.4f} (gap {b['composition_gap']:+.4f})")
+    if "decision" in r:
+        lines.append(f"  who decides (each block's share of the held-out cross-entropy its chain removes from the "
+                     f"{r['decision']['start_bits']:.2f} bits of a uniform guess): {shares_text(r['decision']['chain'])}")
     return "\n".join(lines)
 
 
@@ -411,6 +428,12 @@ def write_classification_report(out_dir: Path, configs: dict[int, RunConfig], re
             lo, hi = b["sigma_range"]
             lines.append(f"| {B} | {b['block']} | {b['steps']} | {lo:.3g}-{hi:.3g} | {b['oracle_accuracy']:.4f} | "
                          f"{b['chain_accuracy']:.4f} | {b['composition_gap']:+.4f} |")
+    decided = {B: r["decision"] for B, r in results.items() if "decision" in r}
+    if decided:
+        lines += ["", "Who decides: each block's share of the held-out cross-entropy its chain removes from a uniform "
+                  "guess (log2 K bits).", ""]
+        lines += markdown_table(["B", "shares"], [{"B": str(B), "shares": shares_text(d["chain"])}
+                                                  for B, d in decided.items()])
     lines += ["", memory_note(results[1])]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     _plot_classifier_comparison(out_dir, results)

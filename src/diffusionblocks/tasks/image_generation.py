@@ -317,6 +317,11 @@ class ImageGenerationTask(Task):
         """The axis of noise.parameterization: EDM's sigma, rectified flow's t or DDPM's timesteps, read as sigma."""
         return noise_axis(cfg.noise)
 
+    def remaining_measure(self, cfg: RunConfig) -> str | None:
+        """The denoising error at each sigma (EDM's loss without its weight; the other parameterizations' losses
+        are not measured yet)."""
+        return "mmse" if cfg.noise.parameterization == "edm" else None
+
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None) -> torch.nn.Module:
         """A DiT of block b's layers in the denoiser of noise.parameterization (EDM's by default), advertising its
         training range of sigma."""

@@ -244,6 +244,15 @@ class MaskedDiffusionTask(TextTask):
     def noise_axis(self, cfg: RunConfig) -> MaskingTime:
         return MaskingTime(cfg.noise.schedule)
 
+    def remaining_measure(self, cfg: RunConfig) -> str | None:
+        return "cross-entropy"
+
+    def undecided(self, cfg: RunConfig, block, inputs: dict[str, Any], level: float) -> torch.Tensor:
+        """The bits per position still masked at t = level: the cross-entropy summed over the masked positions, per
+        position, which is the loss without its ELBO weight 1 / (1 - alpha(t))."""
+        alpha = float(self.noise_axis(cfg).alpha(torch.tensor(max(level, T_FLOOR), dtype=torch.float64)))
+        return block.loss(**inputs).double() * (1 - alpha)
+
     def build_block(self, cfg: RunConfig, b: int, generator: torch.Generator | None = None):
         m = cfg.model
         partition = self.partition(cfg)
