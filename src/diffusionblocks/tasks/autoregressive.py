@@ -735,8 +735,8 @@ class AutoregressiveTask(TextTask):
             r["chain_likelihood"] = {**per_character(chain, r["chars_per_token"]), "label": (
                 f"chain likelihood (all {cfg.blocks.num_blocks} blocks, {steps} {s.sampler} steps on the {s.grid} "
                 f"grid, bridge {s.bridge})")}
-            r["chain"] = {b: chain_bits(model, windows, bridge=b, seed=options.seed, sampler=s.sampler, grid=s.grid)
-                          for b in bridges}
+            r["chain"] = {b: chain_bits(model, windows, bridge=b, steps=steps, seed=options.seed, sampler=s.sampler,
+                                        grid=s.grid) for b in bridges}
             if s.bridge in r["chain"]:  # who decides, along the run's own chain and on each step's oracle input
                 rows, start = r["chain"][s.bridge], math.log2(len(data.vocab))
                 owners = [row["block"] for row in rows]

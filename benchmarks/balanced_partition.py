@@ -1,0 +1,213 @@
+"""The fitted partition against the equal-density one at equal compute, with sampler steps per block (issue 28).
+
+    python benchmarks/balanced_partition.py --config presets/shakespeare-arlm.json --out runs/balanced-arlm \
+        --pilot-steps 500 --steps 1,2,4 --seeds 0
+    python benchmarks/balanced_partition.py --config presets/digits-vit.json --out runs/balanced-vit --seeds 0,1,2
+    python benchmarks/balanced_partition.py --tiny --out /tmp/balanced-tiny          # smoke test, a few minutes
+
+For each seed: B=1 (the task's end-to-end baseline, `compare`'s), B equiprobable and B balanced, at equal training
+compute: a B=1 step costs as much as B block steps, so each equiprobable block trains train.steps_per_block steps
+and each balanced block that many minus the pilot's (its pilot, one end-to-end block over the whole axis, costs
+pilot_steps x B block steps). Every chain is then evaluated, as `evaluate` does (the task's own options, `--eval
+name=value` to change one), at each of `--steps` multiples of B inference steps: once on the quantile grid (the
+paper's) and, above one step per block, on the per-block grid (`sample.grid=blocks`); each setting is a composed
+copy of the run whose sample section says it (RUN-steps6-blocks). The report (report.md, report.json) has one row
+per run and setting: the task's headline figures (language: the chain's own BPC with its standard error, the
+independent judge's perplexity of the samples, MAUVE, distinct-4, characters/s; classification: top-1), who decides
+(each block's share of what its chain removes), and per partition its boundaries, the shares of the pilot's curve
+each block's range holds, and their largest over smallest. Rerunning the command resumes: finished runs and
+evaluations are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from diffusionblocks import pilot
+from diffusionblocks.compare import comparison_configs
+from diffusionblocks.compose import compose_run
+from diffusionblocks.config import ConfigError, RunConfig
+from diffusionblocks.report import markdown_table, shares_text
+from diffusionblocks.runs import evaluate_run, train_run
+from diffusionblocks.tasks import apply_overrides, get_task, load_config, read_config
+
+ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger("balanced_partition")
+TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=3", "model.seq_len=32", "train.batch_size=16",
+        "train.steps_per_block=40", "train.log_every=10", "train.checkpoint_every=20", "train.lr_warmup_steps=5",
+        "sample.num=2", "sample.new_chars=16", "sample.prompt_chars=8"]
+TINY_EVAL = ["windows=16", "prompts=4", "new=16", "speed_prompts=1", "mauve_prompts=0", "draws=2", "top_k=2",
+             "judge=none"]
+
+
+def run_configs(cfg: RunConfig, B: int, pilot_steps: int, seed: int) -> dict[str, RunConfig]:
+    """B=1, B equiprobable and B balanced for one seed, at equal compute (the pilot counted)."""
+    cfg = apply_overrides(cfg, [f"train.seed={seed}"])
+    base = comparison_configs(cfg, [B])
+    S = cfg.train.steps_per_block
+    if not 0 < pilot_steps < S:
+        raise ConfigError(f"--pilot-steps must be in (0, train.steps_per_block={S}), got {pilot_steps}")
+    equal = dataclasses.replace(base[B].blocks, partition="equiprobable", boundaries=None)
+    balanced = dataclasses.replace(base[B].blocks, partition="balanced", boundaries=None, pilot_steps=pilot_steps)
+    return {"B1": base[1],
+            f"B{B}-equiprobable": dataclasses.replace(base[B], name=f"{cfg.name}-B{B}-equiprobable", blocks=equal),
+            f"B{B}-balanced": dataclasses.replace(base[B], name=f"{cfg.name}-B{B}-balanced", blocks=balanced,
+                                                  train=dataclasses.replace(base[B].train, steps_per_block=S - pilot_steps))}
+
+
+def trained(run: Path) -> bool:
+    return (run / "train_summary.json").is_file()
+
+
+def train(c: RunConfig, run: Path, device: str | None) -> None:
+    if trained(run):
+        return
+    if (run / "config.json").is_file():
+        train_run(resume=run, device=device, progress=False)
+    else:
+        train_run(c, out=run, device=device, progress=False)
+
+
+def settings(B: int, multiples: list[int], task: str) -> list[tuple[int, str]]:
+    """(steps, grid) to evaluate a chain at: B k steps on the quantile grid, and on the per-block one for k > 1."""
+    if task not in ("arlm", "classify"):
+        return [(0, "")]  # the run's own inference settings
+    out = []
+    for k in multiples:
+        out.append((B * k, "quantile"))
+        if k > 1:
+            out.append((B * k, "blocks"))
+    return out
+
+
+def view(run: Path, B: int, steps: int, grid: str) -> Path:
+    """The run itself, or a composed copy of its blocks whose sample section asks for these inference settings."""
+    if not grid:
+        return run
+    out = run.parent / f"{run.name}-steps{steps}-{grid}"
+    if not (out / "config.json").is_file():
+        if out.exists():
+            shutil.rmtree(out)
+        compose_run({b: run for b in range(B)}, out, [f"sample.steps={steps}", f"sample.grid={grid}",
+                                                      f"name={run.name}-steps{steps}-{grid}"])
+    return out
+
+
+def evaluate(run: Path, values: dict[str, Any], device: str | None) -> dict[str, Any]:
+    out = run / "evaluation-balanced"
+    if (out / "evaluation.json").is_file():
+        return json.loads((out / "evaluation.json").read_text())
+    ev = evaluate_run(run, out=str(out), progress=False, overwrite=True, **values,
+                      **({"device": device} if device else {}))
+    print(ev.summary, flush=True)
+    return ev.result
+
+
+def headline(task: str, r: dict[str, Any], cfg: RunConfig) -> dict[str, str]:
+    """The task's figures for the table."""
+    if task == "arlm":
+        c = r.get("chain_likelihood", {})
+        bridge = cfg.sample.bridge if cfg.model.mode == "diffusion" else next(iter(r["samples"]))
+        s = r["samples"].get(bridge) or next(iter(r["samples"].values()))
+        return {"BPC": f"{c['bpc']:.4f} +- {c['bpc_se']:.4f}" if c else "",
+                "judge ppl": f"{s['gen_ppl']:.2f}" if "gen_ppl" in s else "",
+                "MAUVE": f"{s['mauve']['mauve']:.3f}" if "mauve" in s else "",
+                "distinct-4": f"{s['distinct_4']:.3f}", "chars/s": f"{s['chars_per_s']:.0f}"}
+    if task == "classify":
+        return {"top-1": f"{r['top1']:.4f}"}
+    return {k: f"{v:.4g}" for k, v in r.items() if isinstance(v, float)}
+
+
+def partition_cells(run: Path) -> dict[str, str]:
+    """The fitted partition's record, where the run has one."""
+    path = run / pilot.PARTITION_FILE
+    if not path.is_file():
+        return {}
+    p = json.loads(path.read_text())
+    return {"boundaries (balanced / equiprobable)": " / ".join(", ".join(f"{s:.3g}" for s in p["boundaries"][k])
+                                                                for k in ("balanced", "equiprobable")),
+            "curve shares (balanced / equiprobable)": " / ".join(
+                "[" + ", ".join(f"{v:.2f}" for v in p["shares"][k]) + "]" for k in ("balanced", "equiprobable")),
+            "largest / smallest": " / ".join(f"{p['largest_over_smallest'][k]:.2f}" for k in ("balanced", "equiprobable")),
+            "pilot": f"{p['pilot']['steps']} steps ({p['pilot']['block_steps']} block steps)"}
+
+
+def parse_values(items: list[str], options_class: type) -> dict[str, Any]:
+    """name=value pairs as the task's evaluate options, typed by their defaults."""
+    fields = {f.name: f for f in dataclasses.fields(options_class)}
+    out = {}
+    for item in items:
+        name, _, raw = item.partition("=")
+        if name not in fields:
+            raise ConfigError(f"--eval {item!r}: the evaluate options are {', '.join(sorted(fields))}")
+        default = fields[name].default
+        out[name] = raw if isinstance(default, str) or default is None else type(default)(raw)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "presets" / "shakespeare-arlm.json"))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--num-blocks", type=int, default=3)
+    ap.add_argument("--pilot-steps", type=int, default=0, help="default: a quarter of train.steps_per_block")
+    ap.add_argument("--steps", default="1,2", help="inference steps per token / image as multiples of B")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--eval", action="append", default=[], help="an evaluate option, name=value (repeatable)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tiny", action="store_true", help="a tiny model and evaluation: a smoke test")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = apply_overrides(load_config(args.config), [*(TINY if args.tiny else []), *args.overrides])
+        task = get_task(cfg.task)
+        values = parse_values([*(TINY_EVAL if args.tiny and cfg.task == "arlm" else []), *args.eval],
+                              task.evaluate_options)
+        B = args.num_blocks
+        pilot_steps = args.pilot_steps or max(cfg.train.steps_per_block // 4, 1)
+        multiples = [int(k) for k in args.steps.split(",")]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows, record = [], []
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for name, c in run_configs(cfg, B, pilot_steps, seed).items():
+                run = out / f"seed{seed}" / name
+                train(c, run, args.device)
+                for steps, grid in settings(B, multiples, cfg.task) if name != "B1" else [(0, "")]:
+                    v = view(run, B, steps, grid)
+                    r = evaluate(v, values, args.device)
+                    c_v = read_config(v)
+                    decision = r.get("decision", {}).get("chain")
+                    row = {"seed": str(seed), "run": name, "steps": str(steps or c_v.sample.steps or c_v.blocks.num_blocks),
+                           "grid": grid or getattr(c_v.sample, "grid", ""), **headline(cfg.task, r, c_v),
+                           "who decides": shares_text(decision) if decision else "", **partition_cells(run)}
+                    rows.append(row)
+                    record.append({**row, "evaluation": str(v / "evaluation-balanced" / "evaluation.json")})
+                if (run / "partition.png").is_file():
+                    shutil.copyfile(run / "partition.png", out / f"partition-seed{seed}.png")
+        header = list(dict.fromkeys(k for row in rows for k in row))
+        lines = [f"# Balanced against equiprobable partitions: {cfg.name}, B={B}", "",
+                 f"Equal compute: B=1 {cfg.train.steps_per_block} steps; each equiprobable block as many; each "
+                 f"balanced block {cfg.train.steps_per_block - pilot_steps} after a pilot of {pilot_steps} end-to-end "
+                 f"steps ({pilot_steps * B} block steps). Command: `python benchmarks/balanced_partition.py "
+                 f"{' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
+        lines += markdown_table(header, [{k: row.get(k, "") for k in header} for row in rows])
+        (out / "report.md").write_text("\n".join(lines) + "\n")
+        (out / "report.json").write_text(json.dumps(record, indent=2) + "\n")
+        print("\n".join(lines))
+    except ConfigError as e:
+        print(f"balanced_partition: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
