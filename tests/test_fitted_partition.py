@@ -149,3 +149,21 @@ def test_a_task_without_a_pilot_measure_and_block_wise_jobs_are_refused_before_t
     assert not (tmp_path / "r").exists() and not (tmp_path / "d").exists()
     with pytest.raises(ConfigError, match="no fitted boundaries yet"):
         get_task("generate").partition(apply_overrides(default_config(), ["blocks.partition=balanced"]))
+
+
+def test_a_run_stopped_in_its_pilot_says_so_and_resumes_it(tmp_path, monkeypatch, capsys, one_thread):
+    run = tmp_path / "arlm"
+    real_train = runs.train
+
+    def stop_in_the_pilot(task, cfg, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "train", stop_in_the_pilot)
+    assert main(["train", "--out", str(run), "--no-progress", *ARLM]) != 0
+    assert read_config(run).blocks.boundaries is None and (run / "pilot" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["status", str(run)]) == 0
+    assert "pilot has not finished" in capsys.readouterr().out
+    monkeypatch.setattr(runs, "train", real_train)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert read_config(run).blocks.boundaries is not None and (run / pilot.PARTITION_FILE).is_file()

@@ -204,6 +204,11 @@ def _blocks_to_resume(task: Task, run_dir: Path, cfg: RunConfig, blocks: list[in
     and refused when named by --blocks (named).
     """
     total, todo, starts, partial = cfg.train.steps_per_block, [], {}, []
+    if pilot.needs_pilot(cfg):  # stopped in its pilot: no block has trained (they train with its boundaries)
+        if any(rundir.block_weights_path(run_dir, b).is_file() for b in blocks):
+            raise ConfigError(f"{str(run_dir)!r} has block weights but no fitted boundaries in its config.json: "
+                              "a balanced run's blocks train only after its pilot; it was changed by hand")
+        return list(blocks), {}
     for b in blocks:
         path = rundir.block_weights_path(run_dir, b)
         if path.is_file():
