@@ -63,4 +63,10 @@ def test_evaluate_command(tmp_path, cache, capsys):
     blocks = r["chain"]["per_block"]
     assert [b["block"] for b in blocks] == [0, 1, 2]
     assert all(0 <= b["oracle_accuracy"] <= 1 and b["input_shift_fd"] >= 0 for b in blocks)
+    # Who decides: each block's share of the classifier's error removed from chance, and of the information to reveal.
+    d, steps = r["chain"]["decision"], r["chain"]["per_step"]
+    assert [row["block"] for row in d["chain"]] == [0, 1, 2] and "who decides" in out
+    assert sum(row["removed"] for row in d["chain"]) == pytest.approx(0.9 - (1 - steps[-1]["chain_accuracy"]))
+    assert sum(row["share"] for row in d["information"]) == pytest.approx(1)
+    assert all(row["share"] >= 0 for row in d["information"])  # a squared error integrates to no negative share
     assert main(["evaluate", str(run), "--num", "20", "--steps", "5", "--cache-dir", str(cache)]) == 2

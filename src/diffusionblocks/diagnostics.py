@@ -29,6 +29,7 @@ from .metrics import frechet_distance
 from .noise import sigma_grid
 from .precond import append_dims, get_scalings, loss_weight
 from .reference import ReferenceClassifier, predict
+from .report import decision_shares
 from .sampling import SAMPLERS, CFGDenoiser
 from .seeding import make_generator
 
@@ -95,7 +96,28 @@ def chain_diagnostics(model, real: ImageData | Sequence[ImageData], clf: Referen
                        "composition_gap": mean("oracle_accuracy") - mean("chain_accuracy"),
                        "oracle_weighted_mse": mean("oracle_weighted_mse"), "input_shift_fd": mean("input_shift_fd")})
     return {"num": n, "steps": steps, "sampler": sampler, "guidance": guidance, "grid": grid, "seed": seed,
-            "per_step": rows, "per_block": blocks}
+            "per_step": rows, "per_block": blocks, "decision": who_decides(rows, sigma_data, max(null, 1))}
+
+
+def who_decides(rows: list[dict[str, Any]], sigma_data: float, num_classes: int) -> dict[str, Any]:
+    """Each block's share of what the chain decides (issue 28): of the reference classifier's error, from chance
+    (1 - 1/K) to the last step's, along the chain and on the oracle input; and of the information the oracle's
+    denoising error says remains to be revealed (int mmse / sigma^2 dln sigma, each stretch between two steps given
+    to the block of its upper step)."""
+    owners = [row["block"] for row in rows]
+    chance = 1 - 1 / num_classes
+    out = {k: decision_shares(chance, [1 - row[f"{k}_accuracy"] for row in rows], owners) for k in ("chain", "oracle")}
+    levels = torch.tensor([row["sigma"] for row in rows], dtype=torch.float64)
+    mmse = torch.tensor([row["oracle_weighted_mse"] for row in rows], dtype=torch.float64) / loss_weight(levels,
+                                                                                                          sigma_data)
+    f = mmse / levels ** 2  # descending levels; the last stretch ends at the last step's level
+    stretches = (f[1:] + f[:-1]) / 2 * (levels[:-1].log() - levels[1:].log())
+    total = float(stretches.sum())
+    info = {}
+    for i, b in enumerate(owners[:-1]):
+        info[b] = info.get(b, 0.0) + float(stretches[i])
+    out["information"] = [{"block": b, "share": v / total if total else float("nan")} for b, v in info.items()]
+    return out
 
 
 def plot_chain_diagnostics(diag: dict[str, Any], out_path: str | Path, title: str = "") -> None:

@@ -21,6 +21,7 @@ from .generate import class_labels_evenly, generate
 from .latents import LatentSpace, default_cache_dir
 from .metrics import frechet_distance, kernel_distance
 from .reference import accuracy, conditional_accuracy, load_or_train_reference_classifier
+from .report import shares_text
 from .seeding import make_generator
 
 logger = logging.getLogger(__name__)
@@ -116,4 +117,9 @@ def format_evaluation(r: dict[str, Any]) -> str:
     for b in r.get("chain", {}).get("per_block", []):
         lines.append(f"  block {b['block']}: oracle accuracy {b['oracle_accuracy']:.3f}, chain {b['chain_accuracy']:.3f}"
                      f" (gap {b['composition_gap']:+.3f}), input shift FD {b['input_shift_fd']:.4f}")
+    if "decision" in r.get("chain", {}):
+        d = r["chain"]["decision"]
+        lines.append(f"  who decides (each block's share of the classifier's error removed from chance, along the chain; "
+                     f"on the oracle input; of the information to reveal): {shares_text(d['chain'])}; "
+                     f"{shares_text(d['oracle'])}; {shares_text(d['information'])}")
     return "\n".join(lines)

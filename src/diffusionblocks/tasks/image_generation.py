@@ -37,7 +37,7 @@ from ..parameterizations import denoiser, noise_axis, parameterization
 from ..plotting import image_grid, save_image_grid
 from ..precond import append_dims
 from ..pretrained import from_pretrained
-from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
+from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, shares_text, training_cost
 from ..rundir import save_text
 from ..sampling import SAMPLERS
 from .base import Evaluation, Task
@@ -498,6 +498,14 @@ def write_generation_report(out_dir: Path, configs: dict[int, RunConfig], result
             lo, hi = b["sigma_range"]
             lines.append(f"| {B} | {b['block']} | {b['steps']} | {lo:.3g}-{hi:.3g} | {b['oracle_accuracy']:.3f} | "
                          f"{b['chain_accuracy']:.3f} | {b['composition_gap']:+.3f} | {b['input_shift_fd']:.4f} |")
+    decided = {B: r["chain"]["decision"] for B, r in results.items() if "decision" in r["chain"]}
+    if decided:
+        lines += ["", "Who decides: each block's share of the classifier's error its steps remove from chance, along the "
+                  "chain and on the oracle input, and of the information to reveal (the oracle's denoising error "
+                  "integrated over ln sigma).", ""]
+        lines += markdown_table(["B", "along the chain", "on the oracle input", "information"], [
+            {"B": str(B), "along the chain": shares_text(d["chain"]), "on the oracle input": shares_text(d["oracle"]),
+             "information": shares_text(d["information"])} for B, d in decided.items()])
     lines += ["", "![metrics vs B](metrics_vs_B.png)", "", "![loss curves](loss_curves.png)", "",
               "![samples](samples_side_by_side.png)", "", "![chain](chain_gap.png)", ""]
     (out_dir / "report.md").write_text("\n".join(lines))
