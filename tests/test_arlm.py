@@ -195,13 +195,17 @@ def test_training_sampling_and_evaluation_through_the_cli(trained, tmp_path, cap
         # uniform, where rounding decides an argmax (test_generation_with_the_cache_equals... asserts it).
         assert isinstance(s["cache_equals_no_cache"], bool) and s["gen_ppl"] > 1 and 0 < s["distinct_2"] <= 1
     assert [row["block"] for row in r["chain"]["argmax"]] == [0, 1, 2]
-    # Who decides: the run's bridge's steps, each block's share of what its chain removed from log2 V bits.
+    # Who decides: the run's bridge's steps, each block's share of the top-1 error its steps removed from chance's.
     d = r["decision"]
     rows = r["chain"][d["bridge"]]
-    assert [row["block"] for row in d["chain"]] == [0, 1, 2] and d["start_bits"] == pytest.approx(math.log2(65))
-    assert d["chain"][0]["removed"] == pytest.approx(d["start_bits"] - rows[0]["chain_bits"])
-    assert sum(row["share"] for row in d["chain"]) == pytest.approx(1)
-    assert sum(row["removed"] for row in d["oracle"]) == pytest.approx(d["start_bits"] - rows[-1]["oracle_bits"])
+    assert [row["block"] for row in d["chain"]] == [0, 1, 2] and d["chance_error"] == pytest.approx(64 / 65)
+    assert all(0 <= row[k] <= 1 for row in rows for k in ("chain_error", "oracle_error"))
+    assert d["chain"][0]["removed"] == pytest.approx(d["chance_error"] - rows[0]["chain_error"])
+    assert sum(row["removed"] for row in d["oracle"]) == pytest.approx(d["chance_error"] - rows[-1]["oracle_error"])
+    for who in (d["chain"], d["oracle"]):  # shares of what the chain removed, where it removed anything
+        total = sum(row["removed"] for row in who)
+        assert sum(row["share"] for row in who) == pytest.approx(1) if total > 0 else all(
+            row["share"] != row["share"] for row in who)
     # The figures are those of the shared windows (8 spread over the held-out split), the run's bridge and steps.
     model, cfg = pretrained.from_pretrained(chain)
     windows = shared_windows(get_task("arlm").load_run_data(cfg, chain).test, cfg.model.seq_len, 8)

@@ -93,3 +93,6 @@ def test_decision_shares_split_what_the_chain_removes_by_block():
     assert [(r["block"], r["steps"]) for r in rows] == [(0, 2), (1, 1), (2, 1)]
     assert [r["share"] for r in rows] == pytest.approx([3.5 / 3.5, 0.1 / 3.5, -0.1 / 3.5])
     assert sum(r["removed"] for r in rows) == pytest.approx(6.0 - 2.5)
+    # A chain that ends worse than it started has no shares to give.
+    worse = decision_shares(0.9, [0.3, 0.95], [0, 1])
+    assert [r["removed"] for r in worse] == pytest.approx([0.6, -0.65]) and all(r["share"] != r["share"] for r in worse)

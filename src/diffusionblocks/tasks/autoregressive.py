@@ -363,13 +363,14 @@ def _oracle(block, eps: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor)
 @torch.no_grad()
 def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None = None, seed: int = 0,
                batch_size: int = 64, sampler: str = "euler", grid: str = "quantile") -> list[dict[str, Any]]:
-    """The chain teacher-forced on held-out windows: per step, the bits per token of the owning block's logits on
-    the chain's own state and on the oracle input E[x] + sigma eps, and the norm of the chain's estimate (a
-    collapse toward 0 shows here). Positions 1..L-1, as next_token_bits (position 0 has no context)."""
+    """The chain teacher-forced on held-out windows: per step, the bits per token and the top-1 error of the owning
+    block's logits on the chain's own state and on the oracle input E[x] + sigma eps, and the norm of the chain's
+    estimate (a collapse toward 0 shows here). Positions 1..L-1, as next_token_bits (position 0 has no context)."""
     sigmas = chain_grid(model, steps, grid).to(windows.device, torch.float32)
     steps = len(sigmas) - 1
     rows = [{"step": k, "sigma": float(sigmas[k]), "block": int(model.partition.owner(sigmas[k:k + 1])[0]),
-             "chain_bits": 0.0, "oracle_bits": 0.0, "estimate_norm": 0.0} for k in range(steps)]
+             "chain_bits": 0.0, "oracle_bits": 0.0, "chain_error": 0.0, "oracle_error": 0.0, "estimate_norm": 0.0}
+            for k in range(steps)]
     n = 0
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size]
@@ -381,6 +382,8 @@ def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None =
             rows[k]["chain_bits"] += float(F.cross_entropy(logits[:, 1:].transpose(1, 2), x[:, 1:], reduction="sum"))
             rows[k]["oracle_bits"] += float(F.cross_entropy(logits_oracle[:, 1:].transpose(1, 2), x[:, 1:],
                                                             reduction="sum"))
+            rows[k]["chain_error"] += float((logits[:, 1:].argmax(-1) != x[:, 1:]).sum())
+            rows[k]["oracle_error"] += float((logits_oracle[:, 1:].argmax(-1) != x[:, 1:]).sum())
             rows[k]["estimate_norm"] += float(est[:, 1:].norm(dim=-1).sum())
 
         _teacher_forced_chain(model, x, sigmas, bridge, g, sampler=sampler, callback=measure)
@@ -388,6 +391,8 @@ def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None =
     for row in rows:
         row["chain_bits"] /= n * math.log(2)
         row["oracle_bits"] /= n * math.log(2)
+        row["chain_error"] /= n
+        row["oracle_error"] /= n
         row["estimate_norm"] /= n
     return rows
 
@@ -738,11 +743,11 @@ class AutoregressiveTask(TextTask):
             r["chain"] = {b: chain_bits(model, windows, bridge=b, steps=steps, seed=options.seed, sampler=s.sampler,
                                         grid=s.grid) for b in bridges}
             if s.bridge in r["chain"]:  # who decides, along the run's own chain and on each step's oracle input
-                rows, start = r["chain"][s.bridge], math.log2(len(data.vocab))
+                rows, chance = r["chain"][s.bridge], 1 - 1 / len(data.vocab)
                 owners = [row["block"] for row in rows]
-                r["decision"] = {"bridge": s.bridge, "start_bits": start,
-                                 "chain": decision_shares(start, [row["chain_bits"] for row in rows], owners),
-                                 "oracle": decision_shares(start, [row["oracle_bits"] for row in rows], owners)}
+                r["decision"] = {"bridge": s.bridge, "chance_error": chance,
+                                 "chain": decision_shares(chance, [row["chain_error"] for row in rows], owners),
+                                 "oracle": decision_shares(chance, [row["oracle_error"] for row in rows], owners)}
         readout = readout_settings(cfg)
         vocab = data.vocab
         if judge is not None:
@@ -809,9 +814,9 @@ class AutoregressiveTask(TextTask):
             lines.append("    " + (s["prompts"][0] + "|" + s["texts"][0])[:160].replace("\n", "\n    "))
         if "decision" in r:
             d = r["decision"]
-            lines.append(f"  who decides (each block's share of the bits its chain removes from the {d['start_bits']:.2f} "
-                         f"of a uniform guess; bridge {d['bridge']}): along the chain {shares_text(d['chain'])}; on the "
-                         f"oracle input {shares_text(d['oracle'])}")
+            lines.append(f"  who decides (each block's share of the top-1 error its steps remove from chance's "
+                         f"{d['chance_error']:.3f}; bridge {d['bridge']}): along the chain {shares_text(d['chain'])}; "
+                         f"on the oracle input {shares_text(d['oracle'])}")
         for bridge, rows in r.get("chain", {}).items():
             lines.append(f"  chain ({bridge}): " + ", ".join(
                 f"step {row['step']} (block {row['block']}) {row['chain_bits']:.3f} bits vs oracle "
@@ -966,8 +971,9 @@ def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dic
         for B, r in results.items() for bridge, chain in r.get("chain", {}).items() for row in chain])
     decided = {B: r["decision"] for B, r in results.items() if "decision" in r}
     if decided:
-        lines += ["", "Who decides: each block's share of the bits its chain removes from a uniform guess (log2 V), "
-                  "along the chain (its own state) and on the oracle input, with the run's bridge.", ""]
+        lines += ["", "Who decides: each block's share of the top-1 error its steps remove from chance's (1 - 1/V), "
+                  "along the chain (its own state) and on the oracle input, with the run's bridge (-: the chain ends "
+                  "above chance, so there are no shares).", ""]
         lines += markdown_table(["B", "bridge", "along the chain", "on the oracle input"], [
             {"B": str(B), "bridge": d["bridge"], "along the chain": shares_text(d["chain"]),
              "on the oracle input": shares_text(d["oracle"])} for B, d in decided.items()])

@@ -18,14 +18,12 @@ block's optimiser updates, the reference code's) make blocks depend on each othe
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -370,8 +368,8 @@ def evaluate_classifier(run_dir: str | Path, *, steps: int | None = None, device
         sigmas = sigma_grid(model.partition.axis, steps, cfg.sample.grid, partition=model.partition).tolist()[:-1]
         owners = model.partition.owner(torch.tensor(sigmas)).tolist()
         r["steps"] = steps
-        bits = [float(F.cross_entropy(l, data.labels)) / math.log(2) for l in per_step]  # held-out CE after each step
-        r["decision"] = {"start_bits": math.log2(K), "chain": decision_shares(math.log2(K), bits, owners)}
+        errors = [1 - topk_accuracy(l, data.labels, 1) for l in per_step]  # the chain's held-out error after each step
+        r["decision"] = {"chance_error": 1 - 1 / K, "chain": decision_shares(1 - 1 / K, errors, owners)}
         r["per_step"] = [{"step": i, "sigma": s, "block": o, "chain_accuracy": topk_accuracy(l, data.labels, 1)}
                          for i, (s, o, l) in enumerate(zip(sigmas, owners, per_step))]
         r["per_block"] = []
@@ -398,8 +396,8 @@ def format_classifier_evaluation(r: dict[str, Any]) -> str:
         lines.append(f"  block {b['block']}: oracle accuracy {b['oracle_accuracy']:.4f}, chain "
                      f"{b['chain_accuracy']:.4f} (gap {b['composition_gap']:+.4f})")
     if "decision" in r:
-        lines.append(f"  who decides (each block's share of the held-out cross-entropy its chain removes from the "
-                     f"{r['decision']['start_bits']:.2f} bits of a uniform guess): {shares_text(r['decision']['chain'])}")
+        lines.append(f"  who decides (each block's share of the held-out error its steps remove from chance's "
+                     f"{r['decision']['chance_error']:.2f}): {shares_text(r['decision']['chain'])}")
     return "\n".join(lines)
 
 
@@ -430,8 +428,8 @@ def write_classification_report(out_dir: Path, configs: dict[int, RunConfig], re
                          f"{b['chain_accuracy']:.4f} | {b['composition_gap']:+.4f} |")
     decided = {B: r["decision"] for B, r in results.items() if "decision" in r}
     if decided:
-        lines += ["", "Who decides: each block's share of the held-out cross-entropy its chain removes from a uniform "
-                  "guess (log2 K bits).", ""]
+        lines += ["", "Who decides: each block's share of the held-out error its steps remove from chance's (1 - 1/K)."
+                  "", ""]
         lines += markdown_table(["B", "shares"], [{"B": str(B), "shares": shares_text(d["chain"])}
                                                   for B, d in decided.items()])
     lines += ["", memory_note(results[1])]
