@@ -40,6 +40,7 @@ def test_a_balanced_run_records_the_boundaries_its_pilot_fitted(balanced_arlm, c
     assert read_config(run / "pilot").blocks.num_blocks == 1 and read_config(run / "pilot").model.depth == 3
     assert record["pilot"] == {**record["pilot"], "steps": 12, "layers": 3, "block_steps": 36}
     assert record["shares"]["balanced"] == pytest.approx([1 / 3] * 3, abs=1e-9)
+    assert record["undecided_at_lowest"] == pytest.approx(record["measured"][0] / record["measured"][-1])
     assert sum(record["shares"]["equiprobable"]) == pytest.approx(1)
     # The fitted curve is the isotonic fit of the measured one: non-decreasing toward more noise.
     assert all(a <= b + 1e-12 for a, b in zip(record["fitted"], record["fitted"][1:]))

@@ -148,6 +148,13 @@ def fit_partition(task, cfg: RunConfig, run_dir: Path, device: torch.device,
                                                                "equiprobable": equal.boundaries[1:-1].tolist()},
         "shares": {"balanced": curve.shares(balanced), "equiprobable": curve.shares(equal)}}
     record["largest_over_smallest"] = {k: max(v) / max(min(v), 1e-12) for k, v in record["shares"].items()}
+    if measure == "cross-entropy":  # a pilot that cannot read its target even at the lowest noise measured nothing
+        record["undecided_at_lowest"] = float(measured[0] / measured[-1]) if measured[-1] > 0 else float("nan")
+        if not record["undecided_at_lowest"] <= 0.5:
+            logger.warning("balanced partition: the pilot leaves %.0f%% of its cross-entropy at sigma_max undecided "
+                           "even at the lowest noise level: it has not learned to read its target, and the curve it "
+                           "measured says little; a longer pilot (blocks.pilot_steps) gives a curve worth fitting",
+                           100 * record["undecided_at_lowest"])
     save_text(Path(run_dir) / PARTITION_FILE, json.dumps(record, indent=2) + "\n")
     plot_partition(record, task.noise_symbol, Path(run_dir) / "partition.png")
     logger.info("balanced partition: boundaries %s (equiprobable %s); shares of the curve %s (equiprobable %s)",
