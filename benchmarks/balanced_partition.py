@@ -34,7 +34,8 @@ from diffusionblocks import pilot
 from diffusionblocks.compare import comparison_configs
 from diffusionblocks.compose import compose_run
 from diffusionblocks.config import ConfigError, RunConfig
-from diffusionblocks.report import markdown_table, shares_text
+from diffusionblocks.metrics import shares_text
+from diffusionblocks.report import markdown_table
 from diffusionblocks.runs import evaluate_run, train_run
 from diffusionblocks.tasks import apply_overrides, get_task, load_config, read_config
 
@@ -56,10 +57,11 @@ def run_configs(cfg: RunConfig, B: int, pilot_steps: int, seed: int) -> dict[str
         raise ConfigError(f"--pilot-steps must be in (0, train.steps_per_block={S}), got {pilot_steps}")
     equal = dataclasses.replace(base[B].blocks, partition="equiprobable", boundaries=None)
     balanced = dataclasses.replace(base[B].blocks, partition="balanced", boundaries=None, pilot_steps=pilot_steps)
+    shorter = dataclasses.replace(base[B].train, steps_per_block=S - pilot_steps)
     return {"B1": base[1],
             f"B{B}-equiprobable": dataclasses.replace(base[B], name=f"{cfg.name}-B{B}-equiprobable", blocks=equal),
             f"B{B}-balanced": dataclasses.replace(base[B], name=f"{cfg.name}-B{B}-balanced", blocks=balanced,
-                                                  train=dataclasses.replace(base[B].train, steps_per_block=S - pilot_steps))}
+                                                  train=shorter)}
 
 
 def trained(run: Path) -> bool:
@@ -135,7 +137,8 @@ def partition_cells(run: Path) -> dict[str, str]:
                                                                 for k in ("balanced", "equiprobable")),
             "curve shares (balanced / equiprobable)": " / ".join(
                 "[" + ", ".join(f"{v:.2f}" for v in p["shares"][k]) + "]" for k in ("balanced", "equiprobable")),
-            "largest / smallest": " / ".join(f"{p['largest_over_smallest'][k]:.2f}" for k in ("balanced", "equiprobable")),
+            "largest / smallest": " / ".join(f"{p['largest_over_smallest'][k]:.2f}"
+                                               for k in ("balanced", "equiprobable")),
             "pilot": f"{p['pilot']['steps']} steps ({p['pilot']['block_steps']} block steps)"}
 
 
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                     r = evaluate(v, values, args.device)
                     c_v = read_config(v)
                     decision = r.get("decision", {}).get("chain")
-                    row = {"seed": str(seed), "run": name, "steps": str(steps or c_v.sample.steps or c_v.blocks.num_blocks),
+                    ran = steps or c_v.sample.steps or c_v.blocks.num_blocks
+                    row = {"seed": str(seed), "run": name, "steps": str(ran),
                            "grid": grid or getattr(c_v.sample, "grid", ""), **headline(cfg.task, r, c_v),
                            "who decides": shares_text(decision) if decision else "", **partition_cells(run)}
                     rows.append(row)

@@ -143,7 +143,8 @@ def test_bad_balanced_settings_are_refused(overrides, message):
 
 
 def test_a_task_without_a_pilot_measure_and_block_wise_jobs_are_refused_before_training(tmp_path, capsys):
-    code = main(["train", "--out", str(tmp_path / "r"), *TINY, "noise.parameterization=flow", "blocks.partition=balanced"])
+    code = main(["train", "--out", str(tmp_path / "r"), *TINY, "noise.parameterization=flow",
+                 "blocks.partition=balanced"])
     assert code == 2 and "not available for this generate run" in capsys.readouterr().err
     code = main(["train", "--out", str(tmp_path / "d"), "--blocks", "1", *TINY, "blocks.partition=balanced"])
     assert code == 2 and "block-wise jobs" in capsys.readouterr().err

@@ -31,7 +31,7 @@ LAYERS = [
     ("evaluation and reports", ["evaluation", "report"]),
     ("tasks", ["tasks.base", "tasks.text", "tasks.image_generation", "tasks.classification", "tasks.masked_diffusion",
                "tasks.autoregressive", "tasks.recurrent_depth", "tasks", "pretrained", "judge"]),
-    ("the run's life and tools", ["runs", "compare", "compose", "convert", "membench", "speedbench"]),
+    ("the run's life and tools", ["pilot", "runs", "compare", "compose", "convert", "membench", "speedbench"]),
     ("the command line", ["cli", "__main__", ""]),
 ]
 LAYER_OF = {m: i for i, (_, modules) in enumerate(LAYERS) for m in modules}

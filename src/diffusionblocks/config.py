@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import ConfigError
-from .noise import PARTITIONS
 
-__all__ = ["BlocksConfig", "ConfigError", "NoiseConfig", "PARAMETERIZATIONS", "ParameterizedNoiseConfig", "PRECISIONS",
-           "RunConfig", "TrainConfig", "check_choice", "even_split", "overridden", "read_config_file", "switched_task",
-           "shown_path"]
+# The partitions of the noise axis (noise.Partition's kinds).
+PARTITIONS = ("equiprobable", "uniform", "balanced")
+
+__all__ = ["BlocksConfig", "ConfigError", "NoiseConfig", "PARAMETERIZATIONS", "PARTITIONS", "ParameterizedNoiseConfig",
+           "PRECISIONS", "RunConfig", "TrainConfig", "check_choice", "even_split", "overridden", "read_config_file",
+           "switched_task", "shown_path"]
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 

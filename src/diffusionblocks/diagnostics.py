@@ -25,11 +25,10 @@ from matplotlib.figure import Figure
 
 from .data import ImageData
 from .generate import initial_noise
-from .metrics import frechet_distance
+from .metrics import decision_shares, frechet_distance
 from .noise import sigma_grid
 from .precond import append_dims, get_scalings, loss_weight
 from .reference import ReferenceClassifier, predict
-from .report import decision_shares
 from .sampling import SAMPLERS, CFGDenoiser
 from .seeding import make_generator
 

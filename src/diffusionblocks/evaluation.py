@@ -19,9 +19,8 @@ from .data import ImageSplits, load_image_data
 from .diagnostics import chain_diagnostics
 from .generate import class_labels_evenly, generate
 from .latents import LatentSpace, default_cache_dir
-from .metrics import frechet_distance, kernel_distance
+from .metrics import frechet_distance, kernel_distance, shares_text
 from .reference import accuracy, conditional_accuracy, load_or_train_reference_classifier
-from .report import shares_text
 from .seeding import make_generator
 
 logger = logging.getLogger(__name__)

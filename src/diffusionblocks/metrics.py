@@ -1,10 +1,13 @@
-"""Distances between sets of feature vectors: Frechet distance and kernel (KID-style) distance.
+"""Distances between sets of feature vectors: Frechet distance and kernel (KID-style) distance; and who decides
+along a chain of blocks (each block's share of what the chain removes).
 
 Features are N x d arrays (the reference classifier's penultimate activations, or pixels).
-Both are computed in float64 with numpy.
+Both distances are computed in float64 with numpy.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,3 +67,25 @@ def kernel_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | to
         mmd2 = ((k_xx.sum() - np.trace(k_xx)) + (k_yy.sum() - np.trace(k_yy))) / (m * (m - 1)) - 2 * k_xy.mean()
         values.append(mmd2)
     return float(np.mean(values)), float(np.std(values))
+
+
+def decision_shares(start: float, after: list[float], owners: list[int]) -> list[dict[str, Any]]:
+    """Who decides along a chain (issue 28): what is left undecided after each step of the chain, `after` (a top-1
+    error, bits), the block that ran each step, `owners` (non-increasing noise: each block's steps are consecutive),
+    and what was left before the first step, `start` (chance's error). Per block that ran: what its steps removed
+    and its share of all the chain removed (negative where a block undid a decision; NaN where the chain ends no
+    better than it started, so there is nothing to share)."""
+    total = start - after[-1]
+    rows, before = [], start
+    for b in dict.fromkeys(owners):  # the blocks in the order they ran
+        last = max(i for i, o in enumerate(owners) if o == b)
+        removed = before - after[last]
+        rows.append({"block": b, "steps": owners.count(b), "bits_in": before, "bits_out": after[last],
+                     "removed": removed, "share": removed / total if total > 0 else float("nan")})
+        before = after[last]
+    return rows
+
+
+def shares_text(rows: list[dict[str, Any]]) -> str:
+    """'block 0 0.93, block 1 0.05, block 2 0.02': each block's share of what the chain decided ('-' for none)."""
+    return ", ".join(f"block {r['block']} " + ("-" if r["share"] != r["share"] else f"{r['share']:.2f}") for r in rows)

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from sklearn.isotonic import IsotonicRegression
 
+from .config import PARTITIONS
+
 _f64 = torch.float64
-PARTITIONS = ("equiprobable", "uniform", "balanced")
 
 
 def _t(x: float) -> torch.Tensor:

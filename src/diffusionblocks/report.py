@@ -64,24 +64,3 @@ def plot_loss_curves(out_dir: Path, configs: dict[int, RunConfig]) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "loss_curves.png", dpi=110)
 
-
-def decision_shares(start: float, after: list[float], owners: list[int]) -> list[dict[str, Any]]:
-    """Who decides along a chain (issue 28): what is left undecided after each step of the chain, `after` (a top-1
-    error, bits), the block that ran each step, `owners` (non-increasing noise: each block's steps are consecutive),
-    and what was left before the first step, `start` (chance's error). Per block that ran: what its steps removed
-    and its share of all the chain removed (negative where a block undid a decision; NaN where the chain ends no
-    better than it started, so there is nothing to share)."""
-    total = start - after[-1]
-    rows, before = [], start
-    for b in dict.fromkeys(owners):  # the blocks in the order they ran
-        last = max(i for i, o in enumerate(owners) if o == b)
-        removed = before - after[last]
-        rows.append({"block": b, "steps": owners.count(b), "bits_in": before, "bits_out": after[last],
-                     "removed": removed, "share": removed / total if total > 0 else float("nan")})
-        before = after[last]
-    return rows
-
-
-def shares_text(rows: list[dict[str, Any]]) -> str:
-    """'block 0 0.93, block 1 0.05, block 2 0.02': each block's share of what the chain decided ('-' for none)."""
-    return ", ".join(f"block {r['block']} " + ("-" if r["share"] != r["share"] else f"{r['share']:.2f}") for r in rows)

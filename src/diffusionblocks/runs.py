@@ -358,8 +358,9 @@ def _discard_untrained(prepared: _Prepared, B: int) -> None:
     """Removes a run directory this command created when it failed before any block was checkpointed,
     so that the corrected command starts afresh. Only when no other job holds a block of it."""
     run_dir = prepared.run_dir
-    if not prepared.created or not run_dir.is_dir() or _has_block_files(run_dir) or (run_dir / pilot.PILOT_DIR).is_dir():
-        return  # blocks, or a balanced partition's pilot: training time a user keeps
+    kept = _has_block_files(run_dir) or (run_dir / pilot.PILOT_DIR).is_dir()  # blocks, or a balanced partition's pilot
+    if not prepared.created or not run_dir.is_dir() or kept:
+        return
     try:
         for b in range(B):
             prepared.claims.claim(b)

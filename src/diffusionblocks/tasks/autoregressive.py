@@ -48,8 +48,8 @@ from ..noise import BLOCK_GRID, GRID_NAMES, Partition, sigma_grid
 from ..options import EvaluateOptions, SampleOptions, option
 from ..precond import append_dims
 from ..pretrained import from_pretrained
-from ..report import (decision_shares, equal_compute, markdown_table, memory_note, plot_loss_curves, shares_text,
-                      training_cost)
+from ..metrics import decision_shares, shares_text
+from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator, sample_seeds
 from ..text import held_out_windows, shared_windows, usable_logits

@@ -37,7 +37,8 @@ from ..noise import BLOCK_GRID, GRID_NAMES, Partition, sigma_grid
 from ..options import EvaluateOptions, option
 from ..precond import append_dims
 from ..pretrained import from_pretrained
-from ..report import decision_shares, equal_compute, markdown_table, memory_note, shares_text, training_cost
+from ..metrics import decision_shares, shares_text
+from ..report import equal_compute, markdown_table, memory_note, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator
 from .base import Coupling, Evaluation, Task, layers_of_denoiser

@@ -37,7 +37,8 @@ from ..parameterizations import denoiser, noise_axis, parameterization
 from ..plotting import image_grid, save_image_grid
 from ..precond import append_dims
 from ..pretrained import from_pretrained
-from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, shares_text, training_cost
+from ..metrics import shares_text
+from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..rundir import save_text
 from ..sampling import SAMPLERS
 from .base import Evaluation, Task
