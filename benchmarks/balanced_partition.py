@@ -77,9 +77,10 @@ def train(c: RunConfig, run: Path, device: str | None) -> None:
         train_run(c, out=run, device=device, progress=False)
 
 
-def settings(B: int, multiples: list[int], task: str) -> list[tuple[int, str]]:
-    """(steps, grid) to evaluate a chain at: B k steps on the quantile grid, and on the per-block one for k > 1."""
-    if task not in ("arlm", "classify"):
+def settings(B: int, multiples: list[int], cfg: RunConfig) -> list[tuple[int, str]]:
+    """(steps, grid) to evaluate a chain at: B k steps on the quantile grid, and on the per-block one for k > 1,
+    where the run's sample section has a grid (the language and classification chains)."""
+    if not hasattr(cfg.sample, "grid"):
         return [(0, "")]  # the run's own inference settings
     out = []
     for k in multiples:
@@ -112,9 +113,9 @@ def evaluate(run: Path, values: dict[str, Any], device: str | None) -> dict[str,
     return ev.result
 
 
-def headline(task: str, r: dict[str, Any], cfg: RunConfig) -> dict[str, str]:
-    """The task's figures for the table."""
-    if task == "arlm":
+def headline(r: dict[str, Any], cfg: RunConfig) -> dict[str, str]:
+    """The figures of an evaluation for the table: a language model's, a classifier's, or its scalars."""
+    if "samples" in r and "chain_likelihood" in r:
         c = r.get("chain_likelihood", {})
         bridge = cfg.sample.bridge if cfg.model.mode == "diffusion" else next(iter(r["samples"]))
         s = r["samples"].get(bridge) or next(iter(r["samples"].values()))
@@ -122,7 +123,7 @@ def headline(task: str, r: dict[str, Any], cfg: RunConfig) -> dict[str, str]:
                 "judge ppl": f"{s['gen_ppl']:.2f}" if "gen_ppl" in s else "",
                 "MAUVE": f"{s['mauve']['mauve']:.3f}" if "mauve" in s else "",
                 "distinct-4": f"{s['distinct_4']:.3f}", "chars/s": f"{s['chars_per_s']:.0f}"}
-    if task == "classify":
+    if "top1" in r:
         return {"top-1": f"{r['top1']:.4f}"}
     return {k: f"{v:.4g}" for k, v in r.items() if isinstance(v, float)}
 
@@ -172,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = apply_overrides(load_config(args.config), [*(TINY if args.tiny else []), *args.overrides])
         task = get_task(cfg.task)
-        values = parse_values([*(TINY_EVAL if args.tiny and cfg.task == "arlm" else []), *args.eval],
-                              task.evaluate_options)
+        names = {f.name for f in dataclasses.fields(task.evaluate_options)}
+        tiny_eval = [v for v in TINY_EVAL if v.split("=")[0] in names] if args.tiny else []
+        values = parse_values([*tiny_eval, *args.eval], task.evaluate_options)
         B = args.num_blocks
         pilot_steps = args.pilot_steps or max(cfg.train.steps_per_block // 4, 1)
         multiples = [int(k) for k in args.steps.split(",")]
@@ -184,14 +186,14 @@ def main(argv: list[str] | None = None) -> int:
             for name, c in run_configs(cfg, B, pilot_steps, seed).items():
                 run = out / f"seed{seed}" / name
                 train(c, run, args.device)
-                for steps, grid in settings(B, multiples, cfg.task) if name != "B1" else [(0, "")]:
+                for steps, grid in settings(B, multiples, c) if name != "B1" else [(0, "")]:
                     v = view(run, B, steps, grid)
                     r = evaluate(v, values, args.device)
                     c_v = read_config(v)
                     decision = r.get("decision", {}).get("chain")
                     ran = steps or c_v.sample.steps or c_v.blocks.num_blocks
                     row = {"seed": str(seed), "run": name, "steps": str(ran),
-                           "grid": grid or getattr(c_v.sample, "grid", ""), **headline(cfg.task, r, c_v),
+                           "grid": grid or getattr(c_v.sample, "grid", ""), **headline(r, c_v),
                            "who decides": shares_text(decision) if decision else "", **partition_cells(run)}
                     rows.append(row)
                     record.append({**row, "evaluation": str(v / "evaluation-balanced" / "evaluation.json")})
