@@ -3,6 +3,8 @@
     python benchmarks/balanced_partition.py --config presets/shakespeare-arlm.json --out runs/balanced-arlm \
         --pilot-steps 500 --steps 1,2,4 --seeds 0
     python benchmarks/balanced_partition.py --config presets/digits-vit.json --out runs/balanced-vit --seeds 0,1,2
+    python benchmarks/balanced_partition.py --config presets/digits-dit.json --out runs/balanced-digits --steps 0 \
+        --points 8 --point-num 500 --seeds 0,1,2 train.steps_per_block=1600      # images: FD along training
     python benchmarks/balanced_partition.py --tiny --out /tmp/balanced-tiny          # smoke test, a few minutes
 
 For each seed: B=1 (the task's end-to-end baseline, `compare`'s), B equiprobable and B balanced, at equal training
@@ -30,7 +32,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diffusionblocks import pilot
+from matplotlib.figure import Figure
+
+from diffusionblocks import checkpoint, pilot
 from diffusionblocks.compare import comparison_configs
 from diffusionblocks.compose import compose_run
 from diffusionblocks.config import ConfigError, RunConfig
@@ -64,24 +68,79 @@ def run_configs(cfg: RunConfig, B: int, pilot_steps: int, seed: int) -> dict[str
                                                   train=shorter)}
 
 
-def trained(run: Path) -> bool:
-    return (run / "train_summary.json").is_file()
+def trained(run: Path, steps: int) -> bool:
+    """Every block of the run has its weights of step `steps` or later."""
+    if not (run / "config.json").is_file():
+        return False
+    return all((checkpoint.block_step(run, b) or 0) >= steps for b in range(read_config(run).blocks.num_blocks))
 
 
-def train(c: RunConfig, run: Path, device: str | None) -> None:
-    if trained(run):
+def train(c: RunConfig, run: Path, device: str | None, steps: int | None = None) -> None:
+    """Trains the run to `steps` steps per block (default: its config's), continuing it where it has a config."""
+    steps = c.train.steps_per_block if steps is None else steps
+    if trained(run, steps):
         return
+    leg = [f"train.steps_per_block={steps}"]
     if (run / "config.json").is_file():
-        train_run(resume=run, device=device, progress=False)
+        train_run(resume=run, overrides=leg, device=device, progress=False)
     else:
-        train_run(c, out=run, device=device, progress=False)
+        train_run(c, out=run, overrides=leg, device=device, progress=False)
+
+
+def leg_steps(c: RunConfig, budget: int, points: int) -> list[tuple[int, int]]:
+    """(compute, steps per block) at `points` equal fractions of the budget (B=1 steps, or steps per block of an
+    equiprobable run): a balanced run's blocks have the pilot's steps fewer, and no point before its pilot ends."""
+    pilot_steps = c.blocks.pilot_steps if c.blocks.partition == "balanced" else 0
+    at = [budget * k // points for k in range(1, points + 1)]
+    return [(a, a - pilot_steps) for a in at if a - pilot_steps > 0]
+
+
+def curve(run: Path, c: RunConfig, budget: int, points: int, values: dict[str, Any],
+          device: str | None) -> list[dict[str, Any]]:
+    """The run's evaluation (its own inference settings) along training, at `leg_steps`, each cached in
+    RUN/points/STEPS.json; the run ends at its full budget."""
+    rows = []
+    for compute, steps in leg_steps(c, budget, points):
+        cache = run / "points" / f"{steps}.json"
+        if not cache.is_file():
+            train(c, run, device, steps)
+            out = run / "points" / f"evaluation-{steps}"
+            ev = evaluate_run(run, out=str(out), progress=False, overwrite=True, **values,
+                              **({"device": device} if device else {}))
+            scalars = {k: v for k, v in ev.result.items() if isinstance(v, (int, float))}
+            cache.write_text(json.dumps({"compute": compute, "steps_per_block": steps, **scalars}, indent=2) + "\n")
+        rows.append(json.loads(cache.read_text()))
+        print(f"{run.name} at {compute} steps of compute: {rows[-1]}", flush=True)
+    return rows
+
+
+def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], metric: str, path: Path, title: str) -> None:
+    """`metric` against training compute, one line per run (the mean over seeds, each seed's points faint)."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for i, (name, seeds) in enumerate(curves.items()):
+        color = f"C{i}"
+        for rows in seeds:
+            ax.plot([r["compute"] for r in rows], [r[metric] for r in rows], color=color, alpha=0.25, lw=1)
+        at = sorted({r["compute"] for rows in seeds for r in rows})
+        mean = [sum(r[metric] for rows in seeds for r in rows if r["compute"] == a)
+                / sum(1 for rows in seeds for r in rows if r["compute"] == a) for a in at]
+        ax.plot(at, mean, "o-", color=color, label=name)
+    ax.set_xlabel("training compute (B=1 steps; the pilot counted)")
+    ax.set_ylabel(metric)
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def settings(B: int, multiples: list[int], cfg: RunConfig) -> list[tuple[int, str]]:
     """(steps, grid) to evaluate a chain at: B k steps on the quantile grid, and on the per-block one for k > 1,
-    where the run's sample section has a grid (the language and classification chains)."""
-    if not hasattr(cfg.sample, "grid"):
-        return [(0, "")]  # the run's own inference settings
+    where the run's sample section has a grid (the language and classification chains). No multiples (--steps 0):
+    the run's own inference settings (images: the preset's sampler and its steps)."""
+    if not multiples or not hasattr(cfg.sample, "grid"):
+        return [(0, "")]
     out = []
     for k in multiples:
         out.append((B * k, "quantile"))
@@ -162,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--num-blocks", type=int, default=3)
     ap.add_argument("--pilot-steps", type=int, default=0, help="default: a quarter of train.steps_per_block")
-    ap.add_argument("--steps", default="1,2", help="inference steps per token / image as multiples of B")
+    ap.add_argument("--steps", default="1,2", help="inference steps per token / image as multiples of B "
+                    "(0: the run's own sample settings)")
+    ap.add_argument("--points", type=int, default=0, help="evaluate each run at this many points along training "
+                    "(its own sample settings; the last at the full budget) and plot --curve against compute")
+    ap.add_argument("--point-num", type=int, default=0, help="samples of an evaluation along training (default: "
+                    "the evaluation's)")
+    ap.add_argument("--curve", default="fd", help="the evaluation's figure to plot along training (--points)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--eval", action="append", default=[], help="an evaluate option, name=value (repeatable)")
     ap.add_argument("--device", default=None)
@@ -176,21 +241,29 @@ def main(argv: list[str] | None = None) -> int:
         names = {f.name for f in dataclasses.fields(task.evaluate_options)}
         tiny_eval = [v for v in TINY_EVAL if v.split("=")[0] in names] if args.tiny else []
         values = parse_values([*tiny_eval, *args.eval], task.evaluate_options)
+        # Along training: fewer samples where asked, no chain diagnostics (the final evaluation has them).
+        point_values = {**values, **({"diagnostics": False} if "diagnostics" in names else {}),
+                        **({"num": args.point_num} if args.point_num else {})}
         B = args.num_blocks
         pilot_steps = args.pilot_steps or max(cfg.train.steps_per_block // 4, 1)
-        multiples = [int(k) for k in args.steps.split(",")]
+        multiples = [int(k) for k in args.steps.split(",") if int(k) > 0]
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         rows, record = [], []
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        curves: dict[str, list[list[dict[str, Any]]]] = {}
+        seeds = [int(s) for s in args.seeds.split(",")]
+        for seed in seeds:
             for name, c in run_configs(cfg, B, pilot_steps, seed).items():
                 run = out / f"seed{seed}" / name
+                if args.points:
+                    curves.setdefault(name, []).append(
+                        curve(run, c, cfg.train.steps_per_block, args.points, point_values, args.device))
                 train(c, run, args.device)
                 for steps, grid in settings(B, multiples, c) if name != "B1" else [(0, "")]:
                     v = view(run, B, steps, grid)
                     r = evaluate(v, values, args.device)
                     c_v = read_config(v)
-                    decision = r.get("decision", {}).get("chain")
+                    decision = (r.get("decision") or r.get("chain", {}).get("decision") or {}).get("chain")
                     ran = steps or c_v.sample.steps or c_v.blocks.num_blocks
                     row = {"seed": str(seed), "run": name, "steps": str(ran),
                            "grid": grid or getattr(c_v.sample, "grid", ""), **headline(r, c_v),
@@ -206,6 +279,15 @@ def main(argv: list[str] | None = None) -> int:
                  f"steps ({pilot_steps * B} block steps). Command: `python benchmarks/balanced_partition.py "
                  f"{' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
         lines += markdown_table(header, [{k: row.get(k, "") for k in header} for row in rows])
+        if curves:
+            lines += ["", f"## {args.curve} along training (the run's own sample settings)", ""]
+            lines += markdown_table(["seed", "run", "compute", "steps per block", args.curve], [
+                {"seed": str(seeds[i]), "run": name, "compute": str(r["compute"]), "steps per block": str(r["steps_per_block"]),
+                 args.curve: f"{r[args.curve]:.4g}"} for name, runs in curves.items() for i, rows in enumerate(runs)
+                for r in rows])
+            plot_curves(curves, args.curve, out / "curves.png", f"{cfg.name}, B={B}: {args.curve} along training")
+            lines += ["", "![along training](curves.png)"]
+            (out / "curves.json").write_text(json.dumps(curves, indent=2) + "\n")
         (out / "report.md").write_text("\n".join(lines) + "\n")
         (out / "report.json").write_text(json.dumps(record, indent=2) + "\n")
         print("\n".join(lines))
