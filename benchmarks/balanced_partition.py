@@ -10,15 +10,17 @@
 For each seed: B=1 (the task's end-to-end baseline, `compare`'s), B equiprobable and B balanced, at equal training
 compute: a B=1 step costs as much as B block steps, so each equiprobable block trains train.steps_per_block steps
 and each balanced block that many minus the pilot's (its pilot, one end-to-end block over the whole axis, costs
-pilot_steps x B block steps). Every chain is then evaluated, as `evaluate` does (the task's own options, `--eval
+pilot_steps x B block steps); with --fitted-density also a balanced run whose blocks draw their training levels by
+the pilot's fitted curve (its own pilot, the same). Every chain is then evaluated, as `evaluate` does (the task's own options, `--eval
 name=value` to change one), at each of `--steps` multiples of B inference steps: once on the quantile grid (the
 paper's) and, above one step per block, on the per-block grid (`sample.grid=blocks`); each setting is a composed
 copy of the run whose sample section says it (RUN-steps6-blocks). The report (report.md, report.json) has one row
 per run and setting: the task's headline figures (language: the chain's own BPC with its standard error, the
 independent judge's perplexity of the samples, MAUVE, distinct-4, characters/s; classification: top-1), who decides
 (each block's share of what its chain removes), and per partition its boundaries, the shares of the pilot's curve
-each block's range holds, and their largest over smallest. Rerunning the command resumes: finished runs and
-evaluations are kept.
+each block's range holds, and their largest over smallest. With --points N every run is also evaluated at N points
+along training (its own sample settings; RUN/points) and --curve plotted against compute (curves.png). Rerunning
+the command resumes: finished runs and evaluations are kept.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ TINY_EVAL = ["windows=16", "prompts=4", "new=16", "speed_prompts=1", "mauve_prom
              "judge=none"]
 
 
-def run_configs(cfg: RunConfig, B: int, pilot_steps: int, seed: int) -> dict[str, RunConfig]:
-    """B=1, B equiprobable and B balanced for one seed, at equal compute (the pilot counted)."""
+def run_configs(cfg: RunConfig, B: int, pilot_steps: int, seed: int, density: bool = False) -> dict[str, RunConfig]:
+    """B=1, B equiprobable and B balanced for one seed, at equal compute (the pilot counted); with `density` also B
+    balanced whose blocks draw their training levels from the pilot's fitted curve (blocks.density=fitted)."""
     cfg = apply_overrides(cfg, [f"train.seed={seed}"])
     base = comparison_configs(cfg, [B])
     S = cfg.train.steps_per_block
@@ -62,10 +65,15 @@ def run_configs(cfg: RunConfig, B: int, pilot_steps: int, seed: int) -> dict[str
     equal = dataclasses.replace(base[B].blocks, partition="equiprobable", boundaries=None)
     balanced = dataclasses.replace(base[B].blocks, partition="balanced", boundaries=None, pilot_steps=pilot_steps)
     shorter = dataclasses.replace(base[B].train, steps_per_block=S - pilot_steps)
-    return {"B1": base[1],
+    runs = {"B1": base[1],
             f"B{B}-equiprobable": dataclasses.replace(base[B], name=f"{cfg.name}-B{B}-equiprobable", blocks=equal),
             f"B{B}-balanced": dataclasses.replace(base[B], name=f"{cfg.name}-B{B}-balanced", blocks=balanced,
                                                   train=shorter)}
+    if density:
+        runs[f"B{B}-balanced-density"] = dataclasses.replace(
+            base[B], name=f"{cfg.name}-B{B}-balanced-density", train=shorter,
+            blocks=dataclasses.replace(balanced, density="fitted"))
+    return runs
 
 
 def trained(run: Path, steps: int) -> bool:
@@ -229,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the evaluation's)")
     ap.add_argument("--curve", default="fd", help="the evaluation's figure to plot along training (--points)")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--fitted-density", action="store_true", help="also B balanced with blocks.density=fitted (its "
+                    "blocks draw their training levels by the pilot's fitted curve, as CDCD's time warping)")
     ap.add_argument("--eval", action="append", default=[], help="an evaluate option, name=value (repeatable)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--tiny", action="store_true", help="a tiny model and evaluation: a smoke test")
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         curves: dict[str, list[list[dict[str, Any]]]] = {}
         seeds = [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
-            for name, c in run_configs(cfg, B, pilot_steps, seed).items():
+            for name, c in run_configs(cfg, B, pilot_steps, seed, args.fitted_density).items():
                 run = out / f"seed{seed}" / name
                 if args.points:
                     curves.setdefault(name, []).append(

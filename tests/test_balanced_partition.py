@@ -96,3 +96,57 @@ def test_decision_shares_split_what_the_chain_removes_by_block():
     # A chain that ends worse than it started has no shares to give.
     worse = decision_shares(0.9, [0.3, 0.95], [0, 1])
     assert [r["removed"] for r in worse] == pytest.approx([0.6, -0.65]) and all(r["share"] != r["share"] for r in worse)
+
+
+def _knots(levels: torch.Tensor, remaining: torch.Tensor) -> tuple[tuple[float, float], ...]:
+    return tuple(zip(levels.tolist(), remaining.tolist()))
+
+
+def test_the_fitted_density_of_a_curve_linear_in_log_sigma_is_uniform_in_log_sigma():
+    """R linear in ln sigma: every stretch of ln sigma decides as much, so the draws are uniform in ln sigma (the
+    floor is uniform too): within each block's training range, in deciles, and within a few binomial SDs."""
+    from diffusionblocks.noise import fitted_cdf
+    curve = _knots(LEVELS, LEVELS.log() - math.log(AXIS.lo))
+    p = Partition(AXIS, 3, kind="balanced", fitted=(0.1, 2.0), curve=curve)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    for b in range(3):
+        lo, hi = p.training_range(b)
+        s = p.sample(b, n, generator=g)
+        assert float(s.min()) >= lo and float(s.max()) <= hi
+        u = (s.log() - math.log(lo)) / (math.log(hi) - math.log(lo))
+        counts = torch.histc(u, bins=10, min=0, max=1)
+        assert float((counts - n / 10).abs().max()) < 5 * math.sqrt(n * 0.1 * 0.9)
+    w = torch.tensor([math.log(AXIS.lo), 0.0, math.log(AXIS.hi)], dtype=torch.float64)
+    assert fitted_cdf(AXIS, curve, w).tolist() == pytest.approx(
+        [0.0, -math.log(AXIS.lo) / (math.log(AXIS.hi) - math.log(AXIS.lo)), 1.0])
+
+
+def test_the_fitted_density_puts_its_draws_where_the_curve_steps():
+    """A curve that rises only between sigma 0.3 and 0.4: all but the floor's share of the draws land there (the
+    floor spreads DENSITY_FLOOR of the mass evenly over ln sigma), stratified or not; the training density's
+    draws, for comparison, mostly do not."""
+    from diffusionblocks.noise import DENSITY_FLOOR
+    levels = torch.cat([LEVELS, torch.tensor([0.3, 0.4], dtype=torch.float64)]).sort().values
+    R = ((levels.log() - math.log(0.3)) / math.log(0.4 / 0.3)).clamp(0, 1)
+    p = Partition(AXIS, 1, curve=_knots(levels, R))
+    n = 20000
+    width = math.log(0.4 / 0.3) / (math.log(AXIS.hi) - math.log(AXIS.lo))
+    expected = (1 - DENSITY_FLOOR) + DENSITY_FLOOR * width
+    for stratified in (False, True):
+        s = p.sample(0, n, generator=torch.Generator().manual_seed(1), stratified=stratified)
+        inside = float(((s >= 0.3) & (s <= 0.4)).double().mean())
+        assert inside == pytest.approx(expected, abs=5 * math.sqrt(expected * (1 - expected) / n))
+    plain = Partition(AXIS, 1).sample(0, n, generator=torch.Generator().manual_seed(1))
+    assert float(((plain >= 0.3) & (plain <= 0.4)).double().mean()) < 0.2
+
+
+def test_a_fitted_density_is_a_balanced_partitions_only():
+    from diffusionblocks.config import ConfigError
+    from diffusionblocks.tasks import apply_overrides, default_config
+    with pytest.raises(ConfigError, match="blocks.density"):
+        apply_overrides(default_config("arlm"), ["blocks.density=fitted"])
+    with pytest.raises(ConfigError, match="blocks.density"):
+        apply_overrides(default_config("arlm"), ["blocks.density=cdcd"])
+    with pytest.raises(ConfigError, match="blocks.curve"):
+        apply_overrides(default_config("arlm"), ["blocks.partition=balanced", "blocks.curve=[[0.1,1.0],[0.05,2.0]]"])

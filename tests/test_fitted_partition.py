@@ -44,6 +44,7 @@ def test_a_balanced_run_records_the_boundaries_its_pilot_fitted(balanced_arlm, c
     assert sum(record["shares"]["equiprobable"]) == pytest.approx(1)
     # The fitted curve is the isotonic fit of the measured one: non-decreasing toward more noise.
     assert all(a <= b + 1e-12 for a, b in zip(record["fitted"], record["fitted"][1:]))
+    assert [list(k) for k in cfg.blocks.curve] == [list(k) for k in zip(record["levels"], record["fitted"])]
     # Each block was built for the recorded partition: its advertised range is the balanced training range.
     model, _ = from_pretrained(run)
     partition = get_task("arlm").partition(cfg)
@@ -108,13 +109,23 @@ def test_compose_keeps_the_recorded_boundaries_and_refuses_other_ones(balanced_a
     assert code == 2 and "blocks.boundaries" in capsys.readouterr().err
 
 
-def test_a_balanced_image_run_fits_the_information_to_reveal(tmp_path, one_thread):
+def test_a_balanced_image_run_fits_the_information_to_reveal(tmp_path, one_thread, monkeypatch):
+    """... and with blocks.density=fitted its blocks draw their training levels from the recorded curve."""
+    drawn = []
+    sample = Partition.sample
+    monkeypatch.setattr(Partition, "sample", lambda self, *a, **k: drawn.append(self.curve) or sample(self, *a, **k))
     run = tmp_path / "dit"
     assert main(["train", "--out", str(run), "--no-progress", *TINY, "blocks.partition=balanced",
-                 "blocks.pilot_steps=6", "blocks.pilot_levels=6", "blocks.pilot_examples=16"]) == 0
+                 "blocks.density=fitted", "blocks.pilot_steps=6", "blocks.pilot_levels=6",
+                 "blocks.pilot_examples=16"]) == 0
     record = json.loads((run / pilot.PARTITION_FILE).read_text())
     assert record["measure"] == "mmse" and record["remaining"][0] == 0
-    assert list(read_config(run).blocks.boundaries) == record["boundaries"]["balanced"]
+    cfg = read_config(run)
+    assert list(cfg.blocks.boundaries) == record["boundaries"]["balanced"]
+    assert cfg.blocks.density == "fitted" and read_config(run / "pilot").blocks.density == "train"
+    # The pilot drew from the training density, the blocks from the fitted curve.
+    assert drawn[0] is None and drawn[-1] == cfg.blocks.curve and get_task("generate").partition(cfg).curve == \
+        cfg.blocks.curve
 
 
 def test_information_to_reveal_of_a_denoiser_that_removes_no_noise_is_linear_in_log_sigma():

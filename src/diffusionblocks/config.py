@@ -23,6 +23,7 @@ from .errors import ConfigError
 
 # The partitions of the noise axis (noise.Partition's kinds).
 PARTITIONS = ("equiprobable", "uniform", "balanced")
+DENSITIES = ("train", "fitted")  # blocks.density: where each block draws its training noise levels
 
 __all__ = ["BlocksConfig", "ConfigError", "NoiseConfig", "PARAMETERIZATIONS", "PARTITIONS", "ParameterizedNoiseConfig",
            "PRECISIONS", "RunConfig", "TrainConfig", "check_choice", "even_split", "overridden", "read_config_file",
@@ -105,6 +106,11 @@ class BlocksConfig:
     pilot_steps: int = 0                   # "balanced": the pilot's end-to-end steps (0: train.steps_per_block / 4).
     pilot_levels: int = 24                 # "balanced": noise levels the pilot's curve is measured at.
     pilot_examples: int = 512              # "balanced": held-out examples measured at each level.
+    density: str = "train"                 # Each block's training levels: "train" (the task's training density
+                                           # truncated to its range) or "fitted" ("balanced" only: the density of the
+                                           # pilot's fitted curve, each stretch as likely as the share it decides).
+    curve: tuple[tuple[float, float], ...] | None = None  # "balanced": the pilot's fitted curve, (level, remaining)
+                                                          # knots ascending; written with the boundaries.
 
 
 @dataclass(frozen=True)
@@ -229,6 +235,14 @@ class RunConfig:
             if len(s) != b.num_blocks - 1 or any(lo >= hi for lo, hi in zip(s, s[1:])):
                 raise ConfigError(f"blocks.boundaries {s} must be blocks.num_blocks - 1 = {b.num_blocks - 1} "
                                   "ascending noise levels")
+        check_choice("blocks.density", b.density, DENSITIES)
+        if (b.density == "fitted" or b.curve is not None) and b.partition != "balanced":
+            raise ConfigError(f"blocks.density='fitted' and blocks.curve are a fitted partition's; blocks.partition is "
+                              f"{b.partition!r}")
+        if b.curve is not None and (len(b.curve) < 2 or any(lo[0] >= hi[0] or lo[1] > hi[1]
+                                                             for lo, hi in zip(b.curve, b.curve[1:]))):
+            raise ConfigError("blocks.curve must be at least two (level, remaining) knots, levels ascending and "
+                              "remaining non-decreasing")
         for name, value, least in [("blocks.pilot_steps", b.pilot_steps, 0), ("blocks.pilot_levels", b.pilot_levels, 4),
                                    ("blocks.pilot_examples", b.pilot_examples, 1)]:
             if value < least:

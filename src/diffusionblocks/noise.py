@@ -274,12 +274,50 @@ def sample_truncated(axis: NoiseAxis, n: int, lo: float, hi: float, *, generator
     low-discrepancy sampler of Kingma et al. 2021), which lowers the variance of a batch's loss.
     """
     q_lo, q_hi = axis.cdf(_t(lo)), axis.cdf(_t(hi))
-    at = generator.device if generator is not None else torch.device("cpu")  # drawn where the generator is
-    if stratified:
-        u = (torch.arange(n, dtype=_f64, device=at) + torch.rand(1, generator=generator, dtype=_f64, device=at)) / n
-    else:
-        u = torch.rand(n, generator=generator, dtype=_f64, device=at)
+    u = _uniforms(n, generator, stratified)
     s = axis.icdf(q_lo + (q_hi - q_lo) * u).clamp(lo, hi)
+    return s.to(device)
+
+
+def _uniforms(n: int, generator: torch.Generator | None, stratified: bool) -> torch.Tensor:
+    """n draws of U(0, 1), float64, made where the generator is; stratified: (i + v) / n for one v."""
+    at = generator.device if generator is not None else torch.device("cpu")
+    if stratified:
+        return (torch.arange(n, dtype=_f64, device=at) + torch.rand(1, generator=generator, dtype=_f64, device=at)) / n
+    return torch.rand(n, generator=generator, dtype=_f64, device=at)
+
+
+# The fitted training density's share spread evenly over the axis' coordinate: where the curve is flat a block still
+# sees some training levels (CDCD's warping alone would give them none).
+DENSITY_FLOOR = 0.1
+
+
+def fitted_cdf(axis: NoiseAxis, curve: tuple[tuple[float, float], ...], w: torch.Tensor) -> torch.Tensor:
+    """F(w) = (1 - f) (R(w) - R(lo)) / (R(hi) - R(lo)) + f (w - w_lo) / (w_hi - w_lo), f = DENSITY_FLOOR: the
+    cumulative training density of a curve R of what remains undecided, given as (level, R) knots, over the axis'
+    coordinate w (CDCD's time warping, Dieleman et al. 2022: levels drawn by the inverse of the fitted curve)."""
+    levels, R = torch.tensor(curve, dtype=_f64).unbind(1)
+    knots = axis.warp(levels)
+    ends = torch.stack([axis.warp(_t(axis.lo)), axis.warp(_t(axis.hi))])
+    R_lo, R_hi = interp(ends, knots, R).unbind()
+    if not float(R_hi - R_lo) > 0:
+        raise ValueError("the fitted curve is flat over the axis: it gives no density")
+    return (1 - DENSITY_FLOOR) * (interp(w, knots, R) - R_lo) / (R_hi - R_lo) \
+        + DENSITY_FLOOR * (w - ends[0]) / (ends[1] - ends[0])
+
+
+def sample_fitted(axis: NoiseAxis, curve: tuple[tuple[float, float], ...], n: int, lo: float, hi: float, *,
+                  generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                  stratified: bool = False) -> torch.Tensor:
+    """Draws n levels in [lo, hi] from the density of `fitted_cdf`, truncated: each stretch of the axis as likely as
+    the share of the curve it holds (plus the floor), inverted exactly (F is linear between the curve's knots)."""
+    levels = torch.tensor([c[0] for c in curve], dtype=_f64)
+    w_lo, w_hi = axis.warp(_t(lo)), axis.warp(_t(hi))
+    w = axis.warp(levels)
+    w = torch.cat([w_lo[None], w[(w > w_lo) & (w < w_hi)], w_hi[None]])  # F's knots over [lo, hi], ascending
+    F = fitted_cdf(axis, curve, w)  # strictly increasing: the floor's slope is positive
+    u = _uniforms(n, generator, stratified).to(w.device)
+    s = axis.unwarp(interp(F[0] + (F[-1] - F[0]) * u, F, w)).clamp(lo, hi)
     return s.to(device)
 
 
@@ -295,6 +333,8 @@ class Partition:
             boundaries given by `fitted`: equal shares of a measured curve, `balanced_boundaries`).
         gamma: overlap; each block's training range is widened by gamma of its width in that coordinate.
         fitted: "balanced" only: the B - 1 inner boundaries, ascending, inside (axis.lo, axis.hi).
+        curve: where given, each block draws its training levels from this fitted curve's density (`sample_fitted`,
+            (level, R) knots) instead of the axis' training density.
     """
 
     axis: NoiseAxis
@@ -302,6 +342,7 @@ class Partition:
     kind: str = "equiprobable"
     gamma: float = 0.05
     fitted: tuple[float, ...] | None = None
+    curve: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1:
@@ -362,8 +403,12 @@ class Partition:
 
     def sample(self, b: int, n: int, *, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu", stratified: bool = False) -> torch.Tensor:
-        """Training noise levels for block b: the training density truncated to its widened range."""
+        """Training noise levels for block b: the training density (or the fitted curve's) truncated to its widened
+        range."""
         lo, hi = self.training_range(b)
+        if self.curve is not None:
+            return sample_fitted(self.axis, self.curve, n, lo, hi, generator=generator, device=device,
+                                 stratified=stratified)
         return sample_truncated(self.axis, n, lo, hi, generator=generator, device=device, stratified=stratified)
 
     def _check_block(self, b: int) -> None:

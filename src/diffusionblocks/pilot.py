@@ -66,7 +66,7 @@ def pilot_config(cfg: RunConfig) -> RunConfig:
     for blocks.pilot_steps steps (default a quarter of train.steps_per_block)."""
     steps = cfg.blocks.pilot_steps or max(cfg.train.steps_per_block // 4, 1)
     blocks = dataclasses.replace(cfg.blocks, num_blocks=1, partition="equiprobable", boundaries=None,
-                                 layers_per_block=None)
+                                 layers_per_block=None, density="train", curve=None)
     train = dataclasses.replace(cfg.train, steps_per_block=steps, blocks_to_train=None, schedule="sequential")
     return dataclasses.replace(cfg, name=f"{cfg.name}-pilot", blocks=blocks, train=train)
 
@@ -160,7 +160,8 @@ def fit_partition(task, cfg: RunConfig, run_dir: Path, device: torch.device,
     logger.info("balanced partition: boundaries %s (equiprobable %s); shares of the curve %s (equiprobable %s)",
                 _levels(fitted), _levels(record["boundaries"]["equiprobable"]), _shares(record["shares"]["balanced"]),
                 _shares(record["shares"]["equiprobable"]))
-    return dataclasses.replace(cfg, blocks=dataclasses.replace(cfg.blocks, boundaries=tuple(fitted)))
+    knots = tuple((float(level), float(r)) for level, r in zip(levels.tolist(), curve(levels, axis).tolist()))
+    return dataclasses.replace(cfg, blocks=dataclasses.replace(cfg.blocks, boundaries=tuple(fitted), curve=knots))
 
 
 def describe(run_dir: Path) -> str:

@@ -86,8 +86,14 @@ class Task:
                 raise ConfigError("blocks.partition='balanced' has no fitted boundaries yet: `train` fits them with a "
                                   "pilot run before the blocks train (blocks.pilot_steps)")
         try:
+            curve = None
+            if b.density == "fitted" and b.num_blocks > 1:
+                if b.curve is None:
+                    raise ConfigError("blocks.density='fitted' has no fitted curve yet: `train` records it with the "
+                                      "boundaries after the pilot")
+                curve = tuple(b.curve)
             return Partition(self.noise_axis(cfg), b.num_blocks, kind=b.partition, gamma=b.gamma,
-                             fitted=None if fitted is None else tuple(fitted))
+                             fitted=None if fitted is None else tuple(fitted), curve=curve)
         except ValueError as e:
             raise ConfigError(f"blocks.boundaries: {e}") from None
 
