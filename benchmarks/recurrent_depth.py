@@ -10,7 +10,9 @@ the same prelude / core / coda shape, on tinyshakespeare, quality against the nu
    median steps/s of each (equal wall time: `train --resume` with more steps is the same run continued).
 2. The cost of an optimiser step: steps/s, core forward passes (Huginn: the iterations it drew, recomputed from
    the same (seed, step) generators; the denoiser: one), peak training memory.
-3. `diffusionblocks evaluate --iterations 1,2,4,...,64 --judge auto --windows 512` of each: held-out BPC with its
+3. `diffusionblocks evaluate --iterations K --judge auto --windows 512` of each model for each K of 1,2,4,...,64 (one
+   evaluation per K in RUN/eval-K{K}-w{windows}, kept: a rerun after a kill resumes at the K it was measuring,
+   merged into one row per K): held-out BPC with its
    standard error on one set of 512 windows spread evenly over the held-out split, the same for every model and K
    (Huginn: the mean of its softmax over 8 initial states; the denoiser: the chain's own likelihood,
    `chain_likelihood`, an upper bound in expectation whose bias is reported), and the samples' perplexity under the
@@ -123,22 +125,39 @@ def main() -> None:
     mauve_Ks = [int(k) for k in args.iterations.split(",") if k.strip() and k.strip() in
                 {m.strip() for m in args.mauve_iterations.split(",")}] if judged and args.mauve_prompts else []
     for name, run in runs.items():
-        ev = run / f"eval-{args.iterations.replace(',', '-')}-w{args.windows}"
-        done = (ev / "evaluation.json").is_file() and _same_judging(json.loads((ev / "evaluation.json").read_text()),
-                                                                     judged, mauve_Ks)
-        if not done:
-            cli("evaluate", str(run), "--iterations", args.iterations, "--judge", args.judge, "--prompts",
-                str(args.prompts), "--new", str(args.new), "--windows", str(args.windows), "--chain-draws",
-                str(args.chain_draws), "--top-k", str(args.top_k), "--mauve-iterations", args.mauve_iterations,
-                "--mauve-prompts", str(args.mauve_prompts), "--mauve-new", str(args.mauve_new),
-                *(["--cache-dir", args.cache_dir] if args.cache_dir else []), "--out", str(ev), "--no-progress",
-                log=log)
-        results[name] = json.loads((ev / "evaluation.json").read_text())
+        results[name] = evaluate_by_k(run, args, judged, mauve_Ks, log)
         print(name, json.dumps(costs[name]), flush=True)
     (out / "report.json").write_text(json.dumps({"costs": costs, "results": results}, indent=1) + "\n")
     plot(out / "quality_vs_iterations.png", results)
     write_report(out, args, costs, results, time.time() - t0)
     print((out / "report.md").read_text())
+
+
+def evaluate_by_k(run: Path, args: argparse.Namespace, judged: bool, mauve_Ks: list[int], log: Path) -> dict:
+    """`diffusionblocks evaluate RUN` once per K (RUN/eval-K{K}-w{windows}, each kept: a killed evaluation loses at most
+    the K it was measuring), merged into one evaluation: the K rows in order, the rest (judge, MAUVE bounds, windows)
+    from the first K's."""
+    merged = None
+    for K in [int(k) for k in args.iterations.split(",")]:
+        ev = run / f"eval-K{K}-w{args.windows}"
+        done = (ev / "evaluation.json").is_file() and _same_judging(json.loads((ev / "evaluation.json").read_text()),
+                                                                     judged, [K] if K in mauve_Ks else [])
+        if not done:
+            cli("evaluate", str(run), "--iterations", str(K), "--judge", args.judge, "--prompts",
+                str(args.prompts), "--new", str(args.new), "--windows", str(args.windows), "--chain-draws",
+                str(args.chain_draws), "--top-k", str(args.top_k), "--mauve-iterations", str(K),
+                "--mauve-prompts", str(args.mauve_prompts if K in mauve_Ks else 0), "--mauve-new",
+                str(args.mauve_new), *(["--cache-dir", args.cache_dir] if args.cache_dir else []), "--out", str(ev),
+                "--no-progress", "--overwrite", log=log)
+        r = json.loads((ev / "evaluation.json").read_text())
+        if merged is None:
+            merged = {**r, "by_iterations": [], "mauve_iterations": []}
+        if "bounds" in r.get("judge", {}):
+            merged.setdefault("judge", {})["bounds"] = r["judge"]["bounds"]
+        merged["by_iterations"] += r["by_iterations"]
+        merged["mauve_iterations"] += r["mauve_iterations"]
+        print(f"{run.name} K={K}: BPC {r['by_iterations'][0]['bpc']:.4f}", flush=True)
+    return merged
 
 
 def judge_run() -> str:
