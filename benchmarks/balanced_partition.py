@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the evaluation's)")
     ap.add_argument("--curve", default="fd", help="the evaluation's figure to plot along training (--points)")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--runs", default="", help="only these of the runs (comma-separated names: B1, B3-equiprobable, "
+                    "B3-balanced, B3-balanced-density); default every one")
     ap.add_argument("--fitted-density", action="store_true", help="also B balanced with blocks.density=fitted (its "
                     "blocks draw their training levels by the pilot's fitted curve, as CDCD's time warping)")
     ap.add_argument("--eval", action="append", default=[], help="an evaluate option, name=value (repeatable)")
@@ -264,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
             for name, c in run_configs(cfg, B, pilot_steps, seed, args.fitted_density).items():
+                if args.runs and name not in args.runs.split(","):
+                    continue
                 run = out / f"seed{seed}" / name
                 if args.points:
                     curves.setdefault(name, []).append(
