@@ -101,6 +101,23 @@ def test_the_key_changes_with_the_data_and_the_config(built, tmp_path):
     assert J._judge_data(run_config(Path(cfg.data.path), "model.depth=4", "blocks.num_blocks=2"), TINY_JUDGE)[3] == key
 
 
+def test_a_field_added_later_with_its_default_keeps_the_key(built):
+    """A config class that gains a field (as the blocks section gained `density`) keeps every cached judge's key
+    while the field is at its default; set to another value, it is a new judge."""
+    import dataclasses
+    _, cfg, _, _ = built
+    jcfg, _, fingerprint, key = J._judge_data(cfg, TINY_JUDGE)
+    assert J.judge_key(jcfg, fingerprint) == key
+
+    @dataclasses.dataclass(frozen=True)
+    class Later(type(jcfg)):
+        added_later: int = 0
+
+    later = Later(**{f.name: getattr(jcfg, f.name) for f in dataclasses.fields(jcfg)})
+    assert J.judge_key(later, fingerprint) == key
+    assert J.judge_key(dataclasses.replace(later, added_later=1), fingerprint) != key
+
+
 def test_a_vocabulary_mismatch_is_refused(built, tmp_path):
     root, cfg, _, info = built
     other = tmp_path / "other"

@@ -116,13 +116,28 @@ def data_fingerprint(data: TextSplits) -> str:
 
 
 def _keyed(jcfg: RunConfig) -> dict[str, Any]:
-    """The judge's config as a dict, without the fields in _NOT_IN_KEY."""
+    """The judge's config as a dict, without the fields in _NOT_IN_KEY and without those at their class's default, so
+    that a field added to the config later (with a default that keeps what older code did) leaves keys as they were
+    (a default changed later changes no key either: a change of what a judge is then needs a new JUDGE_FORMAT)."""
     d = jcfg.to_dict()
     for section, names in _NOT_IN_KEY.items():
         where = d if not section else d.get(section, {})
         for name in names:
             where.pop(name, None)
-    return d
+    return _without_defaults(d, type(jcfg)().to_dict())
+
+
+def _without_defaults(d: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    """d without the entries equal to default's (recursively in sections)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and isinstance(default.get(k), dict):
+            v = _without_defaults(v, default[k])
+            if v:
+                out[k] = v
+        elif k not in default or default[k] != v:
+            out[k] = v
+    return out
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
