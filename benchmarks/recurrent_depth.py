@@ -11,7 +11,8 @@ the same prelude / core / coda shape, on tinyshakespeare, quality against the nu
 2. The cost of an optimiser step: steps/s, core forward passes (Huginn: the iterations it drew, recomputed from
    the same (seed, step) generators; the denoiser: one), peak training memory.
 3. `diffusionblocks evaluate --iterations K --judge auto --windows 512` of each model for each K of 1,2,4,...,64 (one
-   evaluation per K in RUN/eval-K{K}-w{windows}, kept: a rerun after a kill resumes at the K it was measuring,
+   evaluation per K in RUN/eval-K{K}-w{windows}, every model at a K before the next K, each kept: a rerun after a
+   kill resumes at the K it was measuring,
    merged into one row per K): held-out BPC with its
    standard error on one set of 512 windows spread evenly over the held-out split, the same for every model and K
    (Huginn: the mean of its softmax over 8 initial states; the denoiser: the chain's own likelihood,
@@ -124,8 +125,11 @@ def main() -> None:
     judged = args.judge.lower() != "none"
     mauve_Ks = [int(k) for k in args.iterations.split(",") if k.strip() and k.strip() in
                 {m.strip() for m in args.mauve_iterations.split(",")}] if judged and args.mauve_prompts else []
-    for name, run in runs.items():
-        results[name] = evaluate_by_k(run, args, judged, mauve_Ks, log)
+    Ks = [int(k) for k in args.iterations.split(",")]
+    for i in range(len(Ks)):  # every model at K before any at the next K: the cheap K's of all of them come first
+        for name, run in runs.items():
+            results[name] = evaluate_by_k(run, Ks[:i + 1], args, judged, mauve_Ks, log)
+    for name in runs:
         print(name, json.dumps(costs[name]), flush=True)
     (out / "report.json").write_text(json.dumps({"costs": costs, "results": results}, indent=1) + "\n")
     plot(out / "quality_vs_iterations.png", results)
@@ -133,12 +137,13 @@ def main() -> None:
     print((out / "report.md").read_text())
 
 
-def evaluate_by_k(run: Path, args: argparse.Namespace, judged: bool, mauve_Ks: list[int], log: Path) -> dict:
-    """`diffusionblocks evaluate RUN` once per K (RUN/eval-K{K}-w{windows}, each kept: a killed evaluation loses at most
-    the K it was measuring), merged into one evaluation: the K rows in order, the rest (judge, MAUVE bounds, windows)
-    from the first K's."""
+def evaluate_by_k(run: Path, Ks: list[int], args: argparse.Namespace, judged: bool, mauve_Ks: list[int],
+                  log: Path) -> dict:
+    """`diffusionblocks evaluate RUN` once per K of Ks (RUN/eval-K{K}-w{windows}, each kept: a killed evaluation loses
+    at most the K it was measuring), merged into one evaluation: the K rows in order, the rest (judge, MAUVE bounds,
+    windows) from the first K's."""
     merged = None
-    for K in [int(k) for k in args.iterations.split(",")]:
+    for K in Ks:
         ev = run / f"eval-K{K}-w{args.windows}"
         done = (ev / "evaluation.json").is_file() and _same_judging(json.loads((ev / "evaluation.json").read_text()),
                                                                      judged, [K] if K in mauve_Ks else [])
@@ -156,7 +161,8 @@ def evaluate_by_k(run: Path, args: argparse.Namespace, judged: bool, mauve_Ks: l
             merged.setdefault("judge", {})["bounds"] = r["judge"]["bounds"]
         merged["by_iterations"] += r["by_iterations"]
         merged["mauve_iterations"] += r["mauve_iterations"]
-        print(f"{run.name} K={K}: BPC {r['by_iterations'][0]['bpc']:.4f}", flush=True)
+        if not done:
+            print(f"{run.name} K={K}: BPC {r['by_iterations'][0]['bpc']:.4f}", flush=True)
     return merged
 
 
