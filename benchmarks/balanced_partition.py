@@ -248,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        cfg = apply_overrides(load_config(args.config), [*(TINY if args.tiny else []), *args.overrides])
+        cfg = load_config(args.config)
+        fields = {f"{k}.{f}" for k, v in cfg.to_dict().items() if isinstance(v, dict) for f in v}
+        tiny = [o for o in TINY if o.split("=")[0] in fields] if args.tiny else []  # the task's own fields
+        cfg = apply_overrides(cfg, [*tiny, *args.overrides])
         task = get_task(cfg.task)
         names = {f.name for f in dataclasses.fields(task.evaluate_options)}
         tiny_eval = [v for v in TINY_EVAL if v.split("=")[0] in names] if args.tiny else []
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = evaluate(v, values, args.device)
                     c_v = read_config(v)
                     decision = (r.get("decision") or r.get("chain", {}).get("decision") or {}).get("chain")
-                    ran = steps or c_v.sample.steps or c_v.blocks.num_blocks
+                    ran = steps or c_v.sample.steps or "the run's default"
                     row = {"seed": str(seed), "run": name, "steps": str(ran),
                            "grid": grid or getattr(c_v.sample, "grid", ""), **headline(r, c_v),
                            "who decides": shares_text(decision) if decision else "", **partition_cells(run)}
