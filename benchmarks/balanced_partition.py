@@ -210,6 +210,37 @@ def partition_cells(run: Path) -> dict[str, str]:
             "pilot": f"{p['pilot']['steps']} steps ({p['pilot']['block_steps']} block steps)"}
 
 
+def _number(cell: str) -> float | None:
+    """The figure a table cell starts with ("2.7303 +- 0.0164" -> 2.7303), or None."""
+    try:
+        return float(cell.split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def over_seeds(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """One row per (run, steps, grid): each numeric column's mean and standard deviation over the seeds."""
+    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault((row["run"], row["steps"], row["grid"]), []).append(row)
+    skip = {"seed", "run", "steps", "grid", "pilot", "largest / smallest"}
+    columns = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in skip
+               and all(_number(row.get(k, "")) is not None for row in rows if row.get(k))]
+    out = []
+    for (run, steps, grid), members in groups.items():
+        cells = {"run": run, "steps": steps, "grid": grid, "seeds": str(len(members))}
+        for k in columns:
+            v = [_number(m[k]) for m in members if _number(m.get(k, "")) is not None]
+            if v:
+                mean = sum(v) / len(v)
+                sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+                cells[k] = f"{mean:.4g} +- {sd:.2g}"
+            else:
+                cells[k] = ""
+        out.append(cells)
+    return out
+
+
 def parse_values(items: list[str], options_class: type) -> dict[str, Any]:
     """name=value pairs as the task's evaluate options, typed by their defaults."""
     fields = {f.name: f for f in dataclasses.fields(options_class)}
@@ -296,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                  f"steps ({pilot_steps * B} block steps). Command: `python benchmarks/balanced_partition.py "
                  f"{' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
         lines += markdown_table(header, [{k: row.get(k, "") for k in header} for row in rows])
+        if len(seeds) > 1:
+            lines += ["", "## Mean over the seeds (+- their standard deviation)", ""]
+            summary = over_seeds(rows)
+            lines += markdown_table(list(summary[0]), summary)
         if curves:
             lines += ["", f"## {args.curve} along training (the run's own sample settings)", ""]
             lines += markdown_table(["seed", "run", "compute", "steps per block", args.curve], [
