@@ -1,7 +1,9 @@
 """The language trunk's bare training step, before and after issue 26, next to a textbook GPT (issue 26).
 
-One process, fixed threads, interleaved repeats, medians. Each step: forward, backward, AdamW step, on a random
-batch of token ids (speed does not depend on the text). Variants:
+One process, fixed threads, interleaved repeats (each variant's turn in a round after --rewarm untimed steps),
+medians. Each step: forward, backward, AdamW step (the trainer's: fused on the CPU and CUDA; `--adamw foreach` for
+the per-op kernels the trainer used before), on a random batch of token ids (speed does not depend on the text).
+Variants:
 
 - gpt: a plain-PyTorch textbook GPT of the preset's size (absolute position embeddings, LayerNorm, GELU MLP of 4x
   width, tied head, no bias; nanoGPT's layout), plain causal next-token loss.
@@ -218,6 +220,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15, help="interleaved rounds; each times every variant")
     ap.add_argument("--steps", type=int, default=5, help="training steps per variant per round")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    ap.add_argument("--adamw", choices=("fused", "foreach"), default="fused", help="AdamW's kernels, every variant")
+    ap.add_argument("--rewarm", type=int, default=1, help="untimed steps before each variant's turn in a round")
     ap.add_argument("--base", default="97c5b76", help="the commit whose code is 'before'")
     ap.add_argument("--mlp-multiple", type=int, default=16,
                     help="model.mlp_multiple of the after-models (the presets')")
@@ -238,7 +242,9 @@ def main() -> None:
     variants, same = make_variants(before, args.mlp_multiple, device)
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0) for k, (m, _, _) in variants.items()}
+    fused = args.adamw == "fused" and device.type in ("cpu", "cuda")  # as `train.make_optimizer`, for every variant
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0, fused=fused or None)
+            for k, (m, _, _) in variants.items()}
 
     def step(name: str) -> None:
         model, loss, _ = variants[name]
@@ -254,6 +260,8 @@ def main() -> None:
     for r in range(args.repeats):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate, so that no variant always runs first
         for name in order:
+            for _ in range(args.rewarm):  # untimed: caches warm again after the other variants ran
+                step(name)
             t0 = _clock(device)
             for _ in range(args.steps):
                 step(name)
@@ -266,7 +274,7 @@ def main() -> None:
     out: dict = {"machine": {"cpu": _cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
                              "threads": args.threads, "device": _device_name(device), "load_average_after": load},
                  "base_commit": base, "mlp_multiple": args.mlp_multiple, "repeats": args.repeats,
-                 "steps_per_repeat": args.steps, "batch": BATCH, "seq_len": SEQ, "width": WIDTH, "heads": HEADS,
+                 "steps_per_repeat": args.steps, "rewarm_steps": args.rewarm, "adamw": args.adamw, "batch": BATCH, "seq_len": SEQ, "width": WIDTH, "heads": HEADS,
                  "median_step_ms": {k: 1e3 * v for k, v in med.items()},
                  "steps_per_s": {k: 1 / v for k, v in med.items()},
                  "iqr_step_ms": {k: [1e3 * q for q in _quartiles(v)] for k, v in times.items()},
@@ -276,6 +284,8 @@ def main() -> None:
         for k in ("plain_before", "plain_after"):
             if k in med:
                 ratios[f"{k}/gpt"] = med[k] / med["gpt"]
+                # the same ratio within each round (the pair ran a few seconds apart), its median over the rounds
+                ratios[f"{k}/gpt, median of rounds"] = statistics.median(a / b for a, b in zip(times[k], times["gpt"]))
     for kind in ("plain", "block", "recurrent", "mdlm"):
         if f"{kind}_before" in med and f"{kind}_after" in med:
             ratios[f"{kind} speed-up (before/after step time)"] = med[f"{kind}_before"] / med[f"{kind}_after"]

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from diffusionblocks.config import ConfigError
-from diffusionblocks.models.arlm import (ARDenoiser, CausalLM, KVCache, LlamaLayer, rotary, rotate_pairs, swiglu_width,
-                                         training_mask)
+from diffusionblocks.models.arlm import (ARDenoiser, CausalLM, KVCache, LlamaLayer, RotaryAttention, paired_rows,
+                                         rotary, rotate_pairs, swiglu_width, training_mask)
 from diffusionblocks.models.layers import modulated_rms_norm, rms_norm
 from diffusionblocks.models.recurrent import HuginnLM, RecurrentDenoiser
 from diffusionblocks.precond import get_scalings
@@ -193,3 +193,17 @@ def test_the_swiglu_width_is_rounded_only_where_the_config_says():
     assert net.trunk.layers[0].mlp.w1.out_features == 336
     with pytest.raises(ConfigError, match="mlp_multiple"):
         config_from_dict({**old, "model": {**old["model"], "mlp_multiple": 0}})
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_the_rotated_projection_gradient_is_the_numerical_one(T):
+    """The queries, keys and values as views of one buffer, their gradient written into one (issue 26): against
+    finite differences in float64, and the same numbers as rotating a permuted copy."""
+    attn = RotaryAttention(16, 4).double()
+    x = torch.randn(2, T, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(19), requires_grad=True)
+    pos = rotary(torch.arange(3, 3 + T), 4)
+    assert torch.autograd.gradcheck(lambda x: attn._qkv(x, pos), (x,))
+    w = attn.qkv.weight[paired_rows(16, 4, x.device)[0]]
+    qk, v = F.linear(x, w).view(2, T, 3, 4, 4).permute(0, 3, 2, 1, 4).split([2, 1], dim=2)
+    for got, want in zip(attn._qkv(x, pos), (*rotate_pairs(qk, pos.to(torch.complex128)).unbind(2), v.squeeze(2))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

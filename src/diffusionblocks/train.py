@@ -115,13 +115,15 @@ class DenoiserLoss(nn.Module):
 
 
 def make_optimizer(denoiser: nn.Module, cfg: RunConfig, device: torch.device | None = None) -> torch.optim.AdamW:
-    """AdamW over one block; weight decay on matrices only. Fused kernels on CUDA, one kernel per op elsewhere."""
+    """AdamW over one block; weight decay on matrices only. The fused kernel on CUDA and on the CPU (a quarter of the
+    per-op kernels' time on the CPU: 1.2 against 4.6 ms a step for the 1.8M parameters of the language preset at two
+    threads, issue 26), one kernel per op elsewhere."""
     t = cfg.train
     params = [p for p in denoiser.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device is not None and torch.device(device).type == "cuda"
+    fused = torch.device(device if device is not None else "cpu").type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=fused or None, foreach=None if fused else True)
 
 

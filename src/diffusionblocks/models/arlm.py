@@ -76,6 +76,37 @@ def rotate_pairs(x: torch.Tensor, rot: Rotary) -> torch.Tensor:
     return torch.view_as_real(xc * rot).flatten(-2).to(dtype)  # (..., T, d)
 
 
+class _RotatedQKV(torch.autograd.Function):
+    """The rotated queries and keys and the values of a qkv projection (N, T, 3D) whose query and key heads have their
+    rotary pairs side by side: (N, H, T, d) views of one (N, T, 2, H, d) buffer and of the input, laid out as a
+    textbook GPT's split projection. The gradient is written into one (N, T, 3D) buffer (the pairs rotated back, the
+    values copied): one pass where unbind, split and permute took a stack, a concatenation and a copy (issue 26).
+    float32 and float64 only (complex views)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, rot: Rotary, num_heads: int) -> tuple[torch.Tensor, ...]:
+        N, T, D3 = qkv.shape
+        H, d = num_heads, D3 // (3 * num_heads)
+        u = qkv.view(N, T, 3, H, d)
+        pairs = torch.view_as_complex(u[:, :, :2].unflatten(-1, (-1, 2)))  # (N, T, 2, H, d/2)
+        qk = torch.view_as_real(pairs * rot[:, None, None]).flatten(-2)  # (N, T, 2, H, d)
+        ctx.save_for_backward(rot)
+        q, k = qk.transpose(1, 3).unbind(2)  # (N, H, T, d) each
+        return q, k, u[:, :, 2].transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rot, = ctx.saved_tensors
+        N, H, T, d = gv.shape
+        g = gv.new_empty(N, T, 3, H, d)
+        back = rot.conj()[:, None].expand(T, H, d // 2).contiguous()  # (T, H, d/2): long inner loops
+        for i, gi in enumerate((gq, gk)):
+            torch.mul(torch.view_as_complex(gi.transpose(1, 2).unflatten(-1, (-1, 2))), back,
+                      out=torch.view_as_complex(g[:, :, i].unflatten(-1, (-1, 2))))
+        g[:, :, 2].copy_(gv.transpose(1, 2))
+        return g.view(N, T, 3 * H * d), None, None
+
+
 def paired_rows(dim: int, num_heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The order of a qkv weight's rows (3 D) that lays each query and key head's half-split pairs (j, j + d/2) side
     by side, and its inverse: scores q.k are unchanged when q and k are permuted alike, and rotating adjacent pairs is
@@ -149,9 +180,10 @@ class RotaryAttention(nn.Module):
         N, T, D = x.shape
         H, d = self.num_heads, D // self.num_heads
         w = _rows(self.qkv.weight, *paired_rows(D, H, x.device))
-        qkv = F.linear(x, w).view(N, T, 3, H, d).permute(0, 3, 2, 1, 4)  # (N, H, 3, T, d)
-        qk, v = qkv.split([2, 1], dim=2)  # a split: no zero-filled slice gradient
-        # Rotated into a tensor laid out as attention reads it: its gradient comes back in that layout, with no copy.
+        qkv = F.linear(x, w)  # (N, T, 3D)
+        if qkv.dtype in (torch.float32, torch.float64):
+            return _RotatedQKV.apply(qkv, _positions(pos, d), H)
+        qk, v = qkv.view(N, T, 3, H, d).permute(0, 3, 2, 1, 4).split([2, 1], dim=2)  # (N, H, 2 and 1, T, d)
         q, k = rotate_pairs(qk, _positions(pos, d)).unbind(2)  # (N, H, T, d) each
         return q, k, v.squeeze(2)
 

@@ -69,6 +69,31 @@ class _ModulatedRMSNormFunction(torch.autograd.Function):
         return g_x, g_shift, g_scale, None
 
 
+class _ConstantModulatedRMSNormFunction(torch.autograd.Function):
+    """adaLN on RMSNorm for a constant condition (shift and scale (D,)), its gradient from PyTorch's fused LayerNorm
+    backward: with mean 0 and rstd = 1 / rms(x) that kernel gives the gradients of shift and scale (as bias and
+    weight) and of x up to one term, r mean(g (1 + scale)) per row, added from a matrix-vector product. Two passes
+    back in all where `_ModulatedRMSNormFunction` takes eight (issue 26)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        r = _inverse_rms(x, eps)
+        a = 1 + scale
+        ctx.save_for_backward(x, r, a)
+        return torch.addcmul(shift, x * r, a)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, r, a = ctx.saved_tensors
+        D = x.shape[-1]
+        g = g.contiguous()
+        g_x, g_scale, g_shift = torch.ops.aten.native_layer_norm_backward(
+            g, x, [D], torch.zeros_like(r), r, a, a, [True, True, True])
+        # LayerNorm's backward also takes the gradient's row mean out of g_x (its mean's path); RMSNorm has none.
+        g_x.add_(torch.mv(g.view(-1, D), a).view_as(r).mul_(r), alpha=1 / D)
+        return g_x, g_shift, g_scale, None
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -89,9 +114,10 @@ def modulated_rms_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     if x.is_cuda or not _needs_grad(x, shift, scale):
         return torch.addcmul(shift, F.rms_norm(x, x.shape[-1:], eps=eps), 1 + scale)
     dtype = torch.promote_types(torch.promote_types(x.dtype, shift.dtype), scale.dtype)
+    fn = _ConstantModulatedRMSNormFunction if shift.shape == scale.shape == x.shape[-1:] else _ModulatedRMSNormFunction
     if dtype not in (torch.float32, torch.float64):  # half inputs: the norm in float32
-        return _ModulatedRMSNormFunction.apply(x.float(), shift.float(), scale.float(), eps).to(dtype)
-    return _ModulatedRMSNormFunction.apply(x, shift, scale, eps)
+        return fn.apply(x.float(), shift.float(), scale.float(), eps).to(dtype)
+    return fn.apply(x, shift, scale, eps)
 
 
 class RMSNorm(nn.RMSNorm):
