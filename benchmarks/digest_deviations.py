@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("scratch", type=Path)
     ap.add_argument("cases", nargs="*", default=["arlm", "arlm-plain", "recurrent", "recurrent-huginn"])
     ap.add_argument("--json")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # case names before or after --json
     file = digests.load()
     ref, mine = digests.reference(file), digests.recording_for(digests.environment(), file)
     limits = file["tolerance"]["limits"]
