@@ -88,8 +88,7 @@ class _RotatedQKV(torch.autograd.Function):
         N, T, D3 = qkv.shape
         H, d = num_heads, D3 // (3 * num_heads)
         u = qkv.view(N, T, 3, H, d)
-        pairs = torch.view_as_complex(u[:, :, :2].unflatten(-1, (-1, 2)))  # (N, T, 2, H, d/2)
-        qk = torch.view_as_real(pairs * rot[:, None, None]).flatten(-2)  # (N, T, 2, H, d)
+        qk = rotate_pairs(u[:, :, :2], rot[:, None, None])  # (N, T, 2, H, d)
         ctx.save_for_backward(rot)
         q, k = qk.transpose(1, 3).unbind(2)  # (N, H, T, d) each
         return q, k, u[:, :, 2].transpose(1, 2)

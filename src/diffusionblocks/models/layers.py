@@ -48,49 +48,37 @@ class _RMSNormFunction(torch.autograd.Function):
 class _ModulatedRMSNormFunction(torch.autograd.Function):
     """adaLN on RMSNorm, n (1 + scale) + shift with n = RMSNorm(x), shift and scale broadcastable to x (per token, per
     sample or constant), as one autograd node: a reduction and two products forward, eight operations back, where the
-    composite (PyTorch's RMSNorm, then addcmul) takes about sixteen in three nodes."""
+    composite (PyTorch's RMSNorm, then addcmul) takes about sixteen in three nodes. For a constant condition (shift
+    and scale (D,)) the gradient comes from PyTorch's fused LayerNorm backward: with mean 0 and rstd = 1 / rms(x)
+    that kernel gives the gradients of shift and scale (as bias and weight) and of x up to one term, r mean(g (1 +
+    scale)) per row, added from a matrix-vector product (issue 26)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
         r = _inverse_rms(x, eps)
         n = x * r
         a = 1 + scale
-        ctx.save_for_backward(n, r, a)
+        ctx.constant = shift.shape == scale.shape == x.shape[-1:]
+        ctx.save_for_backward(x if ctx.constant else n, r, a)
         ctx.shapes = shift.shape, scale.shape
         return torch.addcmul(shift, n, a)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.constant:
+            x, r, a = ctx.saved_tensors
+            D = x.shape[-1]
+            g = g.contiguous()
+            g_x, g_scale, g_shift = torch.ops.aten.native_layer_norm_backward(
+                g, x, [D], torch.zeros_like(r), r, a, a, [True, True, True])
+            # LayerNorm's backward also takes the gradient's row mean out of g_x (its mean's path); RMSNorm has none.
+            g_x.add_(torch.mv(g.view(-1, D), a).view_as(r).mul_(r), alpha=1 / D)
+            return g_x, g_shift, g_scale, None
         n, r, a = ctx.saved_tensors
         shift_shape, scale_shape = ctx.shapes
         g_shift = g.sum_to_size(shift_shape) if ctx.needs_input_grad[1] else None
         g_scale = (g * n).sum_to_size(scale_shape) if ctx.needs_input_grad[2] else None
         g_x = _rms_norm_backward(g * a, n, r) if ctx.needs_input_grad[0] else None
-        return g_x, g_shift, g_scale, None
-
-
-class _ConstantModulatedRMSNormFunction(torch.autograd.Function):
-    """adaLN on RMSNorm for a constant condition (shift and scale (D,)), its gradient from PyTorch's fused LayerNorm
-    backward: with mean 0 and rstd = 1 / rms(x) that kernel gives the gradients of shift and scale (as bias and
-    weight) and of x up to one term, r mean(g (1 + scale)) per row, added from a matrix-vector product. Two passes
-    back in all where `_ModulatedRMSNormFunction` takes eight (issue 26)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-        r = _inverse_rms(x, eps)
-        a = 1 + scale
-        ctx.save_for_backward(x, r, a)
-        return torch.addcmul(shift, x * r, a)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, r, a = ctx.saved_tensors
-        D = x.shape[-1]
-        g = g.contiguous()
-        g_x, g_scale, g_shift = torch.ops.aten.native_layer_norm_backward(
-            g, x, [D], torch.zeros_like(r), r, a, a, [True, True, True])
-        # LayerNorm's backward also takes the gradient's row mean out of g_x (its mean's path); RMSNorm has none.
-        g_x.add_(torch.mv(g.view(-1, D), a).view_as(r).mul_(r), alpha=1 / D)
         return g_x, g_shift, g_scale, None
 
 
@@ -114,10 +102,9 @@ def modulated_rms_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     if x.is_cuda or not _needs_grad(x, shift, scale):
         return torch.addcmul(shift, F.rms_norm(x, x.shape[-1:], eps=eps), 1 + scale)
     dtype = torch.promote_types(torch.promote_types(x.dtype, shift.dtype), scale.dtype)
-    fn = _ConstantModulatedRMSNormFunction if shift.shape == scale.shape == x.shape[-1:] else _ModulatedRMSNormFunction
     if dtype not in (torch.float32, torch.float64):  # half inputs: the norm in float32
-        return fn.apply(x.float(), shift.float(), scale.float(), eps).to(dtype)
-    return fn.apply(x, shift, scale, eps)
+        return _ModulatedRMSNormFunction.apply(x.float(), shift.float(), scale.float(), eps).to(dtype)
+    return _ModulatedRMSNormFunction.apply(x, shift, scale, eps)
 
 
 class RMSNorm(nn.RMSNorm):
