@@ -50,7 +50,7 @@ logger = logging.getLogger("balanced_partition")
 TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=3", "model.seq_len=32", "train.batch_size=16",
         "train.steps_per_block=40", "train.log_every=10", "train.checkpoint_every=20", "train.lr_warmup_steps=5",
         "sample.num=2", "sample.new_chars=16", "sample.prompt_chars=8"]
-TINY_EVAL = ["windows=16", "prompts=4", "new=16", "speed_prompts=1", "mauve_prompts=0", "draws=2", "top_k=2",
+TINY_EVAL = ["windows=16", "prompts=4", "new=16", "speed_prompts=1", "mauve_prompts=0", "chain_draws=2", "top_k=2",
              "judge=none"]
 
 

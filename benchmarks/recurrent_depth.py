@@ -86,9 +86,11 @@ def main() -> None:
     parser.add_argument("--mauve-new", type=int, default=128, help="characters each MAUVE continuation adds")
     parser.add_argument("--windows", type=int, default=512, help="held-out windows spread over the split, shared by "
                         "every model and K")
-    parser.add_argument("--chain-draws", type=int, default=4, help="the denoiser's chains per window and enumerated "
-                        "token")
+    parser.add_argument("--chain-draws", type=int, default=8, help="the denoiser's start-noise draws per window")
     parser.add_argument("--top-k", type=int, default=4, help="the denoiser's enumerated first-step tokens")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="the denoiser's draws doubled while its "
+                        "estimate's fall from half of them is above this many bits per character")
+    parser.add_argument("--max-draws", type=int, default=32, help="... up to this many draws")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--iterations", default=KS)
     parser.add_argument("--prompts", type=int, default=50)
@@ -147,10 +149,13 @@ def evaluate_by_k(run: Path, Ks: list[int], args: argparse.Namespace, judged: bo
         ev = run / f"eval-K{K}-w{args.windows}"
         done = (ev / "evaluation.json").is_file() and _same_judging(json.loads((ev / "evaluation.json").read_text()),
                                                                      judged, [K] if K in mauve_Ks else [])
+        # An evaluation without the estimate's fall is from the estimator that drew the chain's later tokens.
+        done = done and "bpc_fall" in json.loads((ev / "evaluation.json").read_text())["by_iterations"][0]
         if not done:
             cli("evaluate", str(run), "--iterations", str(K), "--judge", args.judge, "--prompts",
                 str(args.prompts), "--new", str(args.new), "--windows", str(args.windows), "--chain-draws",
-                str(args.chain_draws), "--top-k", str(args.top_k), "--mauve-iterations", str(K),
+                str(args.chain_draws), "--top-k", str(args.top_k), "--tolerance", str(args.tolerance),
+                "--max-draws", str(args.max_draws), "--mauve-iterations", str(K),
                 "--mauve-prompts", str(args.mauve_prompts if K in mauve_Ks else 0), "--mauve-new",
                 str(args.mauve_new), *(["--cache-dir", args.cache_dir] if args.cache_dir else []), "--out", str(ev),
                 "--no-progress", "--overwrite", log=log)
@@ -240,8 +245,9 @@ def write_report(out: Path, args: argparse.Namespace, costs: dict, results: dict
              f"{results['huginn']['num_windows']} held-out windows spread evenly over the split (the same for every "
              "model and K), of the distribution the next character is drawn from after K iterations (temperature 1, "
              f"context given): Huginn's softmax averaged over {results['huginn'].get('draws', 1)} initial states; the "
-             "denoiser's chain likelihood (`chain_likelihood`: its first step's token enumerated, the rest of the "
-             "chain by Monte-Carlo draws; an upper bound in expectation, its estimated bias in the table); "
+             "denoiser's chain likelihood (`chain_likelihood`: the token draws of the chain enumerated, its start "
+             "noise drawn; an upper bound in expectation, its bias in the table: the delta method's estimate / the fall "
+             "from half the draws, about the bias left where it shrinks as 1 / draws); "
              f"{results['huginn']['num_prompts']} held-out prompts continued by {results['huginn']['new_chars']} "
              f"characters (temperature {cfg.sample.temperature}, top-p {cfg.sample.top_p}), scored by the judge "
              "below.", ""]
@@ -261,7 +267,7 @@ def write_report(out: Path, args: argparse.Namespace, costs: dict, results: dict
               "Huginn's backward pass runs through its last iterations only. The peak of the equal-time run is that "
               "of its resumed steps.", "",
               "## Quality against the core's iterations K", "",
-              "| K | " + " | ".join(f"{n} BPC | {n} bias | {n} gen. ppl | {n} distinct-4" for n in results) + " |",
+              "| K | " + " | ".join(f"{n} BPC | {n} bias (delta / fall) | {n} gen. ppl | {n} distinct-4" for n in results) + " |",
               "|---|" + "---|---|---|---|" * len(results)]
     Ks = [row["iterations"] for row in results["huginn"]["by_iterations"]]
     for i, K in enumerate(Ks):
@@ -270,7 +276,8 @@ def write_report(out: Path, args: argparse.Namespace, costs: dict, results: dict
             row = r["by_iterations"][i]
             se = f" +- {row['bpc_se']:.4f}" if "bpc_se" in row else ""
             ppl = f"{row['gen_ppl']:.2f}" if "gen_ppl" in row else "-"
-            cells += [f"{row['bpc']:.4f}{se}", f"{row.get('bpc_bias', float('nan')):.4f}", ppl,
+            bias = f"{row.get('bpc_bias', float('nan')):.4f} / {row.get('bpc_fall', float('nan')):.4f}"
+            cells += [f"{row['bpc']:.4f}{se}", bias, ppl,
                       f"{row['distinct_4']:.3f}"]
         lines.append(f"| {K} | " + " | ".join(cells) + " |")
     lines += ["", "gen. ppl: the samples' perplexity per character under the independent judge:", ""]

@@ -211,12 +211,16 @@ def test_training_sampling_and_evaluation_through_the_cli(trained, tmp_path, cap
     windows = shared_windows(get_task("arlm").load_run_data(cfg, chain).test, cfg.model.seq_len, 8)
     assert r["num_windows"] == 8 and r["bpc"] == pytest.approx(next_token_bits(model, windows), abs=1e-6)
     c = r["chain_likelihood"]
-    want = chain_likelihood(model, windows, steps=3, bridge=cfg.sample.bridge, sampler="euler", draws=4, top_k=16)
+    want = chain_likelihood(model, windows, steps=3, bridge=cfg.sample.bridge, sampler="euler",
+                            **get_task("arlm").evaluate_options().chain_kwargs(r["chars_per_token"]))
     assert c["bpc"] == pytest.approx(want["bits"], abs=1e-6) and c["bpc_se"] == pytest.approx(want["se"], abs=1e-6)
     assert "block 0 at sigma_max (1 of 3 layers)" in r["bpc_label"] and "all 3 blocks" in c["label"]
     assert "chain likelihood" in capsys.readouterr().out
     code = main(["evaluate", str(plain), "--judge", str(chain), "--out", str(tmp_path / "x")])
     assert code == 2 and "a judge is a plain run" in capsys.readouterr().err
+    code = main(["evaluate", str(chain), "--chain-draws", "1", "--out", str(tmp_path / "y")])
+    assert code == 2 and "--chain-draws must be at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_next_token_bits_of_a_plain_model_is_its_cross_entropy_prefix_by_prefix():
@@ -261,7 +265,7 @@ def test_the_compare_report_shows_block_zero_and_the_chain_with_paired_differenc
         copy = tmp_path / f"B{B}"
         shutil.copytree(run, copy)
         ev = task.evaluate(copy, task.evaluate_options(prompts=2, new=4, windows=6, speed_prompts=1, bridges="sample",
-                                                       draws=2, top_k=2, judge="none"))
+                                                       chain_draws=2, top_k=2, judge="none"))
         ev.result["train_summary"] = json.loads((copy / "train_summary.json").read_text())
         configs[B], results[B], artifacts[B] = load_config(copy / "config.json"), ev.result, ev.artifacts
     write_arlm_report(tmp_path, configs, results, artifacts)
@@ -324,7 +328,8 @@ def test_a_bpe_run_reports_bits_per_character(tmp_path):
     assert main(["train", "--out", str(run), "--no-progress", *bpe]) == 0
     ev = tmp_path / "ev"
     assert main(["evaluate", str(run), "--prompts", "2", "--new", "4", "--windows", "4", "--bridges", "argmax",
-                 "--speed-prompts", "1", "--draws", "2", "--top-k", "2", "--judge", "none", "--out", str(ev), "--no-progress"]) == 0
+                 "--speed-prompts", "1", "--chain-draws", "2", "--top-k", "2", "--judge", "none", "--out", str(ev),
+                 "--no-progress"]) == 0
     r = json.loads((ev / "evaluation.json").read_text())
     assert r["bpc"] == pytest.approx(r["bits_per_token"] / r["chars_per_token"]) and r["chars_per_token"] > 1
     with pytest.raises(ConfigError, match="for the arlm task"):

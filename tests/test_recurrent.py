@@ -160,7 +160,8 @@ def test_both_models_train_sample_and_evaluate_through_the_cli(tmp_path, capsys)
         model, cfg = from_pretrained(run)
         windows = shared_windows(get_task("recurrent").load_run_data(cfg, run).test, cfg.model.seq_len, 4)
         for r in rows:
-            want = likelihood_after(model, cfg, windows, r["iterations"], draws=8, chain_draws=4, top_k=4)
+            want = likelihood_after(model, cfg, windows, r["iterations"], huginn_draws=8,
+                                    **get_task("recurrent").evaluate_options().chain_kwargs(1.0))
             assert r["bpc"] == pytest.approx(want["bits"], abs=1e-6) and r["bpc_se"] == pytest.approx(want["se"])
             assert r["likelihood"]["num_windows"] == 4 and r["bpc_bias"] >= 0
         out = tmp_path / f"{mode}.txt"

@@ -433,11 +433,14 @@ class LikelihoodTally:
     windows of T scored positions. q is estimated by their mean, whose -log2 is biased up (Jensen): to second order
     (the delta method) by Var(f) / (2 draws q^2 ln 2) bits, the estimator's variance Var(f) / (draws q^2 ln(2)^2).
     Both are bounded where one draw carries all of q (the sample variance of `draws` values is at most draws q^2:
-    the bias at most 1 / (2 ln 2) bits a token), unlike a jackknife, whose leave-one-out means can be 0."""
+    the bias at most 1 / (2 ln 2) bits a token), unlike a jackknife, whose leave-one-out means can be 0. Where the
+    draws are heavy-tailed (a rare draw carries most of q) the delta method falls short; the `fall`, the same
+    estimate from each half of the draws minus the one from all, measures the bias that doubling the draws removed:
+    the bias left is about the fall where it shrinks as 1 / draws, more where it shrinks more slowly."""
 
     def __init__(self):
         self.window_bits: list[torch.Tensor] = []  # per window: its mean bits per scored token
-        self.bias, self.mc_var, self.count = 0.0, 0.0, 0
+        self.bias, self.mc_var, self.fall, self.count = 0.0, 0.0, 0.0, 0
 
     def add(self, f: torch.Tensor) -> None:
         f = f.double()
@@ -448,46 +451,78 @@ class LikelihoodTally:
             rel = f.var(0) / (M * q ** 2)  # (n, T): the variance of q's estimate relative to q^2, at most 1
             self.bias += float(rel.sum()) / (2 * math.log(2))
             self.mc_var += float(rel.sum()) / math.log(2) ** 2
+            h = M // 2
+            halves = torch.stack([f[:h].mean(0), f[h:2 * h].mean(0)]).clamp_min(torch.finfo(torch.float64).tiny)
+            self.fall += float((-torch.log2(halves)).mean(0).sum() + torch.log2(q).sum())
         self.count += f[0].numel()
 
     def result(self, scale: float = 1.0) -> dict[str, Any]:
         """bits per token (divided by `scale`, e.g. characters per token), its standard error over the windows
         (the text's spread and the estimator's draws together), the estimator's own standard error (what remains
-        on a fixed set of windows) and its estimated upward bias (0 for an exact likelihood)."""
+        on a fixed set of windows), its estimated upward bias (0 for an exact likelihood) and the fall from half
+        the draws."""
         per_window = torch.cat(self.window_bits)
         W = len(per_window)
         se = float(per_window.std() / math.sqrt(W)) if W > 1 else float("nan")
         return {"bits": float(per_window.mean()) / scale, "se": se / scale,
                 "se_estimator": math.sqrt(self.mc_var) / self.count / scale, "bias": self.bias / self.count / scale,
+                "fall": self.fall / self.count / scale,
                 "num_windows": W, "per_window": [round(float(b) / scale, 5) for b in per_window]}
 
 
-def first_token_enumeration(p0: torch.Tensor, target: torch.Tensor, top_k: int,
-                            g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first step's token draw y ~ p0 (N, L, V) Rao-Blackwellised for scoring target (N, L): the top_k tokens of
-    p0 and the target, each weighted by its probability (the target's 0 when it is among the top_k), and one token
-    drawn from the rest of p0 weighted by the rest's mass, so that sum_r w_r f(y_r) is unbiased for E_y[f(y)].
-    Returns tokens and weights, (top_k + 2, N, L) each."""
-    V = p0.shape[-1]
-    top_w, top = p0.topk(min(top_k, V), dim=-1)  # (N, L, k)
-    target_w = p0.gather(-1, target[..., None])[..., 0] * ~(top == target[..., None]).any(-1)
-    rest = p0.scatter(-1, top, 0.0).scatter(-1, target[..., None], 0.0)
+def token_enumeration(p: torch.Tensor, target: torch.Tensor, top_k: int,
+                      g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token draw y ~ p (N, L, V) Rao-Blackwellised for scoring target (N, L): the top_k tokens of p and the
+    target, each weighted by its probability (the target's 0 when it is among the top_k), and one token drawn from
+    the rest of p weighted by the rest's mass, so that sum_r w_r f(y_r) is unbiased for E_y[f(y)] (top_k = 0: the
+    target and one draw from the rest). Returns tokens and weights, (top_k + 2, N, L) each."""
+    V = p.shape[-1]
+    top_w, top = p.topk(min(top_k, V), dim=-1)  # (N, L, k)
+    target_w = p.gather(-1, target[..., None])[..., 0] * ~(top == target[..., None]).any(-1)
+    rest = p.scatter(-1, top, 0.0).scatter(-1, target[..., None], 0.0)
     mass = rest.sum(-1)  # (N, L)
-    u = torch.rand(mass.shape, generator=g, dtype=torch.float64).to(p0.device)
+    u = torch.rand(mass.shape, generator=g, dtype=torch.float64).to(p.device)
     tail = ((rest.cumsum(-1) / mass[..., None].clamp_min(1e-300)) < u[..., None]).sum(-1).clamp_max(V - 1)
     tokens = torch.cat([top.movedim(-1, 0), target[None], tail[None]])  # (k + 2, N, L)
     weights = torch.cat([top_w.movedim(-1, 0), target_w[None], mass[None]])
     return tokens, weights
 
 
-def _rank0(t: torch.Tensor, R: int, n: int) -> torch.Tensor:
-    """Rows (draws * R * n, ...) ordered draw, rank, window -> rank 0's, (draws * n, ...)."""
-    return t.unflatten(0, (-1, R, n))[:, 0].flatten(0, 1)
+def evaluation_count(sampler: str, sigmas: torch.Tensor) -> int:
+    """How many denoiser evaluations `sampler` makes down sigmas (counted on a dry run of a zero denoiser)."""
+    calls = []
+
+    def zero(x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
+        calls.append(sigma)
+        return torch.zeros_like(x)
+
+    SAMPLERS[sampler](zero, torch.ones(1, 1), sigmas.cpu(), disable=True)
+    return len(calls)
 
 
-def _to_ranks(t: torch.Tensor, R: int, n: int) -> torch.Tensor:
-    """The inverse of _rank0 for rows equal across ranks: (draws * n, ...) -> (draws * R * n, ...)."""
-    return t.unflatten(0, (-1, 1, n)).expand(-1, R, -1, *t.shape[1:]).flatten(0, 2)
+class EnumerationTree:
+    """Chains as rows (draws, R_0, ..., R_{m-1}, n): level e's R_e branches are the enumerated tokens of the draw
+    after evaluation e, so rows that differ only at levels >= e are one chain up to evaluation e (computed once,
+    `shared`, then `spread` back)."""
+
+    def __init__(self, draws: int, ranks: list[int], n: int):
+        self.draws, self.ranks, self.n = draws, ranks, n
+
+    def shared(self, t: torch.Tensor, e: int) -> torch.Tensor:
+        """Rows (draws * R_0 ... R_{m-1} * n, ...) -> the distinct chains before level e's draw, (draws * R_0 ...
+        R_{e-1} * n, ...)."""
+        if e >= len(self.ranks):
+            return t
+        v = t.view(self.draws, *self.ranks, self.n, *t.shape[1:])
+        return v[(slice(None),) * (1 + e) + (0,) * (len(self.ranks) - e)].flatten(0, e + 1)
+
+    def spread(self, t: torch.Tensor, e: int) -> torch.Tensor:
+        """The inverse of shared for rows equal at levels >= e."""
+        if e >= len(self.ranks):
+            return t
+        m = len(self.ranks)
+        v = t.view(self.draws, *self.ranks[:e], *[1] * (m - e), self.n, *t.shape[1:])
+        return v.expand(self.draws, *self.ranks, self.n, *t.shape[1:]).flatten(0, m + 1)
 
 
 def scored(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -498,70 +533,108 @@ def scored(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, bridge: str = "sample",
-                     sampler: str = "euler", grid: str = "quantile", draws: int = 4, top_k: int = 16, seed: int = 0,
-                     batch_size: int = 256, num_tokens: int | None = None) -> dict[str, Any]:
+                     sampler: str = "euler", grid: str = "quantile", draws: int = 8, top_k: int = 4,
+                     later_k: int | None = 0, max_enumerated: int = 64, tolerance: float | None = None,
+                     max_draws: int = 64, seed: int = 0, batch_size: int = 256,
+                     num_tokens: int | None = None) -> dict[str, Any]:
     """Held-out bits per token (positions 1..L-1) of the chain's own next-token distribution, the one its sampler
     reads the next token from: q(x) = E[softmax(last step's logits)](x) over the chain's noise and bridge draws
     (temperature 1, the context given), all blocks, `steps` steps (default B) of `sampler` down the quantile grid.
 
-    q(x) = E_z0[ sum_y p0(y | z0) E_rest[ q(x | the chain continued from y) ] ]: with the `sample` bridge (and more
-    than one step) the first step's draw y, where the chain's uncertainty lives, is enumerated
-    (first_token_enumeration: top_k tokens, the scored one, and a weighted draw from the rest; each rank one
-    batched continuation, positions being independent given the clean context); the start noise and the later
-    steps' draws by `draws` Monte-Carlo draws (deterministic bridges: those draws alone). The estimate of q is
-    unbiased; its -log2 is biased up: in expectation an upper bound on the chain's bits, the bias estimated
-    (LikelihoodTally). batch_size: chains per forward pass; num_tokens: the vocabulary's size, when the model has
-    more ids (never drawn, as in generation)."""
-    if draws < 2 or top_k < 0:
-        raise ConfigError(f"the chain likelihood needs at least 2 draws (their spread gives its error and bias) and "
-                          f"top_k >= 0, got {draws} and {top_k}")
+    With the `sample` bridge, the token draws a later evaluation reads (after each evaluation but the last) are
+    enumerated (token_enumeration: the first draw's top_k tokens, a later draw's later_k, the scored token and a
+    weighted draw from the rest): the first, and of the later ones the last as many as keep the tree's leaves at
+    most max_enumerated, the others drawn (later_k None: every later one drawn): q(x) = E_z0[ sum over the tree of tokens of
+    the product of their weights times the last readout's q(x) ], each branch one batched chain (positions are
+    independent given the clean context), a branch's shared past computed once. Only the start noise is drawn,
+    `draws` times (deterministic bridges: those draws alone). The later blocks mostly keep the token handed to them,
+    so with later tokens drawn a chain's readout is nearly 0 or 1 and the log of a mean of few draws far too high;
+    enumerated, the scored token's path is always taken. The estimate of q is unbiased; its -log2 is biased up: in
+    expectation an upper bound on the chain's bits, the bias estimated (LikelihoodTally: the delta method and the
+    fall from half the draws; a rare start noise that makes the scored token likely keeps it from vanishing fast).
+    tolerance: the draws doubled (the new ones independent of the old) while the fall from half of them is above
+    this many bits per token, up to max_draws. batch_size: chains per forward pass (at the widest level);
+    num_tokens: the vocabulary's size, when the model has more ids (never drawn)."""
+    if draws < 2 or top_k < 0 or (later_k or 0) < 0 or max_draws < draws:
+        raise ConfigError(f"the chain likelihood needs at least 2 draws (their spread gives its error and bias), "
+                          f"top_k, later_k >= 0 and max_draws >= draws, got {draws}, {top_k}, {later_k} and "
+                          f"{max_draws}")
     sigmas = chain_grid(model, steps, grid).to(windows.device, torch.float32)
-    steps = len(sigmas) - 1
-    enumerated = bridge == "sample" and steps > 1  # one step: the draw hands nothing on
-    R = top_k + 2 if enumerated else 1
-    D_dim = model.blocks[0].E.shape[1]
+    read = evaluation_count(sampler, sigmas) - 1 if bridge == "sample" else 0  # the draws a later step reads
+    ranks = [top_k + 2] + [1] * (read - 1) if read else []  # 1: drawn
+    for e in range(read - 1, 0, -1):  # the later draws, nearest the readout first
+        if later_k is None or math.prod(ranks) * (later_k + 2) > max_enumerated:
+            break
+        ranks[e] = later_k + 2
+    chains = dict(sigmas=sigmas, bridge=bridge, sampler=sampler, ranks=ranks, seed=seed, batch_size=batch_size,
+                  num_tokens=num_tokens)
+    f = _chain_draws(model, windows, draws, 0, **chains)  # (draws, W, L - 1)
+    while tolerance is not None and _tally(f).result()["fall"] > tolerance and 2 * len(f) <= max_draws:
+        f = torch.cat([f, _chain_draws(model, windows, len(f), len(f), **chains)])
+    return {**_tally(f).result(), "steps": len(sigmas) - 1, "bridge": bridge, "sampler": sampler, "draws": len(f),
+            "top_k": top_k if ranks else None, "later_k": later_k if read > 1 else None,
+            "enumerated": math.prod(ranks), "drawn_later": ranks.count(1), "tolerance": tolerance}
+
+
+def _tally(f: torch.Tensor) -> LikelihoodTally:
+    """A LikelihoodTally of estimates f (draws, windows, T)."""
     tally = LikelihoodTally()
-    per_batch = max(batch_size // (draws * R), 1)  # windows per batch
+    tally.add(f)
+    return tally
+
+
+def _chain_draws(model, windows: torch.Tensor, draws: int, first: int, *, sigmas: torch.Tensor, bridge: str,
+                 sampler: str, ranks: list[int], seed: int, batch_size: int,
+                 num_tokens: int | None) -> torch.Tensor:
+    """chain_likelihood's `draws` unbiased estimates of q(x_j | x_<j), (draws, W, L - 1), on enumeration trees of
+    `ranks` (level e's branches; 1: its token drawn); `first`: how many were drawn before (the generators of later
+    draws are new ones)."""
+    levels, leaves = len(ranks), math.prod(ranks)
+    D_dim = model.blocks[0].E.shape[1]
+    per_batch = max(batch_size // (draws * leaves), 1)  # windows per batch
+    out = []
     for i in range(0, len(windows), per_batch):
         x = windows[i:i + per_batch]
         n, L = x.shape
-        g = make_generator(seed, "arlm-chain-likelihood", i)
-        xs = x[None, None].expand(draws, R, n, L).reshape(-1, L)  # (draws * R * n, L): draw, rank, window
-        state = {"calls": 0, "weights": None}
+        tree = EnumerationTree(draws, ranks, n)
+        g = make_generator(seed, "arlm-chain-likelihood", i, *([first] if first else []))
+        xs = x.expand(draws * leaves, n, L).reshape(-1, L)  # (draws * leaves * n, L): draw, ranks, window
+        state = {"calls": 0, "weights": torch.ones(draws * leaves * n, L, dtype=torch.float64, device=x.device)}
 
         def denoise(block, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor):
-            if state["calls"] > 0 or R == 1:
-                D, logits = block.denoise(z, _at_each_position(sigma, tokens), tokens)
-                return D, usable_logits(logits, num_tokens)
-            # The first evaluation is the same for every rank: run once per draw, then shared.
-            z0, sigma0, tokens0 = (_rank0(t, R, n) for t in (z, sigma, tokens))
-            D, logits = block.denoise(z0, _at_each_position(sigma0, tokens0), tokens0)
-            return _to_ranks(D, R, n), _to_ranks(usable_logits(logits, num_tokens), R, n)
+            e = state["calls"]
+            z, sigma, tokens = (tree.shared(t, e) for t in (z, sigma, tokens))
+            D, logits = block.denoise(z, _at_each_position(sigma, tokens), tokens)
+            return tree.spread(D, e), tree.spread(usable_logits(logits, num_tokens), e)
 
         def carry(block, D: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-            first, state["calls"] = state["calls"] == 0, state["calls"] + 1
+            e, state["calls"] = state["calls"], state["calls"] + 1
             if bridge != "sample":
                 return block.estimate(D, logits, bridge)
-            if first and enumerated:
-                p0 = logits.view(draws, R, n, L, -1)[:, 0].double().softmax(-1)  # (draws, n, L, V)
-                tokens, weights = first_token_enumeration(p0, x.expand(draws, n, L), top_k, g)  # (R, draws, n, L)
-                state["weights"] = weights.transpose(0, 1)  # (draws, R, n, L)
-                return block.estimate(D, logits, bridge, tokens.transpose(0, 1).reshape(-1, L))
+            if e < levels:
+                shared = tree.shared(logits, e)  # (draws * R_0 ... R_{e-1} * n, L, V)
+                if ranks[e] == 1:
+                    u = torch.rand(shared.shape[:-1], generator=g, dtype=torch.float64).to(x.device).flatten()
+                    tokens = draw_token(shared.flatten(0, 1), 1.0, 1.0, False, u).view(1, *shared.shape[:-1])
+                    weights = torch.ones(tokens.shape, dtype=torch.float64, device=x.device)
+                else:
+                    tokens, weights = token_enumeration(shared.double().softmax(-1), tree.shared(xs, e),
+                                                        ranks[e] - 2, g)  # (R_e, rows, L)
+                # Branch r of a row goes to level e's rank r: (R_e, draws, R_<e, n, L) -> (draws, R_<e, R_e, n, L).
+                tokens, weights = (t.unflatten(1, (-1, n)).movedim(0, 1).flatten(0, 2) for t in (tokens, weights))
+                state["weights"] = state["weights"] * tree.spread(weights, e + 1)
+                return block.estimate(D, logits, bridge, tree.spread(tokens, e + 1))
             u = torch.rand(logits.shape[:-1], generator=g, dtype=torch.float64).to(x.device).flatten()
             return block.estimate(D, logits, bridge, draw_token(logits.flatten(0, 1), 1.0, 1.0, False, u).view(
                 logits.shape[:-1]))
 
         chain = BridgedDenoiser(model, carry, denoise)
-        eps = torch.randn(draws, 1, n, L, D_dim, generator=g).to(x.device).expand(draws, R, n, L, D_dim)
-        SAMPLERS[sampler](chain, eps.reshape(-1, L, D_dim) * sigmas[0], sigmas, extra_args={"tokens": xs},
-                          disable=True)
-        probs = chain.logits.double().softmax(-1).view(draws, R, n, L, -1)
-        f = scored(probs, x.expand(draws, R, n, L))  # (draws, R, n, L - 1)
-        if enumerated:
-            f = f * state["weights"][..., 1:]
-        tally.add(f.sum(1))
-    return {**tally.result(), "steps": steps, "bridge": bridge, "sampler": sampler, "draws": draws,
-            "top_k": top_k if enumerated else None}
+        eps = torch.randn(draws, n, L, D_dim, generator=g).to(x.device)
+        z = tree.spread(eps.flatten(0, 1), 0) * sigmas[0]  # every leaf of a draw starts from its noise
+        SAMPLERS[sampler](chain, z, sigmas, extra_args={"tokens": xs}, disable=True)
+        f = scored(chain.logits.double().softmax(-1), xs) * state["weights"][:, 1:]  # (draws * leaves * n, L - 1)
+        out.append(f.view(draws, leaves, n, L - 1).sum(1))
+    return torch.cat(out, 1)
 
 
 @torch.no_grad()
@@ -589,7 +662,34 @@ class ARSampleOptions(SampleOptions):
 
 
 @dataclass(frozen=True)
-class AREvaluateOptions(EvaluateOptions):
+class ChainLikelihoodOptions(EvaluateOptions):
+    """How `evaluate` estimates a chain's own next-token likelihood (chain_likelihood)."""
+
+    chain_draws: int = option(8, "start-noise draws per window of the chain likelihood (at least 2)")
+    top_k: int = option(4, "tokens of the chain's first draw enumerated for its likelihood (besides the scored one "
+                        "and one drawn from the rest)")
+    later_k: int = option(0, "the same for each later draw (the last draws first, up to --max-enumerated chains)")
+    max_enumerated: int = option(64, "enumerated chains per start noise at most")
+    tolerance: float = option(0.01, "the chain likelihood's draws are doubled while the fall of its estimate from "
+                              "half of them is above this many bits per character (0: never)")
+    max_draws: int = option(32, "the draws are doubled up to this many")
+
+    def check_chain(self) -> None:
+        """These options follow their rules (checked before any work)."""
+        if self.chain_draws < 2 or min(self.top_k, self.later_k) < 0 or self.max_enumerated < 1 or self.tolerance < 0:
+            raise ConfigError(f"--chain-draws must be at least 2, --top-k and --later-k at least 0, --max-enumerated "
+                              f"at least 1 and --tolerance at least 0, got {self.chain_draws}, {self.top_k}, "
+                              f"{self.later_k}, {self.max_enumerated} and {self.tolerance}")
+
+    def chain_kwargs(self, chars_per_token: float) -> dict[str, Any]:
+        """chain_likelihood's keywords for these options."""
+        return dict(draws=self.chain_draws, top_k=self.top_k, later_k=self.later_k,
+                    max_enumerated=self.max_enumerated, tolerance=self.tolerance * chars_per_token or None,
+                    max_draws=max(self.max_draws, self.chain_draws), seed=self.seed)
+
+
+@dataclass(frozen=True)
+class AREvaluateOptions(ChainLikelihoodOptions):
     judge: str = option("auto", "what scores the samples (generative perplexity, MAUVE's features): auto = the "
                         "independent judge of the run's data, cached under --cache-dir/judges and trained first if "
                         "missing; none; or a plain run (task arlm, model.mode=plain) with the run's vocabulary")
@@ -602,8 +702,6 @@ class AREvaluateOptions(EvaluateOptions):
     mauve_prompts: int = option(500, "held-out prompts continued for MAUVE against their held-out continuations "
                                 "(0: no MAUVE)")
     mauve_new: int = option(128, "characters each MAUVE continuation adds")
-    draws: int = option(4, "chains per window and enumerated token for the chain likelihood (at least 2)")
-    top_k: int = option(16, "tokens of the first step's draw enumerated for the chain likelihood")
 
 
 class AutoregressiveTask(TextTask):
@@ -708,6 +806,7 @@ class AutoregressiveTask(TextTask):
             if getattr(options, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
         check_windows(options.windows)
+        options.check_chain()
         if options.mauve_prompts < 0 or options.mauve_new < 1:
             raise ConfigError("--mauve-prompts must be at least 0 and --mauve-new at least 1")
         data = self.load_run_data(cfg, run_dir)
@@ -735,8 +834,7 @@ class AutoregressiveTask(TextTask):
             s = cfg.sample
             steps = s.steps or cfg.blocks.num_blocks
             chain = chain_likelihood(model, windows, steps=steps, bridge=s.bridge, sampler=s.sampler, grid=s.grid,
-                                     draws=options.draws, top_k=options.top_k, seed=options.seed,
-                                     num_tokens=len(data.vocab))
+                                     num_tokens=len(data.vocab), **options.chain_kwargs(data.test.chars_per_token))
             r["chain_likelihood"] = {**per_character(chain, r["chars_per_token"]), "label": (
                 f"chain likelihood (all {cfg.blocks.num_blocks} blocks, {steps} {s.sampler} steps on the {s.grid} "
                 f"grid, bridge {s.bridge})")}
@@ -803,7 +901,8 @@ class AutoregressiveTask(TextTask):
             c = r["chain_likelihood"]
             lines[0] += f" +- {r.get('bpc_se', float('nan')):.4f}: {r.get('bpc_label', '')}"
             lines.append(f"  {c['label']}: BPC {c['bpc']:.4f} +- {c['bpc_se']:.4f} (estimator alone +- "
-                         f"{c['bpc_se_estimator']:.4f}; biased up by about {c['bpc_bias']:.4f})")
+                         f"{c['bpc_se_estimator']:.4f}; an upper bound, biased up by about {c['bpc_bias']:.4f} by the "
+                         f"delta method, {bias_cell(c)} below half the draws' estimate)")
         for name, s in r["samples"].items():
             ppl = f"gen. perplexity {s['gen_ppl']:.2f}, " if "gen_ppl" in s else ""
             if "mauve" in s:
@@ -839,7 +938,8 @@ def evaluation_windows(test, seq_len: int, num: int) -> torch.Tensor:
 
 def per_character(r: dict[str, Any], chars_per_token: float) -> dict[str, Any]:
     """A LikelihoodTally result with its figures per character added (bpc, bpc_se, bpc_se_estimator, bpc_bias)."""
-    names = {"bits": "bpc", "se": "bpc_se", "se_estimator": "bpc_se_estimator", "bias": "bpc_bias"}
+    names = {"bits": "bpc", "se": "bpc_se", "se_estimator": "bpc_se_estimator", "bias": "bpc_bias",
+             "fall": "bpc_fall"}
     return {**r, **{name: r[k] / chars_per_token for k, name in names.items()}}
 
 
@@ -851,6 +951,11 @@ def chain_bpc_cell(cfg: RunConfig, r: dict[str, Any], readout: str) -> str:
     return f"{c['bpc']:.4f} +- {c['bpc_se']:.4f}"
 
 
+def bias_cell(c: dict[str, Any]) -> str:
+    """A chain likelihood's upward bias, "delta method / fall from half the draws" per character."""
+    return f"{c['bpc_bias']:.4f} / {c['bpc_fall']:.4f}" if "bpc_fall" in c else f"{c['bpc_bias']:.4f} / -"
+
+
 def likelihood_rows(r: dict[str, Any]) -> list[tuple]:
     """(what, BPC, SE, estimator SE, bias, draws, per-window bits per character) of a run's evaluation: block 0's
     figure (or the plain model's), then the chain's."""
@@ -859,8 +964,8 @@ def likelihood_rows(r: dict[str, Any]) -> list[tuple]:
     rows = [(r.get("bpc_label", "next-token"), r["bpc"], r.get("bpc_se", float("nan")), "-", "-", "1",
              None if per_window is None else [b / r["chars_per_token"] for b in per_window])]
     if c is not None and r["mode"] != "plain":
-        enumerated = "" if c["top_k"] is None else f" x ({c['top_k']} + 2)"
-        rows.append((c["label"], c["bpc"], c["bpc_se"], f"{c['bpc_se_estimator']:.4f}", f"{c['bpc_bias']:.4f}",
+        enumerated = "" if c["top_k"] is None else f" x {c.get('enumerated', c['top_k'] + 2)}"
+        rows.append((c["label"], c["bpc"], c["bpc_se"], f"{c['bpc_se_estimator']:.4f}", bias_cell(c),
                      f"{c['draws']}{enumerated}", [b / r["chars_per_token"] for b in c["per_window"]]))
     return rows
 
@@ -953,9 +1058,14 @@ def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dic
     lines += ["", "## Held-out likelihood", "",
               "Bits per character on the shared windows, +- the standard error over windows (the text's spread and the "
               "estimator's draws); the estimator's own error (what remains on these fixed windows, e.g. for a paired "
-              "comparison) and its upward bias (delta method; the figure is an upper bound in expectation) beside it.", ""]
-    lines += markdown_table(["B", "what", "BPC", "estimator SE", "bias (up)", "draws x enumerated", "minus B=1's"], [
-        {"B": str(B), "what": what, "BPC": f"{bpc:.4f} +- {se:.4f}", "estimator SE": est, "bias (up)": bias,
+              "comparison) and its upward bias beside it (the figure is an upper bound in expectation): the delta "
+              "method's estimate, and how much lower it is than the same estimate from half the draws (the bias left "
+              "is about that fall where it shrinks as 1 / draws, more where a rare draw carries most of a token's "
+              "probability).", ""]
+    lines += markdown_table(["B", "what", "BPC", "estimator SE", "bias (up): delta / fall", "draws x enumerated",
+                             "minus B=1's"], [
+        {"B": str(B), "what": what, "BPC": f"{bpc:.4f} +- {se:.4f}", "estimator SE": est,
+         "bias (up): delta / fall": bias,
          "draws x enumerated": dr, "minus B=1's": paired_cell(per_window, r1)}
         for B, r in results.items() for what, bpc, se, est, bias, dr, per_window in likelihood_rows(r)])
     lines += ["", "minus B=1's: the difference from the B=1 model's bits on the same windows, +- the standard error of "

@@ -29,13 +29,13 @@ from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
 from ..judge import features, generative_bits, mauve_bounds, prepare_judging, text_quality
 from ..models.recurrent import HuginnLM, RecurrentDenoiser, lognormal_poisson
 from ..noise import Partition
-from ..options import EvaluateOptions, SampleOptions, option
+from ..options import SampleOptions, option
 from ..pretrained import from_pretrained
 from ..seeding import make_generator, sample_seeds
 from ..text import usable_logits
-from .autoregressive import (ARSampleConfig, LikelihoodTally, TokenContext, chain_likelihood, check_windows, distinct_n,
-                             draw_token, evaluation_windows, generate_chain, longest_repeated_run, per_character,
-                             readout_settings)
+from .autoregressive import (ARSampleConfig, ChainLikelihoodOptions, LikelihoodTally, TokenContext, chain_likelihood,
+                             check_windows, distinct_n, draw_token, evaluation_windows, generate_chain,
+                             longest_repeated_run, per_character, readout_settings)
 from .base import Evaluation
 from .text import LlamaModelConfig, TextRunConfig, TextTask
 
@@ -141,17 +141,17 @@ def huginn_likelihood(model, windows: torch.Tensor, iterations: int, draws: int 
     return tally.result()
 
 
-def likelihood_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: int, *, draws: int = 8,
-                     chain_draws: int = 4, top_k: int = 16, seed: int = 0,
-                     num_tokens: int | None = None) -> dict[str, Any]:
+def likelihood_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: int, *, huginn_draws: int = 8,
+                     seed: int = 0, num_tokens: int | None = None, **chain: Any) -> dict[str, Any]:
     """The held-out bits per token of the distribution the next token is drawn from after K = `iterations` core
-    steps: Huginn's (huginn_likelihood, `draws` initial states) or the denoiser's chain of K sampler steps
-    (autoregressive.chain_likelihood with the run's sampler and bridge, `chain_draws` draws)."""
+    steps: Huginn's (huginn_likelihood, `huginn_draws` initial states) or the denoiser's chain of K sampler steps
+    (autoregressive.chain_likelihood with the run's sampler and bridge and the keywords `chain`)."""
     if is_huginn(model):
-        return {**huginn_likelihood(model, windows, iterations, draws, seed, num_tokens=num_tokens), "draws": draws}
+        return {**huginn_likelihood(model, windows, iterations, huginn_draws, seed, num_tokens=num_tokens),
+                "draws": huginn_draws}
     s = cfg.sample
-    return chain_likelihood(model, windows, steps=iterations, bridge=s.bridge, sampler=s.sampler, draws=chain_draws,
-                            top_k=top_k, seed=seed, num_tokens=num_tokens)
+    return chain_likelihood(model, windows, steps=iterations, bridge=s.bridge, sampler=s.sampler,
+                            **{"seed": seed, "num_tokens": num_tokens, **chain})
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class RecurrentSampleOptions(SampleOptions):
 
 
 @dataclass(frozen=True)
-class RecurrentEvaluateOptions(EvaluateOptions):
+class RecurrentEvaluateOptions(ChainLikelihoodOptions):
     iterations: str = option("1,2,4,8,16,32,64", "values of K measured")
     judge: str = option("auto", "what scores the samples (generative perplexity, MAUVE's features): auto = the "
                         "independent judge of the run's data, cached under --cache-dir/judges and trained first if "
@@ -179,8 +179,6 @@ class RecurrentEvaluateOptions(EvaluateOptions):
                           "model and K, and the autoregressive task's (0 = all)")
     draws: int = option(8, "Huginn: starting states per window whose next-token distributions are averaged for the "
                         "bits")
-    chain_draws: int = option(4, "the denoiser: chains per window and enumerated token for its likelihood (at least 2)")
-    top_k: int = option(4, "the denoiser: tokens of the first step's draw enumerated (its cost grows with K)")
 
 
 class RecurrentDepthTask(TextTask):
@@ -259,6 +257,7 @@ class RecurrentDepthTask(TextTask):
         if options.mauve_prompts < 0 or options.mauve_new < 1:
             raise ConfigError("--mauve-prompts must be at least 0 and --mauve-new at least 1")
         check_windows(options.windows)
+        options.check_chain()
         model, cfg = from_pretrained(run_dir, options.device)
         data = self.load_run_data(cfg, run_dir)
         P = cfg.sample.prompt_chars
@@ -285,15 +284,15 @@ class RecurrentDepthTask(TextTask):
             ids = self._generate(model, cfg, run_dir, prompts, options.new, K, seeds)
             seconds = time.perf_counter() - t0
             texts = self._texts(run_dir, ids, prompts.shape[1])
-            bits = per_character(likelihood_after(model, cfg, windows, K, draws=options.draws,
-                                                  chain_draws=options.chain_draws, top_k=options.top_k,
-                                                  seed=options.seed, num_tokens=len(data.vocab)),
+            bits = per_character(likelihood_after(model, cfg, windows, K, huginn_draws=options.draws,
+                                                  num_tokens=len(data.vocab),
+                                                  **options.chain_kwargs(data.test.chars_per_token)),
                                  data.test.chars_per_token)
             row = {"iterations": K, "bits_per_token": bits["bits"], "likelihood": bits,
                    "distinct_2": distinct_n(texts, 2), "distinct_4": distinct_n(texts, 4),
                    "longest_run_mean": sum(map(longest_repeated_run, texts)) / len(texts),
                    "chars_per_s": len(prompts) * options.new / seconds, "sample": texts[0]}
-            row.update({k: bits[k] for k in ("bpc", "bpc_se", "bpc_se_estimator", "bpc_bias")})
+            row.update({k: bits[k] for k in ("bpc", "bpc_se", "bpc_se_estimator", "bpc_bias", "bpc_fall")})
             if judge is not None:
                 row["gen_bits"] = generative_bits(judge, ids, prompts.shape[1]) / data.test.chars_per_token
                 row["gen_ppl"] = 2 ** row["gen_bits"]

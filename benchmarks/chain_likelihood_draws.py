@@ -1,0 +1,75 @@
+"""The chain likelihood's estimate against its number of draws: does it settle, and is its reported bias the whole
+of its error?
+
+    python benchmarks/chain_likelihood_draws.py RUN --out results.json [--windows 32] [--draws 2,4,8,16]
+        [--top-k 16] [--later-k 0] [--first-only-draws 4,16,64]
+
+On one set of held-out windows spread over the split (the ones `evaluate --windows` uses), the estimate of a
+trained arlm (or recurrent denoiser) run's chain likelihood at each number of start-noise draws, with its
+standard errors and estimated bias, in bits per character, and its wall time. `--first-only-draws` measures the
+same with only the first draw enumerated (every later token drawn, the estimator of sessions before this
+benchmark: `later_k` < 0 here selects it), whose log of a mean of nearly-0-or-1 readouts settles slowly and from
+above. An estimator that holds changes by less than its standard error from its fewest draws to its most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from diffusionblocks.pretrained import from_pretrained
+from diffusionblocks.tasks import get_task, load_config
+from diffusionblocks.tasks.autoregressive import chain_likelihood, evaluation_windows, per_character
+
+
+def measure(model, windows: torch.Tensor, cfg, chars_per_token: float, num_tokens: int, draws: int, top_k: int,
+            later_k: int | None, steps: int) -> dict:
+    s = cfg.sample
+    t0 = time.perf_counter()
+    r = chain_likelihood(model, windows, steps=steps, bridge=s.bridge, sampler=s.sampler, grid=s.grid, draws=draws,
+                         top_k=top_k, later_k=later_k, num_tokens=num_tokens)
+    seconds = time.perf_counter() - t0
+    r = per_character(r, chars_per_token)
+    return {k: r[k] for k in ("draws", "top_k", "later_k", "enumerated", "bpc", "bpc_se", "bpc_se_estimator",
+                              "bpc_bias", "bpc_fall")} | {"seconds": round(seconds, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--windows", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps or B)")
+    p.add_argument("--draws", default="2,4,8,16")
+    p.add_argument("--top-k", type=int, default=16)
+    p.add_argument("--later-k", type=int, default=0)
+    p.add_argument("--first-only-draws", default="", help="draws for the first-draw-only estimator (none: skip)")
+    args = p.parse_args()
+    cfg = load_config(Path(args.run) / "config.json")
+    task = get_task(cfg.task)
+    data = task.load_run_data(cfg, Path(args.run))
+    model, cfg = from_pretrained(args.run, torch.device("cpu"))
+    windows = evaluation_windows(data.test, cfg.model.seq_len, args.windows)
+    steps = args.steps or cfg.sample.steps or cfg.blocks.num_blocks
+    cpt, V = data.test.chars_per_token, len(data.vocab)
+    rows = []
+    for later_k, draws_list in ((args.later_k, args.draws), (None, args.first_only_draws)):
+        for draws in (int(d) for d in draws_list.split(",") if d):
+            rows.append(measure(model, windows, cfg, cpt, V, draws, args.top_k, later_k, steps))
+            print(json.dumps(rows[-1]), flush=True)
+    report = {"run": args.run, "windows": len(windows), "steps": steps, "bridge": cfg.sample.bridge,
+              "sampler": cfg.sample.sampler, "rows": rows,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}"}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
