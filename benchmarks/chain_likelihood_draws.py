@@ -2,14 +2,14 @@
 of its error?
 
     python benchmarks/chain_likelihood_draws.py RUN --out results.json [--windows 32] [--draws 2,4,8,16]
-        [--top-k 16] [--later-k 0] [--first-only-draws 4,16,64]
+        [--top-k 4] [--later-k 0] [--steer 0.25] [--first-only-draws 4,16,64]
 
 On one set of held-out windows spread over the split (the ones `evaluate --windows` uses), the estimate of a
-trained arlm (or recurrent denoiser) run's chain likelihood at each number of start-noise draws, with its
-standard errors and estimated bias, in bits per character, and its wall time. `--first-only-draws` measures the
-same with only the first draw enumerated (every later token drawn, the estimator of sessions before this
-benchmark: `later_k` < 0 here selects it), whose log of a mean of nearly-0-or-1 readouts settles slowly and from
-above. An estimator that holds changes by less than its standard error from its fewest draws to its most.
+trained arlm (or recurrent denoiser) run's chain likelihood at each number of start-noise draws, with its standard
+errors, its estimated bias (the delta method's, and the fall from half the draws), in bits per character, and its
+wall time. `--first-only-draws` measures the same with only the first token draw enumerated (every later token
+drawn: `later_k=None`), the estimator of the sessions before this benchmark; `--steer 0` draws every start noise
+from N(0, I). An estimator that holds changes by less than its standard error from its fewest draws to its most.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from diffusionblocks.tasks.autoregressive import chain_likelihood, evaluation_wi
 
 
 def measure(model, windows: torch.Tensor, cfg, chars_per_token: float, num_tokens: int, draws: int, top_k: int,
-            later_k: int | None, steps: int) -> dict:
+            later_k: int | None, steer: float, steps: int) -> dict:
     s = cfg.sample
     t0 = time.perf_counter()
     r = chain_likelihood(model, windows, steps=steps, bridge=s.bridge, sampler=s.sampler, grid=s.grid, draws=draws,
-                         top_k=top_k, later_k=later_k, num_tokens=num_tokens)
+                         top_k=top_k, later_k=later_k, steer=steer, num_tokens=num_tokens)
     seconds = time.perf_counter() - t0
     r = per_character(r, chars_per_token)
-    return {k: r[k] for k in ("draws", "top_k", "later_k", "enumerated", "bpc", "bpc_se", "bpc_se_estimator",
+    return {k: r[k] for k in ("draws", "top_k", "later_k", "enumerated", "steer", "bpc", "bpc_se", "bpc_se_estimator",
                               "bpc_bias", "bpc_fall")} | {"seconds": round(seconds, 1)}
 
 
@@ -47,8 +47,9 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps or B)")
     p.add_argument("--draws", default="2,4,8,16")
-    p.add_argument("--top-k", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--later-k", type=int, default=0)
+    p.add_argument("--steer", type=float, default=0.25)
     p.add_argument("--first-only-draws", default="", help="draws for the first-draw-only estimator (none: skip)")
     args = p.parse_args()
     cfg = load_config(Path(args.run) / "config.json")
@@ -61,7 +62,7 @@ def main() -> None:
     rows = []
     for later_k, draws_list in ((args.later_k, args.draws), (None, args.first_only_draws)):
         for draws in (int(d) for d in draws_list.split(",") if d):
-            rows.append(measure(model, windows, cfg, cpt, V, draws, args.top_k, later_k, steps))
+            rows.append(measure(model, windows, cfg, cpt, V, draws, args.top_k, later_k, args.steer, steps))
             print(json.dumps(rows[-1]), flush=True)
     report = {"run": args.run, "windows": len(windows), "steps": steps, "bridge": cfg.sample.bridge,
               "sampler": cfg.sample.sampler, "rows": rows,

@@ -184,6 +184,23 @@ def test_the_enumeration_tree_is_the_sum_over_every_token_the_chain_draws():
     assert torch.allclose(f, _exhaustive(model, x, eps), rtol=1e-4, atol=1e-7)
 
 
+def test_steered_start_noises_are_weighted_back_to_the_standard_normal():
+    """E_mixture[w h(eps)] = E_N(0, I)[h(eps)] for h = 1, eps and eps^2 at every position, the weights at most
+    1 / (1 - steer), and the steering visible where unweighted (the mean moves toward the scored token)."""
+    E, log_p = _source()
+    E = 4 * E  # shifts of about one standard deviation: a weight off by exp(|mu|^2 / 2) shows
+    model, x = _chain(3, [log_p] * 3, E), _windows(log_p, 2, 4)
+    eps, w = ar.steered_noise(model, x, ar.chain_grid(model, None, "quantile"), 40000, torch.Generator().manual_seed(0),
+                              0.5, None)
+    eps, w = eps.double(), w[..., None]
+    assert float(w.max()) <= 2 + 1e-9
+    assert torch.allclose(w.mean(0), torch.ones(2, 4, 1, dtype=torch.float64), atol=0.03)
+    assert torch.allclose((w * eps).mean(0), torch.zeros(2, 4, V, dtype=torch.float64), atol=0.03)
+    assert torch.allclose((w * eps ** 2).mean(0), torch.ones(2, 4, V, dtype=torch.float64), atol=0.05)
+    toward = torch.einsum("nld,nld->nl", eps.mean(0), E[x].double())  # unweighted: along the scored embedding
+    assert float(toward.min()) > 0.1
+
+
 def test_the_samplers_evaluations_are_counted():
     sigmas = torch.tensor([80.0, 5.0, 1.0, 0.0])
     assert [ar.evaluation_count(s, sigmas) for s in ("euler", "heun", "dpmpp_2m")] == [3, 5, 3]
