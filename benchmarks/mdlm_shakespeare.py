@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from matplotlib.figure import Figure
 from diffusionblocks import checkpoint
 from diffusionblocks.compare import comparison_configs
 from diffusionblocks.pretrained import from_pretrained
+from diffusionblocks.rundir import code_version
 from diffusionblocks.runs import train_run
 from diffusionblocks.tasks import apply_overrides, get_task, load_config
 from diffusionblocks.tasks.masked_diffusion import evaluate_bpc
@@ -79,19 +79,6 @@ class Plan:
     judge: str = "auto"         # the independent judge (evaluate --judge: auto, none or a plain run)
     mauve_prompts: int = 500    # windows completed after held-out prompts for MAUVE (0: none)
     mauve_prompt_chars: int = 32
-
-
-def code_version() -> str:
-    """The commit, with "+changes" when the package, presets or this script differ from it."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "presets",
-                                "benchmarks/mdlm_shakespeare.py"], cwd=ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+changes" if dirty else "")
 
 
 # ---- 1. B=1 until converged
@@ -305,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{out} holds a B1 run that this script did not make (no curve.json): move the old results away "
                 "(git keeps them) or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    commit = code_version()
+    commit = code_version(ROOT / "presets", Path(__file__))
     curve = train_until_converged(cfg, out, plan, args.device)
     stop = converged(curve, plan)
     N = curve[-1]["step"]

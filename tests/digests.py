@@ -24,7 +24,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from diffusionblocks.cli import main
+from diffusionblocks.rundir import code_version
 from diffusionblocks.tasks import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,18 +116,6 @@ def _simd_flags() -> str:
     return ""
 
 
-def code_version() -> str:
-    """The commit the package's code is at (with "+changes" when src/ or presets/ differ from it), or "unknown"."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "presets"],
-                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+changes" if dirty else "")
-
-
 # ---- describing a run
 
 def train_case(name: str, out: Path, extra: list[str] = ()) -> Path:
@@ -197,9 +185,11 @@ def describe_run(run: Path) -> dict:
 
 
 def _without_timing(node):
-    """An evaluation without its wall times and speeds (keys ending in _s or holding per_s) and the run's path."""
+    """An evaluation without its wall times and speeds (keys ending in _s or holding per_s), the run's path and the
+    commit that evaluated it."""
     if isinstance(node, dict):
-        return {k: _without_timing(v) for k, v in node.items() if not (k == "run" or k.endswith("_s") or "per_s" in k)}
+        return {k: _without_timing(v) for k, v in node.items()
+                if not (k in ("run", "code") or k.endswith("_s") or "per_s" in k)}
     return [_without_timing(v) for v in node] if isinstance(node, list) else node
 
 
@@ -338,7 +328,7 @@ def reference(digests: dict | None = None) -> dict:
 
 
 def describe_all(out: Path) -> dict:
-    return {"environment": environment(), "code": code_version(),
+    return {"environment": environment(), "code": code_version(ROOT / "presets"),
             "recorded": datetime.date.today().isoformat(),
             "cases": {name: describe_run(train_case(name, out)) for name in CASES}}
 

@@ -5,6 +5,7 @@ from conftest import TINY
 
 from diffusionblocks.cli import compared_blocks, main
 from diffusionblocks.config import even_split
+from diffusionblocks.rundir import code_version
 
 
 def test_even_split():
@@ -38,6 +39,10 @@ def test_compare_writes_every_file_of_the_report(tmp_path, cache, capsys):
     assert json.loads((out / "B2" / "config.json").read_text())["blocks"]["layers_per_block"] == [2, 1]
     md = (out / "report.md").read_text()
     assert "| 3 | 1/1/1 |" in md and "Real-vs-real floor" in md
+    # The code each run was trained with and the comparison evaluated with (this checkout's commit).
+    here = code_version()
+    assert report["code"] == {"evaluated": here, "trained": {"1": here, "2": here, "3": here}}
+    assert f"B=3 `{here}`" in md and f"evaluated with `{here}`" in md
     # An existing report directory is not overwritten; --resume trains nothing new and rewrites the report.
     assert main(["compare", "--out", str(out), *TINY]) == 2
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("B*/block_*.safetensors")}
@@ -58,6 +63,7 @@ def test_evaluate_command(tmp_path, cache, capsys):
     assert "conditional accuracy" in out and "(20 samples)" in out and "floor" in out
     (ev,) = run.glob("eval-*")
     r = json.loads((ev / "evaluation.json").read_text())
+    assert r["code"] == code_version() and json.loads((run / "train_summary.json").read_text())["code"] == r["code"]
     assert r["reference_classifier"]["heldout_accuracy"] >= 0.95
     assert {"chain_diagnostics.json", "chain_diagnostics.png", "samples.png"} <= {p.name for p in ev.iterdir()}
     blocks = r["chain"]["per_block"]

@@ -20,7 +20,7 @@ import torch
 
 from . import precision
 from .config import ConfigError, RunConfig, even_split
-from .rundir import new_run_dir, save_config
+from .rundir import code_version, new_run_dir, save_config
 from .tasks import ComparingTask, get_task, importable_by_name
 
 logger = logging.getLogger(__name__)
@@ -95,10 +95,15 @@ def run_comparison(cfg: RunConfig, out_dir: Path, *, num_blocks: list[int] = (2,
         ev.result["train_summary"] = json.loads((run / "train_summary.json").read_text())
         (run / "evaluation.json").write_text(json.dumps(ev.result, indent=2) + "\n")
         results[B], artifacts[B] = ev.result, ev.artifacts
-    report = {"config": cfg.to_dict(), "num_samples": num_samples, "seed": seed,
+    code = {"evaluated": code_version(), "trained": {str(B): r["train_summary"].get("code") for B, r in results.items()}}
+    report = {"config": cfg.to_dict(), "num_samples": num_samples, "seed": seed, "code": code,
               "runs": {str(B): r for B, r in results.items()}}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     task.write_comparison(out_dir, configs, results, artifacts)
+    trained = ", ".join(f"B={B} `{c or 'unrecorded'}`" for B, c in code["trained"].items())
+    with open(out_dir / "report.md", "a") as f:
+        f.write(f"\nCode: trained with {trained} (the last training command's); evaluated with "
+                f"`{code['evaluated']}`.\n")
     return report
 
 

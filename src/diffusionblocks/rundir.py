@@ -21,7 +21,9 @@ import json
 import os
 import re
 import socket
+import subprocess
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -334,3 +336,18 @@ def _read_holder(fd: int) -> str:
         return f"pid {info['pid']} on {info['host']}, since {info['since']}"
     except (OSError, ValueError, KeyError):
         return "holder not yet known"
+
+
+def code_version(*also: Path) -> str:
+    """The commit this package's code is at, with "+changes" when the package (or one of the paths `also`) differs
+    from it; "diffusionblocks <version>" outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", str(here),
+                                *map(str, also)], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"diffusionblocks {version('diffusionblocks')}"
+    return commit + ("+changes" if dirty else "")
+

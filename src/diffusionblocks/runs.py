@@ -576,7 +576,7 @@ def _finish_run(task: Task, cfg: RunConfig, run_dir: Path, blocks: list[int], me
                "trained_now": blocks, "schedule": cfg.train.schedule,
                "world_size": world, "peak_train_memory_bytes": mem.peak_bytes,
                "memory_measure": mem.kind + (" (rank 0)" if world > 1 else ""),
-               "device": str(device)}
+               "device": str(device), "code": rundir.code_version()}
     for row in summary["blocks"]:
         row["steps"] = row.pop("step")
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", B, title=f"{cfg.name}, B={B}")
@@ -671,6 +671,7 @@ def evaluate_run(run_dir: str | Path, options: EvaluateOptions | None = None, **
     with precision.matmul_mode(mode), precision.autocast(mode, device):
         evaluation = task.evaluate(Path(run_dir), options)
     out.mkdir(parents=True, exist_ok=True)
+    evaluation.result["code"] = rundir.code_version()
     (out / "evaluation.json").write_text(json.dumps(evaluation.result, indent=2) + "\n")
     task.write_evaluation(out, cfg, evaluation)
     return Evaluated(out, evaluation.result, task.format_evaluation(evaluation.result))
