@@ -549,21 +549,23 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
     reads the next token from: q(x) = E[softmax(last step's logits)](x) over the chain's noise and bridge draws
     (temperature 1, the context given), all blocks, `steps` steps (default B) of `sampler` down the quantile grid.
 
-    With the `sample` bridge, the token draws a later evaluation reads (after each evaluation but the last) are
-    enumerated (token_enumeration: the first draw's top_k tokens, a later draw's later_k, the scored token and a
-    weighted draw from the rest): the first, and of the later ones the last as many as keep the tree's leaves at
-    most max_enumerated, the others drawn (later_k None: every later one drawn): q(x) = E_z0[ sum over the tree of tokens of
-    the product of their weights times the last readout's q(x) ], each branch one batched chain (positions are
-    independent given the clean context), a branch's shared past computed once. Only the start noise is drawn,
-    `draws` times (deterministic bridges: those draws alone), a `steer` share of them steered toward the scored token
-    and weighted (steered_noise; 0: none). The later blocks mostly keep the token handed to them,
-    so with later tokens drawn a chain's readout is nearly 0 or 1 and the log of a mean of few draws far too high;
-    enumerated, the scored token's path is always taken. The estimate of q is unbiased; its -log2 is biased up: in
-    expectation an upper bound on the chain's bits, the bias estimated (LikelihoodTally: the delta method and the
-    fall from half the draws; a rare start noise that makes the scored token likely keeps it from vanishing fast).
-    tolerance: the draws doubled (the new ones independent of the old) while the fall from half of them is above
-    this many bits per token, up to max_draws. batch_size: chains per forward pass (at the widest level);
-    num_tokens: the vocabulary's size, when the model has more ids (never drawn)."""
+    Each token draw a later evaluation reads (with the `sample` bridge: after every evaluation but the last) is
+    enumerated rather than drawn (token_enumeration: the scored token, one token drawn from the rest weighted by its
+    mass, and the top_k tokens at the first draw, later_k at a later one): the later draws nearest the readout first,
+    as many as keep the tree's leaves at most max_enumerated, the others drawn (later_k None: all of them drawn).
+    q(x) = E_z0[ sum over the leaves of the product of their weights times the readout's q(x) ], each leaf one
+    batched chain (positions are independent given the clean context), a branch's shared past computed once. Only the
+    start noise is drawn, `draws` times, a `steer` share of them toward the scored token and weighted back
+    (steered_noise). Why: a later block mostly keeps the token handed to it, so a drawn later token makes a chain's
+    readout nearly 0 or 1, and a rare start noise under which a later block turns another token into the scored one
+    carries much of a poorly predicted token's probability: either makes -log2 of a mean of few draws far too high
+    (benchmarks/results/chain-likelihood-draws).
+
+    The estimate of q is unbiased; its -log2 is biased up: in expectation an upper bound on the chain's bits, the
+    bias estimated (LikelihoodTally: the delta method, and the fall from half the draws). tolerance: the draws are
+    doubled (the new ones independent of the old) while that fall is above this many bits per token, up to
+    max_draws. batch_size: chains per forward pass (at the widest level); num_tokens: the vocabulary's size, when the
+    model has more ids (never drawn)."""
     if draws < 2 or top_k < 0 or (later_k or 0) < 0 or max_draws < draws or not 0 <= steer < 1:
         raise ConfigError(f"the chain likelihood needs at least 2 draws (their spread gives its error and bias), "
                           f"top_k, later_k >= 0, max_draws >= draws and 0 <= steer < 1, got {draws}, {top_k}, "
