@@ -605,22 +605,30 @@ def steered_noise(model, x: torch.Tensor, sigmas: torch.Tensor, draws: int, g: t
     drawn v into x is rare under N(0, I) and carries much of a poorly predicted token's probability; the weight (at
     most 1 / (1 - steer)) keeps the estimate of q unbiased whatever the shifts."""
     n, L = x.shape
-    sigma0, sigma1 = sigmas[0].double(), sigmas[1].double()
     _, logits = model.route(_denoise_each, torch.zeros(n, L, model.blocks[0].E.shape[1], device=x.device),
                             sigmas[0] * torch.ones(n, device=x.device), tokens=x)
     p = usable_logits(logits, num_tokens).double().softmax(-1)  # (n, L, V)
     E = model.blocks[0].E.double()[:p.shape[-1]]  # (V, D)
-    mu = (E[x][..., None, :] - E) * (REACH * (1 - sigma1 / sigma0) / sigma1)  # (n, L, V, D)
+    sigma0, later = sigmas[0].double(), sigmas[1:][sigmas[1:] > 0].double()
+    reach = REACH * (1 - later / sigma0) / later  # (K,): eps per unit of E[x] - E[v] at each later step
+    # A later step is steered in proportion to how likely a noise of that reach is (a typical |E[x] - E[v]|):
+    # where it is rare beyond use (the last steps' small sigmas) not at all.
+    typical = math.sqrt(2) * float(E.pow(2).sum(-1).mean().sqrt())
+    share = torch.exp(-(reach * typical) ** 2 / 8)
+    keep = share > 1e-3 * share.max()
+    reach, share = reach[keep], share[keep] / share[keep].sum()
+    mu = (reach[:, None, None, None, None] * (E[x][..., None, :] - E)).permute(1, 2, 0, 3, 4).flatten(2, 3)  # (n, L, K V, D)
     others = p.scatter(-1, x[..., None], 0.0)
     others = others / others.sum(-1, keepdim=True).clamp_min(1e-300)
+    log_shifted = math.log(steer) + share.log()[:, None] + others.log()[..., None, :]  # (n, L, K, V)
     log_pi = torch.cat([torch.full((n, L, 1), math.log1p(-steer), dtype=torch.float64, device=x.device),
-                        math.log(steer) + others.log()], -1)  # (n, L, 1 + V): unshifted, then each v
+                        log_shifted.flatten(2)], -1)  # (n, L, 1 + K V): unshifted, then each (step, v)
     u = torch.rand(draws, n, L, generator=g, dtype=torch.float64).to(x.device)
-    component = (log_pi.exp().cumsum(-1) < u[..., None]).sum(-1).clamp_max(p.shape[-1])  # (draws, n, L)
+    component = (log_pi.exp().cumsum(-1) < u[..., None]).sum(-1).clamp_max(mu.shape[2])  # (draws, n, L)
     shift = torch.cat([torch.zeros(n, L, 1, E.shape[1], dtype=torch.float64, device=x.device), mu], 2)
     shift = shift.expand(draws, -1, -1, -1, -1).gather(3, component[..., None, None].expand(-1, -1, -1, 1, E.shape[1]))
     eps = torch.randn(draws, n, L, E.shape[1], generator=g, dtype=torch.float64).to(x.device) + shift[..., 0, :]
-    log_terms = log_pi[None, ..., 1:] + torch.einsum("anld,nlvd->anlv", eps, mu) - (mu ** 2).sum(-1) / 2
+    log_terms = log_pi[None, ..., 1:] + torch.einsum("anld,nlcd->anlc", eps, mu) - (mu ** 2).sum(-1) / 2
     log_mixture = torch.logsumexp(torch.cat([log_pi[None, ..., :1].expand(draws, -1, -1, -1), log_terms], -1), -1)
     return eps.float(), (-log_mixture).exp()
 
