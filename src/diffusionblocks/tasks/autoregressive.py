@@ -597,13 +597,15 @@ def _tally(f: torch.Tensor) -> LikelihoodTally:
 def steered_noise(model, x: torch.Tensor, sigmas: torch.Tensor, draws: int, g: torch.Generator, steer: float,
                   num_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Start noises eps (draws, n, L, D) drawn from a mixture that steers the chain toward each scored token, and
-    their importance weights N(eps; 0, I) / mixture(eps) (draws, n, L). With probability 1 - steer eps ~ N(0, I);
-    with probability steer * p(v) / (1 - p(x)) for a token v other than the scored x (p: the first block's
-    distribution at z = 0), eps ~ N(mu_v, I), mu_v = REACH (E[x] - E[v]) (1 - sigma_1 / sigma_0) / sigma_1, the shift
-    that moves the second step's state a REACH of the way from E[v] toward E[x] where the first step drew v
-    (z_1 = sigma_1 eps + (1 - sigma_1 / sigma_0) E[y] after Euler's step). A noise under which a later block turns a
-    drawn v into x is rare under N(0, I) and carries much of a poorly predicted token's probability; the weight (at
-    most 1 / (1 - steer)) keeps the estimate of q unbiased whatever the shifts."""
+    their importance weights N(eps; 0, I) / mixture(eps) (draws, n, L). With probability 1 - steer, eps ~ N(0, I);
+    otherwise a later step k is chosen (its share below) and a token v other than the scored x with probability
+    p(v) / (1 - p(x)) (p: the first block's distribution at z = 0), and eps ~ N(mu_kv, I) with
+    mu_kv = REACH (E[x] - E[v]) (1 - sigma_k / sigma_0) / sigma_k: the shift that moves step k's state a REACH of the
+    way from E[v] toward E[x] (its noise is sigma_k eps beside (1 - sigma_k / sigma_0) E[the tokens drawn], Euler's
+    steps from sigma_0). A noise under which a later block turns a drawn v into x is rare under N(0, I) and carries
+    much of a poorly predicted token's probability; the weight (at most 1 / (1 - steer)) keeps the estimate of q
+    unbiased whatever the shifts. Step k's share falls with how rare a noise of its reach is, exp(-|mu|^2 / 8) at a
+    typical |E[x] - E[v]|: the last steps' small sigmas get none."""
     n, L = x.shape
     _, logits = model.route(_denoise_each, torch.zeros(n, L, model.blocks[0].E.shape[1], device=x.device),
                             sigmas[0] * torch.ones(n, device=x.device), tokens=x)
@@ -611,13 +613,12 @@ def steered_noise(model, x: torch.Tensor, sigmas: torch.Tensor, draws: int, g: t
     E = model.blocks[0].E.double()[:p.shape[-1]]  # (V, D)
     sigma0, later = sigmas[0].double(), sigmas[1:][sigmas[1:] > 0].double()
     reach = REACH * (1 - later / sigma0) / later  # (K,): eps per unit of E[x] - E[v] at each later step
-    # A later step is steered in proportion to how likely a noise of that reach is (a typical |E[x] - E[v]|):
-    # where it is rare beyond use (the last steps' small sigmas) not at all.
     typical = math.sqrt(2) * float(E.pow(2).sum(-1).mean().sqrt())
     share = torch.exp(-(reach * typical) ** 2 / 8)
     keep = share > 1e-3 * share.max()
     reach, share = reach[keep], share[keep] / share[keep].sum()
-    mu = (reach[:, None, None, None, None] * (E[x][..., None, :] - E)).permute(1, 2, 0, 3, 4).flatten(2, 3)  # (n, L, K V, D)
+    mu = reach[:, None, None, None, None] * (E[x][..., None, :] - E)  # (K, n, L, V, D)
+    mu = mu.permute(1, 2, 0, 3, 4).flatten(2, 3)  # (n, L, K V, D): step-major
     others = p.scatter(-1, x[..., None], 0.0)
     others = others / others.sum(-1, keepdim=True).clamp_min(1e-300)
     log_shifted = math.log(steer) + share.log()[:, None] + others.log()[..., None, :]  # (n, L, K, V)
