@@ -580,9 +580,11 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
     chains = dict(sigmas=sigmas, bridge=bridge, sampler=sampler, ranks=ranks, seed=seed, batch_size=batch_size,
                   num_tokens=num_tokens, steer=steer)
     f = _chain_draws(model, windows, draws, 0, **chains)  # (draws, W, L - 1)
-    while tolerance is not None and _tally(f).result()["fall"] > tolerance and 2 * len(f) <= max_draws:
+    result = _tally(f).result()
+    while tolerance is not None and result["fall"] > tolerance and 2 * len(f) <= max_draws:
         f = torch.cat([f, _chain_draws(model, windows, len(f), len(f), **chains)])
-    return {**_tally(f).result(), "steps": len(sigmas) - 1, "bridge": bridge, "sampler": sampler, "draws": len(f),
+        result = _tally(f).result()
+    return {**result, "steps": len(sigmas) - 1, "bridge": bridge, "sampler": sampler, "draws": len(f),
             "top_k": top_k if ranks else None, "later_k": later_k if read > 1 else None,
             "enumerated": math.prod(ranks), "drawn_later": ranks.count(1), "steer": steer, "tolerance": tolerance}
 

@@ -150,8 +150,8 @@ def likelihood_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: i
         return {**huginn_likelihood(model, windows, iterations, huginn_draws, seed, num_tokens=num_tokens),
                 "draws": huginn_draws}
     s = cfg.sample
-    return chain_likelihood(model, windows, steps=iterations, bridge=s.bridge, sampler=s.sampler,
-                            **{"seed": seed, "num_tokens": num_tokens, **chain})
+    return chain_likelihood(model, windows, steps=iterations, bridge=s.bridge, sampler=s.sampler, seed=seed,
+                            num_tokens=num_tokens, **chain)
 
 
 @dataclass(frozen=True)
