@@ -14,6 +14,12 @@ Variants:
 - mdlm: one `MaskedDiffusionTransformer` block of presets/shakespeare-mdlm.json (B=3: 2 of the 6 layers, sequences
   of 32, batch 64), a DiT-layer trunk issue 26 leaves as it was (timed to show that).
 
+Ablations (`--ablate`): the plain model with one part of what sets it apart from the GPT swapped for the GPT's, to
+show where the remaining step time goes (not models anyone trains): plain_without_rotary (queries and keys split from
+the projection unrotated), plain_without_rmsnorm (the modulated RMSNorms as LayerNorms with weight 1 + scale and bias
+shift: PyTorch's fused kernels), plain_without_modulation (each layer's shift, scale and gates fixed tensors without
+gradient, so no adaLN weights in the step), plain_without_swiglu (a GELU MLP of 4x width), plain_without_all.
+
 "before" is the code of a base commit (default: 97c5b76, the last before issue 26), its package extracted from git
 beside the installed one; "after" is the working tree's, built as the presets build it (the SwiGLU width rounded to
 model.mlp_multiple). The same weights give the same logits in both codes: after the timed steps (when the adaLN
@@ -101,8 +107,10 @@ class TextbookGPT(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
 
 
-def make_variants(before: tuple[types.ModuleType, ...] | None, multiple: int, device: torch.device):
-    """name -> (model, loss closure on a batch, logits closure for the equality check, kind)."""
+def make_variants(before: tuple[types.ModuleType, ...] | None, multiple: int, device: torch.device,
+                  before_multiple: int = 1, ablate: bool = False):
+    """name -> (model, loss closure on a batch, logits closure for the equality check, kind); the before-models'
+    SwiGLU widths rounded to before_multiple (1: unrounded, as the code before issue 26 built them)."""
     from diffusionblocks.models import arlm, mdlm, recurrent
 
     g = torch.Generator().manual_seed(0)
@@ -150,14 +158,68 @@ def make_variants(before: tuple[types.ModuleType, ...] | None, multiple: int, de
                                      ("recurrent", rec, rec_b, recurrent), ("mdlm", masked, mdlm_b, mdlm)):
         timed[f"{kind}_after"] = make(mod_a, **({} if kind == "mdlm" else {"mlp_multiple": multiple}))
         if mod_b is not None:
-            timed[f"{kind}_before"] = make(mod_b)
-            same[kind] = (timed[f"{kind}_before"], make(mod_a))
+            kw = {} if kind == "mdlm" or before_multiple == 1 else {"mlp_multiple": before_multiple}
+            timed[f"{kind}_before"] = make(mod_b, **kw)
+            same[kind] = (timed[f"{kind}_before"], make(mod_a, **kw))
+    if ablate:
+        timed.update(ablations(lambda: plain(arlm, mlp_multiple=multiple), arlm))
     return timed, same
+
+
+class _GeluMLP(nn.Module):
+    """The GPT's MLP in the place of SwiGLU (an ablation), with its output weight replaceable as SwiGLU's is."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc, self.w2 = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, w2: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(F.gelu(self.fc(x)), self.w2.weight if w2 is None else w2)
+
+
+def ablations(make_plain, arlm: types.ModuleType) -> dict[str, tuple]:
+    """plain_without_PART -> (model, loss closure, None): the plain model with PART swapped for the GPT's, the swap
+    made for the duration of each step (see the module's docstring)."""
+
+    def unrotated_qkv(attn, x, pos):
+        N, T, D = x.shape
+        return tuple(t.view(N, T, attn.num_heads, -1).transpose(1, 2) for t in F.linear(x, attn.qkv.weight).split(D, 2))
+
+    def layer_norm(x, shift, scale, eps=1e-6):
+        return F.layer_norm(x, x.shape[-1:], 1 + scale, shift, eps)
+
+    def fixed_modulation(layer, c):
+        if not hasattr(layer, "fixed"):
+            with torch.no_grad():
+                layer.fixed = [tuple(t.clone() for t in layer.adaLN_modulation(c).chunk(6, dim=-1))]
+        return layer.fixed
+
+    out = {}
+    for parts in (("rotary",), ("rmsnorm",), ("modulation",), ("swiglu",), ("rotary", "rmsnorm", "modulation", "swiglu")):
+        model, loss, _ = make_plain()
+        for layer in model.trunk.layers:
+            if "modulation" in parts:
+                layer.modulation = types.MethodType(fixed_modulation, layer)
+            if "swiglu" in parts:
+                layer.mlp = _GeluMLP(WIDTH).to(layer.attn.qkv.weight.device)
+            if "rotary" in parts:
+                layer.attn._qkv = types.MethodType(unrotated_qkv, layer.attn)
+
+        def swapped(loss=loss, parts=parts):
+            norm = arlm.modulated_rms_norm
+            arlm.modulated_rms_norm = layer_norm if "rmsnorm" in parts else norm
+            try:
+                return loss()
+            finally:
+                arlm.modulated_rms_norm = norm
+
+        out["plain_without_" + ("all" if len(parts) > 1 else parts[0])] = (model, swapped, None)
+    return out
 
 
 @torch.no_grad()
 def generation_speed(arlm_modules: dict[str, types.ModuleType], multiple: int, device: torch.device,
-                     repeats: int) -> dict[str, float]:
+                     repeats: int, before_multiple: int = 1) -> dict[str, float]:
     """Tokens/s of cached generation, before and after, interleaved (medians over repeats)."""
     g = torch.Generator().manual_seed(5)
     prompt = torch.randint(VOCAB, (8, 32), generator=g).to(device)
@@ -165,7 +227,8 @@ def generation_speed(arlm_modules: dict[str, types.ModuleType], multiple: int, d
     sigmas = (80.0, 1.0, 0.05)
     models = {}
     for when, mod in arlm_modules.items():
-        kw = {} if when == "before" else {"mlp_multiple": multiple}
+        m = before_multiple if when == "before" else multiple
+        kw = {} if m == 1 else {"mlp_multiple": m}
         plain = mod.CausalLM(VOCAB, depth=DEPTH, hidden_size=WIDTH, num_heads=HEADS, mlp_ratio=4.0, **kw).eval()
         plain.initialize_weights(torch.Generator().manual_seed(1))
         plain.to(device)
@@ -225,7 +288,11 @@ def main() -> None:
     ap.add_argument("--base", default="97c5b76", help="the commit whose code is 'before'")
     ap.add_argument("--mlp-multiple", type=int, default=16,
                     help="model.mlp_multiple of the after-models (the presets')")
+    ap.add_argument("--before-multiple", type=int, default=1,
+                    help="model.mlp_multiple of the before-models (1: unrounded; 16 for a base after issue 26's "
+                         "rounding, to time the code alone)")
     ap.add_argument("--only", nargs="*", help="variants to time (default: all)")
+    ap.add_argument("--ablate", action="store_true", help="also the plain model without each of its parts (see above)")
     ap.add_argument("--generate", action="store_true", help="also time cached generation, before and after")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
@@ -239,7 +306,7 @@ def main() -> None:
         print(f"no git history of {args.base} here: timing the working tree's code only", flush=True)
         base, before = None, None
     device = torch.device(args.device)
-    variants, same = make_variants(before, args.mlp_multiple, device)
+    variants, same = make_variants(before, args.mlp_multiple, device, args.before_multiple, args.ablate)
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
     fused = args.adamw == "fused" and device.type in ("cpu", "cuda")  # as `train.make_optimizer`, for every variant
@@ -273,7 +340,8 @@ def main() -> None:
     load = _load_average()
     out: dict = {"machine": {"cpu": _cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
                              "threads": args.threads, "device": _device_name(device), "load_average_after": load},
-                 "base_commit": base, "mlp_multiple": args.mlp_multiple, "repeats": args.repeats,
+                 "base_commit": base, "mlp_multiple": args.mlp_multiple, "before_multiple": args.before_multiple,
+                 "repeats": args.repeats,
                  "steps_per_repeat": args.steps, "rewarm_steps": args.rewarm, "adamw": args.adamw, "batch": BATCH, "seq_len": SEQ, "width": WIDTH, "heads": HEADS,
                  "median_step_ms": {k: 1e3 * v for k, v in med.items()},
                  "steps_per_s": {k: 1 / v for k, v in med.items()},
@@ -281,7 +349,7 @@ def main() -> None:
                  "params": {k: sum(p.numel() for p in m.parameters()) for k, (m, _, _) in variants.items()}}
     ratios = {}
     if "gpt" in med:
-        for k in ("plain_before", "plain_after"):
+        for k in ("plain_before", "plain_after", *(k for k in med if k.startswith("plain_without_"))):
             if k in med:
                 ratios[f"{k}/gpt"] = med[k] / med["gpt"]
                 # the same ratio within each round (the pair ran a few seconds apart), its median over the rounds
@@ -307,7 +375,7 @@ def main() -> None:
     if args.generate and before is not None:
         from diffusionblocks.models import arlm
         out["generated_tokens_per_s"] = gen = generation_speed({"before": before[0], "after": arlm}, args.mlp_multiple,
-                                                               device, max(3, args.repeats // 2))
+                                                               device, max(3, args.repeats // 2), args.before_multiple)
         for kind in ("plain", "chain"):
             ratios[f"{kind} generation speed-up (after/before tokens/s)"] = gen[f"{kind}_after"] / gen[f"{kind}_before"]
     print(json.dumps({k: out[k] for k in ("machine", "median_step_ms", "steps_per_s", "ratios",
