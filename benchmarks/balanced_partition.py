@@ -312,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                     r = evaluate(v, values, args.device)
                     c_v = read_config(v)
                     decision = (r.get("decision") or r.get("chain", {}).get("decision") or {}).get("chain")
-                    ran = steps or c_v.sample.steps or "the run's default"
+                    one_pass = getattr(c_v.model, "mode", None) == "plain"  # no chain: its sample section unused
+                    ran = "one pass" if one_pass else steps or c_v.sample.steps or "the run's default"
                     row = {"seed": str(seed), "run": name, "steps": str(ran),
-                           "grid": grid or getattr(c_v.sample, "grid", ""), **headline(r, c_v),
+                           "grid": "" if one_pass else grid or getattr(c_v.sample, "grid", ""), **headline(r, c_v),
                            "who decides": shares_text(decision) if decision else "", **partition_cells(run)}
                     rows.append(row)
                     record.append({**row, "evaluation": str(v / "evaluation-balanced" / "evaluation.json")})
