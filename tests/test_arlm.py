@@ -223,6 +223,15 @@ def test_training_sampling_and_evaluation_through_the_cli(trained, tmp_path, cap
     assert not (tmp_path / "y").exists()
 
 
+def test_the_plain_models_likelihood_is_reported_as_exact(trained, tmp_path, capsys):
+    """The baseline's own likelihood has no chain and no draws: evaluate says so, not that it is a biased bound."""
+    _, plain = trained
+    assert main(["evaluate", str(plain), "--judge", "none", "--prompts", "2", "--new", "4", "--windows", "4",
+                 "--speed-prompts", "1", "--mauve-prompts", "0", "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  next-token cross-entropy: BPC"))
+    assert line.endswith("(exact: no chain, no draws)") and "upper bound" not in line
+
+
 def test_next_token_bits_of_a_plain_model_is_its_cross_entropy_prefix_by_prefix():
     """The baseline's bits against a computation of each token's probability from its own prefix alone (position j's
     logits are token j + 1's distribution), and their standard error over the windows by hand."""

@@ -960,9 +960,12 @@ class AutoregressiveTask(TextTask):
         if "chain_likelihood" in r:
             c = r["chain_likelihood"]
             lines[0] += f" +- {r.get('bpc_se', float('nan')):.4f}: {r.get('bpc_label', '')}"
-            lines.append(f"  {c['label']}: BPC {c['bpc']:.4f} +- {c['bpc_se']:.4f} (estimator alone +- "
-                         f"{c['bpc_se_estimator']:.4f}; an upper bound, biased up by about {c['bpc_bias']:.4f} by the "
-                         f"delta method, {bias_cell(c)} below half the draws' estimate)")
+            if "draws" not in c:  # the plain model's own likelihood: exact, its error the windows' alone
+                lines.append(f"  {c['label']}: BPC {c['bpc']:.4f} +- {c['bpc_se']:.4f} (exact: no chain, no draws)")
+            else:
+                lines.append(f"  {c['label']}: BPC {c['bpc']:.4f} +- {c['bpc_se']:.4f} (estimator alone +- "
+                             f"{c['bpc_se_estimator']:.4f}; an upper bound, biased up by about {c['bpc_bias']:.4f} by "
+                             f"the delta method, {bias_cell(c)} below half the draws' estimate)")
         for name, s in r["samples"].items():
             ppl = f"gen. perplexity {s['gen_ppl']:.2f}, " if "gen_ppl" in s else ""
             if "mauve" in s:
