@@ -195,7 +195,8 @@ def ablations(make_plain, arlm: types.ModuleType) -> dict[str, tuple]:
         return layer.fixed
 
     out = {}
-    for parts in (("rotary",), ("rmsnorm",), ("modulation",), ("swiglu",), ("rotary", "rmsnorm", "modulation", "swiglu")):
+    each = ("rotary", "rmsnorm", "modulation", "swiglu")
+    for parts in (*((p,) for p in each), each):
         model, loss, _ = make_plain()
         for layer in model.trunk.layers:
             if "modulation" in parts:
