@@ -292,6 +292,14 @@ def _uniforms(n: int, generator: torch.Generator | None, stratified: bool) -> to
 DENSITY_FLOOR = 0.1
 
 
+def _knots_over(axis: NoiseAxis, w: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The knots of a piecewise-linear curve over [lo, hi]: the coordinates warp(lo), the knots w (ascending) strictly
+    inside, warp(hi); and which of w are inside."""
+    w_lo, w_hi = axis.warp(_t(lo)), axis.warp(_t(hi))
+    inside = (w > w_lo) & (w < w_hi)
+    return torch.cat([w_lo[None], w[inside], w_hi[None]]), inside
+
+
 def fitted_cdf(axis: NoiseAxis, curve: tuple[tuple[float, float], ...], w: torch.Tensor) -> torch.Tensor:
     """F(w) = (1 - f) (R(w) - R(lo)) / (R(hi) - R(lo)) + f (w - w_lo) / (w_hi - w_lo), f = DENSITY_FLOOR: the
     cumulative training density of a curve R of what remains undecided, given as (level, R) knots, over the axis'
@@ -311,10 +319,7 @@ def sample_fitted(axis: NoiseAxis, curve: tuple[tuple[float, float], ...], n: in
                   stratified: bool = False) -> torch.Tensor:
     """Draws n levels in [lo, hi] from the density of `fitted_cdf`, truncated: each stretch of the axis as likely as
     the share of the curve it holds (plus the floor), inverted exactly (F is linear between the curve's knots)."""
-    levels = torch.tensor([c[0] for c in curve], dtype=_f64)
-    w_lo, w_hi = axis.warp(_t(lo)), axis.warp(_t(hi))
-    w = axis.warp(levels)
-    w = torch.cat([w_lo[None], w[(w > w_lo) & (w < w_hi)], w_hi[None]])  # F's knots over [lo, hi], ascending
+    w, _ = _knots_over(axis, axis.warp(torch.tensor([c[0] for c in curve], dtype=_f64)), lo, hi)  # F's knots
     F = fitted_cdf(axis, curve, w)  # strictly increasing: the floor's slope is positive
     u = _uniforms(n, generator, stratified).to(w.device)
     s = axis.unwarp(interp(F[0] + (F[-1] - F[0]) * u, F, w)).clamp(lo, hi)
@@ -461,9 +466,7 @@ def balanced_boundaries(axis: NoiseAxis, curve: RemainingCurve, num_blocks: int)
     ends = curve(torch.tensor([axis.lo, axis.hi], dtype=_f64), axis)
     if float(ends[1] - ends[0]) <= 0:
         raise ValueError("the fitted curve is flat over the axis: nothing to balance")
-    w_lo, w_hi = axis.warp(torch.tensor(axis.lo, dtype=_f64)), axis.warp(torch.tensor(axis.hi, dtype=_f64))
-    inside = (curve.w > w_lo) & (curve.w < w_hi)
-    w = torch.cat([w_lo[None], curve.w[inside], w_hi[None]])  # the curve's knots over [lo, hi]
+    w, inside = _knots_over(axis, curve.w, axis.lo, axis.hi)
     R = torch.cat([ends[:1], curve.R[inside], ends[1:]])
     out = []
     for k in range(1, num_blocks):
