@@ -1,3 +1,7 @@
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -149,3 +153,31 @@ def test_every_draw_of_a_step_is_made_where_its_generator_is(task, overrides, mo
     assert calls
     missing = [name for name, device, at in calls if torch.device(device or "meta") != at]
     assert not missing, f"{task}: draws that do not name their generator's device: {missing}"
+
+
+def test_the_library_flushes_denormal_floats_as_the_cli_does(tmp_path):
+    """A script calling train_run or evaluate_run computes as `diffusionblocks train` does: denormal floats (which
+    the lowest-noise blocks make, several times slower on x86) flushed to zero. In a fresh process: this one's
+    conftest flushes them already."""
+    script = textwrap.dedent(f"""
+        import torch
+        from diffusionblocks.runs import evaluate_run, train_run
+        from diffusionblocks.tasks import apply_overrides, default_config
+
+        def flushed():
+            print("flushed:", torch.tensor(1e-39).item() == 0.0)
+
+        cfg = apply_overrides(default_config(), ["task=classify", "model.arch=vit", "model.hidden_size=16",
+                                                 "model.num_heads=2", "model.depth=3", "train.steps_per_block=2",
+                                                 "train.batch_size=8"])
+        flushed()
+        run = train_run(cfg, out={str(tmp_path / "run")!r}, progress=False)
+        flushed()
+        torch.set_flush_denormal(False)
+        evaluate_run(run, progress=False)
+        flushed()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("flushed:")]
+    assert seen == ["False", "True", "True"]

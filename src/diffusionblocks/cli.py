@@ -17,9 +17,7 @@ import threading
 import traceback
 from pathlib import Path
 
-import torch
-
-from . import rundir, runs
+from . import precision, rundir, runs
 from .compare import comparison_configs, prepare_out_dir, run_comparison
 from .compose import compose_run, parse_block_sources
 from .config import ConfigError, RunConfig
@@ -426,11 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(argv[0], e, "--traceback" in argv)
         return 2
     args = _parse(build_parser(run_task), argv)
-    # Denormal floats are slow on x86 CPUs, and the blocks of the lowest noise levels produce them (a
-    # classifier's nearly saturated cross-entropy at sigma ~ 0.002, scaled by c_out ~ sigma): the last
-    # digits-ViT block trained at 3.1 steps/s instead of 14.9. Flush them to zero, now, before torch
-    # starts the worker threads that inherit the setting.
-    torch.set_flush_denormal(True)
+    precision.flush_denormals()  # now, before torch starts the worker threads that inherit it
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

@@ -654,6 +654,7 @@ def evaluate_run(run_dir: str | Path, options: EvaluateOptions | None = None, **
     options: the run's task's evaluate options (`get_task(cfg.task).evaluate_options`, which extends
     EvaluateOptions); values: options by name instead, or in place of some of `options`' ("num", "seed"...).
     """
+    precision.flush_denormals()
     cfg = read_config(run_dir)
     task = get_task(cfg.task)
     if not isinstance(task, EvaluatingTask):

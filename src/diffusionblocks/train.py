@@ -292,9 +292,10 @@ def train(task: TrainableTask, cfg: RunConfig, data, run_dir: Path | None, *, de
     {block: run} naming one per block.
     claim: take each block's lock in run_dir while training it (rundir.BlockClaims), so that no other
     job trains it at the same time; False when the caller holds the locks already (the CLI does).
-    On CPU, call torch.set_flush_denormal(True) at the start of the process (the CLI does): low-noise
-    blocks produce denormal floats, which are several times slower.
+    Denormal floats are flushed to zero from here on (`precision.flush_denormals`: low-noise blocks make them,
+    several times slower); a process with several threads calls it before its first torch operation (the CLI does).
     """
+    precision.flush_denormals()
     device = torch.device(device)
     with precision.matmul_mode(precision.resolve(cfg.train.precision, device)):
         return _train(task, cfg, data, run_dir, device, blocks, progress, init_from, claim)
