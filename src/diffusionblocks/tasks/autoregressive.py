@@ -40,15 +40,15 @@ import torch.nn.functional as F
 
 from ..blocks import BridgedDenoiser
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
-from ..judge import (Judge, bounds_lines, distinct_n, features, generative_bits, judge_paragraph,
-                     longest_repeated_run, mauve_bounds, mauve_table, prepare_judging, text_quality)
+from ..judge import (Judge, bounds_lines, distinct_n, features, generative_bits, judge_paragraph, longest_repeated_run,
+                     mauve_bounds, mauve_table, prepare_judging, text_quality)
+from ..metrics import decision_shares, shares_text
 from ..models.arlm import ARDenoiser, CausalLM, KVCache, swiglu_width
 from ..models.hf_llama import HFTrunk
 from ..noise import BLOCK_GRID, GRID_NAMES, Partition, sigma_grid
 from ..options import EvaluateOptions, SampleOptions, option
 from ..precond import append_dims
 from ..pretrained import from_pretrained
-from ..metrics import decision_shares, shares_text
 from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator, sample_seeds

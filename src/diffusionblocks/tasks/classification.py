@@ -36,13 +36,13 @@ from .. import checkpoint
 from ..blocks import BridgedDenoiser
 from ..config import ConfigError, RunConfig, check_choice
 from ..data import BatchSampler, DataConfig, ImageData, ImageSplits, load_image_data
+from ..metrics import decision_shares, shares_text
 from ..models.layers import label_embedding_table
 from ..models.vit import ViTClassifier, ViTLabelDenoiser
 from ..noise import BLOCK_GRID, GRID_NAMES, Partition, sigma_grid
 from ..options import EvaluateOptions, option
 from ..precond import append_dims
 from ..pretrained import from_pretrained
-from ..metrics import decision_shares, shares_text
 from ..report import equal_compute, markdown_table, memory_note, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import make_generator

@@ -28,6 +28,7 @@ from ..diagnostics import write_chain_diagnostics
 from ..evaluation import evaluate_generator, format_evaluation
 from ..generate import class_labels_evenly, generate
 from ..latents import LatentDataConfig, check_run, load_latents, load_vae, record, run_decoder
+from ..metrics import shares_text
 from ..models import diffusers_dit
 from ..models.dit import DiT
 from ..models.layers import take_layers
@@ -37,7 +38,6 @@ from ..parameterizations import denoiser, noise_axis, parameterization
 from ..plotting import image_grid, save_image_grid
 from ..precond import append_dims
 from ..pretrained import from_pretrained
-from ..metrics import shares_text
 from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..rundir import save_text
 from ..sampling import SAMPLERS
