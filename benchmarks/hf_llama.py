@@ -30,6 +30,7 @@ from statistics import median
 
 import torch
 
+from diffusionblocks import precision
 from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.seeding import make_generator
 from diffusionblocks.tasks import apply_overrides, get_task, load_config
@@ -123,7 +124,7 @@ def main() -> None:
     parser.add_argument("--speed-repeats", type=int, default=5, help="timings of the bare step, per backbone")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
+    precision.flush_denormals()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from diffusionblocks import precision
 from diffusionblocks.checkpoint import block_info
 from diffusionblocks.data import DataConfig, load_image_data
 from diffusionblocks.diagnostics import chain_diagnostics
@@ -401,7 +402,7 @@ def main() -> None:
     args = parser.parse_args()
     args.domains = [d for d in args.domains.split(",") if d]
     args.t0 = time.time()
-    torch.set_flush_denormal(True)
+    precision.flush_denormals()
     out = Path(args.out)
     for sub in ("runs", "points", "cache"):
         (out / sub).mkdir(parents=True, exist_ok=True)

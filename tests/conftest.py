@@ -11,12 +11,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 
+from diffusionblocks import precision
 from diffusionblocks.config import RunConfig
 from diffusionblocks.tasks import apply_overrides, default_config, get_task
 
 # As the CLI does (cli.main), before any worker thread starts: every test then computes under the same
 # floating-point mode, whether it calls the library directly or through the CLI.
-torch.set_flush_denormal(True)
+precision.flush_denormals()
 
 TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=3", "blocks.num_blocks=3",
         "train.batch_size=16", "train.steps_per_block=6", "train.log_every=2", "train.checkpoint_every=3",
