@@ -197,12 +197,13 @@ def test_the_swiglu_width_is_rounded_only_where_the_config_says():
 
 @pytest.mark.parametrize("T", [1, 5])
 def test_the_rotated_projection_gradient_is_the_numerical_one(T):
-    """The queries, keys and values as views of one buffer, their gradient written into one (issue 26): against
-    finite differences in float64, and the same numbers as rotating a permuted copy."""
+    """The queries, keys and values as views of one buffer rotated in place, their gradient written into one and
+    taken through the projection (issue 26): against finite differences in float64 for the input and the weight
+    (gradcheck perturbs the parameter itself), and the same numbers as rotating a permuted copy."""
     attn = RotaryAttention(16, 4).double()
     x = torch.randn(2, T, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(19), requires_grad=True)
     pos = rotary(torch.arange(3, 3 + T), 4)
-    assert torch.autograd.gradcheck(lambda x: attn._qkv(x, pos), (x,))
+    assert torch.autograd.gradcheck(lambda x, w: attn._qkv(x, pos), (x, attn.qkv.weight))
     w = attn.qkv.weight[paired_rows(16, 4, x.device)[0]]
     qk, v = F.linear(x, w).view(2, T, 3, 4, 4).permute(0, 3, 2, 1, 4).split([2, 1], dim=2)
     for got, want in zip(attn._qkv(x, pos), (*rotate_pairs(qk, pos.to(torch.complex128)).unbind(2), v.squeeze(2))):

@@ -76,26 +76,27 @@ def rotate_pairs(x: torch.Tensor, rot: Rotary) -> torch.Tensor:
     return torch.view_as_real(xc * rot).flatten(-2).to(dtype)  # (..., T, d)
 
 
-class _RotatedQKV(torch.autograd.Function):
-    """The rotated queries and keys and the values of a qkv projection (N, T, 3D) whose query and key heads have their
-    rotary pairs side by side: (N, H, T, d) views of one (N, T, 2, H, d) buffer and of the input, laid out as a
-    textbook GPT's split projection. The gradient is written into one (N, T, 3D) buffer (the pairs rotated back, the
-    values copied): one pass where unbind, split and permute took a stack, a concatenation and a copy (issue 26).
-    float32 and float64 only (complex views)."""
+class _RotatedProjection(torch.autograd.Function):
+    """The rotated queries and keys and the values of x (N, T, D) under a qkv weight W (3D, D), whose query and key
+    rows are laid out with their rotary pairs side by side (W[order], `paired_rows`) inside the node: (N, H, T, d)
+    views of the projection (N, T, 3, H, d), rotated in place, the layout a textbook GPT's split projection gives.
+    The gradient is written into one (N, T, 3D) buffer (the pairs rotated back by the conjugate, the values copied)
+    and taken through the projection here: no rotated copy, no concatenation, no node for the row permutation
+    (issue 26). float32 and float64 only (complex views)."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, rot: Rotary, num_heads: int) -> tuple[torch.Tensor, ...]:
-        N, T, D3 = qkv.shape
-        H, d = num_heads, D3 // (3 * num_heads)
-        u = qkv.view(N, T, 3, H, d)
-        qk = rotate_pairs(u[:, :, :2], rot[:, None, None])  # (N, T, 2, H, d)
-        ctx.save_for_backward(rot)
-        q, k = qk.transpose(1, 3).unbind(2)  # (N, H, T, d) each
-        return q, k, u[:, :, 2].transpose(1, 2)
+    def forward(ctx, x: torch.Tensor, W: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, rot: Rotary,
+                num_heads: int) -> tuple[torch.Tensor, ...]:
+        N, T, D = x.shape
+        H, d = num_heads, D // num_heads
+        u = F.linear(x, W.index_select(0, order)).view(N, T, 3, H, d)
+        torch.view_as_complex(u[:, :, :2].unflatten(-1, (-1, 2))).mul_(rot[:, None, None])
+        ctx.save_for_backward(x, W, order, inverse, rot)
+        return tuple(u[:, :, i].transpose(1, 2) for i in range(3))  # (N, H, T, d) each
 
     @staticmethod
     def backward(ctx, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        rot, = ctx.saved_tensors
+        x, W, order, inverse, rot = ctx.saved_tensors
         N, H, T, d = gv.shape
         g = gv.new_empty(N, T, 3, H, d)
         back = rot.conj()[:, None].expand(T, H, d // 2).contiguous()  # (T, H, d/2): long inner loops
@@ -103,7 +104,10 @@ class _RotatedQKV(torch.autograd.Function):
             torch.mul(torch.view_as_complex(gi.transpose(1, 2).unflatten(-1, (-1, 2))), back,
                       out=torch.view_as_complex(g[:, :, i].unflatten(-1, (-1, 2))))
         g[:, :, 2].copy_(gv.transpose(1, 2))
-        return g.view(N, T, 3 * H * d), None, None
+        g = g.view(N * T, 3 * H * d)
+        g_x = (g @ W.index_select(0, order)).view(N, T, -1) if ctx.needs_input_grad[0] else None
+        g_W = (g.T @ x.reshape(N * T, -1)).index_select(0, inverse) if ctx.needs_input_grad[1] else None
+        return g_x, g_W, None, None, None, None
 
 
 def paired_rows(dim: int, num_heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,10 +182,11 @@ class RotaryAttention(nn.Module):
         """Rotated queries and keys and the values of x (N, T, D): (N, H, T, d) each."""
         N, T, D = x.shape
         H, d = self.num_heads, D // self.num_heads
-        w = _rows(self.qkv.weight, *paired_rows(D, H, x.device))
-        qkv = F.linear(x, w)  # (N, T, 3D)
-        if qkv.dtype in (torch.float32, torch.float64):
-            return _RotatedQKV.apply(qkv, _positions(pos, d), H)
+        order, inverse = paired_rows(D, H, x.device)
+        if x.dtype == self.qkv.weight.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(
+                x.device.type):
+            return _RotatedProjection.apply(x, self.qkv.weight, order, inverse, _positions(pos, d), H)
+        qkv = F.linear(x, _rows(self.qkv.weight, order, inverse))  # (N, T, 3D)
         qk, v = qkv.view(N, T, 3, H, d).permute(0, 3, 2, 1, 4).split([2, 1], dim=2)  # (N, H, 2 and 1, T, d)
         q, k = rotate_pairs(qk, _positions(pos, d)).unbind(2)  # (N, H, T, d) each
         return q, k, v.squeeze(2)
