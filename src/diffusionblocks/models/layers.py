@@ -18,7 +18,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / sqrt(mean(x^2) + eps) over the last dimension of x (..., D): (..., 1), from one reduction pass."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
+    return norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
 def _rms_norm_backward(g: torch.Tensor, n: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -101,6 +101,8 @@ def modulated_rms_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     """adaLN (DiT) on RMSNorm: RMSNorm(x) (1 + scale) + shift, shift and scale broadcastable to x (N, T, D)."""
     if x.is_cuda or not _needs_grad(x, shift, scale):
         return torch.addcmul(shift, F.rms_norm(x, x.shape[-1:], eps=eps), 1 + scale)
+    if x.dtype == shift.dtype == scale.dtype in (torch.float32, torch.float64):
+        return _ModulatedRMSNormFunction.apply(x, shift, scale, eps)
     dtype = torch.promote_types(torch.promote_types(x.dtype, shift.dtype), scale.dtype)
     if dtype not in (torch.float32, torch.float64):  # half inputs: the norm in float32
         return _ModulatedRMSNormFunction.apply(x.float(), shift.float(), scale.float(), eps).to(dtype)
