@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, rundir
 from diffusionblocks import tasks as tasks_registry
 from diffusionblocks import train as train_module
 from diffusionblocks.changes import COMPOSE, FROM, RESUME, changeable, identity, may_change
@@ -222,6 +222,26 @@ def test_evaluate_from_python_writes_the_commands_directory(mixture, tmp_path, c
     assert again.result == evaluated.result  # the same seed: the same samples
     assert sample_run(run, out=str(tmp_path / "p.npz"), num=16, steps=5).is_file()
     assert np.load(tmp_path / "p.npz")["points"].shape == (16, 2)
+
+
+def test_an_evaluation_records_the_code_it_started_with(mixture, tmp_path, monkeypatch, one_thread):
+    """A long evaluation names the commit it ran, not one checked out before it finished."""
+    cfg = apply_overrides(default_config("mixture"), ["model.hidden_size=16", "model.depth=2", "blocks.num_blocks=2",
+                                                      "data.num_train=200", "data.num_test=100",
+                                                      "train.steps_per_block=4", "train.batch_size=32",
+                                                      "train.log_every=2", "train.checkpoint_every=2"])
+    run = train_run(cfg, tmp_path / "m", progress=False)
+    version = {"now": "abc1234"}
+    monkeypatch.setattr(rundir, "code_version", lambda *also: version["now"])
+    task_class = type(get_task("mixture"))
+    evaluate = task_class.evaluate
+
+    def evaluate_during_a_checkout(self, run_dir, options):
+        version["now"] = "def5678"
+        return evaluate(self, run_dir, options)
+
+    monkeypatch.setattr(task_class, "evaluate", evaluate_during_a_checkout)
+    assert evaluate_run(run, num=20, steps=3, progress=False).result["code"] == "abc1234"
 
 
 def test_tasks_declare_what_they_do_after_training():

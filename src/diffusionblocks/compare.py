@@ -87,6 +87,7 @@ def run_comparison(cfg: RunConfig, out_dir: Path, *, num_blocks: list[int] = (2,
                                     cache_dir=None if cache_dir is None else str(cache_dir),
                                     device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results, artifacts = {}, {}
+    evaluated = code_version()  # the code the evaluations start with (a checkout while they run changes nothing here)
     mode = precision.resolve(options.precision, torch.device(options.device))
     for B in configs:
         run = out_dir / f"B{B}"
@@ -95,7 +96,7 @@ def run_comparison(cfg: RunConfig, out_dir: Path, *, num_blocks: list[int] = (2,
         ev.result["train_summary"] = json.loads((run / "train_summary.json").read_text())
         (run / "evaluation.json").write_text(json.dumps(ev.result, indent=2) + "\n")
         results[B], artifacts[B] = ev.result, ev.artifacts
-    code = {"evaluated": code_version(), "trained": {str(B): r["train_summary"].get("code") for B, r in results.items()}}
+    code = {"evaluated": evaluated, "trained": {str(B): r["train_summary"].get("code") for B, r in results.items()}}
     report = {"config": cfg.to_dict(), "num_samples": num_samples, "seed": seed, "code": code,
               "runs": {str(B): r for B, r in results.items()}}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")

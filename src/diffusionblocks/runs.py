@@ -669,10 +669,11 @@ def evaluate_run(run_dir: str | Path, options: EvaluateOptions | None = None, **
     device = resolve_device(options.device)
     options = dataclasses.replace(options, device=str(device))
     mode = precision.resolve(options.precision, device)
+    code = rundir.code_version()  # the code the evaluation starts with, not one checked out while it runs
     with precision.matmul_mode(mode), precision.autocast(mode, device):
         evaluation = task.evaluate(Path(run_dir), options)
     out.mkdir(parents=True, exist_ok=True)
-    evaluation.result["code"] = rundir.code_version()
+    evaluation.result["code"] = code
     (out / "evaluation.json").write_text(json.dumps(evaluation.result, indent=2) + "\n")
     task.write_evaluation(out, cfg, evaluation)
     return Evaluated(out, evaluation.result, task.format_evaluation(evaluation.result))
