@@ -88,6 +88,7 @@ def test_the_block_grid_gives_each_block_its_own_steps(kind, per_block):
 
 def test_decision_shares_split_what_the_chain_removes_by_block():
     from diffusionblocks.metrics import decision_shares
+
     # 6 bits at the start; block 0 takes it to 2.5 in two steps, block 1 to 2.4, block 2 back up to 2.5.
     rows = decision_shares(6.0, [3.0, 2.5, 2.4, 2.5], [0, 0, 1, 2])
     assert [(r["block"], r["steps"]) for r in rows] == [(0, 2), (1, 1), (2, 1)]

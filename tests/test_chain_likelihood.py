@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import diffusionblocks.tasks.autoregressive as ar
-from diffusionblocks.config import ConfigError
 from diffusionblocks.blocks import BlockwiseDenoiser
+from diffusionblocks.config import ConfigError
 from diffusionblocks.models.arlm import ARDenoiser
 from diffusionblocks.sampling import euler_step
 from diffusionblocks.seeding import make_generator
