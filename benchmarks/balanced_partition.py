@@ -36,7 +36,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from diffusionblocks import checkpoint, pilot
+from diffusionblocks import checkpoint, pilot, precision
 from diffusionblocks.compare import comparison_configs
 from diffusionblocks.compose import compose_run
 from diffusionblocks.config import ConfigError, RunConfig
@@ -255,6 +255,7 @@ def parse_values(items: list[str], options_class: type) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    precision.flush_denormals()  # first: torch's worker threads take the mode they start with
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "presets" / "shakespeare-arlm.json"))
     ap.add_argument("--out", required=True)

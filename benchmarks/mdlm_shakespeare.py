@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from diffusionblocks import checkpoint
+from diffusionblocks import checkpoint, precision
 from diffusionblocks.compare import comparison_configs
 from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.rundir import code_version
@@ -260,6 +260,7 @@ def write_report(cfg, configs, results, curve, stop, plan: Plan, out: Path, comm
 
 
 def main(argv: list[str] | None = None) -> int:
+    precision.flush_denormals()  # first: torch's worker threads take the mode they start with
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=None, help="the result directory (resumed when it exists)")

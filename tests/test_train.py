@@ -155,6 +155,26 @@ def test_every_draw_of_a_step_is_made_where_its_generator_is(task, overrides, mo
     assert not missing, f"{task}: draws that do not name their generator's device: {missing}"
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_a_flush_after_torchs_workers_started_is_reported(first):
+    """torch's worker threads take the flush mode they start with: flushing first reaches them (a product of
+    denormals spread over two threads is 0), flushing after parallel work does not, and flush_denormals says so."""
+    script = textwrap.dedent(f"""
+        import logging, torch
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        torch.set_num_threads(2)
+        if not {first}:
+            torch.ones(1 << 20).sum()  # parallel work: the workers start unflushed
+        from diffusionblocks import precision
+        precision.flush_denormals()
+        print("everywhere:", precision._flushed_everywhere())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"everywhere: {first}" in out.stdout
+    assert ("not in torch's worker threads" in out.stderr) is not first
+
+
 def test_the_library_flushes_denormal_floats_as_the_cli_does(tmp_path):
     """A script calling train_run or evaluate_run computes as `diffusionblocks train` does: denormal floats (which
     the lowest-noise blocks make, several times slower on x86) flushed to zero. In a fresh process: this one's
