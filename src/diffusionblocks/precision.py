@@ -41,17 +41,19 @@ def flush_denormals() -> None:
     0.002, scaled by c_out ~ sigma): without it the last digits-ViT block trained at 3.1 steps/s instead of 14.9.
     Training and evaluation call it (`train.train`, `runs.evaluate_run`, the CLI before anything else), so that
     every caller computes the same numbers at the same speed. A script that ran torch's parallel work before (loading
-    data, a first training) has workers that do not flush: a warning says so once, and such a script should call
-    this first thing (measured: a 2-thread multiply of denormals 10.5 ms against 2.4 flushed)."""
-    global _warned
-    if torch.set_flush_denormal(True) and not _warned and not _flushed_everywhere():
-        _warned = True
+    data, a first training) has workers that do not flush: the first call checks them and warns, and such a script
+    should call this first thing (measured: a 2-thread multiply of denormals 10.5 ms against 2.4 flushed)."""
+    global _probed
+    if torch.set_flush_denormal(True) and not _probed:
+        _probed = True  # once: workers started after a flush inherit it
+        if _flushed_everywhere():
+            return
         logger.warning("denormal floats are flushed in this thread but not in torch's worker threads, started before "
                        "it: training the lowest-noise blocks is slower and its numbers differ from the command's; "
                        "call diffusionblocks.precision.flush_denormals() before any torch work (or use one thread)")
 
 
-_warned = False
+_probed = False
 
 
 def _flushed_everywhere() -> bool:

@@ -89,14 +89,15 @@ class _RotatedProjection(torch.autograd.Function):
                 num_heads: int) -> tuple[torch.Tensor, ...]:
         N, T, D = x.shape
         H, d = num_heads, D // num_heads
-        u = F.linear(x, W.index_select(0, order)).view(N, T, 3, H, d)
+        w = W.index_select(0, order)
+        u = F.linear(x, w).view(N, T, 3, H, d)
         torch.view_as_complex(u[:, :, :2].unflatten(-1, (-1, 2))).mul_(rot[:, None, None])
-        ctx.save_for_backward(x, W, order, inverse, rot)
+        ctx.save_for_backward(x, w, inverse, rot)
         return tuple(u[:, :, i].transpose(1, 2) for i in range(3))  # (N, H, T, d) each
 
     @staticmethod
     def backward(ctx, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, W, order, inverse, rot = ctx.saved_tensors
+        x, w, inverse, rot = ctx.saved_tensors
         N, H, T, d = gv.shape
         g = gv.new_empty(N, T, 3, H, d)
         back = rot.conj()[:, None].expand(T, H, d // 2).contiguous()  # (T, H, d/2): long inner loops
@@ -105,7 +106,7 @@ class _RotatedProjection(torch.autograd.Function):
                       out=torch.view_as_complex(g[:, :, i].unflatten(-1, (-1, 2))))
         g[:, :, 2].copy_(gv.transpose(1, 2))
         g = g.view(N * T, 3 * H * d)
-        g_x = (g @ W.index_select(0, order)).view(N, T, -1) if ctx.needs_input_grad[0] else None
+        g_x = (g @ w).view(N, T, -1) if ctx.needs_input_grad[0] else None
         g_W = (g.T @ x.reshape(N * T, -1)).index_select(0, inverse) if ctx.needs_input_grad[1] else None
         return g_x, g_W, None, None, None, None
 
