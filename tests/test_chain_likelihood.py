@@ -340,3 +340,65 @@ def test_the_block_grid_needs_a_multiple_of_the_blocks():
         ar.chain_grid(_chain(3, [_source()[1]] * 3, _source()[0]), 4, "blocks")
     with pytest.raises(ConfigError, match="not a multiple of blocks.num_blocks=3"):
         apply_overrides(default_config("arlm"), ["sample.grid=blocks", "sample.steps=4"])
+
+
+def _steered_paths(steer: float, rows: int, draw=None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Paths of three drawn levels with fixed distributions p_k (one row of logits repeated, two positions), the
+    scored token x = 0 at each: the tokens (3, rows, 2), the paths' weights (rows, 2) and the p_k (V,) at position 0."""
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, V, generator=g).double() * 1.5 for _ in range(3)]
+    x = torch.zeros(rows, 2, dtype=torch.long)
+    draws = ar.SteeredDraws([1, 2, 3], steer, g)
+    tokens, w = [], torch.ones(rows, 2, dtype=torch.float64)
+    for e, l in zip([1, 2, 3], logits):
+        y, wk = (draw or draws.draw)(e, l.expand(rows, 2, V), x)
+        tokens.append(y[0])
+        w = w * wk[0]
+    return torch.stack(tokens), w, [l[0].softmax(-1) for l in logits]
+
+
+STEERED_DRAW = ar.SteeredDraws.draw
+
+
+def _unweighted(self, e, logits, x):  # a wrong weight: none
+    return STEERED_DRAW(self, e, logits, x)[0], torch.ones(1, *x.shape, dtype=torch.float64)
+
+
+def _single_levels_only(self, e, logits, x):  # a wrong weight: the density of the single-level components alone
+    y, w = STEERED_DRAW(self, e, logits, x)
+    if e == self.levels[-1]:
+        at = torch.logsumexp(torch.stack(self.log_r), 0).exp()
+        w = (1 / ((1 - self.steer) + self.steer / len(self.levels) * at))[None]
+    return y, w
+
+
+@pytest.mark.parametrize("mistake", [None, "unweighted", "single levels only"])
+def test_steered_draws_are_weighted_back_to_the_blocks_own_draws(mistake, monkeypatch):
+    """E_mixture[w h(path)] = E_p[h(path)] for h(y1, y2, y3) = f1(y1) f2(y2) + f3(y3) with independent levels, the
+    weights at most 1 / (1 - steer), and the scored token visible where unweighted; each wrong weight fails."""
+    if mistake is not None:
+        monkeypatch.setattr(ar.SteeredDraws, "draw", {"unweighted": _unweighted,
+                                                      "single levels only": _single_levels_only}[mistake])
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(3, V, generator=g).double()
+    tokens, w, p = _steered_paths(0.5, 200000)
+    h = f[0][tokens[0]] * f[1][tokens[1]] + f[2][tokens[2]]
+    want = float((p[0] @ f[0]) * (p[1] @ f[1]) + p[2] @ f[2])
+    right = abs(float((w * h)[:, 0].mean()) - want) < 0.02
+    assert right == (mistake is None), (float((w * h)[:, 0].mean()), want)
+    if mistake is None:
+        assert float(w.max()) <= 2 + 1e-9
+        # level k takes x on its own draws and where the mixture forces it: steer / (2 m) (1 + k + 1) of the chains
+        assert all(abs(float((tokens[k][:, 0] == 0).double().mean()) - (p[k][0] + (1 - p[k][0]) * (k + 2) / 12)) < 0.005
+                   for k in range(3))
+
+
+def test_many_steps_with_later_draws_drawn_and_steered_keep_the_true_conditional():
+    """B=1 run for 8 steps, the first draw enumerated and the six later ones drawn, 0.8 of the chains steered: the
+    true conditional (unweighted, the steering lands 0.3 bits low, outside)."""
+    E, log_p = _source()
+    model = _chain(1, [log_p], E)
+    x = _windows(log_p, 32, 16)
+    r = ar.chain_likelihood(model, x, steps=8, draws=32, top_k=2, later_k=None, seed=4)
+    assert r["drawn_later"] == 6 and r["draw_steer"] == 0.8
+    assert abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]

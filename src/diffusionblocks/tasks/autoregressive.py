@@ -543,8 +543,8 @@ def scored(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, bridge: str = "sample",
                      sampler: str = "euler", grid: str = "quantile", draws: int = 8, top_k: int = 4,
                      later_k: int | None = 0, max_enumerated: int = 64, steer: float = 0.25,
-                     tolerance: float | None = None, max_draws: int = 64, seed: int = 0, batch_size: int = 256,
-                     num_tokens: int | None = None) -> dict[str, Any]:
+                     draw_steer: float = 0.8, tolerance: float | None = None, max_draws: int = 64, seed: int = 0,
+                     batch_size: int = 256, num_tokens: int | None = None) -> dict[str, Any]:
     """Held-out bits per token (positions 1..L-1) of the chain's own next-token distribution, the one its sampler
     reads the next token from: q(x) = E[softmax(last step's logits)](x) over the chain's noise and bridge draws
     (temperature 1, the context given), all blocks, `steps` steps (default B) of `sampler` down the quantile grid.
@@ -559,17 +559,22 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
     (steered_noise). Why: a later block mostly keeps the token handed to it, so a drawn later token makes a chain's
     readout nearly 0 or 1, and a rare start noise under which a later block turns another token into the scored one
     carries much of a poorly predicted token's probability: either makes -log2 of a mean of few draws far too high
-    (benchmarks/results/chain-likelihood-draws).
+    (benchmarks/results/chain-likelihood-draws). Where the tree leaves later draws drawn (many steps), a `draw_steer`
+    share of the chains takes the scored token at one of them, or from one of them on, and is weighted back
+    (SteeredDraws): with many steps the early states are mostly noise and the decision falls on the drawn levels,
+    where a chain that turns to the scored token is rare under the blocks' own draws and carries a poorly predicted
+    token's probability in the same way.
 
     The estimate of q is unbiased; its -log2 is biased up: in expectation an upper bound on the chain's bits, the
     bias estimated (LikelihoodTally: the delta method, and the fall from half the draws). tolerance: the draws are
     doubled (the new ones independent of the old) while that fall is above this many bits per token, up to
     max_draws. batch_size: chains per forward pass (at the widest level); num_tokens: the vocabulary's size, when the
     model has more ids (never drawn)."""
-    if draws < 2 or top_k < 0 or (later_k or 0) < 0 or max_draws < draws or not 0 <= steer < 1:
+    if (draws < 2 or top_k < 0 or (later_k or 0) < 0 or max_draws < draws or not 0 <= steer < 1
+            or not 0 <= draw_steer < 1):
         raise ConfigError(f"the chain likelihood needs at least 2 draws (their spread gives its error and bias), "
-                          f"top_k, later_k >= 0, max_draws >= draws and 0 <= steer < 1, got {draws}, {top_k}, "
-                          f"{later_k}, {max_draws} and {steer}")
+                          f"top_k, later_k >= 0, max_draws >= draws and 0 <= steer, draw_steer < 1, got {draws}, "
+                          f"{top_k}, {later_k}, {max_draws}, {steer} and {draw_steer}")
     sigmas = chain_grid(model, steps, grid).to(windows.device, torch.float32)
     read = evaluation_count(sampler, sigmas) - 1 if bridge == "sample" else 0  # the draws a later step reads
     ranks = [top_k + 2] + [1] * (read - 1) if read else []  # 1: drawn
@@ -578,7 +583,7 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
             break
         ranks[e] = later_k + 2
     chains = dict(sigmas=sigmas, bridge=bridge, sampler=sampler, ranks=ranks, seed=seed, batch_size=batch_size,
-                  num_tokens=num_tokens, steer=steer)
+                  num_tokens=num_tokens, steer=steer, draw_steer=draw_steer)
     f = _chain_draws(model, windows, draws, 0, **chains)  # (draws, W, L - 1)
     result = _tally(f).result()
     while tolerance is not None and result["fall"] > tolerance and 2 * len(f) <= max_draws:
@@ -586,7 +591,8 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
         result = _tally(f).result()
     return {**result, "steps": len(sigmas) - 1, "bridge": bridge, "sampler": sampler, "draws": len(f),
             "top_k": top_k if ranks else None, "later_k": later_k if read > 1 else None,
-            "enumerated": math.prod(ranks), "drawn_later": ranks.count(1), "steer": steer, "tolerance": tolerance}
+            "enumerated": math.prod(ranks), "drawn_later": ranks.count(1), "steer": steer, "tolerance": tolerance,
+            **({"draw_steer": draw_steer} if 1 in ranks else {})}  # only where a later draw is drawn
 
 
 def _tally(f: torch.Tensor) -> LikelihoodTally:
@@ -638,7 +644,7 @@ def steered_noise(model, x: torch.Tensor, sigmas: torch.Tensor, draws: int, g: t
 
 def _chain_draws(model, windows: torch.Tensor, draws: int, first: int, *, sigmas: torch.Tensor, bridge: str,
                  sampler: str, ranks: list[int], seed: int, batch_size: int,
-                 num_tokens: int | None, steer: float = 0.0) -> torch.Tensor:
+                 num_tokens: int | None, steer: float = 0.0, draw_steer: float = 0.0) -> torch.Tensor:
     """chain_likelihood's `draws` unbiased estimates of q(x_j | x_<j), (draws, W, L - 1), on enumeration trees of
     `ranks` (level e's branches; 1: its token drawn); `first`: how many were drawn before (the generators of later
     draws are new ones)."""
@@ -666,7 +672,9 @@ def _chain_draws(model, windows: torch.Tensor, draws: int, first: int, *, sigmas
                 return block.estimate(D, logits, bridge)
             if e < levels:
                 shared = tree.shared(logits, e)  # (draws * R_0 ... R_{e-1} * n, L, V)
-                if ranks[e] == 1:
+                if ranks[e] == 1 and draw_steer > 0:
+                    tokens, weights = steered.draw(e, shared, tree.shared(xs, e))
+                elif ranks[e] == 1:
                     u = torch.rand(shared.shape[:-1], generator=g, dtype=torch.float64).to(x.device).flatten()
                     tokens = draw_token(shared.flatten(0, 1), 1.0, 1.0, False, u).view(1, *shared.shape[:-1])
                     weights = torch.ones(tokens.shape, dtype=torch.float64, device=x.device)
@@ -682,6 +690,7 @@ def _chain_draws(model, windows: torch.Tensor, draws: int, first: int, *, sigmas
                 logits.shape[:-1]))
 
         chain = BridgedDenoiser(model, carry, denoise)
+        steered = SteeredDraws([e for e, r in enumerate(ranks) if r == 1], draw_steer, g)
         if steer > 0 and len(sigmas) > 2:
             eps, w = steered_noise(model, x, sigmas, draws, g, steer, num_tokens)
             state["weights"] = state["weights"] * tree.spread(w.flatten(0, 1), 0)
@@ -692,6 +701,43 @@ def _chain_draws(model, windows: torch.Tensor, draws: int, first: int, *, sigmas
         f = scored(chain.logits.double().softmax(-1), xs) * state["weights"][:, 1:]  # (draws * leaves * n, L - 1)
         out.append(f.view(draws, leaves, n, L - 1).sum(1))
     return torch.cat(out, 1)
+
+
+class SteeredDraws:
+    """The drawn levels of a chain's token draws (`levels`, consecutive, m of them), drawn from a mixture that puts
+    the scored token x on the path and weighted back: with probability 1 - steer every level draws from the block's
+    distribution p_k; otherwise, with probability steer / (2 m) each, level k alone takes x, or every level from k on
+    takes x (the decision for x made at k and handed on), the other levels drawing from p_k. The mixture's density of
+    a path is p(path) ((1 - steer) + steer / (2 m) sum_k (r_k + prod_{j >= k} r_j)), r_k = [y_k = x] / p_k(x), so
+    the path's weight, its inverse, is at most 1 / (1 - steer) and keeps the chain's estimate unbiased. One choice
+    per chain and position (the chains are the rows the drawn levels share)."""
+
+    def __init__(self, levels: list[int], steer: float, g: torch.Generator):
+        self.levels, self.steer, self.g = levels, steer, g
+        self.first: torch.Tensor | None = None  # (rows, L): the first level index that takes x (m: none)
+        self.only: torch.Tensor | None = None  # (rows, L): whether that level alone takes x
+        self.log_r: list[torch.Tensor] = []  # log r_k of the levels drawn so far, (rows, L) each
+
+    def draw(self, e: int, logits: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Level e's tokens and weights (1, rows, L) from the block's logits (rows, L, V) at the scored tokens x (rows,
+        L); the weights are 1 but at the last level, which carries the path's weight."""
+        m, i = len(self.levels), self.levels.index(e)
+        if i == 0:
+            u = torch.rand(x.shape, generator=self.g, dtype=torch.float64).to(x.device)
+            pick = (u / self.steer * 2 * m).long().clamp_max(2 * m - 1)  # uniform over (level, kind) where u < steer
+            self.first = torch.where(u < self.steer, pick % m, m)
+            self.only, self.log_r = pick < m, []
+        u = torch.rand(x.shape, generator=self.g, dtype=torch.float64).to(x.device).flatten()
+        y = draw_token(logits.flatten(0, 1), 1.0, 1.0, False, u).view(x.shape)
+        y = torch.where((self.first == i) | ((self.first < i) & ~self.only), x, y)
+        log_p_x = logits.double().log_softmax(-1).gather(-1, x[..., None])[..., 0]  # (rows, L)
+        self.log_r.append(torch.where(y == x, -log_p_x, -math.inf))
+        if i < m - 1:
+            return y[None], torch.ones(1, *x.shape, dtype=torch.float64, device=x.device)
+        log_r = torch.stack(self.log_r)  # (m, rows, L)
+        log_from = log_r.flip(0).cumsum(0)  # log prod_{j >= k} r_j for k = m - 1, ..., 0
+        log_sum = torch.logsumexp(torch.cat([log_r, log_from]), 0)  # log sum_k (r_k + prod_{j >= k} r_j)
+        return y[None], (1 / ((1 - self.steer) + self.steer / (2 * m) * log_sum.exp()))[None]
 
 
 @torch.no_grad()
@@ -729,6 +775,8 @@ class ChainLikelihoodOptions(EvaluateOptions):
     max_enumerated: int = option(64, "enumerated chains per start noise at most")
     steer: float = option(0.25, "share of the chain likelihood's start noises steered toward the scored token and "
                           "weighted back (0: none)")
+    draw_steer: float = option(0.8, "share of the chains that take the scored token at, or from, one of the later "
+                               "draws the likelihood's tree leaves drawn (many steps), weighted back (0: none)")
     tolerance: float = option(0.01, "the chain likelihood's draws are doubled while the fall of its estimate from "
                               "half of them is above this many bits per character (0: never)")
     max_draws: int = option(32, "the draws are doubled up to this many")
@@ -736,15 +784,17 @@ class ChainLikelihoodOptions(EvaluateOptions):
     def check_chain(self) -> None:
         """These options follow their rules (checked before any work)."""
         if (self.chain_draws < 2 or min(self.top_k, self.later_k) < 0 or self.max_enumerated < 1 or self.tolerance < 0
-                or not 0 <= self.steer < 1):
+                or not 0 <= self.steer < 1 or not 0 <= self.draw_steer < 1):
             raise ConfigError(f"--chain-draws must be at least 2, --top-k and --later-k at least 0, --max-enumerated "
-                              f"at least 1, --tolerance at least 0 and --steer in [0, 1), got {self.chain_draws}, "
-                              f"{self.top_k}, {self.later_k}, {self.max_enumerated}, {self.tolerance} and {self.steer}")
+                              f"at least 1, --tolerance at least 0 and --steer and --draw-steer in [0, 1), got "
+                              f"{self.chain_draws}, {self.top_k}, {self.later_k}, {self.max_enumerated}, "
+                              f"{self.tolerance}, {self.steer} and {self.draw_steer}")
 
     def chain_kwargs(self, chars_per_token: float) -> dict[str, Any]:
         """chain_likelihood's keywords for these options."""
         return dict(draws=self.chain_draws, top_k=self.top_k, later_k=self.later_k,
-                    max_enumerated=self.max_enumerated, steer=self.steer, tolerance=self.tolerance * chars_per_token or None,
+                    max_enumerated=self.max_enumerated, steer=self.steer, draw_steer=self.draw_steer,
+                    tolerance=self.tolerance * chars_per_token or None,
                     max_draws=max(self.max_draws, self.chain_draws), seed=self.seed)
 
 
