@@ -342,7 +342,7 @@ def test_the_block_grid_needs_a_multiple_of_the_blocks():
         apply_overrides(default_config("arlm"), ["sample.grid=blocks", "sample.steps=4"])
 
 
-def _steered_paths(steer: float, rows: int, draw=None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _steered_paths(steer: float, rows: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Paths of three drawn levels with fixed distributions p_k (one row of logits repeated, two positions), the
     scored token x = 0 at each: the tokens (3, rows, 2), the paths' weights (rows, 2) and the p_k (V,) at position 0."""
     g = torch.Generator().manual_seed(0)
@@ -351,7 +351,7 @@ def _steered_paths(steer: float, rows: int, draw=None) -> tuple[torch.Tensor, to
     draws = ar.SteeredDraws([1, 2, 3], steer, g)
     tokens, w = [], torch.ones(rows, 2, dtype=torch.float64)
     for e, l in zip([1, 2, 3], logits):
-        y, wk = (draw or draws.draw)(e, l.expand(rows, 2, V), x)
+        y, wk = draws.draw(e, l.expand(rows, 2, V), x)
         tokens.append(y[0])
         w = w * wk[0]
     return torch.stack(tokens), w, [l[0].softmax(-1) for l in logits]
@@ -389,8 +389,8 @@ def test_steered_draws_are_weighted_back_to_the_blocks_own_draws(mistake, monkey
     if mistake is None:
         assert float(w.max()) <= 2 + 1e-9
         # level k takes x on its own draws and where the mixture forces it: steer / (2 m) (1 + k + 1) of the chains
-        assert all(abs(float((tokens[k][:, 0] == 0).double().mean()) - (p[k][0] + (1 - p[k][0]) * (k + 2) / 12)) < 0.005
-                   for k in range(3))
+        taken = [float((tokens[k][:, 0] == 0).double().mean()) for k in range(3)]
+        assert all(abs(taken[k] - (p[k][0] + (1 - p[k][0]) * (k + 2) / 12)) < 0.005 for k in range(3))
 
 
 def test_many_steps_with_later_draws_drawn_and_steered_keep_the_true_conditional():
