@@ -23,10 +23,10 @@
 Cost (measured 2026-12-01 on this project's faster 2-core CPU, AVX-512 Xeon, the machine otherwise idle): B=1
 trains at 4.5-4.6 steps/s on two threads (2.3-2.5 on one; 2026-11-30's 0.84 s of CPU a step was a slower machine
 under a load of 5), a B=3 block about three times as fast, a point of the curve (256 windows x 12 strata) 6 s. In
-that run B=1 fell by 2.0% over the last quarter at 8,000 steps, and a fit of a + b n^-k to its curve puts the 1%
-rule near 14,000 steps: about an hour of B=1, as much again for B=3 at equal compute, then the final evaluation
-(871 windows x 12 strata x 4 repeats, minutes), the judge's samples and MAUVE; several times that in wall time
-while the machine is shared. On a GPU, minutes. The judge (not measured
+that run B=1 still gained 2.3% over the last quarter at 10,500 steps, and fits of a + b n^-k to its curve put the
+1% rule anywhere from 20,000 steps to beyond 32,000: one to two and a half hours of B=1 at two threads, as much
+again for B=3 at equal compute, then the final evaluation (871 windows x 12 strata x 4 repeats, minutes), the
+judge's samples and MAUVE; several times that in wall time while the machine is shared. On a GPU, minutes. The judge (not measured
 here; estimated): its 3,000 steps once, then cached (longer than a B=1 step each: 6 layers of width 192); MAUVE's
 500 windows x 128 unmasking steps are about 1.5 times the final BPC evaluation's forward passes per run.
 
@@ -68,7 +68,7 @@ logger = logging.getLogger("mdlm_shakespeare")
 @dataclasses.dataclass(frozen=True)
 class Plan:
     check_every: int = 500      # B=1's steps between two points of its curve
-    max_steps: int = 40000      # B=1's budget when it has not converged (a fit to one curve: the 1% rule near 14,000)
+    max_steps: int = 40000      # B=1's budget when it has not converged (fits to one curve: the 1% rule at 20-32k+)
     min_checks: int = 4         # no stop before this many points (the last quarter needs a point at 3n/4)
     tolerance: float = 0.01     # converged: relative BPC gain over the last quarter of the steps below this
     curve_windows: int = 256    # held-out windows of the curve's estimates, spread evenly over the split
