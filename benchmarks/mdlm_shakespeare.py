@@ -265,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=None, help="the result directory (resumed when it exists)")
-    p.add_argument("--full", action="store_true", help="run the full measurement at the preset's size (2-4 hours on "
-                                                       "a 2-core CPU, minutes on a GPU)")
+    p.add_argument("--full", action="store_true", help="run the full measurement at the preset's size (several "
+                                                       "hours on a 2-core CPU, minutes on a GPU)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and budget: a smoke test of every stage")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache-dir", default=None, help="the judge cache (default: $DIFFUSIONBLOCKS_CACHE or "
