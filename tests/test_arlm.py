@@ -224,6 +224,9 @@ def test_training_sampling_and_evaluation_through_the_cli(trained, tmp_path, cap
     code = main(["evaluate", str(chain), "--draw-steer", "1", "--out", str(tmp_path / "z")])
     assert code == 2 and "--draw-steer in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+    code = main(["evaluate", str(chain), "--steer", "0.5", "--line-steer", "0.5", "--out", str(tmp_path / "z")])
+    assert code == 2 and "--line-steer at least 0 with a sum below 1" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
 
 
 def test_the_plain_models_likelihood_is_reported_as_exact(trained, tmp_path, capsys):

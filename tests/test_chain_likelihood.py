@@ -184,16 +184,18 @@ def test_the_enumeration_tree_is_the_sum_over_every_token_the_chain_draws():
     assert torch.allclose(f, _exhaustive(model, x, eps), rtol=1e-4, atol=1e-7)
 
 
-def test_steered_start_noises_are_weighted_back_to_the_standard_normal():
+@pytest.mark.parametrize("steer, line", [(0.5, 0.0), (0.2, 0.5), (0.0, 0.6)])
+def test_steered_start_noises_are_weighted_back_to_the_standard_normal(steer, line):
     """E_mixture[w h(eps)] = E_N(0, I)[h(eps)] for h = 1, eps and eps^2 at every position, the weights at most
-    1 / (1 - steer), and the steering visible where unweighted (the mean moves toward the scored token)."""
+    1 / (1 - steer - line), and the steering visible where unweighted (the mean moves toward the scored token); with
+    the step shifts alone, with both kinds, and with the line shifts alone."""
     E, log_p = _source()
     E = 4 * E  # shifts of about one standard deviation: a weight off by exp(|mu|^2 / 2) shows
     model, x = _chain(3, [log_p] * 3, E), _windows(log_p, 2, 4)
     eps, w = ar.steered_noise(model, x, ar.chain_grid(model, None, "quantile"), 40000, torch.Generator().manual_seed(0),
-                              0.5, None)
+                              steer, None, line)
     eps, w = eps.double(), w[..., None]
-    assert float(w.max()) <= 2 + 1e-9
+    assert float(w.max()) <= 1 / (1 - steer - line) + 1e-9
     assert torch.allclose(w.mean(0), torch.ones(2, 4, 1, dtype=torch.float64), atol=0.03)
     assert torch.allclose((w * eps).mean(0), torch.zeros(2, 4, V, dtype=torch.float64), atol=0.03)
     assert torch.allclose((w * eps ** 2).mean(0), torch.ones(2, 4, V, dtype=torch.float64), atol=0.05)
@@ -400,5 +402,8 @@ def test_many_steps_with_later_draws_drawn_and_steered_keep_the_true_conditional
     model = _chain(1, [log_p], E)
     x = _windows(log_p, 32, 16)
     r = ar.chain_likelihood(model, x, steps=8, draws=32, top_k=2, later_k=None, seed=4)
-    assert r["drawn_later"] == 6 and r["draw_steer"] == 0.8
+    assert r["drawn_later"] == 6 and r["draw_steer"] == 0.8 and "line_steer" not in r
+    assert abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]
+    r = ar.chain_likelihood(model, x, steps=8, draws=32, top_k=2, later_k=None, seed=4, line_steer=0.5)
+    assert r["line_steer"] == 0.5  # the recurrent denoiser's default: half the start noises along the line
     assert abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]

@@ -63,6 +63,9 @@ BRIDGES = ("estimate", "softmax", "argmax", "sample")
 # How far a steered start noise moves the second step's state from a drawn token's embedding toward the scored
 # one's (steered_noise): near where the block's decision turns, measured best on tinyshakespeare (0.25-0.4).
 REACH = 0.3
+# The line shifts of a steered start noise (steered_noise's `line` share): LINE_SHIFTS magnitudes spaced evenly up to
+# LINE_REACH standard deviations along the scored token's direction (tinyshakespeare's recurrent denoiser: 3 of 2-4).
+LINE_REACH, LINE_SHIFTS = 3.0, 12
 
 
 @dataclass(frozen=True)
@@ -543,38 +546,40 @@ def scored(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, bridge: str = "sample",
                      sampler: str = "euler", grid: str = "quantile", draws: int = 8, top_k: int = 4,
                      later_k: int | None = 0, max_enumerated: int = 64, steer: float = 0.25,
-                     draw_steer: float = 0.8, tolerance: float | None = None, max_draws: int = 64, seed: int = 0,
-                     batch_size: int = 256, num_tokens: int | None = None) -> dict[str, Any]:
+                     line_steer: float = 0.0, draw_steer: float = 0.8, tolerance: float | None = None,
+                     max_draws: int = 64, seed: int = 0, batch_size: int = 256,
+                     num_tokens: int | None = None) -> dict[str, Any]:
     """Held-out bits per token (positions 1..L-1) of the chain's own next-token distribution, the one its sampler
     reads the next token from: q(x) = E[softmax(last step's logits)](x) over the chain's noise and bridge draws
     (temperature 1, the context given), all blocks, `steps` steps (default B) of `sampler` down the quantile grid.
 
     Each token draw a later evaluation reads (with the `sample` bridge: after every evaluation but the last) is
     enumerated rather than drawn (token_enumeration: the scored token, one token drawn from the rest weighted by its
-    mass, and the top_k tokens at the first draw, later_k at a later one): the later draws nearest the readout first,
-    as many as keep the tree's leaves at most max_enumerated, the others drawn (later_k None: all of them drawn).
-    q(x) = E_z0[ sum over the leaves of the product of their weights times the readout's q(x) ], each leaf one
-    batched chain (positions are independent given the clean context), a branch's shared past computed once. Only the
-    start noise is drawn, `draws` times, a `steer` share of them toward the scored token and weighted back
-    (steered_noise). Why: a later block mostly keeps the token handed to it, so a drawn later token makes a chain's
-    readout nearly 0 or 1, and a rare start noise under which a later block turns another token into the scored one
-    carries much of a poorly predicted token's probability: either makes -log2 of a mean of few draws far too high
-    (benchmarks/results/chain-likelihood-draws). Where the tree leaves later draws drawn (many steps), a `draw_steer`
-    share of the chains takes the scored token at one of them, or from one of them on, and is weighted back
-    (SteeredDraws): with many steps the early states are mostly noise and the decision falls on the drawn levels,
-    where a chain that turns to the scored token is rare under the blocks' own draws and carries a poorly predicted
-    token's probability in the same way.
+    mass, and the top_k tokens at the first draw, later_k at a later one): the later draws nearest the readout first, as
+    many as keep the tree's leaves at most max_enumerated, the others drawn (later_k None: all of them drawn). q(x) =
+    E_z0[ sum over the leaves of the product of their weights times the readout's q(x) ], each leaf one batched chain
+    (positions are independent given the clean context), a branch's shared past computed once. Only the start noise is
+    drawn, `draws` times, a `steer` share of them toward the scored token at a step's reach and a `line_steer` share
+    along its line, weighted back (steered_noise). Why: a later block mostly keeps the token handed to it, so a drawn
+    later token makes a chain's readout nearly 0 or 1, and a rare start noise under which a later block turns another
+    token into the scored one carries much of a poorly predicted token's probability: either makes -log2 of a mean of
+    few draws far too high (benchmarks/results/chain-likelihood-draws). Where the tree leaves later draws drawn (many
+    steps), a `draw_steer` share of the chains takes the scored token at one of them, or from one of them on, and is
+    weighted back (SteeredDraws): with many steps the early states are mostly noise and the decision falls on the drawn
+    levels, where a chain that turns to the scored token is rare under the blocks' own draws and carries a poorly
+    predicted token's probability in the same way.
 
     The estimate of q is unbiased; its -log2 is biased up: in expectation an upper bound on the chain's bits, the
     bias estimated (LikelihoodTally: the delta method, and the fall from half the draws). tolerance: the draws are
     doubled (the new ones independent of the old) while that fall is above this many bits per token, up to
     max_draws. batch_size: chains per forward pass (at the widest level); num_tokens: the vocabulary's size, when the
     model has more ids (never drawn)."""
-    if (draws < 2 or top_k < 0 or (later_k or 0) < 0 or max_draws < draws or not 0 <= steer < 1
-            or not 0 <= draw_steer < 1):
+    if (draws < 2 or top_k < 0 or (later_k or 0) < 0 or max_draws < draws or min(steer, line_steer) < 0
+            or steer + line_steer >= 1 or not 0 <= draw_steer < 1):
         raise ConfigError(f"the chain likelihood needs at least 2 draws (their spread gives its error and bias), "
-                          f"top_k, later_k >= 0, max_draws >= draws and 0 <= steer, draw_steer < 1, got {draws}, "
-                          f"{top_k}, {later_k}, {max_draws}, {steer} and {draw_steer}")
+                          f"top_k, later_k >= 0, max_draws >= draws, steer, line_steer >= 0 with steer + line_steer "
+                          f"< 1 and 0 <= draw_steer < 1, got {draws}, {top_k}, {later_k}, {max_draws}, {steer}, "
+                          f"{line_steer} and {draw_steer}")
     sigmas = chain_grid(model, steps, grid).to(windows.device, torch.float32)
     read = evaluation_count(sampler, sigmas) - 1 if bridge == "sample" else 0  # the draws a later step reads
     ranks = [top_k + 2] + [1] * (read - 1) if read else []  # 1: drawn
@@ -583,7 +588,7 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
             break
         ranks[e] = later_k + 2
     chains = dict(sigmas=sigmas, bridge=bridge, sampler=sampler, ranks=ranks, seed=seed, batch_size=batch_size,
-                  num_tokens=num_tokens, steer=steer, draw_steer=draw_steer)
+                  num_tokens=num_tokens, steer=steer, line_steer=line_steer, draw_steer=draw_steer)
     f = _chain_draws(model, windows, draws, 0, **chains)  # (draws, W, L - 1)
     result = _tally(f).result()
     while tolerance is not None and result["fall"] > tolerance and 2 * len(f) <= max_draws:
@@ -592,6 +597,7 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
     return {**result, "steps": len(sigmas) - 1, "bridge": bridge, "sampler": sampler, "draws": len(f),
             "top_k": top_k if ranks else None, "later_k": later_k if read > 1 else None,
             "enumerated": math.prod(ranks), "drawn_later": ranks.count(1), "steer": steer, "tolerance": tolerance,
+            **({"line_steer": line_steer} if line_steer else {}),
             **({"draw_steer": draw_steer} if 1 in ranks else {})}  # only where a later draw is drawn
 
 
@@ -603,35 +609,45 @@ def _tally(f: torch.Tensor) -> LikelihoodTally:
 
 
 def steered_noise(model, x: torch.Tensor, sigmas: torch.Tensor, draws: int, g: torch.Generator, steer: float,
-                  num_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  num_tokens: int | None, line: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Start noises eps (draws, n, L, D) drawn from a mixture that steers the chain toward each scored token, and
-    their importance weights N(eps; 0, I) / mixture(eps) (draws, n, L). With probability 1 - steer, eps ~ N(0, I);
-    otherwise a later step k is chosen (its share below) and a token v other than the scored x with probability
-    p(v) / (1 - p(x)) (p: the first block's distribution at z = 0), and eps ~ N(mu_kv, I) with
+    their importance weights N(eps; 0, I) / mixture(eps) (draws, n, L). With probability 1 - steer - line, eps ~
+    N(0, I). With probability steer, a later step k is chosen (its share below) and a token v other than the scored x
+    with probability p(v) / (1 - p(x)) (p: the first block's distribution at z = 0), and eps ~ N(mu_kv, I) with
     mu_kv = REACH (E[x] - E[v]) (1 - sigma_k / sigma_0) / sigma_k: the shift that moves step k's state a REACH of the
     way from E[v] toward E[x] (its noise is sigma_k eps beside (1 - sigma_k / sigma_0) E[the tokens drawn], Euler's
-    steps from sigma_0). A noise under which a later block turns a drawn v into x is rare under N(0, I) and carries
-    much of a poorly predicted token's probability; the weight (at most 1 / (1 - steer)) keeps the estimate of q
-    unbiased whatever the shifts. Step k's share falls with how rare a noise of its reach is, exp(-|mu|^2 / 8) at a
-    typical |E[x] - E[v]|: the last steps' small sigmas get none."""
+    steps from sigma_0). With probability line, eps ~ N(a u, I), u the unit vector along E[x] - sum_v p(v) E[v] / (1 -
+    p(x)) (v != x) and a one of LINE_SHIFTS magnitudes up to LINE_REACH alike: x ahead of every other token at once,
+    by a margin that suits whichever step decides (a chain of many steps decides at a sigma no single reach fits).
+    A noise under which a later block turns a drawn v into x is rare under N(0, I) and carries much of a poorly
+    predicted token's probability; the weight (at most 1 / (1 - steer - line)) keeps the estimate of q unbiased
+    whatever the shifts. Step k's share falls with how rare a noise of its reach is, exp(-|mu|^2 / 8) at a typical
+    |E[x] - E[v]|: the last steps' small sigmas get none."""
     n, L = x.shape
     _, logits = model.route(_denoise_each, torch.zeros(n, L, model.blocks[0].E.shape[1], device=x.device),
                             sigmas[0] * torch.ones(n, device=x.device), tokens=x)
     p = usable_logits(logits, num_tokens).double().softmax(-1)  # (n, L, V)
     E = model.blocks[0].E.double()[:p.shape[-1]]  # (V, D)
-    sigma0, later = sigmas[0].double(), sigmas[1:][sigmas[1:] > 0].double()
-    reach = REACH * (1 - later / sigma0) / later  # (K,): eps per unit of E[x] - E[v] at each later step
-    typical = math.sqrt(2) * float(E.pow(2).sum(-1).mean().sqrt())
-    share = torch.exp(-(reach * typical) ** 2 / 8)
-    keep = share > 1e-3 * share.max()
-    reach, share = reach[keep], share[keep] / share[keep].sum()
-    mu = reach[:, None, None, None, None] * (E[x][..., None, :] - E)  # (K, n, L, V, D)
-    mu = mu.permute(1, 2, 0, 3, 4).flatten(2, 3)  # (n, L, K V, D): step-major
     others = p.scatter(-1, x[..., None], 0.0)
     others = others / others.sum(-1, keepdim=True).clamp_min(1e-300)
-    log_shifted = math.log(steer) + share.log()[:, None] + others.log()[..., None, :]  # (n, L, K, V)
-    log_pi = torch.cat([torch.full((n, L, 1), math.log1p(-steer), dtype=torch.float64, device=x.device),
-                        log_shifted.flatten(2)], -1)  # (n, L, 1 + K V): unshifted, then each (step, v)
+    mu, log_pi = [], [torch.full((n, L, 1), math.log1p(-steer - line), dtype=torch.float64, device=x.device)]
+    if steer > 0:
+        sigma0, later = sigmas[0].double(), sigmas[1:][sigmas[1:] > 0].double()
+        reach = REACH * (1 - later / sigma0) / later  # (K,): eps per unit of E[x] - E[v] at each later step
+        typical = math.sqrt(2) * float(E.pow(2).sum(-1).mean().sqrt())
+        share = torch.exp(-(reach * typical) ** 2 / 8)
+        keep = share > 1e-3 * share.max()
+        reach, share = reach[keep], share[keep] / share[keep].sum()
+        mu_kv = reach[:, None, None, None, None] * (E[x][..., None, :] - E)  # (K, n, L, V, D)
+        mu.append(mu_kv.permute(1, 2, 0, 3, 4).flatten(2, 3))  # (n, L, K V, D): step-major
+        log_pi.append((math.log(steer) + share.log()[:, None] + others.log()[..., None, :]).flatten(2))  # (n, L, K V)
+    if line > 0:
+        u = F.normalize(E[x] - others @ E, dim=-1)  # (n, L, D)
+        a = torch.arange(1, LINE_SHIFTS + 1, dtype=torch.float64, device=x.device) * (LINE_REACH / LINE_SHIFTS)
+        mu.append(a[:, None] * u[..., None, :])  # (n, L, LINE_SHIFTS, D)
+        log_pi.append(torch.full((n, L, LINE_SHIFTS), math.log(line / LINE_SHIFTS), dtype=torch.float64,
+                                 device=x.device))
+    mu, log_pi = torch.cat(mu, 2), torch.cat(log_pi, -1)  # (n, L, C, D), (n, L, 1 + C): unshifted, then each shift
     u = torch.rand(draws, n, L, generator=g, dtype=torch.float64).to(x.device)
     component = (log_pi.exp().cumsum(-1) < u[..., None]).sum(-1).clamp_max(mu.shape[2])  # (draws, n, L)
     shift = torch.cat([torch.zeros(n, L, 1, E.shape[1], dtype=torch.float64, device=x.device), mu], 2)
@@ -644,7 +660,8 @@ def steered_noise(model, x: torch.Tensor, sigmas: torch.Tensor, draws: int, g: t
 
 def _chain_draws(model, windows: torch.Tensor, draws: int, first: int, *, sigmas: torch.Tensor, bridge: str,
                  sampler: str, ranks: list[int], seed: int, batch_size: int,
-                 num_tokens: int | None, steer: float = 0.0, draw_steer: float = 0.0) -> torch.Tensor:
+                 num_tokens: int | None, steer: float = 0.0, line_steer: float = 0.0,
+                 draw_steer: float = 0.0) -> torch.Tensor:
     """chain_likelihood's `draws` unbiased estimates of q(x_j | x_<j), (draws, W, L - 1), on enumeration trees of
     `ranks` (level e's branches; 1: its token drawn); `first`: how many were drawn before (the generators of later
     draws are new ones)."""
@@ -691,8 +708,8 @@ def _chain_draws(model, windows: torch.Tensor, draws: int, first: int, *, sigmas
 
         chain = BridgedDenoiser(model, carry, denoise)
         steered = SteeredDraws([e for e, r in enumerate(ranks) if r == 1], draw_steer, g)
-        if steer > 0 and len(sigmas) > 2:
-            eps, w = steered_noise(model, x, sigmas, draws, g, steer, num_tokens)
+        if steer + line_steer > 0 and len(sigmas) > 2:
+            eps, w = steered_noise(model, x, sigmas, draws, g, steer, num_tokens, line_steer)
             state["weights"] = state["weights"] * tree.spread(w.flatten(0, 1), 0)
         else:
             eps = torch.randn(draws, n, L, D_dim, generator=g).to(x.device)
@@ -773,8 +790,10 @@ class ChainLikelihoodOptions(EvaluateOptions):
                         "and one drawn from the rest)")
     later_k: int = option(0, "the same for each later draw (the last draws first, up to --max-enumerated chains)")
     max_enumerated: int = option(64, "enumerated chains per start noise at most")
-    steer: float = option(0.25, "share of the chain likelihood's start noises steered toward the scored token and "
-                          "weighted back (0: none)")
+    steer: float = option(0.25, "share of the chain likelihood's start noises steered toward the scored token (a "
+                          "step's reach from another token) and weighted back (0: none)")
+    line_steer: float = option(0.0, "share of its start noises shifted along the scored token's line (magnitudes up "
+                               "to 3 standard deviations; chains of many steps) and weighted back (0: none)")
     draw_steer: float = option(0.8, "share of the chains that take the scored token at, or from, one of the later "
                                "draws the likelihood's tree leaves drawn (many steps), weighted back (0: none)")
     tolerance: float = option(0.01, "the chain likelihood's draws are doubled while the fall of its estimate from "
@@ -784,16 +803,19 @@ class ChainLikelihoodOptions(EvaluateOptions):
     def check_chain(self) -> None:
         """These options follow their rules (checked before any work)."""
         if (self.chain_draws < 2 or min(self.top_k, self.later_k) < 0 or self.max_enumerated < 1 or self.tolerance < 0
-                or not 0 <= self.steer < 1 or not 0 <= self.draw_steer < 1):
+                or min(self.steer, self.line_steer) < 0 or self.steer + self.line_steer >= 1
+                or not 0 <= self.draw_steer < 1):
             raise ConfigError(f"--chain-draws must be at least 2, --top-k and --later-k at least 0, --max-enumerated "
-                              f"at least 1, --tolerance at least 0 and --steer and --draw-steer in [0, 1), got "
-                              f"{self.chain_draws}, {self.top_k}, {self.later_k}, {self.max_enumerated}, "
-                              f"{self.tolerance}, {self.steer} and {self.draw_steer}")
+                              f"at least 1, --tolerance at least 0, --steer and --line-steer at least 0 with a sum "
+                              f"below 1 and --draw-steer in [0, 1), got {self.chain_draws}, {self.top_k}, "
+                              f"{self.later_k}, {self.max_enumerated}, {self.tolerance}, {self.steer}, "
+                              f"{self.line_steer} and {self.draw_steer}")
 
     def chain_kwargs(self, chars_per_token: float) -> dict[str, Any]:
         """chain_likelihood's keywords for these options."""
         return dict(draws=self.chain_draws, top_k=self.top_k, later_k=self.later_k,
-                    max_enumerated=self.max_enumerated, steer=self.steer, draw_steer=self.draw_steer,
+                    max_enumerated=self.max_enumerated, steer=self.steer, line_steer=self.line_steer,
+                    draw_steer=self.draw_steer,
                     tolerance=self.tolerance * chars_per_token or None,
                     max_draws=max(self.max_draws, self.chain_draws), seed=self.seed)
 

@@ -164,6 +164,9 @@ class RecurrentSampleOptions(SampleOptions):
 
 @dataclass(frozen=True)
 class RecurrentEvaluateOptions(ChainLikelihoodOptions):
+    line_steer: float = option(0.5, "share of the denoiser's chain likelihood's start noises shifted along the scored "
+                               "token's line (magnitudes up to 3 standard deviations) and weighted back (0: none): "
+                               "with many sampler steps the decision falls where the noise decides")
     iterations: str = option("1,2,4,8,16,32,64", "values of K measured")
     judge: str = option("auto", "what scores the samples (generative perplexity, MAUVE's features): auto = the "
                         "independent judge of the run's data, cached under --cache-dir/judges and trained first if "
