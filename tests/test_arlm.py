@@ -92,6 +92,21 @@ def test_the_cached_next_position_equals_the_training_forward():
         assert torch.allclose(m.denoise_next(z[:, 4], sigma[:, 4], wrong)[1], logits[:, 4], atol=1e-5)
 
 
+def test_the_noisy_stream_after_a_cached_clean_stream_equals_the_training_forward():
+    """denoise_cached (the chain likelihood's: the clean stream run once for many chains of the same windows) gives
+    denoise's outputs, each row reading the clean row it repeats; a cache of tokens shifted by one does not."""
+    m = _block(depth=3)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(11, (2, 9), generator=g)
+    z, sigma = torch.randn(6, 9, 16, generator=g), torch.rand(6, 9, generator=g) + 0.05  # 3 chains of 2 windows
+    with torch.no_grad():
+        D, logits = m.denoise(z, sigma, tokens.repeat(3, 1))
+        Dc, lc = m.denoise_cached(z, sigma, m.clean_cache(tokens))
+        shifted = m.denoise_cached(z, sigma, m.clean_cache(torch.roll(tokens, -1, 1)))[1]
+    assert torch.allclose(lc, logits, atol=1e-5) and torch.allclose(Dc, D, atol=1e-5)
+    assert not torch.allclose(shifted, logits, atol=1e-3)  # position i would see token i
+
+
 def _chain(blocks, cfg):
     from diffusionblocks.blocks import BlockwiseDenoiser
 

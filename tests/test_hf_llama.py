@@ -125,6 +125,8 @@ def test_the_cached_next_position_equals_the_training_forward():
             Dn, ln = net.denoise_next(z[:, i], sigma[:, i], cache)
             assert torch.allclose(ln, logits[:, i], atol=1e-5) and torch.allclose(Dn, D[:, i], atol=1e-5)
             net.trunk.extend(cache, tokens[:, i:i + 1])
+        Dc, lc = net.denoise_cached(z, sigma, net.clean_cache(tokens))  # every position after the clean stream
+        assert torch.allclose(lc, logits, atol=1e-5) and torch.allclose(Dc, D, atol=1e-5)
 
 
 @pytest.mark.parametrize("bridge", ["estimate", "sample"])

@@ -95,6 +95,9 @@ def test_the_denoiser_is_causal_and_its_cache_equals_the_training_forward():
             Dn, ln = m.denoise_next(z[:, i], sigma[:, i], cache)
             assert torch.allclose(ln, logits[:, i], atol=1e-5) and torch.allclose(Dn, D[:, i], atol=1e-5)
             m.trunk.extend(cache, tokens[:, i:i + 1])
+        Dc, lc = m.denoise_cached(z.repeat(2, 1, 1), sigma.repeat(2, 1), m.clean_cache(tokens))  # the chains' way
+        assert torch.allclose(lc, logits.repeat(2, 1, 1), atol=1e-5)
+        assert torch.allclose(Dc, D.repeat(2, 1, 1), atol=1e-5)
 
 
 def test_inference_runs_the_core_k_times_and_the_prelude_once_per_token():

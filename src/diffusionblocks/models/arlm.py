@@ -442,6 +442,32 @@ class ARDenoiser(nn.Module):
         h = self.trunk.run(x, c, pos, training_mask(L, z.device), queries=L)  # (N, L, D): the noisy rows
         return self._denoised_and_logits(z, h, sigma, c_noisy)
 
+    def clean_cache(self, tokens: torch.Tensor) -> KVCache:
+        """The clean stream of tokens (n, L), run once: its keys and values per layer, for `denoise_cached`."""
+        cache = KVCache(len(self.trunk.layers))
+        self.trunk.extend(cache, tokens)
+        return cache
+
+    def denoise_cached(self, z: torch.Tensor, sigma: torch.Tensor,
+                       cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """`denoise` with the clean stream given: z (N, L, D) at sigma (N, L) after the clean tokens whose keys and
+        values `clean_cache` made for n rows, N a multiple of n (row r reads clean row r mod n) -> (D, logits). Only
+        the noisy stream runs: position i attends to clean j < i and to itself, as in training."""
+        N, L, _ = z.shape
+        z, sigma = z.float(), sigma.float()
+        _, _, c_in, c_noise = get_scalings(sigma, self.sigma_data)
+        c = self.t_embedder(c_noise.flatten()).view(N, L, -1)  # (N, L, D)
+        x = c_in[..., None] * z
+        i = torch.arange(L, device=z.device)
+        mask = torch.cat([i[None, :] < i[:, None], i[None, :] == i[:, None]], 1)  # (L, 2L): [clean ; noisy] keys
+        pos = self.trunk.rotary(i)
+        for l, layer in self.trunk.noisy_layers():
+            k, v = cache.k[l], cache.v[l]  # (n, H, L, d)
+            if len(k) != N:
+                k, v = k.repeat(N // len(k), 1, 1, 1), v.repeat(N // len(v), 1, 1, 1)
+            x, _ = layer(x, c, pos, mask, (k, v))
+        return self._denoised_and_logits(z, x, sigma, c)
+
     def denoise_next(self, z: torch.Tensor, sigma: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The next position, after the cached clean tokens: z (N, D), sigma (N,) -> (D (N, D), logits (N, V))."""
         z, sigma = z.float()[:, None], sigma.float()[:, None]  # (N, 1, D), (N, 1)

@@ -558,16 +558,17 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
     mass, and the top_k tokens at the first draw, later_k at a later one): the later draws nearest the readout first, as
     many as keep the tree's leaves at most max_enumerated, the others drawn (later_k None: all of them drawn). q(x) =
     E_z0[ sum over the leaves of the product of their weights times the readout's q(x) ], each leaf one batched chain
-    (positions are independent given the clean context), a branch's shared past computed once. Only the start noise is
-    drawn, `draws` times, a `steer` share of them toward the scored token at a step's reach and a `line_steer` share
-    along its line, weighted back (steered_noise). Why: a later block mostly keeps the token handed to it, so a drawn
-    later token makes a chain's readout nearly 0 or 1, and a rare start noise under which a later block turns another
-    token into the scored one carries much of a poorly predicted token's probability: either makes -log2 of a mean of
-    few draws far too high (benchmarks/results/chain-likelihood-draws). Where the tree leaves later draws drawn (many
-    steps), a `draw_steer` share of the chains takes the scored token at one of them, or from one of them on, and is
-    weighted back (SteeredDraws): with many steps the early states are mostly noise and the decision falls on the drawn
-    levels, where a chain that turns to the scored token is rare under the blocks' own draws and carries a poorly
-    predicted token's probability in the same way.
+    (positions are independent given the clean context), a branch's shared past computed once, each block's clean stream
+    once for all of them (`denoise_cached`). Only the start noise is drawn, `draws` times, a `steer` share of them
+    toward the scored token at a step's reach and a `line_steer` share along its line, weighted back (steered_noise).
+    Why: a later block mostly keeps the token handed to it, so a drawn later token makes a chain's readout nearly 0 or
+    1, and a rare start noise under which a later block turns another token into the scored one carries much of a poorly
+    predicted token's probability: either makes -log2 of a mean of few draws far too high
+    (benchmarks/results/chain-likelihood-draws). Where the tree leaves later draws drawn (many steps), a `draw_steer`
+    share of the chains takes the scored token at one of them, or from one of them on, and is weighted back
+    (SteeredDraws): with many steps the early states are mostly noise and the decision falls on the drawn levels, where
+    a chain that turns to the scored token is rare under the blocks' own draws and carries a poorly predicted token's
+    probability in the same way.
 
     The estimate of q is unbiased; its -log2 is biased up: in expectation an upper bound on the chain's bits, the
     bias estimated (LikelihoodTally: the delta method, and the fall from half the draws). tolerance: the draws are
@@ -676,11 +677,14 @@ def _chain_draws(model, windows: torch.Tensor, draws: int, first: int, *, sigmas
         g = make_generator(seed, "arlm-chain-likelihood", i, *([first] if first else []))
         xs = x.expand(draws * leaves, n, L).reshape(-1, L)  # (draws * leaves * n, L): draw, ranks, window
         state = {"calls": 0, "weights": torch.ones(draws * leaves * n, L, dtype=torch.float64, device=x.device)}
+        clean: dict[int, KVCache] = {}  # each block's clean stream of these windows, run once for every chain
 
         def denoise(block, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor):
             e = state["calls"]
             z, sigma, tokens = (tree.shared(t, e) for t in (z, sigma, tokens))
-            D, logits = block.denoise(z, _at_each_position(sigma, tokens), tokens)
+            if id(block) not in clean:
+                clean[id(block)] = block.clean_cache(x)
+            D, logits = block.denoise_cached(z, _at_each_position(sigma, tokens), clean[id(block)])
             return tree.spread(D, e), tree.spread(usable_logits(logits, num_tokens), e)
 
         def carry(block, D: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
