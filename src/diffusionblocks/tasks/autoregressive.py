@@ -64,7 +64,8 @@ BRIDGES = ("estimate", "softmax", "argmax", "sample")
 # one's (steered_noise): near where the block's decision turns, measured best on tinyshakespeare (0.25-0.4).
 REACH = 0.3
 # The line shifts of a steered start noise (steered_noise's `line` share): LINE_SHIFTS magnitudes spaced evenly up to
-# LINE_REACH standard deviations along the scored token's direction (tinyshakespeare's recurrent denoiser: 3 of 2-4).
+# LINE_REACH standard deviations along the scored token's line (tinyshakespeare's recurrent denoiser: 3 did best of
+# 2, 3, 4 and 6; benchmarks/results/chain-likelihood-draws).
 LINE_REACH, LINE_SHIFTS = 3.0, 12
 
 
@@ -643,9 +644,9 @@ def steered_noise(model, x: torch.Tensor, sigmas: torch.Tensor, draws: int, g: t
         mu.append(mu_kv.permute(1, 2, 0, 3, 4).flatten(2, 3))  # (n, L, K V, D): step-major
         log_pi.append((math.log(steer) + share.log()[:, None] + others.log()[..., None, :]).flatten(2))  # (n, L, K V)
     if line > 0:
-        u = F.normalize(E[x] - others @ E, dim=-1)  # (n, L, D)
+        toward = F.normalize(E[x] - others @ E, dim=-1)  # (n, L, D): from the others' mean to x
         a = torch.arange(1, LINE_SHIFTS + 1, dtype=torch.float64, device=x.device) * (LINE_REACH / LINE_SHIFTS)
-        mu.append(a[:, None] * u[..., None, :])  # (n, L, LINE_SHIFTS, D)
+        mu.append(a[:, None] * toward[..., None, :])  # (n, L, LINE_SHIFTS, D)
         log_pi.append(torch.full((n, L, LINE_SHIFTS), math.log(line / LINE_SHIFTS), dtype=torch.float64,
                                  device=x.device))
     mu, log_pi = torch.cat(mu, 2), torch.cat(log_pi, -1)  # (n, L, C, D), (n, L, 1 + C): unshifted, then each shift
