@@ -453,32 +453,32 @@ class ARDenoiser(nn.Module):
         """`denoise` with the clean stream given: z (N, L, D) at sigma (N, L) after the clean tokens whose keys and
         values `clean_cache` made for n rows, N a multiple of n (row r reads clean row r mod n) -> (D, logits). Only
         the noisy stream runs: position i attends to clean j < i and to itself, as in training."""
-        N, L, _ = z.shape
-        z, sigma = z.float(), sigma.float()
-        _, _, c_in, c_noise = get_scalings(sigma, self.sigma_data)
-        c = self.t_embedder(c_noise.flatten()).view(N, L, -1)  # (N, L, D)
-        x = c_in[..., None] * z
-        i = torch.arange(L, device=z.device)
+        i = torch.arange(z.shape[1], device=z.device)
         mask = torch.cat([i[None, :] < i[:, None], i[None, :] == i[:, None]], 1)  # (L, 2L): [clean ; noisy] keys
-        pos = self.trunk.rotary(i)
-        for l, layer in self.trunk.noisy_layers():
-            k, v = cache.k[l], cache.v[l]  # (n, H, L, d)
-            if len(k) != N:
-                k, v = k.repeat(N // len(k), 1, 1, 1), v.repeat(N // len(v), 1, 1, 1)
-            x, _ = layer(x, c, pos, mask, (k, v))
-        return self._denoised_and_logits(z, x, sigma, c)
+        return self._after_clean(z, sigma, cache, i, mask)
 
     def denoise_next(self, z: torch.Tensor, sigma: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The next position, after the cached clean tokens: z (N, D), sigma (N,) -> (D (N, D), logits (N, V))."""
-        z, sigma = z.float()[:, None], sigma.float()[:, None]  # (N, 1, D), (N, 1)
-        _, _, c_in, c_noise = get_scalings(sigma, self.sigma_data)
-        c = self.t_embedder(c_noise.flatten())[:, None]  # (N, 1, D)
-        x = c_in[..., None] * z
-        pos = self.trunk.rotary(torch.tensor([cache.length], device=z.device))
-        for l, layer in self.trunk.noisy_layers():
-            x, _ = layer(x, c, pos, None, (cache.k[l], cache.v[l]) if cache.k[l] is not None else None)
-        D, logits = self._denoised_and_logits(z, x, sigma, c)
+        pos = torch.tensor([cache.length], device=z.device)
+        D, logits = self._after_clean(z[:, None], sigma[:, None], cache, pos, None)  # (N, 1, D) and (N, 1) in
         return D[:, 0], logits[:, 0]
+
+    def _after_clean(self, z: torch.Tensor, sigma: torch.Tensor, cache: KVCache, pos: torch.Tensor,
+                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noisy stream z (N, T, D) at sigma (N, T), positions pos (T,), attending under mask to the cached clean
+        keys and values (repeated to N rows where the cache holds fewer) and to its own -> (D, logits)."""
+        N, T, _ = z.shape
+        z, sigma = z.float(), sigma.float()
+        _, _, c_in, c_noise = get_scalings(sigma, self.sigma_data)
+        c = self.t_embedder(c_noise.flatten()).view(N, T, -1)  # (N, T, D)
+        x = c_in[..., None] * z
+        pos = self.trunk.rotary(pos)
+        for l, layer in self.trunk.noisy_layers():
+            past = None if cache.k[l] is None else (cache.k[l], cache.v[l])  # (n, H, T_past, d) each
+            if past is not None and len(past[0]) != N:
+                past = tuple(t.repeat(N // len(t), 1, 1, 1) for t in past)
+            x, _ = layer(x, c, pos, mask, past)
+        return self._denoised_and_logits(z, x, sigma, c)
 
     def estimate(self, D: torch.Tensor, logits: torch.Tensor, bridge: str,
                  token: torch.Tensor | None = None) -> torch.Tensor:
