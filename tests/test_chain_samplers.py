@@ -14,7 +14,7 @@ from diffusionblocks.models.recurrent import RecurrentDenoiser
 from diffusionblocks.noise import GRIDS, LogNormalSigma, sigma_grid
 from diffusionblocks.sampling import SAMPLERS
 from diffusionblocks.tasks import apply_overrides, default_config, get_task
-from diffusionblocks.tasks.autoregressive import chain_bits, generate_chain, sampler_bits
+from diffusionblocks.tasks.autoregressive import chain_bits, chain_likelihood, generate_chain
 from diffusionblocks.tasks.classification import chain_logits
 
 OTHERS = [name for name in SAMPLERS if name != "euler"]
@@ -30,7 +30,7 @@ def _randomised(m: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 class Counting(torch.nn.Module):
-    """A block that records the sigma of each call (its `denoise` or its forward)."""
+    """A block that records the sigma of each call (its `denoise`, with or without the cached clean stream)."""
 
     def __init__(self, block):
         super().__init__()
@@ -39,6 +39,13 @@ class Counting(torch.nn.Module):
     def denoise(self, z, sigma, *args, **cond):
         self.calls.append(float(sigma.flatten()[0]))
         return self.block.denoise(z, sigma, *args, **cond)
+
+    def clean_cache(self, tokens):
+        return self.block.clean_cache(tokens)
+
+    def denoise_cached(self, z, sigma, cache):
+        self.calls.append(float(sigma.flatten()[0]))
+        return self.block.denoise_cached(z, sigma, cache)
 
     @property
     def E(self):
@@ -118,7 +125,7 @@ def _text_chain(cfg, counting: bool = False) -> BlockwiseDenoiser:
 @pytest.mark.parametrize("bridge", ["sample", "softmax"])
 def test_language_model_chains_with_heun_and_dpmpp(name, bridge):
     """Generation (with and without the KV cache: the same tokens, the `sample` bridge's uniform per evaluation
-    included), the teacher-forced chain's bits and the sampler's bits."""
+    included), the teacher-forced chain's bits and the chain's own likelihood."""
     model = _text_chain(apply_overrides(default_config("arlm"), ["blocks.num_blocks=3", "model.depth=3"]))
     prompts = torch.randint(10, (3, 4), generator=torch.Generator().manual_seed(3))
     kw = dict(window=8, bridge=bridge, seeds=[5, 6, 7], temperature=0.8, top_p=0.9, num_tokens=10, sampler=name)
@@ -132,7 +139,7 @@ def test_language_model_chains_with_heun_and_dpmpp(name, bridge):
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert all(math.isfinite(r[k]) for r in rows for k in ("chain_bits", "oracle_bits", "estimate_norm"))
     assert rows[0] == chain_bits(model, windows, bridge=bridge, steps=4, batch_size=2)[0]  # sigma_max's step: the same
-    assert math.isfinite(sampler_bits(model, windows, bridge=bridge, steps=4, samples=2, sampler=name))
+    assert math.isfinite(chain_likelihood(model, windows, bridge=bridge, steps=4, draws=2, sampler=name)["bits"])
 
 
 def test_language_model_teacher_forced_chain_runs_each_evaluation_on_its_owner():
@@ -159,8 +166,8 @@ def test_recurrent_depth_with_heun_runs_the_core_per_evaluation():
         assert torch.equal(out, generate_chain(model, prompts, 5, window=32, steps=K, seeds=[0, 1], sampler="heun",
                                                cache=False))
     hook.remove()
-    bits = sampler_bits(model, torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(6)), bridge="sample",
-                        steps=3, samples=2, sampler="heun")
+    bits = chain_likelihood(model, torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(6)), steps=3,
+                            draws=2, sampler="heun")["bits"]
     assert math.isfinite(bits)
 
 

@@ -2,7 +2,6 @@
 per training step and once per sampler step, and the bits of both against the number of iterations (their
 estimators against known answers: tests/test_chain_likelihood.py)."""
 
-import math
 
 import torch
 
@@ -175,19 +174,3 @@ def test_both_models_train_sample_and_evaluate_through_the_cli(tmp_path, capsys)
         apply_overrides(default_config("recurrent"), ["blocks.num_blocks=2"])
     with pytest.raises(ConfigError, match="model.prelude \\+ model.core \\+ model.coda"):
         apply_overrides(default_config("recurrent"), ["model.core=3"])
-
-
-def test_mixture_bits_is_the_log_of_the_mean_distribution():
-    from diffusionblocks.tasks.autoregressive import mixture_bits
-
-    targets = torch.tensor([[1, 2], [2, 0]])  # (N=2, T=2)
-    probs = torch.rand(4, 2, 3, generator=torch.Generator().manual_seed(0)).softmax(-1)  # (N * 2, T, V)
-    q = (probs[0::2] + probs[1::2]) / 2  # each row's two copies averaged
-    want = -sum(torch.log2(q[i, j, targets[i, j]]) for i in range(2) for j in range(2))
-    assert abs(mixture_bits(probs, targets, 2) - float(want)) < 1e-5
-    # One draw: the cross-entropy in bits; a copy with all its mass on the truth caps a position's bits at 1.
-    one = torch.nn.functional.cross_entropy(probs[::2].log().transpose(1, 2), targets, reduction="sum")
-    assert abs(mixture_bits(probs[::2], targets, 1) - float(one) / math.log(2)) < 1e-4
-    sure = probs.clone()
-    sure[0::2] = torch.nn.functional.one_hot(targets, 3).float()
-    assert mixture_bits(sure, targets, 2) <= 2 * 2 * 1 + 1e-6

@@ -342,10 +342,15 @@ def _at_each_position(sigma: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
 def _teacher_forced_chain(model, x: torch.Tensor, sigmas: torch.Tensor, bridge: str, g: torch.Generator, *,
                           sampler: str = "euler", callback=None) -> torch.Tensor:
     """The sampler's chain on every position of windows x (N, L) at once, the clean context given (the training
-    forward); returns the last evaluation's logits (N, L, V). callback(k, logits, estimate) after step k's evaluation at
-    its own sigma. The noise and the `sample` bridge's draws (temperature 1) come from g."""
+    forward; each block's clean stream run once, `denoise_cached`); returns the last evaluation's logits (N, L, V).
+    callback(k, logits, estimate) after step k's evaluation at its own sigma. The noise and the `sample` bridge's draws
+    (temperature 1) come from g."""
+    clean: dict[int, KVCache] = {}
+
     def denoise(block, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor):
-        return block.denoise(z, _at_each_position(sigma, tokens), tokens)
+        if id(block) not in clean:  # every row is at one sigma, so a block is handed all of x
+            clean[id(block)] = block.clean_cache(tokens)
+        return block.denoise_cached(z, _at_each_position(sigma, tokens), clean[id(block)])
 
     def carry(block, D: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         token = None
@@ -407,33 +412,6 @@ def chain_bits(model, windows: torch.Tensor, *, bridge: str, steps: int | None =
         row["oracle_error"] /= n
         row["estimate_norm"] /= n
     return rows
-
-
-def mixture_bits(probs: torch.Tensor, targets: torch.Tensor, samples: int) -> float:
-    """Summed bits of targets (N, T) under the mean of `samples` distributions per row: probs (N * samples, T, V),
-    row i's copies at rows i * samples ... (i + 1) * samples - 1, aligned with the targets."""
-    N, T = targets.shape
-    q = probs.view(N, samples, T, -1).mean(1)  # (N, T, V)
-    return float(-torch.log2(q.gather(-1, targets[..., None]).clamp_min(torch.finfo(q.dtype).tiny)).sum())
-
-
-@torch.no_grad()
-def sampler_bits(model, windows: torch.Tensor, *, bridge: str, steps: int, samples: int = 8, seed: int = 0,
-                 batch_size: int = 64, sampler: str = "euler", grid: str = "quantile") -> float:
-    """Held-out bits per token (positions 1..L-1) of the distribution the sampler draws the next token from after
-    `steps` steps, q_K(x) = E_chain[softmax(last step's logits)](x), estimated by the mean over `samples`
-    teacher-forced chains per window (log of a mean of `samples` draws: biased up for small `samples`)."""
-    sigmas = chain_grid(model, steps, grid).to(windows.device, torch.float32)
-    total, n = 0.0, 0
-    per_batch = max(batch_size // samples, 1)  # windows per batch of batch_size chains
-    for i in range(0, len(windows), per_batch):
-        x = windows[i:i + per_batch]
-        logits = _teacher_forced_chain(model, x.repeat_interleave(samples, 0), sigmas, bridge,
-                                       make_generator(seed, "arlm-sampler-bits", i), sampler=sampler)
-        # Position j's logits are the distribution of token j (its context is tokens < j).
-        total += mixture_bits(logits[:, 1:].float().softmax(-1), x[:, 1:], samples)
-        n += x[:, 1:].numel()
-    return total / n
 
 
 # ---- the chain's own next-token likelihood
