@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.01, help="the denoiser's draws doubled while its "
                         "estimate's fall from half of them is above this many bits per character")
     parser.add_argument("--max-draws", type=int, default=32, help="... up to this many draws")
+    parser.add_argument("--chain-batch", type=int, default=0, help="the denoiser's chains per forward pass (0: the "
+                        "device's default, evaluate --chain-batch)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--iterations", default=KS)
     parser.add_argument("--prompts", type=int, default=50)
@@ -155,7 +157,8 @@ def evaluate_by_k(run: Path, Ks: list[int], args: argparse.Namespace, judged: bo
             cli("evaluate", str(run), "--iterations", str(K), "--judge", args.judge, "--prompts",
                 str(args.prompts), "--new", str(args.new), "--windows", str(args.windows), "--chain-draws",
                 str(args.chain_draws), "--top-k", str(args.top_k), "--tolerance", str(args.tolerance),
-                "--max-draws", str(args.max_draws), "--mauve-iterations", str(K),
+                "--max-draws", str(args.max_draws), "--chain-batch", str(args.chain_batch),
+                "--mauve-iterations", str(K),
                 "--mauve-prompts", str(args.mauve_prompts if K in mauve_Ks else 0), "--mauve-new",
                 str(args.mauve_new), *(["--cache-dir", args.cache_dir] if args.cache_dir else []), "--out", str(ev),
                 "--no-progress", "--overwrite", log=log)

@@ -242,6 +242,16 @@ def test_training_sampling_and_evaluation_through_the_cli(trained, tmp_path, cap
     code = main(["evaluate", str(chain), "--steer", "0.5", "--line-steer", "0.5", "--out", str(tmp_path / "z")])
     assert code == 2 and "--line-steer at least 0 with a sum below 1" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+    code = main(["evaluate", str(chain), "--chain-batch", "-1", "--out", str(tmp_path / "z")])
+    assert code == 2 and "--chain-batch at least 0" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
+    # --chain-batch reaches the estimator; 0 is the device's default (256 chains on a CPU).
+    kw = get_task("arlm").evaluate_options(chain_batch=16).chain_kwargs(1.0)
+    assert kw["batch_size"] == 16
+    assert get_task("arlm").evaluate_options().chain_kwargs(1.0)["batch_size"] is None
+    three = dict(steps=3, bridge=cfg.sample.bridge, draws=2, tolerance=None)
+    assert chain_likelihood(model, windows, **three)["bits"] == chain_likelihood(model, windows, batch_size=256,
+                                                                                 **three)["bits"]
 
 
 def test_the_plain_models_likelihood_is_reported_as_exact(trained, tmp_path, capsys):
