@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from diffusionblocks.chain_likelihood import chain_likelihood
 from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.tasks import get_task, load_config
-from diffusionblocks.tasks.autoregressive import chain_likelihood, evaluation_windows, per_character
+from diffusionblocks.tasks.autoregressive import evaluation_windows, per_character
 
 
 def measure(model, windows: torch.Tensor, cfg, chars_per_token: float, num_tokens: int, draws: int, top_k: int,

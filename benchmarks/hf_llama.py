@@ -31,10 +31,10 @@ from statistics import median
 import torch
 
 from diffusionblocks import precision
+from diffusionblocks.chain_likelihood import next_token_bits
 from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.seeding import make_generator
 from diffusionblocks.tasks import apply_overrides, get_task, load_config
-from diffusionblocks.tasks.autoregressive import next_token_bits
 from diffusionblocks.tasks.masked_diffusion import evaluate_bpc
 from diffusionblocks.text import held_out_windows
 

@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from diffusionblocks import checkpoint, pretrained
+from diffusionblocks.chain_likelihood import chain_likelihood, next_token_bits, next_token_likelihood
 from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
+from diffusionblocks.judge import distinct_n, longest_repeated_run
 from diffusionblocks.models.arlm import ARDenoiser, CausalLM, KVCache, training_mask
 from diffusionblocks.tasks import apply_overrides, default_config, get_task
-from diffusionblocks.tasks.autoregressive import (chain_likelihood, distinct_n, draw_token, generate_chain,
-                                                  generate_plain, judge_bits, longest_repeated_run, next_token_bits,
-                                                  next_token_likelihood)
+from diffusionblocks.tasks.autoregressive import judge_bits
 from diffusionblocks.text import shared_windows
+from diffusionblocks.token_chain import draw_token, generate_chain, generate_plain
 
 TINY = ["task=arlm", "model.hidden_size=16", "model.num_heads=2", "model.depth=3", "model.seq_len=12",
         "blocks.num_blocks=3", "train.batch_size=4", "train.steps_per_block=3", "train.log_every=1",

@@ -1,4 +1,4 @@
-"""The chain's own next-token likelihood (tasks.autoregressive.chain_likelihood) against a chain whose blocks are exact
+"""The chain's own next-token likelihood (chain_likelihood.chain_likelihood) against a chain whose blocks are exact
 posteriors: a bigram source over a few tokens with fixed embeddings, each block's logits at noise sigma
 log p(x | previous token) - |z - E[x]|^2 / (2 sigma^2), its D the posterior mean, routed by the real partition,
 sampler and bridge. Drawing each step's token from the exact posterior and moving on by Euler's step keeps the
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-import diffusionblocks.tasks.autoregressive as ar
+import diffusionblocks.chain_likelihood as cl
 from diffusionblocks.blocks import BlockwiseDenoiser
 from diffusionblocks.config import ConfigError
 from diffusionblocks.models.arlm import ARDenoiser
@@ -20,6 +20,7 @@ from diffusionblocks.sampling import euler_step
 from diffusionblocks.seeding import make_generator
 from diffusionblocks.tasks import apply_overrides, default_config, get_task
 from diffusionblocks.text import TokenStream, shared_windows
+from diffusionblocks.token_chain import chain_grid
 
 V = 6
 
@@ -82,13 +83,13 @@ def test_the_token_enumeration_is_unbiased():
     p0 = torch.randn(3, 4, V, generator=g).double().softmax(-1)
     target = torch.randint(V, (3, 4), generator=g)
     f = torch.randn(V, generator=g).double()  # any function of the first token
-    tokens, weights = ar.token_enumeration(p0, target, 2, g)
+    tokens, weights = cl.token_enumeration(p0, target, 2, g)
     assert tokens.shape == weights.shape == (4, 3, 4)
     assert torch.allclose(weights.sum(0), torch.ones(3, 4, dtype=torch.float64))
     assert torch.equal(tokens[2], target)  # the scored token is always enumerated
-    mean = sum((w * f[t]).sum(0) for t, w in (ar.token_enumeration(p0, target, 2, g) for _ in range(3000))) / 3000
+    mean = sum((w * f[t]).sum(0) for t, w in (cl.token_enumeration(p0, target, 2, g) for _ in range(3000))) / 3000
     assert torch.allclose(mean, p0 @ f, atol=0.02)
-    tokens, weights = ar.token_enumeration(p0, target, V, g)  # every token enumerated: no tail left
+    tokens, weights = cl.token_enumeration(p0, target, V, g)  # every token enumerated: no tail left
     assert torch.allclose(weights[-1], torch.zeros(3, 4, dtype=torch.float64))
 
 
@@ -106,7 +107,7 @@ def _scored_against_the_previous_token(probs, x):  # the plain LM's alignment (p
     return probs[..., 1:, :].gather(-1, x[..., :-1, None])[..., 0]
 
 
-FIRST = ar.token_enumeration
+FIRST = cl.token_enumeration
 MISTAKES = {"token_enumeration": {"no tail": _no_tail, "uniform weights": _uniform_weights},
             "scored": {"off by one": _scored_against_the_previous_token}}
 
@@ -117,11 +118,11 @@ def test_the_chain_likelihood_of_exact_posteriors_is_the_true_conditional(mistak
     cross-entropy; each deliberate mistake, put into the estimator, lands outside."""
     for name, mistakes in MISTAKES.items():
         if mistake in mistakes:
-            monkeypatch.setattr(ar, name, mistakes[mistake])
+            monkeypatch.setattr(cl, name, mistakes[mistake])
     E, log_p = _source()
     model = _chain(2, [log_p, log_p], E)  # two steps: after the enumerated first draw, only the start noise is drawn
     x = _windows(log_p, 32, 16)
-    r = ar.chain_likelihood(model, x, draws=32, top_k=2, seed=1)
+    r = cl.chain_likelihood(model, x, draws=32, top_k=2, seed=1)
     tight = r["se_estimator"] < 0.02 and 0 < r["bias"] < 0.05  # the tolerance stays small
     close = abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]
     assert (tight and close) == (mistake is None), (r["bits"], r["bias"], r["se_estimator"], _true_bits(log_p, x))
@@ -133,7 +134,7 @@ def test_three_blocks_route_each_step_and_keep_the_true_conditional():
     E, log_p = _source()
     model = _chain(3, [log_p] * 3, E)
     x = _windows(log_p, 32, 16)
-    r = ar.chain_likelihood(model, x, draws=32, top_k=2, seed=2)
+    r = cl.chain_likelihood(model, x, draws=32, top_k=2, seed=2)
     assert abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]
     for b, block in enumerate(model.blocks):
         sigmas = torch.cat(block.sigmas)
@@ -148,18 +149,18 @@ def test_block_zero_alone_is_not_the_chain():
     x = _windows(log_p, 32, 16)
     truth = _true_bits(log_p, x)
     wrong = _chain(2, [log_p, other], E)
-    assert abs(ar.next_token_bits(wrong, x) - truth) < 0.01  # sigma_max's likelihood term is almost flat
-    r = ar.chain_likelihood(wrong, x, draws=16, top_k=2)
+    assert abs(cl.next_token_bits(wrong, x) - truth) < 0.01  # sigma_max's likelihood term is almost flat
+    r = cl.chain_likelihood(wrong, x, draws=16, top_k=2)
     assert r["bits"] - r["bias"] - truth > 10 * r["se_estimator"]
-    right = ar.chain_likelihood(_chain(2, [log_p, log_p], E), x, draws=16, top_k=2)
-    assert abs(right["bits"] - right["bias"] - ar.next_token_bits(wrong, x)) < 4 * right["se_estimator"] + 0.01
+    right = cl.chain_likelihood(_chain(2, [log_p, log_p], E), x, draws=16, top_k=2)
+    assert abs(right["bits"] - right["bias"] - cl.next_token_bits(wrong, x)) < 4 * right["se_estimator"] + 0.01
 
 
 def _exhaustive(model, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """The chain's q(x_j | x_<j) for each start noise eps (draws, n, L, D), by hand: Euler down the quantile grid of
     B=3 steps, summed over both read token draws (y0, y1), the same token at every position (positions are
     independent), each path weighted by p0(y0) p1(y1); (draws, n, L - 1)."""
-    sigmas = ar.chain_grid(model, None, "quantile").double()
+    sigmas = chain_grid(model, None, "quantile").double()
     f = torch.zeros(len(eps), *x.shape, dtype=torch.float64)
     for y0 in range(V):
         for y1 in range(V):
@@ -183,8 +184,8 @@ def test_the_enumeration_tree_is_the_sum_over_every_token_the_chain_draws():
     E, log_p = _source()
     model = _chain(3, [log_p, log_p.flip(0), log_p.flip(1)], E)  # different blocks: a mix-up shows
     x = _windows(log_p, 3, 5)
-    sigmas = ar.chain_grid(model, None, "quantile")
-    f = ar._chain_draws(model, x, 2, 0, sigmas=sigmas, bridge="sample", sampler="euler", ranks=[V + 2, V + 2],
+    sigmas = chain_grid(model, None, "quantile")
+    f = cl._chain_draws(model, x, 2, 0, sigmas=sigmas, bridge="sample", sampler="euler", ranks=[V + 2, V + 2],
                         seed=0, batch_size=2 * 64 * 3, num_tokens=None)  # one batch: one generator
     eps = torch.randn(2, 3, 5, V, generator=make_generator(0, "arlm-chain-likelihood", 0))  # its first draw
     assert torch.allclose(f, _exhaustive(model, x, eps), rtol=1e-4, atol=1e-7)
@@ -198,7 +199,7 @@ def test_steered_start_noises_are_weighted_back_to_the_standard_normal(steer, li
     E, log_p = _source()
     E = 4 * E  # shifts of about one standard deviation: a weight off by exp(|mu|^2 / 2) shows
     model, x = _chain(3, [log_p] * 3, E), _windows(log_p, 2, 4)
-    eps, w = ar.steered_noise(model, x, ar.chain_grid(model, None, "quantile"), 40000, torch.Generator().manual_seed(0),
+    eps, w = cl.steered_noise(model, x, chain_grid(model, None, "quantile"), 40000, torch.Generator().manual_seed(0),
                               steer, None, line)
     eps, w = eps.double(), w[..., None]
     assert float(w.max()) <= 1 / (1 - steer - line) + 1e-9
@@ -211,39 +212,39 @@ def test_steered_start_noises_are_weighted_back_to_the_standard_normal(steer, li
 
 def test_the_samplers_evaluations_are_counted():
     sigmas = torch.tensor([80.0, 5.0, 1.0, 0.0])
-    assert [ar.evaluation_count(s, sigmas) for s in ("euler", "heun", "dpmpp_2m")] == [3, 5, 3]
+    assert [cl.evaluation_count(s, sigmas) for s in ("euler", "heun", "dpmpp_2m")] == [3, 5, 3]
 
 
 def test_the_tree_enumerates_the_draws_nearest_the_readout_within_its_budget():
     E, log_p = _source()
     x = _windows(log_p, 4, 6)
-    r = ar.chain_likelihood(_chain(1, [log_p], E), x, steps=6, draws=2, top_k=2, max_enumerated=16)
+    r = cl.chain_likelihood(_chain(1, [log_p], E), x, steps=6, draws=2, top_k=2, max_enumerated=16)
     assert r["enumerated"] == 16 and r["drawn_later"] == 2  # 4 x 2 x 2: of the four later read draws, the last two
-    r = ar.chain_likelihood(_chain(1, [log_p], E), x, steps=6, draws=2, top_k=2, later_k=None)
+    r = cl.chain_likelihood(_chain(1, [log_p], E), x, steps=6, draws=2, top_k=2, later_k=None)
     assert r["enumerated"] == 4 and r["drawn_later"] == 4
 
 
 def test_the_draws_double_until_the_fall_is_within_the_tolerance():
     E, log_p = _source()
     model, x = _chain(3, [log_p] * 3, E), _windows(log_p, 8, 8)
-    fixed = ar.chain_likelihood(model, x, draws=2, top_k=2)
-    grown = ar.chain_likelihood(model, x, draws=2, top_k=2, tolerance=1e-9, max_draws=8)
+    fixed = cl.chain_likelihood(model, x, draws=2, top_k=2)
+    grown = cl.chain_likelihood(model, x, draws=2, top_k=2, tolerance=1e-9, max_draws=8)
     assert fixed["draws"] == 2 and grown["draws"] == 8 and grown["tolerance"] == 1e-9
-    loose = ar.chain_likelihood(model, x, draws=2, top_k=2, tolerance=10.0, max_draws=8)
+    loose = cl.chain_likelihood(model, x, draws=2, top_k=2, tolerance=10.0, max_draws=8)
     assert loose["draws"] == 2 and loose["bits"] == fixed["bits"]  # the first draws are the fixed run's
     with pytest.raises(ConfigError, match="max_draws >= draws"):
-        ar.chain_likelihood(model, x, draws=4, max_draws=2)
+        cl.chain_likelihood(model, x, draws=4, max_draws=2)
 
 
 def test_deterministic_bridges_need_no_enumeration_and_the_errors_add_up():
     E, log_p = _source()
     x = _windows(log_p, 16, 8)
-    r = ar.chain_likelihood(_chain(2, [log_p, log_p], E), x, bridge="softmax", draws=4)
+    r = cl.chain_likelihood(_chain(2, [log_p, log_p], E), x, bridge="softmax", draws=4)
     assert r["top_k"] is None and len(r["per_window"]) == 16 == r["num_windows"]
     assert r["bits"] == pytest.approx(sum(r["per_window"]) / 16, abs=1e-4)
     assert r["se"] == pytest.approx(torch.tensor(r["per_window"]).std().item() / 4, rel=1e-3)
     with pytest.raises(Exception, match="at least 2 draws"):
-        ar.chain_likelihood(_chain(2, [log_p, log_p], E), x, draws=1)
+        cl.chain_likelihood(_chain(2, [log_p, log_p], E), x, draws=1)
 
 
 def test_shared_windows_spread_over_the_split():
@@ -300,7 +301,7 @@ def test_the_tallys_bias_matches_the_log_of_a_mean_of_draws(spread, low, high):
     M, n, T = 4, 64, 256
     q = torch.rand(n, T, generator=g, dtype=torch.float64) * 0.9 + 0.05
     f = q * torch.exp(spread * torch.randn(M, n, T, generator=g, dtype=torch.float64) - spread ** 2 / 2)
-    tally = ar.LikelihoodTally()
+    tally = cl.LikelihoodTally()
     tally.add(f)
     r = tally.result()
     truth = float(-torch.log2(q).mean())
@@ -316,7 +317,7 @@ def test_a_draw_that_carries_all_of_q_keeps_the_bias_bounded():
     1 / (2 ln 2) bits, where a jackknife's leave-one-out mean of 0 would give -log2 0."""
     f = torch.zeros(4, 1, 3, dtype=torch.float64)
     f[0] = 0.8
-    tally = ar.LikelihoodTally()
+    tally = cl.LikelihoodTally()
     tally.add(f)
     r = tally.result()
     assert r["bits"] == pytest.approx(-math.log2(0.2))
@@ -330,11 +331,11 @@ def test_more_steps_than_blocks_on_the_block_grid_route_each_step_to_its_owner_a
     true conditional."""
     E, log_p = _source()
     model = _chain(3, [log_p] * 3, E)
-    sigmas = ar.chain_grid(model, 6, "blocks")[:-1]
+    sigmas = chain_grid(model, 6, "blocks")[:-1]
     inner = model.partition.boundaries[1:-1]
     assert not any(torch.isclose(sigmas, s).any() for s in inner) and float(sigmas.min()) > model.partition.axis.lo
     x = _windows(log_p, 32, 16)
-    r = ar.chain_likelihood(model, x, steps=6, grid="blocks", draws=32, top_k=2, seed=3)
+    r = cl.chain_likelihood(model, x, steps=6, grid="blocks", draws=32, top_k=2, seed=3)
     assert abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]
     for b, block in enumerate(model.blocks):
         seen = torch.cat(block.sigmas).float().unique()
@@ -345,7 +346,7 @@ def test_more_steps_than_blocks_on_the_block_grid_route_each_step_to_its_owner_a
 
 def test_the_block_grid_needs_a_multiple_of_the_blocks():
     with pytest.raises(ConfigError, match="not a multiple of 3"):
-        ar.chain_grid(_chain(3, [_source()[1]] * 3, _source()[0]), 4, "blocks")
+        chain_grid(_chain(3, [_source()[1]] * 3, _source()[0]), 4, "blocks")
     with pytest.raises(ConfigError, match="not a multiple of blocks.num_blocks=3"):
         apply_overrides(default_config("arlm"), ["sample.grid=blocks", "sample.steps=4"])
 
@@ -356,7 +357,7 @@ def _steered_paths(steer: float, rows: int) -> tuple[torch.Tensor, torch.Tensor,
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(2, V, generator=g).double() * 1.5 for _ in range(3)]
     x = torch.zeros(rows, 2, dtype=torch.long)
-    draws = ar.SteeredDraws([1, 2, 3], steer, g)
+    draws = cl.SteeredDraws([1, 2, 3], steer, g)
     tokens, w = [], torch.ones(rows, 2, dtype=torch.float64)
     for e, l in zip([1, 2, 3], logits):
         y, wk = draws.draw(e, l.expand(rows, 2, V), x)
@@ -365,7 +366,7 @@ def _steered_paths(steer: float, rows: int) -> tuple[torch.Tensor, torch.Tensor,
     return torch.stack(tokens), w, [l[0].softmax(-1) for l in logits]
 
 
-STEERED_DRAW = ar.SteeredDraws.draw
+STEERED_DRAW = cl.SteeredDraws.draw
 
 
 def _unweighted(self, e, logits, x):  # a wrong weight: none
@@ -385,7 +386,7 @@ def test_steered_draws_are_weighted_back_to_the_blocks_own_draws(mistake, monkey
     """E_mixture[w h(path)] = E_p[h(path)] for h(y1, y2, y3) = f1(y1) f2(y2) + f3(y3) with independent levels, the
     weights at most 1 / (1 - steer), and the scored token visible where unweighted; each wrong weight fails."""
     if mistake is not None:
-        monkeypatch.setattr(ar.SteeredDraws, "draw", {"unweighted": _unweighted,
+        monkeypatch.setattr(cl.SteeredDraws, "draw", {"unweighted": _unweighted,
                                                       "single levels only": _single_levels_only}[mistake])
     g = torch.Generator().manual_seed(1)
     f = torch.randn(3, V, generator=g).double()
@@ -407,9 +408,9 @@ def test_many_steps_with_later_draws_drawn_and_steered_keep_the_true_conditional
     E, log_p = _source()
     model = _chain(1, [log_p], E)
     x = _windows(log_p, 32, 16)
-    r = ar.chain_likelihood(model, x, steps=8, draws=32, top_k=2, later_k=None, seed=4)
+    r = cl.chain_likelihood(model, x, steps=8, draws=32, top_k=2, later_k=None, seed=4)
     assert r["drawn_later"] == 6 and r["draw_steer"] == 0.8 and "line_steer" not in r
     assert abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]
-    r = ar.chain_likelihood(model, x, steps=8, draws=32, top_k=2, later_k=None, seed=4, line_steer=0.5)
+    r = cl.chain_likelihood(model, x, steps=8, draws=32, top_k=2, later_k=None, seed=4, line_steer=0.5)
     assert r["line_steer"] == 0.5  # the recurrent denoiser's default: half the start noises along the line
     assert abs(r["bits"] - r["bias"] - _true_bits(log_p, x)) < 4 * r["se_estimator"]

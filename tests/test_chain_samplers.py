@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diffusionblocks.blocks import BlockwiseDenoiser, BridgedDenoiser
+from diffusionblocks.chain_likelihood import chain_likelihood
 from diffusionblocks.config import ConfigError
 from diffusionblocks.generate import generate
 from diffusionblocks.models.arlm import ARDenoiser
@@ -14,8 +15,8 @@ from diffusionblocks.models.recurrent import RecurrentDenoiser
 from diffusionblocks.noise import GRIDS, LogNormalSigma, sigma_grid
 from diffusionblocks.sampling import SAMPLERS
 from diffusionblocks.tasks import apply_overrides, default_config, get_task
-from diffusionblocks.tasks.autoregressive import chain_bits, chain_likelihood, generate_chain
 from diffusionblocks.tasks.classification import chain_logits
+from diffusionblocks.token_chain import chain_bits, generate_chain
 
 OTHERS = [name for name in SAMPLERS if name != "euler"]
 

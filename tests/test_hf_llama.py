@@ -16,7 +16,7 @@ from diffusionblocks.models.arlm import CAUSAL, KVCache, training_mask
 from diffusionblocks.models.hf_llama import our_names
 from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.tasks import apply_overrides, default_config, get_task
-from diffusionblocks.tasks.autoregressive import generate_chain, generate_plain
+from diffusionblocks.token_chain import generate_chain, generate_plain
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")

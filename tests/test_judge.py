@@ -12,12 +12,12 @@ import torch
 
 from diffusionblocks import judge as J
 from diffusionblocks import train as train_module
+from diffusionblocks.chain_likelihood import next_token_bits
 from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
 from diffusionblocks.models.arlm import CausalLM
 from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.tasks import apply_overrides, default_config
-from diffusionblocks.tasks.autoregressive import judge_section, mauve_section, next_token_bits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -368,24 +368,24 @@ def test_the_report_uses_one_independent_judge_and_flags_a_weak_one():
     judge = {"run": "/cache/judges/shakespeare-judge-0123", "held_out_bpc": 1.6, "steps": 3000,
              "held_out_windows": 871, "seq_len": 128, "bounds": bounds}
     results = {1: _result("/c/B1", 2.0, judge), 3: _result("/c/B3", 2.1, judge)}
-    found, lines = judge_section({}, results)
+    found, lines = J.judge_section({}, results)
     assert found is judge and "held-out BPC 1.6000" in "\n".join(lines) and "WARNING" not in "\n".join(lines)
-    table = "\n".join(mauve_section(results, judge))
+    table = "\n".join(J.mauve_section(results, judge))
     assert "ceiling: other held-out text (27% of its characters" in table and "| 0.950 |" in table
     assert "floor: unigram draws" in table and "| 0.004 |" in table and "500 vs 500" in table
     assert "B=3, plain" in table and "ceiling above floor" in table
     weak = {**judge, "held_out_bpc": 2.05}
-    _, lines = judge_section({}, {1: _result("/c/B1", 2.0, weak), 3: _result("/c/B3", 2.1, weak)})
+    _, lines = J.judge_section({}, {1: _result("/c/B1", 2.0, weak), 3: _result("/c/B3", 2.1, weak)})
     assert "WARNING: the judge's held-out BPC 2.0500 is NOT below every judged model's: B=1 (2.0000)" in "\n".join(lines)
     bad = {**bounds, "ceiling": {**bounds["ceiling"], "mauve": 0.001}}
-    assert "WARNING: MAUVE's ceiling is not above its floor" in "\n".join(mauve_section(results, {"bounds": bad}))
+    assert "WARNING: MAUVE's ceiling is not above its floor" in "\n".join(J.mauve_section(results, {"bounds": bad}))
     itself = {**judge, "run": "/c/B1"}
     with pytest.raises(ConfigError, match="is one of the compared runs"):
-        judge_section({}, {1: _result("/c/B1", 2.0, itself), 3: _result("/c/B3", 2.1, itself)})
+        J.judge_section({}, {1: _result("/c/B1", 2.0, itself), 3: _result("/c/B3", 2.1, itself)})
     with pytest.raises(ConfigError, match="different judges"):
-        judge_section({}, {1: _result("/c/B1", 2.0, judge), 3: _result("/c/B3", 2.1, weak | {"run": "/x"})})
+        J.judge_section({}, {1: _result("/c/B1", 2.0, judge), 3: _result("/c/B3", 2.1, weak | {"run": "/x"})})
     none = {B: {k: v for k, v in r.items() if k != "judge"} for B, r in results.items()}
-    assert judge_section({}, none)[0] is None and mauve_section(none, None) == []
+    assert J.judge_section({}, none)[0] is None and J.mauve_section(none, None) == []
 
 
 class Bigram(torch.nn.Module):

@@ -102,7 +102,7 @@ def test_the_denoiser_is_causal_and_its_cache_equals_the_training_forward():
 def test_inference_runs_the_core_k_times_and_the_prelude_once_per_token():
     from diffusionblocks.blocks import BlockwiseDenoiser
     from diffusionblocks.tasks import apply_overrides, default_config, get_task
-    from diffusionblocks.tasks.autoregressive import generate_chain
+    from diffusionblocks.token_chain import generate_chain
 
     Chain = BlockwiseDenoiser([_denoiser()], get_task("arlm").partition(apply_overrides(default_config("arlm"),
                                                                              ["blocks.num_blocks=1", "model.depth=1"])))

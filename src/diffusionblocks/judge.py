@@ -168,7 +168,7 @@ def _device(module: nn.Module) -> torch.device:
 @torch.no_grad()
 def held_out_bits(judge: Judge, windows: torch.Tensor, batch_size: int = 64) -> float:
     """Bits per token of each held-out window's tokens 1..L-1 given those before (what `next_token_bits` of
-    tasks/autoregressive.py gives for a plain run)."""
+    chain_likelihood.py gives for a plain run)."""
     total, count = 0.0, 0
     device = _device(judge)
     for i in range(0, len(windows), batch_size):
@@ -599,3 +599,33 @@ def bounds_lines(judge: dict[str, Any]) -> list[str]:
         if isinstance(b, dict):
             lines.append(f"  MAUVE {bound}: {b['mauve']:.3f} ({b['num_p']} vs {b['num_q']}, {b['clusters']} clusters)")
     return lines
+
+
+def judge_section(configs: dict[int, RunConfig], results: dict[int, dict[str, Any]]) -> tuple[dict | None, list[str]]:
+    """The independent judge the runs were evaluated with (the same for all, and none of them) and the report's lines
+    on it: its held-out BPC against every judged model's (flagged when not below all), MAUVE's ceiling and floor."""
+    judges = {r["judge"]["run"] for r in results.values() if "judge" in r}
+    if not judges:
+        return None, ["**No judge**: the runs were evaluated with `--judge none`; no generative perplexity or MAUVE.", ""]
+    if len(judges) > 1 or any("judge" not in r for r in results.values()):
+        raise ConfigError(f"the runs were evaluated with different judges ({', '.join(sorted(judges))}): evaluate "
+                          "them with one")
+    judge = next(r["judge"] for r in results.values())
+    compared = {Path(r["run"]).resolve() for r in results.values()}
+    if Path(judge["run"]).resolve() in compared:
+        raise ConfigError(f"the judge {judge['run']} is one of the compared runs: use an independent judge")
+    return judge, judge_paragraph(judge, [(f"B={B}", r["bpc"]) for B, r in results.items()])
+
+
+def mauve_section(results: dict[int, dict[str, Any]], judge: dict | None,
+                  generated: list[tuple[str, dict]] | None = None) -> list[str]:
+    """The report's MAUVE table (`judge.mauve_table`): each run and bridge against held-out continuations of the same
+    prompts, with the ceiling and floor rows. generated: (row label, text_quality result) of each generated set, when
+    not every run's and bridge's samples."""
+    bounds = (judge or {}).get("bounds")
+    if not bounds:
+        return []
+    if generated is None:
+        generated = [(f"B={B}, {'plain' if name == 'plain' else 'bridge ' + name}", s["mauve"])
+                     for B, r in results.items() for name, s in r["samples"].items() if "mauve" in s]
+    return mauve_table(bounds, generated)

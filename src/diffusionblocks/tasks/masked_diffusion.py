@@ -27,8 +27,8 @@ import torch
 from matplotlib.figure import Figure
 
 from ..config import ConfigError, RunConfig, check_choice
-from ..judge import (bounds_lines, distinct_n, features, generative_bits, longest_repeated_run, mauve_bounds,
-                     prepare_judging, text_quality)
+from ..judge import (bounds_lines, distinct_n, features, generative_bits, judge_section, longest_repeated_run,
+                     mauve_bounds, mauve_section, prepare_judging, text_quality)
 from ..models.arlm import swiglu_width
 from ..models.hf_llama import HFMaskedDiffusion
 from ..models.layers import take_layers
@@ -39,7 +39,6 @@ from ..pretrained import from_pretrained
 from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..seeding import derive_seed, make_generator
 from ..text import Vocabulary, held_out_windows, usable_logits
-from .autoregressive import judge_section, mauve_section
 from .base import Evaluation
 from .text import (BackboneConfig, TextModelConfig, TextRunConfig, TextSampleConfig, TextTask, check_pretrained_run,
                    llama_trunk_config, load_pretrained)

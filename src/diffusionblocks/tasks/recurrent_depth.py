@@ -25,17 +25,19 @@ from typing import Any
 
 import torch
 
+from ..chain_likelihood import LikelihoodTally, chain_likelihood
 from ..config import BlocksConfig, ConfigError, RunConfig, check_choice
-from ..judge import features, generative_bits, mauve_bounds, prepare_judging, text_quality
+from ..judge import (distinct_n, features, generative_bits, longest_repeated_run, mauve_bounds, prepare_judging,
+                     text_quality)
 from ..models.recurrent import HuginnLM, RecurrentDenoiser, lognormal_poisson
 from ..noise import Partition
 from ..options import SampleOptions, option
 from ..pretrained import from_pretrained
 from ..seeding import make_generator, sample_seeds
 from ..text import usable_logits
-from .autoregressive import (ARSampleConfig, ChainLikelihoodOptions, LikelihoodTally, TokenContext, chain_likelihood,
-                             check_windows, distinct_n, draw_token, evaluation_windows, generate_chain,
-                             longest_repeated_run, per_character, readout_settings)
+from ..token_chain import TokenContext, draw_token, generate_chain
+from .autoregressive import (ARSampleConfig, ChainLikelihoodOptions, check_windows, evaluation_windows, per_character,
+                             readout_settings)
 from .base import Evaluation
 from .text import LlamaModelConfig, TextRunConfig, TextTask
 
@@ -145,7 +147,7 @@ def likelihood_after(model, cfg: RunConfig, windows: torch.Tensor, iterations: i
                      seed: int = 0, num_tokens: int | None = None, **chain: Any) -> dict[str, Any]:
     """The held-out bits per token of the distribution the next token is drawn from after K = `iterations` core
     steps: Huginn's (huginn_likelihood, `huginn_draws` initial states) or the denoiser's chain of K sampler steps
-    (autoregressive.chain_likelihood with the run's sampler and bridge and the keywords `chain`)."""
+    (chain_likelihood.chain_likelihood with the run's sampler and bridge and the keywords `chain`)."""
     if is_huginn(model):
         return {**huginn_likelihood(model, windows, iterations, huginn_draws, seed, num_tokens=num_tokens),
                 "draws": huginn_draws}
