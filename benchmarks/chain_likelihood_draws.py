@@ -30,7 +30,7 @@ import torch
 from diffusionblocks.chain_likelihood import chain_likelihood
 from diffusionblocks.pretrained import from_pretrained
 from diffusionblocks.tasks import get_task, load_config
-from diffusionblocks.tasks.autoregressive import evaluation_windows, per_character
+from diffusionblocks.tasks.text import evaluation_windows, per_character
 
 
 def measure(model, windows: torch.Tensor, cfg, chars_per_token: float, num_tokens: int, draws: int, top_k: int,

@@ -44,21 +44,19 @@ from ..judge import (Judge, bounds_lines, distinct_n, features, generative_bits,
 from ..metrics import decision_shares, shares_text
 from ..models.arlm import ARDenoiser, CausalLM, swiglu_width
 from ..models.hf_llama import HFTrunk
-from ..noise import BLOCK_GRID, GRID_NAMES, Partition
-from ..options import EvaluateOptions, SampleOptions, option
+from ..noise import BLOCK_GRID, Partition
+from ..options import SampleOptions, option
 from ..pretrained import from_pretrained
 from ..report import equal_compute, markdown_table, memory_note, plot_loss_curves, training_cost
 from ..sampling import SAMPLERS
 from ..seeding import sample_seeds
-from ..text import held_out_windows, shared_windows
 from ..token_chain import chain_bits, generate_chain, generate_plain, is_plain
 from .base import Evaluation, layers_of_denoiser
-from .text import (BackboneConfig, LlamaModelConfig, TextRunConfig, TextSampleConfig, TextTask, check_pretrained_run,
-                   llama_trunk_config, load_pretrained)
+from .text import (BRIDGES, BackboneConfig, ChainLikelihoodOptions, ChainSampleConfig, LlamaModelConfig, TextRunConfig,
+                   TextTask, check_pretrained_run, check_windows, evaluation_windows, llama_trunk_config,
+                   load_pretrained, per_character, readout_settings)
 
 logger = logging.getLogger(__name__)
-
-BRIDGES = ("estimate", "softmax", "argmax", "sample")
 
 
 @dataclass(frozen=True)
@@ -76,39 +74,12 @@ class ARModelConfig(BackboneConfig, LlamaModelConfig):
 
 
 @dataclass(frozen=True)
-class ARSampleConfig(TextSampleConfig):
-    """TextSampleConfig's steps are the denoising steps per token (0 = B, each block once); an empty prompt means
-    the starts of held-out windows. The recurrent-depth task shares it (its steps: K, 0 = model.mean_recurrence)."""
-
-    sampler: str = "euler"       # Each token's chain: a name of sampling.SAMPLERS ("euler": the paper's).
-    grid: str = "quantile"       # Its noise levels: "quantile" (equal training mass, the paper's), "karras", or
-                                 # "blocks" (steps / B inside each block's range, none at sigma_min; issue 28).
-    bridge: str = "sample"       # What a step hands the next: "estimate" (D), "softmax" (softmax(logits) @ E),
-                                 # "argmax" (E[argmax logits]) or "sample" (E[a token drawn from the logits as the
-                                 # readout draws]).
-    top_p: float = 1.0           # The readout of the last step's logits: nucleus (with the temperature)...
-    greedy: bool = False         # ...or the argmax instead.
-    new_chars: int = 200         # Characters (BPE: tokens) each sample adds to its prompt.
-    prompt_chars: int = 32       # Length of the held-out prompts ("" prompt), in characters (BPE: tokens).
-
-    def validate(self) -> None:
-        super().validate()
-        check_choice("sample.bridge", self.bridge, BRIDGES)
-        check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
-        check_choice("sample.grid", self.grid, GRID_NAMES)
-        if self.new_chars < 1 or self.prompt_chars < 1:
-            raise ConfigError("sample.new_chars and sample.prompt_chars must be at least 1")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"sample.top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass(frozen=True)
 class AutoregressiveConfig(TextRunConfig):
     name: str = "shakespeare-arlm"
     task: str = "arlm"
     model: ARModelConfig = field(default_factory=ARModelConfig)
     blocks: BlocksConfig = field(default_factory=lambda: BlocksConfig(gamma=0.1))
-    sample: ARSampleConfig = field(default_factory=ARSampleConfig)
+    sample: ChainSampleConfig = field(default_factory=ChainSampleConfig)
 
     def validate(self) -> None:
         """The fields checked by section, then the rules across sections."""
@@ -123,17 +94,7 @@ class AutoregressiveConfig(TextRunConfig):
                               f"multiple of blocks.num_blocks={B}")
 
 
-# ---- generation and metrics of the run (the chain's math: token_chain.py and chain_likelihood.py)
-
-
-def readout_settings(cfg: RunConfig, temperature: float | None = None, top_p: float | None = None,
-                     greedy: bool = False) -> dict[str, Any]:
-    """The readout of the run's sample section, with the options given (None: the run's) in its place."""
-    s = cfg.sample
-    t = s.temperature if temperature is None else temperature
-    p = s.top_p if top_p is None else top_p
-    dataclasses.replace(s, temperature=t, top_p=p).validate()
-    return {"temperature": t, "top_p": p, "greedy": s.greedy or greedy}
+# ---- generation and judging of a run (the chain's math: token_chain.py and chain_likelihood.py)
 
 
 def generate_text(model, cfg: RunConfig, prompts: torch.Tensor, new: int, *, bridge: str | None = None,
@@ -180,48 +141,6 @@ class ARSampleOptions(SampleOptions):
     top_p: float | None = option(None, "default: the run's sample.top_p")
     greedy: bool = option(False, "argmax readout")
     cache: bool = option(True, "recompute the context at every step")
-
-
-@dataclass(frozen=True)
-class ChainLikelihoodOptions(EvaluateOptions):
-    """How `evaluate` estimates a chain's own next-token likelihood (chain_likelihood)."""
-
-    chain_draws: int = option(8, "start-noise draws per window of the chain likelihood (at least 2)")
-    top_k: int = option(4, "tokens of the chain's first draw enumerated for its likelihood (besides the scored one "
-                        "and one drawn from the rest)")
-    later_k: int = option(0, "the same for each later draw (the last draws first, up to --max-enumerated chains)")
-    max_enumerated: int = option(64, "enumerated chains per start noise at most")
-    steer: float = option(0.25, "share of the chain likelihood's start noises steered toward the scored token (a "
-                          "step's reach from another token) and weighted back (0: none)")
-    line_steer: float = option(0.0, "share of its start noises shifted along the scored token's line (magnitudes up "
-                               "to 3 standard deviations; chains of many steps) and weighted back (0: none)")
-    draw_steer: float = option(0.8, "share of the chains that take the scored token at, or from, one of the later "
-                               "draws the likelihood's tree leaves drawn (many steps), weighted back (0: none)")
-    tolerance: float = option(0.01, "the chain likelihood's draws are doubled while the fall of its estimate from "
-                              "half of them is above this many bits per character (0: never)")
-    max_draws: int = option(32, "the draws are doubled up to this many")
-    chain_batch: int = option(0, "chains per forward pass of the chain likelihood at its widest level (0: 256 on a "
-                              "CPU, 8192 on an accelerator, whose kernels want wide batches)")
-
-    def check_chain(self) -> None:
-        """These options follow their rules (checked before any work)."""
-        if (self.chain_draws < 2 or min(self.top_k, self.later_k, self.chain_batch) < 0 or self.max_enumerated < 1
-                or self.tolerance < 0 or min(self.steer, self.line_steer) < 0 or self.steer + self.line_steer >= 1
-                or not 0 <= self.draw_steer < 1):
-            raise ConfigError(f"--chain-draws must be at least 2, --top-k, --later-k and --chain-batch at least 0, "
-                              f"--max-enumerated at least 1, --tolerance at least 0, --steer and --line-steer at "
-                              f"least 0 with a sum below 1 and --draw-steer in [0, 1), got {self.chain_draws}, "
-                              f"{self.top_k}, {self.later_k}, {self.chain_batch}, {self.max_enumerated}, "
-                              f"{self.tolerance}, {self.steer}, {self.line_steer} and {self.draw_steer}")
-
-    def chain_kwargs(self, chars_per_token: float) -> dict[str, Any]:
-        """chain_likelihood's keywords for these options."""
-        return dict(draws=self.chain_draws, top_k=self.top_k, later_k=self.later_k,
-                    max_enumerated=self.max_enumerated, steer=self.steer, line_steer=self.line_steer,
-                    draw_steer=self.draw_steer,
-                    tolerance=self.tolerance * chars_per_token or None,
-                    max_draws=max(self.max_draws, self.chain_draws), seed=self.seed,
-                    batch_size=self.chain_batch or None)
 
 
 @dataclass(frozen=True)
@@ -470,18 +389,6 @@ class AutoregressiveTask(TextTask):
         write_arlm_report(out_dir, configs, results, artifacts)
 
 
-def evaluation_windows(test, seq_len: int, num: int) -> torch.Tensor:
-    """The windows the bits are measured on: `num` spread evenly over the held-out split (shared_windows), 0 = all."""
-    return shared_windows(test, seq_len, num) if num else held_out_windows(test, seq_len)
-
-
-def per_character(r: dict[str, Any], chars_per_token: float) -> dict[str, Any]:
-    """A LikelihoodTally result with its figures per character added (bpc, bpc_se, bpc_se_estimator, bpc_bias)."""
-    names = {"bits": "bpc", "se": "bpc_se", "se_estimator": "bpc_se_estimator", "bias": "bpc_bias",
-             "fall": "bpc_fall"}
-    return {**r, **{name: r[k] / chars_per_token for k, name in names.items()}}
-
-
 def chain_bpc_cell(cfg: RunConfig, r: dict[str, Any], readout: str) -> str:
     """The chain likelihood's cell of compare's row of `readout` (a bridge, or "plain"): on the run's own bridge."""
     c = r.get("chain_likelihood")
@@ -522,12 +429,6 @@ def paired_cell(per_window: list[float] | None, r1: dict[str, Any]) -> str:
         return "-"
     mean, se = paired_difference(per_window, base)
     return f"{mean:+.4f} +- {se:.4f}"
-
-
-def check_windows(windows: int) -> None:
-    """--windows follows its rule: N >= 0, where 0 means every held-out window."""
-    if windows < 0:
-        raise ConfigError(f"--windows must be >= 0 (0: all of them), got {windows}")
 
 
 def write_arlm_report(out_dir: Path, configs: dict[int, RunConfig], results: dict[int, dict[str, Any]],

@@ -36,10 +36,9 @@ from ..pretrained import from_pretrained
 from ..seeding import make_generator, sample_seeds
 from ..text import usable_logits
 from ..token_chain import TokenContext, draw_token, generate_chain
-from .autoregressive import (ARSampleConfig, ChainLikelihoodOptions, check_windows, evaluation_windows, per_character,
-                             readout_settings)
 from .base import Evaluation
-from .text import LlamaModelConfig, TextRunConfig, TextTask
+from .text import (ChainLikelihoodOptions, ChainSampleConfig, LlamaModelConfig, TextRunConfig, TextTask, check_windows,
+                   evaluation_windows, per_character, readout_settings)
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class RecurrentConfig(TextRunConfig):
     task: str = "recurrent"
     model: RecurrentModelConfig = field(default_factory=RecurrentModelConfig)
     blocks: BlocksConfig = field(default_factory=lambda: BlocksConfig(num_blocks=1))
-    sample: ARSampleConfig = field(default_factory=ARSampleConfig)  # sample.steps: K (0 = model.mean_recurrence)
+    sample: ChainSampleConfig = field(default_factory=ChainSampleConfig)  # sample.steps: K (0 = model.mean_recurrence)
 
     def validate(self) -> None:
         """The fields checked by section, then the rules across sections."""

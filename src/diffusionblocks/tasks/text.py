@@ -1,9 +1,11 @@
 """What the three language tasks share (masked diffusion, the autoregressive LM, recurrent depth): the fields
 of their models' configs, the run's vocabulary, training windows, held-out prompts, writing samples and loading the
-judge that scores them."""
+judge that scores them; and what the two chains of token denoisers share (the autoregressive LM, recurrent depth):
+the sample section, the chain likelihood's options, the evaluation windows."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -16,10 +18,13 @@ from ..config import ConfigError, RunConfig, check_choice
 from ..models import hf_llama
 from ..models.arlm import CausalLM
 from ..models.layers import label_embedding_table, take_layers
+from ..noise import GRID_NAMES
+from ..options import EvaluateOptions, option
 from ..pretrained import from_pretrained
 from ..rundir import save_text
+from ..sampling import SAMPLERS
 from ..seeding import make_generator
-from ..text import (VOCAB_FILE, TextConfig, WindowSampler, held_out_windows, load_text, load_vocabulary,
+from ..text import (VOCAB_FILE, TextConfig, WindowSampler, held_out_windows, load_text, load_vocabulary, shared_windows,
                     vocabulary_difference)
 from .base import Task
 
@@ -269,3 +274,105 @@ class TextTask(Task):
             return self.run_vocabulary(run_dir).encode(prompt, "the prompt")[None].expand(num, -1)
         return self.held_out_prompts(self.load_run_data(cfg, run_dir).test, num, length,
                                      ("--num", "sample.prompt_chars"))
+
+
+# ---- what the chains of token denoisers share (the autoregressive and recurrent-depth tasks)
+
+BRIDGES = ("estimate", "softmax", "argmax", "sample")
+
+
+@dataclass(frozen=True)
+class ChainSampleConfig(TextSampleConfig):
+    """TextSampleConfig's steps are the denoising steps per token (0 = B, each block once); an empty prompt means
+    the starts of held-out windows. The recurrent-depth task shares it (its steps: K, 0 = model.mean_recurrence)."""
+
+    sampler: str = "euler"       # Each token's chain: a name of sampling.SAMPLERS ("euler": the paper's).
+    grid: str = "quantile"       # Its noise levels: "quantile" (equal training mass, the paper's), "karras", or
+                                 # "blocks" (steps / B inside each block's range, none at sigma_min; issue 28).
+    bridge: str = "sample"       # What a step hands the next: "estimate" (D), "softmax" (softmax(logits) @ E),
+                                 # "argmax" (E[argmax logits]) or "sample" (E[a token drawn from the logits as the
+                                 # readout draws]).
+    top_p: float = 1.0           # The readout of the last step's logits: nucleus (with the temperature)...
+    greedy: bool = False         # ...or the argmax instead.
+    new_chars: int = 200         # Characters (BPE: tokens) each sample adds to its prompt.
+    prompt_chars: int = 32       # Length of the held-out prompts ("" prompt), in characters (BPE: tokens).
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("sample.bridge", self.bridge, BRIDGES)
+        check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
+        check_choice("sample.grid", self.grid, GRID_NAMES)
+        if self.new_chars < 1 or self.prompt_chars < 1:
+            raise ConfigError("sample.new_chars and sample.prompt_chars must be at least 1")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sample.top_p must be in (0, 1], got {self.top_p}")
+
+
+def readout_settings(cfg: RunConfig, temperature: float | None = None, top_p: float | None = None,
+                     greedy: bool = False) -> dict[str, Any]:
+    """The readout of the run's sample section, with the options given (None: the run's) in its place."""
+    s = cfg.sample
+    t = s.temperature if temperature is None else temperature
+    p = s.top_p if top_p is None else top_p
+    dataclasses.replace(s, temperature=t, top_p=p).validate()
+    return {"temperature": t, "top_p": p, "greedy": s.greedy or greedy}
+
+
+@dataclass(frozen=True)
+class ChainLikelihoodOptions(EvaluateOptions):
+    """How `evaluate` estimates a chain's own next-token likelihood (chain_likelihood)."""
+
+    chain_draws: int = option(8, "start-noise draws per window of the chain likelihood (at least 2)")
+    top_k: int = option(4, "tokens of the chain's first draw enumerated for its likelihood (besides the scored one "
+                        "and one drawn from the rest)")
+    later_k: int = option(0, "the same for each later draw (the last draws first, up to --max-enumerated chains)")
+    max_enumerated: int = option(64, "enumerated chains per start noise at most")
+    steer: float = option(0.25, "share of the chain likelihood's start noises steered toward the scored token (a "
+                          "step's reach from another token) and weighted back (0: none)")
+    line_steer: float = option(0.0, "share of its start noises shifted along the scored token's line (magnitudes up "
+                               "to 3 standard deviations; chains of many steps) and weighted back (0: none)")
+    draw_steer: float = option(0.8, "share of the chains that take the scored token at, or from, one of the later "
+                               "draws the likelihood's tree leaves drawn (many steps), weighted back (0: none)")
+    tolerance: float = option(0.01, "the chain likelihood's draws are doubled while the fall of its estimate from "
+                              "half of them is above this many bits per character (0: never)")
+    max_draws: int = option(32, "the draws are doubled up to this many")
+    chain_batch: int = option(0, "chains per forward pass of the chain likelihood at its widest level (0: 256 on a "
+                              "CPU, 8192 on an accelerator, whose kernels want wide batches)")
+
+    def check_chain(self) -> None:
+        """These options follow their rules (checked before any work)."""
+        if (self.chain_draws < 2 or min(self.top_k, self.later_k, self.chain_batch) < 0 or self.max_enumerated < 1
+                or self.tolerance < 0 or min(self.steer, self.line_steer) < 0 or self.steer + self.line_steer >= 1
+                or not 0 <= self.draw_steer < 1):
+            raise ConfigError(f"--chain-draws must be at least 2, --top-k, --later-k and --chain-batch at least 0, "
+                              f"--max-enumerated at least 1, --tolerance at least 0, --steer and --line-steer at "
+                              f"least 0 with a sum below 1 and --draw-steer in [0, 1), got {self.chain_draws}, "
+                              f"{self.top_k}, {self.later_k}, {self.chain_batch}, {self.max_enumerated}, "
+                              f"{self.tolerance}, {self.steer}, {self.line_steer} and {self.draw_steer}")
+
+    def chain_kwargs(self, chars_per_token: float) -> dict[str, Any]:
+        """chain_likelihood's keywords for these options."""
+        return dict(draws=self.chain_draws, top_k=self.top_k, later_k=self.later_k,
+                    max_enumerated=self.max_enumerated, steer=self.steer, line_steer=self.line_steer,
+                    draw_steer=self.draw_steer,
+                    tolerance=self.tolerance * chars_per_token or None,
+                    max_draws=max(self.max_draws, self.chain_draws), seed=self.seed,
+                    batch_size=self.chain_batch or None)
+
+
+def evaluation_windows(test, seq_len: int, num: int) -> torch.Tensor:
+    """The windows the bits are measured on: `num` spread evenly over the held-out split (shared_windows), 0 = all."""
+    return shared_windows(test, seq_len, num) if num else held_out_windows(test, seq_len)
+
+
+def per_character(r: dict[str, Any], chars_per_token: float) -> dict[str, Any]:
+    """A LikelihoodTally result with its figures per character added (bpc, bpc_se, bpc_se_estimator, bpc_bias)."""
+    names = {"bits": "bpc", "se": "bpc_se", "se_estimator": "bpc_se_estimator", "bias": "bpc_bias",
+             "fall": "bpc_fall"}
+    return {**r, **{name: r[k] / chars_per_token for k, name in names.items()}}
+
+
+def check_windows(windows: int) -> None:
+    """--windows follows its rule: N >= 0, where 0 means every held-out window."""
+    if windows < 0:
+        raise ConfigError(f"--windows must be >= 0 (0: all of them), got {windows}")
