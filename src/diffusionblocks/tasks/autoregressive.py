@@ -11,7 +11,9 @@ last step's logits read out greedily or by temperature / top-p sampling. Measure
 (benchmarks/results/arlm-shakespeare), the later blocks copy what they are handed, so only the sampling bridge
 keeps block 0's distribution: it is the default. A KV cache of each block's clean stream makes a token cost
 one pass of one token through each block. The end-to-end baseline (`model.mode="plain"`, B=1, `compare`'s
-B=1) is the same transformer trained on next-token cross-entropy.
+B=1) is the same transformer trained on next-token cross-entropy. The chain's math (generation, its diagnostics,
+its likelihood) is in token_chain.py and chain_likelihood.py, which the recurrent-depth task shares; this module
+holds the task: its config, options, evaluation and report.
 
 Evaluation, on windows spread evenly over the held-out split: next-token bits per character (the baseline's
 predictive distribution; for the chain, block 0 alone at sigma_max, and the chain's own next-token likelihood,
