@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 import textwrap
@@ -8,9 +9,10 @@ import torch
 from diffusionblocks import checkpoint, pretrained, rundir
 from diffusionblocks.config import ConfigError
 from diffusionblocks.data import BatchSampler, load_image_data
+from diffusionblocks.runs import train_config
 from diffusionblocks.seeding import make_generator
 from diffusionblocks.tasks import apply_overrides, get_task
-from diffusionblocks.train import init_block_state, train
+from diffusionblocks.train import init_block_state, learning_rate, train
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +203,46 @@ def test_the_library_flushes_denormal_floats_as_the_cli_does(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     seen = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("flushed:")]
     assert seen == ["False", "True", "True"]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_the_learning_rate_warms_up_then_follows_its_schedule_to_the_last_step(tiny_cfg, schedule):
+    cfg = apply_overrides(tiny_cfg, ["train.steps_per_block=21", "train.lr_warmup_steps=5", "train.lr=2e-3",
+                                     f"train.lr_schedule={schedule}", "train.lr_final=0.25"])
+    t = cfg.train
+    lrs = [learning_rate(t, s) for s in range(t.steps_per_block)]
+    assert lrs[:5] == pytest.approx([2e-3 * (s + 1) / 5 for s in range(5)])  # the warm-up, whatever the schedule
+    if schedule == "constant":
+        assert lrs[5:] == [2e-3] * 16
+        return
+    # Decay: lr at the warm-up's end, lr_final * lr at the last step (step 20), halfway at the middle (step 12.5).
+    assert lrs[4] == lrs[5] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(0.25 * 2e-3)
+    assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))
+    middle = 0.5 * (learning_rate(t, 12) + learning_rate(t, 13)) if schedule == "linear" else None
+    if middle is not None:
+        assert middle == pytest.approx(2e-3 * (0.25 + 0.75 / 2))
+    else:  # cosine: symmetric about the middle of the decay, (lr - x) at one end mirrors (x - lr_final lr)
+        assert learning_rate(t, 7) - 0.5e-3 == pytest.approx(2e-3 - learning_rate(t, 18))
+
+
+def test_a_decaying_schedule_trains_as_logged_and_fixes_the_budget_of_its_run(tiny_cfg, digits, tmp_path):
+    cfg = apply_overrides(tiny_cfg, ["train.lr_schedule=cosine", "train.log_every=1", "blocks.num_blocks=1",
+                                     "model.depth=1"])
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.save_config(run, cfg)
+    train(get_task(cfg.task), cfg, digits, run, progress=False)
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert [r["lr"] for r in rows] == pytest.approx([learning_rate(cfg.train, r["step"] - 1) for r in rows])
+    assert rows[-1]["lr"] == pytest.approx(cfg.train.lr_final * cfg.train.lr)
+    with pytest.raises(ConfigError, match="its 6 steps are fixed"):
+        train_config(resume=run, overrides=["train.steps_per_block=12"])
+    assert train_config(resume=run, overrides=["train.log_every=2"]).train.steps_per_block == 6
+    constant = tmp_path / "constant"
+    constant.mkdir()
+    rundir.save_config(constant, tiny_cfg)
+    assert train_config(resume=constant, overrides=["train.steps_per_block=12"]).train.steps_per_block == 12
+    for bad, message in (("train.lr_schedule=step", "train.lr_schedule"), ("train.lr_final=1.5", "in \\[0, 1\\]"),
+                         ("train.lr_warmup_steps=6", "leaves none")):
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(cfg, [bad])

@@ -113,6 +113,9 @@ class BlocksConfig:
                                                           # knots ascending; written with the boundaries.
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     schedule: str = "sequential"     # "sequential" (block 0 to the end, then block 1...), "interleaved" (a random
@@ -121,6 +124,9 @@ class TrainConfig:
     batch_size: int = 128            # Examples per step.
     lr: float = 1e-3                 # AdamW learning rate.
     lr_warmup_steps: int = 100       # Linear warm-up of each block's learning rate.
+    lr_schedule: str = "constant"    # After the warm-up: "constant", or a decay over each block's remaining steps to
+                                     # lr_final * lr at its last step, "cosine" (as nanoGPT, Chinchilla) or "linear".
+    lr_final: float = 0.1            # The decays' last learning rate, a fraction of lr (unused when constant).
     weight_decay: float = 0.0        # AdamW weight decay (matrices only).
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0           # Max global grad norm per block; 0 = off.
@@ -145,6 +151,9 @@ class TrainConfig:
         check_choice("train.schedule", self.schedule, ("sequential", "interleaved", "parallel"))
         check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.data_on_device", self.data_on_device, ("auto", "on", "off"))
+        check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if not 0 <= self.lr_final <= 1:
+            raise ConfigError(f"train.lr_final is a fraction of train.lr in [0, 1], got {self.lr_final}")
         for name in ("steps_per_block", "batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
@@ -155,6 +164,9 @@ class TrainConfig:
         for name in ("lr_warmup_steps", "weight_decay", "grad_clip", "ema_halflife_steps", "distill_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_schedule != "constant" and self.lr_warmup_steps >= self.steps_per_block:
+            raise ConfigError(f"train.lr_schedule={self.lr_schedule!r} decays after the warm-up: train.lr_warmup_steps="
+                              f"{self.lr_warmup_steps} leaves none of train.steps_per_block={self.steps_per_block}")
         if self.distill_weight > 0 and not self.teacher:
             raise ConfigError(f"train.distill_weight={self.distill_weight} needs train.teacher, the end-to-end run "
                               "to distill from")

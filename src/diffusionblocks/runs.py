@@ -124,7 +124,13 @@ def train_config(config: RunConfig | str | Path | None = None, overrides: Sequen
         if bad:
             raise ConfigError(f"override {bad[0]!r} would change what the run {base} is; only "
                               f"{', '.join(changeable(operation, cfg))} may change with --{operation}")
-        return apply_overrides(cfg, overrides)
+        new = apply_overrides(cfg, overrides)
+        if resume and cfg.train.lr_schedule != "constant" and new.train.steps_per_block != cfg.train.steps_per_block:
+            raise ConfigError(f"train.steps_per_block={new.train.steps_per_block}: the run {base} decays its learning "
+                              f"rate to its last step (train.lr_schedule={cfg.train.lr_schedule!r}), so its "
+                              f"{cfg.train.steps_per_block} steps are fixed; train another run for a longer budget "
+                              f"(train --from {base} starts one from its weights)")
+        return new
     if isinstance(config, RunConfig):
         return apply_overrides(config, overrides)
     return apply_overrides(load_config(config) if config is not None else default_config(), overrides)
