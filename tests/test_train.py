@@ -225,6 +225,15 @@ def test_the_learning_rate_warms_up_then_follows_its_schedule_to_the_last_step(t
         assert learning_rate(t, 7) - 0.5e-3 == pytest.approx(2e-3 - learning_rate(t, 18))
 
 
+def test_a_cool_down_keeps_the_rate_until_its_last_steps(tiny_cfg):
+    """lr_decay_steps: warm-up, stable, then the decay over the last steps only (a cool-down)."""
+    cfg = apply_overrides(tiny_cfg, ["train.steps_per_block=30", "train.lr_warmup_steps=0", "train.lr=1e-3",
+                                     "train.lr_schedule=linear", "train.lr_final=0", "train.lr_decay_steps=11"])
+    lrs = [learning_rate(cfg.train, s) for s in range(30)]
+    assert lrs[:20] == [1e-3] * 20  # steps 0..19 stable, the decay from step 19 (its first value lr) to 29
+    assert lrs[19:] == pytest.approx([1e-3 * (1 - k / 10) for k in range(11)])
+
+
 def test_a_decaying_schedule_trains_as_logged_and_fixes_the_budget_of_its_run(tiny_cfg, digits, tmp_path):
     cfg = apply_overrides(tiny_cfg, ["train.lr_schedule=cosine", "train.log_every=1", "blocks.num_blocks=1",
                                      "model.depth=1"])

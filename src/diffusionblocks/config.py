@@ -127,6 +127,8 @@ class TrainConfig:
     lr_schedule: str = "constant"    # After the warm-up: "constant", or a decay over each block's remaining steps to
                                      # lr_final * lr at its last step, "cosine" (as nanoGPT, Chinchilla) or "linear".
     lr_final: float = 0.1            # The decays' last learning rate, a fraction of lr (unused when constant).
+    lr_decay_steps: int = 0          # The decays' length, ending at the last step; constant before (warm-up, stable,
+                                     # decay: a cool-down); 0 = every step after the warm-up.
     weight_decay: float = 0.0        # AdamW weight decay (matrices only).
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0           # Max global grad norm per block; 0 = off.
@@ -161,7 +163,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if not all(0 <= beta < 1 for beta in self.betas):
             raise ConfigError(f"train.betas must both be in [0, 1), got {list(self.betas)}")
-        for name in ("lr_warmup_steps", "weight_decay", "grad_clip", "ema_halflife_steps", "distill_weight"):
+        for name in ("lr_warmup_steps", "lr_decay_steps", "weight_decay", "grad_clip", "ema_halflife_steps",
+                     "distill_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr_schedule != "constant" and self.lr_warmup_steps >= self.steps_per_block:
