@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         fields = {f"{k}.{f}" for k, v in cfg.to_dict().items() if isinstance(v, dict) for f in v}
         tiny = [o for o in TINY if o.split("=")[0] in fields] if args.tiny else []  # the task's own fields
         cfg = apply_overrides(cfg, [*tiny, *args.overrides])
+        if cfg.train.lr_schedule != "constant":
+            raise ConfigError("the curve's runs train in legs, each resumed with more steps: a decaying "
+                              "train.lr_schedule fixes a run's steps; keep it constant")
         task = get_task(cfg.task)
         names = {f.name for f in dataclasses.fields(task.evaluate_options)}
         tiny_eval = [v for v in TINY_EVAL if v.split("=")[0] in names] if args.tiny else []

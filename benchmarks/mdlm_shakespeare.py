@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
               **{f.name: getattr(args, f.name) for f in dataclasses.fields(Plan) if getattr(args, f.name) is not None}}
     plan = Plan(**values)
     cfg = apply_overrides(load_config(str(PRESET)), [*(TINY if args.tiny else []), *args.overrides])
+    if cfg.train.lr_schedule != "constant":
+        p.error("B=1 trains in legs, each resumed with more steps, and B=3 is resumed to B=1's: a decaying "
+                "train.lr_schedule fixes a run's steps; keep it constant")
     if not Path(cfg.data.path).is_absolute():  # the preset's path is relative to the repository root
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str((ROOT / cfg.data.path).resolve())))
     out = Path(args.out)

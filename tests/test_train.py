@@ -9,6 +9,7 @@ import torch
 from diffusionblocks import checkpoint, pretrained, rundir
 from diffusionblocks.config import ConfigError
 from diffusionblocks.data import BatchSampler, load_image_data
+from diffusionblocks.pilot import pilot_config
 from diffusionblocks.runs import train_config
 from diffusionblocks.seeding import make_generator
 from diffusionblocks.tasks import apply_overrides, get_task
@@ -215,14 +216,15 @@ def test_the_learning_rate_warms_up_then_follows_its_schedule_to_the_last_step(t
     if schedule == "constant":
         assert lrs[5:] == [2e-3] * 16
         return
-    # Decay: lr at the warm-up's end, lr_final * lr at the last step (step 20), halfway at the middle (step 12.5).
-    assert lrs[4] == lrs[5] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(0.25 * 2e-3)
-    assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))
-    middle = 0.5 * (learning_rate(t, 12) + learning_rate(t, 13)) if schedule == "linear" else None
-    if middle is not None:
-        assert middle == pytest.approx(2e-3 * (0.25 + 0.75 / 2))
-    else:  # cosine: symmetric about the middle of the decay, (lr - x) at one end mirrors (x - lr_final lr)
-        assert learning_rate(t, 7) - 0.5e-3 == pytest.approx(2e-3 - learning_rate(t, 18))
+    # Decay over steps 5..20 (16 steps, progress k / 16 at step 4 + k): below lr from step 5 on, lr_final * lr at the
+    # last step (20), halfway at step 12.
+    assert lrs[4] == pytest.approx(2e-3) and lrs[5] < lrs[4] and lrs[-1] == pytest.approx(0.25 * 2e-3)
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    if schedule == "linear":
+        assert lrs[12] == pytest.approx(2e-3 * (0.25 + 0.75 / 2))
+        assert lrs[5] == pytest.approx(2e-3 * (0.25 + 0.75 * 15 / 16))
+    else:  # cosine: symmetric about the decay's middle, (x - lr_final lr) at one end mirrors (lr - x) at the other
+        assert lrs[7] - 0.5e-3 == pytest.approx(2e-3 - lrs[17])
 
 
 def test_a_cool_down_keeps_the_rate_until_its_last_steps(tiny_cfg):
@@ -230,8 +232,12 @@ def test_a_cool_down_keeps_the_rate_until_its_last_steps(tiny_cfg):
     cfg = apply_overrides(tiny_cfg, ["train.steps_per_block=30", "train.lr_warmup_steps=0", "train.lr=1e-3",
                                      "train.lr_schedule=linear", "train.lr_final=0", "train.lr_decay_steps=11"])
     lrs = [learning_rate(cfg.train, s) for s in range(30)]
-    assert lrs[:20] == [1e-3] * 20  # steps 0..19 stable, the decay from step 19 (its first value lr) to 29
-    assert lrs[19:] == pytest.approx([1e-3 * (1 - k / 10) for k in range(11)])
+    assert lrs[:19] == [1e-3] * 19  # steps 0..18 stable, the 11 steps 19..29 decay, to 0 at the last
+    assert lrs[19:] == pytest.approx([1e-3 * (1 - k / 11) for k in range(1, 12)])
+    one = apply_overrides(cfg, ["train.lr_decay_steps=1"]).train  # a decay of one step: the last one
+    assert [learning_rate(one, s) for s in (27, 28, 29)] == [1e-3, 1e-3, 0.0]
+    tight = apply_overrides(cfg, ["train.lr_warmup_steps=29", "train.lr_decay_steps=0"]).train  # one step after it
+    assert learning_rate(tight, 28) == pytest.approx(1e-3) and learning_rate(tight, 29) == 0.0
 
 
 def test_a_decaying_schedule_trains_as_logged_and_fixes_the_budget_of_its_run(tiny_cfg, digits, tmp_path):
@@ -255,3 +261,14 @@ def test_a_decaying_schedule_trains_as_logged_and_fixes_the_budget_of_its_run(ti
                          ("train.lr_warmup_steps=6", "leaves none")):
         with pytest.raises(ConfigError, match=message):
             apply_overrides(cfg, [bad])
+
+
+def test_the_pilot_of_a_decaying_run_warms_up_within_its_own_steps(tiny_cfg):
+    """A balanced partition's pilot trains a quarter of the steps: a decay keeps at most a quarter of them for its
+    warm-up (its config would not validate otherwise); a constant rate keeps the run's warm-up, as before."""
+    cfg = apply_overrides(tiny_cfg, ["blocks.partition=balanced", "train.lr_schedule=cosine",
+                                     "train.steps_per_block=400", "train.lr_warmup_steps=100"])
+    pilot = pilot_config(cfg)
+    assert pilot.train.steps_per_block == 100 and pilot.train.lr_warmup_steps == 25
+    assert apply_overrides(pilot, []).train == pilot.train  # it validates
+    assert pilot_config(apply_overrides(cfg, ["train.lr_schedule=constant"])).train.lr_warmup_steps == 100

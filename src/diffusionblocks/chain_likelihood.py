@@ -194,9 +194,10 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
     The estimate of q is unbiased; its -log2 is biased up: in expectation an upper bound on the chain's bits, the
     bias estimated (LikelihoodTally: the delta method, and the fall from half the draws). tolerance: the draws are
     doubled (the new ones independent of the old) while that fall is above this many bits per token, up to
-    max_draws. batch_size: chains per forward pass (at the widest level; None: 256 on a CPU, 8192 elsewhere; a
-    batch's draws come from one generator, so another batch size gives other draws); num_tokens: the vocabulary's
-    size, when the model has more ids (never drawn)."""
+    max_draws. batch_size: chains per forward pass (at the widest level; None: 256 on a CPU, elsewhere as many as
+    make 2^27 activations of a layer's input, at least 256; a batch's draws come from one generator, so another batch
+    size gives other draws, and the result records it); num_tokens: the vocabulary's size, when the model has more
+    ids (never drawn)."""
     if (draws < 2 or top_k < 0 or (later_k or 0) < 0 or max_draws < draws or min(steer, line_steer) < 0
             or steer + line_steer >= 1 or not 0 <= draw_steer < 1):
         raise ConfigError(f"the chain likelihood needs at least 2 draws (their spread gives its error and bias), "
@@ -204,7 +205,8 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
                           f"< 1 and 0 <= draw_steer < 1, got {draws}, {top_k}, {later_k}, {max_draws}, {steer}, "
                           f"{line_steer} and {draw_steer}")
     sigmas = chain_grid(model, steps, grid).to(windows.device, torch.float32)
-    batch_size = batch_size or (256 if windows.device.type == "cpu" else 8192)
+    width = windows.shape[1] * model.blocks[0].E.shape[1]  # a chain's noisy stream: L positions x D
+    batch_size = batch_size or (256 if windows.device.type == "cpu" else max(256, 2 ** 27 // width))
     read = evaluation_count(sampler, sigmas) - 1 if bridge == "sample" else 0  # the draws a later step reads
     ranks = [top_k + 2] + [1] * (read - 1) if read else []  # 1: drawn
     for e in range(read - 1, 0, -1):  # the later draws, nearest the readout first
@@ -219,6 +221,7 @@ def chain_likelihood(model, windows: torch.Tensor, *, steps: int | None = None, 
         f = torch.cat([f, _chain_draws(model, windows, len(f), len(f), **chains)])
         result = _tally(f).result()
     return {**result, "steps": len(sigmas) - 1, "bridge": bridge, "sampler": sampler, "draws": len(f),
+            "batch_size": batch_size,
             "top_k": top_k if ranks else None, "later_k": later_k if read > 1 else None,
             "enumerated": math.prod(ranks), "drawn_later": ranks.count(1), "steer": steer, "tolerance": tolerance,
             **({"line_steer": line_steer} if line_steer else {}),

@@ -63,11 +63,14 @@ def check_pilot(task, cfg: RunConfig) -> None:
 
 def pilot_config(cfg: RunConfig) -> RunConfig:
     """The pilot: the same model and data as one end-to-end block over the whole axis (equal-density partition),
-    for blocks.pilot_steps steps (default a quarter of train.steps_per_block)."""
+    for blocks.pilot_steps steps (default a quarter of train.steps_per_block); a decaying learning rate decays over
+    the pilot's steps, its warm-up at most a quarter of them."""
     steps = cfg.blocks.pilot_steps or max(cfg.train.steps_per_block // 4, 1)
     blocks = dataclasses.replace(cfg.blocks, num_blocks=1, partition="equiprobable", boundaries=None,
                                  layers_per_block=None, density="train", curve=None)
     train = dataclasses.replace(cfg.train, steps_per_block=steps, blocks_to_train=None, schedule="sequential")
+    if train.lr_schedule != "constant":
+        train = dataclasses.replace(train, lr_warmup_steps=min(train.lr_warmup_steps, steps // 4))
     return dataclasses.replace(cfg, name=f"{cfg.name}-pilot", blocks=blocks, train=train)
 
 

@@ -117,13 +117,13 @@ class DenoiserLoss(nn.Module):
 
 def learning_rate(t: TrainConfig, s: int) -> float:
     """A block's learning rate at its step s (0-based): a linear warm-up over lr_warmup_steps, then constant, or a
-    cosine or linear decay from lr to lr_final * lr at the block's last step, steps_per_block - 1, over its last
-    lr_decay_steps (0: all after the warm-up)."""
+    cosine or linear decay over its last lr_decay_steps (0: every step after the warm-up), from lr before them to
+    lr_final * lr at the block's last step, steps_per_block - 1."""
     lr = t.lr * min(1.0, (s + 1) / t.lr_warmup_steps) if t.lr_warmup_steps > 0 else t.lr
     start = max(t.steps_per_block - t.lr_decay_steps, t.lr_warmup_steps) if t.lr_decay_steps else t.lr_warmup_steps
     if t.lr_schedule == "constant" or s < start:
         return lr
-    u = min(1.0, (s - start) / max(t.steps_per_block - 1 - start, 1))  # the decay's progress, 0 to 1
+    u = min(1.0, (s - start + 1) / (t.steps_per_block - start))  # the decay's progress: 1 at the last step
     left = 0.5 * (1 + math.cos(math.pi * u)) if t.lr_schedule == "cosine" else 1 - u
     return t.lr * (t.lr_final + (1 - t.lr_final) * left)
 

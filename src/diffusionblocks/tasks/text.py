@@ -337,7 +337,8 @@ class ChainLikelihoodOptions(EvaluateOptions):
                               "half of them is above this many bits per character (0: never)")
     max_draws: int = option(32, "the draws are doubled up to this many")
     chain_batch: int = option(0, "chains per forward pass of the chain likelihood at its widest level (0: 256 on a "
-                              "CPU, 8192 on an accelerator, whose kernels want wide batches)")
+                              "CPU; on an accelerator, whose kernels want wide batches, as many as make 2^27 "
+                              "activations of a layer's input, 16384 chains of 64 x 128)")
 
     def check_chain(self) -> None:
         """These options follow their rules (checked before any work)."""
