@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusionblocks import precision
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, WIDTH, DEPTH, HEADS, SEQ, BATCH = 65, 128, 6, 4, 64, 32
 
@@ -297,6 +299,7 @@ def main() -> None:
     ap.add_argument("--generate", action="store_true", help="also time cached generation, before and after")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
+    precision.flush_denormals()  # as training does, before torch's worker threads start
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     try:
