@@ -28,9 +28,10 @@ that run B=1 still gained 2.3% over the last quarter at 10,500 steps. The regene
 benchmarks/results/mdlm-shakespeare (the command above) found its curve a straight line in log(steps) from 8,000
 to 30,000 steps, -0.139 bits per doubling, on which the last quarter always gains 0.058 bits (2.2%): the 1% rule is
 out of reach at the preset's constant learning rate, and --max-steps decides (24,000: 5.2 h of B=1 on a shared
-core, 4.6 h for B=3's three blocks, then the evaluations, about 40 minutes). On a GPU, minutes. The judge (not
-measured here; estimated): its 3,000 steps once, then cached (longer than a B=1 step each: 6 layers of width 192);
-MAUVE's 500 windows x 128 unmasking steps are about 1.5 times the final BPC evaluation's forward passes per run.
+core at 1.3 steps/s, 4.6 h for B=3's three blocks at 3.6-5.7, then the evaluations, about 40 minutes). On a GPU,
+minutes. The judge (not measured here; estimated): its 3,000 steps once, then cached (longer than a B=1 step each:
+6 layers of width 192); MAUVE's 500 windows x 128 unmasking steps are about 1.5 times the final BPC evaluation's
+forward passes per run.
 
 Everything is resumable: rerun the same command after a kill and it continues (training from the last
 checkpoint, the curve from its last point). Nothing is measured at the preset's size without --full.
