@@ -26,6 +26,10 @@ model.mlp_multiple). The same weights give the same logits in both codes: after 
 weights are no longer zero), an unrounded after-model takes the timed one's weights where their shapes agree and
 is loaded, strictly, into the before-model; the max |delta logit| is printed.
 
+Allocator (`--keep-freed-memory`): glibc's malloc keeps freed memory for reuse in this process, every variant alike
+(`precision.keep_freed_memory`, what `train --keep-freed-memory` sets): the step then no longer pays for pages
+returned to the kernel and faulted back, which otherwise costs the plain model a few percent and the GPT nothing.
+
 Generation (`--generate`): tokens/s of cached generation under no_grad, 8 prompts of 32 tokens continued by 32:
 the plain model (`extend` of the last token, then its logits) and the B=3 chain (each new token: one `denoise_next`
 per block at sigma 80, 1, 0.05 with the estimate bridge, then every block's `extend`).
@@ -297,9 +301,13 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="variants to time (default: all)")
     ap.add_argument("--ablate", action="store_true", help="also the plain model without each of its parts (see above)")
     ap.add_argument("--generate", action="store_true", help="also time cached generation, before and after")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc's allocator keeps freed memory (as `train --keep-freed-memory`), for every variant")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     precision.flush_denormals()  # as training does, before torch's worker threads start
+    if args.keep_freed_memory and not precision.keep_freed_memory():
+        ap.error("--keep-freed-memory: the C library is not glibc")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     try:
@@ -344,8 +352,8 @@ def main() -> None:
     load = _load_average()
     out: dict = {"machine": {"cpu": _cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
                              "threads": args.threads, "device": _device_name(device), "load_average_after": load},
-                 "base_commit": base, "mlp_multiple": args.mlp_multiple, "before_multiple": args.before_multiple,
-                 "repeats": args.repeats,
+                 "base_commit": base, "kept_freed_memory": precision.kept_freed_memory,
+                 "mlp_multiple": args.mlp_multiple, "before_multiple": args.before_multiple, "repeats": args.repeats,
                  "steps_per_repeat": args.steps, "rewarm_steps": args.rewarm, "adamw": args.adamw, "batch": BATCH, "seq_len": SEQ, "width": WIDTH, "heads": HEADS,
                  "median_step_ms": {k: 1e3 * v for k, v in med.items()},
                  "steps_per_s": {k: 1 / v for k, v in med.items()},

@@ -2,6 +2,7 @@ import json
 
 import torch
 
+from diffusionblocks import precision
 from diffusionblocks.cli import main
 from diffusionblocks.membench import MemCase, case_config, memory_cases, model_config, saved_activation_bytes
 from diffusionblocks.memory import PeakMemory, peak_of_allocations
@@ -56,7 +57,7 @@ def test_bench_memory_writes_its_table(tmp_path, capsys):
     assert code == 0
     assert {"memory.md", "memory.json", "memory.png"} <= {p.name for p in out.iterdir()}
     rows = {r["case"]: r for r in json.loads((out / "memory.json").read_text())}
-    assert len(rows) == 5 and all(r["peak_bytes"] > 0 for r in rows.values())
+    assert len(rows) == 5 and all(r["peak_bytes"] > 0 and r["kept_freed_memory"] == 0 for r in rows.values())
     kinds = ["cpu_peak_rss_above_start", "cpu_peak_allocated_above_start"]  # each in its own process
     assert all(list(r["peaks"]) == kinds and r["peaks"][kinds[0]] == r["peak_bytes"] for r in rows.values())
     e2e, seq_alloc = rows["end-to-end"]["peaks"][kinds[1]], rows["B=2 sequential offloaded"]["peaks"][kinds[1]]
@@ -68,7 +69,10 @@ def test_bench_memory_writes_its_table(tmp_path, capsys):
     assert "| B=2 sequential offloaded | 6/6 |" in table and "| RSS MiB | / end-to-end | CPU allocated MiB |" in table
 
 
-def test_bench_memory_measures_any_tasks_config(tmp_path, capsys):
+def test_bench_memory_measures_any_tasks_config(tmp_path, capsys, monkeypatch):
+    """Also: the measuring processes take this one's allocator setting (`--keep-freed-memory`, set here as that flag
+    would leave it, without changing this process' allocator), which the tensor-only measure does not see."""
+    monkeypatch.setattr(precision, "kept_freed_memory", 256 << 20)
     shakespeare = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
     out = tmp_path / "mem"
     preset = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "presets" / "shakespeare-mdlm.json")
@@ -82,6 +86,7 @@ def test_bench_memory_measures_any_tasks_config(tmp_path, capsys):
     assert list(e2e["peaks"]) == ["cpu_peak_allocated_above_start"]
     assert seq["peak_bytes"] < 0.6 * e2e["peak_bytes"]  # tensors only: no allocator noise at this tiny size
     assert "shakespeare-mdlm (mdlm)" in capsys.readouterr().out
+    assert {r["kept_freed_memory"] for r in rows.values()} == {256 << 20}
 
 
 def test_bench_memory_refuses_an_unknown_measure(capsys):

@@ -2,6 +2,10 @@
 across schedules and resumption; the modes are checked; `bench speed` measures what it says."""
 
 import json
+import platform
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -115,3 +119,37 @@ def test_bench_speed_times_the_loop_and_the_bare_step(tmp_path, capsys, one_thre
     for r in results:
         assert len(r["blocks"]) == 3 and r["end_to_end"]["loop_s"] > 0 and r["end_to_end"]["bare_s"] > 0
     assert "| fp32 | off |" in (out / "speed.md").read_text()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+@pytest.mark.parametrize("keep", [False, True])
+def test_kept_freed_memory_stays_resident_for_the_next_step(keep, tmp_path):
+    """A freed 48 MiB tensor leaves the resident set under glibc's defaults (a block that size is its own mapping,
+    unmapped when freed) and stays in it, to be reused, after `keep_freed_memory`; `bench speed
+    --keep-freed-memory` sets it and records it. In a fresh process: the setting is process-wide."""
+    flag = ["--keep-freed-memory"] if keep else []
+    script = textwrap.dedent(f"""
+        import json, sys, torch
+        from diffusionblocks.cli import main
+        from diffusionblocks.memory import current_rss_bytes
+        x = torch.ones(12 << 20)  # 48 MiB, before any setting: glibc's defaults
+        del x
+        code = main(["bench", "speed", "--model", "tiny", "--image-size", "8", "--channels", "1", "--batch", "4",
+                     "--num-blocks", "2", "--precisions", "fp32", "--compile", "off", "--steps", "1", "--windows", "1",
+                     "--warmup", "0", "--device", "cpu", "--out", sys.argv[1], *{flag!r}])
+        x = torch.ones(12 << 20)
+        before = current_rss_bytes()
+        del x
+        print(json.dumps({{"code": code, "drop": before - current_rss_bytes()}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "speed")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["code"] == 0
+    if keep:
+        assert got["drop"] < 8 << 20, got
+    else:
+        assert got["drop"] > 40 << 20, got
+    recorded = {r["kept_freed_memory"] for r in json.loads((tmp_path / "speed" / "speed.json").read_text())}
+    assert recorded == {256 << 20 if keep else 0}

@@ -257,6 +257,7 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
                    help="shortcut for train.schedule=...; parallel: launch with torchrun, one group of ranks per block")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_keep_freed_memory(p)
     p.set_defaults(func=cmd_train)
 
     _add_run_verb(sub, "sample", "draw samples from a trained run", SampleOptions, cmd_sample, run_task)
@@ -277,6 +278,7 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="reference classifier cache")
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_keep_freed_memory(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("compose", help="a new run whose blocks are copied from other runs (blocks trained apart, "
@@ -342,6 +344,7 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
                    "fresh process, the first giving the step times")
     p.add_argument("--out", help="directory for memory.md, memory.json, memory.png")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    _add_keep_freed_memory(p)
     p.set_defaults(func=cmd_bench_memory)
 
     p = bench.add_parser("speed", help="training throughput, end to end and per block, for each precision and compile "
@@ -361,11 +364,19 @@ def build_parser(run_task=None) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiling happens here)")
     p.add_argument("--device", help="cpu, cuda... (default: cuda if available)")
     p.add_argument("--out", help="directory for speed.md and speed.json")
+    _add_keep_freed_memory(p)
     p.set_defaults(func=cmd_bench_speed)
     for p in (*sub.choices.values(), *bench.choices.values()):
         p.add_argument("--traceback", action="store_true", help="on an error, print its traceback before the "
                        "one-line message (for a bug report, or a task module of yours that fails to import)")
     return parser
+
+
+def _add_keep_freed_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="on the CPU (glibc): keep freed memory for reuse instead of returning it to the kernel: "
+                   "language-model steps up to ~10%% faster, the resident set up to 256 MiB higher "
+                   "(precision.keep_freed_memory)")
 
 
 def _run_task(argv: list[str]):
@@ -425,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = _parse(build_parser(run_task), argv)
     precision.flush_denormals()  # now, before torch starts the worker threads that inherit it
+    if getattr(args, "keep_freed_memory", False) and not precision.keep_freed_memory():
+        logger.warning("--keep-freed-memory: the C library is not glibc; its allocator is left as it is")
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
+from . import precision
 from .config import BlocksConfig, ConfigError, RunConfig, TrainConfig, even_split
 from .data import ImageData
 from .memory import CPU_MEASURES, PeakMemory
@@ -202,9 +203,11 @@ def child_main(spec: str) -> None:
     a = json.loads(spec)
     case = MemCase(**a["case"])
     torch.set_num_threads(a.get("threads") or torch.get_num_threads())
+    if a.get("keep_freed_memory"):
+        precision.keep_freed_memory(a["keep_freed_memory"])
     r = run_case(config_from_dict(a["config"]), a["random_images"], a["steps"], case, torch.device(a["device"]),
                  a.get("cpu_measure", "rss"))
-    print(json.dumps(r))
+    print(json.dumps({**r, "kept_freed_memory": precision.kept_freed_memory}))
 
 
 def run_benchmark(base: RunConfig, random_images: bool, steps: int, num_blocks: list[int], device: str,
@@ -225,7 +228,7 @@ def run_benchmark(base: RunConfig, random_images: bool, steps: int, num_blocks: 
     for case in memory_cases(num_blocks):
         logger.info("measuring %s ...", case.name)
         spec = {"case": dataclasses.asdict(case), "config": base.to_dict(), "random_images": random_images,
-                "steps": steps, "device": device}
+                "steps": steps, "device": device, "keep_freed_memory": precision.kept_freed_memory}
         r = run_case_in_subprocess({**spec, "cpu_measure": cpu_measures[0]})
         for m in cpu_measures[1:]:
             r["peaks"].update(run_case_in_subprocess({**spec, "cpu_measure": m})["peaks"])

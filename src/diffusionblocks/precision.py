@@ -1,4 +1,5 @@
-"""Arithmetic precision of training and inference: float32, TF32 matmuls, or bfloat16 autocast.
+"""Arithmetic precision of training and inference: float32, TF32 matmuls, or bfloat16 autocast; and the CPU's two
+process-wide speed settings, denormals flushed to zero and freed memory kept for reuse.
 
 With "bf16" only the operations autocast lists (matmuls, convolutions, attention) run in bfloat16;
 parameters, gradients, optimiser state, the EMA, the preconditioning and the loss stay float32.
@@ -7,8 +8,10 @@ parameters, gradients, optimiser state, the EMA, the preconditioning and the los
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
+import platform
 
 import torch
 
@@ -61,6 +64,32 @@ def _flushed_everywhere() -> bool:
     n = min(32768 * torch.get_num_threads(), 1 << 22)  # enough elements for every thread a share (ATen's grain)
     tiny = torch.full((n,), 1000, dtype=torch.int32).view(torch.float32)  # 1.4e-42, a denormal bit pattern
     return not bool((tiny * 1.0).any())
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt's parameters (glibc's malloc.h)
+
+
+def keep_freed_memory(keep: int = 256 << 20) -> bool:
+    """glibc's malloc told to keep up to `keep` bytes of freed memory at the top of its heaps for reuse
+    (M_TRIM_THRESHOLD) instead of handing it back to the kernel, to grow them `keep` / 4 at a time (M_TOP_PAD), and to
+    serve every block under `keep` / 4 from them (M_MMAP_THRESHOLD): on the CPU what CUDA's caching allocator does on
+    a GPU. By default glibc returns the pages of a step's freed activations and the next step faults them back in,
+    which costs the language trunk's training step up to 14% on our 2-core machines, the most where the machine is
+    slow (issue 26, benchmarks/results/trunk-speed). The price: the resident set may stay up to `keep` above what
+    the process holds (its peak hardly moves: what is kept was freed below it). Process-wide and for good;
+    call it before the work. False (nothing changed) where the C library is not glibc."""
+    global kept_freed_memory
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    if not all(mallopt(param, value) == 1 for param, value in (
+            (_M_MMAP_THRESHOLD, keep // 4), (_M_TRIM_THRESHOLD, keep), (_M_TOP_PAD, keep // 4))):
+        return False
+    kept_freed_memory = keep
+    return True
+
+
+kept_freed_memory = 0  # bytes: what `keep_freed_memory` set in this process (0: glibc's defaults)
 
 
 def autocast(precision: str, device: torch.device):

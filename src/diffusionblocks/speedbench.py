@@ -102,7 +102,8 @@ def run_speed_benchmark(base: RunConfig, random_images: bool, num_blocks: int, p
             blocks = [measure_block(by_B[num_blocks], b, data, device, steps, warmup, windows)
                       for b in range(num_blocks)]
         results.append({"precision": p, "compile": c, "device": str(device), "batch": base.train.batch_size,
-                        "num_blocks": num_blocks, "end_to_end": e2e, "blocks": blocks,
+                        "num_blocks": num_blocks, "kept_freed_memory": precision_mode.kept_freed_memory,
+                        "end_to_end": e2e, "blocks": blocks,
                         "split_ratio_loop": sum(r["loop_s"] for r in blocks) / e2e["loop_s"],
                         "split_ratio_bare": sum(r["bare_s"] for r in blocks) / e2e["bare_s"]})
     write_results(out_dir, "speed", results, format_table(results, title))
