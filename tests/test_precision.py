@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY, assert_schedules_agree
 
-from diffusionblocks import checkpoint, precision
+from diffusionblocks import checkpoint, compare, precision
 from diffusionblocks.cli import main
 from diffusionblocks.config import ConfigError
 from diffusionblocks.data import load_image_data
@@ -153,3 +153,14 @@ def test_kept_freed_memory_stays_resident_for_the_next_step(keep, tmp_path):
         assert got["drop"] > 40 << 20, got
     recorded = {r["kept_freed_memory"] for r in json.loads((tmp_path / "speed" / "speed.json").read_text())}
     assert recorded == {256 << 20 if keep else 0}
+
+
+@pytest.mark.parametrize("kept", [0, 256 << 20])
+def test_compare_trains_its_runs_with_the_allocator_setting_it_has(kept, tmp_path, monkeypatch):
+    """`compare` trains each run in a fresh process: `compare --keep-freed-memory` passes the flag on to them."""
+    commands = []
+    monkeypatch.setattr(precision, "kept_freed_memory", kept)
+    monkeypatch.setattr(compare.subprocess, "run",
+                        lambda cmd: commands.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    compare._train(default_config(), tmp_path / "run", tmp_path / "config.json", None, False)
+    assert commands and ("--keep-freed-memory" in commands[0]) == bool(kept)

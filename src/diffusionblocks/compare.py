@@ -53,6 +53,8 @@ def _train(cfg: RunConfig, run: Path, config_path: Path, device: str | None, pro
         cmd += ["--device", device]
     if not progress:
         cmd += ["--no-progress"]
+    if precision.kept_freed_memory:  # `compare --keep-freed-memory`: for the training too
+        cmd += ["--keep-freed-memory"]
     logger.info("training B=%d: %s", cfg.blocks.num_blocks, " ".join(cmd))
     result = subprocess.run(cmd)
     if result.returncode != 0:
