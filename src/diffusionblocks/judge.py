@@ -54,11 +54,12 @@ logger = logging.getLogger(__name__)
 
 JUDGE_FILE = "judge.json"
 JUDGE_FORMAT = "diffusionblocks-judge/1"
+JUDGE_TASK = "arlm"  # a judge is this task's plain causal model, whatever task the run it judges has
 
 # presets/shakespeare-judge.json without its data section (the compared run's goes there); a test keeps them equal.
 JUDGE_PRESET: dict[str, Any] = {
     "name": "shakespeare-judge",
-    "task": "arlm",
+    "task": JUDGE_TASK,
     "model": {"mode": "plain", "vocab_size": 65, "seq_len": 128, "hidden_size": 192, "depth": 6, "num_heads": 6,
               "mlp_ratio": 4.0, "mlp_multiple": 16},
     "blocks": {"num_blocks": 1, "partition": "equiprobable", "gamma": 0.1},
@@ -103,8 +104,10 @@ def judge_run_config(cfg: RunConfig, judge_config: dict[str, Any] | None = None)
     d["data"] = dataclasses.asdict(cfg.data)
     d.setdefault("model", {})
     d["model"]["vocab_size"] = max(int(d["model"].get("vocab_size", 0)), int(cfg.model.vocab_size))
-    if d.get("task") != "arlm" or d["model"].get("mode") != "plain" or d.get("blocks", {}).get("num_blocks", 1) != 1:
-        raise ConfigError("a judge config is a plain causal LM: task 'arlm', model.mode 'plain', blocks.num_blocks 1")
+    plain = d["model"].get("mode") == "plain" and d.get("blocks", {}).get("num_blocks", 1) == 1
+    if d.get("task") != JUDGE_TASK or not plain:
+        raise ConfigError(f"a judge config is a plain causal LM: task {JUDGE_TASK!r}, model.mode 'plain', "
+                          "blocks.num_blocks 1")
     return config_from_dict(d)
 
 
@@ -218,7 +221,7 @@ def _check_vocabulary(judge_run: Path, run_dir: str | Path | None) -> None:
 
 def _judge_data(cfg: RunConfig, judge_config: dict[str, Any] | None) -> tuple[RunConfig, TextSplits, str, str]:
     jcfg = judge_run_config(cfg, judge_config)
-    data = get_task("arlm").load_data(jcfg)
+    data = get_task(JUDGE_TASK).load_data(jcfg)
     fingerprint = data_fingerprint(data)
     return jcfg, data, fingerprint, judge_key(jcfg, fingerprint)
 
@@ -276,7 +279,7 @@ def _build_entry(jcfg: RunConfig, data: TextSplits, entry: Path, key: str, finge
 def _build(jcfg: RunConfig, data: TextSplits, building: Path, device: str | torch.device, progress: bool) -> None:
     """Trains the judge in `building` (its block 0 claimed by the caller): resumed when it holds this config's
     checkpoints, started afresh otherwise; left only when a checkpoint was written (a later call resumes it)."""
-    task = get_task("arlm")
+    task = get_task(JUDGE_TASK)
     try:
         resumable = read_config(building).to_dict() == jcfg.to_dict()
     except ConfigError:
@@ -316,7 +319,7 @@ def install_judge(run: str | Path, cfg: RunConfig, cache_dir: str | Path | None 
                           + ", ".join(f"{k} ({theirs.get(k)!r}, the judge's: {mine.get(k)!r})" for k in differs))
     if load_vocabulary(run / VOCAB_FILE) != data.vocab:
         raise ConfigError(f"{str(run)!r}: its vocabulary is not the one the run's data section gives")
-    if data_fingerprint(get_task("arlm").load_run_data(their_cfg, run)) != fingerprint:
+    if data_fingerprint(get_task(JUDGE_TASK).load_run_data(their_cfg, run)) != fingerprint:
         raise ConfigError(f"{str(run)!r} was trained on other text ({their_cfg.data.path!r}) than the run's "
                           f"({jcfg.data.path!r})")
     step = checkpoint.block_step(run, 0)
@@ -347,7 +350,7 @@ def explicit_judge(run: str | Path, *, run_dir: str | Path | None = None,
     try:
         info = json.loads((run / JUDGE_FILE).read_text())
     except (OSError, ValueError):
-        data = get_task("arlm").load_run_data(jcfg, run)
+        data = get_task(JUDGE_TASK).load_run_data(jcfg, run)
         windows = held_out_windows(data.test, jcfg.model.seq_len)
         bits = held_out_bits(judge, windows)
         info = {"name": jcfg.name, "steps": checkpoint.block_step(run, 0), "held_out_windows": len(windows),
