@@ -114,15 +114,16 @@ class TextbookGPT(nn.Module):
 
 
 def make_variants(before: tuple[types.ModuleType, ...] | None, multiple: int, device: torch.device,
-                  before_multiple: int = 1, ablate: bool = False):
+                  before_multiple: int = 1, ablate: bool = False, batch: int = BATCH):
     """name -> (model, loss closure on a batch, logits closure for the equality check, kind); the before-models'
-    SwiGLU widths rounded to before_multiple (1: unrounded, as the code before issue 26 built them)."""
+    SwiGLU widths rounded to before_multiple (1: unrounded, as the code before issue 26 built them); the language
+    models' batch of `batch` sequences (the masked-diffusion block's stays its preset's)."""
     from diffusionblocks.models import arlm, mdlm, recurrent
 
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(VOCAB, (BATCH, SEQ), generator=g)
-    sigma = torch.exp(torch.randn(BATCH, SEQ, generator=g) * 1.2 - 1.2)  # any noise levels: speed does not care
-    noise = torch.randn(BATCH, SEQ, WIDTH, generator=g)
+    tokens = torch.randint(VOCAB, (batch, SEQ), generator=g)
+    sigma = torch.exp(torch.randn(batch, SEQ, generator=g) * 1.2 - 1.2)  # any noise levels: speed does not care
+    noise = torch.randn(batch, SEQ, WIDTH, generator=g)
     E = F.normalize(torch.randn(VOCAB, WIDTH, generator=g), dim=-1)
     md_tokens = torch.randint(VOCAB, (64, 32), generator=g)
     md_t, md_u = torch.rand(64, generator=g), torch.rand(64, 32, generator=g)
