@@ -62,6 +62,12 @@ def count_ops(model: torch.nn.Module, loss, opt: torch.optim.Optimizer) -> dict[
     return counts
 
 
+def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """The trainer's AdamW (fused on the CPU and CUDA), as trunk_speed gives every variant."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0,
+                             fused=True if device.type in ("cpu", "cuda") else None)
+
+
 def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
     """Least-squares (intercept, slope) of y against x."""
     mx, my = statistics.fmean(x), statistics.fmean(y)
@@ -73,8 +79,7 @@ def time_batch(batch: int, device: torch.device, repeats: int, steps: int, warmu
     """Seconds per step of each model at this batch, one entry per interleaved round."""
     variants, _ = make_variants(None, 16, device, batch=batch)
     variants = {k: variants[k] for k in MODELS}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0, fused=True) for k, (m, _, _) in
-            variants.items()}
+    opts = {k: adamw(m, device) for k, (m, _, _) in variants.items()}
 
     def step(name: str) -> None:
         opts[name].zero_grad(set_to_none=True)
@@ -120,7 +125,7 @@ def main() -> None:
     ops = {}
     for name in (*MODELS, *(k for k in variants if k.startswith("plain_without_"))):
         model, loss, _ = variants[name]
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+        opt = adamw(model, device)
         loss().mean().backward()  # the first step makes the optimizer's state; count a later one
         opt.step()
         opt.zero_grad(set_to_none=True)
