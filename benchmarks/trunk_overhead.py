@@ -68,13 +68,6 @@ def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
                              fused=True if device.type in ("cpu", "cuda") else None)
 
 
-def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
-    """Least-squares (intercept, slope) of y against x."""
-    mx, my = statistics.fmean(x), statistics.fmean(y)
-    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
-    return my - slope * mx, slope
-
-
 def time_batch(batch: int, device: torch.device, repeats: int, steps: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per step of each model at this batch, one entry per interleaved round."""
     variants, _ = make_variants(None, 16, device, batch=batch)
@@ -146,8 +139,10 @@ def main() -> None:
               f"{rows[-1]['ratio']:.3f} (median of rounds {rounds:.3f})", flush=True)
 
     x = [r["batch"] for r in rows]
-    fits = {k: dict(zip(("fixed_ms", "per_sequence_ms"), fit_line(x, [r["median_step_ms"][k] for r in rows])))
-            for k in MODELS}
+    fits = {}
+    for k in MODELS:
+        slope, intercept = statistics.linear_regression(x, [r["median_step_ms"][k] for r in rows])
+        fits[k] = {"fixed_ms": intercept, "per_sequence_ms": slope}
     extra_fixed = fits["plain_after"]["fixed_ms"] - fits["gpt"]["fixed_ms"]
     extra_ops = ops["plain_after"]["step"] - ops["gpt"]["step"]
     fits["plain_minus_gpt"] = {k: fits["plain_after"][k] - fits["gpt"][k] for k in ("fixed_ms", "per_sequence_ms")}
