@@ -9,9 +9,9 @@ t(b) = t0 + b t1 (least squares), splits the step into t0, what does not grow wi
 operation: Python, the dispatcher, autograd's bookkeeping, the small tensors of weights and per-token statistics),
 and t1, the work per sequence (matrix products, attention, element-wise passes). The ATen operations each model
 dispatches in one step are counted (forward, backward, optimizer; views included), and the plain model's extra t0
-divided by its extra operations gives what one operation costs on this machine. `--ablate` also counts the
-operations of trunk_speed's ablations (the plain model with its rotation, modulated RMSNorms, learned modulation or
-SwiGLU swapped for the GPT's part): what each part adds to the count.
+divided by its extra operations gives what one operation costs on this machine. `--ablate` also times and counts
+trunk_speed's ablations (the plain model with its rotation, modulated RMSNorms, learned modulation or SwiGLU swapped
+for the GPT's part): the plain model's line minus each ablation's is what that part costs, fixed and per sequence.
 
     python benchmarks/trunk_overhead.py --threads 2 --batches 1 4 16 32 64 --repeats 11 --json out.json
 """
@@ -68,10 +68,12 @@ def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
                              fused=True if device.type in ("cpu", "cuda") else None)
 
 
-def time_batch(batch: int, device: torch.device, repeats: int, steps: int, warmup: int) -> dict[str, list[float]]:
+def time_batch(batch: int, device: torch.device, repeats: int, steps: int, warmup: int,
+               ablate: bool) -> dict[str, list[float]]:
     """Seconds per step of each model at this batch, one entry per interleaved round."""
-    variants, _ = make_variants(None, 16, device, batch=batch)
-    variants = {k: variants[k] for k in MODELS}
+    variants, _ = make_variants(None, 16, device, ablate=ablate, batch=batch)
+    names = [k for k in variants if k in MODELS or k.startswith("plain_without_")]
+    variants = {k: variants[k] for k in names}
     opts = {k: adamw(m, device) for k, (m, _, _) in variants.items()}
 
     def step(name: str) -> None:
@@ -79,13 +81,13 @@ def time_batch(batch: int, device: torch.device, repeats: int, steps: int, warmu
         variants[name][1]().mean().backward()
         opts[name].step()
 
-    for name in MODELS:
+    for name in names:
         for _ in range(warmup):
             step(name)
-    times: dict[str, list[float]] = {k: [] for k in MODELS}
+    times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(repeats):
-        for name in MODELS if r % 2 == 0 else MODELS[::-1]:  # alternate which model runs first
-            step(name)  # untimed: its caches warm again after the other model ran
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate, so that no model always runs first
+            step(name)  # untimed: its caches warm again after the other models ran
             t0 = _clock(device)
             for _ in range(steps):
                 step(name)
@@ -103,7 +105,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model first, at each batch size")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="glibc's allocator keeps freed memory (as `train --keep-freed-memory`)")
-    ap.add_argument("--ablate", action="store_true", help="also count the operations of trunk_speed's ablations")
+    ap.add_argument("--ablate", action="store_true", help="also time and count trunk_speed's ablations")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     if len(set(args.batches)) < 2 or min(args.batches) < 1:
@@ -129,7 +131,7 @@ def main() -> None:
 
     rows = []
     for batch in args.batches:
-        times = time_batch(batch, device, args.repeats, args.steps, args.warmup)
+        times = time_batch(batch, device, args.repeats, args.steps, args.warmup, args.ablate)
         med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         rounds = statistics.median(a / b for a, b in zip(times["plain_after"], times["gpt"]))
         rows.append({"batch": batch, "median_step_ms": med, "steps_per_s": {k: 1e3 / v for k, v in med.items()},
@@ -140,12 +142,15 @@ def main() -> None:
 
     x = [r["batch"] for r in rows]
     fits = {}
-    for k in MODELS:
+    for k in rows[0]["median_step_ms"]:
         slope, intercept = statistics.linear_regression(x, [r["median_step_ms"][k] for r in rows])
         fits[k] = {"fixed_ms": intercept, "per_sequence_ms": slope}
     extra_fixed = fits["plain_after"]["fixed_ms"] - fits["gpt"]["fixed_ms"]
     extra_ops = ops["plain_after"]["step"] - ops["gpt"]["step"]
-    fits["plain_minus_gpt"] = {k: fits["plain_after"][k] - fits["gpt"][k] for k in ("fixed_ms", "per_sequence_ms")}
+    for other in list(fits):  # what the plain model adds to the GPT, and what each swapped part costs it
+        if other != "plain_after":
+            name = "plain_minus_gpt" if other == "gpt" else "part_" + other.removeprefix("plain_without_")
+            fits[name] = {k: fits["plain_after"][k] - fits[other][k] for k in ("fixed_ms", "per_sequence_ms")}
     for k, f in fits.items():
         print(f"{k}: t(b) = {f['fixed_ms']:.2f} ms + b x {f['per_sequence_ms']:.3f} ms")
     per_op_us = 1e3 * extra_fixed / extra_ops if extra_ops > 0 else None
