@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from trunk_speed import _clock, _cpu_model, _device_name, _load_average, make_variants
+from trunk_speed import _cpu_model, _device_name, _load_average, adamw, make_variants, time_rounds
 
 from diffusionblocks import precision
 
@@ -62,37 +62,14 @@ def count_ops(model: torch.nn.Module, loss, opt: torch.optim.Optimizer) -> dict[
     return counts
 
 
-def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
-    """The trainer's AdamW (fused on the CPU and CUDA), as trunk_speed gives every variant."""
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0,
-                             fused=True if device.type in ("cpu", "cuda") else None)
-
-
 def time_batch(batch: int, device: torch.device, repeats: int, steps: int, warmup: int,
                ablate: bool) -> dict[str, list[float]]:
-    """Seconds per step of each model at this batch, one entry per interleaved round."""
+    """Seconds per step of each model at this batch, one entry per interleaved round (one untimed step before each
+    model's turn)."""
     variants, _ = make_variants(None, 16, device, ablate=ablate, batch=batch)
-    names = [k for k in variants if k in MODELS or k.startswith("plain_without_")]
-    variants = {k: variants[k] for k in names}
+    variants = {k: v for k, v in variants.items() if k in MODELS or k.startswith("plain_without_")}
     opts = {k: adamw(m, device) for k, (m, _, _) in variants.items()}
-
-    def step(name: str) -> None:
-        opts[name].zero_grad(set_to_none=True)
-        variants[name][1]().mean().backward()
-        opts[name].step()
-
-    for name in names:
-        for _ in range(warmup):
-            step(name)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate, so that no model always runs first
-            step(name)  # untimed: its caches warm again after the other models ran
-            t0 = _clock(device)
-            for _ in range(steps):
-                step(name)
-            times[name].append((_clock(device) - t0) / steps)
-    return times
+    return time_rounds(variants, opts, device, repeats, steps, warmup, rewarm=1)
 
 
 def main() -> None:

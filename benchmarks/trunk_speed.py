@@ -284,6 +284,42 @@ def generation_speed(arlm_modules: dict[str, types.ModuleType], multiple: int, d
     return {k: 8 * 32 / statistics.median(v) for k, v in times.items()}
 
 
+def adamw(model: nn.Module, device: torch.device, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW as `train.make_optimizer` makes it: its fused kernel on the CPU and CUDA (unless fused is False)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0,
+                             fused=True if fused and device.type in ("cpu", "cuda") else None)
+
+
+def time_rounds(variants: dict[str, tuple], opts: dict[str, torch.optim.Optimizer], device: torch.device,
+                repeats: int, steps: int, warmup: int, rewarm: int, report: bool = False) -> dict[str, list[float]]:
+    """Seconds per training step of each variant (name -> (model, loss closure, ...)), one entry per round: `warmup`
+    untimed steps each first, then `repeats` rounds in which every variant, in an order rotated each round, takes
+    `rewarm` untimed steps and `steps` timed ones. report: print each round's figures."""
+
+    def step(name: str) -> None:
+        opts[name].zero_grad(set_to_none=True)
+        variants[name][1]().mean().backward()
+        opts[name].step()
+
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            step(name)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate, so that no variant always runs first
+            for _ in range(rewarm):  # untimed: caches warm again after the other variants ran
+                step(name)
+            t0 = _clock(device)
+            for _ in range(steps):
+                step(name)
+            times[name].append((_clock(device) - t0) / steps)
+        if report:
+            print(f"round {r + 1}/{repeats}: " + "  ".join(f"{k} {1e3 * times[k][-1]:.1f}" for k in names),
+                  flush=True)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -322,32 +358,8 @@ def main() -> None:
     variants, same = make_variants(before, args.mlp_multiple, device, args.before_multiple, args.ablate)
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
-    fused = args.adamw == "fused" and device.type in ("cpu", "cuda")  # as `train.make_optimizer`, for every variant
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0, fused=fused or None)
-            for k, (m, _, _) in variants.items()}
-
-    def step(name: str) -> None:
-        model, loss, _ = variants[name]
-        opts[name].zero_grad(set_to_none=True)
-        loss().mean().backward()
-        opts[name].step()
-
-    for name in variants:
-        for _ in range(args.warmup):
-            step(name)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    names = list(variants)
-    for r in range(args.repeats):
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate, so that no variant always runs first
-        for name in order:
-            for _ in range(args.rewarm):  # untimed: caches warm again after the other variants ran
-                step(name)
-            t0 = _clock(device)
-            for _ in range(args.steps):
-                step(name)
-            times[name].append((_clock(device) - t0) / args.steps)
-        print(f"round {r + 1}/{args.repeats}: " + "  ".join(f"{k} {1e3 * times[k][-1]:.1f}" for k in names),
-              flush=True)
+    opts = {k: adamw(m, device, args.adamw == "fused") for k, (m, _, _) in variants.items()}
+    times = time_rounds(variants, opts, device, args.repeats, args.steps, args.warmup, args.rewarm, report=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     load = _load_average()
