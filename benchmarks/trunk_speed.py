@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusionblocks import precision
+from diffusionblocks.models import arlm, mdlm, recurrent
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, WIDTH, DEPTH, HEADS, SEQ, BATCH = 65, 128, 6, 4, 64, 32
@@ -118,8 +119,6 @@ def make_variants(before: tuple[types.ModuleType, ...] | None, multiple: int, de
     """name -> (model, loss closure on a batch, logits closure for the equality check, kind); the before-models'
     SwiGLU widths rounded to before_multiple (1: unrounded, as the code before issue 26 built them); the language
     models' batch of `batch` sequences (the masked-diffusion block's stays its preset's)."""
-    from diffusionblocks.models import arlm, mdlm, recurrent
-
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(VOCAB, (batch, SEQ), generator=g)
     sigma = torch.exp(torch.randn(batch, SEQ, generator=g) * 1.2 - 1.2)  # any noise levels: speed does not care
@@ -398,7 +397,6 @@ def main() -> None:
             delta[kind] = float((old_logits() - new_logits()).abs().max())
     out["max_abs_delta_logit_fp32"] = delta
     if args.generate and before is not None:
-        from diffusionblocks.models import arlm
         out["generated_tokens_per_s"] = gen = generation_speed({"before": before[0], "after": arlm}, args.mlp_multiple,
                                                                device, max(3, args.repeats // 2), args.before_multiple)
         for kind in ("plain", "chain"):
