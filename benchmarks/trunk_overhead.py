@@ -69,7 +69,7 @@ def time_batch(batch: int, device: torch.device, repeats: int, steps: int, warmu
     variants, _ = make_variants(None, 16, device, ablate=ablate, batch=batch)
     variants = {k: v for k, v in variants.items() if k in MODELS or k.startswith("plain_without_")}
     opts = {k: adamw(m, device) for k, (m, _, _) in variants.items()}
-    return time_rounds(variants, opts, device, repeats, steps, warmup, rewarm=1)
+    return time_rounds(variants, opts, device, repeats, steps, warmup, rewarm=1)[0]
 
 
 def main() -> None:

@@ -30,6 +30,12 @@ Allocator (`--keep-freed-memory`): glibc's malloc keeps freed memory for reuse i
 (`precision.keep_freed_memory`, what `train --keep-freed-memory` sets): the step then no longer pays for pages
 returned to the kernel and faulted back, which otherwise costs the plain model a few percent and the GPT nothing.
 
+Processes (`--processes`): each variant built and trained in a worker process of its own (spawned, the rounds still
+interleaved by this one, one worker running at a time), as a training run has its process to itself. In one process
+the models share glibc's heap, and what one model's step leaves there decides whether the next one's pages are
+handed back to the kernel and faulted in again: on the developers' CPU the GPT took no page faults a step and the
+plain model 2,000-5,700 when the two shared a process, where alone each takes thousands (issue 26, session 19).
+
 Generation (`--generate`): tokens/s of cached generation under no_grad, 8 prompts of 32 tokens continued by 32:
 the plain model (`extend` of the last token, then its logits) and the B=3 chain (each new token: one `denoise_next`
 per block at sigma 80, 1, 0.05 with the estimate bridge, then every block's `extend`).
@@ -42,6 +48,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import multiprocessing
 import platform
 import statistics
 import subprocess
@@ -50,6 +57,11 @@ import tempfile
 import time
 import types
 from pathlib import Path
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 import torch
 import torch.nn.functional as F
@@ -115,10 +127,11 @@ class TextbookGPT(nn.Module):
 
 
 def make_variants(before: tuple[types.ModuleType, ...] | None, multiple: int, device: torch.device,
-                  before_multiple: int = 1, ablate: bool = False, batch: int = BATCH):
+                  before_multiple: int = 1, ablate: bool = False, batch: int = BATCH, only: str | None = None):
     """name -> (model, loss closure on a batch, logits closure for the equality check, kind); the before-models'
     SwiGLU widths rounded to before_multiple (1: unrounded, as the code before issue 26 built them); the language
-    models' batch of `batch` sequences (the masked-diffusion block's stays its preset's)."""
+    models' batch of `batch` sequences (the masked-diffusion block's stays its preset's). only: that variant alone
+    (no models for the equality check), as a worker process of `--processes` builds it."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(VOCAB, (batch, SEQ), generator=g)
     sigma = torch.exp(torch.randn(batch, SEQ, generator=g) * 1.2 - 1.2)  # any noise levels: speed does not care
@@ -156,19 +169,26 @@ def make_variants(before: tuple[types.ModuleType, ...] | None, multiple: int, de
         m.to(device)
         return m, lambda: m.loss(md_tokens, md_t, md_u), lambda: m(md_tokens, md_t)
 
+    def wanted(name: str) -> bool:
+        return only is None or name == only
+
     arlm_b, rec_b, mdlm_b = before or (None, None, None)
-    gpt = TextbookGPT(VOCAB, WIDTH, DEPTH, HEADS, SEQ).to(device)
-    timed = {"gpt": (gpt, lambda: gpt.loss(tokens), None)}
-    same = {}  # kind -> (before-model, its logits, unrounded after-model, its logits)
+    timed, same = {}, {}  # same: kind -> (before-model, its logits, unrounded after-model, its logits)
+    if wanted("gpt"):
+        gpt = TextbookGPT(VOCAB, WIDTH, DEPTH, HEADS, SEQ).to(device)
+        timed["gpt"] = (gpt, lambda: gpt.loss(tokens), None)
     for kind, make, mod_b, mod_a in (("plain", plain, arlm_b, arlm), ("block", block, arlm_b, arlm),
                                      ("recurrent", rec, rec_b, recurrent), ("mdlm", masked, mdlm_b, mdlm)):
-        timed[f"{kind}_after"] = make(mod_a, **({} if kind == "mdlm" else {"mlp_multiple": multiple}))
-        if mod_b is not None:
+        if wanted(f"{kind}_after"):
+            timed[f"{kind}_after"] = make(mod_a, **({} if kind == "mdlm" else {"mlp_multiple": multiple}))
+        if mod_b is not None and wanted(f"{kind}_before"):
             kw = {} if kind == "mdlm" or before_multiple == 1 else {"mlp_multiple": before_multiple}
             timed[f"{kind}_before"] = make(mod_b, **kw)
-            same[kind] = (timed[f"{kind}_before"], make(mod_a, **kw))
-    if ablate:
-        timed.update(ablations(lambda: plain(arlm, mlp_multiple=multiple), arlm))
+            if only is None:
+                same[kind] = (timed[f"{kind}_before"], make(mod_a, **kw))
+    if ablate and (only is None or only.startswith("plain_without_")):
+        timed.update({k: v for k, v in ablations(lambda: plain(arlm, mlp_multiple=multiple), arlm).items()
+                      if wanted(k)})
     return timed, same
 
 
@@ -290,33 +310,112 @@ def adamw(model: nn.Module, device: torch.device, fused: bool = True) -> torch.o
 
 
 def time_rounds(variants: dict[str, tuple], opts: dict[str, torch.optim.Optimizer], device: torch.device,
-                repeats: int, steps: int, warmup: int, rewarm: int, report: bool = False) -> dict[str, list[float]]:
-    """Seconds per training step of each variant (name -> (model, loss closure, ...)), one entry per round: `warmup`
-    untimed steps each first, then `repeats` rounds in which every variant, in an order rotated each round, takes
-    `rewarm` untimed steps and `steps` timed ones. report: print each round's figures."""
+                repeats: int, steps: int, warmup: int, rewarm: int,
+                report: bool = False) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """`interleave` of the variants (name -> (model, loss closure, ...)) all in this process: seconds and page
+    faults per training step of each, one entry per round."""
+    return interleave(list(variants), lambda name, untimed, timed: _turn(variants[name][1], opts[name], device,
+                                                                         untimed, timed),
+                      repeats, steps, warmup, rewarm, report)
 
-    def step(name: str) -> None:
-        opts[name].zero_grad(set_to_none=True)
-        variants[name][1]().mean().backward()
-        opts[name].step()
 
-    names = list(variants)
+def interleave(names: list[str], turn, repeats: int, steps: int, warmup: int, rewarm: int,
+               report: bool = False) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """turn(name, untimed, timed) -> (seconds, minor page faults) per timed step, in rounds: `warmup` untimed steps
+    each first, then `repeats` rounds in which every variant, in an order rotated each round, takes `rewarm` untimed
+    steps and `steps` timed ones. Per variant, one entry per round: seconds, page faults. report: print each round's
+    times."""
     for name in names:
-        for _ in range(warmup):
-            step(name)
+        turn(name, warmup, 0)
     times: dict[str, list[float]] = {k: [] for k in names}
+    faults: dict[str, list[float]] = {k: [] for k in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate, so that no variant always runs first
-            for _ in range(rewarm):  # untimed: caches warm again after the other variants ran
-                step(name)
-            t0 = _clock(device)
-            for _ in range(steps):
-                step(name)
-            times[name].append((_clock(device) - t0) / steps)
+            # rewarm: untimed, so that caches are warm again after the other variants ran
+            seconds, pages = turn(name, rewarm, steps)
+            times[name].append(seconds)
+            faults[name].append(pages)
         if report:
             print(f"round {r + 1}/{repeats}: " + "  ".join(f"{k} {1e3 * times[k][-1]:.1f}" for k in names),
                   flush=True)
-    return times
+    return times, faults
+
+
+def _turn(loss, opt: torch.optim.Optimizer, device: torch.device, untimed: int,
+          timed: int) -> tuple[float, float] | None:
+    """`untimed` training steps, then `timed` ones: seconds and minor page faults of this process per timed step
+    (None if none timed)."""
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss().mean().backward()
+        opt.step()
+
+    for _ in range(untimed):
+        step()
+    if not timed:
+        return None
+    f0, t0 = _minor_faults(), _clock(device)
+    for _ in range(timed):
+        step()
+    seconds = _clock(device) - t0
+    return seconds / timed, (_minor_faults() - f0) / timed
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel mapped in on first touch); 0 where unknown."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+def _worker(conn, name: str, spec: dict) -> None:
+    """One variant in a process of its own (`--processes`): built as in the parent, then turns on request ((untimed,
+    timed) -> seconds per step); on None, its model's weights back, for the equality check."""
+    precision.flush_denormals()
+    if spec["keep_freed_memory"]:
+        precision.keep_freed_memory()
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    before = load_before(spec["base"]) if name.endswith("_before") else None
+    variants, _ = make_variants(before, spec["mlp_multiple"], device, spec["before_multiple"], spec["ablate"],
+                                only=name)
+    model, loss = variants[name][:2]
+    del variants
+    opt = adamw(model, device, spec["fused"])
+    conn.send("built")
+    while (cmd := conn.recv()) is not None:
+        conn.send(_turn(loss, opt, device, *cmd))
+    conn.send({k: v.cpu().numpy() for k, v in model.state_dict().items()})  # arrays: tensors would go as shared memory
+
+
+class _Workers:
+    """A worker process per variant (spawned: each with its own allocator, as a training run has), driven one at a
+    time by `interleave` (the others wait, idle, for their turn)."""
+
+    def __init__(self, names: list[str], spec: dict):
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes, self.procs = {}, {}
+        for name in names:
+            ours, theirs = ctx.Pipe()
+            self.procs[name] = ctx.Process(target=_worker, args=(theirs, name, spec), daemon=True)
+            self.procs[name].start()
+            self.pipes[name] = ours
+        for name in names:
+            if self.pipes[name].recv() != "built":
+                raise RuntimeError(f"worker for {name} failed")
+
+    def turn(self, name: str, untimed: int, timed: int) -> float | None:
+        self.pipes[name].send((untimed, timed))
+        return self.pipes[name].recv()
+
+    def close(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Stops the workers; their models' weights."""
+        weights = {}
+        for name, pipe in self.pipes.items():
+            pipe.send(None)
+            weights[name] = {k: torch.from_numpy(v) for k, v in pipe.recv().items()}
+            self.procs[name].join()
+        return weights
 
 
 def main() -> None:
@@ -339,6 +438,8 @@ def main() -> None:
     ap.add_argument("--generate", action="store_true", help="also time cached generation, before and after")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="glibc's allocator keeps freed memory (as `train --keep-freed-memory`), for every variant")
+    ap.add_argument("--processes", action="store_true",
+                    help="each variant in a worker process of its own, the rounds still interleaved (see above)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     precision.flush_denormals()  # as training does, before torch's worker threads start
@@ -357,19 +458,31 @@ def main() -> None:
     variants, same = make_variants(before, args.mlp_multiple, device, args.before_multiple, args.ablate)
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
-    opts = {k: adamw(m, device, args.adamw == "fused") for k, (m, _, _) in variants.items()}
-    times = time_rounds(variants, opts, device, args.repeats, args.steps, args.warmup, args.rewarm, report=True)
+    if args.processes:
+        spec = {"threads": args.threads, "device": args.device, "keep_freed_memory": args.keep_freed_memory,
+                "base": base, "mlp_multiple": args.mlp_multiple, "before_multiple": args.before_multiple,
+                "ablate": args.ablate, "fused": args.adamw == "fused"}
+        workers = _Workers(list(variants), spec)
+        times, faults = interleave(list(variants), workers.turn, args.repeats, args.steps, args.warmup, args.rewarm,
+                                   report=True)
+        for name, weights in workers.close().items():  # the timed models' weights, for the equality check below
+            variants[name][0].load_state_dict(weights)
+    else:
+        opts = {k: adamw(m, device, args.adamw == "fused") for k, (m, _, _) in variants.items()}
+        times, faults = time_rounds(variants, opts, device, args.repeats, args.steps, args.warmup, args.rewarm,
+                                    report=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     load = _load_average()
     out: dict = {"machine": {"cpu": _cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
                              "threads": args.threads, "device": _device_name(device), "load_average_after": load},
-                 "base_commit": base, "kept_freed_memory": precision.kept_freed_memory,
+                 "base_commit": base, "kept_freed_memory": precision.kept_freed_memory, "processes": args.processes,
                  "mlp_multiple": args.mlp_multiple, "before_multiple": args.before_multiple, "repeats": args.repeats,
                  "steps_per_repeat": args.steps, "rewarm_steps": args.rewarm, "adamw": args.adamw, "batch": BATCH, "seq_len": SEQ, "width": WIDTH, "heads": HEADS,
                  "median_step_ms": {k: 1e3 * v for k, v in med.items()},
                  "steps_per_s": {k: 1 / v for k, v in med.items()},
                  "iqr_step_ms": {k: [1e3 * q for q in _quartiles(v)] for k, v in times.items()},
+                 "minor_page_faults_per_step": {k: statistics.median(v) for k, v in faults.items()},
                  "params": {k: sum(p.numel() for p in m.parameters()) for k, (m, _, _) in variants.items()}}
     ratios = {}
     if "gpt" in med:
@@ -401,9 +514,9 @@ def main() -> None:
                                                                device, max(3, args.repeats // 2), args.before_multiple)
         for kind in ("plain", "chain"):
             ratios[f"{kind} generation speed-up (after/before tokens/s)"] = gen[f"{kind}_after"] / gen[f"{kind}_before"]
-    print(json.dumps({k: out[k] for k in ("machine", "median_step_ms", "steps_per_s", "ratios",
-                                          "max_abs_delta_logit_fp32", "params", "generated_tokens_per_s") if k in out},
-                     indent=1))
+    shown = ("machine", "median_step_ms", "steps_per_s", "minor_page_faults_per_step", "ratios",
+             "max_abs_delta_logit_fp32", "params", "generated_tokens_per_s")
+    print(json.dumps({k: out[k] for k in shown if k in out}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
