@@ -369,7 +369,8 @@ def _minor_faults() -> int:
 
 def _worker(conn, name: str, spec: dict) -> None:
     """One variant in a process of its own (`--processes`): built as in the parent, then turns on request ((untimed,
-    timed) -> seconds per step); on None, its model's weights back, for the equality check."""
+    timed) -> `_turn`'s seconds and page faults per step); on None, its model's weights back, for the equality
+    check."""
     precision.flush_denormals()
     if spec["keep_freed_memory"]:
         precision.keep_freed_memory()
@@ -434,12 +435,14 @@ def main() -> None:
                     help="model.mlp_multiple of the before-models (1: unrounded; 16 for a base after issue 26's "
                          "rounding, to time the code alone)")
     ap.add_argument("--only", nargs="*", help="variants to time (default: all)")
-    ap.add_argument("--ablate", action="store_true", help="also the plain model without each of its parts (see above)")
+    ap.add_argument("--ablate", action="store_true", help="also the plain model without each of its parts "
+                                                                "(the module's docstring)")
     ap.add_argument("--generate", action="store_true", help="also time cached generation, before and after")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="glibc's allocator keeps freed memory (as `train --keep-freed-memory`), for every variant")
     ap.add_argument("--processes", action="store_true",
-                    help="each variant in a worker process of its own, the rounds still interleaved (see above)")
+                    help="each variant in a worker process of its own, the rounds still interleaved "
+                         "(the module's docstring)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     precision.flush_denormals()  # as training does, before torch's worker threads start
