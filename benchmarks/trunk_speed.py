@@ -7,6 +7,8 @@ Variants:
 
 - gpt: a plain-PyTorch textbook GPT of the preset's size (absolute position embeddings, LayerNorm, GELU MLP of 4x
   width, tied head, no bias; nanoGPT's layout), plain causal next-token loss.
+- nanogpt (`--nanogpt DIR`, a checkout of karpathy/nanoGPT): that repository's own `GPT` (model.py) at the same size,
+  without bias or dropout, its loss on the same tokens: a check that the textbook GPT is as fast as the reference.
 - plain: `CausalLM` of presets/shakespeare-arlm.json with model.mode=plain, blocks.num_blocks=1 (6 layers, width 128,
   4 heads, sequences of 64), batch 32.
 - block: one `ARDenoiser` block of the B=3 chain of the same preset (2 of the 6 layers, [noisy ; clean] of 2 x 64).
@@ -24,7 +26,8 @@ gradient, so no adaLN weights in the step), plain_without_swiglu (a GELU MLP of 
 beside the installed one; "after" is the working tree's, built as the presets build it (the SwiGLU width rounded to
 model.mlp_multiple). The same weights give the same logits in both codes: after the timed steps (when the adaLN
 weights are no longer zero), an unrounded after-model takes the timed one's weights where their shapes agree and
-is loaded, strictly, into the before-model; the max |delta logit| is printed.
+is loaded, strictly, into the before-model; the max |delta logit| is printed, beside what fp32 rounding alone does to
+the after-model's logits (`rounding_floor`: every weight moved by one unit in its last place, up or down).
 
 Allocator (`--keep-freed-memory`): glibc's malloc keeps freed memory for reuse in this process, every variant alike
 (`precision.keep_freed_memory`, what `train --keep-freed-memory` sets): the step then no longer pays for pages
@@ -46,7 +49,7 @@ per block at sigma 80, 1, 0.05 with the estimate bridge, then every block's `ext
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import json
 import multiprocessing
 import platform
@@ -127,11 +130,13 @@ class TextbookGPT(nn.Module):
 
 
 def make_variants(before: tuple[types.ModuleType, ...] | None, multiple: int, device: torch.device,
-                  before_multiple: int = 1, ablate: bool = False, batch: int = BATCH, only: str | None = None):
+                  before_multiple: int = 1, ablate: bool = False, batch: int = BATCH, only: str | None = None,
+                  nanogpt: str | None = None):
     """name -> (model, loss closure on a batch, logits closure for the equality check, kind); the before-models'
     SwiGLU widths rounded to before_multiple (1: unrounded, as the code before issue 26 built them); the language
     models' batch of `batch` sequences (the masked-diffusion block's stays its preset's). only: that variant alone
-    (no models for the equality check), as a worker process of `--processes` builds it."""
+    (no models for the equality check), as a worker process of `--processes` builds it. nanogpt: a nanoGPT checkout,
+    whose GPT is timed too."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(VOCAB, (batch, SEQ), generator=g)
     sigma = torch.exp(torch.randn(batch, SEQ, generator=g) * 1.2 - 1.2)  # any noise levels: speed does not care
@@ -177,6 +182,10 @@ def make_variants(before: tuple[types.ModuleType, ...] | None, multiple: int, de
     if wanted("gpt"):
         gpt = TextbookGPT(VOCAB, WIDTH, DEPTH, HEADS, SEQ).to(device)
         timed["gpt"] = (gpt, lambda: gpt.loss(tokens), None)
+    if nanogpt is not None and wanted("nanogpt"):
+        nano = nanogpt_model(nanogpt).to(device)
+        targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], 1)  # -1: nanoGPT's ignored target
+        timed["nanogpt"] = (nano, lambda: nano(tokens, targets)[1], None)
     for kind, make, mod_b, mod_a in (("plain", plain, arlm_b, arlm), ("block", block, arlm_b, arlm),
                                      ("recurrent", rec, rec_b, recurrent), ("mdlm", masked, mdlm_b, mdlm)):
         if wanted(f"{kind}_after"):
@@ -190,6 +199,20 @@ def make_variants(before: tuple[types.ModuleType, ...] | None, multiple: int, de
         timed.update({k: v for k, v in ablations(lambda: plain(arlm, mlp_multiple=multiple), arlm).items()
                       if wanted(k)})
     return timed, same
+
+
+def nanogpt_model(checkout: str) -> nn.Module:
+    """nanoGPT's own GPT (model.py of a karpathy/nanoGPT checkout) at the preset's size, no bias, no dropout, its
+    initialisation seeded."""
+    path = Path(checkout) / "model.py"
+    if not path.is_file():
+        raise SystemExit(f"--nanogpt: no model.py in {checkout}")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    return module.GPT(module.GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=DEPTH, n_head=HEADS, n_embd=WIDTH,
+                                       dropout=0.0, bias=False))
 
 
 class _GeluMLP(nn.Module):
@@ -303,6 +326,25 @@ def generation_speed(arlm_modules: dict[str, types.ModuleType], multiple: int, d
     return {k: 8 * 32 / statistics.median(v) for k, v in times.items()}
 
 
+@torch.no_grad()
+def rounding_floor(model: nn.Module, logits, draws: int = 3) -> dict[str, float]:
+    """How far fp32 rounding alone moves the logits of `model` (logits: a closure giving them): the largest |logit| and
+    the median over `draws` of the max |delta logit| when every weight moves by one unit in its last place, up or down
+    (drawn per weight). A before/after delta of this size is the order of the arithmetic, not a different model. The
+    weights are restored."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = logits()
+    g = torch.Generator().manual_seed(0)
+    moves = []
+    for _ in range(draws):
+        for p in model.parameters():
+            up = torch.randint(0, 2, p.shape, generator=g, dtype=torch.bool).to(p.device)
+            p.copy_(torch.nextafter(p, torch.where(up, torch.inf, -torch.inf).to(p.dtype)))
+        moves.append(float((logits() - reference).abs().max()))
+        model.load_state_dict(saved)
+    return {"max_abs_logit": float(reference.abs().max()), "max_abs_delta_logit_one_ulp": statistics.median(moves)}
+
+
 def adamw(model: nn.Module, device: torch.device, fused: bool = True) -> torch.optim.AdamW:
     """AdamW as `train.make_optimizer` makes it: its fused kernel on the CPU and CUDA (unless fused is False)."""
     return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0,
@@ -379,7 +421,7 @@ def _worker(conn, name: str, spec: dict) -> None:
     device = torch.device(spec["device"])
     before = load_before(spec["base"]) if name.endswith("_before") else None
     variants, _ = make_variants(before, spec["mlp_multiple"], device, spec["before_multiple"], spec["ablate"],
-                                only=name)
+                                only=name, nanogpt=spec["nanogpt"])
     model, loss = variants[name][:2]
     del variants
     opt = adamw(model, device, spec["fused"])
@@ -443,6 +485,7 @@ def main() -> None:
     ap.add_argument("--processes", action="store_true",
                     help="each variant in a worker process of its own, the rounds still interleaved "
                          "(the module's docstring)")
+    ap.add_argument("--nanogpt", metavar="DIR", help="also time the GPT of this karpathy/nanoGPT checkout (model.py)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     precision.flush_denormals()  # as training does, before torch's worker threads start
@@ -458,13 +501,14 @@ def main() -> None:
         print(f"no git history of {args.base} here: timing the working tree's code only", flush=True)
         base, before = None, None
     device = torch.device(args.device)
-    variants, same = make_variants(before, args.mlp_multiple, device, args.before_multiple, args.ablate)
+    variants, same = make_variants(before, args.mlp_multiple, device, args.before_multiple, args.ablate,
+                                   nanogpt=args.nanogpt)
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
     if args.processes:
         spec = {"threads": args.threads, "device": args.device, "keep_freed_memory": args.keep_freed_memory,
                 "base": base, "mlp_multiple": args.mlp_multiple, "before_multiple": args.before_multiple,
-                "ablate": args.ablate, "fused": args.adamw == "fused"}
+                "ablate": args.ablate, "fused": args.adamw == "fused", "nanogpt": args.nanogpt}
         workers = _Workers(list(variants), spec)
         times, faults = interleave(list(variants), workers.turn, args.repeats, args.steps, args.warmup, args.rewarm,
                                    report=True)
@@ -494,13 +538,17 @@ def main() -> None:
                 ratios[f"{k}/gpt"] = med[k] / med["gpt"]
                 # the same ratio within each round (the pair ran a few seconds apart), its median over the rounds
                 ratios[f"{k}/gpt, median of rounds"] = statistics.median(a / b for a, b in zip(times[k], times["gpt"]))
+    if "nanogpt" in med:
+        for k in ("gpt", "plain_after"):
+            if k in med:
+                ratios[f"{k}/nanogpt"] = med[k] / med["nanogpt"]
     for kind in ("plain", "block", "recurrent", "mdlm"):
         if f"{kind}_before" in med and f"{kind}_after" in med:
             ratios[f"{kind} speed-up (before/after step time)"] = med[f"{kind}_before"] / med[f"{kind}_after"]
     out["ratios"] = ratios
     # The same weights in both codes: the trained after-model's, where shapes agree, in an unrounded after-model,
     # which is then loaded strictly into the before-model (so the names and shapes of the weights are unchanged).
-    delta = {}
+    delta, floor = {}, {}
     for kind, ((old, _, old_logits), (new, _, new_logits)) in same.items():
         if f"{kind}_after" not in variants:
             continue
@@ -511,14 +559,16 @@ def main() -> None:
         old.eval(), new.eval()
         with torch.no_grad():
             delta[kind] = float((old_logits() - new_logits()).abs().max())
+        floor[kind] = rounding_floor(new, new_logits)
     out["max_abs_delta_logit_fp32"] = delta
+    out["rounding_floor_logit_fp32"] = floor
     if args.generate and before is not None:
         out["generated_tokens_per_s"] = gen = generation_speed({"before": before[0], "after": arlm}, args.mlp_multiple,
                                                                device, max(3, args.repeats // 2), args.before_multiple)
         for kind in ("plain", "chain"):
             ratios[f"{kind} generation speed-up (after/before tokens/s)"] = gen[f"{kind}_after"] / gen[f"{kind}_before"]
     shown = ("machine", "median_step_ms", "steps_per_s", "minor_page_faults_per_step", "ratios",
-             "max_abs_delta_logit_fp32", "params", "generated_tokens_per_s")
+             "max_abs_delta_logit_fp32", "rounding_floor_logit_fp32", "params", "generated_tokens_per_s")
     print(json.dumps({k: out[k] for k in shown if k in out}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
