@@ -79,8 +79,19 @@ QUANTITIES = {
     "pixels": "mean absolute difference of the sample grid's pixels, in 8-bit levels",
     "accuracy": "difference of an evaluation accuracy, in held-out examples",
     "text": "fraction of the sampled characters (samples.txt, the evaluation's texts) that differ, by position",
-    "figures": "difference of an evaluation's other figures (bits, sigmas, distinct n-grams) over 1 + the figure",
+    "figures": "difference of an evaluation's other figures (bits, sigmas) over 1 + the figure",
+    "decided": "difference of an evaluation's figure made of top-1 or drawn choices (error rates, what a block "
+               "decided, the chain under the argmax and sample bridges) over 1 + the figure",
+    "text_figures": "difference of a figure of generated text (distinct n-grams, repeated runs) over 1 + the figure",
 }
+# Figures made of top-1 or drawn choices: one token whose top two logits (or whose draw) sit across a boundary
+# changes them by a step (1/n of an error rate, or the rest of a chain whose bridge feeds the choice back).
+DECIDED_KEYS = ("bits_in", "bits_out", "removed")
+DECIDED_BRIDGES = ("argmax", "sample")
+TEXT_FIGURE_KEYS = ("distinct_2", "distinct_4", "longest_run_mean")
+# Ratios of decided figures, compared through what they are made of (a block's share of what the chain decided is
+# its `removed` over the chain's total, a few tokens in a short run: one token moves it by a tenth).
+DERIVED_KEYS = ("share",)
 
 
 # ---- the environment
@@ -231,11 +242,20 @@ def _leaves(node, path: str = "") -> dict[str, object]:
 
 
 def _kind(path: str, value) -> str:
-    """How an evaluation's value is compared in the tolerant mode: as an accuracy, a figure, generated text, or
-    exactly (counts, flags, names, the prompts drawn from the data)."""
-    key = path.split("/")[-1] if not path.split("/")[-1].isdigit() else path.split("/")[-2]
+    """How an evaluation's value is compared in the tolerant mode: as an accuracy, a figure, a decided figure, a
+    figure of generated text, generated text, derived (not compared: see DERIVED_KEYS), or exactly (counts, flags,
+    names, the prompts drawn from the data)."""
+    parts = path.split("/")
+    key = parts[-1] if not parts[-1].isdigit() else parts[-2]
     if isinstance(value, float):
-        return "accuracy" if key in ("top1", "top5", "composition_gap") or key.endswith("accuracy") else "figures"
+        if key in ("top1", "top5", "composition_gap") or key.endswith("accuracy"):
+            return "accuracy"
+        if key in DERIVED_KEYS:
+            return "derived"
+        bridge = parts[1] if len(parts) > 2 and parts[0] == "chain" else None  # chain/<bridge>/<step>/<figure>
+        if key.endswith("_error") or key in DECIDED_KEYS or bridge in DECIDED_BRIDGES:
+            return "decided"
+        return "text_figures" if key in TEXT_FIGURE_KEYS else "figures"
     return "text" if isinstance(value, str) and key in ("texts", "samples") else "exact"
 
 
@@ -291,9 +311,10 @@ def deviations(got: dict, ref: dict) -> dict[str, float]:
     aa, ab = _evaluation(got, "accuracy"), _evaluation(ref, "accuracy")
     if ab:
         out["accuracy"] = max(abs(aa[k] - ab[k]) for k in ab) * ref["digests"]["evaluation"]["num_test"]
-    fa, fb = _evaluation(got, "figures"), _evaluation(ref, "figures")
-    if fb:
-        out["figures"] = max(abs(fa[k] - fb[k]) / (1 + abs(fb[k])) for k in fb)
+    for kind in ("figures", "decided", "text_figures"):
+        fa, fb = _evaluation(got, kind), _evaluation(ref, kind)
+        if fb:
+            out[kind] = max(abs(fa[k] - fb[k]) / (1 + abs(fb[k])) for k in fb)
     return out
 
 

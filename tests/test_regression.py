@@ -89,6 +89,38 @@ def test_the_tolerant_mode_fails_on_a_deliberate_change(change, tmp_path, monkey
     assert any(f.startswith(("loss", "weights")) for f in failures), failures
 
 
+def _moved(node, kinds: dict, path: str = ""):
+    """A copy of an evaluation whose values of each kind in `kinds` (kind -> function of the value) are moved."""
+    if isinstance(node, dict):
+        return {k: _moved(v, kinds, f"{path}/{k}") for k, v in node.items()}
+    if isinstance(node, list):
+        return [_moved(v, kinds, f"{path}/{i}") for i, v in enumerate(node)]
+    move = kinds.get(digests._kind(path.lstrip("/"), node))
+    return node if move is None else move(node)
+
+
+def test_one_flipped_token_is_tolerated_and_a_moved_figure_is_not():
+    """One of the arlm case's 248 scored tokens decided the other way moves its error rates by 1/248 and the decision
+    shares made of them by a tenth (as an AMD EPYC did against the reference): within the tolerances. A figure that is
+    a function of the weights (bits) moved by 0.1% is caught, and so is an error rate moved by 20 tokens."""
+    file = digests.load()
+    ref = digests.reference(file)["cases"]["arlm"]
+    limits = file["tolerance"]["limits"]
+
+    def with_evaluation(**kinds) -> dict:
+        case = json.loads(json.dumps(ref))
+        case["digests"]["evaluation"] = _moved(case["digests"]["evaluation"], kinds)
+        return case
+
+    flipped = with_evaluation(decided=lambda v: v + 1 / 248, derived=lambda v: v - 0.13)
+    assert digests.deviations(flipped, ref)["decided"] > 0
+    assert digests.tolerant_failures(flipped, ref, limits) == []
+    assert [f.split(":")[0] for f in digests.tolerant_failures(with_evaluation(figures=lambda v: v * 1.001), ref,
+                                                                    limits)] == ["figures"]
+    assert [f.split(":")[0] for f in digests.tolerant_failures(with_evaluation(decided=lambda v: v + 20 / 248), ref,
+                                                                    limits)] == ["decided"]
+
+
 def test_recording_an_environment_keeps_the_others(tmp_path, monkeypatch):
     file = tmp_path / "digests.json"
     file.write_text(digests.DIGESTS.read_text())
