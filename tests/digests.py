@@ -388,7 +388,7 @@ def _main(argv: list[str]) -> None:
         worst: dict[str, float] = {}
         for name in [n for n in CASES if n in a["cases"] and n in b["cases"]]:
             d = deviations(a["cases"][name], b["cases"][name])
-            worst = {q: max(v, worst.get(q, 0.0)) for q, v in d.items()}
+            worst.update({q: max(v, worst.get(q, 0.0)) for q, v in d.items()})
             print(f"{name:22s} " + "  ".join(f"{q} {v:.3g}" for q, v in d.items()))
         print(f"{'largest':22s} " + "  ".join(f"{q} {v:.3g}" for q, v in worst.items()))
 

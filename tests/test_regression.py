@@ -121,6 +121,18 @@ def test_one_flipped_token_is_tolerated_and_a_moved_figure_is_not():
                                                                     limits)] == ["decided"]
 
 
+def test_drift_reports_the_largest_deviation_of_every_quantity(tmp_path, capsys):
+    """`digests.py drift`'s last line holds every quantity of every case, not only those of the last case."""
+    ref = digests.reference()
+    both = {"environment": ref["environment"], "cases": {k: ref["cases"][k] for k in ("dit-sequential", "arlm")}}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(both))
+    b.write_text(json.dumps(both))
+    digests._main(["drift", str(a), str(b)])
+    largest = capsys.readouterr().out.splitlines()[-1].split()
+    assert largest[0] == "largest" and {"pixels", "text", "decided", "figures"} <= set(largest[1::2])
+
+
 def test_recording_an_environment_keeps_the_others(tmp_path, monkeypatch):
     file = tmp_path / "digests.json"
     file.write_text(digests.DIGESTS.read_text())
