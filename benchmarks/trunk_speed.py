@@ -202,17 +202,17 @@ def make_variants(before: tuple[types.ModuleType, ...] | None, multiple: int, de
 
 
 def nanogpt_model(checkout: str) -> nn.Module:
-    """nanoGPT's own GPT (model.py of a karpathy/nanoGPT checkout) at the preset's size, no bias, no dropout, its
-    initialisation seeded."""
+    """The GPT of a karpathy/nanoGPT checkout's model.py at the preset's size, without bias or dropout."""
     path = Path(checkout) / "model.py"
     if not path.is_file():
         raise SystemExit(f"--nanogpt: no model.py in {checkout}")
-    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    spec = importlib.util.spec_from_file_location("nanogpt_checkout_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    return module.GPT(module.GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=DEPTH, n_head=HEADS, n_embd=WIDTH,
-                                       dropout=0.0, bias=False))
+    with torch.random.fork_rng():  # its initialisation draws from the global generator: seeded, and left as it was
+        torch.manual_seed(0)
+        return module.GPT(module.GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=DEPTH, n_head=HEADS,
+                                           n_embd=WIDTH, dropout=0.0, bias=False))
 
 
 class _GeluMLP(nn.Module):
@@ -328,10 +328,8 @@ def generation_speed(arlm_modules: dict[str, types.ModuleType], multiple: int, d
 
 @torch.no_grad()
 def rounding_floor(model: nn.Module, logits, draws: int = 3) -> dict[str, float]:
-    """How far fp32 rounding alone moves the logits of `model` (logits: a closure giving them): the largest |logit| and
-    the median over `draws` of the max |delta logit| when every weight moves by one unit in its last place, up or down
-    (drawn per weight). A before/after delta of this size is the order of the arithmetic, not a different model. The
-    weights are restored."""
+    """max |logit| of `model` (logits: a closure) and the median over draws of max |delta logit| with every weight
+    one ulp up or down (the weights restored after)."""
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     reference = logits()
     g = torch.Generator().manual_seed(0)
@@ -488,6 +486,8 @@ def main() -> None:
     ap.add_argument("--nanogpt", metavar="DIR", help="also time the GPT of this karpathy/nanoGPT checkout (model.py)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
+    if args.only and "nanogpt" in args.only and not args.nanogpt:
+        ap.error("--only nanogpt needs --nanogpt DIR, a karpathy/nanoGPT checkout")
     precision.flush_denormals()  # as training does, before torch's worker threads start
     if args.keep_freed_memory and not precision.keep_freed_memory():
         ap.error("--keep-freed-memory: the C library is not glibc")

@@ -80,18 +80,16 @@ QUANTITIES = {
     "accuracy": "difference of an evaluation accuracy, in held-out examples",
     "text": "fraction of the sampled characters (samples.txt, the evaluation's texts) that differ, by position",
     "figures": "difference of an evaluation's other figures (bits, sigmas) over 1 + the figure",
-    "decided": "difference of an evaluation's figure made of top-1 or drawn choices (error rates, what a block "
-               "decided, the chain under the argmax and sample bridges) over 1 + the figure",
+    "decided": "absolute difference of an evaluation figure made of top-1 or drawn choices (error rates, what each "
+               "block decided, the chain's bits under the argmax and sample bridges)",
     "text_figures": "difference of a figure of generated text (distinct n-grams, repeated runs) over 1 + the figure",
 }
-# Figures made of top-1 or drawn choices: one token whose top two logits (or whose draw) sit across a boundary
-# changes them by a step (1/n of an error rate, or the rest of a chain whose bridge feeds the choice back).
-DECIDED_KEYS = ("bits_in", "bits_out", "removed")
-DECIDED_BRIDGES = ("argmax", "sample")
-TEXT_FIGURE_KEYS = ("distinct_2", "distinct_4", "longest_run_mean")
-# Ratios of decided figures, compared through what they are made of (a block's share of what the chain decided is
-# its `removed` over the chain's total, a few tokens in a short run: one token moves it by a tenth).
-DERIVED_KEYS = ("share",)
+# Figures made of top-1 or drawn choices: a token whose top two logits (or whose draw) sit across a boundary moves
+# them by a step (an error rate by 1/n; a chain whose bridge feeds the choice back, in all its later steps).
+ERROR_KEYS = ("chain_error", "oracle_error", "chance_error")
+DECISION_TABLES = ("chain", "oracle")  # decision/<table>/<block>/...: made of the error rates along the chain
+DECIDED_BRIDGES = ("argmax", "sample")  # chain/<bridge>/<step>/chain_bits
+TEXT_FIGURE_KEYS = ("distinct_2", "distinct_4", "longest_run_mean", "longest_run_max")
 
 
 # ---- the environment
@@ -243,19 +241,25 @@ def _leaves(node, path: str = "") -> dict[str, object]:
 
 def _kind(path: str, value) -> str:
     """How an evaluation's value is compared in the tolerant mode: as an accuracy, a figure, a decided figure, a
-    figure of generated text, generated text, derived (not compared: see DERIVED_KEYS), or exactly (counts, flags,
-    names, the prompts drawn from the data)."""
+    figure of generated text, generated text, not at all ("derived": a decision table's shares, each block's
+    `removed` over the chain's total of a few tokens, compared through the error rates they are made of), or
+    exactly (counts, flags, names, the prompts drawn from the data)."""
     parts = path.split("/")
     key = parts[-1] if not parts[-1].isdigit() else parts[-2]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and key in TEXT_FIGURE_KEYS:
+        return "text_figures"
     if isinstance(value, float):
         if key in ("top1", "top5", "composition_gap") or key.endswith("accuracy"):
             return "accuracy"
-        if key in DERIVED_KEYS:
+        table = parts[0] == "decision" and len(parts) == 4 and parts[1] in DECISION_TABLES
+        if table and key == "share":
             return "derived"
-        bridge = parts[1] if len(parts) > 2 and parts[0] == "chain" else None  # chain/<bridge>/<step>/<figure>
-        if key.endswith("_error") or key in DECIDED_KEYS or bridge in DECIDED_BRIDGES:
+        bridge = parts[1] if len(parts) == 4 and parts[0] == "chain" else None  # chain/<bridge>/<step>/<figure>
+        if key in ERROR_KEYS or table and key in ("bits_in", "bits_out", "removed") or \
+                bridge in DECIDED_BRIDGES and key == "chain_bits":
             return "decided"
-        return "text_figures" if key in TEXT_FIGURE_KEYS else "figures"
+        return "figures"
     return "text" if isinstance(value, str) and key in ("texts", "samples") else "exact"
 
 
@@ -281,14 +285,25 @@ def structure(case: dict) -> dict:
             "evaluation": sorted(_leaves(evaluation or {})), "evaluation_exact": _evaluation(case, "exact")}
 
 
+def _largest(deviations) -> float:
+    """The largest of some deviations, infinite where one is NaN (a NaN where the reference has a number; max() would
+    drop it); 0 for none."""
+    return max((math.inf if d != d else d for d in deviations), default=0.0)
+
+
+def _deviation(a: float, b: float, scale: float) -> float:
+    """|a - b| / scale; 0 where both are NaN (a figure undefined in both, such as a share of nothing)."""
+    return 0.0 if a != a and b != b else abs(a - b) / scale
+
+
 def deviations(got: dict, ref: dict) -> dict[str, float]:
     """The largest deviation of each quantity (QUANTITIES) of run description `got` from `ref`; quantities `ref`
     does not hold are left out."""
     out: dict[str, float] = {}
     a, b = _losses(got), _losses(ref)
-    out["loss"] = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-30) for k in b)
+    out["loss"] = _largest(_deviation(a[k], b[k], max(abs(b[k]), 1e-30)) for k in b)
     if "values" in ref and "values" in got:
-        worst = 0.0
+        files = []
         for name, tensors in ref["values"]["weights"].items():
             # (tensors, 3): sum, norm and projection of each tensor; the file's deviation of each statistic is the
             # norm of its differences over the norm of the file's weights (one tensor's noise, such as the key
@@ -296,12 +311,12 @@ def deviations(got: dict, ref: dict) -> dict[str, float]:
             r = np.array([v[2:] for v in tensors.values()])
             g = np.array([got["values"]["weights"][name][k][2:] for k in tensors])
             scale = np.linalg.norm(r[:, 1])
-            worst = max(worst, float(np.linalg.norm(g - r, axis=0).max() / scale) if scale > 0 else
-                        (0.0 if np.array_equal(g, r) else math.inf))
-        out["weights"] = worst
+            files.append(_largest(np.linalg.norm(g - r, axis=0) / scale) if scale > 0 else
+                         (0.0 if np.array_equal(g, r) else math.inf))
+        out["weights"] = _largest(files)
         pa, pb = _pixels(got), _pixels(ref)
         if pb is not None:
-            out["pixels"] = float(np.abs(pa - pb).mean())
+            out["pixels"] = _largest([float(np.abs(pa - pb).mean())])
     texts = [(got["values"]["samples_txt"], ref["values"]["samples_txt"])] if "samples_txt" in ref.get("values", {}) \
         else []
     ta, tb = _evaluation(got, "text"), _evaluation(ref, "text")
@@ -310,11 +325,11 @@ def deviations(got: dict, ref: dict) -> dict[str, float]:
         out["text"] = sum(_differing_chars(a, b) for a, b in texts) / max(sum(len(b) for _, b in texts), 1)
     aa, ab = _evaluation(got, "accuracy"), _evaluation(ref, "accuracy")
     if ab:
-        out["accuracy"] = max(abs(aa[k] - ab[k]) for k in ab) * ref["digests"]["evaluation"]["num_test"]
+        out["accuracy"] = _largest(_deviation(aa[k], ab[k], 1) for k in ab) * ref["digests"]["evaluation"]["num_test"]
     for kind in ("figures", "decided", "text_figures"):
         fa, fb = _evaluation(got, kind), _evaluation(ref, kind)
         if fb:
-            out[kind] = max(abs(fa[k] - fb[k]) / (1 + abs(fb[k])) for k in fb)
+            out[kind] = _largest(_deviation(fa[k], fb[k], 1 if kind == "decided" else 1 + abs(fb[k])) for k in fb)
     return out
 
 

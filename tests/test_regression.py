@@ -99,38 +99,58 @@ def _moved(node, kinds: dict, path: str = ""):
     return node if move is None else move(node)
 
 
+def _arlm_with_evaluation(**kinds) -> tuple[dict, dict, dict]:
+    """(the reference's arlm case with its evaluation's values of each kind moved by kinds[kind], that case, the
+    limits)."""
+    file = digests.load()
+    ref = digests.reference(file)["cases"]["arlm"]
+    case = json.loads(json.dumps(ref))
+    case["digests"]["evaluation"] = _moved(case["digests"]["evaluation"], kinds)
+    return case, ref, file["tolerance"]["limits"]
+
+
+def _failing(case: dict, ref: dict, limits: dict) -> list[str]:
+    return [f.split(":")[0] for f in digests.tolerant_failures(case, ref, limits)]
+
+
 def test_one_flipped_token_is_tolerated_and_a_moved_figure_is_not():
     """One of the arlm case's 248 scored tokens decided the other way moves its error rates by 1/248 and the decision
     shares made of them by a tenth (as an AMD EPYC did against the reference): within the tolerances. A figure that is
-    a function of the weights (bits) moved by 0.1% is caught, and so is an error rate moved by 20 tokens."""
-    file = digests.load()
-    ref = digests.reference(file)["cases"]["arlm"]
-    limits = file["tolerance"]["limits"]
+    a function of the weights (bits) moved by 0.1% is caught, and so are error rates moved by 20 tokens."""
+    flipped, ref, limits = _arlm_with_evaluation(decided=lambda v: v + 1 / 248, derived=lambda v: v - 0.13)
+    assert digests.deviations(flipped, ref)["decided"] == pytest.approx(1 / 248)
+    assert _failing(flipped, ref, limits) == []
+    assert _failing(*_arlm_with_evaluation(figures=lambda v: v * 1.001)) == ["figures"]
+    assert _failing(*_arlm_with_evaluation(decided=lambda v: v + 20 / 248)) == ["decided"]
+    assert _failing(*_arlm_with_evaluation(text_figures=lambda v: v + 1)) == ["text_figures"]
 
-    def with_evaluation(**kinds) -> dict:
-        case = json.loads(json.dumps(ref))
-        case["digests"]["evaluation"] = _moved(case["digests"]["evaluation"], kinds)
-        return case
 
-    flipped = with_evaluation(decided=lambda v: v + 1 / 248, derived=lambda v: v - 0.13)
-    assert digests.deviations(flipped, ref)["decided"] > 0
-    assert digests.tolerant_failures(flipped, ref, limits) == []
-    assert [f.split(":")[0] for f in digests.tolerant_failures(with_evaluation(figures=lambda v: v * 1.001), ref,
-                                                                    limits)] == ["figures"]
-    assert [f.split(":")[0] for f in digests.tolerant_failures(with_evaluation(decided=lambda v: v + 20 / 248), ref,
-                                                                    limits)] == ["decided"]
+def test_a_nan_where_the_recording_has_a_number_is_caught():
+    """max() passes over a NaN that is not first: a NaN figure, loss or weight statistic must fail all the same."""
+    nan = float("nan")
+    assert _failing(*_arlm_with_evaluation(figures=lambda v: nan)) == ["figures"]
+    case, ref, limits = _arlm_with_evaluation()
+    case["digests"]["losses"][-1][2] = nan.hex()
+    for tensors in case["values"]["weights"].values():
+        for stats in tensors.values():
+            stats[-1] = nan
+    assert _failing(case, ref, limits) == ["loss", "weights"]
 
 
 def test_drift_reports_the_largest_deviation_of_every_quantity(tmp_path, capsys):
     """`digests.py drift`'s last line holds every quantity of every case, not only those of the last case."""
     ref = digests.reference()
-    both = {"environment": ref["environment"], "cases": {k: ref["cases"][k] for k in ("dit-sequential", "arlm")}}
+    cases = {k: ref["cases"][k] for k in ("dit-sequential", "arlm")}
+    moved = json.loads(json.dumps(cases))
+    first_loss = moved["dit-sequential"]["digests"]["losses"][0]
+    first_loss[2] = (float.fromhex(first_loss[2]) * 1.5).hex()
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps(both))
-    b.write_text(json.dumps(both))
+    a.write_text(json.dumps({"environment": ref["environment"], "cases": moved}))
+    b.write_text(json.dumps({"environment": ref["environment"], "cases": cases}))
     digests._main(["drift", str(a), str(b)])
     largest = capsys.readouterr().out.splitlines()[-1].split()
     assert largest[0] == "largest" and {"pixels", "text", "decided", "figures"} <= set(largest[1::2])
+    assert float(largest[largest.index("loss") + 1]) == pytest.approx(0.5)  # the first case's, not the last one's
 
 
 def test_recording_an_environment_keeps_the_others(tmp_path, monkeypatch):
