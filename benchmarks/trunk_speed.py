@@ -445,7 +445,7 @@ class _Workers:
             if self.pipes[name].recv() != "built":
                 raise RuntimeError(f"worker for {name} failed")
 
-    def turn(self, name: str, untimed: int, timed: int) -> float | None:
+    def turn(self, name: str, untimed: int, timed: int) -> tuple[float, float] | None:
         self.pipes[name].send((untimed, timed))
         return self.pipes[name].recv()
 

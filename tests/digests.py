@@ -263,9 +263,12 @@ def _kind(path: str, value) -> str:
     return "text" if isinstance(value, str) and key in ("texts", "samples") else "exact"
 
 
-def _evaluation(case: dict, kind: str) -> dict[str, object]:
-    leaves = _leaves(case["digests"].get("evaluation") or {})
-    return {k: v for k, v in leaves.items() if _kind(k, v) == kind}
+def _by_kind(case: dict) -> dict[str, dict[str, object]]:
+    """A case's evaluation values by path, grouped by how the tolerant mode compares them (`_kind`)."""
+    groups: dict[str, dict[str, object]] = {}
+    for path, value in _leaves(case["digests"].get("evaluation") or {}).items():
+        groups.setdefault(_kind(path, value), {})[path] = value
+    return groups
 
 
 def _differing_chars(a: str, b: str) -> int:
@@ -282,7 +285,7 @@ def structure(case: dict) -> dict:
     evaluation = digests.get("evaluation")
     return {"files": files, "tensors": tensors, "logged": sorted(_losses(case)),
             "samples": [k for k in ("samples_png_sha256", "samples_txt_sha256") if k in digests],
-            "evaluation": sorted(_leaves(evaluation or {})), "evaluation_exact": _evaluation(case, "exact")}
+            "evaluation": sorted(_leaves(evaluation or {})), "evaluation_exact": _by_kind(case).get("exact", {})}
 
 
 def _largest(deviations) -> float:
@@ -319,15 +322,16 @@ def deviations(got: dict, ref: dict) -> dict[str, float]:
             out["pixels"] = _largest([float(np.abs(pa - pb).mean())])
     texts = [(got["values"]["samples_txt"], ref["values"]["samples_txt"])] if "samples_txt" in ref.get("values", {}) \
         else []
-    ta, tb = _evaluation(got, "text"), _evaluation(ref, "text")
+    kinds_a, kinds_b = _by_kind(got), _by_kind(ref)
+    ta, tb = kinds_a.get("text", {}), kinds_b.get("text", {})
     texts += [(ta[k], tb[k]) for k in tb]
     if texts:
         out["text"] = sum(_differing_chars(a, b) for a, b in texts) / max(sum(len(b) for _, b in texts), 1)
-    aa, ab = _evaluation(got, "accuracy"), _evaluation(ref, "accuracy")
+    aa, ab = kinds_a.get("accuracy", {}), kinds_b.get("accuracy", {})
     if ab:
         out["accuracy"] = _largest(_deviation(aa[k], ab[k], 1) for k in ab) * ref["digests"]["evaluation"]["num_test"]
     for kind in ("figures", "decided", "text_figures"):
-        fa, fb = _evaluation(got, kind), _evaluation(ref, kind)
+        fa, fb = kinds_a.get(kind, {}), kinds_b.get(kind, {})
         if fb:
             out[kind] = _largest(_deviation(fa[k], fb[k], 1 if kind == "decided" else 1 + abs(fb[k])) for k in fb)
     return out
